@@ -1,0 +1,154 @@
+//! `swk detect MODEL [--prompt TEXT]... [--threshold F] [--max-iterations N]
+//! [--confirm-text FILE] [--confirm-ratio F] [--json] [--out FILE]`.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use swk::catalog::{self, Agreement};
+use swk::detect::{self, DetectConfig, Detection, SuperWeight};
+use swk::{Error, Result};
+
+/// Arguments of `swk detect`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file, a Hugging Face directory, or a hub id (org/name).
+    model: String,
+    /// Prompt to probe with (repeatable; default: the paper's "Apple Inc. ..." prompt).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Spike threshold on |activation|.
+    #[arg(long, default_value_t = 50.0)]
+    threshold: f32,
+    /// Most zero-and-rerun iterations per prompt.
+    #[arg(long, default_value_t = 10)]
+    max_iterations: usize,
+    /// Text for causal confirmation (default: the short text shipped with swk).
+    #[arg(long)]
+    confirm_text: Option<PathBuf>,
+    /// Perplexity ratio above which a candidate counts as confirmed.
+    #[arg(long, default_value_t = 2.0)]
+    confirm_ratio: f64,
+    /// Skip causal confirmation (report every spike as the paper does).
+    #[arg(long)]
+    no_confirm: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Reported<'a> {
+    #[serde(flatten)]
+    sw: &'a SuperWeight,
+    catalog: Agreement,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    model: &'a str,
+    architecture: &'static str,
+    threshold: f32,
+    prompts: &'a [String],
+    super_weights: Vec<Reported<'a>>,
+    rejected: Vec<Reported<'a>>,
+    catalog_entries: Vec<catalog::Entry>,
+    baseline_perplexity: Option<f64>,
+    confirm_tokens: usize,
+    layers: &'a [detect::LayerMaxima],
+    weights_checksum: &'a str,
+    seconds: f64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut cfg = DetectConfig {
+        threshold: a.threshold,
+        max_iterations: a.max_iterations,
+        confirm_ratio: a.confirm_ratio,
+        skip_confirmation: a.no_confirm,
+        ..DetectConfig::default()
+    };
+    if !a.prompt.is_empty() {
+        cfg.prompts = a.prompt.clone();
+    }
+    if let Some(p) = &a.confirm_text {
+        cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    }
+    let mut m = super::load_model(&a.model, a.json)?;
+    let names = m.source.names();
+    let entries = catalog::lookup(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let pb = super::bar(a.json, 1, "detect");
+    let d: Detection = detect::detect(&mut m, &cfg, |done, total, what| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(what.to_string());
+    })?;
+    pb.finish_and_clear();
+    let tag = |sw: &'_ SuperWeight| catalog::agreement(&entries, sw.layer, sw.row, sw.col);
+    let report = Report {
+        model: &a.model,
+        architecture: m.config.architecture.name(),
+        threshold: cfg.threshold,
+        prompts: &cfg.prompts,
+        super_weights: d.super_weights.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
+        rejected: d.rejected.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
+        catalog_entries: entries.clone(),
+        baseline_perplexity: d.baseline_perplexity,
+        confirm_tokens: d.confirm_tokens,
+        layers: &d.layers,
+        weights_checksum: &d.weights_checksum,
+        seconds: d.seconds,
+    };
+    if let Some(out) = &a.out {
+        let s = serde_json::to_string_pretty(&report).map_err(|e| Error::Json { path: out.clone(), source: e })?;
+        std::fs::write(out, s).map_err(|e| Error::io(out, e))?;
+    }
+    if a.json {
+        return super::print_json(&report);
+    }
+    print_table(&report, &cfg);
+    Ok(())
+}
+
+fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
+    println!("model {} ({}), threshold {}, {} prompt(s)", r.model, r.architecture, r.threshold, r.prompts.len());
+    if let Some(b) = r.baseline_perplexity {
+        println!("confirmation: baseline perplexity {b:.3} over {} tokens, confirm ratio > {}", r.confirm_tokens, cfg.confirm_ratio);
+    }
+    let header = format!(
+        "{:>5} {:>6} {:>6} {:>10} {:>10} {:>10} {:>4} {:>4} {:>6} {:>9} {:>11}",
+        "layer", "row", "col", "weight", "input", "output", "pos", "iter", "fired", "ppl x", "catalog"
+    );
+    for (title, list) in [("super weights (confirmed)", &r.super_weights), ("rejected spikes (zeroing did not matter)", &r.rejected)] {
+        println!("\n{title}: {}", list.len());
+        if list.is_empty() {
+            continue;
+        }
+        println!("{header}");
+        for x in list {
+            let s = x.sw;
+            let ratio = s.perplexity_ratio.map_or("-".to_string(), |p| format!("{p:.2}"));
+            println!(
+                "{:>5} {:>6} {:>6} {:>10.4} {:>10.2} {:>10.2} {:>4} {:>4} {:>3}/{:<2} {:>9} {:>11}",
+                s.layer,
+                s.row,
+                s.col,
+                s.value,
+                s.input_activation,
+                s.output_activation,
+                s.token_position,
+                s.iteration,
+                s.prompts_fired,
+                r.prompts.len(),
+                ratio,
+                format!("{:?}", x.catalog).to_lowercase()
+            );
+        }
+    }
+    for e in &r.catalog_entries {
+        println!("\ncatalog: {} lists {:?} ({})", e.model, e.coordinates, e.source);
+    }
+    println!("\n{:.2} s; weights checksum {} (restored bit-exact)", r.seconds, r.weights_checksum);
+}

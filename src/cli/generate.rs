@@ -1,0 +1,66 @@
+//! `swk generate MODEL --prompt TEXT [--max-new-tokens N]`.
+
+use std::io::Write;
+
+use swk::edit::EditGuard;
+use swk::eval::generate;
+use swk::Result;
+
+/// Arguments of `swk generate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file, a Hugging Face directory, or a hub id (org/name).
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Weight edit applied for this run (repeatable): zero:L,R,C, scale:L,R,C,F, set:L,R,C,V
+    /// or TENSOR[R,C]=zero|xF|V. Restored afterwards.
+    #[arg(long)]
+    edit: Vec<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let edits = super::parse_edits(&a.edit)?;
+    let mut model = super::load_model(&a.model, a.json)?;
+    let mut m = EditGuard::new(&mut model);
+    m.apply_all(&edits)?;
+    let tok = m.tokenizer()?;
+    let prompt = tok.encode(&a.prompt, true)?;
+    let start = std::time::Instant::now();
+    let mut shown = String::new();
+    let mut so_far = Vec::new();
+    if !a.json {
+        print!("{}", a.prompt);
+    }
+    let ids = generate::greedy(&m, &prompt, a.max_new_tokens, |id| {
+        if a.json {
+            return;
+        }
+        so_far.push(id);
+        if let Ok(text) = tok.decode(&so_far, true) {
+            print!("{}", text.get(shown.len()..).unwrap_or(""));
+            let _ = std::io::stdout().flush();
+            shown = text;
+        }
+    })?;
+    let text = tok.decode(&ids, true)?;
+    if a.json {
+        return super::print_json(&serde_json::json!({
+            "prompt": a.prompt,
+            "prompt_tokens": prompt,
+            "tokens": ids,
+            "text": text,
+            "seconds": start.elapsed().as_secs_f64(),
+            "edits": m.log(),
+        }));
+    }
+    println!();
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Argument parsing and dispatch; one file per subcommand.
+
+mod catalog;
+mod detect;
+mod generate;
+mod info;
+mod ppl;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use swk::{Model, Result};
+
+/// swk, the super weight kit: find, measure and edit super weights in LLMs.
+#[derive(Parser)]
+#[command(name = "swk", version, about)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model: architecture, sizes, dtypes, parameter count, format.
+    Info(info::Args),
+    /// Perplexity of a text file (fixed protocol, see README).
+    Ppl(ppl::Args),
+    /// Greedy generation from a prompt.
+    Generate(generate::Args),
+    /// Find super weights (the paper's method plus causal confirmation).
+    Detect(detect::Args),
+    /// List the published super weights swk knows.
+    Catalog(catalog::Args),
+}
+
+/// Parse the command line and run the subcommand.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .map_err(|e| swk::Error::Invalid(format!("--threads {n}: {e}")))?;
+    }
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Ppl(a) => ppl::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Detect(a) => detect::run(a),
+        Command::Catalog(a) => catalog::run(a),
+    }
+}
+
+/// Load a model with a spinner on stderr (hidden when `quiet`).
+fn load_model(spec: &str, quiet: bool) -> Result<Model> {
+    let sp = spinner(quiet, format!("loading {spec}"));
+    let m = Model::load(spec);
+    sp.finish_and_clear();
+    m
+}
+
+/// A spinner on stderr, hidden when `quiet` or not a terminal.
+fn spinner(quiet: bool, msg: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner().with_message(msg);
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// A progress bar of `len` steps on stderr, hidden when `quiet`.
+fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len).with_message(msg.to_string());
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+/// Print a value as pretty JSON on stdout.
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| swk::Error::Invalid(format!("json: {e}")))?;
+    println!("{s}");
+    Ok(())
+}
+
+/// Parse `--edit` specs.
+fn parse_edits(specs: &[String]) -> Result<Vec<swk::edit::WeightEdit>> {
+    specs.iter().map(|s| swk::edit::WeightEdit::parse(s)).collect()
+}

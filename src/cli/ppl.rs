@@ -1,0 +1,59 @@
+//! `swk ppl MODEL --text FILE [--context N] [--json]`.
+
+use std::path::PathBuf;
+
+use swk::edit::EditGuard;
+use swk::eval::ppl;
+use swk::{Error, Result};
+
+/// Arguments of `swk ppl`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file, a Hugging Face directory, or a hub id (org/name).
+    model: String,
+    /// The text file to score.
+    #[arg(long)]
+    text: PathBuf,
+    /// Window length in text tokens.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Weight edit applied for this run (repeatable): zero:L,R,C, scale:L,R,C,F, set:L,R,C,V
+    /// or TENSOR[R,C]=zero|xF|V. Restored afterwards.
+    #[arg(long)]
+    edit: Vec<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text).map_err(|e| Error::io(&a.text, e))?;
+    let edits = super::parse_edits(&a.edit)?;
+    let mut model = super::load_model(&a.model, a.json)?;
+    let mut m = EditGuard::new(&mut model);
+    m.apply_all(&edits)?;
+    let tokens = ppl::text_tokens(&m, &text)?;
+    let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
+    let r = ppl::perplexity(&m, &tokens, a.context, |done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    if a.json {
+        return super::print_json(&serde_json::json!({
+            "perplexity": r.perplexity,
+            "tokens_scored": r.tokens_scored,
+            "nll_sum": r.nll_sum,
+            "seconds": r.seconds,
+            "context": r.context,
+            "windows": r.windows,
+            "edits": m.log(),
+        }));
+    }
+    for e in m.log() {
+        println!("edit           {} ({} -> {})", e.edit, e.original, e.new);
+    }
+    println!("perplexity     {:.4}", r.perplexity);
+    println!("tokens scored  {}", r.tokens_scored);
+    println!("nll sum        {:.4}", r.nll_sum);
+    println!("windows        {} x {} tokens", r.windows, r.context);
+    println!("seconds        {:.2}", r.seconds);
+    Ok(())
+}

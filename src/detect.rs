@@ -1,0 +1,328 @@
+//! Super weight detection: the method of Yu et al. 2024, made robust.
+//!
+//! 1. One forward pass per prompt with spike statistics on every MLP down-projection.
+//! 2. A layer whose largest |input| (column `col`) and largest |output| (row `row`) both exceed
+//!    the threshold yields the candidate `down_proj.weight[row, col]`.
+//! 3. Zero the candidates, run again, repeat until nothing new spikes (the paper's iteration);
+//!    everything is restored afterwards.
+//! 4. Causal confirmation: zero each candidate alone and measure perplexity on a short text;
+//!    a candidate is confirmed only when perplexity grows by more than `confirm_ratio`. Late
+//!    layer spikes that merely cancel the massive activation are reported as rejected.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::edit::{EditGuard, EditOp, WeightEdit};
+use crate::confirm::Confirmer;
+use crate::hooks::SpikeStats;
+use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::{Error, Model, Result};
+
+/// The paper's default prompt.
+pub const DEFAULT_PROMPT: &str = "Apple Inc. is a worldwide tech company.";
+
+/// The confirmation text shipped with swk (short, so confirmation is fast).
+pub const DEFAULT_CONFIRM_TEXT: &str = include_str!("../data/confirm.txt");
+
+/// Detection settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectConfig {
+    /// Prompts to run (each tokenized with the model's special-token convention).
+    pub prompts: Vec<String>,
+    /// Spike threshold on |activation| (paper: 50).
+    pub threshold: f32,
+    /// Most zero-and-rerun iterations per prompt.
+    pub max_iterations: usize,
+    /// Text for causal confirmation.
+    pub confirm_text: String,
+    /// Perplexity ratio above which a candidate is confirmed.
+    pub confirm_ratio: f64,
+    /// Window length (tokens) for confirmation perplexity. Short windows by default: a super
+    /// weight's massive activation sits on each sequence's first tokens and feeds the attention
+    /// sink, so many short sequences measure its removal sharply, and run fast.
+    pub confirm_context: usize,
+    /// Skip causal confirmation (report raw candidates, none confirmed).
+    pub skip_confirmation: bool,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            prompts: vec![DEFAULT_PROMPT.to_string()],
+            threshold: 50.0,
+            max_iterations: 10,
+            confirm_text: DEFAULT_CONFIRM_TEXT.to_string(),
+            confirm_ratio: 2.0,
+            confirm_context: 32,
+            skip_confirmation: false,
+        }
+    }
+}
+
+/// A detected candidate, confirmed or not.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SuperWeight {
+    /// Layer index.
+    pub layer: usize,
+    /// Row of `down_proj.weight` (hidden / output dim).
+    pub row: usize,
+    /// Column of `down_proj.weight` (intermediate / input dim).
+    pub col: usize,
+    /// HF tensor name.
+    pub tensor: String,
+    /// The weight's value.
+    pub value: f32,
+    /// Signed down_proj input at column `col` (largest |x| of the layer).
+    pub input_activation: f32,
+    /// Signed down_proj output at row `row` (largest |y| of the layer).
+    pub output_activation: f32,
+    /// Token position of the input spike.
+    pub token_position: usize,
+    /// Token position of the output spike.
+    pub output_token_position: usize,
+    /// |input| over the median per-channel max |input| of the layer.
+    pub input_ratio_to_median: f32,
+    /// |output| over the median per-row max |output| of the layer.
+    pub output_ratio_to_median: f32,
+    /// Iteration (1-based) in which it was first found.
+    pub iteration: usize,
+    /// Prompt index (0-based) where it was first found.
+    pub prompt: usize,
+    /// How many prompts it fired on.
+    pub prompts_fired: usize,
+    /// Whether zeroing it alone raised perplexity by more than the confirm ratio.
+    pub confirmed: bool,
+    /// Perplexity with it zeroed over the baseline (None when confirmation was skipped).
+    pub perplexity_ratio: Option<f64>,
+}
+
+/// Per-layer maxima of the first pass of the first prompt (the paper's plot data).
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerMaxima {
+    /// Layer index.
+    pub layer: usize,
+    /// Signed largest-|x| down_proj input.
+    pub input: f32,
+    /// Its column.
+    pub input_col: usize,
+    /// Its token position.
+    pub input_position: usize,
+    /// Signed largest-|y| down_proj output.
+    pub output: f32,
+    /// Its row.
+    pub output_row: usize,
+    /// Its token position.
+    pub output_position: usize,
+}
+
+/// The outcome of a detection run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detection {
+    /// Confirmed super weights (all candidates when confirmation was skipped).
+    pub super_weights: Vec<SuperWeight>,
+    /// Spikes whose removal did not matter.
+    pub rejected: Vec<SuperWeight>,
+    /// First-pass per-layer maxima of the first prompt.
+    pub layers: Vec<LayerMaxima>,
+    /// Confirmation perplexity without edits.
+    pub baseline_perplexity: Option<f64>,
+    /// Tokens scored in the confirmation text.
+    pub confirm_tokens: usize,
+    /// Weight checksum before the run (equal to after: every edit was restored).
+    pub weights_checksum: String,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// One raw spike found in a pass.
+struct Spike {
+    layer: usize,
+    row: usize,
+    col: usize,
+    input: f32,
+    output: f32,
+    in_pos: usize,
+    out_pos: usize,
+    in_ratio: f32,
+    out_ratio: f32,
+}
+
+/// Per-layer candidates of one statistics pass.
+fn spikes(stats: &SpikeStats, threshold: f32) -> Vec<Spike> {
+    let mut out = Vec::new();
+    for (layer, s) in stats.layers.iter().enumerate() {
+        let (Some(i), Some(o)) = (s.input_peak(), s.output_peak()) else { continue };
+        if i.max.abs > threshold && o.max.abs > threshold {
+            let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
+            out.push(Spike {
+                layer,
+                row: o.channel,
+                col: i.channel,
+                input: i.max.value,
+                output: o.max.value,
+                in_pos: i.max.position,
+                out_pos: o.max.position,
+                in_ratio: ratio(i.max.abs, s.input_median()),
+                out_ratio: ratio(o.max.abs, s.output_median()),
+            });
+        }
+    }
+    out
+}
+
+/// Run one stats-collecting forward pass over `tokens`.
+pub fn collect_stats(model: &Model, tokens: &[u32], stats: &mut SpikeStats) -> Result<()> {
+    stats.reset();
+    let mut cache = KvCache::new(model);
+    model.forward(tokens, &mut cache, ForwardOptions { stats: Some(stats), logits: Logits::None, hooks: None })?;
+    Ok(())
+}
+
+/// Find super weight candidates (without confirmation): the paper's iterative method over
+/// every prompt. The model's weights are restored before this returns.
+pub fn find_candidates(model: &mut Model, prompts: &[Vec<u32>], cfg: &DetectConfig) -> Result<(Vec<SuperWeight>, Vec<LayerMaxima>)> {
+    let c = model.config.clone();
+    let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    let mut found: BTreeMap<(usize, usize, usize), SuperWeight> = BTreeMap::new();
+    let mut layers = Vec::new();
+    for (pi, tokens) in prompts.iter().enumerate() {
+        if tokens.is_empty() {
+            return Err(Error::Invalid(format!("prompt {pi} tokenizes to nothing")));
+        }
+        let mut guard = EditGuard::new(&mut *model);
+        let mut fired_here = std::collections::BTreeSet::new();
+        for iteration in 1..=cfg.max_iterations.max(1) {
+            collect_stats(&guard, tokens, &mut stats)?;
+            if pi == 0 && iteration == 1 {
+                layers = layer_maxima(&stats);
+            }
+            let mut new = Vec::new();
+            for s in spikes(&stats, cfg.threshold) {
+                let key = (s.layer, s.row, s.col);
+                if fired_here.insert(key) {
+                    new.push(s);
+                }
+            }
+            if new.is_empty() {
+                break;
+            }
+            for s in new {
+                let edit = WeightEdit::down_proj(s.layer, s.row, s.col, EditOp::Zero);
+                let value = guard.apply(&edit)?.original;
+                let key = (s.layer, s.row, s.col);
+                match found.get_mut(&key) {
+                    Some(sw) => sw.prompts_fired += 1,
+                    None => {
+                        found.insert(
+                            key,
+                            SuperWeight {
+                                layer: s.layer,
+                                row: s.row,
+                                col: s.col,
+                                tensor: edit.tensor.clone(),
+                                value,
+                                input_activation: s.input,
+                                output_activation: s.output,
+                                token_position: s.in_pos,
+                                output_token_position: s.out_pos,
+                                input_ratio_to_median: s.in_ratio,
+                                output_ratio_to_median: s.out_ratio,
+                                iteration,
+                                prompt: pi,
+                                prompts_fired: 1,
+                                confirmed: false,
+                                perplexity_ratio: None,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok((found.into_values().collect(), layers))
+}
+
+fn layer_maxima(stats: &SpikeStats) -> Vec<LayerMaxima> {
+    stats
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(layer, s)| {
+            let (i, o) = (s.input_peak()?, s.output_peak()?);
+            Some(LayerMaxima {
+                layer,
+                input: i.max.value,
+                input_col: i.channel,
+                input_position: i.max.position,
+                output: o.max.value,
+                output_row: o.channel,
+                output_position: o.max.position,
+            })
+        })
+        .collect()
+}
+
+/// Detect super weights with the model's tokenizer: prompts are encoded with its special-token
+/// convention, the confirmation text as the perplexity protocol does. `on_step(done, total,
+/// what)` reports progress.
+pub fn detect(model: &mut Model, cfg: &DetectConfig, on_step: impl FnMut(usize, usize, &str)) -> Result<Detection> {
+    let tok = model.tokenizer()?;
+    let prompts = cfg.prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
+    let confirm = if cfg.skip_confirmation { Vec::new() } else { tok.encode(&cfg.confirm_text, false)? };
+    detect_tokens(model, &prompts, &confirm, cfg, on_step)
+}
+
+/// Detect super weights from token ids: candidates over `prompts`, then causal confirmation
+/// on `confirm` (unless `cfg.skip_confirmation`). `cfg.prompts` and `cfg.confirm_text` are
+/// not used here.
+pub fn detect_tokens(
+    model: &mut Model,
+    prompts: &[Vec<u32>],
+    confirm: &[u32],
+    cfg: &DetectConfig,
+    mut on_step: impl FnMut(usize, usize, &str),
+) -> Result<Detection> {
+    let start = Instant::now();
+    let checksum = model.weights.checksum();
+    let (mut candidates, layers) = find_candidates(model, prompts, cfg)?;
+    let mut baseline = None;
+    let mut confirm_tokens = 0;
+    if !cfg.skip_confirmation && !candidates.is_empty() {
+        let total = candidates.len() + 1;
+        on_step(0, total, "baseline perplexity");
+        let confirmer = Confirmer::new(model, confirm, cfg.confirm_context)?;
+        confirm_tokens = confirmer.tokens_scored();
+        let base = confirmer.baseline_perplexity();
+        baseline = Some(base);
+        for (k, sw) in candidates.iter_mut().enumerate() {
+            on_step(k + 1, total, &format!("zeroing layer {} [{}, {}]", sw.layer, sw.row, sw.col));
+            let edit = WeightEdit::down_proj(sw.layer, sw.row, sw.col, EditOp::Zero);
+            let ratio = confirmer.perplexity_with(model, &[edit])? / base;
+            sw.perplexity_ratio = Some(ratio);
+            sw.confirmed = ratio > cfg.confirm_ratio;
+        }
+        on_step(total, total, "done");
+    }
+    let after = model.weights.checksum();
+    if after != checksum {
+        return Err(Error::Backend(format!(
+            "weights changed during detection (checksum {checksum:016x} -> {after:016x})"
+        )));
+    }
+    let (super_weights, rejected) = if cfg.skip_confirmation {
+        (candidates, Vec::new())
+    } else {
+        candidates.into_iter().partition(|c| c.confirmed)
+    };
+    Ok(Detection {
+        super_weights,
+        rejected,
+        layers,
+        baseline_perplexity: baseline,
+        confirm_tokens,
+        weights_checksum: format!("{checksum:016x}"),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

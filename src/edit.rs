@@ -1,0 +1,310 @@
+//! In-place weight edits (zero, scale, set) with a restore log.
+//!
+//! Every edit goes through an [`EditGuard`], which records the original bits before writing
+//! and writes them back when it is dropped: on success, on error and on panic (drop runs while
+//! unwinding). Nested guards restore in reverse order. [`Weights::checksum`] proves
+//! bit-exact restoration.
+//!
+//! ```
+//! # use swk::edit::{EditGuard, WeightEdit, EditOp};
+//! # use swk::model::{Tensor, Weights};
+//! let mut w = Weights::new();
+//! w.insert("t", Tensor::new("t", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0], "F32").unwrap());
+//! let before = w.checksum();
+//! {
+//!     let mut g = EditGuard::new(&mut w);
+//!     g.apply(&WeightEdit::new("t", &[1, 0], EditOp::Zero)).unwrap();
+//!     assert_eq!(g.get("t").unwrap().data[2], 0.0);
+//! }
+//! assert_eq!(w.checksum(), before);
+//! ```
+//!
+//! [`Weights::checksum`]: crate::model::Weights::checksum
+
+use std::fmt;
+use std::ops::Deref;
+
+use serde::Serialize;
+
+use crate::model::{Model, Weights};
+use crate::{Error, Result};
+
+/// What an edit does to one element.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "op", content = "arg", rename_all = "lowercase")]
+pub enum EditOp {
+    /// Set to 0.
+    Zero,
+    /// Multiply by a factor.
+    Scale(f32),
+    /// Set to a value.
+    Set(f32),
+}
+
+impl EditOp {
+    /// The new value of an element currently `old`.
+    pub fn apply(self, old: f32) -> f32 {
+        match self {
+            EditOp::Zero => 0.0,
+            EditOp::Scale(f) => old * f,
+            EditOp::Set(v) => v,
+        }
+    }
+}
+
+/// One element edit: a tensor (HF name), an index into it, an operation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightEdit {
+    /// Hugging Face tensor name.
+    pub tensor: String,
+    /// Index, one entry per dimension (`[row, col]` for matrices).
+    pub index: Vec<usize>,
+    /// The operation.
+    pub op: EditOp,
+}
+
+impl fmt::Display for WeightEdit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let idx: Vec<String> = self.index.iter().map(|i| i.to_string()).collect();
+        let op = match self.op {
+            EditOp::Zero => "zero".to_string(),
+            EditOp::Scale(x) => format!("x{x}"),
+            EditOp::Set(v) => format!("{v}"),
+        };
+        write!(f, "{}[{}]={op}", self.tensor, idx.join(","))
+    }
+}
+
+impl WeightEdit {
+    /// An edit of `tensor[index]`.
+    pub fn new(tensor: impl Into<String>, index: &[usize], op: EditOp) -> Self {
+        WeightEdit { tensor: tensor.into(), index: index.to_vec(), op }
+    }
+
+    /// An edit of `model.layers.{layer}.mlp.down_proj.weight[row, col]`.
+    pub fn down_proj(layer: usize, row: usize, col: usize, op: EditOp) -> Self {
+        Self::new(Model::down_proj_name(layer), &[row, col], op)
+    }
+
+    /// Parse a CLI spec: `zero:L,R,C`, `scale:L,R,C,F`, `set:L,R,C,V` (on layer L's
+    /// down_proj), or `TENSOR[i,j,...]=zero|xF|V` for any tensor.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let err = |msg: &str| Error::Edit { spec: spec.to_string(), msg: msg.to_string() };
+        let num_usize = |s: &str| s.trim().parse::<usize>().map_err(|_| err(&format!("`{s}` is not an index")));
+        let num_f32 = |s: &str| {
+            s.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| err(&format!("`{s}` is not a finite number")))
+        };
+        if let Some((op, args)) = spec.split_once(':') {
+            if !spec.contains('[') {
+                let parts: Vec<&str> = args.split(',').collect();
+                let (want, op) = match op {
+                    "zero" => (3, None),
+                    "scale" => (4, Some("scale")),
+                    "set" => (4, Some("set")),
+                    _ => return Err(err("operation must be zero, scale or set")),
+                };
+                if parts.len() != want {
+                    return Err(err(&format!("expected {want} comma-separated numbers after `:`")));
+                }
+                let (l, r, c) = (num_usize(parts[0])?, num_usize(parts[1])?, num_usize(parts[2])?);
+                let op = match op {
+                    None => EditOp::Zero,
+                    Some("scale") => EditOp::Scale(num_f32(parts[3])?),
+                    _ => EditOp::Set(num_f32(parts[3])?),
+                };
+                return Ok(Self::down_proj(l, r, c, op));
+            }
+        }
+        let (lhs, rhs) = spec.rsplit_once('=').ok_or_else(|| {
+            err("expected zero:L,R,C, scale:L,R,C,F, set:L,R,C,V or TENSOR[R,C]=zero|xF|V")
+        })?;
+        let (name, idx) = lhs.split_once('[').ok_or_else(|| err("missing `[index]`"))?;
+        let idx = idx.strip_suffix(']').ok_or_else(|| err("missing `]`"))?;
+        let index = idx.split(',').map(num_usize).collect::<Result<Vec<_>>>()?;
+        if name.is_empty() {
+            return Err(err("missing tensor name"));
+        }
+        let rhs = rhs.trim();
+        let op = if rhs == "zero" {
+            EditOp::Zero
+        } else if let Some(f) = rhs.strip_prefix('x') {
+            EditOp::Scale(num_f32(f)?)
+        } else {
+            EditOp::Set(num_f32(rhs)?)
+        };
+        Ok(Self::new(name, &index, op))
+    }
+
+    /// Flat offset of the index in a tensor of `shape`, checked.
+    pub fn flat_index(&self, shape: &[usize]) -> Result<usize> {
+        if self.index.len() != shape.len() {
+            return Err(Error::Edit {
+                spec: self.to_string(),
+                msg: format!("index has {} dimensions, tensor shape is {shape:?}", self.index.len()),
+            });
+        }
+        let mut flat = 0;
+        for (&i, &d) in self.index.iter().zip(shape) {
+            if i >= d {
+                return Err(Error::Edit {
+                    spec: self.to_string(),
+                    msg: format!("index {:?} out of range for shape {shape:?}", self.index),
+                });
+            }
+            flat = flat * d + i;
+        }
+        Ok(flat)
+    }
+}
+
+/// One applied edit as the restore log keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EditRecord {
+    /// The edit.
+    pub edit: WeightEdit,
+    /// Flat element offset.
+    pub flat: usize,
+    /// Value before the edit.
+    pub original: f32,
+    /// Value written.
+    pub new: f32,
+    /// Exact bits before the edit (restored verbatim).
+    pub original_bits: u32,
+    /// Whether it has been restored.
+    pub restored: bool,
+}
+
+/// Storage that edits can read and write element by element (host or device memory).
+pub trait EditTarget {
+    /// Shape of a tensor.
+    fn shape_of(&self, tensor: &str) -> Result<Vec<usize>>;
+    /// Read one element's bits.
+    fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32>;
+    /// Write one element's bits.
+    fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()>;
+}
+
+impl EditTarget for Weights {
+    fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
+        Ok(self.get(tensor)?.shape.clone())
+    }
+    fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
+        let t = self.get(tensor)?;
+        t.data.get(flat).map(|v| v.to_bits()).ok_or_else(|| Error::tensor(tensor, "index out of range"))
+    }
+    fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
+        let t = self.get_mut(tensor)?;
+        let slot = t.data.get_mut(flat).ok_or_else(|| Error::tensor(tensor, "index out of range"))?;
+        *slot = f32::from_bits(bits);
+        Ok(())
+    }
+}
+
+impl EditTarget for Model {
+    fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
+        self.weights.shape_of(tensor)
+    }
+    fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
+        self.weights.read_bits(tensor, flat)
+    }
+    fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
+        self.weights.write_bits(tensor, flat, bits)
+    }
+}
+
+/// A scope of edits over `T`: records original bits before each write and restores them,
+/// newest first, when dropped or on [`EditGuard::restore_all`]. Derefs to the target so the
+/// model can run while edited.
+pub struct EditGuard<'a, T: EditTarget> {
+    target: &'a mut T,
+    log: Vec<EditRecord>,
+}
+
+impl<'a, T: EditTarget> EditGuard<'a, T> {
+    /// Open an edit scope on `target`.
+    pub fn new(target: &'a mut T) -> Self {
+        EditGuard { target, log: Vec::new() }
+    }
+
+    /// Apply one edit in place, recording the original bits first.
+    pub fn apply(&mut self, edit: &WeightEdit) -> Result<&EditRecord> {
+        let shape = self.target.shape_of(&edit.tensor).map_err(|e| Error::Edit {
+            spec: edit.to_string(),
+            msg: e.to_string(),
+        })?;
+        let flat = edit.flat_index(&shape)?;
+        let bits = self.target.read_bits(&edit.tensor, flat)?;
+        let original = f32::from_bits(bits);
+        let new = edit.op.apply(original);
+        self.log.push(EditRecord { edit: edit.clone(), flat, original, new, original_bits: bits, restored: false });
+        // Logged before writing: if the write fails, restoring the unchanged bits is harmless.
+        self.target.write_bits(&edit.tensor, flat, new.to_bits())?;
+        Ok(&self.log[self.log.len() - 1])
+    }
+
+    /// Apply several edits; on error, the ones already applied stay logged (and are restored
+    /// when the guard drops).
+    pub fn apply_all(&mut self, edits: &[WeightEdit]) -> Result<()> {
+        for e in edits {
+            self.apply(e)?;
+        }
+        Ok(())
+    }
+
+    /// Restore every edit of this scope now, newest first. Returns how many were restored.
+    pub fn restore_all(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for r in self.log.iter_mut().rev().filter(|r| !r.restored) {
+            self.target.write_bits(&r.edit.tensor, r.flat, r.original_bits)?;
+            r.restored = true;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A nested scope whose edits are restored when it drops, before this scope's.
+    pub fn scope(&mut self) -> EditGuard<'_, T> {
+        EditGuard::new(&mut *self.target)
+    }
+
+    /// The history of this scope's edits.
+    pub fn log(&self) -> &[EditRecord] {
+        &self.log
+    }
+
+    /// The history as JSON.
+    pub fn log_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.log).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl<T: EditTarget> Deref for EditGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.target
+    }
+}
+
+impl<T: EditTarget> Drop for EditGuard<'_, T> {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore_all() {
+            // Restoring host memory cannot fail for an index that was written; a device
+            // target that fails here has lost its context, which the user must know.
+            eprintln!("swk: error: could not restore edited weights: {e}");
+        }
+    }
+}
+
+/// Run `f` on `target` with `edits` applied; every edit is restored afterwards, whether `f`
+/// returns `Ok`, `Err`, or panics.
+pub fn with_edits<T: EditTarget, R>(target: &mut T, edits: &[WeightEdit], f: impl FnOnce(&T) -> Result<R>) -> Result<R> {
+    let mut g = EditGuard::new(target);
+    g.apply_all(edits)?;
+    let r = f(&g);
+    g.restore_all()?;
+    r
+}

@@ -1,0 +1,4 @@
+//! Evaluations: perplexity and greedy generation.
+
+pub mod generate;
+pub mod ppl;

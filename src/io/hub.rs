@@ -1,0 +1,93 @@
+//! Hugging Face hub ids (`org/name`), resolved through hf-hub's local cache, downloading when
+//! the network allows.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo};
+
+use crate::{Error, Result};
+
+/// Whether `s` looks like a hub id rather than a local path: `org/name`, no such local path.
+pub fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+        && !Path::new(s).exists()
+}
+
+/// Files swk needs from a model repository, in order of need.
+const WANTED: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+
+/// Resolve a hub id to a local snapshot directory holding `config.json` and the safetensors
+/// files, using `cache` (e.g. `Cache::from_env()`, which honours `HF_HOME`). When files are
+/// missing from the cache and `allow_download` is set, fetch them with the hub API.
+pub fn resolve_in(cache: &Cache, id: &str, allow_download: bool) -> Result<PathBuf> {
+    let repo = cache.repo(Repo::model(id.to_string()));
+    if let Some(config) = repo.get("config.json") {
+        let dir = config
+            .parent()
+            .ok_or_else(|| Error::NotFound { id: id.into(), msg: "bad cache layout".into() })?
+            .to_path_buf();
+        if dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file()
+        {
+            return Ok(dir);
+        }
+    }
+    if !allow_download {
+        return Err(Error::NotFound {
+            id: id.into(),
+            msg: format!(
+                "not in the Hugging Face cache at {} (set HF_HOME, or allow downloads)",
+                cache.path().display()
+            ),
+        });
+    }
+    download(cache, id)
+}
+
+/// Resolve through the default cache (`HF_HOME` or `~/.cache/huggingface`), downloading
+/// unless `HF_HUB_OFFLINE=1`.
+pub fn resolve(id: &str) -> Result<PathBuf> {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    resolve_in(&Cache::from_env(), id, !offline)
+}
+
+fn download(cache: &Cache, id: &str) -> Result<PathBuf> {
+    let fail = |e: &dyn std::fmt::Display| Error::NotFound {
+        id: id.into(),
+        msg: format!("not in the local cache and the hub could not be reached: {e}"),
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(true)
+        .build()
+        .map_err(|e| fail(&e))?;
+    let repo = api.model(id.to_string());
+    let config = repo.get(WANTED[0]).map_err(|e| fail(&e))?;
+    for f in &WANTED[1..] {
+        let _ = repo.get(f); // optional files
+    }
+    match repo.get("model.safetensors") {
+        Ok(_) => {}
+        Err(_) => {
+            let index = repo.get("model.safetensors.index.json").map_err(|e| fail(&e))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let j: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Json { path: index.clone(), source: e })?;
+            let mut shards: Vec<&str> = j
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort_unstable();
+            shards.dedup();
+            for s in shards {
+                repo.get(s).map_err(|e| fail(&e))?;
+            }
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::NotFound { id: id.into(), msg: "bad cache layout".into() })
+}

@@ -1,0 +1,92 @@
+//! Hugging Face safetensors checkpoints: single file or sharded with an index, memory-mapped.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::model::weights::{Tensor, Weights};
+use crate::{Error, Result};
+
+/// The safetensors files of a model directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(Error::format(
+            dir,
+            "no model.safetensors or model.safetensors.index.json in this directory",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let j: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Json { path: index.clone(), source: e })?;
+    let map = j
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(&index, "missing `weight_map` object"))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let f = file
+            .as_str()
+            .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
+            .ok_or_else(|| Error::format(&index, format!("bad shard file name for `{tensor}`")))?;
+        files.insert(f.to_string());
+    }
+    let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+    for p in &paths {
+        if !p.is_file() {
+            return Err(Error::format(&index, format!("shard {} is missing", p.display())));
+        }
+    }
+    Ok(paths)
+}
+
+/// Load every tensor of the given safetensors files into `weights`, converted once to f32.
+pub fn load_into(files: &[PathBuf], weights: &mut Weights) -> Result<()> {
+    for path in files {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only map of a file swk never writes.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            let data = to_f32(view.dtype(), view.data())
+                .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
+            let dtype = format!("{:?}", view.dtype());
+            weights.insert(name.clone(), Tensor::new(&name, view.shape().to_vec(), data, &dtype)?);
+        }
+    }
+    Ok(())
+}
+
+/// Convert little-endian f32/f16/bf16 bytes to f32.
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    use rayon::prelude::*;
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+    };
+    if bytes.len() % width != 0 {
+        return Err(format!("{} bytes is not a whole number of {dtype:?} values", bytes.len()));
+    }
+    let mut out = vec![0f32; bytes.len() / width];
+    let chunk = 1 << 16;
+    out.par_chunks_mut(chunk).zip(bytes.par_chunks(chunk * width)).for_each(|(o, b)| {
+        for (x, v) in o.iter_mut().zip(b.chunks_exact(width)) {
+            *x = match dtype {
+                Dtype::F32 => f32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+                Dtype::F16 => half::f16::from_le_bytes([v[0], v[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([v[0], v[1]]).to_f32(),
+            };
+        }
+    });
+    Ok(out)
+}

@@ -1,0 +1,817 @@
+//! Synthetic Llama models from a seed: random weights of any shape, and small models with
+//! planted super weights whose coordinates are known, for testing detection end to end.
+//!
+//! # Determinism
+//!
+//! Every tensor draws from its own SplitMix64 streams, seeded from the model seed and the
+//! tensor's name, one stream per fixed-size chunk. Generation runs in parallel (rayon over
+//! tensors and chunks) and yields the same bits for any number of threads.
+//!
+//! # The planted mechanism
+//!
+//! [`planted`] builds a Llama whose super weights behave like the published ones: they fire
+//! on the first token (a BOS token), write a massive activation into one hidden dim, and that
+//! activation steers every later prediction through an attention sink.
+//!
+//! * **Reserved dims.** A few hidden dims are reserved: a *bias* dim, a *query* dim, the rows
+//!   of the planted weights and one *copy* dim per super weight. Ordinary tokens carry nothing
+//!   in them except a shared constant `γ` in the query dim; only the BOS token carries `β` in
+//!   the bias dim. Every `o_proj` and `down_proj` row of a reserved dim is zero except the
+//!   planted entries, so reserved dims stay exactly zero at non-BOS positions.
+//! * **Super weights.** In layer `L₁` the gate and up rows of intermediate channel `c₁` read
+//!   only the bias dim, with gains chosen so that `silu(gate)·up` at BOS hits the requested
+//!   activation (e.g. −900); `down_proj[r₁, c₁]` (e.g. 1.5) writes the massive activation
+//!   (−1350) into row `r₁`, and the rest of column `c₁` is tiny. Further super weights form a
+//!   chain: super weight `k` reads row `r₍ₖ₋₁₎` (at BOS) and writes row `rₖ`, so zeroing the
+//!   first silences all of them, as zeroing Llama-7B's super weight does.
+//! * **Attention sink.** In the copy layer, head 0 has one query feature reading the query dim
+//!   (constant at every position) and one key feature reading `r₁`, which is non-zero only at
+//!   BOS: with the massive activation present every position attends to BOS. The head's
+//!   values read `rₖ` and `o_proj` writes them into copy dim `k`. Without the super weight the
+//!   keys and values are exactly zero and nothing is copied.
+//! * **LM head** (untied): copy dim `k` raises the logits of a small "likely" token set `Sₖ`
+//!   by about 10 nats. The suggested confirmation sequence is BOS followed by likely tokens:
+//!   its perplexity is about `|S|` with the super weights and about the vocabulary size with
+//!   any of them zeroed (that super weight's likely tokens become unlikely).
+//! * **Decoy** (the paper's known false positive): a late layer, after the copy layer, whose
+//!   gate and up read `r₁` and whose `down_proj` writes an opposite-signed spike back into
+//!   `r₁` (or into another reserved dim nobody reads). Both its input and output exceed the
+//!   threshold, but it only changes BOS's own residual after the sink was read, so zeroing it
+//!   leaves the perplexity unchanged.
+//! * **Backup** (for the iteration of the method): a channel in a layer after `L₁` that also
+//!   reads the bias dim. While the massive activation dominates BOS's RMSNorm the bias dim is
+//!   normalized away and the backup stays silent; once the super weight is zeroed it spikes,
+//!   so detection finds it in iteration 2. It writes into a dim nobody reads, so it is
+//!   rejected by confirmation (and does not mask the super weight's own confirmation).
+//!
+//! A backup that is found in iteration 2 *and* confirmed is impossible with single-weight
+//! confirmation: whatever only spikes once another weight is zeroed is, with that weight in
+//! place, below the threshold, and zeroing it alone changes next to nothing.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::model::arch;
+use crate::model::weights::fnv1a;
+use crate::model::{Architecture, Format, ModelConfig, ModelSource, Tensor, Weights};
+use crate::{Error, Model, Result};
+
+/// Standard deviation of random linear and embedding weights (Llama's `initializer_range`).
+pub const LINEAR_STD: f32 = 0.02;
+/// Standard deviation of the noise around 1 in RMSNorm weights.
+pub const NORM_STD: f32 = 0.02;
+/// Elements per independently seeded random stream.
+const CHUNK: usize = 1 << 15;
+
+/// SplitMix64: a tiny, fast, splittable 64-bit generator (Steele, Lea and Flood 2014), with
+/// Box–Muller normals.
+#[derive(Debug, Clone)]
+pub struct SplitMix64 {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl SplitMix64 {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64 { state: seed, spare: None }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform integer in `0..n` (`n` must be positive; returns 0 for `n == 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+
+    /// Two independent standard normals (Box–Muller).
+    pub fn normal_pair(&mut self) -> (f64, f64) {
+        // 1 - u lies in (0, 1], so the logarithm is finite.
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        (r * c, r * s)
+    }
+
+    /// One standard normal (the second of each Box–Muller pair is kept for the next call).
+    pub fn normal(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let (a, b) = self.normal_pair();
+        self.spare = Some(b);
+        a
+    }
+
+    /// Shuffle `v` in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Mix two 64-bit values into a well-spread seed.
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut r = SplitMix64::new(a ^ b.rotate_left(29) ^ 0x5851_f42d_4c95_7f2d);
+    r.next_u64() ^ SplitMix64::new(b).next_u64()
+}
+
+/// The seed of a tensor's random streams: a function of the model seed and the tensor name
+/// only, so a tensor's values do not depend on which other tensors exist or on threads.
+pub fn tensor_seed(seed: u64, name: &str) -> u64 {
+    mix(seed, fnv1a(0xcbf2_9ce4_8422_2325, name.as_bytes()))
+}
+
+/// Fill `data` with `mean + std · N(0, 1)`, deterministically from `seed`, in parallel.
+pub fn fill_normal(data: &mut [f32], seed: u64, mean: f32, std: f32) {
+    data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+        let mut rng = SplitMix64::new(mix(seed, i as u64));
+        for pair in chunk.chunks_mut(2) {
+            let (a, b) = rng.normal_pair();
+            pair[0] = mean + std * a as f32;
+            if let Some(x) = pair.get_mut(1) {
+                *x = mean + std * b as f32;
+            }
+        }
+    });
+}
+
+/// Shapes of a synthetic Llama.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SynthSpec {
+    /// Residual stream width.
+    pub hidden: usize,
+    /// MLP inner width.
+    pub intermediate: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Query heads (`head_dim = hidden / heads`).
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` for GQA).
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Whether the LM head shares the embedding (no `lm_head.weight`).
+    pub tie_embeddings: bool,
+}
+
+impl SynthSpec {
+    /// A tiny model for tests: 64 wide, 4 layers, 4 heads, 256 tokens.
+    pub fn tiny() -> Self {
+        SynthSpec {
+            hidden: 64,
+            intermediate: 192,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            vocab: 256,
+            tie_embeddings: false,
+        }
+    }
+
+    /// Llama-2-7B's shapes (6.7 B parameters, 27 GB of f32).
+    pub fn llama2_7b() -> Self {
+        SynthSpec {
+            hidden: 4096,
+            intermediate: 11008,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            vocab: 32000,
+            tie_embeddings: false,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads.max(1)
+    }
+
+    /// Check that the shapes make a valid Llama.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Invalid(format!("synthetic model: {msg}")));
+        let named = [
+            ("hidden", self.hidden),
+            ("intermediate", self.intermediate),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("vocab", self.vocab),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("`{name}` must be positive"));
+        }
+        if self.hidden % self.heads != 0 {
+            return bad(format!("hidden {} is not a multiple of heads {}", self.hidden, self.heads));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(format!("heads {} are not a multiple of kv_heads {}", self.heads, self.kv_heads));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        }
+        if u32::try_from(self.vocab).is_err() {
+            return bad(format!("vocab {} does not fit token ids (u32)", self.vocab));
+        }
+        Ok(())
+    }
+
+    /// The model configuration these shapes describe (Llama, RoPE θ = 500 000, ε = 1e-5).
+    pub fn config(&self) -> Result<ModelConfig> {
+        self.validate()?;
+        Ok(ModelConfig {
+            architecture: Architecture::Llama,
+            hidden_size: self.hidden,
+            intermediate_size: self.intermediate,
+            num_layers: self.layers,
+            num_heads: self.heads,
+            num_kv_heads: self.kv_heads,
+            head_dim: self.head_dim(),
+            vocab_size: self.vocab,
+            max_position_embeddings: 4096,
+            rope_theta: 500_000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: self.tie_embeddings,
+            attention_bias: false,
+            sliding_window: None,
+        })
+    }
+}
+
+/// How a tensor is initialized.
+#[derive(Clone, Copy)]
+enum Init {
+    /// `N(0, LINEAR_STD)`.
+    Linear,
+    /// `1 + N(0, NORM_STD)`.
+    Norm,
+}
+
+/// Every tensor of a Llama with `c`'s shapes, in HF naming.
+fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut plan = vec![
+        ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], Init::Linear),
+        ("model.norm.weight".to_string(), vec![h], Init::Norm),
+    ];
+    if !c.tie_word_embeddings {
+        plan.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], Init::Linear));
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        plan.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h], Init::Norm),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm),
+            (format!("{p}.self_attn.q_proj.weight"), vec![qd, h], Init::Linear),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kvd, h], Init::Linear),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kvd, h], Init::Linear),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, qd], Init::Linear),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Linear),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Linear),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i], Init::Linear),
+        ]);
+    }
+    plan
+}
+
+fn synthetic_source(seed: u64, start: Instant) -> ModelSource {
+    ModelSource {
+        spec: "synthetic".to_string(),
+        path: PathBuf::from("synthetic"),
+        format: Format::Safetensors,
+        load_seconds: start.elapsed().as_secs_f64(),
+        name: Some(format!("synthetic-llama-seed-{seed}")),
+    }
+}
+
+/// A Llama with random weights: linear weights and embeddings `N(0, 0.02)`, RMSNorm weights
+/// `1 + N(0, 0.02)`, no tokenizer. Identical bits for the same `spec` and `seed`, whatever the
+/// number of threads. Errors when the shapes are not a valid Llama.
+pub fn random_llama(spec: &SynthSpec, seed: u64) -> Result<Model> {
+    let start = Instant::now();
+    let config = spec.config()?;
+    let tensors: Vec<(String, Tensor)> = tensor_plan(&config)
+        .into_par_iter()
+        .map(|(name, shape, init)| {
+            let n: usize = shape.iter().product();
+            let mut data = vec![0f32; n];
+            let (mean, std) = match init {
+                Init::Linear => (0.0, LINEAR_STD),
+                Init::Norm => (1.0, NORM_STD),
+            };
+            fill_normal(&mut data, tensor_seed(seed, &name), mean, std);
+            let t = Tensor::new(&name, shape, data, "F32")?;
+            Ok((name, t))
+        })
+        .collect::<Result<_>>()?;
+    let mut weights = Weights::new();
+    for (name, t) in tensors {
+        weights.insert(name, t);
+    }
+    let mut model = Model { config, weights, tokenizer: None, source: synthetic_source(seed, start) };
+    arch::validate(&model)?;
+    model.source.load_seconds = start.elapsed().as_secs_f64();
+    Ok(model)
+}
+
+/// One planted MLP channel: `down_proj.weight[row, col]` of `layer`, fed an activation of
+/// about `activation` at BOS, so that it writes about `activation · weight` into `row`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlantSite {
+    /// Layer index.
+    pub layer: usize,
+    /// Row of `down_proj.weight` (hidden dim written).
+    pub row: usize,
+    /// Column of `down_proj.weight` (intermediate channel).
+    pub col: usize,
+    /// Target signed `silu(gate)·up` at BOS (its magnitude should be well above 50).
+    pub activation: f32,
+    /// The value of `down_proj.weight[row, col]` (stored exactly).
+    pub weight: f32,
+}
+
+/// What to plant in a synthetic model. See the [module docs](self) for the mechanism.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plant {
+    /// Super weights, in increasing layer order: the first reads BOS's bias dim, each next one
+    /// reads the previous one's row. Rows must be distinct.
+    pub super_weights: Vec<PlantSite>,
+    /// A channel that only spikes once the first super weight is zeroed (found in iteration
+    /// 2, rejected by confirmation). Its layer must come after the first super weight's.
+    pub backup: Option<PlantSite>,
+    /// A late spike that does not matter: reads the first super weight's row, writes `row`
+    /// (the first super weight's row to cancel part of the massive activation, as in the
+    /// paper, or a dim of its own). Its layer must come after `copy_layer`.
+    pub decoy: Option<PlantSite>,
+    /// The layer whose attention head 0 copies the massive activations to every position;
+    /// after every super weight's layer.
+    pub copy_layer: usize,
+    /// The BOS token id (the only token carrying the bias).
+    pub bos: u32,
+    /// Size of each super weight's likely token set.
+    pub likely_per_weight: usize,
+    /// Length of the suggested detection prompt (BOS included).
+    pub prompt_len: usize,
+    /// Length of the suggested confirmation sequence (BOS included).
+    pub confirm_len: usize,
+}
+
+impl Plant {
+    /// A plant that fits `spec` (at least 4 layers, 16 hidden dims): one super weight in layer
+    /// 1 (activation −900, weight 1.5), a backup in layer 2, the copy head in the second-last
+    /// layer, and a decoy in the last layer cancelling a third of the massive activation.
+    pub fn standard(spec: &SynthSpec) -> Plant {
+        let (h, i, l) = (spec.hidden, spec.intermediate, spec.layers);
+        let sw = PlantSite { layer: 1, row: h * 3 / 8 + 1, col: i * 2 / 3 + 5, activation: -900.0, weight: 1.5 };
+        Plant {
+            super_weights: vec![sw],
+            backup: Some(PlantSite {
+                layer: 2,
+                row: h / 2 + 3,
+                col: i / 4 + 2,
+                activation: 600.0,
+                weight: 1.25,
+            }),
+            decoy: Some(PlantSite {
+                layer: l.saturating_sub(1),
+                row: sw.row,
+                col: i / 3 + 1,
+                activation: 450.0,
+                weight: 1.0,
+            }),
+            copy_layer: l.saturating_sub(2),
+            bos: 0,
+            likely_per_weight: 4,
+            prompt_len: 12,
+            confirm_len: 64,
+        }
+    }
+}
+
+/// A planted coordinate and what detection should report for it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlantedWeight {
+    /// Layer index.
+    pub layer: usize,
+    /// Row of `down_proj.weight`.
+    pub row: usize,
+    /// Column of `down_proj.weight`.
+    pub col: usize,
+    /// Exact value of `down_proj.weight[row, col]`.
+    pub value: f32,
+    /// Designed signed down_proj input at BOS (approximate; the sign is exact).
+    pub input: f32,
+    /// Designed signed down_proj output at BOS, `input · value` (approximate).
+    pub output: f32,
+    /// Token position of the spikes (0: BOS).
+    pub position: usize,
+    /// Detection iteration in which it should appear (1, or 2 for a backup).
+    pub iteration: usize,
+}
+
+impl PlantedWeight {
+    fn from_site(s: &PlantSite, iteration: usize) -> Self {
+        PlantedWeight {
+            layer: s.layer,
+            row: s.row,
+            col: s.col,
+            value: s.weight,
+            input: s.activation,
+            output: s.activation * s.weight,
+            position: 0,
+            iteration,
+        }
+    }
+}
+
+/// The ground truth of a planted model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlantTruth {
+    /// Super weights (confirmed by a correct detector).
+    pub super_weights: Vec<PlantedWeight>,
+    /// The decoy (a spike a correct detector rejects), if planted.
+    pub decoy: Option<PlantedWeight>,
+    /// The backup (found in iteration 2, rejected), if planted.
+    pub backup: Option<PlantedWeight>,
+    /// BOS token id.
+    pub bos: u32,
+    /// Suggested detection prompt: BOS, then random tokens.
+    pub prompt: Vec<u32>,
+    /// Suggested confirmation sequence: BOS, then likely tokens (fits one 512-token window).
+    pub confirm: Vec<u32>,
+    /// Each super weight's likely token set.
+    pub likely_tokens: Vec<Vec<u32>>,
+    /// Hidden dim carrying the bias at BOS.
+    pub bias_dim: usize,
+    /// Hidden dim carrying the constant query feature at every position.
+    pub query_dim: usize,
+    /// Hidden dim receiving each super weight's copied activation.
+    pub copy_dims: Vec<usize>,
+    /// Layer of the sink head.
+    pub copy_layer: usize,
+}
+
+/// Bias at BOS in the bias dim.
+const BETA: f64 = 1.0;
+/// Constant query feature of every token.
+const GAMMA: f64 = 0.25;
+/// Allowance for what attention and MLPs add to the residual at non-BOS positions, as a
+/// multiple of the embedding's noise energy.
+const JUNK: f64 = 3.0;
+/// Target query feature of the sink head.
+const Q_FEATURE: f64 = 4.0;
+/// Target attention score of BOS in the sink head (others score 0).
+const SINK_SCORE: f64 = 16.0;
+/// Value the sink head copies into each copy dim.
+const COPY: f64 = 10.0;
+/// Logit advantage of likely tokens.
+const GAP: f64 = 10.0;
+
+fn plant_err(msg: impl Into<String>) -> Error {
+    Error::Invalid(format!("plant: {}", msg.into()))
+}
+
+fn validate_plant(spec: &SynthSpec, p: &Plant) -> Result<()> {
+    spec.validate()?;
+    if spec.tie_embeddings {
+        return Err(plant_err("needs an untied LM head (tie_embeddings = false)"));
+    }
+    let n = p.super_weights.len();
+    let first = p.super_weights.first().ok_or_else(|| plant_err("no super weight to plant"))?;
+    let hd = spec.head_dim();
+    if hd < 4 || n > hd {
+        return Err(plant_err(format!("head_dim {hd} must be at least 4 and at least the number of super weights")));
+    }
+    let all: Vec<(&str, &PlantSite)> = p
+        .super_weights
+        .iter()
+        .map(|s| ("super weight", s))
+        .chain(p.backup.iter().map(|s| ("backup", s)))
+        .chain(p.decoy.iter().map(|s| ("decoy", s)))
+        .collect();
+    let mut layers = BTreeSet::new();
+    for (what, s) in &all {
+        if s.layer >= spec.layers || s.row >= spec.hidden || s.col >= spec.intermediate {
+            return Err(plant_err(format!(
+                "{what} ({}, {}, {}) is outside the model ({} layers, hidden {}, intermediate {})",
+                s.layer, s.row, s.col, spec.layers, spec.hidden, spec.intermediate
+            )));
+        }
+        if !(s.activation.is_finite() && s.activation.abs() >= 1.0)
+            || !(s.weight.is_finite() && s.weight != 0.0)
+        {
+            return Err(plant_err(format!("{what} needs a finite activation (|a| >= 1) and a non-zero finite weight")));
+        }
+        if !layers.insert(s.layer) {
+            return Err(plant_err(format!("two planted channels share layer {}", s.layer)));
+        }
+    }
+    if p.super_weights.windows(2).any(|w| w[0].layer >= w[1].layer) {
+        return Err(plant_err("super weights must be in increasing layer order"));
+    }
+    let mut rows = BTreeSet::new();
+    for s in p.super_weights.iter().chain(&p.backup) {
+        if !rows.insert(s.row) {
+            return Err(plant_err(format!("row {} is planted twice", s.row)));
+        }
+    }
+    if let Some(d) = &p.decoy {
+        if d.row != first.row && rows.contains(&d.row) {
+            return Err(plant_err("the decoy must write the first super weight's row or a row of its own"));
+        }
+        if d.layer <= p.copy_layer {
+            return Err(plant_err("the decoy's layer must come after the copy layer"));
+        }
+        rows.insert(d.row);
+    }
+    if let Some(b) = &p.backup {
+        if b.layer <= first.layer {
+            return Err(plant_err("the backup's layer must come after the first super weight's"));
+        }
+    }
+    let last = p.super_weights.last().map_or(0, |s| s.layer);
+    if p.copy_layer <= last || p.copy_layer >= spec.layers {
+        return Err(plant_err(format!(
+            "copy layer {} must come after every super weight (last in layer {last}) and exist",
+            p.copy_layer
+        )));
+    }
+    if rows.len() + 2 + n > spec.hidden / 2 {
+        return Err(plant_err(format!("hidden {} is too narrow for {} reserved dims", spec.hidden, rows.len() + 2 + n)));
+    }
+    if p.bos as usize >= spec.vocab {
+        return Err(plant_err(format!("BOS {} is outside the vocabulary ({})", p.bos, spec.vocab)));
+    }
+    if p.likely_per_weight == 0 || n * p.likely_per_weight + 1 > spec.vocab / 2 {
+        return Err(plant_err("likely token sets must be non-empty and cover under half the vocabulary"));
+    }
+    if p.prompt_len < 2 || p.confirm_len < 2 {
+        return Err(plant_err("prompt and confirmation need at least 2 tokens"));
+    }
+    Ok(())
+}
+
+/// The tensor `name`'s data, mutably (a missing tensor is an internal error of this module).
+fn data_mut<'w>(w: &'w mut Weights, name: &str) -> Result<&'w mut Vec<f32>> {
+    Ok(&mut w.get_mut(name)?.data)
+}
+
+fn layer_name(l: usize, what: &str) -> String {
+    format!("model.layers.{l}.{what}.weight")
+}
+
+/// Estimated residual at BOS: (dim, value) of the large components plus the energy of the rest.
+struct BosState {
+    dims: Vec<(usize, f64)>,
+    noise: f64,
+}
+
+impl BosState {
+    fn rms(&self, h: usize) -> f64 {
+        ((self.dims.iter().map(|(_, v)| v * v).sum::<f64>() + self.noise) / h as f64).sqrt()
+    }
+    fn value(&self, dim: usize) -> f64 {
+        self.dims.iter().filter(|(d, _)| *d == dim).map(|(_, v)| v).sum()
+    }
+}
+
+/// Plant one channel: gate and up rows of `s.col` read only `src`, with gains that give
+/// `silu(gate)·up ≈ s.activation` at BOS given the estimated state; `down_proj[s.row, s.col]`
+/// = `s.weight`; the rest of the column shrinks so that its leak stays at the noise level.
+fn plant_channel(w: &mut Weights, h: usize, inter: usize, s: &PlantSite, src: usize, state: &BosState, reserved: &BTreeSet<usize>) -> Result<()> {
+    let norm = w.get(&layer_name(s.layer, "post_attention_layernorm"))?.data[src] as f64;
+    let xn = norm * state.value(src) / state.rms(h);
+    if !(xn.is_finite() && xn.abs() > 1e-6) {
+        return Err(plant_err(format!("layer {}: no signal to read in dim {src}", s.layer)));
+    }
+    let act = s.activation as f64;
+    let z = act.abs().sqrt().max(4.0);
+    let silu = z / (1.0 + (-z).exp());
+    for (what, value) in [("mlp.gate_proj", z / xn), ("mlp.up_proj", act / silu / xn)] {
+        let d = data_mut(w, &layer_name(s.layer, what))?;
+        let row = &mut d[s.col * h..(s.col + 1) * h];
+        row.fill(0.0);
+        row[src] = value as f32;
+    }
+    let shrink = (0.5 / act.abs()) as f32;
+    let down = data_mut(w, &layer_name(s.layer, "mlp.down_proj"))?;
+    for r in 0..h {
+        let x = &mut down[r * inter + s.col];
+        if reserved.contains(&r) {
+            *x = 0.0;
+        } else {
+            *x *= shrink;
+        }
+    }
+    down[s.row * inter + s.col] = s.weight;
+    Ok(())
+}
+
+/// A model with planted super weights, a decoy and a backup as `plant` asks, over random
+/// weights from `seed`, and the ground truth. See the [module docs](self) for the design.
+/// Errors when the plant does not fit the shapes (e.g. tied embeddings, colliding sites).
+pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, PlantTruth)> {
+    validate_plant(spec, plant)?;
+    let mut model = random_llama(spec, seed)?;
+    let c = model.config.clone();
+    let (h, inter, hd, vocab) = (c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size);
+    let qd = c.num_heads * hd;
+    let sws = &plant.super_weights;
+    let n = sws.len();
+    let r1 = sws[0].row;
+    let mut rng = SplitMix64::new(tensor_seed(seed, "plant"));
+
+    // Reserved dims: planted rows, then bias, query and copy dims drawn from the rest.
+    let mut reserved: BTreeSet<usize> =
+        sws.iter().chain(&plant.backup).chain(&plant.decoy).map(|s| s.row).collect();
+    let mut free: Vec<usize> = (0..h).filter(|d| !reserved.contains(d)).collect();
+    rng.shuffle(&mut free);
+    let (bias_dim, query_dim) = (free[0], free[1]);
+    let copy_dims = free[2..2 + n].to_vec();
+    reserved.extend(free[..2 + n].iter().copied());
+
+    let w = &mut model.weights;
+    // Embeddings: reserved dims empty, the shared query feature, the bias on BOS only.
+    let bos = plant.bos as usize;
+    let emb = data_mut(w, "model.embed_tokens.weight")?;
+    for row in emb.chunks_mut(h) {
+        for &r in &reserved {
+            row[r] = 0.0;
+        }
+        row[query_dim] = GAMMA as f32;
+    }
+    emb[bos * h + bias_dim] = BETA as f32;
+    let bos_noise: f64 = (0..h)
+        .filter(|d| !reserved.contains(d))
+        .map(|d| (emb[bos * h + d] as f64).powi(2))
+        .sum();
+    let token_noise = (h - reserved.len()) as f64 * (LINEAR_STD as f64).powi(2);
+
+    // Nothing but planted entries writes a reserved dim.
+    for l in 0..c.num_layers {
+        let o = data_mut(w, &layer_name(l, "self_attn.o_proj"))?;
+        for &r in &reserved {
+            o[r * qd..(r + 1) * qd].fill(0.0);
+        }
+        let d = data_mut(w, &layer_name(l, "mlp.down_proj"))?;
+        for &r in &reserved {
+            d[r * inter..(r + 1) * inter].fill(0.0);
+        }
+    }
+
+    // The chain of super weights.
+    let base = BosState { dims: vec![(bias_dim, BETA), (query_dim, GAMMA)], noise: bos_noise };
+    let mut state = BosState { dims: base.dims.clone(), noise: bos_noise };
+    for (k, s) in sws.iter().enumerate() {
+        let src = if k == 0 { bias_dim } else { sws[k - 1].row };
+        plant_channel(w, h, inter, s, src, &state, &reserved)?;
+        state.dims.push((s.row, s.activation as f64 * s.weight as f64));
+    }
+    // The backup reads the bias as it is once the first super weight is gone.
+    if let Some(b) = &plant.backup {
+        plant_channel(w, h, inter, b, bias_dim, &base, &reserved)?;
+    }
+
+    // The sink head: query feature everywhere, key feature only at BOS, values = rₖ.
+    let lc = plant.copy_layer;
+    let in_norm = w.get(&layer_name(lc, "input_layernorm"))?.data.clone();
+    let a = hd / 2 - 1;
+    let rms_p = ((GAMMA * GAMMA + JUNK * token_noise) / h as f64).sqrt();
+    let xn_q = in_norm[query_dim] as f64 * GAMMA / rms_p;
+    let rms_bos = state.rms(h);
+    let xn_bos = |d: usize| in_norm[d] as f64 * state.value(d) / rms_bos;
+    for what in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+        data_mut(w, &layer_name(lc, what))?[..hd * h].fill(0.0);
+    }
+    data_mut(w, &layer_name(lc, "self_attn.q_proj"))?[a * h + query_dim] = (Q_FEATURE / xn_q) as f32;
+    data_mut(w, &layer_name(lc, "self_attn.k_proj"))?[a * h + r1] =
+        (SINK_SCORE * (hd as f64).sqrt() / (Q_FEATURE * xn_bos(r1))) as f32;
+    for (j, s) in sws.iter().enumerate() {
+        data_mut(w, &layer_name(lc, "self_attn.v_proj"))?[j * h + s.row] = (1.0 / xn_bos(s.row)) as f32;
+        data_mut(w, &layer_name(lc, "self_attn.o_proj"))?[copy_dims[j] * qd + j] = COPY as f32;
+    }
+    state.dims.extend(copy_dims.iter().map(|&d| (d, COPY)));
+
+    // The decoy reads r₁ after the sink has done its work.
+    if let Some(d) = &plant.decoy {
+        plant_channel(w, h, inter, d, r1, &state, &reserved)?;
+    }
+
+    // LM head: copy dim k raises Sₖ's logits by about GAP.
+    let mut pool: Vec<u32> = (0..vocab as u32).filter(|&t| t != plant.bos).collect();
+    rng.shuffle(&mut pool);
+    let likely: Vec<Vec<u32>> =
+        pool.chunks(plant.likely_per_weight).take(n).map(|c| c.to_vec()).collect();
+    let final_norm = w.get("model.norm.weight")?.data.clone();
+    let rest = GAMMA * GAMMA + JUNK * token_noise;
+    let xf_est = (h as f64).sqrt() * COPY / (n as f64 * COPY * COPY + rest).sqrt();
+    let head = data_mut(w, "lm_head.weight")?;
+    for (j, set) in likely.iter().enumerate() {
+        let dim = copy_dims[j];
+        for t in 0..vocab {
+            head[t * h + dim] = 0.0;
+        }
+        for &t in set {
+            head[t as usize * h + dim] = (GAP / xf_est / final_norm[dim] as f64) as f32;
+        }
+    }
+
+    // Suggested token sequences.
+    let mut prompt = vec![plant.bos];
+    while prompt.len() < plant.prompt_len {
+        let t = rng.below(vocab) as u32;
+        if t != plant.bos {
+            prompt.push(t);
+        }
+    }
+    let all_likely: Vec<u32> = likely.iter().flatten().copied().collect();
+    let mut confirm = vec![plant.bos];
+    while confirm.len() < plant.confirm_len {
+        confirm.push(all_likely[rng.below(all_likely.len())]);
+    }
+
+    arch::validate(&model)?;
+    let truth = PlantTruth {
+        super_weights: sws.iter().map(|s| PlantedWeight::from_site(s, 1)).collect(),
+        decoy: plant.decoy.as_ref().map(|s| PlantedWeight::from_site(s, 1)),
+        backup: plant.backup.as_ref().map(|s| PlantedWeight::from_site(s, 2)),
+        bos: plant.bos,
+        prompt,
+        confirm,
+        likely_tokens: likely,
+        bias_dim,
+        query_dim,
+        copy_dims,
+        copy_layer: lc,
+    };
+    Ok((model, truth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_is_deterministic_and_normal_ish() {
+        let mut a = SplitMix64::new(7);
+        let mut b = SplitMix64::new(7);
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mut r = SplitMix64::new(42);
+        let xs: Vec<f64> = (0..20_000).map(|_| r.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+        assert!((0..1000).all(|_| r.below(10) < 10));
+    }
+
+    #[test]
+    fn random_llama_is_reproducible_and_valid() {
+        let spec = SynthSpec { layers: 2, ..SynthSpec::tiny() };
+        let a = random_llama(&spec, 1).unwrap();
+        let b = random_llama(&spec, 1).unwrap();
+        let c = random_llama(&spec, 2).unwrap();
+        assert_eq!(a.weights.checksum(), b.weights.checksum());
+        assert_ne!(a.weights.checksum(), c.weights.checksum());
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let d = one.install(|| random_llama(&spec, 1).unwrap());
+        assert_eq!(a.weights.checksum(), d.weights.checksum());
+        let bad = SynthSpec { hidden: 30, heads: 4, ..SynthSpec::tiny() };
+        assert!(random_llama(&bad, 0).is_err());
+    }
+
+    #[test]
+    fn plant_validation_rejects_bad_plants() {
+        let spec = SynthSpec { layers: 5, ..SynthSpec::tiny() };
+        assert!(planted(&spec, 0, &Plant::standard(&spec)).is_ok());
+        let tied = SynthSpec { tie_embeddings: true, ..spec.clone() };
+        assert!(planted(&tied, 0, &Plant::standard(&tied)).is_err());
+        let mut p = Plant::standard(&spec);
+        p.super_weights[0].col = spec.intermediate;
+        assert!(planted(&spec, 0, &p).is_err());
+        let mut p = Plant::standard(&spec);
+        p.copy_layer = 1;
+        assert!(planted(&spec, 0, &p).is_err());
+    }
+}
