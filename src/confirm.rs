@@ -66,7 +66,11 @@ impl Confirmer {
                     hooks.add(HookPoint { layer: l, kind: HookKind::ResidPre }, grab);
                 }
                 hooks.add(HookPoint { layer: n - 1, kind: HookKind::ResidPost }, grab);
-                model.forward(&fed, &mut cache, ForwardOptions { hooks: Some(&mut hooks), stats: None, logits: Logits::All })?
+                model.forward(
+                    &fed,
+                    &mut cache,
+                    ForwardOptions { hooks: Some(&mut hooks), stats: None, logits: Logits::All },
+                )?
             };
             let (s, k) = ppl::score(&logits, &fed, model.config.vocab_size);
             nll_sum += s;
@@ -74,7 +78,9 @@ impl Confirmer {
             windows.push(Window { fed, resid, cache });
         }
         if scored == 0 {
-            return Err(crate::Error::Invalid("the confirmation text is too short to score any token".into()));
+            return Err(crate::Error::Invalid(
+                "the confirmation text is too short to score any token".into(),
+            ));
         }
         Ok(Confirmer { windows, nll_sum, scored })
     }
@@ -103,7 +109,11 @@ impl Confirmer {
             } else {
                 Input::Residual { layer: first, x: &w.resid[first], pos0: 0 }
             };
-            let logits = g.forward_input(input, &mut cache, ForwardOptions { logits: Logits::All, ..Default::default() })?;
+            let logits = g.forward_input(
+                input,
+                &mut cache,
+                ForwardOptions { logits: Logits::All, ..Default::default() },
+            )?;
             nll_sum += ppl::score(&logits, &w.fed, g.config.vocab_size).0;
         }
         Ok((nll_sum / self.scored as f64).exp())

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::edit::{EditGuard, EditOp, WeightEdit};
 use crate::confirm::Confirmer;
+use crate::edit::{EditGuard, EditOp, WeightEdit};
 use crate::hooks::SpikeStats;
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
 use crate::{Error, Model, Result};
@@ -176,13 +176,21 @@ fn spikes(stats: &SpikeStats, threshold: f32) -> Vec<Spike> {
 pub fn collect_stats(model: &Model, tokens: &[u32], stats: &mut SpikeStats) -> Result<()> {
     stats.reset();
     let mut cache = KvCache::new(model);
-    model.forward(tokens, &mut cache, ForwardOptions { stats: Some(stats), logits: Logits::None, hooks: None })?;
+    model.forward(
+        tokens,
+        &mut cache,
+        ForwardOptions { stats: Some(stats), logits: Logits::None, hooks: None },
+    )?;
     Ok(())
 }
 
 /// Find super weight candidates (without confirmation): the paper's iterative method over
 /// every prompt. The model's weights are restored before this returns.
-pub fn find_candidates(model: &mut Model, prompts: &[Vec<u32>], cfg: &DetectConfig) -> Result<(Vec<SuperWeight>, Vec<LayerMaxima>)> {
+pub fn find_candidates(
+    model: &mut Model,
+    prompts: &[Vec<u32>],
+    cfg: &DetectConfig,
+) -> Result<(Vec<SuperWeight>, Vec<LayerMaxima>)> {
     let c = model.config.clone();
     let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
     let mut found: BTreeMap<(usize, usize, usize), SuperWeight> = BTreeMap::new();
@@ -267,10 +275,15 @@ fn layer_maxima(stats: &SpikeStats) -> Vec<LayerMaxima> {
 /// Detect super weights with the model's tokenizer: prompts are encoded with its special-token
 /// convention, the confirmation text as the perplexity protocol does. `on_step(done, total,
 /// what)` reports progress.
-pub fn detect(model: &mut Model, cfg: &DetectConfig, on_step: impl FnMut(usize, usize, &str)) -> Result<Detection> {
+pub fn detect(
+    model: &mut Model,
+    cfg: &DetectConfig,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<Detection> {
     let tok = model.tokenizer()?;
     let prompts = cfg.prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
-    let confirm = if cfg.skip_confirmation { Vec::new() } else { tok.encode(&cfg.confirm_text, false)? };
+    let confirm =
+        if cfg.skip_confirmation { Vec::new() } else { tok.encode(&cfg.confirm_text, false)? };
     detect_tokens(model, &prompts, &confirm, cfg, on_step)
 }
 

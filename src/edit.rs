@@ -90,7 +90,8 @@ impl WeightEdit {
     /// down_proj), or `TENSOR[i,j,...]=zero|xF|V` for any tensor.
     pub fn parse(spec: &str) -> Result<Self> {
         let err = |msg: &str| Error::Edit { spec: spec.to_string(), msg: msg.to_string() };
-        let num_usize = |s: &str| s.trim().parse::<usize>().map_err(|_| err(&format!("`{s}` is not an index")));
+        let num_usize =
+            |s: &str| s.trim().parse::<usize>().map_err(|_| err(&format!("`{s}` is not an index")));
         let num_f32 = |s: &str| {
             s.trim()
                 .parse::<f32>()
@@ -144,7 +145,10 @@ impl WeightEdit {
         if self.index.len() != shape.len() {
             return Err(Error::Edit {
                 spec: self.to_string(),
-                msg: format!("index has {} dimensions, tensor shape is {shape:?}", self.index.len()),
+                msg: format!(
+                    "index has {} dimensions, tensor shape is {shape:?}",
+                    self.index.len()
+                ),
             });
         }
         let mut flat = 0;
@@ -194,11 +198,15 @@ impl EditTarget for Weights {
     }
     fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
         let t = self.get(tensor)?;
-        t.data.get(flat).map(|v| v.to_bits()).ok_or_else(|| Error::tensor(tensor, "index out of range"))
+        t.data
+            .get(flat)
+            .map(|v| v.to_bits())
+            .ok_or_else(|| Error::tensor(tensor, "index out of range"))
     }
     fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
         let t = self.get_mut(tensor)?;
-        let slot = t.data.get_mut(flat).ok_or_else(|| Error::tensor(tensor, "index out of range"))?;
+        let slot =
+            t.data.get_mut(flat).ok_or_else(|| Error::tensor(tensor, "index out of range"))?;
         *slot = f32::from_bits(bits);
         Ok(())
     }
@@ -232,15 +240,22 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
 
     /// Apply one edit in place, recording the original bits first.
     pub fn apply(&mut self, edit: &WeightEdit) -> Result<&EditRecord> {
-        let shape = self.target.shape_of(&edit.tensor).map_err(|e| Error::Edit {
-            spec: edit.to_string(),
-            msg: e.to_string(),
-        })?;
+        let shape = self
+            .target
+            .shape_of(&edit.tensor)
+            .map_err(|e| Error::Edit { spec: edit.to_string(), msg: e.to_string() })?;
         let flat = edit.flat_index(&shape)?;
         let bits = self.target.read_bits(&edit.tensor, flat)?;
         let original = f32::from_bits(bits);
         let new = edit.op.apply(original);
-        self.log.push(EditRecord { edit: edit.clone(), flat, original, new, original_bits: bits, restored: false });
+        self.log.push(EditRecord {
+            edit: edit.clone(),
+            flat,
+            original,
+            new,
+            original_bits: bits,
+            restored: false,
+        });
         // Logged before writing: if the write fails, restoring the unchanged bits is harmless.
         self.target.write_bits(&edit.tensor, flat, new.to_bits())?;
         Ok(&self.log[self.log.len() - 1])
@@ -301,7 +316,11 @@ impl<T: EditTarget> Drop for EditGuard<'_, T> {
 
 /// Run `f` on `target` with `edits` applied; every edit is restored afterwards, whether `f`
 /// returns `Ok`, `Err`, or panics.
-pub fn with_edits<T: EditTarget, R>(target: &mut T, edits: &[WeightEdit], f: impl FnOnce(&T) -> Result<R>) -> Result<R> {
+pub fn with_edits<T: EditTarget, R>(
+    target: &mut T,
+    edits: &[WeightEdit],
+    f: impl FnOnce(&T) -> Result<R>,
+) -> Result<R> {
     let mut g = EditGuard::new(target);
     g.apply_all(edits)?;
     let r = f(&g);

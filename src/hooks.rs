@@ -76,7 +76,8 @@ impl std::str::FromStr for HookPoint {
     type Err = Error;
     /// Parse `blocks.{l}.hook_resid_pre` and friends.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::Invalid(format!("`{s}` is not a hook name (e.g. blocks.3.mlp.hook_post)"));
+        let bad =
+            || Error::Invalid(format!("`{s}` is not a hook name (e.g. blocks.3.mlp.hook_post)"));
         let rest = s.strip_prefix("blocks.").ok_or_else(bad)?;
         let (layer, suffix) = rest.split_once('.').ok_or_else(bad)?;
         let layer = layer.parse().map_err(|_| bad())?;
@@ -113,11 +114,19 @@ impl<'f> Hooks<'f> {
         Hooks { entries: Vec::new() }
     }
     /// Register `f` at `point`.
-    pub fn add(&mut self, point: HookPoint, f: impl FnMut(HookPoint, &mut Activation<'_>) + Send + 'f) {
+    pub fn add(
+        &mut self,
+        point: HookPoint,
+        f: impl FnMut(HookPoint, &mut Activation<'_>) + Send + 'f,
+    ) {
         self.entries.push((point, Box::new(f)));
     }
     /// Register `f` at a point given by name.
-    pub fn add_named(&mut self, name: &str, f: impl FnMut(HookPoint, &mut Activation<'_>) + Send + 'f) -> Result<()> {
+    pub fn add_named(
+        &mut self,
+        name: &str,
+        f: impl FnMut(HookPoint, &mut Activation<'_>) + Send + 'f,
+    ) -> Result<()> {
         self.add(name.parse()?, f);
         Ok(())
     }

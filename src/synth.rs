@@ -30,9 +30,10 @@
 //!   values read `rₖ` and `o_proj` writes them into copy dim `k`. Without the super weight the
 //!   keys and values are exactly zero and nothing is copied.
 //! * **LM head** (untied): copy dim `k` raises the logits of a small "likely" token set `Sₖ`
-//!   by about 10 nats. The suggested confirmation sequence is BOS followed by likely tokens:
-//!   its perplexity is about `|S|` with the super weights and about the vocabulary size with
-//!   any of them zeroed (that super weight's likely tokens become unlikely).
+//!   by `ln(vocab) + 5` nats on average. The suggested confirmation sequence is BOS followed
+//!   by likely tokens: its perplexity is about `|S|` with the super weights and about the
+//!   vocabulary size with any of them zeroed (that super weight's likely tokens become
+//!   unlikely). It must be scored as one window: a window without BOS has no sink.
 //! * **Decoy** (the paper's known false positive): a late layer, after the copy layer, whose
 //!   gate and up read `r₁` and whose `down_proj` writes an opposite-signed spike back into
 //!   `r₁` (or into another reserved dim nobody reads). Both its input and output exceed the
@@ -43,6 +44,10 @@
 //!   normalized away and the backup stays silent; once the super weight is zeroed it spikes,
 //!   so detection finds it in iteration 2. It writes into a dim nobody reads, so it is
 //!   rejected by confirmation (and does not mask the super weight's own confirmation).
+//!
+//! Every gain is calibrated on the model being built, in causal (layer) order: a forward pass
+//! measures the normalized value a planted row will read, so the planted activations hit
+//! their targets to within rounding for any shape and seed.
 //!
 //! A backup that is found in iteration 2 *and* confirmed is impossible with single-weight
 //! confirmation: whatever only spikes once another weight is zeroed is, with that weight in
@@ -55,7 +60,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::model::arch;
+use crate::hooks::{HookKind, HookPoint, Hooks};
+use crate::model::arch::{self, ForwardOptions, KvCache, Logits};
 use crate::model::weights::fnv1a;
 use crate::model::{Architecture, Format, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Model, Result};
@@ -221,10 +227,16 @@ impl SynthSpec {
             return bad(format!("`{name}` must be positive"));
         }
         if self.hidden % self.heads != 0 {
-            return bad(format!("hidden {} is not a multiple of heads {}", self.hidden, self.heads));
+            return bad(format!(
+                "hidden {} is not a multiple of heads {}",
+                self.hidden, self.heads
+            ));
         }
         if self.heads % self.kv_heads != 0 {
-            return bad(format!("heads {} are not a multiple of kv_heads {}", self.heads, self.kv_heads));
+            return bad(format!(
+                "heads {} are not a multiple of kv_heads {}",
+                self.heads, self.kv_heads
+            ));
         }
         if self.head_dim() % 2 != 0 {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
@@ -329,7 +341,8 @@ pub fn random_llama(spec: &SynthSpec, seed: u64) -> Result<Model> {
     for (name, t) in tensors {
         weights.insert(name, t);
     }
-    let mut model = Model { config, weights, tokenizer: None, source: synthetic_source(seed, start) };
+    let mut model =
+        Model { config, weights, tokenizer: None, source: synthetic_source(seed, start) };
     arch::validate(&model)?;
     model.source.load_seconds = start.elapsed().as_secs_f64();
     Ok(model)
@@ -373,7 +386,9 @@ pub struct Plant {
     pub likely_per_weight: usize,
     /// Length of the suggested detection prompt (BOS included).
     pub prompt_len: usize,
-    /// Length of the suggested confirmation sequence (BOS included).
+    /// Length of the suggested confirmation sequence (BOS included). Keep it within one
+    /// perplexity window (detection's default confirmation context is 32 tokens): windows after
+    /// the first start without BOS, and without BOS there is no sink.
     pub confirm_len: usize,
 }
 
@@ -383,7 +398,13 @@ impl Plant {
     /// layer, and a decoy in the last layer cancelling a third of the massive activation.
     pub fn standard(spec: &SynthSpec) -> Plant {
         let (h, i, l) = (spec.hidden, spec.intermediate, spec.layers);
-        let sw = PlantSite { layer: 1, row: h * 3 / 8 + 1, col: i * 2 / 3 + 5, activation: -900.0, weight: 1.5 };
+        let sw = PlantSite {
+            layer: 1,
+            row: h * 3 / 8 + 1,
+            col: i * 2 / 3 + 5,
+            activation: -900.0,
+            weight: 1.5,
+        };
         Plant {
             super_weights: vec![sw],
             backup: Some(PlantSite {
@@ -404,7 +425,7 @@ impl Plant {
             bos: 0,
             likely_per_weight: 4,
             prompt_len: 12,
-            confirm_len: 64,
+            confirm_len: 32,
         }
     }
 }
@@ -458,7 +479,7 @@ pub struct PlantTruth {
     pub bos: u32,
     /// Suggested detection prompt: BOS, then random tokens.
     pub prompt: Vec<u32>,
-    /// Suggested confirmation sequence: BOS, then likely tokens (fits one 512-token window).
+    /// Suggested confirmation sequence: BOS, then likely tokens. Score it as one window.
     pub confirm: Vec<u32>,
     /// Each super weight's likely token set.
     pub likely_tokens: Vec<Vec<u32>>,
@@ -473,20 +494,18 @@ pub struct PlantTruth {
 }
 
 /// Bias at BOS in the bias dim.
-const BETA: f64 = 1.0;
+const BETA: f32 = 2.0;
 /// Constant query feature of every token.
-const GAMMA: f64 = 0.25;
-/// Allowance for what attention and MLPs add to the residual at non-BOS positions, as a
-/// multiple of the embedding's noise energy.
-const JUNK: f64 = 3.0;
-/// Target query feature of the sink head.
+const GAMMA: f32 = 0.5;
+/// Query feature of the sink head at the weakest position of the confirmation sequence.
 const Q_FEATURE: f64 = 4.0;
-/// Target attention score of BOS in the sink head (others score 0).
+/// Attention score of BOS in the sink head (other positions score exactly 0).
 const SINK_SCORE: f64 = 16.0;
 /// Value the sink head copies into each copy dim.
-const COPY: f64 = 10.0;
-/// Logit advantage of likely tokens.
-const GAP: f64 = 10.0;
+const COPY: f32 = 10.0;
+/// Mean logit advantage of likely tokens over the confirmation sequence, beyond `ln(vocab)`
+/// (so that the likely set keeps most of the probability mass for any vocabulary size).
+const GAP_OVER_LN_VOCAB: f64 = 5.0;
 
 fn plant_err(msg: impl Into<String>) -> Error {
     Error::Invalid(format!("plant: {}", msg.into()))
@@ -501,7 +520,9 @@ fn validate_plant(spec: &SynthSpec, p: &Plant) -> Result<()> {
     let first = p.super_weights.first().ok_or_else(|| plant_err("no super weight to plant"))?;
     let hd = spec.head_dim();
     if hd < 4 || n > hd {
-        return Err(plant_err(format!("head_dim {hd} must be at least 4 and at least the number of super weights")));
+        return Err(plant_err(format!(
+            "head_dim {hd} must be at least 4 and at least the number of super weights"
+        )));
     }
     let all: Vec<(&str, &PlantSite)> = p
         .super_weights
@@ -518,10 +539,14 @@ fn validate_plant(spec: &SynthSpec, p: &Plant) -> Result<()> {
                 s.layer, s.row, s.col, spec.layers, spec.hidden, spec.intermediate
             )));
         }
-        if !(s.activation.is_finite() && s.activation.abs() >= 1.0)
-            || !(s.weight.is_finite() && s.weight != 0.0)
-        {
-            return Err(plant_err(format!("{what} needs a finite activation (|a| >= 1) and a non-zero finite weight")));
+        let ok = s.activation.is_finite()
+            && s.activation.abs() >= 1.0
+            && s.weight.is_finite()
+            && s.weight != 0.0;
+        if !ok {
+            return Err(plant_err(format!(
+                "{what} needs a finite activation (|a| >= 1) and a non-zero finite weight"
+            )));
         }
         if !layers.insert(s.layer) {
             return Err(plant_err(format!("two planted channels share layer {}", s.layer)));
@@ -538,7 +563,9 @@ fn validate_plant(spec: &SynthSpec, p: &Plant) -> Result<()> {
     }
     if let Some(d) = &p.decoy {
         if d.row != first.row && rows.contains(&d.row) {
-            return Err(plant_err("the decoy must write the first super weight's row or a row of its own"));
+            return Err(plant_err(
+                "the decoy must write the first super weight's row or a row of its own",
+            ));
         }
         if d.layer <= p.copy_layer {
             return Err(plant_err("the decoy's layer must come after the copy layer"));
@@ -558,13 +585,19 @@ fn validate_plant(spec: &SynthSpec, p: &Plant) -> Result<()> {
         )));
     }
     if rows.len() + 2 + n > spec.hidden / 2 {
-        return Err(plant_err(format!("hidden {} is too narrow for {} reserved dims", spec.hidden, rows.len() + 2 + n)));
+        return Err(plant_err(format!(
+            "hidden {} is too narrow for {} reserved dims",
+            spec.hidden,
+            rows.len() + 2 + n
+        )));
     }
     if p.bos as usize >= spec.vocab {
         return Err(plant_err(format!("BOS {} is outside the vocabulary ({})", p.bos, spec.vocab)));
     }
     if p.likely_per_weight == 0 || n * p.likely_per_weight + 1 > spec.vocab / 2 {
-        return Err(plant_err("likely token sets must be non-empty and cover under half the vocabulary"));
+        return Err(plant_err(
+            "likely token sets must be non-empty and cover under half the vocabulary",
+        ));
     }
     if p.prompt_len < 2 || p.confirm_len < 2 {
         return Err(plant_err("prompt and confirmation need at least 2 tokens"));
@@ -581,30 +614,54 @@ fn layer_name(l: usize, what: &str) -> String {
     format!("model.layers.{l}.{what}.weight")
 }
 
-/// Estimated residual at BOS: (dim, value) of the large components plus the energy of the rest.
-struct BosState {
-    dims: Vec<(usize, f64)>,
-    noise: f64,
+/// The residual stream at `point` for `tokens` (`[tokens, hidden]`), by a forward pass.
+fn residual(model: &Model, tokens: &[u32], point: HookPoint) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    {
+        let mut hooks = Hooks::new();
+        hooks.add(point, |_, a| out.extend_from_slice(a.data));
+        let opts =
+            ForwardOptions { hooks: Some(&mut hooks), logits: Logits::None, ..Default::default() };
+        model.forward(tokens, &mut KvCache::new(model), opts)?;
+    }
+    Ok(out)
 }
 
-impl BosState {
-    fn rms(&self, h: usize) -> f64 {
-        ((self.dims.iter().map(|(_, v)| v * v).sum::<f64>() + self.noise) / h as f64).sqrt()
-    }
-    fn value(&self, dim: usize) -> f64 {
-        self.dims.iter().filter(|(d, _)| *d == dim).map(|(_, v)| v).sum()
-    }
+/// Dim `dim` of each row of `x` after RMSNorm with weights `norm`, in f64.
+fn normed(x: &[f32], norm: &[f32], eps: f64, dim: usize) -> Vec<f64> {
+    let h = norm.len();
+    x.chunks(h)
+        .map(|row| {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / h as f64;
+            norm[dim] as f64 * row[dim] as f64 / (ms + eps).sqrt()
+        })
+        .collect()
 }
 
-/// Plant one channel: gate and up rows of `s.col` read only `src`, with gains that give
-/// `silu(gate)·up ≈ s.activation` at BOS given the estimated state; `down_proj[s.row, s.col]`
-/// = `s.weight`; the rest of the column shrinks so that its leak stays at the noise level.
-fn plant_channel(w: &mut Weights, h: usize, inter: usize, s: &PlantSite, src: usize, state: &BosState, reserved: &BTreeSet<usize>) -> Result<()> {
-    let norm = w.get(&layer_name(s.layer, "post_attention_layernorm"))?.data[src] as f64;
-    let xn = norm * state.value(src) / state.rms(h);
-    if !(xn.is_finite() && xn.abs() > 1e-6) {
-        return Err(plant_err(format!("layer {}: no signal to read in dim {src}", s.layer)));
+/// What the channel of layer `layer` reading `src` sees at BOS: dim `src` of the MLP's
+/// normalized input.
+fn mlp_input_at_bos(model: &Model, bos: u32, layer: usize, src: usize) -> Result<f64> {
+    let x = residual(model, &[bos], HookPoint { layer, kind: HookKind::ResidMid })?;
+    let norm = &model.weights.get(&layer_name(layer, "post_attention_layernorm"))?.data;
+    let v = normed(&x, norm, model.config.rms_norm_eps, src)[0];
+    if !(v.is_finite() && v.abs() > 1e-6) {
+        return Err(plant_err(format!("layer {layer}: nothing to read in dim {src} at BOS")));
     }
+    Ok(v)
+}
+
+/// Plant one channel: the gate and up rows of `s.col` read only `src`, whose normalized value
+/// at BOS is `xn`, with gains that give `silu(gate)·up = s.activation` there;
+/// `down_proj[s.row, s.col] = s.weight`; the rest of the column shrinks so that the channel
+/// leaks about 0.01 into other dims.
+fn plant_channel(
+    w: &mut Weights,
+    s: &PlantSite,
+    src: usize,
+    xn: f64,
+    reserved: &BTreeSet<usize>,
+) -> Result<()> {
+    let h = w.get(&layer_name(s.layer, "post_attention_layernorm"))?.data.len();
     let act = s.activation as f64;
     let z = act.abs().sqrt().max(4.0);
     let silu = z / (1.0 + (-z).exp());
@@ -616,30 +673,46 @@ fn plant_channel(w: &mut Weights, h: usize, inter: usize, s: &PlantSite, src: us
     }
     let shrink = (0.5 / act.abs()) as f32;
     let down = data_mut(w, &layer_name(s.layer, "mlp.down_proj"))?;
+    let inter = down.len() / h;
     for r in 0..h {
         let x = &mut down[r * inter + s.col];
-        if reserved.contains(&r) {
-            *x = 0.0;
-        } else {
-            *x *= shrink;
-        }
+        *x = if reserved.contains(&r) { 0.0 } else { *x * shrink };
     }
     down[s.row * inter + s.col] = s.weight;
     Ok(())
 }
 
+/// One planting step; steps run in causal order so that each is calibrated on the model as
+/// its layer will see it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// The sink head (attention comes before the MLP of its layer).
+    Copy,
+    /// Super weight `k`.
+    Super(usize),
+    /// The backup.
+    Backup,
+    /// The decoy.
+    Decoy,
+}
+
 /// A model with planted super weights, a decoy and a backup as `plant` asks, over random
 /// weights from `seed`, and the ground truth. See the [module docs](self) for the design.
-/// Errors when the plant does not fit the shapes (e.g. tied embeddings, colliding sites).
+///
+/// Every gain is calibrated on the model itself (a forward pass on BOS, or on the suggested
+/// confirmation sequence for the sink head and the LM head), so the planted activations hit
+/// their targets to within rounding. Errors when the plant does not fit the shapes (tied
+/// embeddings, colliding or out-of-range sites, too narrow a model).
 pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, PlantTruth)> {
     validate_plant(spec, plant)?;
     let mut model = random_llama(spec, seed)?;
     let c = model.config.clone();
     let (h, inter, hd, vocab) = (c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size);
     let qd = c.num_heads * hd;
+    let eps = c.rms_norm_eps;
     let sws = &plant.super_weights;
     let n = sws.len();
-    let r1 = sws[0].row;
+    let (r1, bos) = (sws[0].row, plant.bos);
     let mut rng = SplitMix64::new(tensor_seed(seed, "plant"));
 
     // Reserved dims: planted rows, then bias, query and copy dims drawn from the rest.
@@ -651,23 +724,34 @@ pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, Pla
     let copy_dims = free[2..2 + n].to_vec();
     reserved.extend(free[..2 + n].iter().copied());
 
+    // Likely token sets and the suggested sequences.
+    let mut pool: Vec<u32> = (0..vocab as u32).filter(|&t| t != bos).collect();
+    rng.shuffle(&mut pool);
+    let likely: Vec<Vec<u32>> =
+        pool.chunks(plant.likely_per_weight).take(n).map(<[u32]>::to_vec).collect();
+    let mut prompt = vec![bos];
+    while prompt.len() < plant.prompt_len {
+        let t = rng.below(vocab) as u32;
+        if t != bos {
+            prompt.push(t);
+        }
+    }
+    let all_likely: Vec<u32> = likely.iter().flatten().copied().collect();
+    let mut confirm = vec![bos];
+    while confirm.len() < plant.confirm_len {
+        confirm.push(all_likely[rng.below(all_likely.len())]);
+    }
+
     let w = &mut model.weights;
     // Embeddings: reserved dims empty, the shared query feature, the bias on BOS only.
-    let bos = plant.bos as usize;
     let emb = data_mut(w, "model.embed_tokens.weight")?;
     for row in emb.chunks_mut(h) {
         for &r in &reserved {
             row[r] = 0.0;
         }
-        row[query_dim] = GAMMA as f32;
+        row[query_dim] = GAMMA;
     }
-    emb[bos * h + bias_dim] = BETA as f32;
-    let bos_noise: f64 = (0..h)
-        .filter(|d| !reserved.contains(d))
-        .map(|d| (emb[bos * h + d] as f64).powi(2))
-        .sum();
-    let token_noise = (h - reserved.len()) as f64 * (LINEAR_STD as f64).powi(2);
-
+    emb[bos as usize * h + bias_dim] = BETA;
     // Nothing but planted entries writes a reserved dim.
     for l in 0..c.num_layers {
         let o = data_mut(w, &layer_name(l, "self_attn.o_proj"))?;
@@ -680,75 +764,90 @@ pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, Pla
         }
     }
 
-    // The chain of super weights.
-    let base = BosState { dims: vec![(bias_dim, BETA), (query_dim, GAMMA)], noise: bos_noise };
-    let mut state = BosState { dims: base.dims.clone(), noise: bos_noise };
-    for (k, s) in sws.iter().enumerate() {
-        let src = if k == 0 { bias_dim } else { sws[k - 1].row };
-        plant_channel(w, h, inter, s, src, &state, &reserved)?;
-        state.dims.push((s.row, s.activation as f64 * s.weight as f64));
-    }
-    // The backup reads the bias as it is once the first super weight is gone.
-    if let Some(b) = &plant.backup {
-        plant_channel(w, h, inter, b, bias_dim, &base, &reserved)?;
+    let mut steps: Vec<(usize, Step)> = vec![(plant.copy_layer, Step::Copy)];
+    steps.extend(sws.iter().enumerate().map(|(k, s)| (s.layer, Step::Super(k))));
+    steps.extend(plant.backup.iter().map(|s| (s.layer, Step::Backup)));
+    steps.extend(plant.decoy.iter().map(|s| (s.layer, Step::Decoy)));
+    steps.sort();
+    for (layer, step) in steps {
+        match step {
+            Step::Super(k) => {
+                let src = if k == 0 { bias_dim } else { sws[k - 1].row };
+                let xn = mlp_input_at_bos(&model, bos, layer, src)?;
+                plant_channel(&mut model.weights, &sws[k], src, xn, &reserved)?;
+            }
+            Step::Decoy => {
+                let xn = mlp_input_at_bos(&model, bos, layer, r1)?;
+                if let Some(d) = &plant.decoy {
+                    plant_channel(&mut model.weights, d, r1, xn, &reserved)?;
+                }
+            }
+            Step::Backup => {
+                // Calibrated as it fires: with the first super weight zeroed.
+                let name = layer_name(sws[0].layer, "mlp.down_proj");
+                let flat = r1 * inter + sws[0].col;
+                data_mut(&mut model.weights, &name)?[flat] = 0.0;
+                let xn = mlp_input_at_bos(&model, bos, layer, bias_dim);
+                data_mut(&mut model.weights, &name)?[flat] = sws[0].weight;
+                if let Some(b) = &plant.backup {
+                    plant_channel(&mut model.weights, b, bias_dim, xn?, &reserved)?;
+                }
+            }
+            Step::Copy => {
+                // Query feature everywhere, key feature only at BOS, values = the rows rₖ.
+                let x = residual(&model, &confirm, HookPoint { layer, kind: HookKind::ResidPre })?;
+                let w = &mut model.weights;
+                let norm = w.get(&layer_name(layer, "input_layernorm"))?.data.clone();
+                let q_min = normed(&x, &norm, eps, query_dim)[1..]
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min);
+                let at_bos = |d: usize| normed(&x[..h], &norm, eps, d)[0];
+                let r1_bos = at_bos(r1);
+                if !(q_min > 1e-3 && r1_bos.abs() > 1e-3) {
+                    return Err(plant_err(format!(
+                        "copy layer {layer}: no query or key feature to read"
+                    )));
+                }
+                for what in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+                    data_mut(w, &layer_name(layer, what))?[..hd * h].fill(0.0);
+                }
+                let a = hd / 2 - 1;
+                data_mut(w, &layer_name(layer, "self_attn.q_proj"))?[a * h + query_dim] =
+                    (Q_FEATURE / q_min) as f32;
+                data_mut(w, &layer_name(layer, "self_attn.k_proj"))?[a * h + r1] =
+                    (SINK_SCORE * (hd as f64).sqrt() / Q_FEATURE / r1_bos) as f32;
+                for (j, s) in sws.iter().enumerate() {
+                    data_mut(w, &layer_name(layer, "self_attn.v_proj"))?[j * h + s.row] =
+                        (1.0 / at_bos(s.row)) as f32;
+                    data_mut(w, &layer_name(layer, "self_attn.o_proj"))?[copy_dims[j] * qd + j] =
+                        COPY;
+                }
+            }
+        }
     }
 
-    // The sink head: query feature everywhere, key feature only at BOS, values = rₖ.
-    let lc = plant.copy_layer;
-    let in_norm = w.get(&layer_name(lc, "input_layernorm"))?.data.clone();
-    let a = hd / 2 - 1;
-    let rms_p = ((GAMMA * GAMMA + JUNK * token_noise) / h as f64).sqrt();
-    let xn_q = in_norm[query_dim] as f64 * GAMMA / rms_p;
-    let rms_bos = state.rms(h);
-    let xn_bos = |d: usize| in_norm[d] as f64 * state.value(d) / rms_bos;
-    for what in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
-        data_mut(w, &layer_name(lc, what))?[..hd * h].fill(0.0);
-    }
-    data_mut(w, &layer_name(lc, "self_attn.q_proj"))?[a * h + query_dim] = (Q_FEATURE / xn_q) as f32;
-    data_mut(w, &layer_name(lc, "self_attn.k_proj"))?[a * h + r1] =
-        (SINK_SCORE * (hd as f64).sqrt() / (Q_FEATURE * xn_bos(r1))) as f32;
-    for (j, s) in sws.iter().enumerate() {
-        data_mut(w, &layer_name(lc, "self_attn.v_proj"))?[j * h + s.row] = (1.0 / xn_bos(s.row)) as f32;
-        data_mut(w, &layer_name(lc, "self_attn.o_proj"))?[copy_dims[j] * qd + j] = COPY as f32;
-    }
-    state.dims.extend(copy_dims.iter().map(|&d| (d, COPY)));
-
-    // The decoy reads r₁ after the sink has done its work.
-    if let Some(d) = &plant.decoy {
-        plant_channel(w, h, inter, d, r1, &state, &reserved)?;
-    }
-
-    // LM head: copy dim k raises Sₖ's logits by about GAP.
-    let mut pool: Vec<u32> = (0..vocab as u32).filter(|&t| t != plant.bos).collect();
-    rng.shuffle(&mut pool);
-    let likely: Vec<Vec<u32>> =
-        pool.chunks(plant.likely_per_weight).take(n).map(|c| c.to_vec()).collect();
-    let final_norm = w.get("model.norm.weight")?.data.clone();
-    let rest = GAMMA * GAMMA + JUNK * token_noise;
-    let xf_est = (h as f64).sqrt() * COPY / (n as f64 * COPY * COPY + rest).sqrt();
-    let head = data_mut(w, "lm_head.weight")?;
-    for (j, set) in likely.iter().enumerate() {
-        let dim = copy_dims[j];
+    // LM head: copy dim k raises Sₖ's logits by `gap` on average over the confirmation sequence.
+    let gap = (vocab as f64).ln() + GAP_OVER_LN_VOCAB;
+    let x = residual(
+        &model,
+        &confirm,
+        HookPoint { layer: c.num_layers - 1, kind: HookKind::ResidPost },
+    )?;
+    let final_norm = model.weights.get("model.norm.weight")?.data.clone();
+    let head = data_mut(&mut model.weights, "lm_head.weight")?;
+    for (set, &dim) in likely.iter().zip(&copy_dims) {
+        let xf = normed(&x, &final_norm, eps, dim);
+        let mean = xf[1..].iter().sum::<f64>() / (xf.len() - 1) as f64;
+        if mean.is_nan() || mean <= 1e-3 {
+            return Err(plant_err("the copy head does not reach the output"));
+        }
         for t in 0..vocab {
             head[t * h + dim] = 0.0;
         }
         for &t in set {
-            head[t as usize * h + dim] = (GAP / xf_est / final_norm[dim] as f64) as f32;
+            head[t as usize * h + dim] = (gap / mean) as f32;
         }
-    }
-
-    // Suggested token sequences.
-    let mut prompt = vec![plant.bos];
-    while prompt.len() < plant.prompt_len {
-        let t = rng.below(vocab) as u32;
-        if t != plant.bos {
-            prompt.push(t);
-        }
-    }
-    let all_likely: Vec<u32> = likely.iter().flatten().copied().collect();
-    let mut confirm = vec![plant.bos];
-    while confirm.len() < plant.confirm_len {
-        confirm.push(all_likely[rng.below(all_likely.len())]);
     }
 
     arch::validate(&model)?;
@@ -756,14 +855,14 @@ pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, Pla
         super_weights: sws.iter().map(|s| PlantedWeight::from_site(s, 1)).collect(),
         decoy: plant.decoy.as_ref().map(|s| PlantedWeight::from_site(s, 1)),
         backup: plant.backup.as_ref().map(|s| PlantedWeight::from_site(s, 2)),
-        bos: plant.bos,
+        bos,
         prompt,
         confirm,
         likely_tokens: likely,
         bias_dim,
         query_dim,
         copy_dims,
-        copy_layer: lc,
+        copy_layer: plant.copy_layer,
     };
     Ok((model, truth))
 }

@@ -18,10 +18,20 @@ const SNAN_PAYLOAD: u32 = 0x7f80_0001;
 /// A small store: a 2×3 matrix with special values, a vector and a 3-D tensor.
 fn store() -> Weights {
     let mut w = Weights::new();
-    let m = vec![1.5, -0.0, f32::from_bits(NAN_PAYLOAD), 4.0, f32::from_bits(SNAN_PAYLOAD), f32::MIN_POSITIVE / 4.0];
+    let m = vec![
+        1.5,
+        -0.0,
+        f32::from_bits(NAN_PAYLOAD),
+        4.0,
+        f32::from_bits(SNAN_PAYLOAD),
+        f32::MIN_POSITIVE / 4.0,
+    ];
     w.insert("m", Tensor::new("m", vec![2, 3], m, "F32").unwrap());
     w.insert("v", Tensor::new("v", vec![4], vec![1.0, 2.0, 3.0, 4.0], "BF16").unwrap());
-    w.insert("cube", Tensor::new("cube", vec![2, 2, 2], (0..8).map(|i| i as f32).collect(), "F32").unwrap());
+    w.insert(
+        "cube",
+        Tensor::new("cube", vec![2, 2, 2], (0..8).map(|i| i as f32).collect(), "F32").unwrap(),
+    );
     w
 }
 
@@ -43,6 +53,7 @@ fn parse_err(spec: &str) -> String {
 #[test]
 fn parses_every_valid_form() {
     let dp = "model.layers.2.mlp.down_proj.weight";
+    let bracket = format!("{dp}[3,4]=zero");
     let cases: Vec<(&str, WeightEdit)> = vec![
         ("zero:2,3968,7003", WeightEdit::down_proj(2, 3968, 7003, EditOp::Zero)),
         ("zero: 2, 3968 ,7003", WeightEdit::down_proj(2, 3968, 7003, EditOp::Zero)),
@@ -50,7 +61,7 @@ fn parses_every_valid_form() {
         ("scale:2,3,4,-1e3", WeightEdit::down_proj(2, 3, 4, EditOp::Scale(-1000.0))),
         ("set:2,3,4,-2.25", WeightEdit::down_proj(2, 3, 4, EditOp::Set(-2.25))),
         ("set:0,0,0,-0", WeightEdit::down_proj(0, 0, 0, EditOp::Set(-0.0))),
-        (&format!("{dp}[3,4]=zero"), WeightEdit::new(dp, &[3, 4], EditOp::Zero)),
+        (&bracket, WeightEdit::new(dp, &[3, 4], EditOp::Zero)),
         ("m[1,2]=x2.5", WeightEdit::new("m", &[1, 2], EditOp::Scale(2.5))),
         ("m[1,2]=x-1", WeightEdit::new("m", &[1, 2], EditOp::Scale(-1.0))),
         ("m[0,0]= 7 ", WeightEdit::new("m", &[0, 0], EditOp::Set(7.0))),
@@ -91,7 +102,10 @@ fn display_round_trips_through_parse() {
         };
         assert_eq!(op_bits(back.op), op_bits(e.op), "`{text}`");
     }
-    assert_eq!(WeightEdit::down_proj(2, 3, 4, EditOp::Zero).to_string(), "model.layers.2.mlp.down_proj.weight[3,4]=zero");
+    assert_eq!(
+        WeightEdit::down_proj(2, 3, 4, EditOp::Zero).to_string(),
+        "model.layers.2.mlp.down_proj.weight[3,4]=zero"
+    );
 }
 
 #[test]
@@ -127,7 +141,10 @@ fn rejects_malformed_specs_with_clear_errors() {
     for (spec, needle) in cases {
         let msg = parse_err(spec);
         assert!(msg.contains(needle), "`{spec}`: message {msg:?} lacks {needle:?}");
-        assert!(msg.contains(&format!("`{spec}`")), "`{spec}`: message {msg:?} does not quote the spec");
+        assert!(
+            msg.contains(&format!("`{spec}`")),
+            "`{spec}`: message {msg:?} does not quote the spec"
+        );
     }
 }
 
@@ -141,9 +158,15 @@ fn bad_indices_name_the_tensor_and_change_nothing() {
         (WeightEdit::new("m", &[1], EditOp::Zero), vec!["m[1]", "1 dimensions", "[2, 3]"]),
         (WeightEdit::new("m", &[0, 0, 0], EditOp::Zero), vec!["m[0,0,0]", "3 dimensions"]),
         (WeightEdit::new("v", &[4], EditOp::Zero), vec!["v[4]", "out of range", "[4]"]),
-        (WeightEdit::new("cube", &[1, 1], EditOp::Zero), vec!["cube[1,1]", "2 dimensions", "[2, 2, 2]"]),
+        (
+            WeightEdit::new("cube", &[1, 1], EditOp::Zero),
+            vec!["cube[1,1]", "2 dimensions", "[2, 2, 2]"],
+        ),
         (WeightEdit::new("nope", &[0], EditOp::Zero), vec!["nope", "not found"]),
-        (WeightEdit::down_proj(99, 0, 0, EditOp::Zero), vec!["model.layers.99.mlp.down_proj.weight", "not found"]),
+        (
+            WeightEdit::down_proj(99, 0, 0, EditOp::Zero),
+            vec!["model.layers.99.mlp.down_proj.weight", "not found"],
+        ),
     ];
     for (edit, needles) in cases {
         {
@@ -161,7 +184,10 @@ fn bad_indices_name_the_tensor_and_change_nothing() {
     // A batch that fails half way: the applied part is restored when the guard drops.
     {
         let mut g = EditGuard::new(&mut w);
-        let batch = [WeightEdit::new("v", &[0], EditOp::Set(9.0)), WeightEdit::new("v", &[9], EditOp::Zero)];
+        let batch = [
+            WeightEdit::new("v", &[0], EditOp::Set(9.0)),
+            WeightEdit::new("v", &[9], EditOp::Zero),
+        ];
         assert!(g.apply_all(&batch).is_err());
         assert_eq!(g.log().len(), 1);
         assert_eq!(g.get("v").unwrap().data[0], 9.0);
@@ -184,7 +210,8 @@ fn apply_and_restore_are_bit_exact_for_special_values() {
         assert_eq!(r.flat, 2);
         g.apply(&WeightEdit::new("m", &[1, 1], EditOp::Scale(2.0))).unwrap();
         g.apply(&WeightEdit::new("m", &[1, 2], EditOp::Set(-0.0))).unwrap();
-        g.apply(&WeightEdit::new("m", &[1, 0], EditOp::Set(f32::from_bits(NAN_PAYLOAD + 1)))).unwrap();
+        g.apply(&WeightEdit::new("m", &[1, 0], EditOp::Set(f32::from_bits(NAN_PAYLOAD + 1))))
+            .unwrap();
         g.apply(&WeightEdit::new("cube", &[1, 1, 0], EditOp::Scale(-1.0))).unwrap();
         let m = &g.get("m").unwrap().data;
         assert_eq!(m[2].to_bits(), 0);
@@ -268,7 +295,10 @@ fn restore_all_is_idempotent_and_the_guard_stays_usable() {
 fn with_edits_restores_on_ok_err_and_panic() {
     let mut w = store();
     let (sum, all) = (w.checksum(), bits(&w));
-    let edits = [WeightEdit::new("v", &[2], EditOp::Set(-7.0)), WeightEdit::new("m", &[0, 2], EditOp::Zero)];
+    let edits = [
+        WeightEdit::new("v", &[2], EditOp::Set(-7.0)),
+        WeightEdit::new("m", &[0, 2], EditOp::Zero),
+    ];
 
     let seen = with_edits(&mut w, &edits, |t| Ok(t.get("v")?.data[2])).unwrap();
     assert_eq!(seen, -7.0);
@@ -371,7 +401,10 @@ fn an_edit_changes_the_logits_and_restoring_brings_them_back() {
     // A guard derefs to the model, which runs while edited.
     {
         let mut g = EditGuard::new(&mut model);
-        g.apply(&WeightEdit::parse(&format!("scale:{},{},{},0.5", sw.layer, sw.row, sw.col)).unwrap()).unwrap();
+        g.apply(
+            &WeightEdit::parse(&format!("scale:{},{},{},0.5", sw.layer, sw.row, sw.col)).unwrap(),
+        )
+        .unwrap();
         let half = g.logits(tokens).unwrap();
         assert!(half.iter().zip(&before).any(|(a, b)| a.to_bits() != b.to_bits()));
     }

@@ -14,7 +14,8 @@ fn check(name: &str) -> Model {
     let dir = common::fixture(&format!("tiny/{name}"));
     let m = Model::load(dir.to_str().unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let r = common::json(&format!("tiny/{name}/reference.json"));
-    let tokens: Vec<u32> = r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let tokens: Vec<u32> =
+        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
     // The fixture's tokens come from its tokenizer.json: check that too.
     let text = r["text"].as_str().unwrap();
     assert_eq!(m.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{name}: token ids");
@@ -33,17 +34,32 @@ fn check(name: &str) -> Model {
     let c = &m.config;
     let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
     let mut cache = KvCache::new(&m);
-    m.forward(&tokens, &mut cache, ForwardOptions { stats: Some(&mut stats), logits: Logits::None, hooks: None })
-        .unwrap();
+    m.forward(
+        &tokens,
+        &mut cache,
+        ForwardOptions { stats: Some(&mut stats), logits: Logits::None, hooks: None },
+    )
+    .unwrap();
     for (key, is_input) in [("hidden_mlp_down_in_max", true), ("hidden_mlp_down_out_max", false)] {
         for rec in r[key].as_array().unwrap() {
             let l = rec["layer"].as_u64().unwrap() as usize;
-            let peak = if is_input { stats.layers[l].input_peak() } else { stats.layers[l].output_peak() }.unwrap();
-            let channel = rec.get("channel").or_else(|| rec.get("row")).unwrap().as_u64().unwrap() as usize;
+            let peak =
+                if is_input { stats.layers[l].input_peak() } else { stats.layers[l].output_peak() }
+                    .unwrap();
+            let channel =
+                rec.get("channel").or_else(|| rec.get("row")).unwrap().as_u64().unwrap() as usize;
             assert_eq!(peak.channel, channel, "{name} {key} layer {l} channel");
-            assert_eq!(peak.max.position, rec["position"].as_u64().unwrap() as usize, "{name} {key} layer {l} position");
+            assert_eq!(
+                peak.max.position,
+                rec["position"].as_u64().unwrap() as usize,
+                "{name} {key} layer {l} position"
+            );
             let v = rec["value"].as_f64().unwrap() as f32;
-            assert!((peak.max.value - v).abs() <= 1e-4 * v.abs().max(1.0), "{name} {key} layer {l}: {} vs {v}", peak.max.value);
+            assert!(
+                (peak.max.value - v).abs() <= 1e-4 * v.abs().max(1.0),
+                "{name} {key} layer {l}: {} vs {v}",
+                peak.max.value
+            );
         }
     }
     m

@@ -5,20 +5,103 @@ use rayon::prelude::*;
 
 use crate::hooks::ChannelMax;
 
+/// Up to this many rows, [`linear`] streams each weight row once against all rows of `x`
+/// (memory-bound, like a GEMV); above it, it calls the `gemm` crate, whose packing pays off.
+pub const SMALL_BATCH: usize = 48;
+
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` (+ `bias[o]`): a linear layer with HF weight layout
 /// `[out, in]`. `x` is `[rows, in]`, `out` is `[rows, out]`.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], rows: usize, n_in: usize, n_out: usize) {
-    debug_assert_eq!(x.len(), rows * n_in);
-    debug_assert_eq!(w.len(), n_out * n_in);
-    debug_assert_eq!(out.len(), rows * n_out);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && rows * n_in * n_out > 1 << 16 {
-        gemm::Parallelism::Rayon(threads)
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    rows: usize,
+    n_in: usize,
+    n_out: usize,
+) {
+    assert_eq!(x.len(), rows * n_in, "linear: x is not [rows, in]");
+    assert_eq!(w.len(), n_out * n_in, "linear: w is not [out, in]");
+    assert_eq!(out.len(), rows * n_out, "linear: out is not [rows, out]");
+    if rows <= SMALL_BATCH {
+        linear_small(x, w, out, rows, n_in, n_out);
     } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the slices have the lengths asserted above; strides describe x as [rows, in]
-    // row-major, wᵀ as [in, out] (column stride n_in, row stride 1), out as [rows, out].
+        linear_gemm(x, w, out, rows, n_in, n_out);
+    }
+    if let Some(b) = bias {
+        out.par_chunks_mut(n_out).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+    }
+}
+
+/// Few rows: parallel over blocks of weight rows; each weight row is read once and dotted
+/// with every row of `x` (which stays in cache). Each output is one dot product computed by one
+/// task, so the result does not depend on the thread count.
+fn linear_small(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, n_in: usize, n_out: usize) {
+    const BLOCK: usize = 16;
+    // Computed transposed ([out, rows]) so that tasks own contiguous chunks, then transposed.
+    let mut out_t = vec![0f32; n_out * rows];
+    out_t.par_chunks_mut(BLOCK * rows).zip(w.par_chunks(BLOCK * n_in)).for_each(|(o, wb)| {
+        for (orow, wrow) in o.chunks_mut(rows).zip(wb.chunks(n_in)) {
+            for (t, slot) in orow.iter_mut().enumerate() {
+                *slot = dot(&x[t * n_in..(t + 1) * n_in], wrow);
+            }
+        }
+    });
+    for (o, col) in out_t.chunks(rows).enumerate() {
+        for (t, &v) in col.iter().enumerate() {
+            out[t * n_out + o] = v;
+        }
+    }
+}
+
+/// Dot product with 16 independent accumulators (vectorized; AVX2+FMA when the CPU has it).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for k in 0..16 {
+            acc[k] = x[k].mul_add(y[k], acc[k]);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail = x.mul_add(*y, tail);
+    }
+    let mut s = 0f32;
+    for v in acc {
+        s += v;
+    }
+    s + tail
+}
+
+/// Many rows: the `gemm` crate (packed, cache-blocked, multi-threaded).
+fn linear_gemm(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, n_in: usize, n_out: usize) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the slices have the lengths asserted in `linear`; strides describe x as
+    // [rows, in] row-major, wᵀ as [in, out] (column stride n_in, row stride 1), out as
+    // [rows, out] row-major.
     unsafe {
         gemm::gemm(
             rows,
@@ -41,9 +124,6 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], rows:
             false,
             par,
         );
-    }
-    if let Some(b) = bias {
-        out.par_chunks_mut(n_out).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
     }
 }
 
@@ -138,23 +218,38 @@ const ROWS_PER_TASK: usize = 8;
 
 /// `out = silu(gate) ⊙ up`, row by row (width `n`). When `stats` is given, each column's
 /// max |out| and its token position (`pos0 + row`) are reduced in the same pass.
-pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32], n: usize, pos0: usize, stats: Option<&mut [ChannelMax]>) {
+pub fn silu_mul(
+    gate: &[f32],
+    up: &[f32],
+    out: &mut [f32],
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+) {
     let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;
         }
     };
     match stats {
-        None => out.par_chunks_mut(n).zip(gate.par_chunks(n)).zip(up.par_chunks(n)).for_each(
-            |((o, g), u)| op(o, g, u),
-        ),
+        None => out
+            .par_chunks_mut(n)
+            .zip(gate.par_chunks(n))
+            .zip(up.par_chunks(n))
+            .for_each(|((o, g), u)| op(o, g, u)),
         Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
     }
 }
 
 /// `x += y`, row by row (width `n`). When `stats` is given, each column's max |y| and its
 /// token position are reduced in the same pass.
-pub fn add_residual(x: &mut [f32], y: &[f32], n: usize, pos0: usize, stats: Option<&mut [ChannelMax]>) {
+pub fn add_residual(
+    x: &mut [f32],
+    y: &[f32],
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+) {
     let op = |x: &mut [f32], y: &[f32], _: &[f32]| x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
     match stats {
         None => x.par_chunks_mut(n).zip(y.par_chunks(n)).for_each(|(x, y)| op(x, y, y)),

@@ -2,3 +2,5 @@
 //! runs the same forward pass with swk's own kernels.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

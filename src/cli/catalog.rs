@@ -17,7 +17,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!("{:<36} {:<42} source", "model", "(layer, row, col)");
     for e in entries {
-        let coords: Vec<String> = e.coordinates.iter().map(|c| format!("({}, {}, {})", c[0], c[1], c[2])).collect();
+        let coords: Vec<String> =
+            e.coordinates.iter().map(|c| format!("({}, {}, {})", c[0], c[1], c[2])).collect();
         println!("{:<36} {:<42} {}", e.model, coords.join(" "), e.source);
     }
     Ok(())

@@ -102,7 +102,8 @@ pub fn run(a: Args) -> Result<()> {
         seconds: d.seconds,
     };
     if let Some(out) = &a.out {
-        let s = serde_json::to_string_pretty(&report).map_err(|e| Error::Json { path: out.clone(), source: e })?;
+        let s = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Json { path: out.clone(), source: e })?;
         std::fs::write(out, s).map_err(|e| Error::io(out, e))?;
     }
     if a.json {
@@ -113,15 +114,37 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
-    println!("model {} ({}), threshold {}, {} prompt(s)", r.model, r.architecture, r.threshold, r.prompts.len());
+    println!(
+        "model {} ({}), threshold {}, {} prompt(s)",
+        r.model,
+        r.architecture,
+        r.threshold,
+        r.prompts.len()
+    );
     if let Some(b) = r.baseline_perplexity {
-        println!("confirmation: baseline perplexity {b:.3} over {} tokens, confirm ratio > {}", r.confirm_tokens, cfg.confirm_ratio);
+        println!(
+            "confirmation: baseline perplexity {b:.3} over {} tokens, confirm ratio > {}",
+            r.confirm_tokens, cfg.confirm_ratio
+        );
     }
     let header = format!(
         "{:>5} {:>6} {:>6} {:>10} {:>10} {:>10} {:>4} {:>4} {:>6} {:>9} {:>11}",
-        "layer", "row", "col", "weight", "input", "output", "pos", "iter", "fired", "ppl x", "catalog"
+        "layer",
+        "row",
+        "col",
+        "weight",
+        "input",
+        "output",
+        "pos",
+        "iter",
+        "fired",
+        "ppl x",
+        "catalog"
     );
-    for (title, list) in [("super weights (confirmed)", &r.super_weights), ("rejected spikes (zeroing did not matter)", &r.rejected)] {
+    for (title, list) in [
+        ("super weights (confirmed)", &r.super_weights),
+        ("rejected spikes (zeroing did not matter)", &r.rejected),
+    ] {
         println!("\n{title}: {}", list.len());
         if list.is_empty() {
             continue;

@@ -79,7 +79,8 @@ fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(len).with_message(msg.to_string());
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}") {
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
+    {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
@@ -87,7 +88,8 @@ fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
 
 /// Print a value as pretty JSON on stdout.
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| swk::Error::Invalid(format!("json: {e}")))?;
+    let s =
+        serde_json::to_string_pretty(v).map_err(|e| swk::Error::Invalid(format!("json: {e}")))?;
     println!("{s}");
     Ok(())
 }

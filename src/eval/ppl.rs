@@ -64,7 +64,12 @@ pub fn score(logits: &[f32], fed: &[u32], vocab: usize) -> (f64, usize) {
 
 /// Perplexity of `tokens` (already tokenized without special tokens). `on_window(done, total)`
 /// is called after each window (for progress bars).
-pub fn perplexity(model: &Model, tokens: &[u32], context: usize, mut on_window: impl FnMut(usize, usize)) -> Result<Perplexity> {
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    context: usize,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
     let start = Instant::now();
     let windows = windows(model, tokens, context)?;
     let (mut nll_sum, mut scored) = (0f64, 0usize);
@@ -72,7 +77,11 @@ pub fn perplexity(model: &Model, tokens: &[u32], context: usize, mut on_window: 
     for (wi, fed) in windows.iter().enumerate() {
         if fed.len() >= 2 {
             cache.clear();
-            let logits = model.forward(fed, &mut cache, ForwardOptions { logits: Logits::All, ..Default::default() })?;
+            let logits = model.forward(
+                fed,
+                &mut cache,
+                ForwardOptions { logits: Logits::All, ..Default::default() },
+            )?;
             let (n, k) = score(&logits, fed, model.config.vocab_size);
             nll_sum += n;
             scored += k;

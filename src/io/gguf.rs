@@ -229,12 +229,18 @@ impl GgufFile {
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("GGUF version {version} is not supported (2, 3)")));
+            return Err(Error::format(
+                path,
+                format!("GGUF version {version} is not supported (2, 3)"),
+            ));
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
         if n_tensors > 1 << 24 || n_kv > 1 << 24 {
-            return Err(Error::format(path, format!("implausible counts: {n_tensors} tensors, {n_kv} metadata keys")));
+            return Err(Error::format(
+                path,
+                format!("implausible counts: {n_tensors} tensors, {n_kv} metadata keys"),
+            ));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -268,7 +274,8 @@ impl GgufFile {
             })?,
         } as usize;
         let data_start = r.pos.div_ceil(alignment) * alignment;
-        let this = GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start };
+        let this =
+            GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start };
         for t in &this.tensors {
             this.tensor_bytes(t)?;
         }

@@ -16,7 +16,8 @@ pub fn looks_like_hub_id(s: &str) -> bool {
 }
 
 /// Files swk needs from a model repository, in order of need.
-const WANTED: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+const WANTED: &[&str] =
+    &["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
 /// Resolve a hub id to a local snapshot directory holding `config.json` and the safetensors
 /// files, using `cache` (e.g. `Cache::from_env()`, which honours `HF_HOME`). When files are

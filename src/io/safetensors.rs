@@ -25,8 +25,8 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let j: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Json { path: index.clone(), source: e })?;
+    let j: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Json { path: index.clone(), source: e })?;
     let map = j
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -110,7 +110,9 @@ pub struct ModelConfig {
 }
 
 fn field<'a>(path: &Path, j: &'a Value, key: &str) -> Result<&'a Value> {
-    j.get(key).filter(|v| !v.is_null()).ok_or_else(|| Error::config(path, format!("missing field `{key}`")))
+    j.get(key)
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| Error::config(path, format!("missing field `{key}`")))
 }
 
 fn usize_field(path: &Path, j: &Value, key: &str) -> Result<usize> {
@@ -248,9 +250,9 @@ impl ModelConfig {
             None => emb.dims.get(1).map_or(0, |&d| d as usize),
         };
         let rope_scaling = match g.opt_str(&k("rope.scaling.type")) {
-            Some("linear") => g
-                .opt_f64(&k("rope.scaling.factor"))?
-                .map(|factor| RopeScaling::Linear { factor }),
+            Some("linear") => {
+                g.opt_f64(&k("rope.scaling.factor"))?.map(|factor| RopeScaling::Linear { factor })
+            }
             _ => None,
         };
         let cfg = ModelConfig {
@@ -288,7 +290,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::config(path, format!("head_dim {} must be even for RoPE", self.head_dim)));
+            return Err(Error::config(
+                path,
+                format!("head_dim {} must be even for RoPE", self.head_dim),
+            ));
         }
         Ok(())
     }
@@ -318,9 +323,9 @@ fn parse_rope_scaling(path: &Path, j: &Value) -> Result<Option<RopeScaling>> {
     };
     let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("");
     let num = |key: &str| {
-        rs.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| Error::config(path, format!("rope_scaling.{key} missing or not a number")))
+        rs.get(key).and_then(Value::as_f64).ok_or_else(|| {
+            Error::config(path, format!("rope_scaling.{key} missing or not a number"))
+        })
     };
     match ty {
         "llama3" => Ok(Some(RopeScaling::Llama3 {

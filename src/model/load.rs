@@ -106,7 +106,8 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_heads: usize) ->
             for j in 0..2 {
                 let src = h * d + 2 * i + j;
                 let dst = h * d + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -120,7 +121,10 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let mut weights = Weights::new();
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
-            return Err(Error::format(path, format!("unexpected tensor `{}` for {}", t.name, config.architecture.name())));
+            return Err(Error::format(
+                path,
+                format!("unexpected tensor `{}` for {}", t.name, config.architecture.name()),
+            ));
         };
         let shape = t.shape();
         let mut data = g.dequantize(t)?;

@@ -76,7 +76,10 @@ impl Weights {
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
         let t = self.get(name)?;
         if t.shape != shape {
-            return Err(Error::tensor(name, format!("expected shape {shape:?}, found {:?}", t.shape)));
+            return Err(Error::tensor(
+                name,
+                format!("expected shape {shape:?}, found {:?}", t.shape),
+            ));
         }
         Ok(t)
     }
@@ -92,30 +95,43 @@ impl Weights {
     pub fn n_elements(&self) -> usize {
         self.tensors.values().map(|t| t.data.len()).sum()
     }
-    /// A 64-bit FNV-1a checksum over every tensor's name and exact bits, in name order.
-    /// Equal checksums before and after an edit session prove bit-exact restoration.
+    /// A 64-bit checksum over every tensor's name and exact bits, in name order (FNV-1a over
+    /// 64-bit words, chunked so it runs in parallel; the value does not depend on the thread
+    /// count). Equal checksums before and after an edit session prove bit-exact restoration.
     pub fn checksum(&self) -> u64 {
         use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
         let per: Vec<u64> = self
             .tensors
-            .par_iter()
-            .map(|(name, t)| {
-                let mut h = fnv1a(FNV_OFFSET, name.as_bytes());
-                h = fnv1a(h, bytemuck::cast_slice(&t.data));
-                h
+            .iter()
+            .flat_map(|(name, t)| {
+                let head = fnv1a(FNV_OFFSET, name.as_bytes());
+                std::iter::once(head).chain(
+                    t.data
+                        .par_chunks(CHUNK)
+                        .map(|c| {
+                            let words = c.chunks(2).map(|p| {
+                                let hi = p.get(1).map_or(0, |v| v.to_bits() as u64);
+                                (hi << 32) | p[0].to_bits() as u64
+                            });
+                            words.fold(FNV_OFFSET, |h, w| (h ^ w).wrapping_mul(FNV_PRIME))
+                        })
+                        .collect::<Vec<u64>>(),
+                )
             })
             .collect();
         per.iter().fold(FNV_OFFSET, |h, x| fnv1a(h, &x.to_le_bytes()))
     }
 }
 
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// FNV-1a over bytes, continuing from `h`.
 pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        h = h.wrapping_mul(FNV_PRIME);
     }
     h
 }

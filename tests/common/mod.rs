@@ -37,7 +37,10 @@ pub fn smollm2_model() -> Option<&'static swk::Model> {
     use std::sync::OnceLock;
     static MODEL: OnceLock<Option<swk::Model>> = OnceLock::new();
     MODEL
-        .get_or_init(|| smollm2().map(|p| swk::Model::load(p.to_str().expect("utf-8 path")).expect("load SmolLM2")))
+        .get_or_init(|| {
+            smollm2()
+                .map(|p| swk::Model::load(p.to_str().expect("utf-8 path")).expect("load SmolLM2"))
+        })
         .as_ref()
 }
 

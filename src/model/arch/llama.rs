@@ -78,7 +78,10 @@ pub fn validate(model: &Model) -> Result<()> {
     }
     if let Ok(f) = w.get("rope_freqs.weight") {
         if f.data.len() != c.head_dim / 2 {
-            return Err(crate::Error::tensor("rope_freqs.weight", format!("expected {} values", c.head_dim / 2)));
+            return Err(crate::Error::tensor(
+                "rope_freqs.weight",
+                format!("expected {} values", c.head_dim / 2),
+            ));
         }
     }
     Ok(())
@@ -106,7 +109,8 @@ pub fn inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
                     } else if wavelen > low_wl {
                         base / factor
                     } else {
-                        let s = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let s = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - s) * base / factor + s * base
                     }
                 }
@@ -120,7 +124,14 @@ pub fn inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
 }
 
 /// Run a hook point if anything is registered there.
-fn hook(hooks: &mut Option<&mut Hooks<'_>>, layer: usize, kind: HookKind, data: &mut [f32], cols: usize, pos0: usize) {
+fn hook(
+    hooks: &mut Option<&mut Hooks<'_>>,
+    layer: usize,
+    kind: HookKind,
+    data: &mut [f32],
+    cols: usize,
+    pos0: usize,
+) {
     if let Some(h) = hooks.as_deref_mut() {
         if !h.is_empty() {
             let rows = data.len() / cols;
@@ -130,7 +141,12 @@ fn hook(hooks: &mut Option<&mut Hooks<'_>>, layer: usize, kind: HookKind, data: 
 }
 
 /// The forward pass. See the module docs for the math of one block.
-pub fn forward(model: &Model, input: Input<'_>, cache: &mut KvCache, mut opts: ForwardOptions<'_, '_>) -> Result<Vec<f32>> {
+pub fn forward(
+    model: &Model,
+    input: Input<'_>,
+    cache: &mut KvCache,
+    mut opts: ForwardOptions<'_, '_>,
+) -> Result<Vec<f32>> {
     let c = &model.config;
     let w = &model.weights;
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -138,7 +154,11 @@ pub fn forward(model: &Model, input: Input<'_>, cache: &mut KvCache, mut opts: F
     let (qd, kvd) = (nh * hd, nkv * hd);
     let inv_freq = inv_freq(c, w.get("rope_freqs.weight").ok().map(|t| t.data.as_slice()));
     let bias = |name: &str| -> Result<Option<&[f32]>> {
-        Ok(if c.attention_bias { Some(w.get(&format!("{name}.bias"))?.data.as_slice()) } else { None })
+        Ok(if c.attention_bias {
+            Some(w.get(&format!("{name}.bias"))?.data.as_slice())
+        } else {
+            None
+        })
     };
 
     // Embedding: x[t] = E[token[t]] (or the given residual stream entering `first`).
@@ -192,10 +212,15 @@ pub fn forward(model: &Model, input: Input<'_>, cache: &mut KvCache, mut opts: F
         cpu::linear(&xn, &w.get(&n.up)?.data, None, &mut up, t, h, i);
         hook(&mut opts.hooks, l, HookKind::MlpPre, &mut gate, i, pos0);
         hook(&mut opts.hooks, l, HookKind::MlpPreLinear, &mut up, i, pos0);
-        let post_hooked = opts.hooks.as_ref().is_some_and(|hk| hk.has(HookPoint { layer: l, kind: HookKind::MlpPost }));
+        let post_hooked = opts
+            .hooks
+            .as_ref()
+            .is_some_and(|hk| hk.has(HookPoint { layer: l, kind: HookKind::MlpPost }));
         let spikes = opts.stats.as_deref_mut().map(|s| &mut s.layers[l]);
         match spikes {
-            Some(s) if !post_hooked => cpu::silu_mul(&gate, &up, &mut act, i, pos0, Some(&mut s.input)),
+            Some(s) if !post_hooked => {
+                cpu::silu_mul(&gate, &up, &mut act, i, pos0, Some(&mut s.input))
+            }
             _ => cpu::silu_mul(&gate, &up, &mut act, i, pos0, None),
         }
         hook(&mut opts.hooks, l, HookKind::MlpPost, &mut act, i, pos0);
@@ -222,6 +247,14 @@ pub fn forward(model: &Model, input: Input<'_>, cache: &mut KvCache, mut opts: F
     let mut xf = vec![0f32; xr.len()];
     cpu::rmsnorm(xr, &w.get("model.norm.weight")?.data, c.rms_norm_eps, &mut xf, h);
     let mut logits = vec![0f32; rows.len() * c.vocab_size];
-    cpu::linear(&xf, &w.get(head_name(model))?.data, None, &mut logits, rows.len(), h, c.vocab_size);
+    cpu::linear(
+        &xf,
+        &w.get(head_name(model))?.data,
+        None,
+        &mut logits,
+        rows.len(),
+        h,
+        c.vocab_size,
+    );
     Ok(logits)
 }

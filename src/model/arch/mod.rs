@@ -90,12 +90,22 @@ impl Default for ForwardOptions<'_, '_> {
 impl Model {
     /// Run `tokens` (appended after what `cache` holds) through the model. Returns logits
     /// `[rows, vocab]` for the rows asked by `opts.logits`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, opts: ForwardOptions<'_, '_>) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: ForwardOptions<'_, '_>,
+    ) -> Result<Vec<f32>> {
         self.forward_input(Input::Tokens(tokens), cache, opts)
     }
 
     /// Run from tokens or from a residual stream at some block (see [`Input`]).
-    pub fn forward_input(&self, input: Input<'_>, cache: &mut KvCache, opts: ForwardOptions<'_, '_>) -> Result<Vec<f32>> {
+    pub fn forward_input(
+        &self,
+        input: Input<'_>,
+        cache: &mut KvCache,
+        opts: ForwardOptions<'_, '_>,
+    ) -> Result<Vec<f32>> {
         match input {
             Input::Tokens(tokens) => {
                 if tokens.is_empty() {
@@ -103,7 +113,9 @@ impl Model {
                 }
                 let vocab = self.config.vocab_size;
                 if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+                    return Err(Error::Invalid(format!(
+                        "token id {bad} is outside the vocabulary ({vocab})"
+                    )));
                 }
             }
             Input::Residual { layer, x, pos0 } => {
