@@ -9,7 +9,7 @@
 //!    a candidate is confirmed only when perplexity grows by more than `confirm_ratio`. Late
 //!    layer spikes that merely cancel the massive activation are reported as rejected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -149,27 +149,59 @@ struct Spike {
     out_ratio: f32,
 }
 
-/// Per-layer candidates of one statistics pass.
-fn spikes(stats: &SpikeStats, threshold: f32) -> Vec<Spike> {
+/// Per-layer candidates of one statistics pass that are not in `fired` yet.
+///
+/// The paper's rule: row = argmax |output|, col = argmax |input|. Zeroing `W[row, col]` does not
+/// change that layer's input, so when the rule names a weight already zeroed while the output
+/// row still spikes, the column is re-attributed to the largest remaining contribution
+/// `max|x_c| · |W[row, c]|` among spiking input channels. This finds several super weights
+/// sharing a row (llama-13b's (2, 2231, 2278) and (2, 2231, 6939)).
+fn new_spikes(
+    model: &Model,
+    stats: &SpikeStats,
+    threshold: f32,
+    fired: &BTreeSet<(usize, usize, usize)>,
+) -> Result<Vec<Spike>> {
     let mut out = Vec::new();
     for (layer, s) in stats.layers.iter().enumerate() {
         let (Some(i), Some(o)) = (s.input_peak(), s.output_peak()) else { continue };
-        if i.max.abs > threshold && o.max.abs > threshold {
-            let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
-            out.push(Spike {
-                layer,
-                row: o.channel,
-                col: i.channel,
-                input: i.max.value,
-                output: o.max.value,
-                in_pos: i.max.position,
-                out_pos: o.max.position,
-                in_ratio: ratio(i.max.abs, s.input_median()),
-                out_ratio: ratio(o.max.abs, s.output_median()),
-            });
+        if i.max.abs <= threshold || o.max.abs <= threshold {
+            continue;
         }
+        let row = o.channel;
+        let mut col = i.channel;
+        if fired.contains(&(layer, row, col)) {
+            let w = model.weights.get(&Model::down_proj_name(layer))?;
+            let w_row = &w.data[row * s.input.len()..(row + 1) * s.input.len()];
+            let best = s
+                .input
+                .iter()
+                .zip(w_row)
+                .enumerate()
+                .filter(|(_, (x, _))| x.abs > threshold)
+                .map(|(c, (x, w))| (c, x.abs * w.abs()))
+                .filter(|&(_, contribution)| contribution > 0.0)
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+            match best {
+                Some((c, _)) if !fired.contains(&(layer, row, c)) => col = c,
+                _ => continue,
+            }
+        }
+        let x = s.input[col];
+        let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
+        out.push(Spike {
+            layer,
+            row,
+            col,
+            input: x.value,
+            output: o.max.value,
+            in_pos: x.position,
+            out_pos: o.max.position,
+            in_ratio: ratio(x.abs, s.input_median()),
+            out_ratio: ratio(o.max.abs, s.output_median()),
+        });
     }
-    out
+    Ok(out)
 }
 
 /// Run one stats-collecting forward pass over `tokens`.
@@ -200,19 +232,14 @@ pub fn find_candidates(
             return Err(Error::Invalid(format!("prompt {pi} tokenizes to nothing")));
         }
         let mut guard = EditGuard::new(&mut *model);
-        let mut fired_here = std::collections::BTreeSet::new();
+        let mut fired_here = BTreeSet::new();
         for iteration in 1..=cfg.max_iterations.max(1) {
             collect_stats(&guard, tokens, &mut stats)?;
             if pi == 0 && iteration == 1 {
                 layers = layer_maxima(&stats);
             }
-            let mut new = Vec::new();
-            for s in spikes(&stats, cfg.threshold) {
-                let key = (s.layer, s.row, s.col);
-                if fired_here.insert(key) {
-                    new.push(s);
-                }
-            }
+            let new = new_spikes(&guard, &stats, cfg.threshold, &fired_here)?;
+            fired_here.extend(new.iter().map(|s| (s.layer, s.row, s.col)));
             if new.is_empty() {
                 break;
             }
