@@ -1,0 +1,161 @@
+//! The `swk` binary end to end: JSON outputs, edit flags, clear errors with a failing exit.
+
+mod common;
+
+use std::process::Command;
+
+fn swk(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_swk")).args(args).output().expect("run swk");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn tiny() -> String {
+    common::fixture("tiny/llama").to_str().unwrap().to_string()
+}
+
+#[test]
+fn info_json() {
+    let (ok, out, err) = swk(&["info", &tiny(), "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["architecture"], "llama");
+    assert_eq!(j["format"], "safetensors");
+    assert_eq!(j["config"]["num_layers"], 2);
+    assert_eq!(j["dtypes"]["mlp.down_proj.weight"], "F32");
+}
+
+#[test]
+fn ppl_json_with_and_without_edits() {
+    let text = common::fixture("tiny/llama/reference.json");
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("t.txt");
+    let r = common::json("tiny/llama/reference.json");
+    std::fs::write(&txt, r["text"].as_str().unwrap().repeat(3)).unwrap();
+    let txt = txt.to_str().unwrap();
+    let (ok, out, err) = swk(&["ppl", &tiny(), "--text", txt, "--context", "16", "--json"]);
+    assert!(ok, "{err}");
+    let base: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["perplexity", "tokens_scored", "nll_sum", "seconds"] {
+        assert!(base.get(key).is_some(), "missing {key}");
+    }
+    let (ok, out, err) = swk(&[
+        "ppl",
+        &tiny(),
+        "--text",
+        txt,
+        "--context",
+        "16",
+        "--json",
+        "--edit",
+        "model.embed_tokens.weight[10,3]=x100",
+    ]);
+    assert!(ok, "{err}");
+    let edited: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_ne!(base["nll_sum"], edited["nll_sum"]);
+    assert_eq!(edited["edits"][0]["edit"]["tensor"], "model.embed_tokens.weight");
+    assert!(text.is_file());
+}
+
+#[test]
+fn bad_edit_specs_fail_clearly() {
+    let txt = common::fixture("text/ppl.txt");
+    for (spec, want) in [
+        ("zero:0,999,0", "out of range"),
+        ("zero:7,0,0", "not found"),
+        ("scale:0,1,2", "expected 4"),
+        ("nope", "expected zero:L,R,C"),
+        ("model.norm.weight[1,2]=zero", "dimensions"),
+    ] {
+        let (ok, _, err) = swk(&["ppl", &tiny(), "--text", txt.to_str().unwrap(), "--edit", spec]);
+        assert!(!ok, "{spec} should fail");
+        assert!(err.contains("swk: error:") && err.contains(want), "{spec}: {err}");
+    }
+}
+
+#[test]
+fn detect_json_schema() {
+    let (ok, out, err) =
+        swk(&["detect", &tiny(), "--json", "--threshold", "0.5", "--max-iterations", "2"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "model",
+        "architecture",
+        "super_weights",
+        "rejected",
+        "seconds",
+        "layers",
+        "weights_checksum",
+    ] {
+        assert!(j.get(key).is_some(), "missing {key}");
+    }
+    // A low threshold makes every layer spike: every candidate carries the documented keys.
+    let all: Vec<&serde_json::Value> = j["super_weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(j["rejected"].as_array().unwrap())
+        .collect();
+    assert!(!all.is_empty());
+    for sw in all {
+        for key in [
+            "layer",
+            "row",
+            "col",
+            "tensor",
+            "value",
+            "input_activation",
+            "output_activation",
+            "token_position",
+            "iteration",
+            "confirmed",
+            "perplexity_ratio",
+            "catalog",
+        ] {
+            assert!(sw.get(key).is_some(), "candidate missing {key}: {sw}");
+        }
+    }
+}
+
+#[test]
+fn catalog_lists_published_weights() {
+    let (ok, out, err) = swk(&["catalog", "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let llama7b =
+        j.as_array().unwrap().iter().find(|e| e["model"] == "huggyllama/llama-7b").unwrap();
+    assert_eq!(llama7b["coordinates"][0], serde_json::json!([2, 3968, 7003]));
+    assert!(llama7b["source"].as_str().unwrap().contains("Yu et al."));
+}
+
+#[test]
+fn catalog_lookup_matches_and_contradicts() {
+    use swk::catalog::{agreement, lookup, Agreement};
+    let e = lookup(&["/models/Mistral-7B-v0.1"]).unwrap();
+    assert_eq!(e.len(), 1);
+    assert_eq!(agreement(&e, 1, 2070, 7310), Agreement::Matches);
+    assert_eq!(agreement(&e, 1, 2070, 7311), Agreement::Contradicts);
+    assert_eq!(agreement(&lookup(&["SmolLM2-135M"]).unwrap(), 1, 2, 3), Agreement::Unknown);
+}
+
+#[test]
+fn generate_json() {
+    let (ok, out, err) =
+        swk(&["generate", &tiny(), "--prompt", "the light", "--max-new-tokens", "5", "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        j["tokens"].as_array().unwrap().len() <= 5 && !j["tokens"].as_array().unwrap().is_empty()
+    );
+}
+
+#[test]
+fn missing_model_fails_clearly() {
+    let (ok, _, err) = swk(&["info", "/no/such/model.gguf"]);
+    assert!(!ok);
+    assert!(err.contains("/no/such/model.gguf"), "{err}");
+}
