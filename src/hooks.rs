@@ -14,6 +14,12 @@ use crate::{Error, Result};
 pub enum HookKind {
     /// `blocks.{l}.hook_resid_pre`: residual stream entering the block.
     ResidPre,
+    /// `blocks.{l}.attn.hook_pattern`: attention weights after softmax, read-only (rewriting
+    /// them changes nothing). Rows are query tokens; each row holds `n_heads` runs of
+    /// `pos0 + rows` weights, one per key position: `data[t * cols + h * kv + j]` with
+    /// `kv = cols / n_heads` is the weight head `h` of the query at `pos0 + t` puts on key `j`
+    /// (0 outside the causal or sliding window). Computed only when a hook is registered here.
+    AttnPattern,
     /// `blocks.{l}.hook_attn_out`: attention output (after o_proj).
     AttnOut,
     /// `blocks.{l}.hook_resid_mid`: residual stream after the attention add.
@@ -32,8 +38,9 @@ pub enum HookKind {
 
 impl HookKind {
     /// All kinds, in forward order.
-    pub const ALL: [HookKind; 8] = [
+    pub const ALL: [HookKind; 9] = [
         HookKind::ResidPre,
+        HookKind::AttnPattern,
         HookKind::AttnOut,
         HookKind::ResidMid,
         HookKind::MlpPre,
@@ -46,6 +53,7 @@ impl HookKind {
     pub fn suffix(self) -> &'static str {
         match self {
             HookKind::ResidPre => "hook_resid_pre",
+            HookKind::AttnPattern => "attn.hook_pattern",
             HookKind::AttnOut => "hook_attn_out",
             HookKind::ResidMid => "hook_resid_mid",
             HookKind::MlpPre => "mlp.hook_pre",

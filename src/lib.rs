@@ -4,6 +4,7 @@
 //! → hooks and spike statistics ([`hooks`]) → perplexity and generation ([`eval`]).
 #![warn(missing_docs)]
 
+pub mod analysis;
 pub mod backend;
 pub mod catalog;
 pub mod confirm;

@@ -266,6 +266,7 @@ impl SynthSpec {
             tie_word_embeddings: self.tie_embeddings,
             attention_bias: false,
             sliding_window: None,
+            family: Default::default(),
         })
     }
 }

@@ -321,3 +321,287 @@ fn fused_rows(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernels of the non-Llama families (Gemma, Phi-3, OLMo, GPT-2, GPT-NeoX).
+// ---------------------------------------------------------------------------------------------
+
+/// RMSNorm of each `n`-wide row of `x` in place: `w ⊙ x / sqrt(mean(x²) + eps)` (per-head
+/// QK-norm: `n = head_dim`, `w` shared by the heads).
+pub fn rmsnorm_in_place(x: &mut [f32], w: &[f32], eps: f64, n: usize) {
+    x.par_chunks_mut(n).for_each(|x| {
+        let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+        let inv = (1.0 / (ms + eps).sqrt()) as f32;
+        for (x, &w) in x.iter_mut().zip(w) {
+            *x = w * (*x * inv);
+        }
+    });
+}
+
+/// LayerNorm of each row of `x` (width `n`) into `out`:
+/// `(x - mean(x)) / sqrt(var(x) + eps) ⊙ w + b`, with `w = 1` and `b = 0` when absent (OLMo's
+/// non-parametric norm). Mean and variance are accumulated in f64.
+pub fn layernorm(
+    x: &[f32],
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+    eps: f64,
+    out: &mut [f32],
+    n: usize,
+) {
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = x.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (c, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+            let mut y = ((x as f64 - mean) * inv) as f32;
+            if let Some(w) = w {
+                y *= w[c];
+            }
+            if let Some(b) = b {
+                y += b[c];
+            }
+            *o = y;
+        }
+    });
+}
+
+/// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`):
+/// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`.
+#[inline]
+pub fn gelu_tanh_scalar(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// GELU, exact: `x/2 · (1 + erf(x/√2))`.
+#[inline]
+pub fn gelu_erf_scalar(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// The error function, to about 1e-15: below |x| = 3 the series
+/// `erf(x) = 2/√π · e^(-x²) · Σ (2x²)ⁿ x / (1·3·…·(2n+1))` (all terms positive, so no
+/// cancellation), above it the continued fraction of erfc.
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        let (two_a2, mut term) = (2.0 * a * a, a);
+        let mut sum = a;
+        for n in 1..200 {
+            term *= two_a2 / (2 * n + 1) as f64;
+            sum += term;
+            if term < 1e-17 * sum {
+                break;
+            }
+        }
+        std::f64::consts::FRAC_2_SQRT_PI * (-a * a).exp() * sum
+    } else if a < 7.0 {
+        // erfc(a) = e^(-a²)/√π · 1/(a + (1/2)/(a + 1/(a + (3/2)/(a + ...))))
+        let mut f = a;
+        for k in (1..=60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
+    } else {
+        1.0
+    };
+    r.copysign(x)
+}
+
+/// `out = gelu_tanh(gate) ⊙ up`, row by row (width `n`) — Gemma's GeGLU. With `stats`, each
+/// column's max |out| and its position are reduced in the same pass (as [`silu_mul`]).
+pub fn gelu_tanh_mul(
+    gate: &[f32],
+    up: &[f32],
+    out: &mut [f32],
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+) {
+    let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = gelu_tanh_scalar(g) * u;
+        }
+    };
+    match stats {
+        None => out
+            .par_chunks_mut(n)
+            .zip(gate.par_chunks(n))
+            .zip(up.par_chunks(n))
+            .for_each(|((o, g), u)| op(o, g, u)),
+        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
+    }
+}
+
+/// `out = gelu_erf(gate) ⊙ up` (exact GELU), with optional fused column maxima.
+pub fn gelu_mul(
+    gate: &[f32],
+    up: &[f32],
+    out: &mut [f32],
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+) {
+    let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = gelu_erf_scalar(g) * u;
+        }
+    };
+    match stats {
+        None => out
+            .par_chunks_mut(n)
+            .zip(gate.par_chunks(n))
+            .zip(up.par_chunks(n))
+            .for_each(|((o, g), u)| op(o, g, u)),
+        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
+    }
+}
+
+/// Which element-wise activation [`activate`] applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `x · sigmoid(x)`.
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// GELU, exact (erf).
+    Gelu,
+}
+
+/// `out = act(x)` row by row (width `n`) — the un-gated MLPs of GPT-2 and GPT-NeoX. With
+/// `stats`, each column's max |out| and its position are reduced in the same pass.
+pub fn activate(
+    x: &[f32],
+    out: &mut [f32],
+    act: Act,
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+) {
+    let op = move |o: &mut [f32], x: &[f32], _: &[f32]| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = match act {
+                Act::Silu => x / (1.0 + (-x).exp()),
+                Act::GeluTanh => gelu_tanh_scalar(x),
+                Act::Gelu => gelu_erf_scalar(x),
+            };
+        }
+    };
+    match stats {
+        None => out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| op(o, x, x)),
+        Some(stats) => fused_rows(out, x, x, n, pos0, stats, Reduce::Out, op),
+    }
+}
+
+/// `x = cap · tanh(x / cap)` element-wise (Gemma's logit soft-capping).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.par_iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
+/// Clamp every element of `x` to `[-c, c]` (OLMo's `clip_qkv`).
+pub fn clamp(x: &mut [f32], c: f32) {
+    x.par_iter_mut().for_each(|v| *v = v.clamp(-c, c));
+}
+
+/// Like [`rope`], but only the first `2 · inv_freq.len()` dims of each head rotate (partial
+/// rotary, GPT-NeoX / Phi): pairs are `(i, i + r/2)` with `r = 2 · inv_freq.len()`; the other
+/// `head_dim - r` dims pass through.
+pub fn rope_partial(x: &mut [f32], inv_freq: &[f32], pos0: usize, n_heads: usize, head_dim: usize) {
+    let half = inv_freq.len();
+    x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(t, row)| {
+        let pos = (pos0 + t) as f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|&f| {
+                let a = (pos * f) as f64;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .unzip();
+        for head in row.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos[i] - b * sin[i];
+                head[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+    });
+}
+
+/// How [`attention_with`] scores keys.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParams {
+    /// Multiplier of `q·k` (`1/√head_dim` in most models).
+    pub scale: f32,
+    /// A query at `p` sees keys `p - w < j <= p` when `Some(w)`.
+    pub window: Option<usize>,
+    /// Scores become `cap · tanh(s / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+/// Causal attention like [`attention`], with the score scale, window and soft-cap of
+/// `params`. When `pattern` is given it receives the softmax weights
+/// `[rows, n_heads, pos0 + rows]` (zero outside the causal window).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    pos0: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    params: AttnParams,
+    pattern: Option<&mut [f32]>,
+) {
+    debug_assert_eq!(q.len(), rows * n_heads * hd);
+    debug_assert_eq!(out.len(), rows * n_heads * hd);
+    debug_assert!(k.len() >= (pos0 + rows) * n_kv * hd && v.len() == k.len());
+    let group = n_heads / n_kv;
+    let kv_w = n_kv * hd;
+    let kv_len = pos0 + rows;
+    let weights = |idx: usize| -> (usize, usize, Vec<f32>) {
+        let (t, h) = (idx / n_heads, idx % n_heads);
+        let p = pos0 + t;
+        let kvh = h / group;
+        let qh = &q[t * n_heads * hd + h * hd..][..hd];
+        let first = params.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let mut scores: Vec<f32> = (first..=p)
+            .map(|j| {
+                let kj = &k[j * kv_w + kvh * hd..][..hd];
+                let s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * params.scale;
+                match params.softcap {
+                    Some(cap) => cap * (s / cap).tanh(),
+                    None => s,
+                }
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        scores.iter_mut().for_each(|s| *s /= sum);
+        (first, kvh, scores)
+    };
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (first, kvh, w) = weights(idx);
+        o.fill(0.0);
+        for (s, j) in w.iter().zip(first..) {
+            let vj = &v[j * kv_w + kvh * hd..][..hd];
+            o.iter_mut().zip(vj).for_each(|(o, v)| *o += s * v);
+        }
+    });
+    if let Some(pattern) = pattern {
+        debug_assert_eq!(pattern.len(), rows * n_heads * kv_len);
+        pattern.par_chunks_mut(kv_len).enumerate().for_each(|(idx, o)| {
+            let (first, _, w) = weights(idx);
+            o.fill(0.0);
+            o[first..first + w.len()].copy_from_slice(&w);
+        });
+    }
+}

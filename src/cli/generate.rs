@@ -26,12 +26,11 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
+    let backend = super::device::choose(device, a.json)?;
     let edits = super::parse_edits(&a.edit)?;
     let mut model = super::load_model(&a.model, a.json)?;
-    let mut m = EditGuard::new(&mut model);
-    m.apply_all(&edits)?;
-    let tok = m.tokenizer()?;
+    let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
     let start = std::time::Instant::now();
     let mut shown = String::new();
@@ -39,7 +38,7 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         print!("{}", a.prompt);
     }
-    let ids = generate::greedy(&m, &prompt, a.max_new_tokens, |id| {
+    let on_token = |id| {
         if a.json {
             return;
         }
@@ -49,7 +48,17 @@ pub fn run(a: Args) -> Result<()> {
             let _ = std::io::stdout().flush();
             shown = text;
         }
-    })?;
+    };
+    let (ids, log) = match backend {
+        super::device::Backend::Cpu => {
+            let mut m = EditGuard::new(&mut model);
+            m.apply_all(&edits)?;
+            (generate::greedy(&m, &prompt, a.max_new_tokens, on_token)?, m.log().to_vec())
+        }
+        super::device::Backend::Cuda => {
+            cuda_greedy(&model, &prompt, a.max_new_tokens, &edits, on_token)?
+        }
+    };
     let text = tok.decode(&ids, true)?;
     if a.json {
         return super::print_json(&serde_json::json!({
@@ -58,9 +67,36 @@ pub fn run(a: Args) -> Result<()> {
             "tokens": ids,
             "text": text,
             "seconds": start.elapsed().as_secs_f64(),
-            "edits": m.log(),
+            "edits": log,
         }));
     }
     println!();
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_greedy(
+    model: &swk::Model,
+    prompt: &[u32],
+    max_new: usize,
+    edits: &[swk::edit::WeightEdit],
+    on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
+    use swk::backend::cuda::{CudaModel, CudaOptions};
+    let stops = model.tokenizer()?.eos_ids().to_vec();
+    let mut gpu = CudaModel::new(model, &CudaOptions::default())?;
+    let mut g = EditGuard::new(&mut gpu);
+    g.apply_all(edits)?;
+    Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_greedy(
+    _: &swk::Model,
+    _: &[u32],
+    _: usize,
+    _: &[swk::edit::WeightEdit],
+    _: impl FnMut(u32),
+) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
+    Err(swk::Error::Backend("built without the `cuda` feature".into()))
 }

@@ -1,10 +1,18 @@
 //! Argument parsing and dispatch; one file per subcommand.
 
+mod analysis;
+mod cascade;
 mod catalog;
+mod compare_generate;
 mod detect;
+mod device;
 mod generate;
 mod info;
 mod ppl;
+mod quantize_study;
+mod screen;
+mod trace;
+mod vocab;
 
 use std::time::Duration;
 
@@ -19,6 +27,9 @@ struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Backend for ppl and generate: cuda, cpu, or auto (CUDA when usable, else CPU).
+    #[arg(long, global = true, value_enum, default_value_t = device::DeviceArg::Auto)]
+    device: device::DeviceArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +46,18 @@ enum Command {
     Detect(detect::Args),
     /// List the published super weights swk knows.
     Catalog(catalog::Args),
+    /// How the edits shift next-token probabilities over a text (per token, KL).
+    Vocab(vocab::Args),
+    /// Massive activations layer by layer, with and without the edits.
+    Cascade(cascade::Args),
+    /// The arithmetic of one super weight: gate, up, w*x, amplification, attention sink.
+    Trace(trace::Args),
+    /// Greedy continuations: baseline vs the edited weights zeroed or scaled.
+    CompareGenerate(compare_generate::Args),
+    /// Round-to-nearest quantization with and without holding out the super weights.
+    QuantizeStudy(quantize_study::Args),
+    /// Rank candidate weights by the perplexity impact of zeroing each.
+    Screen(screen::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -46,12 +69,25 @@ pub fn run() -> Result<()> {
             .build_global()
             .map_err(|e| swk::Error::Invalid(format!("--threads {n}: {e}")))?;
     }
+    let gpu_capable = matches!(
+        cli.command,
+        Command::Ppl(_) | Command::Generate(_) | Command::Info(_) | Command::Catalog(_)
+    );
+    if !gpu_capable {
+        device::require_cpu(cli.device)?;
+    }
     match cli.command {
         Command::Info(a) => info::run(a),
-        Command::Ppl(a) => ppl::run(a),
-        Command::Generate(a) => generate::run(a),
+        Command::Ppl(a) => ppl::run(a, cli.device),
+        Command::Generate(a) => generate::run(a, cli.device),
         Command::Detect(a) => detect::run(a),
         Command::Catalog(a) => catalog::run(a),
+        Command::Vocab(a) => vocab::run(a),
+        Command::Cascade(a) => cascade::run(a),
+        Command::Trace(a) => trace::run(a),
+        Command::CompareGenerate(a) => compare_generate::run(a),
+        Command::QuantizeStudy(a) => quantize_study::run(a),
+        Command::Screen(a) => screen::run(a),
     }
 }
 

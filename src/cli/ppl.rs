@@ -26,15 +26,24 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
+    let backend = super::device::choose(device, a.json)?;
     let text = std::fs::read_to_string(&a.text).map_err(|e| Error::io(&a.text, e))?;
     let edits = super::parse_edits(&a.edit)?;
     let mut model = super::load_model(&a.model, a.json)?;
-    let mut m = EditGuard::new(&mut model);
-    m.apply_all(&edits)?;
-    let tokens = ppl::text_tokens(&m, &text)?;
+    let tokens = ppl::text_tokens(&model, &text)?;
     let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
-    let r = ppl::perplexity(&m, &tokens, a.context, |done, _| pb.set_position(done as u64))?;
+    let progress = |done: usize, _: usize| pb.set_position(done as u64);
+    let (r, log) = match backend {
+        super::device::Backend::Cpu => {
+            let mut m = EditGuard::new(&mut model);
+            m.apply_all(&edits)?;
+            (ppl::perplexity(&m, &tokens, a.context, progress)?, m.log().to_vec())
+        }
+        super::device::Backend::Cuda => {
+            cuda_perplexity(&model, &tokens, a.context, &edits, progress)?
+        }
+    };
     pb.finish_and_clear();
     if a.json {
         return super::print_json(&serde_json::json!({
@@ -44,10 +53,10 @@ pub fn run(a: Args) -> Result<()> {
             "seconds": r.seconds,
             "context": r.context,
             "windows": r.windows,
-            "edits": m.log(),
+            "edits": log,
         }));
     }
-    for e in m.log() {
+    for e in &log {
         println!("edit           {} ({} -> {})", e.edit, e.original, e.new);
     }
     println!("perplexity     {:.4}", r.perplexity);
@@ -56,4 +65,31 @@ pub fn run(a: Args) -> Result<()> {
     println!("windows        {} x {} tokens", r.windows, r.context);
     println!("seconds        {:.2}", r.seconds);
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_perplexity(
+    model: &swk::Model,
+    tokens: &[u32],
+    context: usize,
+    edits: &[swk::edit::WeightEdit],
+    progress: impl FnMut(usize, usize),
+) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
+    use swk::backend::cuda::{CudaModel, CudaOptions};
+    let mut gpu = CudaModel::new(model, &CudaOptions::default())?;
+    let mut g = EditGuard::new(&mut gpu);
+    g.apply_all(edits)?;
+    let windows = ppl::windows(model, tokens, context)?;
+    Ok((g.perplexity(&windows, context, progress)?, g.log().to_vec()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_perplexity(
+    _: &swk::Model,
+    _: &[u32],
+    _: usize,
+    _: &[swk::edit::WeightEdit],
+    _: impl FnMut(usize, usize),
+) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
+    Err(Error::Backend("built without the `cuda` feature".into()))
 }

@@ -57,6 +57,13 @@ pub fn load_into(files: &[PathBuf], weights: &mut Weights) -> Result<()> {
         let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
+            // Integer and bool tensors are buffers (causal masks of GPT-2/NeoX checkpoints),
+            // not weights; a weight missing because of this fails validation by name.
+            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
+                && is_buffer(&name)
+            {
+                continue;
+            }
             let data = to_f32(view.dtype(), view.data())
                 .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
             let dtype = format!("{:?}", view.dtype());
@@ -64,6 +71,14 @@ pub fn load_into(files: &[PathBuf], weights: &mut Weights) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a tensor name is a known non-weight buffer (attention masks).
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with("attention.bias")
+        || name.ends_with("attention.masked_bias")
 }
 
 /// Convert little-endian f32/f16/bf16 bytes to f32.

@@ -35,6 +35,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
     let mut weights = Weights::new();
     safetensors::load_into(&safetensors::checkpoint_files(dir)?, &mut weights)?;
+    normalize_hf(&config, &mut weights)?;
     // Some checkpoints prefix nothing; normalize the tied head.
     if config.tie_word_embeddings {
         weights.remove("lm_head.weight");
@@ -64,11 +65,32 @@ fn name_or_path(config: &Path) -> Option<String> {
     j.get("_name_or_path")?.as_str().filter(|s| !s.is_empty()).map(str::to_string)
 }
 
-/// The HF name of a llama.cpp tensor name, when it is one swk knows.
+/// Bring a Hugging Face checkpoint's tensors into swk's naming and layout, per family:
+/// Gemma 3 multimodal checkpoints lose their vision tower and the `language_model` prefix;
+/// GPT-2 and GPT-NeoX tensors are renamed (and reshaped) as their modules document.
+fn normalize_hf(config: &ModelConfig, weights: &mut Weights) -> Result<()> {
+    match config.architecture {
+        Architecture::Gemma3 => crate::model::arch::gemma::strip_multimodal(weights),
+        Architecture::Gpt2 => crate::model::arch::gpt2::rename_hf(weights),
+        Architecture::GptNeoX => crate::model::arch::gpt_neox::rename_hf(config, weights),
+        _ => Ok(()),
+    }
+}
+
+/// The HF name of a llama.cpp tensor name of a Llama-family model, when it is one swk knows.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
+    hf_name_for(Architecture::Llama, gguf_name)
+}
+
+/// The name swk gives a llama.cpp tensor of an `arch` model (HF names; for GPT-2 and
+/// GPT-NeoX the swk names their modules document), when it is one swk knows.
+pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
+    use Architecture as A;
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "position_embd.weight" if arch == A::Gpt2 => Some("model.embed_positions.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
+        "output_norm.bias" if matches!(arch, A::Gpt2 | A::GptNeoX) => Some("model.norm.bias"),
         "output.weight" => Some("lm_head.weight"),
         "rope_freqs.weight" => Some("rope_freqs.weight"),
         _ => None,
@@ -80,17 +102,32 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+    let special = match (arch, part) {
+        (A::Gemma2 | A::Gemma3, "ffn_norm") => Some("pre_feedforward_layernorm"),
+        (A::Gemma2 | A::Gemma3 | A::Olmo2, "post_attention_norm") => {
+            Some("post_attention_layernorm")
+        }
+        (A::Gemma2 | A::Gemma3 | A::Olmo2, "post_ffw_norm") => Some("post_feedforward_layernorm"),
+        (A::Qwen3 | A::Gemma3 | A::Olmo2, "attn_q_norm") => Some("self_attn.q_norm"),
+        (A::Qwen3 | A::Gemma3 | A::Olmo2, "attn_k_norm") => Some("self_attn.k_norm"),
+        (A::Phi3 | A::Gpt2 | A::GptNeoX, "attn_qkv") => Some("self_attn.qkv_proj"),
+        (A::Phi3, "ffn_up") => Some("mlp.gate_up_proj"),
+        _ => None,
+    };
+    let hf = match special {
+        Some(s) => s,
+        None => match part {
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
@@ -119,8 +156,14 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let g = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&g)?;
     let mut weights = Weights::new();
+    let arch = config.architecture;
+    // llama.cpp permutes Q/K rows for its interleaved RoPE in these families only.
+    let llama_like =
+        matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Olmo);
+    // llama.cpp stores Gemma's RMSNorm weights as 1 + w; swk keeps the HF weight w.
+    let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3);
     for t in &g.tensors {
-        let Some(name) = hf_name(&t.name) else {
+        let Some(name) = hf_name_for(arch, &t.name) else {
             return Err(Error::format(
                 path,
                 format!("unexpected tensor `{}` for {}", t.name, config.architecture.name()),
@@ -128,7 +171,9 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         };
         let shape = t.shape();
         let mut data = g.dequantize(t)?;
-        let llama_like = matches!(config.architecture, Architecture::Llama | Architecture::Mistral);
+        if gemma && name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         if llama_like && shape.len() == 2 {
             if name.ends_with("q_proj.weight") {
                 data = unpermute_rows(&data, shape[0], shape[1], config.num_heads);

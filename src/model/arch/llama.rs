@@ -1,13 +1,17 @@
-//! The Llama family: Llama 1/2/3, SmolLM, Mistral (sliding window), Qwen2 (q/k/v biases).
+//! The Llama family: Llama 1/2/3, SmolLM, Mistral (sliding window), Qwen2 (q/k/v biases),
+//! Qwen3 (QK-norm).
 //!
 //! Pre-norm blocks: `x += o_proj(attn(rope(q), rope(k), v))` on `rmsnorm(x)`, then
-//! `x += down_proj(silu(gate_proj(h)) ⊙ up_proj(h))` on `h = rmsnorm(x)`.
+//! `x += down_proj(silu(gate_proj(h)) ⊙ up_proj(h))` on `h = rmsnorm(x)`. Qwen3 normalizes
+//! each head of q and k with RMSNorm (`self_attn.q_norm`/`k_norm`, width head_dim) before RoPE.
+//! Spike statistics: the down_proj input inside the SiLU·mul kernel, its output inside the
+//! residual add.
 
 use crate::backend::cpu;
 use crate::hooks::{Activation, HookKind, HookPoint, Hooks};
 use crate::model::arch::{ForwardOptions, Input, KvCache, Logits};
-use crate::model::config::RopeScaling;
-use crate::model::{Model, ModelConfig};
+use crate::model::config::{HiddenAct, RopeScaling};
+use crate::model::{Architecture, Model, ModelConfig};
 use crate::Result;
 
 /// Tensor names of one block.
@@ -17,6 +21,8 @@ struct Names {
     k: String,
     v: String,
     o: String,
+    q_norm: String,
+    k_norm: String,
     mlp_norm: String,
     gate: String,
     up: String,
@@ -32,6 +38,8 @@ impl Names {
             k: format!("{p}.self_attn.k_proj"),
             v: format!("{p}.self_attn.v_proj"),
             o: format!("{p}.self_attn.o_proj.weight"),
+            q_norm: format!("{p}.self_attn.q_norm.weight"),
+            k_norm: format!("{p}.self_attn.k_norm.weight"),
             mlp_norm: format!("{p}.post_attention_layernorm.weight"),
             gate: format!("{p}.mlp.gate_proj.weight"),
             up: format!("{p}.mlp.up_proj.weight"),
@@ -59,6 +67,12 @@ pub fn validate(model: &Model) -> Result<()> {
     if !c.tie_word_embeddings || w.contains("lm_head.weight") {
         w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
     }
+    if c.family.hidden_act != HiddenAct::Silu || c.family.rotary_dim.is_some() {
+        return Err(crate::Error::Invalid(format!(
+            "{}: only SiLU MLPs with full RoPE are supported",
+            c.architecture.name()
+        )));
+    }
     for l in 0..c.num_layers {
         let n = Names::new(l);
         w.get_shaped(&n.attn_norm, &[h])?;
@@ -72,6 +86,14 @@ pub fn validate(model: &Model) -> Result<()> {
             w.get_shaped(&format!("{}.bias", n.v), &[kvd])?;
         }
         w.get_shaped(&n.o, &[h, qd])?;
+        let o_bias = n.o.replace(".weight", ".bias");
+        if w.contains(&o_bias) {
+            w.get_shaped(&o_bias, &[h])?;
+        }
+        if c.architecture == Architecture::Qwen3 {
+            w.get_shaped(&n.q_norm, &[c.head_dim])?;
+            w.get_shaped(&n.k_norm, &[c.head_dim])?;
+        }
         w.get_shaped(&n.gate, &[i, h])?;
         w.get_shaped(&n.up, &[i, h])?;
         w.get_shaped(&n.down, &[h, i])?;
@@ -140,6 +162,44 @@ fn hook(
     }
 }
 
+/// Attention weights `[rows, n_heads, pos0 + rows]` (the `attn.hook_pattern` layout), with
+/// the same scores, mask and softmax as [`cpu::attention`].
+#[allow(clippy::too_many_arguments)]
+fn attention_pattern(
+    q: &[f32],
+    k: &[f32],
+    rows: usize,
+    pos0: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let kv_len = pos0 + rows;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; rows * nh * kv_len];
+    for (idx, o) in out.chunks_mut(kv_len).enumerate() {
+        let (t, h) = (idx / nh, idx % nh);
+        let (p, kvh) = (pos0 + t, h / (nh / nkv));
+        let qh = &q[(t * nh + h) * hd..][..hd];
+        let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        for j in first..=p {
+            let kj = &k[(j * nkv + kvh) * hd..][..hd];
+            o[j] = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+        let max = o[first..=p].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = o[first..=p]
+            .iter_mut()
+            .map(|s| {
+                *s = (*s - max).exp();
+                *s
+            })
+            .sum();
+        o[first..=p].iter_mut().for_each(|s| *s /= sum);
+    }
+    out
+}
+
 /// The forward pass. See the module docs for the math of one block.
 pub fn forward(
     model: &Model,
@@ -190,6 +250,11 @@ pub fn forward(
         cpu::linear(&xn, &w.get(&format!("{}.weight", n.q))?.data, bias(&n.q)?, &mut q, t, h, qd);
         cpu::linear(&xn, &w.get(&format!("{}.weight", n.k))?.data, bias(&n.k)?, &mut k, t, h, kvd);
         cpu::linear(&xn, &w.get(&format!("{}.weight", n.v))?.data, bias(&n.v)?, &mut v, t, h, kvd);
+        if c.architecture == Architecture::Qwen3 {
+            // Qwen3 QK-norm: every head of q and k is RMS-normalized (weights [head_dim]).
+            cpu::rmsnorm_in_place(&mut q, &w.get(&n.q_norm)?.data, c.rms_norm_eps, hd);
+            cpu::rmsnorm_in_place(&mut k, &w.get(&n.k_norm)?.data, c.rms_norm_eps, hd);
+        }
         cpu::rope(&mut q, &inv_freq, pos0, nh, hd);
         cpu::rope(&mut k, &inv_freq, pos0, nkv, hd);
         let (kc, vc) = &mut cache.layers[l];
@@ -199,8 +264,15 @@ pub fn forward(
         vc.extend_from_slice(&v);
 
         // att = softmax(q·kᵀ/√d + causal mask)·v per head; x += att·W_oᵀ.
-        cpu::attention(&q, kc, vc, &mut att, t, pos0, nh, nkv, hd, c.sliding_window);
-        cpu::linear(&att, &w.get(&n.o)?.data, None, &mut proj, t, qd, h);
+        cpu::attention(&q, kc, vc, &mut att, t, pos0, nh, nkv, hd, c.layer_window(l));
+        let pattern_point = HookPoint { layer: l, kind: HookKind::AttnPattern };
+        if opts.hooks.as_ref().is_some_and(|hk| hk.has(pattern_point)) {
+            let mut p = attention_pattern(&q, kc, t, pos0, nh, nkv, hd, c.layer_window(l));
+            hook(&mut opts.hooks, l, HookKind::AttnPattern, &mut p, nh * (pos0 + t), pos0);
+        }
+        // o_proj has a bias in Llama/Qwen3 checkpoints with attention_bias (not in Qwen2).
+        let o_bias = w.get(&n.o.replace(".weight", ".bias")).ok().map(|b| b.data.as_slice());
+        cpu::linear(&att, &w.get(&n.o)?.data, o_bias, &mut proj, t, qd, h);
         hook(&mut opts.hooks, l, HookKind::AttnOut, &mut proj, h, pos0);
         cpu::add_residual(&mut x, &proj, h, pos0, None);
         hook(&mut opts.hooks, l, HookKind::ResidMid, &mut x, h, pos0);

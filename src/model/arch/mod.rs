@@ -1,7 +1,13 @@
 //! Forward passes, one module per architecture family, and what they share: the KV cache and
 //! the per-call options (hooks, spike statistics, which logits to compute).
 
+pub mod gemma;
+pub mod gpt2;
+pub mod gpt_neox;
 pub mod llama;
+pub mod olmo;
+pub mod phi3;
+mod shared;
 
 use crate::hooks::{Hooks, SpikeStats};
 use crate::model::{Architecture, Model};
@@ -142,9 +148,17 @@ impl Model {
             }
         }
         match self.config.architecture {
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
-                llama::forward(self, input, cache, opts)
+            Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Qwen3 => llama::forward(self, input, cache, opts),
+            Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3 => {
+                gemma::forward(self, input, cache, opts)
             }
+            Architecture::Phi3 => phi3::forward(self, input, cache, opts),
+            Architecture::Olmo | Architecture::Olmo2 => olmo::forward(self, input, cache, opts),
+            Architecture::Gpt2 => gpt2::forward(self, input, cache, opts),
+            Architecture::GptNeoX => gpt_neox::forward(self, input, cache, opts),
         }
     }
 
@@ -157,6 +171,13 @@ impl Model {
 /// Check that every tensor the forward pass needs exists with the right shape.
 pub fn validate(model: &Model) -> Result<()> {
     match model.config.architecture {
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => llama::validate(model),
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
+            llama::validate(model)
+        }
+        Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3 => gemma::validate(model),
+        Architecture::Phi3 => phi3::validate(model),
+        Architecture::Olmo | Architecture::Olmo2 => olmo::validate(model),
+        Architecture::Gpt2 => gpt2::validate(model),
+        Architecture::GptNeoX => gpt_neox::validate(model),
     }
 }

@@ -1,0 +1,36 @@
+// SiLU·mul with fused spike statistics of the down_proj input.
+//
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up, row by row, mirroring cpu::silu_mul.
+// When `keys` is not null, each column's max |out| over the rows of this launch is reduced
+// into keys[col] as a packed spike key (see spike_key in common.cuh): largest |value| wins,
+// ties keep the earliest position (pos0 + row), the sign is kept. keys must start at 0 for a
+// fresh reduction; the host decodes them and merges them into its SpikeStats with the CPU
+// rule (a new maximum replaces the old only when strictly larger).
+#include "common.cuh"
+
+// gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
+// each thread walks `rows_per_block` rows of one column (coalesced across the warp) and
+// issues at most one atomicMax.
+extern "C" __global__ void swk_silu_mul(const float* gate, const float* up, float* out, int rows, int n,
+                                        int rows_per_block, int pos0, u64* keys) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= n) {
+        return;
+    }
+    const int r0 = blockIdx.y * rows_per_block;
+    const int r1 = min(rows, r0 + rows_per_block);
+    u64 best = 0ull;
+    for (int r = r0; r < r1; ++r) {
+        const size_t i = (size_t)r * n + col;
+        const float g = gate[i];
+        const float v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), up[i]);
+        out[i] = v;
+        if (keys != nullptr) {
+            const u64 k = spike_key(v, (u32)(pos0 + r));
+            best = k > best ? k : best;
+        }
+    }
+    if (keys != nullptr && best != 0ull) {
+        atomicMax(keys + col, best);
+    }
+}

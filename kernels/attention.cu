@@ -1,0 +1,69 @@
+// Causal attention of `rows` new queries against the KV cache, for prefill (rows > 1) and
+// decode (rows == 1) alike. GQA: query head h reads kv head h / (n_heads / n_kv). Optional
+// sliding window: a query at position p sees keys p - window < j <= p (window 0 = none).
+//
+// A straightforward kernel, one block per (head, query row), mirroring cpu::attention:
+//   1. each thread scores whole keys (sequential f32 dot over head_dim, times 1/sqrt(hd));
+//   2. block max, exp(s - max), block sum;
+//   3. each thread owns output dims d and sums w_j * v_j[d] over keys in order.
+// Scores live in dynamic shared memory: (32 + head_dim + max_keys) floats, where max_keys is
+// the most keys any row of the launch sees (the host computes it and opts in to more than
+// 48 KiB of shared memory when the device allows).
+#include "common.cuh"
+
+// q [rows, n_heads*hd] at positions pos0..pos0+rows; kc, vc the cache [>= pos0+rows, n_kv*hd];
+// out [rows, n_heads*hd]. Grid (n_heads, rows), block 128.
+extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out, int rows,
+                                         int pos0, int n_heads, int n_kv, int hd, int window, float scale) {
+    extern __shared__ float smem[];
+    float* red = smem;            // 32 floats of reduction scratch
+    float* qs = smem + 32;        // this head's query
+    float* sc = smem + 32 + hd;   // scores, then weights
+    const int h = blockIdx.x;
+    const int t = blockIdx.y;
+    if (t >= rows) {
+        return;
+    }
+    const int p = pos0 + t;
+    const int kvh = h / (n_heads / n_kv);
+    const int kv_w = n_kv * hd;
+    const int first = window > 0 ? max(0, p + 1 - window) : 0;
+    const int nk = p + 1 - first;
+    const float* qh = q + ((size_t)t * n_heads + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        qs[d] = qh[d];
+    }
+    __syncthreads();
+
+    float local_max = -INFINITY;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        const float* kj = kc + (size_t)(first + j) * kv_w + (size_t)kvh * hd;
+        float dot = 0.0f;
+        for (int d = 0; d < hd; ++d) {
+            dot = __fadd_rn(dot, __fmul_rn(qs[d], kj[d]));
+        }
+        const float s = __fmul_rn(dot, scale);
+        sc[j] = s;
+        local_max = fmaxf(local_max, s);
+    }
+    const float mx = block_reduce(local_max, MaxOp(), red);
+
+    float local_sum = 0.0f;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        local_sum += e;
+    }
+    const float sum = block_reduce(local_sum, SumOp(), red);  // ends with __syncthreads: sc is visible
+
+    float* o = out + ((size_t)t * n_heads + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        const float* vd = vc + (size_t)first * kv_w + (size_t)kvh * hd + d;
+        for (int j = 0; j < nk; ++j) {
+            const float w = __fdiv_rn(sc[j], sum);
+            acc = __fadd_rn(acc, __fmul_rn(w, vd[(size_t)j * kv_w]));
+        }
+        o[d] = acc;
+    }
+}

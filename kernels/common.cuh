@@ -1,0 +1,90 @@
+// Shared device helpers for swk's kernels: integer types, bf16 bit conversions, the packed
+// spike key, hashing, and block reductions.
+//
+// Conventions of every kernel in kernels/*.cu:
+// - extern "C", names prefixed `swk_`, so the host loads them by plain name.
+// - Activations are f32, row-major `[rows, width]`, rows are tokens.
+// - Weights are f32 or bf16 (stored as raw u16 bits), Hugging Face layout `[out, in]`.
+// - Block sizes are multiples of 32 (the reductions below rely on whole warps).
+#pragma once
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// bf16 -> f32 is exact: the bf16 bits are the high half of the f32.
+__device__ __forceinline__ float bf16_bits_to_f32(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
+// f32 -> bf16, round to nearest even; NaN stays a quiet NaN. Mirrors half::bf16::from_f32
+// (the host-side mirror `f32_to_bf16_bits` in src/backend/cuda/kernels.rs is unit tested).
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((x >> 16) | 0x0040u);
+    }
+    u32 round_bit = 0x00008000u;
+    if ((x & round_bit) != 0u && (x & (3u * round_bit - 1u)) != 0u) {
+        return (u16)((x >> 16) + 1u);
+    }
+    return (u16)(x >> 16);
+}
+
+// The packed spike key of one activation value at token position `pos`:
+//
+//   bits 63..33  |v| as f32 bits (31 bits: the sign bit is always 0 for |v|)
+//   bits 32..1   ~pos (so that on equal |v| the EARLIEST position has the larger key)
+//   bit  0       sign of v (1 = negative), to recover the signed value
+//
+// Unsigned comparison of keys orders by |v| first, then by earliest position, exactly the
+// CPU backend's rule (`|v| > current` replaces, ties keep the earlier position). Zero and
+// NaN give key 0, which means "nothing seen" (the CPU never records them either: its
+// comparison `|v| > 0` is false for both). +-inf is recorded, as on the CPU.
+__device__ __forceinline__ u64 spike_key(float v, u32 pos) {
+    u32 bits = __float_as_uint(v);
+    u32 abs_bits = bits & 0x7fffffffu;
+    if (abs_bits == 0u || abs_bits > 0x7f800000u) {
+        return 0ull;
+    }
+    return ((u64)abs_bits << 33) | ((u64)(~pos) << 1) | (u64)(bits >> 31);
+}
+
+// SplitMix64's finalizer: a bijection on 64-bit values.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+struct SumOp {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduce `v` over the whole block; every thread gets the same result (each thread folds the
+// per-warp partials in the same order, so the result is deterministic). `scratch` holds at
+// least 32 values of T in shared memory. blockDim.x must be a multiple of 32.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    T r = scratch[0];
+    for (int i = 1; i < warps; ++i) {
+        r = op(r, scratch[i]);
+    }
+    return r;
+}

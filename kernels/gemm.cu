@@ -1,0 +1,135 @@
+// swk's own matrix products, used when cuBLAS is not installed (or when asked for):
+//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32, W [n, k] f32 or bf16, y [rows, n]
+// f32 accumulation in both; bf16 weights are widened exactly as they are loaded.
+//
+// swk_gemm_*: 64x64 output tiles, k in steps of 16 through shared memory, 256 threads each
+//             computing a 4x4 sub-tile (rows ty + 16a, columns tx + 16b).
+//             Grid (ceil(n / 64), ceil(rows / 64)), block 256.
+// swk_gemv_*: for rows <= 8 (decode): one warp per output column o, lanes stride over k so
+//             the weight row is read once, coalesced. Grid ceil(n / 8), block 256 (8 warps).
+#include "common.cuh"
+
+#define GEMM_TILE 64
+#define GEMM_BK 16
+#define GEMV_MAX_ROWS 8
+
+__device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
+__device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
+
+template <typename WT>
+__device__ __forceinline__ void gemm_tiled(const float* x, const WT* w, float* y, int rows, int n, int k) {
+    __shared__ float xs[GEMM_BK][GEMM_TILE + 1];
+    __shared__ float ws[GEMM_BK][GEMM_TILE + 1];
+    const int tid = threadIdx.x;
+    const int tx = tid % 16;
+    const int ty = tid / 16;
+    const int o0 = blockIdx.x * GEMM_TILE;
+    const int t0 = blockIdx.y * GEMM_TILE;
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            acc[a][b] = 0.0f;
+        }
+    }
+    for (int k0 = 0; k0 < k; k0 += GEMM_BK) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int e = tid + 256 * m;
+            const int r = e / GEMM_BK;
+            const int kk = e % GEMM_BK;
+            const int gk = k0 + kk;
+            const int gt = t0 + r;
+            const int go = o0 + r;
+            xs[kk][r] = (gt < rows && gk < k) ? x[(u64)gt * k + gk] : 0.0f;
+            ws[kk][r] = (go < n && gk < k) ? load_w(w, (u64)go * k + gk) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < GEMM_BK; ++kk) {
+            float xa[4];
+            float wb[4];
+#pragma unroll
+            for (int a = 0; a < 4; ++a) {
+                xa[a] = xs[kk][ty + 16 * a];
+            }
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                wb[b] = ws[kk][tx + 16 * b];
+            }
+#pragma unroll
+            for (int a = 0; a < 4; ++a) {
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    acc[a][b] = fmaf(xa[a], wb[b], acc[a][b]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        const int t = t0 + ty + 16 * a;
+        if (t >= rows) {
+            continue;
+        }
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const int o = o0 + tx + 16 * b;
+            if (o < n) {
+                y[(u64)t * n + o] = acc[a][b];
+            }
+        }
+    }
+}
+
+template <typename WT>
+__device__ __forceinline__ void gemv_warp(const float* x, const WT* w, float* y, int rows, int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= n) {
+        return;  // whole warp leaves together: o is uniform across the warp
+    }
+    float acc[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+        acc[r] = 0.0f;
+    }
+    const WT* wr = w + (u64)o * k;
+    for (int i = lane; i < k; i += 32) {
+        const float wv = load_w(wr, (u64)i);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+            if (r < rows) {
+                acc[r] = fmaf(x[(u64)r * k + i], wv, acc[r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+        float v = acc[r];
+        for (int off = 16; off > 0; off >>= 1) {
+            v += __shfl_xor_sync(0xffffffffu, v, off);
+        }
+        if (lane == 0 && r < rows) {
+            y[(u64)r * n + o] = v;
+        }
+    }
+}
+
+extern "C" __global__ void swk_gemm_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
+    gemm_tiled<float>(x, w, y, rows, n, k);
+}
+
+extern "C" __global__ void swk_gemm_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
+    gemm_tiled<u16>(x, w, y, rows, n, k);
+}
+
+extern "C" __global__ void swk_gemv_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
+    gemv_warp<float>(x, w, y, rows, n, k);
+}
+
+extern "C" __global__ void swk_gemv_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
+    gemv_warp<u16>(x, w, y, rows, n, k);
+}

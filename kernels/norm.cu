@@ -1,0 +1,20 @@
+// RMSNorm: out = w * (x * inv), inv = 1 / sqrt(mean(x^2) + eps), the mean in f64.
+// Mirrors cpu::rmsnorm: sum of squares in double, inv rounded to f32, then two f32 products.
+#include "common.cuh"
+
+// One block per row. Grid (rows), block 256 (any multiple of 32).
+extern "C" __global__ void swk_rmsnorm(const float* x, const float* w, float* out, int n, double eps) {
+    __shared__ double scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float* o = out + (size_t)blockIdx.x * n;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        double v = (double)xr[i];
+        s += v * v;
+    }
+    s = block_reduce(s, SumOp(), scratch);
+    const float inv = (float)(1.0 / sqrt(s / (double)n + eps));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        o[i] = __fmul_rn(w[i], __fmul_rn(xr[i], inv));
+    }
+}

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# GPU check of swk's CUDA backend in two steps, for GPU machines that have the NVIDIA driver
+# but no cargo, no CUDA toolkit and no network.
+#
+#   1. Here (a build machine, no GPU needed):
+#          scripts/gpu-check.sh build
+#      installs the pinned nvcc (scripts/install-cuda.sh), builds with
+#      `--features cuda --release` the `swk` binary, the library's unit tests and the GPU
+#      parity tests (tests/cuda.rs), and copies them, stripped, with the tiny fixtures
+#      into .gpu/ (gitignored; ~30-60 MB). It prints the command for step 2.
+#
+#   2. There (the GPU machine, in a copy of this repository with .gpu/ carried along):
+#          scripts/gpu-check.sh run
+#      runs, each under a time limit:
+#        - device info (nvidia-smi when present),
+#        - the CUDA unit tests of the library (backend::cuda),
+#        - the parity tests: CUDA vs CPU logits on every tiny fixture (f32 weights rel err
+#          <= 1e-4, bf16 <= 1e-2), spike statistics, decode through the device KV cache,
+#          perplexity scoring, edits restored bit-exactly (device checksums),
+#        - the timing table at Llama-2-7B shapes (random weights filled on the device),
+#        - a smoke run of the swk binary.
+#      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
+#      only when every step passed.
+#
+# cuBLAS: the tests use libcublas when it loads (LD_LIBRARY_PATH is extended with the usual
+# CUDA library directories found on the machine); without it they test swk's own GEMM
+# kernels only, and say so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+GPU_DIR=$ROOT/.gpu
+
+usage() {
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+}
+
+# The test executable of target NAME ("lib" for the library's unit tests) in cargo's JSON.
+test_exe() {
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+path, want = sys.argv[1], sys.argv[2]
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m.get("profile", {}).get("test"):
+        continue
+    if (want == "lib" and "lib" in t.get("kind", [])) or (want != "lib" and t.get("name") == want):
+        print(m["executable"])
+EOF
+}
+
+build() {
+    set -e
+    eval "$(scripts/install-cuda.sh | tail -n 1)"
+    export NVCC
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+    echo "== building swk (release, --features cuda)" >&2
+    cargo build --release --features cuda --bin swk
+    echo "== building the test binaries (release, --features cuda)" >&2
+    local json
+    json=$(mktemp)
+    cargo test --release --features cuda --no-run --lib --test cuda --message-format=json >"$json"
+    # The executables of the library's unit tests and of tests/cuda.rs.
+    local unit cuda
+    unit=$(test_exe "$json" lib)
+    cuda=$(test_exe "$json" cuda)
+    rm -f "$json"
+    if [ -z "$unit" ] || [ -z "$cuda" ]; then
+        echo "error: could not find the test executables (unit: '$unit', cuda: '$cuda')" >&2
+        exit 1
+    fi
+    rm -rf "$GPU_DIR"
+    mkdir -p "$GPU_DIR/bin" "$GPU_DIR/fixtures"
+    cp "$CARGO_TARGET_DIR/release/swk" "$GPU_DIR/bin/swk"
+    cp "$unit" "$GPU_DIR/bin/swk-unit-tests"
+    cp "$cuda" "$GPU_DIR/bin/swk-cuda-tests"
+    # Debug info is most of each binary; the GPU machine needs none of it.
+    for b in "$GPU_DIR"/bin/*; do
+        strip --strip-debug "$b" 2>/dev/null || objcopy --strip-debug "$b" 2>/dev/null || true
+    done
+    cp -r tests/fixtures/tiny "$GPU_DIR/fixtures/tiny"
+    {
+        echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git diff --quiet 2>/dev/null || echo '(with uncommitted changes)')"
+        echo "nvcc: $("$NVCC" --version | grep release)"
+        (cd "$GPU_DIR" && sha256sum bin/*)
+    } >"$GPU_DIR/MANIFEST"
+    local size
+    size=$(du -sm "$GPU_DIR" | cut -f1)
+    cat "$GPU_DIR/MANIFEST" >&2
+    echo "== .gpu/ is ${size} MB" >&2
+    if [ "$size" -gt 60 ]; then
+        echo "warning: .gpu/ is over 60 MB" >&2
+    fi
+    cat <<EOF
+
+Next, on the GPU machine (repository root, with .gpu/ carried along):
+
+    scripts/gpu-check.sh run
+
+e.g. with the device tool: command "scripts/gpu-check.sh run", carry [".gpu"], timeout_s 580
+(the steps are capped at 60 + 180 + 240 + 30 s, plus up to 30 s looking for libcublas).
+Results (logs, timing.md, summary.txt) land in \$OUT.
+EOF
+}
+
+# Add directories holding libcublas.so.13 (or any libcublas.so.*) to LD_LIBRARY_PATH.
+find_cublas() {
+    local dirs=() d
+    while IFS= read -r d; do
+        dirs+=("$d")
+    done < <(
+        {
+            ldconfig -p 2>/dev/null | awk '/libcublas\.so/ {print $NF}'
+            ls -d /usr/local/cuda*/lib64/libcublas.so* /usr/local/cuda*/targets/*/lib/libcublas.so* \
+                /usr/lib/x86_64-linux-gnu/libcublas.so* /usr/lib64/libcublas.so* 2>/dev/null
+            timeout 30 find / -xdev \( -path /proc -o -path /sys \) -prune -o -name 'libcublas.so.*' -print 2>/dev/null | head -n 20
+        } | xargs -r -n1 dirname | awk '!seen[$0]++'
+    )
+    for d in "${dirs[@]}"; do
+        case ":${LD_LIBRARY_PATH:-}:" in
+            *":$d:"*) ;;
+            *) LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+        esac
+    done
+    export LD_LIBRARY_PATH
+    echo "libcublas directories: ${dirs[*]:-none found}"
+}
+
+run() {
+    if [ ! -x "$GPU_DIR/bin/swk-cuda-tests" ]; then
+        echo "error: $GPU_DIR/bin/swk-cuda-tests is missing: run 'scripts/gpu-check.sh build' on a build machine and carry .gpu/ here" >&2
+        exit 2
+    fi
+    local out=${OUT:-$GPU_DIR/results}
+    mkdir -p "$out"
+    export SWK_FIXTURES=$GPU_DIR/fixtures
+    export SWK_TIMING_OUT=$out/timing.md
+    # On the GPU machine a missing device is a failure, not a skip.
+    export SWK_REQUIRE_GPU=${SWK_REQUIRE_GPU:-1}
+    export RUST_BACKTRACE=1
+    local failed=0 summary=$out/summary.txt
+    : >"$summary"
+    step() { # step NAME SECONDS CMD...
+        local name=$1 secs=$2
+        shift 2
+        local t0=$SECONDS rc
+        echo "== $name" | tee -a "$summary"
+        timeout --kill-after=10 "$secs" "$@" >"$out/$name.log" 2>&1
+        rc=$?
+        tail -n 40 "$out/$name.log"
+        echo "-- $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$summary"
+        [ "$rc" = 0 ] || failed=1
+    }
+    {
+        cat "$GPU_DIR/MANIFEST" 2>/dev/null
+        nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+        find_cublas
+    } >"$out/device.log" 2>&1
+    cat "$out/device.log"
+    step unit 60 "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
+    step parity 180 "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
+    step timing 240 "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture
+    step smoke 30 "$GPU_DIR/bin/swk" info "$GPU_DIR/fixtures/tiny/llama"
+    if [ -f "$out/timing.md" ]; then
+        echo "== timing.md"
+        cat "$out/timing.md"
+    fi
+    echo "== summary"
+    cat "$summary"
+    exit "$failed"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *) usage ;;
+esac

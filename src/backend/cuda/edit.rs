@@ -1,0 +1,212 @@
+//! In-place edits of device weights through the crate's [`EditTarget`] trait, and device
+//! checksums that prove bit-exact restoration.
+//!
+//! Element bits cross the trait as f32 bits. For bf16 storage (documented contract):
+//! * `read_bits` returns the stored bf16 bits widened to f32 bits (`bits << 16`, exact);
+//! * `write_bits` rounds the f32 value to bf16, nearest even (what the device can hold).
+//!
+//! So an edit's recorded `original_bits` are exactly representable in bf16 and
+//! [`EditGuard`](crate::edit::EditGuard)'s restore writes the stored bits back unchanged:
+//! restoration is bit-exact in both dtypes, and [`CudaModel::checksum`] shows it.
+
+use super::forward::{CudaModel, DevData};
+use super::kernels::{bf16_bits_to_f32_bits, f32_to_bf16_bits};
+use crate::edit::EditTarget;
+use crate::model::weights::fnv1a;
+use crate::{Error, Result};
+
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn term(i: u64, bits: u64) -> u64 {
+    mix64(((i << 32) | bits).wrapping_add(GOLDEN))
+}
+
+/// Host mirror of `swk_checksum_u32` (kernels/checksum.cu): the wrapping sum over elements of
+/// `mix64(((i << 32) | bits_i) + φ)`. Equal for equal bit patterns, order-sensitive, and the
+/// same whatever the device's launch shape.
+pub fn checksum_bits_u32(bits: &[u32]) -> u64 {
+    use rayon::prelude::*;
+    bits.par_iter()
+        .enumerate()
+        .map(|(i, &b)| term(i as u64, b as u64))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+/// Host mirror of `swk_checksum_u16` for bf16 storage (bits zero-extended).
+pub fn checksum_bits_u16(bits: &[u16]) -> u64 {
+    use rayon::prelude::*;
+    bits.par_iter()
+        .enumerate()
+        .map(|(i, &b)| term(i as u64, b as u64))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+/// Combine per-tensor checksums into one model checksum: FNV-1a over each name and its
+/// checksum, in the given (sorted) order.
+pub fn combine_checksums<'a>(per_tensor: impl IntoIterator<Item = (&'a str, u64)>) -> u64 {
+    per_tensor.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, (name, c)| {
+        let h = fnv1a(h, name.as_bytes());
+        fnv1a(h, &c.to_le_bytes())
+    })
+}
+
+impl CudaModel {
+    /// Checksum of one device tensor's stored bits (see [`checksum_bits_u32`]).
+    pub fn tensor_checksum(&self, name: &str) -> Result<u64> {
+        self.dev.bind()?;
+        let t = self.tensor(name)?;
+        let out = self.dev.zeros::<u64>(1)?;
+        let (ptr, is_u16) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), false),
+            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        };
+        self.dev.checksum(ptr, is_u16, t.len(), self.dev.ptr(&out))?;
+        Ok(self.dev.download(&out, 0, 1)?[0])
+    }
+
+    /// Checksum of every tensor on the device (name order, [`combine_checksums`]). Equal
+    /// before and after an edit session proves the weights were restored bit for bit.
+    pub fn checksum(&self) -> Result<u64> {
+        let mut per = Vec::with_capacity(self.tensors.len());
+        for name in self.tensors.keys() {
+            per.push((name.as_str(), self.tensor_checksum(name)?));
+        }
+        Ok(combine_checksums(per))
+    }
+
+    /// The checksum [`CudaModel::checksum`] must give right after uploading `model` in
+    /// `dtype` (computed on the host): proves the upload itself was bit-exact.
+    pub fn expected_checksum(model: &crate::Model, dtype: super::WeightDtype) -> Result<u64> {
+        let probe = super::forward::upload_plan(model);
+        let mut per = Vec::with_capacity(probe.len());
+        for (name, matrix) in &probe {
+            let t = model.weights.get(name)?;
+            let c = if *matrix && dtype == super::WeightDtype::Bf16 {
+                use rayon::prelude::*;
+                let bits: Vec<u16> = t.data.par_iter().map(|&v| f32_to_bf16_bits(v)).collect();
+                checksum_bits_u16(&bits)
+            } else {
+                checksum_bits_u32(bytemuck::cast_slice(&t.data))
+            };
+            per.push((name.as_str(), c));
+        }
+        per.sort_by(|a, b| a.0.cmp(b.0));
+        Ok(combine_checksums(per))
+    }
+}
+
+impl EditTarget for CudaModel {
+    fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
+        Ok(self.tensor(tensor)?.shape.clone())
+    }
+
+    /// The element's bits as f32 bits (bf16 storage: widened, exact).
+    fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
+        self.dev.bind()?;
+        let t = self.tensor(tensor)?;
+        if flat >= t.len() {
+            return Err(Error::tensor(
+                tensor,
+                format!("index {flat} out of range ({} elements)", t.len()),
+            ));
+        }
+        match &t.data {
+            DevData::F32(d) => Ok(self.dev.download(d, flat, 1)?[0].to_bits()),
+            DevData::Bf16(d) => Ok(bf16_bits_to_f32_bits(self.dev.download(d, flat, 1)?[0])),
+        }
+    }
+
+    /// Write f32 bits (bf16 storage: rounded to nearest even). Synchronizes, so a failed
+    /// write is reported here rather than by a later pass.
+    fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
+        self.dev.bind()?;
+        let old = self.dev.ptr(&self.edit_scratch);
+        let t = self.tensor(tensor)?;
+        if flat >= t.len() {
+            return Err(Error::tensor(
+                tensor,
+                format!("index {flat} out of range ({} elements)", t.len()),
+            ));
+        }
+        match &t.data {
+            DevData::F32(d) => self.dev.edit(self.dev.ptr(d), false, flat, bits, old)?,
+            DevData::Bf16(d) => {
+                let b = f32_to_bf16_bits(f32::from_bits(bits)) as u32;
+                self.dev.edit(self.dev.ptr(d), true, flat, b, old)?
+            }
+        }
+        self.dev.synchronize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_mirror_sees_every_change() {
+        let mut rng = crate::synth::SplitMix64::new(3);
+        let a: Vec<u32> = (0..10_000).map(|_| rng.next_u64() as u32).collect();
+        let base = checksum_bits_u32(&a);
+        assert_eq!(base, checksum_bits_u32(&a.clone()), "deterministic");
+        // One flipped bit anywhere.
+        for i in [0usize, 1, 4999, 9999] {
+            for bit in [0, 15, 31] {
+                let mut b = a.clone();
+                b[i] ^= 1 << bit;
+                assert_ne!(checksum_bits_u32(&b), base, "element {i} bit {bit}");
+            }
+        }
+        // Swapping two elements (same multiset of values) changes it: it is order-sensitive.
+        let mut b = a.clone();
+        b.swap(10, 20);
+        assert_ne!(checksum_bits_u32(&b), base);
+        // A zero and a negative zero differ (bits, not values).
+        assert_ne!(
+            checksum_bits_u32(&[0.0f32.to_bits()]),
+            checksum_bits_u32(&[(-0.0f32).to_bits()])
+        );
+        // u16 and u32 storage of the same small values agree term by term.
+        let small: Vec<u16> = (0..100).collect();
+        let wide: Vec<u32> = small.iter().map(|&v| v as u32).collect();
+        assert_eq!(checksum_bits_u16(&small), checksum_bits_u32(&wide));
+        assert_eq!(checksum_bits_u32(&[]), 0);
+    }
+
+    #[test]
+    fn combined_checksum_depends_on_names_and_values() {
+        let a = combine_checksums([("a", 1), ("b", 2)]);
+        assert_ne!(a, combine_checksums([("a", 1), ("b", 3)]));
+        assert_ne!(a, combine_checksums([("a", 1), ("c", 2)]));
+        assert_eq!(a, combine_checksums([("a", 1), ("b", 2)]));
+    }
+
+    /// An edit/restore cycle through the guard on bf16 storage is bit-exact: the recorded
+    /// original bits survive the f32 → bf16 rounding of the restore write.
+    #[test]
+    fn bf16_restore_bits_survive_rounding() {
+        let mut rng = crate::synth::SplitMix64::new(5);
+        for _ in 0..100_000 {
+            let stored = (rng.next_u64() as u16) & 0x7f7f; // finite bf16 values
+            let read = bf16_bits_to_f32_bits(stored);
+            assert_eq!(f32_to_bf16_bits(f32::from_bits(read)), stored);
+        }
+    }
+
+    /// The host mirror is exactly what the device computes: fixed values from the formula,
+    /// so a change to either side that alters the scheme fails here too.
+    #[test]
+    fn checksum_known_values() {
+        assert_eq!(checksum_bits_u32(&[0]), mix64(GOLDEN));
+        assert_eq!(
+            checksum_bits_u32(&[7, 9]),
+            mix64(7 + GOLDEN).wrapping_add(mix64((1 << 32 | 9) + GOLDEN))
+        );
+    }
+}

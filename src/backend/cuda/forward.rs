@@ -1,0 +1,890 @@
+//! A model on the device and its forward pass, mirroring `model::arch::llama::forward`:
+//!
+//! ```text
+//! x = E[tokens]
+//! per block l:
+//!   xn = rmsnorm(x) ⊙ w_attn_norm
+//!   q = xn·W_qᵀ (+b_q); k, v = xn·W_{k,v}ᵀ (+b) written straight into the cache rows pos0..
+//!   rope(q), rope(k rows of the cache)
+//!   att = softmax(q·kᵀ/√d + causal/window mask)·v        (swk_attention)
+//!   x += att·W_oᵀ
+//!   xn = rmsnorm(x) ⊙ w_mlp_norm
+//!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
+//!   x += a·W_downᵀ                                        (+ per-column max |y|: spike output)
+//! logits = rmsnorm(x[rows asked]) ⊙ w_norm · W_headᵀ
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use cudarc::driver::CudaSlice;
+
+use super::device::{cuda_available, CudaDevice};
+use super::kernels;
+use crate::eval::ppl::Perplexity;
+use crate::hooks::SpikeStats;
+use crate::model::arch::{self, llama, Logits};
+use crate::model::{Architecture, Model, ModelConfig};
+use crate::{Error, Result};
+
+/// How weight matrices (projections, embedding, LM head) are stored on the device. Norm
+/// weights, biases and RoPE frequencies are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// 4 bytes per weight: the host's values exactly.
+    F32,
+    /// 2 bytes per weight, rounded to nearest even (exact for models stored in bf16).
+    Bf16,
+}
+
+impl WeightDtype {
+    /// Bytes per stored weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 => 2,
+        }
+    }
+    /// Lowercase name (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Who computes the matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmEngine {
+    /// cuBLAS when libcublas loads, else swk's kernels.
+    Auto,
+    /// cuBLAS SGEMM in f32 (bf16 weights are widened exactly to f32 chunk by chunk first):
+    /// the CPU backend's math.
+    Cublas,
+    /// cuBLAS GemmEx on bf16 inputs with f32 accumulation: activations are rounded to bf16
+    /// before each product. Fastest, least exact. Needs [`WeightDtype::Bf16`].
+    CublasBf16,
+    /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 weights widened as loaded).
+    Kernels,
+}
+
+impl GemmEngine {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmEngine::Auto => "auto",
+            GemmEngine::Cublas => "cublas",
+            GemmEngine::CublasBf16 => "cublas-bf16",
+            GemmEngine::Kernels => "kernels",
+        }
+    }
+}
+
+/// Options of [`CudaModel::new`].
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Storage of weight matrices.
+    pub dtype: WeightDtype,
+    /// Matrix product engine.
+    pub gemm: GemmEngine,
+}
+
+impl Default for CudaOptions {
+    /// Device 0, bf16 weights, cuBLAS (f32 math) when present.
+    fn default() -> Self {
+        CudaOptions { device: 0, dtype: WeightDtype::Bf16, gemm: GemmEngine::Auto }
+    }
+}
+
+/// Elements of the f32 scratch used to widen bf16 weights for cuBLAS SGEMM (128 MiB).
+const WIDEN_SCRATCH: usize = 1 << 25;
+
+/// Device storage of one tensor.
+pub(crate) enum DevData {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// A tensor on the device: HF shape and storage.
+pub(crate) struct DevTensor {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: DevData,
+}
+
+impl DevTensor {
+    pub(crate) fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A model's weights on a CUDA device, ready to run the Llama-family forward pass.
+pub struct CudaModel {
+    pub(crate) dev: CudaDevice,
+    pub(crate) config: ModelConfig,
+    pub(crate) tensors: BTreeMap<String, DevTensor>,
+    inv_freq: CudaSlice<f32>,
+    head: String,
+    dtype: WeightDtype,
+    gemm: GemmEngine,
+    pub(crate) edit_scratch: CudaSlice<u32>,
+    scratch: Mutex<Scratch>,
+    id: u64,
+}
+
+/// Keys and values of past positions on the device, per layer `[capacity, n_kv * head_dim]`,
+/// for one [`CudaModel`]. Grows (doubling, copying on the device) as positions are added.
+pub struct CudaKvCache {
+    layers: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    len: usize,
+    capacity: usize,
+    model_id: u64,
+}
+
+impl CudaKvCache {
+    /// An empty cache for `model` (allocates on first use).
+    pub fn new(model: &CudaModel) -> Self {
+        CudaKvCache { layers: Vec::new(), len: 0, capacity: 0, model_id: model.id }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether no position is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Positions the cache holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forget every position (keeps the memory).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// Every tensor the forward pass reads: (name, whether it is a matrix stored in the weight
+/// dtype). Norms and biases stay f32.
+pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
+    let c = &model.config;
+    let mut v = vec![
+        ("model.embed_tokens.weight".to_string(), true),
+        ("model.norm.weight".to_string(), false),
+    ];
+    if model.weights.contains("lm_head.weight") {
+        v.push(("lm_head.weight".to_string(), true));
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), false));
+        v.push((format!("{p}.post_attention_layernorm.weight"), false));
+        for proj in ["q_proj", "k_proj", "v_proj"] {
+            v.push((format!("{p}.self_attn.{proj}.weight"), true));
+            if c.attention_bias {
+                v.push((format!("{p}.self_attn.{proj}.bias"), false));
+            }
+        }
+        v.push((format!("{p}.self_attn.o_proj.weight"), true));
+        for m in ["gate_proj", "up_proj", "down_proj"] {
+            v.push((format!("{p}.mlp.{m}.weight"), true));
+        }
+    }
+    v
+}
+
+/// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
+fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut v = vec![
+        ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true),
+        ("model.norm.weight".to_string(), vec![h], false),
+    ];
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h], false));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h], false));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, h], true));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, h], true));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, h], true));
+        if c.attention_bias {
+            v.push((format!("{p}.self_attn.q_proj.bias"), vec![qd], false));
+            v.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd], false));
+            v.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd], false));
+        }
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qd], true));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], true));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], true));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], true));
+    }
+    v
+}
+
+/// Device bytes the weights of `c` take in `dtype`.
+pub(crate) fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
+    plan_shapes(c)
+        .iter()
+        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
+        .sum()
+}
+
+/// The device forward pass is the Llama family's (Llama, Mistral, Qwen2); other
+/// architectures run on the CPU backend.
+fn check_architecture(c: &ModelConfig) -> Result<()> {
+    if matches!(c.architecture, Architecture::Llama | Architecture::Mistral | Architecture::Qwen2) {
+        Ok(())
+    } else {
+        Err(Error::Backend(format!(
+            "the CUDA backend runs llama, mistral and qwen2 models; `{}` runs on the CPU backend",
+            c.architecture.name()
+        )))
+    }
+}
+
+fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
+    let gemm = match gemm {
+        GemmEngine::Auto if dev.has_cublas() => GemmEngine::Cublas,
+        GemmEngine::Auto => GemmEngine::Kernels,
+        g => g,
+    };
+    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16) && !dev.has_cublas() {
+        return Err(Error::Backend(format!(
+            "GEMM engine `{}` needs cuBLAS, and libcublas.so could not be loaded (add its directory to \
+             LD_LIBRARY_PATH, or use the `kernels` engine)",
+            gemm.name()
+        )));
+    }
+    if gemm == GemmEngine::CublasBf16 && dtype != WeightDtype::Bf16 {
+        return Err(Error::Invalid("GEMM engine `cublas-bf16` needs bf16 weights".into()));
+    }
+    Ok(gemm)
+}
+
+impl CudaModel {
+    /// Upload `model`'s weights to the device. Errors (never panics) when no CUDA device is
+    /// usable, the model is not a supported architecture, or the weights do not fit.
+    pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
+        check_architecture(&model.config)?;
+        arch::validate(model)?;
+        if !cuda_available() {
+            // Let the device constructor say precisely why (no driver, no device).
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        Self::check_memory(&dev, &model.config, opts.dtype)?;
+        dev.bind()?;
+        let mut tensors = BTreeMap::new();
+        for (name, matrix) in upload_plan(model) {
+            let t = model.weights.get(&name)?;
+            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
+                use rayon::prelude::*;
+                let bits: Vec<u16> =
+                    t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
+                DevData::Bf16(dev.upload(&bits)?)
+            } else {
+                DevData::F32(dev.upload(&t.data)?)
+            };
+            tensors.insert(name, DevTensor { shape: t.shape.clone(), data });
+        }
+        let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
+        let inv = llama::inv_freq(&model.config, freqs);
+        let head = if model.weights.contains("lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)
+    }
+
+    /// A Llama of `config`'s shapes with random weights generated on the device (linear
+    /// weights and embeddings N(0, 0.02), norm weights 1 + N(0, 0.02), like
+    /// `synth::random_llama` but from a device hash, so not the same bits): for timing runs
+    /// at real model sizes without building the model in host memory.
+    pub fn random(config: &ModelConfig, seed: u64, opts: &CudaOptions) -> Result<Self> {
+        check_architecture(config)?;
+        if !cuda_available() {
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        Self::check_memory(&dev, config, opts.dtype)?;
+        let mut tensors = BTreeMap::new();
+        for (k, (name, shape, matrix)) in plan_shapes(config).into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let (mean, std) =
+                if matrix || name.ends_with(".bias") { (0.0, 0.02) } else { (1.0, 0.02) };
+            let s = crate::synth::mix(seed, k as u64);
+            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
+                let d = dev.alloc::<u16>(n)?;
+                dev.fill_normal(dev.ptr(&d), true, n, s, mean, std)?;
+                DevData::Bf16(d)
+            } else {
+                let d = dev.alloc::<f32>(n)?;
+                dev.fill_normal(dev.ptr(&d), false, n, s, mean, std)?;
+                DevData::F32(d)
+            };
+            tensors.insert(name, DevTensor { shape, data });
+        }
+        dev.synchronize()?;
+        let inv = llama::inv_freq(config, None);
+        let head =
+            if config.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        Self::finish(dev, config.clone(), tensors, &inv, head, opts.dtype, gemm)
+    }
+
+    fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
+        let need = weight_bytes(c, dtype);
+        let (free, total) = dev.memory()?;
+        if need > free {
+            return Err(Error::Backend(format!(
+                "the weights need {:.2} GiB in {} and {} has {:.2} GiB free of {:.2} GiB",
+                need as f64 / (1u64 << 30) as f64,
+                dtype.name(),
+                dev.name(),
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(
+        dev: CudaDevice,
+        config: ModelConfig,
+        tensors: BTreeMap<String, DevTensor>,
+        inv: &[f32],
+        head: &str,
+        dtype: WeightDtype,
+        gemm: GemmEngine,
+    ) -> Result<Self> {
+        let inv_freq = dev.upload(inv)?;
+        let edit_scratch = dev.zeros::<u32>(1)?;
+        dev.synchronize()?;
+        Ok(CudaModel {
+            dev,
+            config,
+            tensors,
+            inv_freq,
+            head: head.to_string(),
+            dtype,
+            gemm,
+            edit_scratch,
+            scratch: Mutex::new(Scratch::default()),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+    /// Storage of the weight matrices.
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
+    }
+    /// The GEMM engine in use (never `Auto`).
+    pub fn gemm(&self) -> GemmEngine {
+        self.gemm
+    }
+    /// Switch the GEMM engine (e.g. to compare engines on one upload). Errors when the
+    /// engine needs cuBLAS and it is absent, or `cublas-bf16` is asked with f32 weights.
+    pub fn set_gemm(&mut self, gemm: GemmEngine) -> Result<()> {
+        self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
+        Ok(())
+    }
+    /// Device bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        weight_bytes(&self.config, self.dtype)
+    }
+    /// Names of the tensors on the device, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+    /// Wait for all queued device work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    /// A tensor's values as f32 on the host (bf16 widened exactly).
+    pub fn download(&self, name: &str) -> Result<Vec<f32>> {
+        self.dev.bind()?;
+        let t = self.tensor(name)?;
+        match &t.data {
+            DevData::F32(d) => self.dev.download(d, 0, t.len()),
+            DevData::Bf16(d) => Ok(self
+                .dev
+                .download(d, 0, t.len())?
+                .into_iter()
+                .map(|b| f32::from_bits(kernels::bf16_bits_to_f32_bits(b)))
+                .collect()),
+        }
+    }
+
+    pub(crate) fn tensor(&self, name: &str) -> Result<&DevTensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::tensor(name, "not on the device (the forward pass does not read it)")
+        })
+    }
+
+    fn f32_ptr(&self, name: &str) -> Result<u64> {
+        match &self.tensor(name)?.data {
+            DevData::F32(d) => Ok(self.dev.ptr(d)),
+            DevData::Bf16(_) => {
+                Err(Error::Backend(format!("{name} is expected in f32 on the device")))
+            }
+        }
+    }
+
+    /// y `[rows, n_out]` = x `[rows, n_in]` · Wᵀ with the configured engine.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        x: u64,
+        w_name: &str,
+        y: u64,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let w = self.tensor(w_name)?;
+        if w.shape != [n_out, n_in] {
+            return Err(Error::tensor(
+                w_name,
+                format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
+            ));
+        }
+        match (&w.data, self.gemm) {
+            (DevData::F32(d), GemmEngine::Kernels) => {
+                self.dev.gemm_kernel(x, self.dev.ptr(d), false, y, rows, n_out, n_in)
+            }
+            (DevData::Bf16(d), GemmEngine::Kernels) => {
+                self.dev.gemm_kernel(x, self.dev.ptr(d), true, y, rows, n_out, n_in)
+            }
+            (DevData::F32(d), _) => self.dev.sgemm(x, self.dev.ptr(d), y, rows, n_out, n_in, n_out),
+            (DevData::Bf16(d), GemmEngine::CublasBf16) => {
+                let x16 = sc.x16(&self.dev, rows * n_in)?;
+                self.dev.f32_to_bf16(x, x16, rows * n_in)?;
+                self.dev.gemm_bf16_inputs(x16, self.dev.ptr(d), y, rows, n_out, n_in)
+            }
+            (DevData::Bf16(d), _) => {
+                // Widen a band of W's rows to f32, multiply into the matching band of y's columns.
+                let base = self.dev.ptr(d);
+                let wide = sc.wide(&self.dev, n_out, n_in)?;
+                for (o0, oc) in kernels::widen_chunks(n_out, n_in, WIDEN_SCRATCH) {
+                    self.dev.bf16_to_f32(base + (o0 * n_in * 2) as u64, wide, oc * n_in)?;
+                    self.dev.sgemm(x, wide, y + (o0 * 4) as u64, rows, oc, n_in, n_out)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Run `tokens` (appended after what `cache` holds) through the model; returns logits
+    /// `[rows, vocab]` for the rows `logits` asks for, as `Model::forward` does. With `stats`,
+    /// every layer's down_proj input/output maxima of this pass are merged into it (same
+    /// channels, positions and signed values as the CPU backend; values within float
+    /// rounding).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaKvCache,
+        stats: Option<&mut SpikeStats>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let Some((d, rows)) = self.run(tokens, cache, stats, logits)? else {
+            return Ok(Vec::new());
+        };
+        self.dev.download(&d, 0, rows * self.config.vocab_size)
+    }
+
+    /// Convenience: logits of every position of `tokens`, from an empty cache.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, &mut CudaKvCache::new(self), None, Logits::All)
+    }
+
+    /// Sum of NLL over a fed sequence (every token after the first is scored), computed on
+    /// the device from the logits, as `eval::ppl::score` does on the host. Appends `fed` to
+    /// `cache`. Returns (nll sum, tokens scored).
+    pub fn score(&self, fed: &[u32], cache: &mut CudaKvCache) -> Result<(f64, usize)> {
+        if fed.len() < 2 {
+            if !fed.is_empty() {
+                self.run(fed, cache, None, Logits::None)?;
+            }
+            return Ok((0.0, 0));
+        }
+        let Some((logits, _)) = self.run(fed, cache, None, Logits::All)? else {
+            return Ok((0.0, 0));
+        };
+        let n = fed.len() - 1;
+        let targets = self.dev.upload(&fed[1..])?;
+        let out = self.dev.alloc::<f64>(n)?;
+        self.dev.nll(
+            self.dev.ptr(&logits),
+            self.dev.ptr(&targets),
+            self.dev.ptr(&out),
+            n,
+            self.config.vocab_size,
+        )?;
+        let nll = self.dev.download(&out, 0, n)?;
+        Ok((nll.iter().sum(), n))
+    }
+
+    /// Perplexity over `windows` (from `eval::ppl::windows`, which adds BOS per the model's
+    /// tokenizer), as `eval::ppl::perplexity` computes it; `on_window(done, total)` after each.
+    pub fn perplexity(
+        &self,
+        windows: &[Vec<u32>],
+        context: usize,
+        mut on_window: impl FnMut(usize, usize),
+    ) -> Result<Perplexity> {
+        let start = Instant::now();
+        let (mut nll_sum, mut scored) = (0f64, 0usize);
+        let mut cache = CudaKvCache::new(self);
+        for (wi, fed) in windows.iter().enumerate() {
+            if fed.len() >= 2 {
+                cache.clear();
+                let (n, k) = self.score(fed, &mut cache)?;
+                nll_sum += n;
+                scored += k;
+            }
+            on_window(wi + 1, windows.len());
+        }
+        if scored == 0 {
+            return Err(Error::Invalid("the text is too short to score any token".into()));
+        }
+        Ok(Perplexity {
+            perplexity: (nll_sum / scored as f64).exp(),
+            tokens_scored: scored,
+            nll_sum,
+            seconds: start.elapsed().as_secs_f64(),
+            context,
+            windows: windows.len(),
+        })
+    }
+
+    /// Greedily extend `prompt` by up to `max_new` tokens, stopping after any of `stops`
+    /// (as `eval::generate::greedy`, with the stop ids given by the caller).
+    pub fn greedy(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stops: &[u32],
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let mut cache = CudaKvCache::new(self);
+        let mut out = Vec::new();
+        let mut input = prompt.to_vec();
+        for _ in 0..max_new {
+            let logits = self.forward(&input, &mut cache, None, Logits::Last)?;
+            let next = crate::eval::generate::argmax(&logits);
+            out.push(next);
+            on_token(next);
+            if stops.contains(&next) {
+                break;
+            }
+            input = vec![next];
+        }
+        Ok(out)
+    }
+
+    /// Make room for `needed` positions in `cache` (doubling, copying what it holds).
+    fn reserve(&self, cache: &mut CudaKvCache, needed: usize) -> Result<()> {
+        if needed <= cache.capacity && cache.layers.len() == self.config.num_layers {
+            return Ok(());
+        }
+        let kvd = self.config.num_kv_heads * self.config.head_dim;
+        let cap = needed.max(cache.capacity * 2).max(16).next_multiple_of(16);
+        let mut layers = Vec::with_capacity(self.config.num_layers);
+        for l in 0..self.config.num_layers {
+            let mut k = self.dev.alloc::<f32>(cap * kvd)?;
+            let mut v = self.dev.alloc::<f32>(cap * kvd)?;
+            if let Some((ok, ov)) = cache.layers.get(l) {
+                self.dev.copy(ok, &mut k, cache.len * kvd)?;
+                self.dev.copy(ov, &mut v, cache.len * kvd)?;
+            }
+            layers.push((k, v));
+        }
+        cache.layers = layers;
+        cache.capacity = cap;
+        Ok(())
+    }
+
+    /// The forward pass; returns the device logits and their row count (None for
+    /// `Logits::None` or no tokens).
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaKvCache,
+        stats: Option<&mut SpikeStats>,
+        logits: Logits,
+    ) -> Result<Option<(CudaSlice<f32>, usize)>> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Ok(None);
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        if cache.model_id != self.id {
+            return Err(Error::Invalid("this KV cache belongs to another CudaModel".into()));
+        }
+        if let Some(s) = stats.as_deref() {
+            if s.layers.len() != c.num_layers
+                || s.layers.iter().any(|l| {
+                    l.input.len() != c.intermediate_size || l.output.len() != c.hidden_size
+                })
+            {
+                return Err(Error::Invalid("spike statistics sized for another model".into()));
+            }
+        }
+        self.dev.bind()?;
+        let dev = &self.dev;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let t = tokens.len();
+        let pos0 = cache.len;
+        u32::try_from(pos0 + t)
+            .map_err(|_| Error::Invalid(format!("position {} is too large", pos0 + t)))?;
+        self.reserve(cache, pos0 + t)?;
+
+        let tok = dev.upload(tokens)?;
+        let x = dev.alloc::<f32>(t * h)?;
+        let emb = self.tensor("model.embed_tokens.weight")?;
+        let (emb_ptr, emb_bf16) = match &emb.data {
+            DevData::F32(d) => (dev.ptr(d), false),
+            DevData::Bf16(d) => (dev.ptr(d), true),
+        };
+        let xp = dev.ptr(&x);
+        dev.embed(emb_ptr, emb_bf16, dev.ptr(&tok), xp, t, h)?;
+
+        let xn = dev.alloc::<f32>(t * h)?;
+        let q = dev.alloc::<f32>(t * qd)?;
+        let att = dev.alloc::<f32>(t * qd)?;
+        let proj = dev.alloc::<f32>(t * h)?;
+        let gate = dev.alloc::<f32>(t * i)?;
+        let up = dev.alloc::<f32>(t * i)?;
+        let act = dev.alloc::<f32>(t * i)?;
+        let (xnp, qp, attp, projp) = (dev.ptr(&xn), dev.ptr(&q), dev.ptr(&att), dev.ptr(&proj));
+        let (gatep, upp, actp) = (dev.ptr(&gate), dev.ptr(&up), dev.ptr(&act));
+        // Spike keys: per layer [intermediate] inputs then [hidden] outputs.
+        let keys = match stats {
+            Some(_) => Some(dev.zeros::<u64>(c.num_layers * (i + h))?),
+            None => None,
+        };
+        let keys_at = |l: usize, out: bool| -> u64 {
+            keys.as_ref()
+                .map_or(0, |k| dev.ptr(k) + ((l * (i + h) + if out { i } else { 0 }) * 8) as u64)
+        };
+        let inv = dev.ptr(&self.inv_freq);
+        // The GEMM scratch persists across calls (one pass at a time: the device has one stream).
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let (kc, vc) = &cache.layers[l];
+            let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
+            let (k_new, v_new) = (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
+
+            // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into the cache.
+            dev.rmsnorm(
+                xp,
+                self.f32_ptr(&format!("{p}.input_layernorm.weight"))?,
+                xnp,
+                t,
+                h,
+                c.rms_norm_eps,
+            )?;
+            for (proj_name, out, width) in
+                [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)]
+            {
+                let wn = format!("{p}.self_attn.{proj_name}");
+                self.linear(xnp, &format!("{wn}.weight"), out, t, h, width, sc)?;
+                if c.attention_bias {
+                    dev.add_bias(out, self.f32_ptr(&format!("{wn}.bias"))?, t, width)?;
+                }
+            }
+            dev.rope(qp, inv, t, nh, hd, pos0)?;
+            dev.rope(k_new, inv, t, nkv, hd, pos0)?;
+            dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, c.sliding_window)?;
+            self.linear(attp, &format!("{p}.self_attn.o_proj.weight"), projp, t, qd, h, sc)?;
+            dev.add_residual(xp, projp, t, h, pos0, 0)?;
+
+            // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
+            // with the spike statistics fused into silu_mul (inputs) and the add (outputs).
+            dev.rmsnorm(
+                xp,
+                self.f32_ptr(&format!("{p}.post_attention_layernorm.weight"))?,
+                xnp,
+                t,
+                h,
+                c.rms_norm_eps,
+            )?;
+            self.linear(xnp, &format!("{p}.mlp.gate_proj.weight"), gatep, t, h, i, sc)?;
+            self.linear(xnp, &format!("{p}.mlp.up_proj.weight"), upp, t, h, i, sc)?;
+            dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
+            self.linear(actp, &format!("{p}.mlp.down_proj.weight"), projp, t, i, h, sc)?;
+            dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+        }
+        cache.len = pos0 + t;
+
+        if let (Some(s), Some(k)) = (stats, keys.as_ref()) {
+            let host = dev.download(k, 0, c.num_layers * (i + h))?;
+            for (l, layer) in s.layers.iter_mut().enumerate() {
+                let base = l * (i + h);
+                kernels::merge_spike_keys(&mut layer.input, &host[base..base + i]);
+                kernels::merge_spike_keys(&mut layer.output, &host[base + i..base + i + h]);
+            }
+        }
+
+        // Final norm and LM head, only for the rows asked for.
+        let rows = match logits {
+            Logits::None => {
+                dev.synchronize()?;
+                return Ok(None);
+            }
+            Logits::All => 0..t,
+            Logits::Last => t - 1..t,
+        };
+        let n = rows.len();
+        let xf = dev.alloc::<f32>(n * h)?;
+        dev.rmsnorm(
+            xp + (rows.start * h * 4) as u64,
+            self.f32_ptr("model.norm.weight")?,
+            dev.ptr(&xf),
+            n,
+            h,
+            c.rms_norm_eps,
+        )?;
+        let out = dev.alloc::<f32>(n * c.vocab_size)?;
+        self.linear(dev.ptr(&xf), &self.head, dev.ptr(&out), n, h, c.vocab_size, sc)?;
+        Ok(Some((out, n)))
+    }
+}
+
+/// Scratch buffers of the GEMM paths, allocated on first use and kept by the model.
+#[derive(Default)]
+struct Scratch {
+    wide: Option<CudaSlice<f32>>,
+    x16: Option<CudaSlice<u16>>,
+}
+
+impl Scratch {
+    /// The f32 widening scratch for a `[n_out, n_in]` weight: at most [`WIDEN_SCRATCH`]
+    /// elements (fewer for small weights), but always at least one row.
+    fn wide(&mut self, dev: &CudaDevice, n_out: usize, n_in: usize) -> Result<u64> {
+        let want = (n_out * n_in).min(WIDEN_SCRATCH).max(n_in);
+        if self.wide.as_ref().is_none_or(|b| b.len() < want) {
+            self.wide =
+                Some(dev.alloc::<f32>(want.max(self.wide.as_ref().map_or(0, |b| b.len())))?);
+        }
+        Ok(self.wide.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
+    /// The bf16 activation scratch of at least `want` elements.
+    fn x16(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
+        if self.x16.as_ref().is_none_or(|b| b.len() < want) {
+            self.x16 = Some(dev.alloc::<u16>(want)?);
+        }
+        Ok(self.x16.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny Llama fixture (`$SWK_FIXTURES/tiny/llama` when set: the GPU machine runs
+    /// copied test binaries away from the source tree).
+    fn tiny() -> Model {
+        let root = std::env::var("SWK_FIXTURES")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string());
+        Model::load(&format!("{root}/tiny/llama")).expect("tiny fixture")
+    }
+
+    #[test]
+    fn new_without_a_device_is_a_clear_error() {
+        if cuda_available() {
+            return;
+        }
+        let m = tiny();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let opts = CudaOptions { dtype, ..Default::default() };
+            let e = CudaModel::new(&m, &opts).err().expect("no device here").to_string();
+            assert!(e.starts_with("backend: "), "{e}");
+            assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
+        }
+        let c = crate::synth::SynthSpec::tiny().config().unwrap();
+        let e = CudaModel::random(&c, 1, &CudaOptions::default())
+            .err()
+            .expect("no device here")
+            .to_string();
+        assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
+    }
+
+    #[test]
+    fn upload_plan_matches_the_model() {
+        let m = tiny();
+        let names: Vec<String> = upload_plan(&m).into_iter().map(|(n, _)| n).collect();
+        for n in &names {
+            assert!(m.weights.contains(n), "{n}");
+        }
+        // The plan from shapes names the same tensors with the model's shapes.
+        let shaped = plan_shapes(&m.config);
+        let mut a: Vec<&String> = names.iter().collect();
+        let mut b: Vec<&String> = shaped.iter().map(|(n, _, _)| n).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        for (n, shape, _) in &shaped {
+            assert_eq!(&m.weights.get(n).unwrap().shape, shape, "{n}");
+        }
+        // Every tensor the CPU forward pass validates is uploaded.
+        for (n, _) in m.weights.iter() {
+            if n != "rope_freqs.weight" {
+                assert!(names.iter().any(|x| x == n), "{n} would not be on the device");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_bytes_of_7b() {
+        let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
+        let params = c.parameter_count() as usize;
+        let bf16 = weight_bytes(&c, WeightDtype::Bf16);
+        let f32 = weight_bytes(&c, WeightDtype::F32);
+        // Norms stay f32: a little over 2 bytes per parameter.
+        assert!(bf16 > 2 * params && bf16 < 2 * params + 4 * 100 * 4096, "{bf16}");
+        assert_eq!(f32, 4 * params);
+        assert!(bf16 < 14 << 30, "7B in bf16 fits an 80 GB GPU many times over: {bf16}");
+    }
+
+    #[test]
+    fn default_options() {
+        let o = CudaOptions::default();
+        assert_eq!((o.device, o.dtype, o.gemm), (0, WeightDtype::Bf16, GemmEngine::Auto));
+        assert_eq!(GemmEngine::CublasBf16.name(), "cublas-bf16");
+        assert_eq!(WeightDtype::Bf16.bytes(), 2);
+    }
+}

@@ -1,0 +1,476 @@
+//! The kernels of `kernels/*.cu`: their names, launch configurations (pure functions, unit
+//! tested without a GPU), host mirrors of their bit-level helpers, and typed launchers.
+//!
+//! Launchers take raw device addresses (`u64`, a `CUdeviceptr`): the backend runs everything
+//! on one stream, so stream order alone makes every read see the writes before it.
+
+use crate::hooks::ChannelMax;
+use crate::{Error, Result};
+
+/// Threads per block of the element-wise and per-row kernels.
+pub const BLOCK: u32 = 256;
+/// Threads per block of the attention kernel.
+pub const ATTENTION_BLOCK: u32 = 128;
+/// Rows one thread walks in the fused statistics kernels (`swk_silu_mul`, `swk_add_residual`)
+/// before its single `atomicMax`; more when the grid's y dimension would overflow.
+pub const STATS_ROWS_PER_BLOCK: usize = 16;
+/// Output tile edge of `swk_gemm_*`.
+pub const GEMM_TILE: usize = 64;
+/// Largest row count `swk_gemv_*` handles (decode); larger products use `swk_gemm_*`.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Warps (output columns) per block of `swk_gemv_*`.
+pub const GEMV_WARPS: usize = 8;
+/// Largest grid y/z dimension CUDA allows.
+pub const MAX_GRID_YZ: u64 = 65_535;
+/// Largest grid x dimension CUDA allows.
+pub const MAX_GRID_X: u64 = (1 << 31) - 1;
+/// Blocks of the grid-stride kernels (conversions, fills, checksums): enough to fill any
+/// current GPU, few enough that the per-block atomics of the checksum stay cheap.
+pub const GRID_STRIDE_BLOCKS: u64 = 4096;
+/// Dynamic shared memory every device grants without opting in.
+pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// Every kernel the host loads, by its `extern "C"` name (sorted). A unit test checks that
+/// this is exactly the set defined in `kernels/*.cu` and that each is in the fatbin.
+pub const KERNELS: &[&str] = &[
+    "swk_add_bias",
+    "swk_add_residual",
+    "swk_attention",
+    "swk_bf16_to_f32",
+    "swk_checksum_u16",
+    "swk_checksum_u32",
+    "swk_edit_bf16",
+    "swk_edit_f32",
+    "swk_embed_bf16",
+    "swk_embed_f32",
+    "swk_f32_to_bf16",
+    "swk_fill_normal_bf16",
+    "swk_fill_normal_f32",
+    "swk_gemm_bf16",
+    "swk_gemm_f32",
+    "swk_gemv_bf16",
+    "swk_gemv_f32",
+    "swk_nll",
+    "swk_rmsnorm",
+    "swk_rope",
+    "swk_silu_mul",
+];
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, bytes.
+    pub shared_bytes: u32,
+}
+
+impl Launch {
+    fn new(grid: (u64, u64, u64), block: u32, shared_bytes: usize) -> Result<Self> {
+        let bad = |what: &str| Error::Backend(format!("launch too large: {what} (grid {grid:?})"));
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Err(Error::Backend(format!("empty launch (grid {grid:?})")));
+        }
+        if grid.0 > MAX_GRID_X {
+            return Err(bad("grid x"));
+        }
+        if grid.1 > MAX_GRID_YZ || grid.2 > MAX_GRID_YZ {
+            return Err(bad("grid y/z"));
+        }
+        let shared = u32::try_from(shared_bytes).map_err(|_| bad("shared memory"))?;
+        Ok(Launch {
+            grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block: (block, 1, 1),
+            shared_bytes: shared,
+        })
+    }
+
+    /// Total threads launched.
+    pub fn threads(&self) -> u64 {
+        let g = self.grid.0 as u64 * self.grid.1 as u64 * self.grid.2 as u64;
+        g * self.block.0 as u64 * self.block.1 as u64 * self.block.2 as u64
+    }
+}
+
+impl From<Launch> for cudarc::driver::LaunchConfig {
+    fn from(l: Launch) -> Self {
+        cudarc::driver::LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: l.block,
+            shared_mem_bytes: l.shared_bytes,
+        }
+    }
+}
+
+/// One thread per element of `n` (ceil(n / BLOCK) blocks of [`BLOCK`]).
+pub fn elementwise(n: u64) -> Result<Launch> {
+    Launch::new((n.div_ceil(BLOCK as u64), 1, 1), BLOCK, 0)
+}
+
+/// A grid-stride loop over `n` elements: at most [`GRID_STRIDE_BLOCKS`] blocks.
+pub fn grid_stride(n: u64) -> Result<Launch> {
+    Launch::new((n.div_ceil(BLOCK as u64).clamp(1, GRID_STRIDE_BLOCKS), 1, 1), BLOCK, 0)
+}
+
+/// One block of [`BLOCK`] per row (RMSNorm, NLL).
+pub fn per_row(rows: usize) -> Result<Launch> {
+    Launch::new((rows as u64, 1, 1), BLOCK, 0)
+}
+
+/// The fused statistics kernels: x over columns, y over groups of rows. Returns the launch
+/// and the rows per group (at least [`STATS_ROWS_PER_BLOCK`], more when `rows` would need
+/// more than 65 535 groups).
+pub fn column_stats(rows: usize, n: usize) -> Result<(Launch, usize)> {
+    let per = STATS_ROWS_PER_BLOCK.max(rows.div_ceil(MAX_GRID_YZ as usize));
+    let l =
+        Launch::new(((n as u64).div_ceil(BLOCK as u64), rows.div_ceil(per) as u64, 1), BLOCK, 0)?;
+    Ok((l, per))
+}
+
+/// Most keys any of `rows` queries at `pos0..` sees, with an optional sliding window.
+pub fn attention_max_keys(rows: usize, pos0: usize, window: Option<usize>) -> usize {
+    let last = pos0 + rows; // keys of the last query: positions < last
+    match window {
+        Some(w) if w > 0 => w.min(last),
+        _ => last,
+    }
+}
+
+/// Dynamic shared memory of `swk_attention`: reduction scratch, one query head, the scores.
+pub fn attention_shared_bytes(head_dim: usize, max_keys: usize) -> usize {
+    (32 + head_dim + max_keys) * std::mem::size_of::<f32>()
+}
+
+/// `swk_attention`: grid (heads, rows), [`ATTENTION_BLOCK`] threads, shared memory for the
+/// longest row; errors when that exceeds `shared_limit` bytes (the device's opt-in maximum).
+pub fn attention(
+    rows: usize,
+    pos0: usize,
+    n_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    shared_limit: usize,
+) -> Result<Launch> {
+    let keys = attention_max_keys(rows, pos0, window);
+    let bytes = attention_shared_bytes(head_dim, keys);
+    if bytes > shared_limit {
+        let max_keys = (shared_limit / 4).saturating_sub(32 + head_dim);
+        return Err(Error::Backend(format!(
+            "attention over {keys} positions needs {bytes} bytes of shared memory; this device allows \
+             {shared_limit} ({max_keys} positions at head_dim {head_dim}): use a shorter context"
+        )));
+    }
+    Launch::new((n_heads as u64, rows as u64, 1), ATTENTION_BLOCK, bytes)
+}
+
+/// `swk_gemm_*`: 64×64 output tiles over `[rows, n]`.
+pub fn gemm_tiled(rows: usize, n: usize) -> Result<Launch> {
+    Launch::new(
+        ((n as u64).div_ceil(GEMM_TILE as u64), (rows as u64).div_ceil(GEMM_TILE as u64), 1),
+        BLOCK,
+        0,
+    )
+}
+
+/// `swk_gemv_*`: one warp per output column, [`GEMV_WARPS`] per block; `rows` must be at most
+/// [`GEMV_MAX_ROWS`].
+pub fn gemv(rows: usize, n: usize) -> Result<Launch> {
+    if rows > GEMV_MAX_ROWS {
+        return Err(Error::Backend(format!(
+            "gemv handles at most {GEMV_MAX_ROWS} rows, got {rows}"
+        )));
+    }
+    Launch::new(((n as u64).div_ceil(GEMV_WARPS as u64), 1, 1), (GEMV_WARPS * 32) as u32, 0)
+}
+
+/// Split the `n_out` rows of a `[n_out, n_in]` weight into chunks of at most `cap` elements
+/// (at least one row each), for widening bf16 weights into an f32 scratch chunk by chunk.
+/// Returns `(first row, rows)` pairs covering `0..n_out` in order.
+pub fn widen_chunks(n_out: usize, n_in: usize, cap: usize) -> Vec<(usize, usize)> {
+    let per = (cap / n_in.max(1)).max(1);
+    (0..n_out).step_by(per).map(|o0| (o0, per.min(n_out - o0))).collect()
+}
+
+/// A dimension as the `int` the kernels take.
+pub fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::Backend(format!("{what} = {v} does not fit a 32-bit kernel argument")))
+}
+
+/// Host mirror of `spike_key` in kernels/common.cuh: |v| bits in 63..33, `!pos` in 32..1,
+/// the sign in bit 0; 0 for zero and NaN (never recorded, as on the CPU).
+pub fn spike_key(v: f32, pos: u32) -> u64 {
+    let bits = v.to_bits();
+    let abs = bits & 0x7fff_ffff;
+    if abs == 0 || abs > 0x7f80_0000 {
+        return 0;
+    }
+    ((abs as u64) << 33) | ((!pos as u64) << 1) | (bits >> 31) as u64
+}
+
+/// Decode a spike key; `None` for 0 (nothing seen).
+pub fn decode_spike_key(key: u64) -> Option<ChannelMax> {
+    if key == 0 {
+        return None;
+    }
+    let abs = f32::from_bits((key >> 33) as u32);
+    let position = !((key >> 1) as u32) as usize;
+    let value = if key & 1 == 1 { -abs } else { abs };
+    Some(ChannelMax { value, abs, position })
+}
+
+/// Merge one launch's decoded keys into accumulated statistics with the CPU rule: a channel's
+/// maximum is replaced only by a strictly larger |value| (earlier calls win ties).
+pub fn merge_spike_keys(stats: &mut [ChannelMax], keys: &[u64]) {
+    for (s, &k) in stats.iter_mut().zip(keys) {
+        if let Some(m) = decode_spike_key(k) {
+            if m.abs > s.abs {
+                *s = m;
+            }
+        }
+    }
+}
+
+/// Host mirror of `f32_to_bf16_bits` in kernels/common.cuh (round to nearest even, NaN kept
+/// quiet): the rounding the device applies to edits of bf16 weights.
+pub fn f32_to_bf16_bits(f: f32) -> u16 {
+    let x = f.to_bits();
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        return ((x >> 16) | 0x0040) as u16;
+    }
+    let round_bit = 0x0000_8000u32;
+    if x & round_bit != 0 && x & (3 * round_bit - 1) != 0 {
+        ((x >> 16) + 1) as u16
+    } else {
+        (x >> 16) as u16
+    }
+}
+
+/// bf16 bits widened to f32 bits (exact).
+pub fn bf16_bits_to_f32_bits(b: u16) -> u32 {
+    (b as u32) << 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_list_is_sorted_and_unique() {
+        let mut v = KERNELS.to_vec();
+        v.sort();
+        v.dedup();
+        assert_eq!(v, KERNELS);
+    }
+
+    #[test]
+    fn elementwise_covers_every_element() {
+        for n in [1u64, 255, 256, 257, 1 << 20, 4096 * 11008, 32000 * 4096] {
+            let l = elementwise(n).unwrap();
+            assert_eq!(l.block, (BLOCK, 1, 1));
+            assert!(l.threads() >= n, "{n}");
+            assert!(l.threads() - n < BLOCK as u64, "{n}: one partial block at most");
+        }
+        assert!(elementwise(0).is_err(), "empty launches are refused, not sent");
+        assert!(elementwise(u64::MAX / 2).is_err());
+    }
+
+    #[test]
+    fn grid_stride_is_capped() {
+        assert_eq!(grid_stride(10).unwrap().grid, (1, 1, 1));
+        assert_eq!(grid_stride(257).unwrap().grid, (2, 1, 1));
+        assert_eq!(grid_stride(6_700_000_000).unwrap().grid, (GRID_STRIDE_BLOCKS as u32, 1, 1));
+        assert_eq!(
+            grid_stride(0).unwrap().grid,
+            (1, 1, 1),
+            "a zero-length checksum still launches once"
+        );
+    }
+
+    #[test]
+    fn column_stats_groups_rows() {
+        let (l, per) = column_stats(7, 11008).unwrap();
+        assert_eq!(per, STATS_ROWS_PER_BLOCK);
+        assert_eq!(l.grid, (43, 1, 1));
+        let (l, per) = column_stats(512, 4096).unwrap();
+        assert_eq!((l.grid, per), ((16, 32, 1), 16));
+        // Every row belongs to exactly one group.
+        for rows in [1usize, 15, 16, 17, 1000, 2_000_000] {
+            let (l, per) = column_stats(rows, 64).unwrap();
+            assert!(l.grid.1 as usize * per >= rows);
+            assert!((l.grid.1 as usize - 1) * per < rows);
+            assert!(l.grid.1 as u64 <= MAX_GRID_YZ);
+        }
+    }
+
+    #[test]
+    fn attention_shapes() {
+        // Prefill of 7 tokens, 4 heads of 16: grid (heads, rows), keys up to position 6.
+        let l = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!(l.grid, (4, 7, 1));
+        assert_eq!(l.block, (ATTENTION_BLOCK, 1, 1));
+        assert_eq!(l.shared_bytes as usize, (32 + 16 + 7) * 4);
+        // Decode at position 511: 512 keys.
+        let l = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!(l.grid, (32, 1, 1));
+        assert_eq!(l.shared_bytes as usize, (32 + 128 + 512) * 4);
+        // A sliding window bounds the keys.
+        assert_eq!(attention_max_keys(1, 10_000, Some(4096)), 4096);
+        assert_eq!(attention_max_keys(3, 2, Some(4096)), 5);
+        assert_eq!(attention_max_keys(3, 2, Some(0)), 5, "window 0 means none");
+        // Too long for 48 KiB: a clear error naming the limit.
+        let e = attention(1, 20_000, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
+        assert!(e.contains("shared memory") && e.contains("49152"), "{e}");
+        // ... which an H100's 227 KiB opt-in allows.
+        assert!(attention(1, 20_000, 32, 128, None, 227 * 1024).is_ok());
+    }
+
+    #[test]
+    fn gemm_and_gemv_tiles() {
+        assert_eq!(gemm_tiled(7, 4096).unwrap().grid, (64, 1, 1));
+        assert_eq!(gemm_tiled(512, 11008).unwrap().grid, (172, 8, 1));
+        assert_eq!(gemm_tiled(65, 65).unwrap().grid, (2, 2, 1));
+        let l = gemv(1, 32000).unwrap();
+        assert_eq!((l.grid, l.block), ((4000, 1, 1), (256, 1, 1)));
+        assert_eq!(gemv(8, 9).unwrap().grid, (2, 1, 1));
+        assert!(gemv(9, 9).is_err());
+    }
+
+    #[test]
+    fn widen_chunks_cover_rows() {
+        assert_eq!(widen_chunks(10, 4, 8), vec![(0, 2), (2, 2), (4, 2), (6, 2), (8, 2)]);
+        assert_eq!(widen_chunks(10, 4, 12), vec![(0, 3), (3, 3), (6, 3), (9, 1)]);
+        assert_eq!(
+            widen_chunks(3, 100, 10),
+            vec![(0, 1), (1, 1), (2, 1)],
+            "one row even over the cap"
+        );
+        assert_eq!(
+            widen_chunks(32000, 4096, 1 << 25),
+            vec![(0, 8192), (8192, 8192), (16384, 8192), (24576, 7424)]
+        );
+        assert!(widen_chunks(0, 4, 8).is_empty());
+    }
+
+    #[test]
+    fn int_args_are_checked() {
+        assert_eq!(int(4096, "n").unwrap(), 4096);
+        assert!(int(1 << 31, "n").unwrap_err().to_string().contains("n = 2147483648"));
+    }
+
+    #[test]
+    fn spike_keys_round_trip() {
+        for (v, pos) in [
+            (1.5f32, 0u32),
+            (-1350.0, 3),
+            (f32::INFINITY, 7),
+            (-f32::MIN_POSITIVE, u32::MAX - 1),
+            (1e-45, 12),
+        ] {
+            let m = decode_spike_key(spike_key(v, pos)).unwrap();
+            assert_eq!(m.value.to_bits(), v.to_bits());
+            assert_eq!(m.abs, v.abs());
+            assert_eq!(m.position, pos as usize);
+        }
+        assert_eq!(spike_key(0.0, 3), 0);
+        assert_eq!(spike_key(-0.0, 3), 0);
+        assert_eq!(spike_key(f32::NAN, 3), 0);
+        assert!(decode_spike_key(0).is_none());
+        // Order: |v| first, then the earliest position.
+        assert!(spike_key(-2.0, 9) > spike_key(1.9, 0));
+        assert!(spike_key(2.0, 1) > spike_key(-2.0, 2));
+        assert!(spike_key(-2.0, 1) > spike_key(2.0, 2));
+    }
+
+    /// The device's reduction (max of keys within a launch, in any order, then the host merge)
+    /// equals the CPU's fold (`|v| > current` replaces) on data full of ties.
+    #[test]
+    fn spike_reduction_matches_cpu_rule() {
+        let mut rng = crate::synth::SplitMix64::new(7);
+        for trial in 0..200 {
+            let (rows, cols) = (1 + rng.below(40), 1 + rng.below(6));
+            let pos0 = rng.below(5);
+            // Few distinct magnitudes so that ties are common; random signs; some zeros/NaNs.
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| match rng.below(12) {
+                    0 => 0.0,
+                    1 => f32::NAN,
+                    k => (k as f32 / 2.0).floor() * if rng.below(2) == 0 { 1.0 } else { -1.0 },
+                })
+                .collect();
+            let mut cpu = vec![ChannelMax::default(); cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let v = data[r * cols + c];
+                    if v.abs() > cpu[c].abs {
+                        cpu[c] = ChannelMax { value: v, abs: v.abs(), position: pos0 + r };
+                    }
+                }
+            }
+            // Device: rows split into groups, each group's max key, atomicMax in a shuffled order.
+            let mut keys = vec![0u64; cols];
+            let mut groups: Vec<usize> = (0..rows.div_ceil(3)).collect();
+            rng.shuffle(&mut groups);
+            for g in groups {
+                for c in 0..cols {
+                    let best = (g * 3..rows.min(g * 3 + 3))
+                        .map(|r| spike_key(data[r * cols + c], (pos0 + r) as u32))
+                        .max()
+                        .unwrap();
+                    keys[c] = keys[c].max(best);
+                }
+            }
+            let mut dev = vec![ChannelMax::default(); cols];
+            merge_spike_keys(&mut dev, &keys);
+            for c in 0..cols {
+                assert_eq!(dev[c].position, cpu[c].position, "trial {trial} col {c}");
+                assert_eq!(dev[c].value.to_bits(), cpu[c].value.to_bits(), "trial {trial} col {c}");
+                assert_eq!(dev[c].abs, cpu[c].abs);
+            }
+        }
+    }
+
+    #[test]
+    fn merge_keeps_earlier_calls_on_ties() {
+        let mut s = vec![ChannelMax { value: -3.0, abs: 3.0, position: 1 }, ChannelMax::default()];
+        merge_spike_keys(&mut s, &[spike_key(3.0, 9), spike_key(-0.5, 4)]);
+        assert_eq!(s[0], ChannelMax { value: -3.0, abs: 3.0, position: 1 });
+        assert_eq!(s[1], ChannelMax { value: -0.5, abs: 0.5, position: 4 });
+        merge_spike_keys(&mut s, &[spike_key(3.5, 9), 0]);
+        assert_eq!(s[0].position, 9);
+        assert_eq!(s[1].position, 4);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut rng = crate::synth::SplitMix64::new(11);
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            3.0e38,
+        ];
+        let randoms = (0..200_000).map(|_| f32::from_bits(rng.next_u64() as u32));
+        for f in specials.into_iter().chain(randoms) {
+            let want = half::bf16::from_f32(f).to_bits();
+            let got = f32_to_bf16_bits(f);
+            if f.is_nan() {
+                assert!(half::bf16::from_bits(got).is_nan());
+            } else {
+                assert_eq!(got, want, "{f:e} ({:08x})", f.to_bits());
+            }
+        }
+        // Halfway cases round to even.
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16_bits_to_f32_bits(0x3f80), 1.0f32.to_bits());
+    }
+}

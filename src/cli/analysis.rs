@@ -1,0 +1,72 @@
+//! What the analysis subcommands share: where the studied edits come from, the text to run.
+
+use std::path::{Path, PathBuf};
+
+use swk::analysis;
+use swk::edit::WeightEdit;
+use swk::{Error, Model, Result};
+
+/// The edits an analysis studies: `--edit` specs and/or a detection report; by default, run
+/// detection and take what it confirms.
+#[derive(clap::Args)]
+pub struct EditSource {
+    /// Weight edit to study (repeatable): zero:L,R,C, scale:L,R,C,F, set:L,R,C,V or
+    /// TENSOR[R,C]=zero|xF|V. Default: zero the super weights `swk detect` confirms.
+    #[arg(long)]
+    pub edit: Vec<String>,
+    /// Take the super weights of a `swk detect --json` report (zeroed).
+    #[arg(long, value_name = "FILE.json")]
+    pub from_detect: Option<PathBuf>,
+}
+
+impl EditSource {
+    /// The edits: `--edit` specs, then the report's; when neither is given, detection runs
+    /// (with a progress bar unless `quiet`). `candidates` takes every candidate (also the
+    /// report's rejected spikes; detection without confirmation) instead of the confirmed.
+    pub fn resolve(
+        &self,
+        model: &mut Model,
+        quiet: bool,
+        candidates: bool,
+    ) -> Result<Vec<WeightEdit>> {
+        let mut edits = super::parse_edits(&self.edit)?;
+        if let Some(p) = &self.from_detect {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            edits.extend(analysis::edits_from_detect_json(&text, candidates)?);
+        }
+        if !edits.is_empty() || self.from_detect.is_some() {
+            return Ok(edits);
+        }
+        let pb = super::bar(quiet, 1, "detecting super weights");
+        let found = analysis::detected_edits(model, candidates, |done, total, what| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            pb.set_message(format!("detect: {what}"));
+        })?;
+        pb.finish_and_clear();
+        if found.is_empty() {
+            return Err(Error::Invalid(
+                "detection found no super weight to study; pass --edit or --from-detect".into(),
+            ));
+        }
+        if !quiet {
+            let list: Vec<String> = found.iter().map(ToString::to_string).collect();
+            eprintln!("studying detected super weights: {}", list.join(", "));
+        }
+        Ok(found)
+    }
+}
+
+/// The text of `path`, or the short confirmation text shipped with swk.
+pub fn read_text(path: Option<&Path>) -> Result<String> {
+    match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e)),
+        None => Ok(swk::detect::DEFAULT_CONFIRM_TEXT.to_string()),
+    }
+}
+
+/// Edits as a short comma-separated list.
+pub fn edits_line(edits: &[WeightEdit]) -> String {
+    let v: Vec<String> = edits.iter().map(ToString::to_string).collect();
+    v.join(", ")
+}
