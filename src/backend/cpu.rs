@@ -141,24 +141,8 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32], n: usize) {
 /// Rotate each head of `x` (`[rows, n_heads * head_dim]`) in place, HF "rotate_half" layout:
 /// pairs are `(i, i + head_dim/2)`, angle `pos · inv_freq[i]` for row `t` at `pos0 + t`.
 pub fn rope(x: &mut [f32], inv_freq: &[f32], pos0: usize, n_heads: usize, head_dim: usize) {
-    let half = head_dim / 2;
-    x.par_chunks_mut(n_heads * head_dim).enumerate().for_each(|(t, row)| {
-        let pos = (pos0 + t) as f32;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|&f| {
-                let a = (pos * f) as f64;
-                (a.cos() as f32, a.sin() as f32)
-            })
-            .unzip();
-        for head in row.chunks_mut(head_dim) {
-            for i in 0..half {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos[i] - b * sin[i];
-                head[i + half] = b * cos[i] + a * sin[i];
-            }
-        }
-    });
+    debug_assert_eq!(inv_freq.len() * 2, head_dim);
+    rope_partial(x, inv_freq, pos0, n_heads, head_dim);
 }
 
 /// Causal attention of `rows` new queries against the cache.
@@ -226,19 +210,7 @@ pub fn silu_mul(
     pos0: usize,
     stats: Option<&mut [ChannelMax]>,
 ) {
-    let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    };
-    match stats {
-        None => out
-            .par_chunks_mut(n)
-            .zip(gate.par_chunks(n))
-            .zip(up.par_chunks(n))
-            .for_each(|((o, g), u)| op(o, g, u)),
-        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
-    }
+    gated_mul(gate, up, out, n, pos0, stats, Act::Silu);
 }
 
 /// `x += y`, row by row (width `n`). When `stats` is given, each column's max |y| and its
@@ -420,19 +392,7 @@ pub fn gelu_tanh_mul(
     pos0: usize,
     stats: Option<&mut [ChannelMax]>,
 ) {
-    let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = gelu_tanh_scalar(g) * u;
-        }
-    };
-    match stats {
-        None => out
-            .par_chunks_mut(n)
-            .zip(gate.par_chunks(n))
-            .zip(up.par_chunks(n))
-            .for_each(|((o, g), u)| op(o, g, u)),
-        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
-    }
+    gated_mul(gate, up, out, n, pos0, stats, Act::GeluTanh);
 }
 
 /// `out = gelu_erf(gate) ⊙ up` (exact GELU), with optional fused column maxima.
@@ -444,19 +404,7 @@ pub fn gelu_mul(
     pos0: usize,
     stats: Option<&mut [ChannelMax]>,
 ) {
-    let op = |o: &mut [f32], g: &[f32], u: &[f32]| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = gelu_erf_scalar(g) * u;
-        }
-    };
-    match stats {
-        None => out
-            .par_chunks_mut(n)
-            .zip(gate.par_chunks(n))
-            .zip(up.par_chunks(n))
-            .for_each(|((o, g), u)| op(o, g, u)),
-        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
-    }
+    gated_mul(gate, up, out, n, pos0, stats, Act::Gelu);
 }
 
 /// Which element-wise activation [`activate`] applies.
@@ -468,6 +416,18 @@ pub enum Act {
     GeluTanh,
     /// GELU, exact (erf).
     Gelu,
+}
+
+impl Act {
+    /// The activation of one value.
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::Silu => x / (1.0 + (-x).exp()),
+            Act::GeluTanh => gelu_tanh_scalar(x),
+            Act::Gelu => gelu_erf_scalar(x),
+        }
+    }
 }
 
 /// `out = act(x)` row by row (width `n`) — the un-gated MLPs of GPT-2 and GPT-NeoX. With
@@ -482,16 +442,37 @@ pub fn activate(
 ) {
     let op = move |o: &mut [f32], x: &[f32], _: &[f32]| {
         for (o, &x) in o.iter_mut().zip(x) {
-            *o = match act {
-                Act::Silu => x / (1.0 + (-x).exp()),
-                Act::GeluTanh => gelu_tanh_scalar(x),
-                Act::Gelu => gelu_erf_scalar(x),
-            };
+            *o = act.apply(x);
         }
     };
     match stats {
         None => out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| op(o, x, x)),
         Some(stats) => fused_rows(out, x, x, n, pos0, stats, Reduce::Out, op),
+    }
+}
+
+/// `out = act(gate) ⊙ up` row by row, with optional fused column maxima of `out`.
+fn gated_mul(
+    gate: &[f32],
+    up: &[f32],
+    out: &mut [f32],
+    n: usize,
+    pos0: usize,
+    stats: Option<&mut [ChannelMax]>,
+    act: Act,
+) {
+    let op = move |o: &mut [f32], g: &[f32], u: &[f32]| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = act.apply(g) * u;
+        }
+    };
+    match stats {
+        None => out
+            .par_chunks_mut(n)
+            .zip(gate.par_chunks(n))
+            .zip(up.par_chunks(n))
+            .for_each(|((o, g), u)| op(o, g, u)),
+        Some(stats) => fused_rows(out, gate, up, n, pos0, stats, Reduce::Out, op),
     }
 }
 
