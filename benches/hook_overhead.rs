@@ -56,5 +56,60 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The same comparison on a CUDA device (feature `cuda`) at Llama-2-7B shapes with bf16
+/// weights generated on the device: a 9-token detection prompt and a 512-token window, with
+/// and without the fused statistics. Skips, saying why, without a device.
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use swk::backend::cuda::{cuda_available, CudaKvCache, CudaModel, CudaOptions, GemmEngine};
+    if !cuda_available() {
+        eprintln!("SKIPPED cuda hook overhead: no CUDA device");
+        return;
+    }
+    let config = match SynthSpec::llama2_7b().config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let gemm = if swk::backend::cuda::cublas_present() {
+        GemmEngine::CublasSplit
+    } else {
+        GemmEngine::Kernels
+    };
+    let g = match CudaModel::random(&config, 1, &CudaOptions { gemm, ..Default::default() }) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED cuda hook overhead: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group(format!("cuda_7b_bf16_{}_hook_overhead", gemm.name()));
+    group.sample_size(20);
+    group.measurement_time(std::time::Duration::from_secs(3));
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    for n in [9usize, 512] {
+        let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 131 + 7) % 32000).collect();
+        let run = |stats: Option<&mut SpikeStats>| {
+            let r = g.forward(&tokens, &mut CudaKvCache::new(&g), stats, Logits::None);
+            g.synchronize().and(r).map(|l| l.len())
+        };
+        group.bench_function(format!("{n}_tokens_plain"), |b| b.iter(|| run(None)));
+        let mut stats =
+            SpikeStats::new(config.num_layers, config.intermediate_size, config.hidden_size);
+        group.bench_function(format!("{n}_tokens_spike_stats"), |b| {
+            b.iter(|| {
+                stats.reset();
+                run(Some(&mut stats))
+            })
+        });
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {}
+
+criterion_group!(benches, bench, bench_cuda);
 criterion_main!(benches);

@@ -17,8 +17,12 @@
 #        - the parity tests: CUDA vs CPU logits on every tiny fixture (f32 weights rel err
 #          <= 1e-4, bf16 <= 1e-2), spike statistics, decode through the device KV cache,
 #          perplexity scoring, edits restored bit-exactly (device checksums),
-#        - the timing table at Llama-2-7B shapes (random weights filled on the device),
-#        - a smoke run of the swk binary.
+#        - detection on planted models: the same super weights as the CPU backend,
+#        - the timing table at Llama-2-7B shapes (random weights filled on the device), with
+#          the detection forward against the bandwidth floor and perplexity throughput
+#          against the measured bf16 GEMM rate,
+#        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
+#        - a smoke run of the swk binary (info; detect on cuda bf16/f32 and on cpu).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
 #      only when every step passed.
 #
@@ -35,20 +39,26 @@ usage() {
     exit 2
 }
 
-# The test executable of target NAME ("lib" for the library's unit tests) in cargo's JSON.
-test_exe() {
-    python3 - "$1" "$2" <<'EOF'
+# The executable of the test target NAME ("lib" for the library's unit tests), or with KIND
+# "bench" of the bench target NAME, in cargo's JSON messages (file PATH).
+artifact() { # artifact PATH NAME [KIND]
+    python3 - "$1" "$2" "${3:-test}" <<'EOF'
 import json, sys
-path, want = sys.argv[1], sys.argv[2]
+path, want, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 for line in open(path):
     try:
         m = json.loads(line)
     except ValueError:
         continue
     t = m.get("target", {})
-    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m.get("profile", {}).get("test"):
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
-    if (want == "lib" and "lib" in t.get("kind", [])) or (want != "lib" and t.get("name") == want):
+    if kind == "bench":
+        if "bench" in t.get("kind", []) and t.get("name") == want:
+            print(m["executable"])
+    elif m.get("profile", {}).get("test") and (
+        (want == "lib" and "lib" in t.get("kind", [])) or (want != "lib" and t.get("name") == want)
+    ):
         print(m["executable"])
 EOF
 }
@@ -66,10 +76,14 @@ build() {
     cargo test --release --features cuda --no-run --lib --test cuda --message-format=json >"$json"
     # The executables of the library's unit tests and of tests/cuda.rs.
     local unit cuda
-    unit=$(test_exe "$json" lib)
-    cuda=$(test_exe "$json" cuda)
+    unit=$(artifact "$json" lib)
+    cuda=$(artifact "$json" cuda)
+    echo "== building the hook-overhead bench (--features cuda)" >&2
+    cargo bench --features cuda --no-run --bench hook_overhead --message-format=json >"$json"
+    local bench
+    bench=$(artifact "$json" hook_overhead bench)
     rm -f "$json"
-    if [ -z "$unit" ] || [ -z "$cuda" ]; then
+    if [ -z "$unit" ] || [ -z "$cuda" ] || [ -z "$bench" ]; then
         echo "error: could not find the test executables (unit: '$unit', cuda: '$cuda')" >&2
         exit 1
     fi
@@ -78,6 +92,7 @@ build() {
     cp "$CARGO_TARGET_DIR/release/swk" "$GPU_DIR/bin/swk"
     cp "$unit" "$GPU_DIR/bin/swk-unit-tests"
     cp "$cuda" "$GPU_DIR/bin/swk-cuda-tests"
+    cp "$bench" "$GPU_DIR/bin/swk-hook-bench"
     # Debug info is most of each binary; the GPU machine needs none of it.
     for b in "$GPU_DIR"/bin/*; do
         strip --strip-debug "$b" 2>/dev/null || objcopy --strip-debug "$b" 2>/dev/null || true
@@ -103,7 +118,8 @@ Next, on the GPU machine (repository root, with .gpu/ carried along):
     scripts/gpu-check.sh run
 
 e.g. with the device tool: command "scripts/gpu-check.sh run", carry [".gpu"], timeout_s 580
-(the steps are capped at 60 + 180 + 240 + 30 s, plus up to 30 s looking for libcublas).
+(the steps are capped at 60 + 180 + 240 + 90 + 30 s, plus up to 30 s looking for libcublas;
+set UNIT_S, PARITY_S, TIMING_S, BENCH_S, SMOKE_S to change them).
 Results (logs, timing.md, summary.txt) land in \$OUT.
 EOF
 }
@@ -116,9 +132,16 @@ find_cublas() {
     done < <(
         {
             ldconfig -p 2>/dev/null | awk '/libcublas\.so/ {print $NF}'
-            ls -d /usr/local/cuda*/lib64/libcublas.so* /usr/local/cuda*/targets/*/lib/libcublas.so* \
-                /usr/lib/x86_64-linux-gnu/libcublas.so* /usr/lib64/libcublas.so* 2>/dev/null
-            timeout 30 find / -xdev \( -path /proc -o -path /sys \) -prune -o -name 'libcublas.so.*' -print 2>/dev/null | head -n 20
+            local known
+            known=$(ls -d /usr/local/cuda*/lib64/libcublas.so* /usr/local/cuda*/targets/*/lib/libcublas.so* \
+                /usr/lib/x86_64-linux-gnu/libcublas.so* /usr/lib64/libcublas.so* \
+                /opt/*/.venv/lib/python3*/site-packages/nvidia/cu*/lib/libcublas.so* \
+                /usr/local/lib/python3*/dist-packages/nvidia/cu*/lib/libcublas.so* 2>/dev/null)
+            if [ -n "$known" ]; then
+                echo "$known"
+            else
+                timeout 30 find / -xdev \( -path /proc -o -path /sys \) -prune -o -name 'libcublas.so.*' -print 2>/dev/null | head -n 20
+            fi
         } | xargs -r -n1 dirname | awk '!seen[$0]++'
     )
     for d in "${dirs[@]}"; do
@@ -162,10 +185,15 @@ run() {
         find_cublas
     } >"$out/device.log" 2>&1
     cat "$out/device.log"
-    step unit 60 "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
-    step parity 180 "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
-    step timing 240 "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture
-    step smoke 30 "$GPU_DIR/bin/swk" info "$GPU_DIR/fixtures/tiny/llama"
+    # Step limits in seconds; override with UNIT_S, PARITY_S, TIMING_S, BENCH_S, SMOKE_S.
+    step unit "${UNIT_S:-60}" "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
+    step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
+    step timing "${TIMING_S:-240}" "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture
+    step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
+    step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$GPU_DIR/fixtures/tiny/llama' &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
+        '$GPU_DIR/bin/swk' --device cpu detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2"
     if [ -f "$out/timing.md" ]; then
         echo "== timing.md"
         cat "$out/timing.md"

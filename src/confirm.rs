@@ -44,10 +44,16 @@ impl Confirmer {
     /// Run the unedited model over `tokens` (perplexity protocol, windows of `context`) and keep
     /// what the edited runs need.
     pub fn new(model: &Model, tokens: &[u32], context: usize) -> Result<Self> {
+        Self::from_windows(model, ppl::windows(model, tokens, context)?)
+    }
+
+    /// Run the unedited model over ready-made perplexity windows (see [`ppl::windows`]) and
+    /// keep what the edited runs need.
+    pub fn from_windows(model: &Model, fed_windows: Vec<Vec<u32>>) -> Result<Self> {
         let n = model.config.num_layers;
         let mut windows = Vec::new();
         let (mut nll_sum, mut scored) = (0.0, 0);
-        for fed in ppl::windows(model, tokens, context)? {
+        for fed in fed_windows {
             if fed.len() < 2 {
                 continue;
             }

@@ -15,10 +15,80 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::confirm::Confirmer;
-use crate::edit::{EditGuard, EditOp, WeightEdit};
+use crate::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
+use crate::eval::ppl;
 use crate::hooks::SpikeStats;
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::model::ModelConfig;
 use crate::{Error, Model, Result};
+
+/// What detection needs from a backend: the CPU [`Model`], or the CUDA backend's
+/// `CudaModel` (feature `cuda`). Edits go through [`EditTarget`], so every zeroing is logged
+/// and restored by an [`EditGuard`].
+pub trait DetectBackend: EditTarget {
+    /// The unedited confirmation state (the CPU keeps residual streams and KV caches).
+    type Baseline: ConfirmBaseline;
+    /// The model's hyper-parameters.
+    fn model_config(&self) -> &ModelConfig;
+    /// One forward pass over `tokens` from an empty cache, with spike statistics (`stats` is
+    /// reset first).
+    fn spike_stats(&self, tokens: &[u32], stats: &mut SpikeStats) -> Result<()>;
+    /// Row `row` of `layer`'s down_proj weight, as f32.
+    fn down_proj_row(&self, layer: usize, row: usize) -> Result<Vec<f32>>;
+    /// A checksum of every weight's bits (backend-specific; equal before and after a run
+    /// proves every edit was restored).
+    fn weights_checksum(&self) -> Result<u64>;
+    /// Score the confirmation windows (each fed whole, every token after the first scored)
+    /// without edits.
+    fn confirm_baseline(&self, windows: &[Vec<u32>]) -> Result<Self::Baseline>;
+    /// Perplexity of the baseline's windows with `edits` applied (restored before returning).
+    fn confirm_with(&mut self, base: &Self::Baseline, edits: &[WeightEdit]) -> Result<f64>;
+}
+
+/// The unedited scores of the confirmation windows.
+pub trait ConfirmBaseline {
+    /// Perplexity without edits.
+    fn baseline_perplexity(&self) -> f64;
+    /// Tokens scored.
+    fn tokens_scored(&self) -> usize;
+}
+
+impl ConfirmBaseline for Confirmer {
+    fn baseline_perplexity(&self) -> f64 {
+        Confirmer::baseline_perplexity(self)
+    }
+    fn tokens_scored(&self) -> usize {
+        Confirmer::tokens_scored(self)
+    }
+}
+
+impl DetectBackend for Model {
+    type Baseline = Confirmer;
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn spike_stats(&self, tokens: &[u32], stats: &mut SpikeStats) -> Result<()> {
+        collect_stats(self, tokens, stats)
+    }
+    fn down_proj_row(&self, layer: usize, row: usize) -> Result<Vec<f32>> {
+        let name = Model::down_proj_name(layer);
+        let w = self.weights.get(&name)?;
+        let cols = w.shape.get(1).copied().unwrap_or(0);
+        w.data
+            .get(row * cols..(row + 1) * cols)
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| Error::tensor(&name, format!("row {row} out of range")))
+    }
+    fn weights_checksum(&self) -> Result<u64> {
+        Ok(self.weights.checksum())
+    }
+    fn confirm_baseline(&self, windows: &[Vec<u32>]) -> Result<Confirmer> {
+        Confirmer::from_windows(self, windows.to_vec())
+    }
+    fn confirm_with(&mut self, base: &Confirmer, edits: &[WeightEdit]) -> Result<f64> {
+        base.perplexity_with(self, edits)
+    }
+}
 
 /// The paper's default prompt.
 pub const DEFAULT_PROMPT: &str = "Apple Inc. is a worldwide tech company.";
@@ -156,8 +226,8 @@ struct Spike {
 /// row still spikes, the column is re-attributed to the largest remaining contribution
 /// `max|x_c| · |W[row, c]|` among spiking input channels. This finds several super weights
 /// sharing a row (llama-13b's (2, 2231, 2278) and (2, 2231, 6939)).
-fn new_spikes(
-    model: &Model,
+fn new_spikes<B: DetectBackend>(
+    model: &B,
     stats: &SpikeStats,
     threshold: f32,
     fired: &BTreeSet<(usize, usize, usize)>,
@@ -171,12 +241,11 @@ fn new_spikes(
         let row = o.channel;
         let mut col = i.channel;
         if fired.contains(&(layer, row, col)) {
-            let w = model.weights.get(&Model::down_proj_name(layer))?;
-            let w_row = &w.data[row * s.input.len()..(row + 1) * s.input.len()];
+            let w_row = model.down_proj_row(layer, row)?;
             let best = s
                 .input
                 .iter()
-                .zip(w_row)
+                .zip(&w_row)
                 .enumerate()
                 .filter(|(_, (x, _))| x.abs > threshold)
                 .map(|(c, (x, w))| (c, x.abs * w.abs()))
@@ -218,12 +287,12 @@ pub fn collect_stats(model: &Model, tokens: &[u32], stats: &mut SpikeStats) -> R
 
 /// Find super weight candidates (without confirmation): the paper's iterative method over
 /// every prompt. The model's weights are restored before this returns.
-pub fn find_candidates(
-    model: &mut Model,
+pub fn find_candidates<B: DetectBackend>(
+    model: &mut B,
     prompts: &[Vec<u32>],
     cfg: &DetectConfig,
 ) -> Result<(Vec<SuperWeight>, Vec<LayerMaxima>)> {
-    let c = model.config.clone();
+    let c = model.model_config().clone();
     let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
     let mut found: BTreeMap<(usize, usize, usize), SuperWeight> = BTreeMap::new();
     let mut layers = Vec::new();
@@ -234,11 +303,11 @@ pub fn find_candidates(
         let mut guard = EditGuard::new(&mut *model);
         let mut fired_here = BTreeSet::new();
         for iteration in 1..=cfg.max_iterations.max(1) {
-            collect_stats(&guard, tokens, &mut stats)?;
+            guard.spike_stats(tokens, &mut stats)?;
             if pi == 0 && iteration == 1 {
                 layers = layer_maxima(&stats);
             }
-            let new = new_spikes(&guard, &stats, cfg.threshold, &fired_here)?;
+            let new = new_spikes(&*guard, &stats, cfg.threshold, &fired_here)?;
             fired_here.extend(new.iter().map(|s| (s.layer, s.row, s.col)));
             if new.is_empty() {
                 break;
@@ -299,6 +368,28 @@ fn layer_maxima(stats: &SpikeStats) -> Vec<LayerMaxima> {
         .collect()
 }
 
+/// The token inputs of a detection run.
+#[derive(Debug, Clone)]
+pub struct DetectInputs {
+    /// The prompts, encoded with the model's special-token convention.
+    pub prompts: Vec<Vec<u32>>,
+    /// The confirmation text in perplexity windows (BOS added per the tokenizer; empty when
+    /// confirmation is skipped).
+    pub windows: Vec<Vec<u32>>,
+}
+
+/// Tokenize `cfg`'s prompts and confirmation text with the model's tokenizer.
+pub fn detect_inputs(model: &Model, cfg: &DetectConfig) -> Result<DetectInputs> {
+    let tok = model.tokenizer()?;
+    let prompts = cfg.prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
+    let windows = if cfg.skip_confirmation {
+        Vec::new()
+    } else {
+        ppl::windows(model, &tok.encode(&cfg.confirm_text, false)?, cfg.confirm_context)?
+    };
+    Ok(DetectInputs { prompts, windows })
+}
+
 /// Detect super weights with the model's tokenizer: prompts are encoded with its special-token
 /// convention, the confirmation text as the perplexity protocol does. `on_step(done, total,
 /// what)` reports progress.
@@ -307,45 +398,60 @@ pub fn detect(
     cfg: &DetectConfig,
     on_step: impl FnMut(usize, usize, &str),
 ) -> Result<Detection> {
-    let tok = model.tokenizer()?;
-    let prompts = cfg.prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
-    let confirm =
-        if cfg.skip_confirmation { Vec::new() } else { tok.encode(&cfg.confirm_text, false)? };
-    detect_tokens(model, &prompts, &confirm, cfg, on_step)
+    let inputs = detect_inputs(model, cfg)?;
+    detect_with(model, &inputs.prompts, &inputs.windows, cfg, on_step)
 }
 
 /// Detect super weights from token ids: candidates over `prompts`, then causal confirmation
-/// on `confirm` (unless `cfg.skip_confirmation`). `cfg.prompts` and `cfg.confirm_text` are
-/// not used here.
+/// on `confirm` in windows of `cfg.confirm_context` (unless `cfg.skip_confirmation`).
+/// `cfg.prompts` and `cfg.confirm_text` are not used here.
 pub fn detect_tokens(
     model: &mut Model,
     prompts: &[Vec<u32>],
     confirm: &[u32],
     cfg: &DetectConfig,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<Detection> {
+    let windows = if cfg.skip_confirmation {
+        Vec::new()
+    } else {
+        ppl::windows(model, confirm, cfg.confirm_context)?
+    };
+    detect_with(model, prompts, &windows, cfg, on_step)
+}
+
+/// Detection on any backend: candidates over `prompts` (token ids), then causal confirmation
+/// over the perplexity `windows` (each scored whole; see [`ppl::windows`]). The weights'
+/// checksum is compared before and after: a changed weight is an error.
+pub fn detect_with<B: DetectBackend>(
+    model: &mut B,
+    prompts: &[Vec<u32>],
+    windows: &[Vec<u32>],
+    cfg: &DetectConfig,
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<Detection> {
     let start = Instant::now();
-    let checksum = model.weights.checksum();
+    let checksum = model.weights_checksum()?;
     let (mut candidates, layers) = find_candidates(model, prompts, cfg)?;
     let mut baseline = None;
     let mut confirm_tokens = 0;
     if !cfg.skip_confirmation && !candidates.is_empty() {
         let total = candidates.len() + 1;
         on_step(0, total, "baseline perplexity");
-        let confirmer = Confirmer::new(model, confirm, cfg.confirm_context)?;
+        let confirmer = model.confirm_baseline(windows)?;
         confirm_tokens = confirmer.tokens_scored();
         let base = confirmer.baseline_perplexity();
         baseline = Some(base);
         for (k, sw) in candidates.iter_mut().enumerate() {
             on_step(k + 1, total, &format!("zeroing layer {} [{}, {}]", sw.layer, sw.row, sw.col));
             let edit = WeightEdit::down_proj(sw.layer, sw.row, sw.col, EditOp::Zero);
-            let ratio = confirmer.perplexity_with(model, &[edit])? / base;
+            let ratio = model.confirm_with(&confirmer, &[edit])? / base;
             sw.perplexity_ratio = Some(ratio);
             sw.confirmed = ratio > cfg.confirm_ratio;
         }
         on_step(total, total, "done");
     }
-    let after = model.weights.checksum();
+    let after = model.weights_checksum()?;
     if after != checksum {
         return Err(Error::Backend(format!(
             "weights changed during detection (checksum {checksum:016x} -> {after:016x})"

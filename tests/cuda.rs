@@ -7,7 +7,8 @@
 //!
 //! * logits: every tiny fixture, f32 weights (max rel err ≤ 1e-4, errors scaled by
 //!   max(|ref|, 1) as in tests/forward.rs) and bf16 weights (≤ 1e-2 against the CPU on the
-//!   same bf16-rounded weights), for each GEMM engine available;
+//!   same bf16-rounded weights; 5e-2 for `cublas-bf16`, which also rounds activations), for
+//!   each GEMM engine available;
 //! * spike statistics: same peak channel and position per layer as the CPU, values close;
 //! * decode with the device KV cache equals prefill; perplexity scoring equals the CPU's;
 //! * edits: EditGuard on device memory, restored bit-exactly (device checksums);
@@ -21,10 +22,11 @@ use swk::backend::cuda::{
     cublas_present, cuda_available, device_info, CudaKvCache, CudaModel, CudaOptions, GemmEngine,
     WeightDtype,
 };
+use swk::detect::{detect_with, DetectConfig};
 use swk::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
 use swk::hooks::SpikeStats;
 use swk::model::arch::{ForwardOptions, KvCache, Logits};
-use swk::synth::{random_llama, SynthSpec};
+use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
 const FIXTURES: [&str; 7] =
@@ -74,6 +76,7 @@ fn engines(dtype: WeightDtype) -> Vec<GemmEngine> {
         v.push(GemmEngine::Cublas);
         if dtype == WeightDtype::Bf16 {
             v.push(GemmEngine::CublasBf16);
+            v.push(GemmEngine::CublasSplit);
         }
     } else {
         eprintln!("note: libcublas not found; only swk's own GEMM kernels are tested");
@@ -159,6 +162,7 @@ fn logits_match_cpu_bf16_weights() {
     if !gpu() {
         return;
     }
+    let mut failures = Vec::new();
     for name in FIXTURES {
         let (m, tokens) = load(name);
         let want = cpu_logits(&rounded_to_bf16(&m), &tokens);
@@ -170,10 +174,17 @@ fn logits_match_cpu_bf16_weights() {
             .unwrap();
             let got = g.logits(&tokens).unwrap();
             let err = max_rel_err(&got, &want, 1.0);
-            eprintln!("{name} bf16 {}: max rel err {err:.2e}", gemm.name());
-            assert!(err <= 1e-2, "{name} bf16 {}: max rel err {err} > 1e-2", gemm.name());
+            // cublas-bf16 also rounds every activation to bf16 before each product (seen on an
+            // H200: 1.0e-2 on tiny/llama, 2.3e-2 on tiny/llama3_rope); the other engines keep
+            // f32 activations (cublas-split: 1.9e-5 on tiny/llama).
+            let tol = if gemm == GemmEngine::CublasBf16 { 5e-2 } else { 1e-2 };
+            eprintln!("{name} bf16 {}: max rel err {err:.2e} (limit {tol:.0e})", gemm.name());
+            if err > tol {
+                failures.push(format!("{name} bf16 {}: max rel err {err} > {tol}", gemm.name()));
+            }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// The upload is bit-exact: the device checksum equals the host's for the same bits.
@@ -452,6 +463,88 @@ fn device_edits_restore_bit_exactly() {
     }
 }
 
+/// Detection on the device finds exactly what the CPU finds on planted models: the same
+/// candidates (coordinates, iteration, token positions), the same confirmed set, perplexity
+/// ratios within 1e-3 (f32 weights) or 5e-2 (bf16, against the CPU on the same bf16-rounded
+/// weights), and every weight restored (device checksum unchanged).
+#[test]
+fn detection_matches_cpu_on_planted_models() {
+    if !gpu() {
+        return;
+    }
+    let spec = SynthSpec {
+        hidden: 96,
+        intermediate: 256,
+        layers: 5,
+        heads: 6,
+        kv_heads: 2,
+        vocab: 320,
+        tie_embeddings: false,
+    };
+    for seed in [3, 11] {
+        let (m, truth) = planted(&spec, seed, &Plant::standard(&spec)).expect("planted");
+        let prompts = [truth.prompt.clone()];
+        let cfg = DetectConfig::default();
+        let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.confirm_context).unwrap();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+            let want = detect_with(&mut host, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+            let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
+            let before = g.checksum().unwrap();
+            let got = detect_with(&mut g, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+            assert_eq!(g.checksum().unwrap(), before, "seed {seed} {}: restored", dtype.name());
+            let tol = if dtype == WeightDtype::Bf16 { 5e-2 } else { 1e-3 };
+            for (what, a, b) in [
+                ("confirmed", &got.super_weights, &want.super_weights),
+                ("rejected", &got.rejected, &want.rejected),
+            ] {
+                let key = |v: &Vec<swk::detect::SuperWeight>| -> Vec<_> {
+                    v.iter()
+                        .map(|s| {
+                            (
+                                s.layer,
+                                s.row,
+                                s.col,
+                                s.iteration,
+                                s.token_position,
+                                s.output_token_position,
+                            )
+                        })
+                        .collect()
+                };
+                assert_eq!(key(a), key(b), "seed {seed} {} {what}", dtype.name());
+                for (x, y) in a.iter().zip(b.iter()) {
+                    assert_eq!(x.value.to_bits(), y.value.to_bits());
+                    let (rx, ry) = (x.perplexity_ratio.unwrap(), y.perplexity_ratio.unwrap());
+                    assert!((rx / ry - 1.0).abs() <= tol, "ratio {rx} vs cpu {ry}");
+                    assert!((x.input_activation / y.input_activation - 1.0).abs() <= tol as f32);
+                }
+            }
+            assert!(!got.super_weights.is_empty(), "the planted super weight is confirmed");
+            for p in &truth.super_weights {
+                assert!(
+                    got.super_weights
+                        .iter()
+                        .any(|s| (s.layer, s.row, s.col) == (p.layer, p.row, p.col)),
+                    "seed {seed} {}: planted {:?} not confirmed on the device",
+                    dtype.name(),
+                    (p.layer, p.row, p.col)
+                );
+            }
+            eprintln!(
+                "detection seed {seed} {}: {} confirmed, {} rejected, baseline ppl {:.4} (cpu {:.4}), {:.3} s (cpu {:.3} s)",
+                dtype.name(),
+                got.super_weights.len(),
+                got.rejected.len(),
+                got.baseline_perplexity.unwrap(),
+                want.baseline_perplexity.unwrap(),
+                got.seconds,
+                want.seconds
+            );
+        }
+    }
+}
+
 /// Errors, not panics, for bad input.
 #[test]
 fn bad_input_is_an_error() {
@@ -472,6 +565,7 @@ fn bad_input_is_an_error() {
     if cublas_present() {
         let mut f = f32_model;
         assert!(f.set_gemm(GemmEngine::CublasBf16).is_err(), "cublas-bf16 needs bf16 weights");
+        assert!(f.set_gemm(GemmEngine::CublasSplit).is_err(), "cublas-split needs bf16 weights");
     }
 }
 
@@ -502,9 +596,25 @@ fn timing_7b() -> Result<()> {
     };
     let config = SynthSpec::llama2_7b().config()?;
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 32000).collect();
+    let dev = swk::backend::cuda::CudaDevice::new(0)?;
+    let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
+    let gemm_rate = if cublas_present() { dev.measure_bf16_gemm_rate(8192, 10)? } else { 0.0 };
+    drop(dev);
     emit(format!("Llama-2-7B shapes, random weights; {}\n", device_info()?.replace('\n', "; ")))?;
+    emit(format!(
+        "Measured: device-to-device copy {:.0} GB/s (bytes read + written); cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s.\n",
+        copy_rate / 1e9,
+        gemm_rate / 1e12
+    ))?;
     emit("| weights | gemm | fill s | prefill 512 ms | prefill tok/s | prefill+stats ms | decode ms/tok (ctx 512) | checksum ms | edit+restore ms | last-row logits vs first engine (max rel err) |".into())?;
     emit("|---|---|---|---|---|---|---|---|---|---|".into())?;
+    // Linear-layer FLOPs per token (2 per weight of every matrix the tokens pass through).
+    let c = &config;
+    let per_layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size;
+    let linear_flops = 2.0 * (per_layer * c.num_layers + c.hidden_size * c.vocab_size) as f64;
+    let mut roofline = Vec::new();
     for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
         let t0 = Instant::now();
         let mut g =
@@ -516,6 +626,7 @@ fn timing_7b() -> Result<()> {
                 }
             };
         let fill = t0.elapsed().as_secs_f64();
+        let floor_ms = g.weight_bytes() as f64 / copy_rate * 1e3;
         let mut reference: Option<Vec<f32>> = None;
         for gemm in engines(dtype) {
             g.set_gemm(gemm)?;
@@ -542,7 +653,30 @@ fn timing_7b() -> Result<()> {
                 SpikeStats::new(config.num_layers, config.intermediate_size, config.hidden_size);
             let t = Instant::now();
             g.forward(&prompt, &mut CudaKvCache::new(&g), Some(&mut stats), Logits::None)?;
+            g.synchronize()?;
             let with_stats = ms(t);
+            // Detection forward: the paper's 9-token prompt with spike statistics, no logits;
+            // best of 5 (and without statistics, for the hook overhead).
+            let mut best = |with: bool| -> Result<f64> {
+                let mut b = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    let s = if with { Some(&mut stats) } else { None };
+                    g.forward(&prompt[..9], &mut CudaKvCache::new(&g), s, Logits::None)?;
+                    g.synchronize()?;
+                    b = b.min(ms(t));
+                }
+                Ok(b)
+            };
+            let det = best(true)?;
+            let det_plain = best(false)?;
+            // Perplexity throughput: one 512-token window scored on the device, best of 3.
+            let mut ppl_ms = f64::INFINITY;
+            for _ in 0..3 {
+                let t = Instant::now();
+                g.score(&prompt, &mut CudaKvCache::new(&g))?;
+                ppl_ms = ppl_ms.min(ms(t));
+            }
             let t = Instant::now();
             let sum = g.checksum()?;
             let checksum = ms(t);
@@ -560,7 +694,26 @@ fn timing_7b() -> Result<()> {
                 gemm.name(),
                 512.0 / (prefill / 1e3)
             ))?;
+            roofline.push(format!(
+                "| {} | {} | {:.2} | {det:.2} | {det_plain:.2} | {:+.1} % | {floor_ms:.2} | {:.2} | {:.0} | {ppl_ms:.1} | {:.0} | {:.1} | {:.0} % |",
+                dtype.name(),
+                gemm.name(),
+                g.weight_bytes() as f64 / 1e9,
+                (det / det_plain - 1.0) * 100.0,
+                det / floor_ms,
+                g.weight_bytes() as f64 / (det / 1e3) / 1e9,
+                512.0 / (ppl_ms / 1e3),
+                linear_flops * 512.0 / (ppl_ms / 1e3) / 1e12,
+                if gemm_rate > 0.0 { linear_flops * 512.0 / (ppl_ms / 1e3) / gemm_rate * 100.0 } else { 0.0 },
+            ));
         }
+    }
+    emit(String::new())?;
+    emit("Detection forward (9-token prompt, spike statistics, no logits) against the bandwidth floor (weight bytes / measured copy rate), and perplexity throughput (one 512-token window, logits and NLL on the device) against the measured bf16 GEMM rate:\n".into())?;
+    emit("| weights | gemm | weight GB | detect fwd ms | without stats ms | stats overhead | floor ms | × floor | achieved GB/s | ppl 512 ms | ppl tok/s | linear TFLOP/s | of bf16 GEMM rate |".into())?;
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|".into())?;
+    for r in roofline {
+        emit(r)?;
     }
     Ok(())
 }

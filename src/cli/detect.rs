@@ -37,6 +37,19 @@ pub struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Weight storage on a CUDA device (`--device cuda`): bf16 halves memory; f32 matches the
+    /// CPU backend's numbers most closely.
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
+}
+
+/// Weight storage on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuDtype {
+    /// bfloat16 matrices (norms stay f32).
+    Bf16,
+    /// float32 everywhere.
+    F32,
 }
 
 #[derive(Serialize)]
@@ -50,6 +63,7 @@ struct Reported<'a> {
 struct Report<'a> {
     model: &'a str,
     architecture: &'static str,
+    device: String,
     threshold: f32,
     prompts: &'a [String],
     super_weights: Vec<Reported<'a>>,
@@ -62,7 +76,8 @@ struct Report<'a> {
     seconds: f64,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
+    let backend = super::device::choose(device, a.json)?;
     let mut cfg = DetectConfig {
         threshold: a.threshold,
         max_iterations: a.max_iterations,
@@ -80,16 +95,21 @@ pub fn run(a: Args) -> Result<()> {
     let names = m.source.names();
     let entries = catalog::lookup(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
     let pb = super::bar(a.json, 1, "detect");
-    let d: Detection = detect::detect(&mut m, &cfg, |done, total, what| {
+    let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         pb.set_message(what.to_string());
-    })?;
+    };
+    let (d, device): (Detection, String) = match backend {
+        super::device::Backend::Cpu => (detect::detect(&mut m, &cfg, progress)?, "cpu".into()),
+        super::device::Backend::Cuda => cuda_detect(&m, &cfg, a.gpu_dtype, progress)?,
+    };
     pb.finish_and_clear();
     let tag = |sw: &'_ SuperWeight| catalog::agreement(&entries, sw.layer, sw.row, sw.col);
     let report = Report {
         model: &a.model,
         architecture: m.config.architecture.name(),
+        device,
         threshold: cfg.threshold,
         prompts: &cfg.prompts,
         super_weights: d.super_weights.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
@@ -115,11 +135,12 @@ pub fn run(a: Args) -> Result<()> {
 
 fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
     println!(
-        "model {} ({}), threshold {}, {} prompt(s)",
+        "model {} ({}), threshold {}, {} prompt(s), device {}",
         r.model,
         r.architecture,
         r.threshold,
-        r.prompts.len()
+        r.prompts.len(),
+        r.device
     );
     if let Some(b) = r.baseline_perplexity {
         println!(
@@ -174,4 +195,34 @@ fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
         println!("\ncatalog: {} lists {:?} ({})", e.model, e.coordinates, e.source);
     }
     println!("\n{:.2} s; weights checksum {} (restored bit-exact)", r.seconds, r.weights_checksum);
+}
+
+/// Detection on CUDA device 0; returns the detection and a description of the device.
+#[cfg(feature = "cuda")]
+fn cuda_detect(
+    model: &swk::Model,
+    cfg: &DetectConfig,
+    dtype: GpuDtype,
+    progress: impl FnMut(usize, usize, &str),
+) -> Result<(Detection, String)> {
+    use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
+    let dtype = match dtype {
+        GpuDtype::Bf16 => WeightDtype::Bf16,
+        GpuDtype::F32 => WeightDtype::F32,
+    };
+    let inputs = detect::detect_inputs(model, cfg)?;
+    let mut gpu = CudaModel::new(model, &CudaOptions { dtype, ..Default::default() })?;
+    let what =
+        format!("cuda: {} ({} weights, {})", gpu.device().name(), dtype.name(), gpu.gemm().name());
+    Ok((detect::detect_with(&mut gpu, &inputs.prompts, &inputs.windows, cfg, progress)?, what))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_detect(
+    _: &swk::Model,
+    _: &DetectConfig,
+    _: GpuDtype,
+    _: impl FnMut(usize, usize, &str),
+) -> Result<(Detection, String)> {
+    Err(Error::Backend("built without the `cuda` feature".into()))
 }

@@ -71,7 +71,11 @@ pub fn run() -> Result<()> {
     }
     let gpu_capable = matches!(
         cli.command,
-        Command::Ppl(_) | Command::Generate(_) | Command::Info(_) | Command::Catalog(_)
+        Command::Ppl(_)
+            | Command::Generate(_)
+            | Command::Detect(_)
+            | Command::Info(_)
+            | Command::Catalog(_)
     );
     if !gpu_capable {
         device::require_cpu(cli.device)?;
@@ -80,7 +84,7 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Ppl(a) => ppl::run(a, cli.device),
         Command::Generate(a) => generate::run(a, cli.device),
-        Command::Detect(a) => detect::run(a),
+        Command::Detect(a) => detect::run(a, cli.device),
         Command::Catalog(a) => catalog::run(a),
         Command::Vocab(a) => vocab::run(a),
         Command::Cascade(a) => cascade::run(a),

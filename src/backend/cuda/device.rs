@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     self, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    PushKernelArg, ValidAsZeroBits,
+    PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 
 use super::kernels::{self, int, Launch, KERNELS};
@@ -203,6 +203,44 @@ impl CudaDevice {
         self.stream.synchronize().map_err(be("synchronizing"))
     }
 
+    /// Measured device-to-device copy rate in bytes moved per second (read plus written), over
+    /// `reps` copies of a `bytes`-byte buffer after one warm-up: the bandwidth against which
+    /// memory-bound passes are judged.
+    pub fn measure_copy_rate(&self, bytes: usize, reps: usize) -> Result<f64> {
+        self.bind()?;
+        let n = bytes / 4;
+        let src = self.zeros::<u32>(n)?;
+        let mut dst = self.zeros::<u32>(n)?;
+        self.copy(&src, &mut dst, n)?;
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            self.copy(&src, &mut dst, n)?;
+        }
+        self.synchronize()?;
+        Ok(2.0 * (n * 4) as f64 * reps.max(1) as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// Measured cuBLAS bf16 GEMM rate (bf16 inputs, f32 accumulation and output) in FLOP/s,
+    /// on `n`×`n`×`n` products of random data, `reps` after one warm-up.
+    pub fn measure_bf16_gemm_rate(&self, n: usize, reps: usize) -> Result<f64> {
+        self.bind()?;
+        let a = self.alloc::<u16>(n * n)?;
+        let b = self.alloc::<u16>(n * n)?;
+        let c = self.alloc::<f32>(n * n)?;
+        self.fill_normal(self.ptr(&a), true, n * n, 1, 0.0, 1.0)?;
+        self.fill_normal(self.ptr(&b), true, n * n, 2, 0.0, 1.0)?;
+        let (pa, pb, pc) = (self.ptr(&a), self.ptr(&b), self.ptr(&c));
+        self.gemm_bf16_inputs(pa, pb, pc, n, n, n)?;
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            self.gemm_bf16_inputs(pa, pb, pc, n, n, n)?;
+        }
+        self.synchronize()?;
+        Ok(2.0 * (n as f64).powi(3) * reps.max(1) as f64 / t.elapsed().as_secs_f64())
+    }
+
     pub(crate) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(be("binding the context"))
     }
@@ -254,6 +292,42 @@ impl CudaDevice {
         }
         self.synchronize()?;
         Ok(host)
+    }
+
+    /// Page-locked (pinned, cached) host memory of `len` elements, for fast downloads that
+    /// the host then reads.
+    pub(crate) fn pinned<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<PinnedHostSlice<T>> {
+        // SAFETY: flags 0 = plain page-locked memory; it is zeroed before use below.
+        let mut p = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }
+            .map_err(be("allocating pinned host memory"))?;
+        p.as_mut_slice().map_err(be("pinned host memory"))?.fill_with(|| {
+            // SAFETY: T is ValidAsZeroBits.
+            unsafe { std::mem::zeroed() }
+        });
+        Ok(p)
+    }
+
+    /// Download `len` elements of `d` into pinned host memory and wait for them.
+    pub(crate) fn download_pinned<'a, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        d: &CudaSlice<T>,
+        len: usize,
+        host: &'a mut PinnedHostSlice<T>,
+    ) -> Result<&'a [T]> {
+        if len > d.len() || len > host.len() {
+            return Err(Error::Backend(format!(
+                "download of {len} elements from a buffer of {} into {}",
+                d.len(),
+                host.len()
+            )));
+        }
+        let view = d.slice(0..len);
+        self.stream.memcpy_dtoh(&view, host).map_err(be("download"))?;
+        self.synchronize()?;
+        Ok(&host.as_slice().map_err(be("pinned host memory"))?[..len])
     }
 
     /// Copy `len` elements between buffers on the device.
@@ -441,6 +515,18 @@ impl CudaDevice {
     pub(crate) fn f32_to_bf16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
         let n = n as u64;
         launch!(self, "swk_f32_to_bf16", kernels::grid_stride(n)?, src, dst, n)
+    }
+
+    /// Split `n` f32 values into bf16 hi and lo terms: `dst[..n]` = hi, `dst[n..2n]` = lo.
+    pub(crate) fn split_bf16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
+        let n = n as u64;
+        launch!(self, "swk_split_bf16", kernels::grid_stride(n)?, src, dst, n)
+    }
+
+    /// `y[i] = y2[i] + y2[n + i]` for `i < n`.
+    pub(crate) fn add_halves(&self, y2: u64, y: u64, n: usize) -> Result<()> {
+        let n = n as u64;
+        launch!(self, "swk_add_halves", kernels::grid_stride(n)?, y2, y, n)
     }
 
     /// bf16 → f32 (exact) of `n` elements.

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
 use super::device::{cuda_available, CudaDevice};
 use super::kernels;
@@ -67,6 +67,10 @@ pub enum GemmEngine {
     /// cuBLAS GemmEx on bf16 inputs with f32 accumulation: activations are rounded to bf16
     /// before each product. Fastest, least exact. Needs [`WeightDtype::Bf16`].
     CublasBf16,
+    /// cuBLAS GemmEx on bf16 weights and two-term bf16 activations (x = hi + lo, stacked as
+    /// twice the rows, the two products summed in f32): about f32 accuracy, reading the bf16
+    /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
+    CublasSplit,
     /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 weights widened as loaded).
     Kernels,
 }
@@ -78,6 +82,7 @@ impl GemmEngine {
             GemmEngine::Auto => "auto",
             GemmEngine::Cublas => "cublas",
             GemmEngine::CublasBf16 => "cublas-bf16",
+            GemmEngine::CublasSplit => "cublas-split",
             GemmEngine::Kernels => "kernels",
         }
     }
@@ -253,19 +258,26 @@ fn check_architecture(c: &ModelConfig) -> Result<()> {
 
 fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
     let gemm = match gemm {
+        GemmEngine::Auto if dev.has_cublas() && dtype == WeightDtype::Bf16 => {
+            GemmEngine::CublasSplit
+        }
         GemmEngine::Auto if dev.has_cublas() => GemmEngine::Cublas,
         GemmEngine::Auto => GemmEngine::Kernels,
         g => g,
     };
-    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16) && !dev.has_cublas() {
+    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
+        && !dev.has_cublas()
+    {
         return Err(Error::Backend(format!(
             "GEMM engine `{}` needs cuBLAS, and libcublas.so could not be loaded (add its directory to \
              LD_LIBRARY_PATH, or use the `kernels` engine)",
             gemm.name()
         )));
     }
-    if gemm == GemmEngine::CublasBf16 && dtype != WeightDtype::Bf16 {
-        return Err(Error::Invalid("GEMM engine `cublas-bf16` needs bf16 weights".into()));
+    if matches!(gemm, GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
+        && dtype != WeightDtype::Bf16
+    {
+        return Err(Error::Invalid(format!("GEMM engine `{}` needs bf16 weights", gemm.name())));
     }
     Ok(gemm)
 }
@@ -464,6 +476,45 @@ impl CudaModel {
         n_out: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
+        self.linear_from(x, None, w_name, y, rows, n_in, n_out, sc)
+    }
+
+    /// Several products of one input (q/k/v; gate/up): `outs` = (weight, y, n_out). With
+    /// `cublas-split` the input is split into its bf16 terms once for all of them.
+    fn linears(
+        &self,
+        x: u64,
+        outs: &[(String, u64, usize)],
+        rows: usize,
+        n_in: usize,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let split = if self.gemm == GemmEngine::CublasSplit {
+            let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
+            self.dev.split_bf16(x, x16, rows * n_in)?;
+            Some(x16)
+        } else {
+            None
+        };
+        for (w_name, y, n_out) in outs {
+            self.linear_from(x, split, w_name, *y, rows, n_in, *n_out, sc)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_from(
+        &self,
+        x: u64,
+        split: Option<u64>,
+        w_name: &str,
+        y: u64,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        sc: &mut Scratch,
+    ) -> Result<()> {
         let w = self.tensor(w_name)?;
         if w.shape != [n_out, n_in] {
             return Err(Error::tensor(
@@ -483,6 +534,19 @@ impl CudaModel {
                 let x16 = sc.x16(&self.dev, rows * n_in)?;
                 self.dev.f32_to_bf16(x, x16, rows * n_in)?;
                 self.dev.gemm_bf16_inputs(x16, self.dev.ptr(d), y, rows, n_out, n_in)
+            }
+            (DevData::Bf16(d), GemmEngine::CublasSplit) => {
+                let x16 = match split {
+                    Some(x16) => x16,
+                    None => {
+                        let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
+                        self.dev.split_bf16(x, x16, rows * n_in)?;
+                        x16
+                    }
+                };
+                let y2 = sc.y2(&self.dev, 2 * rows * n_out)?;
+                self.dev.gemm_bf16_inputs(x16, self.dev.ptr(d), y2, 2 * rows, n_out, n_in)?;
+                self.dev.add_halves(y2, y, rows * n_out)
             }
             (DevData::Bf16(d), _) => {
                 // Widen a band of W's rows to f32, multiply into the matching band of y's columns.
@@ -717,13 +781,16 @@ impl CudaModel {
                 h,
                 c.rms_norm_eps,
             )?;
-            for (proj_name, out, width) in
-                [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)]
-            {
-                let wn = format!("{p}.self_attn.{proj_name}");
-                self.linear(xnp, &format!("{wn}.weight"), out, t, h, width, sc)?;
-                if c.attention_bias {
-                    dev.add_bias(out, self.f32_ptr(&format!("{wn}.bias"))?, t, width)?;
+            let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
+            let outs: Vec<(String, u64, usize)> = qkv
+                .iter()
+                .map(|&(n, out, width)| (format!("{p}.self_attn.{n}.weight"), out, width))
+                .collect();
+            self.linears(xnp, &outs, t, h, sc)?;
+            if c.attention_bias {
+                for (n, out, width) in qkv {
+                    let bias = self.f32_ptr(&format!("{p}.self_attn.{n}.bias"))?;
+                    dev.add_bias(out, bias, t, width)?;
                 }
             }
             dev.rope(qp, inv, t, nh, hd, pos0)?;
@@ -742,8 +809,11 @@ impl CudaModel {
                 h,
                 c.rms_norm_eps,
             )?;
-            self.linear(xnp, &format!("{p}.mlp.gate_proj.weight"), gatep, t, h, i, sc)?;
-            self.linear(xnp, &format!("{p}.mlp.up_proj.weight"), upp, t, h, i, sc)?;
+            let outs = [
+                (format!("{p}.mlp.gate_proj.weight"), gatep, i),
+                (format!("{p}.mlp.up_proj.weight"), upp, i),
+            ];
+            self.linears(xnp, &outs, t, h, sc)?;
             dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
             self.linear(actp, &format!("{p}.mlp.down_proj.weight"), projp, t, i, h, sc)?;
             dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
@@ -751,12 +821,17 @@ impl CudaModel {
         cache.len = pos0 + t;
 
         if let (Some(s), Some(k)) = (stats, keys.as_ref()) {
-            let host = dev.download(k, 0, c.num_layers * (i + h))?;
-            for (l, layer) in s.layers.iter_mut().enumerate() {
-                let base = l * (i + h);
-                kernels::merge_spike_keys(&mut layer.input, &host[base..base + i]);
-                kernels::merge_spike_keys(&mut layer.output, &host[base + i..base + i + h]);
+            use rayon::prelude::*;
+            let n = c.num_layers * (i + h);
+            if sc.keys.as_ref().is_none_or(|p| p.len() < n) {
+                sc.keys = Some(dev.pinned::<u64>(n)?);
             }
+            let pinned = sc.keys.as_mut().ok_or_else(|| Error::Backend("no key buffer".into()))?;
+            let host = dev.download_pinned(k, n, pinned)?;
+            s.layers.par_iter_mut().zip(host.par_chunks(i + h)).for_each(|(layer, keys)| {
+                kernels::merge_spike_keys(&mut layer.input, &keys[..i]);
+                kernels::merge_spike_keys(&mut layer.output, &keys[i..]);
+            });
         }
 
         // Final norm and LM head, only for the rows asked for.
@@ -789,6 +864,8 @@ impl CudaModel {
 struct Scratch {
     wide: Option<CudaSlice<f32>>,
     x16: Option<CudaSlice<u16>>,
+    y2: Option<CudaSlice<f32>>,
+    keys: Option<PinnedHostSlice<u64>>,
 }
 
 impl Scratch {
@@ -801,6 +878,13 @@ impl Scratch {
                 Some(dev.alloc::<f32>(want.max(self.wide.as_ref().map_or(0, |b| b.len())))?);
         }
         Ok(self.wide.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
+    /// The stacked two-term product scratch of at least `want` elements.
+    fn y2(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
+        if self.y2.as_ref().is_none_or(|b| b.len() < want) {
+            self.y2 = Some(dev.alloc::<f32>(want)?);
+        }
+        Ok(self.y2.as_ref().map_or(0, |b| dev.ptr(b)))
     }
     /// The bf16 activation scratch of at least `want` elements.
     fn x16(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {

@@ -34,6 +34,7 @@ pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// this is exactly the set defined in `kernels/*.cu` and that each is in the fatbin.
 pub const KERNELS: &[&str] = &[
     "swk_add_bias",
+    "swk_add_halves",
     "swk_add_residual",
     "swk_attention",
     "swk_bf16_to_f32",
@@ -54,6 +55,7 @@ pub const KERNELS: &[&str] = &[
     "swk_rmsnorm",
     "swk_rope",
     "swk_silu_mul",
+    "swk_split_bf16",
 ];
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -30,11 +30,13 @@
 //! Not supported on the device (use the CPU backend): hooks, and starting a pass from a
 //! residual stream (`Input::Residual`).
 
+mod detect;
 mod device;
 mod edit;
 mod forward;
 pub mod kernels;
 
+pub use detect::CudaBaseline;
 pub use device::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};
 pub use edit::{checksum_bits_u16, checksum_bits_u32, combine_checksums};
 pub use forward::{CudaKvCache, CudaModel, CudaOptions, GemmEngine, WeightDtype};
