@@ -36,11 +36,20 @@ pub enum Architecture {
     Gpt2,
     /// GPT-NeoX / Pythia (parallel residual, partial rotary, fused per-head q/k/v).
     GptNeoX,
+    /// Mixtral (Mistral attention, softmax top-k experts renormalized).
+    Mixtral,
+    /// OLMoE (OLMo 2-style QK-norm over whole projections, pre-norm blocks, top-k experts).
+    Olmoe,
+    /// Qwen2-MoE (Qwen2 attention, top-k experts plus a sigmoid-gated shared expert).
+    Qwen2Moe,
+    /// Qwen3-MoE (Qwen3 attention, top-k experts).
+    Qwen3Moe,
 }
 
 /// Comma-separated list of supported architecture names, for error messages.
 pub const SUPPORTED_ARCHITECTURES: &str =
-    "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox";
+    "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox, \
+     mixtral, olmoe, qwen2moe, qwen3moe";
 
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
@@ -58,6 +67,10 @@ impl Architecture {
             "olmo2" => Some(Architecture::Olmo2),
             "gpt2" => Some(Architecture::Gpt2),
             "gpt_neox" | "gptneox" => Some(Architecture::GptNeoX),
+            "mixtral" => Some(Architecture::Mixtral),
+            "olmoe" => Some(Architecture::Olmoe),
+            "qwen2_moe" | "qwen2moe" => Some(Architecture::Qwen2Moe),
+            "qwen3_moe" | "qwen3moe" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -76,6 +89,10 @@ impl Architecture {
             "Olmo2ForCausalLM" => Some(Architecture::Olmo2),
             "GPT2LMHeadModel" => Some(Architecture::Gpt2),
             "GPTNeoXForCausalLM" => Some(Architecture::GptNeoX),
+            "MixtralForCausalLM" => Some(Architecture::Mixtral),
+            "OlmoeForCausalLM" => Some(Architecture::Olmoe),
+            "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
+            "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -94,7 +111,21 @@ impl Architecture {
             Architecture::Olmo2 => "olmo2",
             Architecture::Gpt2 => "gpt2",
             Architecture::GptNeoX => "gptneox",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Olmoe => "olmoe",
+            Architecture::Qwen2Moe => "qwen2moe",
+            Architecture::Qwen3Moe => "qwen3moe",
         }
+    }
+    /// Whether the family routes tokens to mixture-of-experts MLPs.
+    pub fn is_moe(self) -> bool {
+        matches!(
+            self,
+            Architecture::Mixtral
+                | Architecture::Olmoe
+                | Architecture::Qwen2Moe
+                | Architecture::Qwen3Moe
+        )
     }
     /// Whether the MLP is gated (`act(gate) ⊙ up`); GPT-2 and GPT-NeoX use `act(up)`.
     pub fn gated_mlp(self) -> bool {
@@ -156,6 +187,33 @@ pub struct FamilyParams {
     pub scale_attn_by_inverse_layer_idx: bool,
     /// The MLP activation.
     pub hidden_act: HiddenAct,
+    /// Mixture-of-experts settings (MoE families only).
+    pub moe: Option<MoeParams>,
+}
+
+/// Mixture-of-experts hyper-parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MoeParams {
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Inner width of one expert (columns of its `down_proj`).
+    pub expert_intermediate: usize,
+    /// Whether the top-k routing probabilities are renormalized to sum to 1.
+    pub norm_topk_prob: bool,
+    /// Inner width of the always-on shared expert (Qwen2-MoE), if any.
+    pub shared_expert_intermediate: Option<usize>,
+    /// Per layer, whether its MLP is a mixture of experts (otherwise a dense MLP of
+    /// `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+}
+
+impl MoeParams {
+    /// Whether layer `l` routes to experts.
+    pub fn is_sparse(&self, l: usize) -> bool {
+        self.sparse_layers.get(l).copied().unwrap_or(false)
+    }
 }
 
 /// RoPE frequency scaling.
@@ -392,11 +450,13 @@ impl ModelConfig {
         };
 
         let sliding_window = match architecture {
-            A::Mistral | A::Phi3 | A::Gemma2 | A::Gemma3 => {
+            A::Mistral | A::Mixtral | A::Phi3 | A::Gemma2 | A::Gemma3 => {
                 hf.usize_opt(&["sliding_window", "sliding_window_size"])?
             }
             // Qwen declares a window but only applies it with use_sliding_window.
-            A::Qwen2 | A::Qwen3 if hf.bool_or("use_sliding_window", false) => {
+            A::Qwen2 | A::Qwen3 | A::Qwen2Moe | A::Qwen3Moe
+                if hf.bool_or("use_sliding_window", false) =>
+            {
                 hf.usize_opt(&["sliding_window"])?
             }
             _ => None,
@@ -463,6 +523,11 @@ impl ModelConfig {
             A::Gpt2 if !hf.bool_or("scale_attn_weights", true) => Some(1.0),
             _ => None,
         };
+        let moe = if architecture.is_moe() {
+            Some(moe_params(&hf, architecture, num_layers, intermediate_size)?)
+        } else {
+            None
+        };
         let family = FamilyParams {
             sliding_layers,
             rope_local_theta,
@@ -479,7 +544,7 @@ impl ModelConfig {
                 _ => None,
             },
             clip_qkv: match architecture {
-                A::Olmo => hf.f64_opt(&["clip_qkv"])?,
+                A::Olmo | A::Olmoe => hf.f64_opt(&["clip_qkv"])?,
                 _ => None,
             },
             parallel_residual: architecture == A::GptNeoX
@@ -487,6 +552,7 @@ impl ModelConfig {
             scale_attn_by_inverse_layer_idx: architecture == A::Gpt2
                 && hf.bool_or("scale_attn_by_inverse_layer_idx", false),
             hidden_act,
+            moe,
         };
         let cfg = ModelConfig {
             architecture,
@@ -507,6 +573,7 @@ impl ModelConfig {
             ),
             attention_bias: match architecture {
                 A::Qwen2 | A::Gpt2 => true,
+                A::Qwen2Moe => hf.bool_or("qkv_bias", true),
                 A::GptNeoX => hf.bool_or("attention_bias", true),
                 _ => hf.bool_or("attention_bias", false),
             },
@@ -646,6 +713,7 @@ impl ModelConfig {
                 A::GptNeoX => HiddenAct::Gelu,
                 _ => HiddenAct::Silu,
             },
+            moe: None,
         };
         let cfg = ModelConfig {
             architecture,
@@ -763,6 +831,62 @@ impl ModelConfig {
         };
         v * h + positions + l * block + h + head
     }
+}
+
+/// The mixture-of-experts keys of a `config.json`: `num_local_experts` or `num_experts`,
+/// `num_experts_per_tok`, `moe_intermediate_size` (else `intermediate_size`),
+/// `norm_topk_prob` (always true for Mixtral), `shared_expert_intermediate_size` (Qwen2-MoE),
+/// and which layers are sparse (`decoder_sparse_step`, `mlp_only_layers`, as transformers'
+/// Qwen MoE models decide).
+fn moe_params(
+    hf: &Hf<'_>,
+    architecture: Architecture,
+    num_layers: usize,
+    intermediate_size: usize,
+) -> Result<MoeParams> {
+    use Architecture as A;
+    let num_experts = hf.usize_or(&["num_local_experts", "num_experts"], None)?;
+    let top_k = hf.usize_or(&["num_experts_per_tok"], Some(2))?;
+    if top_k > num_experts {
+        return Err(Error::config(
+            hf.path,
+            format!("num_experts_per_tok {top_k} exceeds the {num_experts} experts"),
+        ));
+    }
+    let qwen = matches!(architecture, A::Qwen2Moe | A::Qwen3Moe);
+    let expert_intermediate =
+        if qwen { hf.usize_or(&["moe_intermediate_size"], None)? } else { intermediate_size };
+    let norm_topk_prob = match architecture {
+        A::Mixtral => true,
+        _ => hf.bool_or("norm_topk_prob", false),
+    };
+    let shared_expert_intermediate = match architecture {
+        A::Qwen2Moe => hf.usize_opt(&["shared_expert_intermediate_size"])?,
+        _ => None,
+    };
+    let sparse_layers = if qwen {
+        let step = hf.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
+        let dense: Vec<u64> = match hf.get("mlp_only_layers") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+                .ok_or_else(|| {
+                    Error::config(hf.path, "`mlp_only_layers` must be a list of layer indices")
+                })?,
+        };
+        (0..num_layers).map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0).collect()
+    } else {
+        vec![true; num_layers]
+    };
+    Ok(MoeParams {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        norm_topk_prob,
+        shared_expert_intermediate,
+        sparse_layers,
+    })
 }
 
 /// Parse one RoPE scaling object (`rope_scaling`, or a transformers-5 `rope_parameters`).

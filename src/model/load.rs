@@ -73,6 +73,7 @@ fn normalize_hf(config: &ModelConfig, weights: &mut Weights) -> Result<()> {
         Architecture::Gemma3 => crate::model::arch::gemma::strip_multimodal(weights),
         Architecture::Gpt2 => crate::model::arch::gpt2::rename_hf(weights),
         Architecture::GptNeoX => crate::model::arch::gpt_neox::rename_hf(config, weights),
+        a if a.is_moe() => crate::model::arch::moe::normalize_hf(config, weights),
         _ => Ok(()),
     }
 }
