@@ -9,6 +9,7 @@
 
 pub mod cascade;
 pub mod compare;
+pub mod experts;
 pub mod plot;
 pub mod quantize;
 pub mod screen;

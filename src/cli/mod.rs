@@ -6,6 +6,7 @@ mod catalog;
 mod compare_generate;
 mod detect;
 mod device;
+mod experts;
 mod generate;
 mod info;
 mod ppl;
@@ -58,6 +59,8 @@ enum Command {
     QuantizeStudy(quantize_study::Args),
     /// Rank candidate weights by the perplexity impact of zeroing each.
     Screen(screen::Args),
+    /// Router statistics and super experts of a mixture-of-experts model.
+    Experts(experts::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -88,6 +91,7 @@ pub fn run() -> Result<()> {
         Command::CompareGenerate(a) => compare_generate::run(a),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
+        Command::Experts(a) => experts::run(a),
     }
 }
 
