@@ -961,6 +961,54 @@ pub fn planted_moe(
     Ok((model, truth, SuperExpertSite { layer, expert }))
 }
 
+/// A Llama whose massive activation is written *jointly* by several down_proj weights in
+/// different layers: [`planted`]'s mechanism with `members[0]` as its only super weight (no
+/// backup, no decoy, copy head in `copy_layer`), then every further member planted like it:
+/// reading BOS's bias dim and writing the same row. Members must share the row, sit in
+/// increasing layers before `copy_layer`, and use distinct layers.
+///
+/// The sink head reads the row through RMSNorm, so it needs the activation to be present but
+/// hardly cares how large it is: zeroing any one member leaves the others' writes (and a
+/// later member, no longer normalized away by the massive activation, fires harder), and the
+/// perplexity barely moves; zeroing all of them empties the row and the sink, and the
+/// perplexity rises to about the vocabulary size. Returns the model, the truth (its
+/// `super_weights` are the members) and nothing else planted.
+pub fn planted_group(
+    spec: &SynthSpec,
+    seed: u64,
+    members: &[PlantSite],
+    copy_layer: usize,
+) -> Result<(Model, PlantTruth)> {
+    let first = *members.first().ok_or_else(|| plant_err("no group member to plant"))?;
+    if members.windows(2).any(|w| w[0].layer >= w[1].layer || w[1].row != first.row) {
+        return Err(plant_err("group members must share one row, in increasing layers"));
+    }
+    let last = members.last().map_or(0, |m| m.layer);
+    if copy_layer <= last {
+        return Err(plant_err("the copy layer must come after every group member"));
+    }
+    let plant = Plant {
+        super_weights: vec![first],
+        backup: None,
+        decoy: None,
+        copy_layer,
+        ..Plant::standard(spec)
+    };
+    let (mut model, mut truth) = planted(spec, seed, &plant)?;
+    let mut reserved: BTreeSet<usize> = truth.copy_dims.iter().copied().collect();
+    reserved.extend([truth.bias_dim, truth.query_dim, first.row]);
+    for m in &members[1..] {
+        if m.col >= spec.intermediate {
+            return Err(plant_err(format!("column {} is outside the model", m.col)));
+        }
+        let xn = mlp_input_at_bos(&model, truth.bos, m.layer, truth.bias_dim)?;
+        plant_channel(&mut model.weights, m, truth.bias_dim, xn, &reserved)?;
+    }
+    truth.super_weights = members.iter().map(|m| PlantedWeight::from_site(m, 1)).collect();
+    arch::validate(&model)?;
+    Ok((model, truth))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

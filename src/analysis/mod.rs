@@ -10,6 +10,7 @@
 pub mod cascade;
 pub mod compare;
 pub mod experts;
+pub mod groups;
 pub mod plot;
 pub mod quantize;
 pub mod screen;

@@ -8,6 +8,7 @@ mod detect;
 mod device;
 mod experts;
 mod generate;
+mod groups;
 mod info;
 mod ppl;
 mod quantize_study;
@@ -61,6 +62,8 @@ enum Command {
     Screen(screen::Args),
     /// Router statistics and super experts of a mixture-of-experts model.
     Experts(experts::Args),
+    /// Massive activations written by groups of weights, decisive only together.
+    Groups(groups::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -92,6 +95,7 @@ pub fn run() -> Result<()> {
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
         Command::Experts(a) => experts::run(a),
+        Command::Groups(a) => groups::run(a),
     }
 }
 
