@@ -600,6 +600,12 @@ impl ModelConfig {
                 supported: SUPPORTED_ARCHITECTURES.to_string(),
             })?;
         let k = |s: &str| format!("{arch_name}.{s}");
+        // llama.cpp writes Mixtral as a `llama` with experts.
+        let experts = g.get(&k("expert_count")).and_then(|v| v.as_u64()).unwrap_or(0);
+        let architecture = match architecture {
+            A::Llama | A::Mistral if experts > 0 => A::Mixtral,
+            a => a,
+        };
         let as_usize = |key: &str| -> Result<usize> {
             let v = g.require_u64(&k(key))?;
             usize::try_from(v)
@@ -636,7 +642,7 @@ impl ModelConfig {
             None => g.opt_f64(&k("attention.layer_norm_epsilon"))?.unwrap_or(1e-5),
         };
         let sliding_window = match architecture {
-            A::Gemma2 | A::Gemma3 | A::Phi3 => opt_usize("attention.sliding_window")?,
+            A::Gemma2 | A::Gemma3 | A::Phi3 | A::Mixtral => opt_usize("attention.sliding_window")?,
             _ => None,
         };
         let sliding_layers = match (sliding_window, g.get(&k("attention.sliding_window_pattern"))) {
@@ -702,7 +708,7 @@ impl ModelConfig {
                 _ => None,
             },
             clip_qkv: match architecture {
-                A::Olmo => g.opt_f64(&k("attention.clamp_kqv"))?.filter(|&c| c > 0.0),
+                A::Olmo | A::Olmoe => g.opt_f64(&k("attention.clamp_kqv"))?.filter(|&c| c > 0.0),
                 _ => None,
             },
             parallel_residual: architecture == A::GptNeoX
@@ -713,7 +719,25 @@ impl ModelConfig {
                 A::GptNeoX => HiddenAct::Gelu,
                 _ => HiddenAct::Silu,
             },
-            moe: None,
+            moe: if architecture.is_moe() {
+                let ffn = as_usize("feed_forward_length")?;
+                Some(MoeParams {
+                    num_experts: as_usize("expert_count")?,
+                    top_k: as_usize("expert_used_count")?,
+                    expert_intermediate: opt_usize("expert_feed_forward_length")?.unwrap_or(ffn),
+                    // llama.cpp renormalizes for Mixtral and Qwen3-MoE unless told otherwise.
+                    norm_topk_prob: g
+                        .get(&k("expert_weights_norm"))
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(matches!(architecture, A::Mixtral | A::Qwen3Moe)),
+                    shared_expert_intermediate: opt_usize("expert_shared_feed_forward_length")?,
+                    sparse_layers: (0..num_layers)
+                        .map(|l| g.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_some())
+                        .collect(),
+                })
+            } else {
+                None
+            },
         };
         let cfg = ModelConfig {
             architecture,

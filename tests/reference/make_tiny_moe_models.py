@@ -12,6 +12,13 @@ Families (2 layers, hidden 64, 4 heads / 2 kv heads of 16, 4 experts, top-2, exp
   qwen3_moe  Qwen3MoeForCausalLM: per-head QK-norm, norm_topk_prob true, layer 0 dense
              (mlp_only_layers [0], intermediate 96), layer 1 sparse.
 
+Plus two llama.cpp-style GGUF files written with the `gguf` package's GGUFWriter from the same
+weights, checked against the same reference.json:
+  qwen2_moe_gguf  arch `qwen2moe`: ffn_gate_inp, stacked ffn_{gate,up,down}_exps [E, I, H] /
+                  [E, H, I], ffn_{gate,up,down}_shexp, ffn_gate_inp_shexp as a vector.
+  mixtral_gguf    arch `llama` with llama.expert_count (how llama.cpp writes Mixtral), Q/K rows
+                  permuted as llama.cpp's converter does.
+
 Every directory gets config.json, model.safetensors (float32), tokenizer.json (copied from
 tests/fixtures/tiny/llama) and reference.json: text, token ids, float32 logits from transformers
 (eager attention), and for each sparse layer the router's choices and, per expert, the largest
@@ -232,12 +239,94 @@ def build(spec, k, ids):
     assert size < 700 * 1024, (name, size)
 
 
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+}
+
+
+def llama_permute(w, n_head):
+    """llama.cpp's converter permutation of Q/K rows (LlamaModel.permute)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def build_gguf(src, name, arch):
+    import sys
+    import gguf
+    sys.path.insert(0, HERE)
+    from make_tiny_arch_models import gguf_tokenizer
+    d = os.path.join(OUT, src)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    cfg = model.config
+    out = os.path.join(OUT, name)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    w = gguf.GGUFWriter(os.path.join(out, "model.gguf"), arch)
+    w.add_name(f"swk tiny {src} fixture")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_expert_count(4)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if hasattr(cfg, "moe_intermediate_size"):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    gguf_tokenizer(w)
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().to(torch.float32).numpy()
+        if k == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", v)
+            continue
+        if k == "model.norm.weight":
+            w.add_tensor("output_norm.weight", v)
+            continue
+        if k == "lm_head.weight":
+            w.add_tensor("output.weight", v)
+            continue
+        parts = k.split(".")
+        l, rest, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+        if rest == "mlp.experts":  # fused in-memory stacks
+            if kind == "gate_up_proj":
+                i = v.shape[1] // 2
+                w.add_tensor(f"blk.{l}.ffn_gate_exps.weight", np.ascontiguousarray(v[:, :i]))
+                w.add_tensor(f"blk.{l}.ffn_up_exps.weight", np.ascontiguousarray(v[:, i:]))
+            else:
+                w.add_tensor(f"blk.{l}.ffn_down_exps.weight", np.ascontiguousarray(v))
+            continue
+        if arch == "llama" and rest == "self_attn.q_proj":
+            v = llama_permute(v, cfg.num_attention_heads)
+        if arch == "llama" and rest == "self_attn.k_proj":
+            v = llama_permute(v, cfg.num_key_value_heads)
+        if rest == "mlp.shared_expert_gate":
+            v = v.reshape(-1)
+        w.add_tensor(f"blk.{l}.{GGUF_NAMES[rest]}.{kind}", np.ascontiguousarray(v))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    size = os.path.getsize(os.path.join(out, "model.gguf"))
+    print(f"{name}: {size / 1024:.0f} KiB")
+
+
 def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     ids = Tokenizer.from_file(TOKENIZER).encode(TEXT, add_special_tokens=False).ids
     for k, spec in enumerate(SPECS):
         build(spec, k, ids)
+    build_gguf("qwen2_moe", "qwen2_moe_gguf", "qwen2moe")
+    build_gguf("mixtral", "mixtral_gguf", "llama")
 
 
 if __name__ == "__main__":
