@@ -135,3 +135,40 @@ fn cli_experts_json_and_info_and_expert_edit() {
     let edited = ppl(Some("model.layers.0.mlp.experts.2.down_proj.weight[4,8]=x1000"));
     assert!((edited / base - 1.0).abs() > 1e-3, "{base} vs {edited}");
 }
+
+/// `detect` looks inside routed experts: the planted super weight of the super expert is
+/// found in its expert's down_proj (tensor and coordinates exact) and confirmed; the dense
+/// decoy is rejected.
+#[test]
+fn detect_finds_super_weight_inside_expert() {
+    use swk::detect::{detect_tokens, DetectConfig};
+    let spec = SynthSpec::tiny();
+    let plant = Plant::standard(&spec);
+    let (mut m, truth, site) = planted_moe(&spec, 11, &plant, 4, 2, 1).unwrap();
+    let sw = truth.super_weights[0];
+    let cfg = DetectConfig { confirm_context: truth.confirm.len(), ..Default::default() };
+    let d = detect_tokens(
+        &mut m,
+        std::slice::from_ref(&truth.prompt),
+        &truth.confirm,
+        &cfg,
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(d.super_weights.len(), 1, "{:#?}", d.super_weights);
+    let s = &d.super_weights[0];
+    assert_eq!((s.layer, s.expert, s.row, s.col), (sw.layer, Some(site.expert), sw.row, sw.col));
+    assert_eq!(s.tensor, format!("model.layers.{}.mlp.experts.1.down_proj.weight", sw.layer));
+    assert_eq!(s.value, sw.value);
+    assert!(s.perplexity_ratio.unwrap() > 5.0);
+    let decoy = plant.decoy.unwrap();
+    assert!(d
+        .rejected
+        .iter()
+        .any(|r| (r.layer, r.row, r.col, r.expert) == (decoy.layer, decoy.row, decoy.col, None)));
+    // The JSON form of the report turns back into the same edit.
+    let j = serde_json::json!({ "super_weights": [s], "rejected": [] }).to_string();
+    let edits = swk::analysis::edits_from_detect_json(&j, false).unwrap();
+    assert_eq!(edits[0].tensor, s.tensor);
+    assert_eq!(edits[0].index, vec![s.row, s.col]);
+}
