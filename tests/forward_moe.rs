@@ -36,6 +36,8 @@ fn check(name: &str, arch: Architecture) -> Model {
         .iter()
         .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
         .collect();
+    // The parameter count from the config equals the tensors loaded.
+    assert_eq!(m.config.parameter_count(), m.weights.n_elements() as u64, "{name}: parameters");
     let got = m.logits(&tokens).unwrap();
     let err = common::max_rel_err(&got, &want, 1.0);
     eprintln!("{name}: max rel err {err:.2e} over {} logits", want.len());

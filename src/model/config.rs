@@ -844,7 +844,14 @@ impl ModelConfig {
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let attn = h * q + 2 * h * kv + q * h + bias;
+        let qk_norm = match self.architecture {
+            Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 => {
+                2 * self.head_dim as u64
+            }
+            Architecture::Olmo2 | Architecture::Olmoe => q + kv,
+            _ => 0,
+        };
+        let attn = h * q + 2 * h * kv + q * h + bias + qk_norm;
         let mlp = if self.architecture.gated_mlp() { 3 * h * i } else { 2 * h * i };
         let block = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
@@ -853,7 +860,17 @@ impl ModelConfig {
         } else {
             0
         };
-        v * h + positions + l * block + h + head
+        // A sparse layer holds its router and experts (and shared expert) instead of the MLP.
+        let sparse: u64 = match &self.family.moe {
+            None => 0,
+            Some(m) => {
+                let (ne, ei) = (m.num_experts as u64, m.expert_intermediate as u64);
+                let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * si as u64 + h);
+                let n = m.sparse_layers.iter().filter(|&&s| s).count() as u64;
+                n * (ne * h + ne * 3 * h * ei + shared) - n * mlp
+            }
+        };
+        v * h + positions + l * block + sparse + h + head
     }
 }
 
