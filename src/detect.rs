@@ -140,6 +140,10 @@ pub struct SuperWeight {
     pub row: usize,
     /// Column of `down_proj.weight` (intermediate / input dim).
     pub col: usize,
+    /// The routed expert whose down_proj holds it, in a mixture-of-experts layer (then
+    /// `tensor` is `model.layers.L.mlp.experts.E.down_proj.weight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<usize>,
     /// HF tensor name.
     pub tensor: String,
     /// The weight's value.
@@ -209,6 +213,7 @@ pub struct Detection {
 /// One raw spike found in a pass.
 struct Spike {
     layer: usize,
+    expert: Option<usize>,
     row: usize,
     col: usize,
     input: f32,
@@ -230,17 +235,18 @@ fn new_spikes<B: DetectBackend>(
     model: &B,
     stats: &SpikeStats,
     threshold: f32,
-    fired: &BTreeSet<(usize, usize, usize)>,
+    fired: &BTreeSet<Key>,
 ) -> Result<Vec<Spike>> {
     let mut out = Vec::new();
     for (layer, s) in stats.layers.iter().enumerate() {
+        expert_spikes(layer, s, threshold, fired, &mut out);
         let (Some(i), Some(o)) = (s.input_peak(), s.output_peak()) else { continue };
         if i.max.abs <= threshold || o.max.abs <= threshold {
             continue;
         }
         let row = o.channel;
         let mut col = i.channel;
-        if fired.contains(&(layer, row, col)) {
+        if fired.contains(&(layer, None, row, col)) {
             let w_row = model.down_proj_row(layer, row)?;
             let best = s
                 .input
@@ -252,7 +258,7 @@ fn new_spikes<B: DetectBackend>(
                 .filter(|&(_, contribution)| contribution > 0.0)
                 .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
             match best {
-                Some((c, _)) if !fired.contains(&(layer, row, c)) => col = c,
+                Some((c, _)) if !fired.contains(&(layer, None, row, c)) => col = c,
                 _ => continue,
             }
         }
@@ -260,6 +266,7 @@ fn new_spikes<B: DetectBackend>(
         let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
         out.push(Spike {
             layer,
+            expert: None,
             row,
             col,
             input: x.value,
@@ -271,6 +278,62 @@ fn new_spikes<B: DetectBackend>(
         });
     }
     Ok(out)
+}
+
+/// A candidate's identity: layer, expert (MoE layers), row, column.
+type Key = (usize, Option<usize>, usize, usize);
+
+/// The paper's rule inside each routed expert of a mixture-of-experts layer: row = argmax of
+/// the expert's |down_proj output|, col = argmax of its |down_proj input|, both above the
+/// threshold; weights already zeroed are not named again.
+fn expert_spikes(
+    layer: usize,
+    s: &crate::hooks::LayerSpikes,
+    threshold: f32,
+    fired: &BTreeSet<Key>,
+    out: &mut Vec<Spike>,
+) {
+    let peak = |v: &[crate::hooks::ChannelMax]| {
+        v.iter().copied().enumerate().max_by(|a, b| a.1.abs.total_cmp(&b.1.abs).then(b.0.cmp(&a.0)))
+    };
+    let median = |v: &[crate::hooks::ChannelMax]| {
+        let mut a: Vec<f32> = v.iter().map(|m| m.abs).collect();
+        a.sort_by(f32::total_cmp);
+        a.get(a.len() / 2).copied().unwrap_or(0.0)
+    };
+    for (e, es) in s.experts.iter().enumerate() {
+        let (Some((col, x)), Some((row, y))) = (peak(&es.input), peak(&es.output)) else {
+            continue;
+        };
+        if x.abs <= threshold || y.abs <= threshold || fired.contains(&(layer, Some(e), row, col)) {
+            continue;
+        }
+        let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
+        out.push(Spike {
+            layer,
+            expert: Some(e),
+            row,
+            col,
+            input: x.value,
+            output: y.value,
+            in_pos: x.position,
+            out_pos: y.position,
+            in_ratio: ratio(x.abs, median(&es.input)),
+            out_ratio: ratio(y.abs, median(&es.output)),
+        });
+    }
+}
+
+/// The zero edit of a candidate: `down_proj[row, col]` of the layer, or of its expert.
+fn zero_edit(layer: usize, expert: Option<usize>, row: usize, col: usize) -> WeightEdit {
+    match expert {
+        Some(e) => WeightEdit::new(
+            crate::model::arch::moe::expert_name(layer, e, "down_proj"),
+            &[row, col],
+            EditOp::Zero,
+        ),
+        None => WeightEdit::down_proj(layer, row, col, EditOp::Zero),
+    }
 }
 
 /// Run one stats-collecting forward pass over `tokens`.
@@ -294,7 +357,7 @@ pub fn find_candidates<B: DetectBackend>(
 ) -> Result<(Vec<SuperWeight>, Vec<LayerMaxima>)> {
     let c = model.model_config().clone();
     let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
-    let mut found: BTreeMap<(usize, usize, usize), SuperWeight> = BTreeMap::new();
+    let mut found: BTreeMap<Key, SuperWeight> = BTreeMap::new();
     let mut layers = Vec::new();
     for (pi, tokens) in prompts.iter().enumerate() {
         if tokens.is_empty() {
@@ -308,14 +371,14 @@ pub fn find_candidates<B: DetectBackend>(
                 layers = layer_maxima(&stats);
             }
             let new = new_spikes(&*guard, &stats, cfg.threshold, &fired_here)?;
-            fired_here.extend(new.iter().map(|s| (s.layer, s.row, s.col)));
+            fired_here.extend(new.iter().map(|s| (s.layer, s.expert, s.row, s.col)));
             if new.is_empty() {
                 break;
             }
             for s in new {
-                let edit = WeightEdit::down_proj(s.layer, s.row, s.col, EditOp::Zero);
+                let edit = zero_edit(s.layer, s.expert, s.row, s.col);
                 let value = guard.apply(&edit)?.original;
-                let key = (s.layer, s.row, s.col);
+                let key = (s.layer, s.expert, s.row, s.col);
                 match found.get_mut(&key) {
                     Some(sw) => sw.prompts_fired += 1,
                     None => {
@@ -325,6 +388,7 @@ pub fn find_candidates<B: DetectBackend>(
                                 layer: s.layer,
                                 row: s.row,
                                 col: s.col,
+                                expert: s.expert,
                                 tensor: edit.tensor.clone(),
                                 value,
                                 input_activation: s.input,
@@ -444,7 +508,7 @@ pub fn detect_with<B: DetectBackend>(
         baseline = Some(base);
         for (k, sw) in candidates.iter_mut().enumerate() {
             on_step(k + 1, total, &format!("zeroing layer {} [{}, {}]", sw.layer, sw.row, sw.col));
-            let edit = WeightEdit::down_proj(sw.layer, sw.row, sw.col, EditOp::Zero);
+            let edit = zero_edit(sw.layer, sw.expert, sw.row, sw.col);
             let ratio = model.confirm_with(&confirmer, &[edit])? / base;
             sw.perplexity_ratio = Some(ratio);
             sw.confirmed = ratio > cfg.confirm_ratio;

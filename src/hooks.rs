@@ -167,13 +167,35 @@ pub struct ChannelMax {
     pub position: usize,
 }
 
+/// Statistics of one routed expert of a mixture-of-experts layer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExpertSpikes {
+    /// Tokens routed to this expert (each token counts once per expert it chose).
+    pub selected: u64,
+    /// Sum of the routing weights these tokens gave it.
+    pub weight_sum: f64,
+    /// Per column of the expert's down_proj: max |x| over the tokens routed to it.
+    pub input: Vec<ChannelMax>,
+    /// Per row of the expert's down_proj: max |y| (before the routing weight).
+    pub output: Vec<ChannelMax>,
+}
+
 /// Spike statistics of one layer's MLP down-projection `y = x · Wᵀ`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LayerSpikes {
-    /// Per input channel (column of W): max |x|.
+    /// Per input channel (column of W): max |x|. Empty-valued in a mixture-of-experts layer
+    /// (see `experts`).
     pub input: Vec<ChannelMax>,
-    /// Per output row (hidden dim): max |y|.
+    /// Per output row (hidden dim): max |y| of what the MLP writes into the residual stream.
     pub output: Vec<ChannelMax>,
+    /// Per routed expert, in a mixture-of-experts layer (filled by the forward pass; empty
+    /// otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertSpikes>,
+    /// Tokens the router of a mixture-of-experts layer has seen.
+    pub routed_tokens: u64,
+    /// Sum over those tokens of the entropy (nats) of the router's softmax.
+    pub router_entropy_sum: f64,
 }
 
 /// The strongest channel of a layer: index, and its [`ChannelMax`].
@@ -239,6 +261,7 @@ impl SpikeStats {
                 .map(|_| LayerSpikes {
                     input: vec![ChannelMax::default(); intermediate],
                     output: vec![ChannelMax::default(); hidden],
+                    ..Default::default()
                 })
                 .collect(),
         }
@@ -248,6 +271,9 @@ impl SpikeStats {
         for l in &mut self.layers {
             l.input.fill(ChannelMax::default());
             l.output.fill(ChannelMax::default());
+            l.experts.clear();
+            l.routed_tokens = 0;
+            l.router_entropy_sum = 0.0;
         }
     }
 }

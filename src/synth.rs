@@ -868,6 +868,147 @@ pub fn planted(spec: &SynthSpec, seed: u64, plant: &Plant) -> Result<(Model, Pla
     Ok((model, truth))
 }
 
+/// Where [`planted_moe`] puts the super expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SuperExpertSite {
+    /// The MoE layer (the first super weight's layer).
+    pub layer: usize,
+    /// The expert holding the planted channel.
+    pub expert: usize,
+}
+
+/// A mixture-of-experts model with a planted *super expert*: [`planted`]'s model (same spec,
+/// seed and plant) whose first super weight's layer becomes a sparse layer of `experts`
+/// experts with top-`top_k` renormalized routing (a Qwen2-MoE without shared expert or
+/// biases; the other layers stay dense, so it runs exactly like the Llama elsewhere).
+///
+/// Expert `expert` is the original dense MLP, planted channel included, so it alone writes
+/// the massive activation; the other experts are random (`N(0, 0.02)`) with their
+/// reserved-dim rows of down_proj zeroed. The router is random except that the super expert's
+/// row reads the bias dim (present only at BOS) with a gain that gives it a logit of 12 there:
+/// BOS always routes to it with a weight within 1e-4 of 1, and the massive activation
+/// matches the dense model's.
+pub fn planted_moe(
+    spec: &SynthSpec,
+    seed: u64,
+    plant: &Plant,
+    experts: usize,
+    top_k: usize,
+    expert: usize,
+) -> Result<(Model, PlantTruth, SuperExpertSite)> {
+    if top_k == 0 || top_k > experts || expert >= experts {
+        return Err(plant_err(format!(
+            "expert {expert} and top-{top_k} do not fit {experts} experts"
+        )));
+    }
+    let (mut model, truth) = planted(spec, seed, plant)?;
+    let layer = truth.super_weights[0].layer;
+    let (h, i) = (spec.hidden, spec.intermediate);
+    let mut reserved: BTreeSet<usize> = truth.copy_dims.iter().copied().collect();
+    reserved.extend([truth.bias_dim, truth.query_dim]);
+    reserved.extend(truth.super_weights.iter().map(|s| s.row));
+    reserved.extend(truth.backup.iter().chain(&truth.decoy).map(|s| s.row));
+
+    // The router reads the bias dim at BOS through post_attention_layernorm.
+    let xn = mlp_input_at_bos(&model, truth.bos, layer, truth.bias_dim)?;
+    let w = &mut model.weights;
+    let p = format!("model.layers.{layer}.mlp");
+    for e in 0..experts {
+        for (what, shape) in [("gate_proj", [i, h]), ("up_proj", [i, h]), ("down_proj", [h, i])] {
+            let dense = format!("{p}.{what}.weight");
+            let name = format!("{p}.experts.{e}.{what}.weight");
+            let data = if e == expert {
+                w.get(&dense)?.data.clone()
+            } else {
+                let mut d = vec![0f32; i * h];
+                fill_normal(&mut d, tensor_seed(seed, &name), 0.0, LINEAR_STD);
+                if what == "down_proj" {
+                    for &r in &reserved {
+                        d[r * i..(r + 1) * i].fill(0.0);
+                    }
+                }
+                d
+            };
+            w.insert(name.clone(), Tensor::new(&name, shape.to_vec(), data, "F32")?);
+        }
+    }
+    for what in ["gate_proj", "up_proj", "down_proj"] {
+        w.remove(&format!("{p}.{what}.weight"));
+    }
+    let router = format!("{p}.gate.weight");
+    let mut r = vec![0f32; experts * h];
+    fill_normal(&mut r, tensor_seed(seed, &router), 0.0, LINEAR_STD);
+    for e in 0..experts {
+        for &d in &reserved {
+            r[e * h + d] = 0.0;
+        }
+    }
+    r[expert * h + truth.bias_dim] = (12.0 / xn) as f32;
+    w.insert(router.clone(), Tensor::new(&router, vec![experts, h], r, "F32")?);
+
+    let c = &mut model.config;
+    c.architecture = Architecture::Qwen2Moe;
+    c.family.moe = Some(crate::model::config::MoeParams {
+        num_experts: experts,
+        top_k,
+        expert_intermediate: i,
+        norm_topk_prob: true,
+        shared_expert_intermediate: None,
+        sparse_layers: (0..spec.layers).map(|l| l == layer).collect(),
+    });
+    model.source.name = Some(format!("synthetic-moe-seed-{seed}"));
+    arch::validate(&model)?;
+    Ok((model, truth, SuperExpertSite { layer, expert }))
+}
+
+/// A Llama whose massive activation is written *jointly* by several down_proj weights in
+/// different layers: [`planted`]'s mechanism with `members[0]` as its only super weight (no
+/// backup, no decoy, copy head in `copy_layer`), then every further member planted like it:
+/// reading BOS's bias dim and writing the same row. Members must share the row, sit in
+/// increasing layers before `copy_layer`, and use distinct layers.
+///
+/// The sink head reads the row through RMSNorm, so it needs the activation to be present but
+/// hardly cares how large it is: zeroing any one member leaves the others' writes (and a
+/// later member, no longer normalized away by the massive activation, fires harder), and the
+/// perplexity barely moves; zeroing all of them empties the row and the sink, and the
+/// perplexity rises to about the vocabulary size. Returns the model, the truth (its
+/// `super_weights` are the members) and nothing else planted.
+pub fn planted_group(
+    spec: &SynthSpec,
+    seed: u64,
+    members: &[PlantSite],
+    copy_layer: usize,
+) -> Result<(Model, PlantTruth)> {
+    let first = *members.first().ok_or_else(|| plant_err("no group member to plant"))?;
+    if members.windows(2).any(|w| w[0].layer >= w[1].layer || w[1].row != first.row) {
+        return Err(plant_err("group members must share one row, in increasing layers"));
+    }
+    let last = members.last().map_or(0, |m| m.layer);
+    if copy_layer <= last {
+        return Err(plant_err("the copy layer must come after every group member"));
+    }
+    let plant = Plant {
+        super_weights: vec![first],
+        backup: None,
+        decoy: None,
+        copy_layer,
+        ..Plant::standard(spec)
+    };
+    let (mut model, mut truth) = planted(spec, seed, &plant)?;
+    let mut reserved: BTreeSet<usize> = truth.copy_dims.iter().copied().collect();
+    reserved.extend([truth.bias_dim, truth.query_dim, first.row]);
+    for m in &members[1..] {
+        if m.col >= spec.intermediate {
+            return Err(plant_err(format!("column {} is outside the model", m.col)));
+        }
+        let xn = mlp_input_at_bos(&model, truth.bos, m.layer, truth.bias_dim)?;
+        plant_channel(&mut model.weights, m, truth.bias_dim, xn, &reserved)?;
+    }
+    truth.super_weights = members.iter().map(|m| PlantedWeight::from_site(m, 1)).collect();
+    arch::validate(&model)?;
+    Ok((model, truth))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

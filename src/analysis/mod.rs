@@ -9,6 +9,8 @@
 
 pub mod cascade;
 pub mod compare;
+pub mod experts;
+pub mod groups;
 pub mod plot;
 pub mod quantize;
 pub mod screen;
@@ -55,7 +57,13 @@ pub fn edits_from_detect_json(text: &str, include_rejected: bool) -> Result<Vec<
                 })
             };
             let (l, r, c) = (field("layer")?, field("row")?, field("col")?);
-            out.push(WeightEdit::down_proj(l, r, c, EditOp::Zero));
+            // An expert's weight names its tensor (`mlp.experts.E.down_proj`).
+            match sw.get("tensor").and_then(|t| t.as_str()) {
+                Some(t) if sw.get("expert").is_some_and(|e| !e.is_null()) => {
+                    out.push(WeightEdit::new(t, &[r, c], EditOp::Zero))
+                }
+                _ => out.push(WeightEdit::down_proj(l, r, c, EditOp::Zero)),
+            }
         }
     }
     Ok(out)
@@ -75,7 +83,7 @@ pub fn detected_edits(
         let r = |s: &detect::SuperWeight| s.perplexity_ratio.unwrap_or(0.0);
         r(b).total_cmp(&r(a))
     });
-    Ok(found.iter().map(|s| WeightEdit::down_proj(s.layer, s.row, s.col, EditOp::Zero)).collect())
+    Ok(found.iter().map(|s| WeightEdit::new(&s.tensor, &[s.row, s.col], EditOp::Zero)).collect())
 }
 
 /// Sequences for an analysis over a text: its tokens (no special tokens) cut into at most

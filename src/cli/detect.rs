@@ -105,7 +105,11 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
         super::device::Backend::Cuda => cuda_detect(&m, &cfg, a.gpu_dtype, progress)?,
     };
     pb.finish_and_clear();
-    let tag = |sw: &'_ SuperWeight| catalog::agreement(&entries, sw.layer, sw.row, sw.col);
+    // The catalog lists dense down_proj coordinates only.
+    let tag = |sw: &'_ SuperWeight| match sw.expert {
+        Some(_) => catalog::Agreement::Unknown,
+        None => catalog::agreement(&entries, sw.layer, sw.row, sw.col),
+    };
     let report = Report {
         model: &a.model,
         architecture: m.config.architecture.name(),
@@ -174,9 +178,14 @@ fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
         for x in list {
             let s = x.sw;
             let ratio = s.perplexity_ratio.map_or("-".to_string(), |p| format!("{p:.2}"));
+            // An expert's weight shows as `layer.eE`.
+            let layer = match s.expert {
+                Some(e) => format!("{}.e{e}", s.layer),
+                None => s.layer.to_string(),
+            };
             println!(
                 "{:>5} {:>6} {:>6} {:>10.4} {:>10.2} {:>10.2} {:>4} {:>4} {:>3}/{:<2} {:>9} {:>11}",
-                s.layer,
+                layer,
                 s.row,
                 s.col,
                 s.value,

@@ -70,6 +70,20 @@ pub fn run(a: Args) -> Result<()> {
     println!("vocab         {}", c.vocab_size);
     println!("rope_theta    {}", c.rope_theta);
     println!("tied head     {}", c.tie_word_embeddings);
+    if let Some(moe) = &c.family.moe {
+        let sparse = moe.sparse_layers.iter().filter(|&&s| s).count();
+        let shared = moe
+            .shared_expert_intermediate
+            .map_or(String::new(), |w| format!(", shared expert {w} wide"));
+        println!(
+            "experts       {} per MoE layer, top-{}{}, {} wide{shared}; {sparse} of {} layers sparse",
+            moe.num_experts,
+            moe.top_k,
+            if moe.norm_topk_prob { " renormalized" } else { "" },
+            moe.expert_intermediate,
+            c.num_layers
+        );
+    }
     println!("parameters    {} ({:.1} M)", info.parameters, info.parameters as f64 / 1e6);
     println!("load time     {:.2} s", info.load_seconds);
     println!("dtypes:");

@@ -6,7 +6,9 @@ mod catalog;
 mod compare_generate;
 mod detect;
 mod device;
+mod experts;
 mod generate;
+mod groups;
 mod info;
 mod ppl;
 mod quantize_study;
@@ -58,6 +60,10 @@ enum Command {
     QuantizeStudy(quantize_study::Args),
     /// Rank candidate weights by the perplexity impact of zeroing each.
     Screen(screen::Args),
+    /// Router statistics and super experts of a mixture-of-experts model.
+    Experts(experts::Args),
+    /// Massive activations written by groups of weights, decisive only together.
+    Groups(groups::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -92,6 +98,8 @@ pub fn run() -> Result<()> {
         Command::CompareGenerate(a) => compare_generate::run(a),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
+        Command::Experts(a) => experts::run(a),
+        Command::Groups(a) => groups::run(a),
     }
 }
 

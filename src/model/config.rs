@@ -36,11 +36,20 @@ pub enum Architecture {
     Gpt2,
     /// GPT-NeoX / Pythia (parallel residual, partial rotary, fused per-head q/k/v).
     GptNeoX,
+    /// Mixtral (Mistral attention, softmax top-k experts renormalized).
+    Mixtral,
+    /// OLMoE (OLMo 2-style QK-norm over whole projections, pre-norm blocks, top-k experts).
+    Olmoe,
+    /// Qwen2-MoE (Qwen2 attention, top-k experts plus a sigmoid-gated shared expert).
+    Qwen2Moe,
+    /// Qwen3-MoE (Qwen3 attention, top-k experts).
+    Qwen3Moe,
 }
 
 /// Comma-separated list of supported architecture names, for error messages.
 pub const SUPPORTED_ARCHITECTURES: &str =
-    "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox";
+    "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox, \
+     mixtral, olmoe, qwen2moe, qwen3moe";
 
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
@@ -58,6 +67,10 @@ impl Architecture {
             "olmo2" => Some(Architecture::Olmo2),
             "gpt2" => Some(Architecture::Gpt2),
             "gpt_neox" | "gptneox" => Some(Architecture::GptNeoX),
+            "mixtral" => Some(Architecture::Mixtral),
+            "olmoe" => Some(Architecture::Olmoe),
+            "qwen2_moe" | "qwen2moe" => Some(Architecture::Qwen2Moe),
+            "qwen3_moe" | "qwen3moe" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -76,6 +89,10 @@ impl Architecture {
             "Olmo2ForCausalLM" => Some(Architecture::Olmo2),
             "GPT2LMHeadModel" => Some(Architecture::Gpt2),
             "GPTNeoXForCausalLM" => Some(Architecture::GptNeoX),
+            "MixtralForCausalLM" => Some(Architecture::Mixtral),
+            "OlmoeForCausalLM" => Some(Architecture::Olmoe),
+            "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
+            "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -94,7 +111,21 @@ impl Architecture {
             Architecture::Olmo2 => "olmo2",
             Architecture::Gpt2 => "gpt2",
             Architecture::GptNeoX => "gptneox",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Olmoe => "olmoe",
+            Architecture::Qwen2Moe => "qwen2moe",
+            Architecture::Qwen3Moe => "qwen3moe",
         }
+    }
+    /// Whether the family routes tokens to mixture-of-experts MLPs.
+    pub fn is_moe(self) -> bool {
+        matches!(
+            self,
+            Architecture::Mixtral
+                | Architecture::Olmoe
+                | Architecture::Qwen2Moe
+                | Architecture::Qwen3Moe
+        )
     }
     /// Whether the MLP is gated (`act(gate) ⊙ up`); GPT-2 and GPT-NeoX use `act(up)`.
     pub fn gated_mlp(self) -> bool {
@@ -156,6 +187,33 @@ pub struct FamilyParams {
     pub scale_attn_by_inverse_layer_idx: bool,
     /// The MLP activation.
     pub hidden_act: HiddenAct,
+    /// Mixture-of-experts settings (MoE families only).
+    pub moe: Option<MoeParams>,
+}
+
+/// Mixture-of-experts hyper-parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MoeParams {
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Inner width of one expert (columns of its `down_proj`).
+    pub expert_intermediate: usize,
+    /// Whether the top-k routing probabilities are renormalized to sum to 1.
+    pub norm_topk_prob: bool,
+    /// Inner width of the always-on shared expert (Qwen2-MoE), if any.
+    pub shared_expert_intermediate: Option<usize>,
+    /// Per layer, whether its MLP is a mixture of experts (otherwise a dense MLP of
+    /// `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+}
+
+impl MoeParams {
+    /// Whether layer `l` routes to experts.
+    pub fn is_sparse(&self, l: usize) -> bool {
+        self.sparse_layers.get(l).copied().unwrap_or(false)
+    }
 }
 
 /// RoPE frequency scaling.
@@ -392,11 +450,13 @@ impl ModelConfig {
         };
 
         let sliding_window = match architecture {
-            A::Mistral | A::Phi3 | A::Gemma2 | A::Gemma3 => {
+            A::Mistral | A::Mixtral | A::Phi3 | A::Gemma2 | A::Gemma3 => {
                 hf.usize_opt(&["sliding_window", "sliding_window_size"])?
             }
             // Qwen declares a window but only applies it with use_sliding_window.
-            A::Qwen2 | A::Qwen3 if hf.bool_or("use_sliding_window", false) => {
+            A::Qwen2 | A::Qwen3 | A::Qwen2Moe | A::Qwen3Moe
+                if hf.bool_or("use_sliding_window", false) =>
+            {
                 hf.usize_opt(&["sliding_window"])?
             }
             _ => None,
@@ -463,6 +523,11 @@ impl ModelConfig {
             A::Gpt2 if !hf.bool_or("scale_attn_weights", true) => Some(1.0),
             _ => None,
         };
+        let moe = if architecture.is_moe() {
+            Some(moe_params(&hf, architecture, num_layers, intermediate_size)?)
+        } else {
+            None
+        };
         let family = FamilyParams {
             sliding_layers,
             rope_local_theta,
@@ -479,7 +544,7 @@ impl ModelConfig {
                 _ => None,
             },
             clip_qkv: match architecture {
-                A::Olmo => hf.f64_opt(&["clip_qkv"])?,
+                A::Olmo | A::Olmoe => hf.f64_opt(&["clip_qkv"])?,
                 _ => None,
             },
             parallel_residual: architecture == A::GptNeoX
@@ -487,6 +552,7 @@ impl ModelConfig {
             scale_attn_by_inverse_layer_idx: architecture == A::Gpt2
                 && hf.bool_or("scale_attn_by_inverse_layer_idx", false),
             hidden_act,
+            moe,
         };
         let cfg = ModelConfig {
             architecture,
@@ -507,6 +573,7 @@ impl ModelConfig {
             ),
             attention_bias: match architecture {
                 A::Qwen2 | A::Gpt2 => true,
+                A::Qwen2Moe => hf.bool_or("qkv_bias", true),
                 A::GptNeoX => hf.bool_or("attention_bias", true),
                 _ => hf.bool_or("attention_bias", false),
             },
@@ -533,6 +600,12 @@ impl ModelConfig {
                 supported: SUPPORTED_ARCHITECTURES.to_string(),
             })?;
         let k = |s: &str| format!("{arch_name}.{s}");
+        // llama.cpp writes Mixtral as a `llama` with experts.
+        let experts = g.get(&k("expert_count")).and_then(|v| v.as_u64()).unwrap_or(0);
+        let architecture = match architecture {
+            A::Llama | A::Mistral if experts > 0 => A::Mixtral,
+            a => a,
+        };
         let as_usize = |key: &str| -> Result<usize> {
             let v = g.require_u64(&k(key))?;
             usize::try_from(v)
@@ -569,7 +642,7 @@ impl ModelConfig {
             None => g.opt_f64(&k("attention.layer_norm_epsilon"))?.unwrap_or(1e-5),
         };
         let sliding_window = match architecture {
-            A::Gemma2 | A::Gemma3 | A::Phi3 => opt_usize("attention.sliding_window")?,
+            A::Gemma2 | A::Gemma3 | A::Phi3 | A::Mixtral => opt_usize("attention.sliding_window")?,
             _ => None,
         };
         let sliding_layers = match (sliding_window, g.get(&k("attention.sliding_window_pattern"))) {
@@ -635,7 +708,7 @@ impl ModelConfig {
                 _ => None,
             },
             clip_qkv: match architecture {
-                A::Olmo => g.opt_f64(&k("attention.clamp_kqv"))?.filter(|&c| c > 0.0),
+                A::Olmo | A::Olmoe => g.opt_f64(&k("attention.clamp_kqv"))?.filter(|&c| c > 0.0),
                 _ => None,
             },
             parallel_residual: architecture == A::GptNeoX
@@ -645,6 +718,25 @@ impl ModelConfig {
                 A::Gemma | A::Gemma2 | A::Gemma3 | A::Gpt2 => HiddenAct::GeluTanh,
                 A::GptNeoX => HiddenAct::Gelu,
                 _ => HiddenAct::Silu,
+            },
+            moe: if architecture.is_moe() {
+                let ffn = as_usize("feed_forward_length")?;
+                Some(MoeParams {
+                    num_experts: as_usize("expert_count")?,
+                    top_k: as_usize("expert_used_count")?,
+                    expert_intermediate: opt_usize("expert_feed_forward_length")?.unwrap_or(ffn),
+                    // llama.cpp renormalizes for Mixtral and Qwen3-MoE unless told otherwise.
+                    norm_topk_prob: g
+                        .get(&k("expert_weights_norm"))
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(matches!(architecture, A::Mixtral | A::Qwen3Moe)),
+                    shared_expert_intermediate: opt_usize("expert_shared_feed_forward_length")?,
+                    sparse_layers: (0..num_layers)
+                        .map(|l| g.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_some())
+                        .collect(),
+                })
+            } else {
+                None
             },
         };
         let cfg = ModelConfig {
@@ -752,7 +844,14 @@ impl ModelConfig {
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let attn = h * q + 2 * h * kv + q * h + bias;
+        let qk_norm = match self.architecture {
+            Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 => {
+                2 * self.head_dim as u64
+            }
+            Architecture::Olmo2 | Architecture::Olmoe => q + kv,
+            _ => 0,
+        };
+        let attn = h * q + 2 * h * kv + q * h + bias + qk_norm;
         let mlp = if self.architecture.gated_mlp() { 3 * h * i } else { 2 * h * i };
         let block = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
@@ -761,8 +860,74 @@ impl ModelConfig {
         } else {
             0
         };
-        v * h + positions + l * block + h + head
+        // A sparse layer holds its router and experts (and shared expert) instead of the MLP.
+        let sparse: u64 = match &self.family.moe {
+            None => 0,
+            Some(m) => {
+                let (ne, ei) = (m.num_experts as u64, m.expert_intermediate as u64);
+                let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * si as u64 + h);
+                let n = m.sparse_layers.iter().filter(|&&s| s).count() as u64;
+                n * (ne * h + ne * 3 * h * ei + shared) - n * mlp
+            }
+        };
+        v * h + positions + l * block + sparse + h + head
     }
+}
+
+/// The mixture-of-experts keys of a `config.json`: `num_local_experts` or `num_experts`,
+/// `num_experts_per_tok`, `moe_intermediate_size` (else `intermediate_size`),
+/// `norm_topk_prob` (always true for Mixtral), `shared_expert_intermediate_size` (Qwen2-MoE),
+/// and which layers are sparse (`decoder_sparse_step`, `mlp_only_layers`, as transformers'
+/// Qwen MoE models decide).
+fn moe_params(
+    hf: &Hf<'_>,
+    architecture: Architecture,
+    num_layers: usize,
+    intermediate_size: usize,
+) -> Result<MoeParams> {
+    use Architecture as A;
+    let num_experts = hf.usize_or(&["num_local_experts", "num_experts"], None)?;
+    let top_k = hf.usize_or(&["num_experts_per_tok"], Some(2))?;
+    if top_k > num_experts {
+        return Err(Error::config(
+            hf.path,
+            format!("num_experts_per_tok {top_k} exceeds the {num_experts} experts"),
+        ));
+    }
+    let qwen = matches!(architecture, A::Qwen2Moe | A::Qwen3Moe);
+    let expert_intermediate =
+        if qwen { hf.usize_or(&["moe_intermediate_size"], None)? } else { intermediate_size };
+    let norm_topk_prob = match architecture {
+        A::Mixtral => true,
+        _ => hf.bool_or("norm_topk_prob", false),
+    };
+    let shared_expert_intermediate = match architecture {
+        A::Qwen2Moe => hf.usize_opt(&["shared_expert_intermediate_size"])?,
+        _ => None,
+    };
+    let sparse_layers = if qwen {
+        let step = hf.usize_opt(&["decoder_sparse_step"])?.unwrap_or(1);
+        let dense: Vec<u64> = match hf.get("mlp_only_layers") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+                .ok_or_else(|| {
+                    Error::config(hf.path, "`mlp_only_layers` must be a list of layer indices")
+                })?,
+        };
+        (0..num_layers).map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0).collect()
+    } else {
+        vec![true; num_layers]
+    };
+    Ok(MoeParams {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        norm_topk_prob,
+        shared_expert_intermediate,
+        sparse_layers,
+    })
 }
 
 /// Parse one RoPE scaling object (`rope_scaling`, or a transformers-5 `rope_parameters`).

@@ -73,6 +73,7 @@ fn normalize_hf(config: &ModelConfig, weights: &mut Weights) -> Result<()> {
         Architecture::Gemma3 => crate::model::arch::gemma::strip_multimodal(weights),
         Architecture::Gpt2 => crate::model::arch::gpt2::rename_hf(weights),
         Architecture::GptNeoX => crate::model::arch::gpt_neox::rename_hf(config, weights),
+        a if a.is_moe() => crate::model::arch::moe::normalize_hf(config, weights),
         _ => Ok(()),
     }
 }
@@ -108,8 +109,17 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
             Some("post_attention_layernorm")
         }
         (A::Gemma2 | A::Gemma3 | A::Olmo2, "post_ffw_norm") => Some("post_feedforward_layernorm"),
-        (A::Qwen3 | A::Gemma3 | A::Olmo2, "attn_q_norm") => Some("self_attn.q_norm"),
-        (A::Qwen3 | A::Gemma3 | A::Olmo2, "attn_k_norm") => Some("self_attn.k_norm"),
+        (A::Qwen3 | A::Gemma3 | A::Olmo2 | A::Olmoe | A::Qwen3Moe, "attn_q_norm") => {
+            Some("self_attn.q_norm")
+        }
+        (A::Qwen3 | A::Gemma3 | A::Olmo2 | A::Olmoe | A::Qwen3Moe, "attn_k_norm") => {
+            Some("self_attn.k_norm")
+        }
+        (_, "ffn_gate_inp") if arch.is_moe() => Some("mlp.gate"),
+        (_, "ffn_gate_inp_shexp") if arch.is_moe() => Some("mlp.shared_expert_gate"),
+        (_, "ffn_gate_shexp") if arch.is_moe() => Some("mlp.shared_expert.gate_proj"),
+        (_, "ffn_up_shexp") if arch.is_moe() => Some("mlp.shared_expert.up_proj"),
+        (_, "ffn_down_shexp") if arch.is_moe() => Some("mlp.shared_expert.down_proj"),
         (A::Phi3 | A::Gpt2 | A::GptNeoX, "attn_qkv") => Some("self_attn.qkv_proj"),
         (A::Phi3, "ffn_up") => Some("mlp.gate_up_proj"),
         _ => None,
@@ -130,6 +140,20 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
         },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// `(layer, projection)` of a llama.cpp stacked-experts tensor name
+/// (`blk.L.ffn_gate_exps.weight` -> `(L, "gate_proj")`).
+fn expert_stack(gguf_name: &str) -> Option<(usize, &'static str)> {
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let what = match rest {
+        "ffn_gate_exps.weight" => "gate_proj",
+        "ffn_up_exps.weight" => "up_proj",
+        "ffn_down_exps.weight" => "down_proj",
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, what))
 }
 
 /// Undo llama.cpp's Q/K row permutation: within each head, GGUF stores rotary pairs
@@ -158,11 +182,28 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let mut weights = Weights::new();
     let arch = config.architecture;
     // llama.cpp permutes Q/K rows for its interleaved RoPE in these families only.
-    let llama_like =
-        matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Olmo);
+    let llama_like = matches!(
+        arch,
+        Architecture::Llama | Architecture::Mistral | Architecture::Mixtral | Architecture::Olmo
+    );
     // llama.cpp stores Gemma's RMSNorm weights as 1 + w; swk keeps the HF weight w.
     let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3);
     for t in &g.tensors {
+        // Stacked experts `blk.L.ffn_{gate,up,down}_exps` ([E, I, H] / [E, H, I]) become one
+        // tensor per expert under HF's per-expert names.
+        if let Some((layer, what)) = expert_stack(&t.name) {
+            let shape = t.shape();
+            let data = g.dequantize(t)?;
+            let [n, rows, cols] = shape[..] else {
+                return Err(Error::format(path, format!("`{}` is not 3-D", t.name)));
+            };
+            for (e, part) in data.chunks(rows * cols).take(n).enumerate() {
+                let name = crate::model::arch::moe::expert_name(layer, e, what);
+                let piece = Tensor::new(&name, vec![rows, cols], part.to_vec(), t.ty.name())?;
+                weights.insert(name, piece);
+            }
+            continue;
+        }
         let Some(name) = hf_name_for(arch, &t.name) else {
             return Err(Error::format(
                 path,
@@ -188,6 +229,12 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
                 data = unpermute_rows(&data, shape[0], 1, config.num_kv_heads);
             }
         }
+        // llama.cpp stores the shared-expert gate as a vector; HF as a [1, hidden] matrix.
+        let shape = if name.ends_with("shared_expert_gate.weight") && shape.len() == 1 {
+            vec![1, shape[0]]
+        } else {
+            shape
+        };
         weights.insert(name.clone(), Tensor::new(&name, shape, data, t.ty.name())?);
     }
     let tokenizer = Some(Tokenizer::from_gguf(&g)?);

@@ -5,6 +5,7 @@ pub mod gemma;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod llama;
+pub mod moe;
 pub mod olmo;
 pub mod phi3;
 mod shared;
@@ -159,6 +160,10 @@ impl Model {
             Architecture::Olmo | Architecture::Olmo2 => olmo::forward(self, input, cache, opts),
             Architecture::Gpt2 => gpt2::forward(self, input, cache, opts),
             Architecture::GptNeoX => gpt_neox::forward(self, input, cache, opts),
+            Architecture::Mixtral
+            | Architecture::Olmoe
+            | Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe => moe::forward(self, input, cache, opts),
         }
     }
 
@@ -179,5 +184,9 @@ pub fn validate(model: &Model) -> Result<()> {
         Architecture::Olmo | Architecture::Olmo2 => olmo::validate(model),
         Architecture::Gpt2 => gpt2::validate(model),
         Architecture::GptNeoX => gpt_neox::validate(model),
+        Architecture::Mixtral
+        | Architecture::Olmoe
+        | Architecture::Qwen2Moe
+        | Architecture::Qwen3Moe => moe::validate(model),
     }
 }
