@@ -49,3 +49,39 @@ pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(floor)).fold(0.0, f32::max)
 }
+
+/// Lay out a Hugging Face cache in `root` (as `HF_HOME/hub`) holding `files` (path in the
+/// repository, bytes) of the data set repository `repo` at a fake revision.
+pub fn hub_dataset_cache(root: &std::path::Path, repo: &str, files: &[(&str, Vec<u8>)]) {
+    let dir = root.join(format!("datasets--{}", repo.replace('/', "--")));
+    let snap = dir.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(dir.join("refs")).expect("mkdir refs");
+    std::fs::write(dir.join("refs/main"), "0123456789abcdef").expect("write ref");
+    for (name, bytes) in files {
+        let p = snap.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, bytes).expect("write file");
+    }
+}
+
+/// A snappy-compressed parquet file with one required UTF-8 column `column`.
+pub fn parquet_strings(column: &str, values: &[&str]) -> Vec<u8> {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = format!("message schema {{ REQUIRED BYTE_ARRAY {column} (UTF8); }}");
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(&schema).expect("schema"));
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut buf = Vec::new();
+    let mut w = SerializedFileWriter::new(&mut buf, schema, props).expect("writer");
+    let mut rg = w.next_row_group().expect("row group");
+    let data: Vec<ByteArray> = values.iter().map(|s| ByteArray::from(*s)).collect();
+    let mut col = rg.next_column().expect("column").expect("one column");
+    col.typed::<ByteArrayType>().write_batch(&data, None, None).expect("write");
+    col.close().expect("close column");
+    rg.close().expect("close row group");
+    w.close().expect("close file");
+    buf
+}
