@@ -8,6 +8,7 @@ mod detect;
 mod device;
 mod generate;
 mod info;
+mod mc;
 mod ppl;
 mod quantize_study;
 mod screen;
@@ -58,6 +59,8 @@ enum Command {
     QuantizeStudy(quantize_study::Args),
     /// Rank candidate weights by the perplexity impact of zeroing each.
     Screen(screen::Args),
+    /// Zero-shot multiple choice (HellaSwag, ARC, PIQA; lm-eval's protocol), baseline vs edited.
+    Mc(mc::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -88,6 +91,7 @@ pub fn run() -> Result<()> {
         Command::CompareGenerate(a) => compare_generate::run(a),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
+        Command::Mc(a) => mc::run(a),
     }
 }
 

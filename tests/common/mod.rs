@@ -66,21 +66,30 @@ pub fn hub_dataset_cache(root: &std::path::Path, repo: &str, files: &[(&str, Vec
 
 /// A snappy-compressed parquet file with one required UTF-8 column `column`.
 pub fn parquet_strings(column: &str, values: &[&str]) -> Vec<u8> {
+    parquet_string_columns(&[(column, values)])
+}
+
+/// A snappy-compressed parquet file of required UTF-8 columns (equal lengths), one row group.
+pub fn parquet_string_columns(columns: &[(&str, &[&str])]) -> Vec<u8> {
     use parquet::basic::Compression;
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     use std::sync::Arc;
-    let schema = format!("message schema {{ REQUIRED BYTE_ARRAY {column} (UTF8); }}");
+    let fields: String =
+        columns.iter().map(|(c, _)| format!("REQUIRED BYTE_ARRAY {c} (UTF8); ")).collect();
+    let schema = format!("message schema {{ {fields}}}");
     let schema = Arc::new(parquet::schema::parser::parse_message_type(&schema).expect("schema"));
     let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
     let mut buf = Vec::new();
     let mut w = SerializedFileWriter::new(&mut buf, schema, props).expect("writer");
     let mut rg = w.next_row_group().expect("row group");
-    let data: Vec<ByteArray> = values.iter().map(|s| ByteArray::from(*s)).collect();
-    let mut col = rg.next_column().expect("column").expect("one column");
-    col.typed::<ByteArrayType>().write_batch(&data, None, None).expect("write");
-    col.close().expect("close column");
+    for (_, values) in columns {
+        let data: Vec<ByteArray> = values.iter().map(|s| ByteArray::from(*s)).collect();
+        let mut col = rg.next_column().expect("column").expect("a column");
+        col.typed::<ByteArrayType>().write_batch(&data, None, None).expect("write");
+        col.close().expect("close column");
+    }
     rg.close().expect("close row group");
     w.close().expect("close file");
     buf
