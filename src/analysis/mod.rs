@@ -11,6 +11,7 @@ pub mod cascade;
 pub mod compare;
 pub mod plot;
 pub mod quantize;
+pub mod research;
 pub mod screen;
 pub mod trace;
 pub mod vocab;

@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
-use swk::catalog::{self, Agreement};
-use swk::detect::{self, DetectConfig, Detection, SuperWeight};
+use swk::detect::{self, DetectConfig, Detection};
+use swk::detect_report::DetectReport;
 use swk::{Error, Result};
 
 /// Arguments of `swk detect`.
@@ -39,29 +38,6 @@ pub struct Args {
     out: Option<PathBuf>,
 }
 
-#[derive(Serialize)]
-struct Reported<'a> {
-    #[serde(flatten)]
-    sw: &'a SuperWeight,
-    catalog: Agreement,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    model: &'a str,
-    architecture: &'static str,
-    threshold: f32,
-    prompts: &'a [String],
-    super_weights: Vec<Reported<'a>>,
-    rejected: Vec<Reported<'a>>,
-    catalog_entries: Vec<catalog::Entry>,
-    baseline_perplexity: Option<f64>,
-    confirm_tokens: usize,
-    layers: &'a [detect::LayerMaxima],
-    weights_checksum: &'a str,
-    seconds: f64,
-}
-
 pub fn run(a: Args) -> Result<()> {
     let mut cfg = DetectConfig {
         threshold: a.threshold,
@@ -77,8 +53,6 @@ pub fn run(a: Args) -> Result<()> {
         cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     }
     let mut m = super::load_model(&a.model, a.json)?;
-    let names = m.source.names();
-    let entries = catalog::lookup(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
     let pb = super::bar(a.json, 1, "detect");
     let d: Detection = detect::detect(&mut m, &cfg, |done, total, what| {
         pb.set_length(total as u64);
@@ -86,21 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.set_message(what.to_string());
     })?;
     pb.finish_and_clear();
-    let tag = |sw: &'_ SuperWeight| catalog::agreement(&entries, sw.layer, sw.row, sw.col);
-    let report = Report {
-        model: &a.model,
-        architecture: m.config.architecture.name(),
-        threshold: cfg.threshold,
-        prompts: &cfg.prompts,
-        super_weights: d.super_weights.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
-        rejected: d.rejected.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
-        catalog_entries: entries.clone(),
-        baseline_perplexity: d.baseline_perplexity,
-        confirm_tokens: d.confirm_tokens,
-        layers: &d.layers,
-        weights_checksum: &d.weights_checksum,
-        seconds: d.seconds,
-    };
+    let report = swk::detect_report::report(&a.model, &m, &cfg, &d)?;
     if let Some(out) = &a.out {
         let s = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Json { path: out.clone(), source: e })?;
@@ -113,7 +73,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
+fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
     println!(
         "model {} ({}), threshold {}, {} prompt(s)",
         r.model,

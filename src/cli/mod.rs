@@ -11,6 +11,8 @@ mod info;
 mod mc;
 mod ppl;
 mod quantize_study;
+mod report;
+mod research;
 mod screen;
 mod trace;
 mod vocab;
@@ -61,6 +63,11 @@ enum Command {
     Screen(screen::Args),
     /// Zero-shot multiple choice (HellaSwag, ARC, PIQA; lm-eval's protocol), baseline vs edited.
     Mc(mc::Args),
+    /// The whole pipeline (detect, confirm, screen, every analysis) into session.json and
+    /// report.html; several models add a comparison.
+    Research(research::Args),
+    /// Re-render report.html from a research session.json.
+    Report(report::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -92,6 +99,8 @@ pub fn run() -> Result<()> {
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
         Command::Mc(a) => mc::run(a),
+        Command::Research(a) => research::run(a),
+        Command::Report(a) => report::run(a),
     }
 }
 
