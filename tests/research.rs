@@ -50,7 +50,8 @@ fn planted_session(dir: &Path) -> (Value, swk::synth::PlantTruth) {
         tie_embeddings: false,
     };
     let (mut model, truth) = planted(&spec, 31, &Plant::standard(&spec)).expect("plant");
-    let mut cfg = ResearchConfig { top_largest: 4, max_new_tokens: 4, ..Default::default() };
+    let mut cfg =
+        ResearchConfig { top_largest: 4, max_new_tokens: 4, png: true, ..Default::default() };
     cfg.quantize.only = Some("down_proj".into());
     cfg.quantize.block_sizes = vec![1 << 20];
     let inputs = Inputs {
@@ -97,6 +98,9 @@ fn planted_session_finds_and_studies_the_super_weight() {
     for p in ["vocab", "cascade", "quantize-study"] {
         assert!(s["plots"][p].as_str().expect(p).starts_with("<svg"), "{p}");
         assert!(dir.path().join(format!("{p}.svg")).is_file());
+        let (w, h, rgb) = common::decode_png(&dir.path().join(format!("{p}.png")));
+        assert!(w >= 640 && h >= 520, "{p}: {w}x{h}");
+        assert!(common::count_color(&rgb, [255, 255, 255]) < (w * h) as usize, "{p}: not blank");
     }
     for t in ["detect", "screen", "vocab", "cascade", "trace", "compare-generate"] {
         assert!(s["timings"][t].as_f64().expect(t) >= 0.0);

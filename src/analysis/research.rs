@@ -50,6 +50,8 @@ pub struct ResearchConfig {
     pub quantize: quantize::StudyConfig,
     /// Analyses not to run (names from [`ANALYSES`]).
     pub skip: Vec<String>,
+    /// Also write each plot as PNG next to its SVG.
+    pub png: bool,
 }
 
 impl Default for ResearchConfig {
@@ -74,6 +76,7 @@ impl Default for ResearchConfig {
                 kl_positions: 64,
             },
             skip: Vec::new(),
+            png: false,
         }
     }
 }
@@ -159,7 +162,8 @@ pub fn research(
 }
 
 /// Run the session on `inputs`. Plots are written as SVG into `plot_dir` (`vocab.svg`,
-/// `cascade.svg`, `quantize-study.svg`) and embedded in the session under `plots`.
+/// `cascade.svg`, `quantize-study.svg`; PNG too with `cfg.png`) and embedded in the session
+/// under `plots`.
 /// `on_stage(done, total, what)` reports progress.
 pub fn research_inputs(
     model: &mut Model,
@@ -255,6 +259,10 @@ pub fn research_inputs(
         }
         let t = Instant::now();
         let plot = plot_dir.join(format!("{name}.svg"));
+        let mut plot_paths = vec![plot.clone()];
+        if cfg.png {
+            plot_paths.push(plot.with_extension("png"));
+        }
         let outcome: Result<(Value, bool)> = match *name {
             "screen" => {
                 let sc = screen::ScreenConfig {
@@ -270,12 +278,16 @@ pub fn research_inputs(
                 let samples = &inputs.vocab_samples;
                 let vc = vocab::VocabConfig { top_k: cfg.vocab_top_k, include_all: false };
                 let r = vocab::vocab_effects(model, samples, &edits, &vc, |_, _| {})?;
-                vocab::plot(&r, &plot)?;
+                for p in &plot_paths {
+                    vocab::plot(&r, p)?;
+                }
                 Ok((to_json(&r)?, true))
             })(),
             "cascade" => (|| {
                 let r = cascade::cascade(model, prompt_tokens, &edits, &Default::default())?;
-                cascade::plot(&r, &plot)?;
+                for p in &plot_paths {
+                    cascade::plot(&r, p)?;
+                }
                 Ok((to_json(&r)?, true))
             })(),
             "trace" => (|| {
@@ -296,7 +308,9 @@ pub fn research_inputs(
                 let r = quantize::quantize_study(model, text_tokens, &edits, &cfg.quantize, {
                     |_, _, w| on_stage(k + 1, total, &format!("quantize-study: {w}"))
                 })?;
-                quantize::plot(&r, &plot)?;
+                for p in &plot_paths {
+                    quantize::plot(&r, p)?;
+                }
                 Ok((to_json(&r)?, true))
             })(),
         };

@@ -57,6 +57,9 @@ pub struct Args {
     /// Perplexity ratio above which detection confirms a candidate.
     #[arg(long, default_value_t = 2.0)]
     confirm_ratio: f64,
+    /// Also write each plot as PNG next to its SVG.
+    #[arg(long)]
+    png: bool,
     /// Print what was written as one JSON object.
     #[arg(long)]
     json: bool,
@@ -70,6 +73,7 @@ impl Args {
             vocab_samples: self.vocab_samples,
             max_new_tokens: self.max_new_tokens,
             skip: self.skip.clone(),
+            png: self.png,
             ..ResearchConfig::default()
         };
         cfg.detect.threshold = self.threshold;

@@ -94,3 +94,21 @@ pub fn parquet_string_columns(columns: &[(&str, &[&str])]) -> Vec<u8> {
     w.close().expect("close file");
     buf
 }
+
+/// Decode the PNG at `path`: (width, height, RGB bytes), after checking its signature.
+pub fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}: PNG signature", path.display());
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("buffer size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// Pixels of an RGB buffer equal to `rgb`.
+pub fn count_color(buf: &[u8], rgb: [u8; 3]) -> usize {
+    buf.chunks_exact(3).filter(|p| *p == rgb).count()
+}
