@@ -441,34 +441,92 @@ pub fn comparison_rows(sessions: &[Value]) -> Vec<Vec<String>> {
 pub const COMPARISON_HEADER: [&str; 9] =
     ["model", "layer", "row", "col", "weight", "input", "output", "ppl x", "catalog"];
 
-/// The comparison table as markdown.
-pub fn comparison_markdown(sessions: &[Value]) -> String {
-    let mut m = String::from("# Super weights per model\n\n|");
-    for h in COMPARISON_HEADER {
+/// Header of [`summary_rows`].
+pub const SUMMARY_HEADER: [&str; 8] = [
+    "model",
+    "architecture",
+    "parameters",
+    "confirmed",
+    "rejected",
+    "confirm ppl",
+    "top screen ratio",
+    "seconds",
+];
+
+/// One row per session: architecture, size, how many spikes were confirmed and rejected, the
+/// confirmation text's baseline perplexity, the largest screening ratio, the session's time.
+pub fn summary_rows(sessions: &[Value]) -> Vec<Vec<String>> {
+    sessions
+        .iter()
+        .map(|s| {
+            let d = &s["detect"];
+            vec![
+                get(s, "model"),
+                get(&s["model_info"], "architecture"),
+                get(&s["model_info"], "parameters"),
+                arr(&d["super_weights"]).len().to_string(),
+                arr(&d["rejected"]).len().to_string(),
+                get(d, "baseline_perplexity"),
+                cell(&s["screen"]["entries"][0]["ratio"]),
+                get(s, "total_seconds"),
+            ]
+        })
+        .collect()
+}
+
+fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut m = String::from("|");
+    for h in header {
         m += &format!(" {h} |");
     }
     m += "\n|";
-    m += &"---|".repeat(COMPARISON_HEADER.len());
+    m += &"---|".repeat(header.len());
     m += "\n";
-    for r in comparison_rows(sessions) {
+    for r in rows {
         m += "|";
         for c in r {
-            m += &format!(" {} |", c.replace('|', "\\|"));
+            m += &format!(" {} |", c.replace('|', "\\|").replace('\n', " "));
         }
         m += "\n";
     }
     m
 }
 
-/// The comparison page: the table, then a link to each model's report (`links`, relative
-/// paths, one per session).
-pub fn comparison_html(sessions: &[Value], links: &[String]) -> String {
+/// The comparison as markdown: super weights per model, a summary per model, and the models
+/// whose session failed (`failed`: model, error).
+pub fn comparison_markdown(sessions: &[Value], failed: &[(String, String)]) -> String {
+    let mut m = String::from("# Super weights per model\n\n");
+    m += &md_table(&COMPARISON_HEADER, &comparison_rows(sessions));
+    m += "\n## Models\n\n";
+    m += &md_table(&SUMMARY_HEADER, &summary_rows(sessions));
+    if !failed.is_empty() {
+        m += "\n## Failed\n\n";
+        let rows: Vec<Vec<String>> =
+            failed.iter().map(|(a, b)| vec![a.clone(), b.clone()]).collect();
+        m += &md_table(&["model", "error"], &rows);
+    }
+    m
+}
+
+/// The comparison page: the tables of [`comparison_markdown`], then a link to each model's
+/// report (`links`, relative paths, one per session).
+pub fn comparison_html(
+    sessions: &[Value],
+    links: &[String],
+    failed: &[(String, String)],
+) -> String {
     let mut body = String::from("<h1>swk research: super weights per model</h1>\n");
     body += &section(
         "comparison",
         "Super weights per model",
         &table(&COMPARISON_HEADER, &comparison_rows(sessions)),
     );
+    body += &section("models", "Models", &table(&SUMMARY_HEADER, &summary_rows(sessions)));
+    if !failed.is_empty() {
+        let rows: Vec<Vec<String>> =
+            failed.iter().map(|(a, b)| vec![a.clone(), b.clone()]).collect();
+        body += &section("failed", "Failed", &table(&["model", "error"], &rows));
+    }
     let mut list = String::from("<ul>\n");
     for (s, l) in sessions.iter().zip(links) {
         list += &format!("<li><a href=\"{}\">{}</a></li>\n", esc(l), esc(&get(s, "model")));

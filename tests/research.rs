@@ -204,6 +204,32 @@ fn cli_session_report_and_comparison() {
     assert!(table.contains("| model | layer |"), "the table is printed");
     let page = std::fs::read_to_string(many.join("comparison.html")).expect("html");
     assert!(page.contains("<section id=\"comparison\">") && page.contains("2-qwen2/report.html"));
+    let summary = &c["summary"]["rows"];
+    assert_eq!(summary[0][1], "llama");
+    assert_eq!(summary[1][1], "qwen2");
+    assert!(md.contains("## Models") && page.contains("<section id=\"models\">"));
+
+    // A model that cannot be read: the others still run, the comparison names the failure,
+    // and the command fails naming the model.
+    let mixed = dir.path().join("mixed");
+    let mut args = vec![
+        "research",
+        "/no/such/model.gguf",
+        model,
+        "--out",
+        mixed.to_str().expect("utf-8"),
+        "--skip",
+        "screen,vocab,cascade,trace,compare-generate,quantize-study",
+    ];
+    args.extend(small);
+    let (ok, _, err) = swk(&args);
+    assert!(!ok && err.contains("failed for 1 of 2 models") && err.contains("/no/such"), "{err}");
+    let c = read_json(&mixed.join("comparison.json"));
+    assert_eq!(c["failed"][0]["model"], "/no/such/model.gguf");
+    assert_eq!(c["sessions"], serde_json::json!(["2-llama/session.json"]));
+    assert!(mixed.join("2-llama/report.html").is_file());
+    assert!(!mixed.join("1-model").exists(), "no directory for the failed model");
+
     let (ok, _, err) = swk(&["research", model, "--out", o, "--skip", "nothing"]);
     assert!(!ok && err.contains("--skip nothing"), "{err}");
 }

@@ -123,10 +123,10 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 fn one(a: &Args, spec: &str, cfg: &ResearchConfig, dir: &Path, tag: &str) -> Result<Value> {
     let quiet = a.json;
     let study = super::parse_edits(&a.edit)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let t = Instant::now();
     let mut model = super::load_model(spec, quiet)?;
     let load = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let pb = super::bar(quiet, (research::ANALYSES.len() + 1) as u64, "research");
     let mut session =
         research::research(&mut model, spec, cfg, &study, dir, |done, total, what| {
@@ -148,12 +148,23 @@ pub fn run(a: Args) -> Result<()> {
         let s = one(&a, &a.models[0], &cfg, &a.out, "")?;
         return finish(&a, &[s], std::slice::from_ref(&a.out), None);
     }
-    let (mut sessions, mut dirs) = (Vec::new(), Vec::new());
+    // A model that fails (unreadable, no tokenizer, ...) is reported; the others still run.
+    let (mut sessions, mut dirs, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     for (i, spec) in a.models.iter().enumerate() {
         let dir = a.out.join(format!("{}-{}", i + 1, slug(spec)));
         let tag = format!("[{}/{}] {spec}: ", i + 1, a.models.len());
-        sessions.push(one(&a, spec, &cfg, &dir, &tag)?);
-        dirs.push(dir);
+        match one(&a, spec, &cfg, &dir, &tag) {
+            Ok(s) => {
+                sessions.push(s);
+                dirs.push(dir);
+            }
+            Err(e) => {
+                if !a.json {
+                    eprintln!("swk: research on {spec} failed: {e}");
+                }
+                failed.push((spec.clone(), e.to_string()));
+            }
+        }
     }
     let links: Vec<String> = dirs
         .iter()
@@ -179,11 +190,25 @@ pub fn run(a: Args) -> Result<()> {
         "sessions": links.iter().map(|l| l.replace("report.html", "session.json")).collect::<Vec<_>>(),
         "super_weights": rows,
         "table": {"header": report::COMPARISON_HEADER, "rows": report::comparison_rows(&sessions)},
+        "summary": {"header": report::SUMMARY_HEADER, "rows": report::summary_rows(&sessions)},
+        "failed": failed.iter().map(|(m, e)| json!({"model": m, "error": e})).collect::<Vec<_>>(),
     });
     write_json(&a.out.join("comparison.json"), &comparison)?;
-    write(&a.out.join("comparison.md"), &report::comparison_markdown(&sessions))?;
-    write(&a.out.join("comparison.html"), &report::comparison_html(&sessions, &links))?;
-    finish(&a, &sessions, &dirs, Some(&comparison))
+    write(&a.out.join("comparison.md"), &report::comparison_markdown(&sessions, &failed))?;
+    let html = report::comparison_html(&sessions, &links, &failed);
+    write(&a.out.join("comparison.html"), &html)?;
+    finish(&a, &sessions, &dirs, Some(&comparison))?;
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = failed.iter().map(|(m, e)| format!("{m}: {e}")).collect();
+    Err(Error::Invalid(format!(
+        "research failed for {} of {} models ({}); the others' results and the comparison are in {}",
+        failed.len(),
+        a.models.len(),
+        list.join("; "),
+        a.out.display()
+    )))
 }
 
 fn finish(a: &Args, sessions: &[Value], dirs: &[PathBuf], cmp: Option<&Value>) -> Result<()> {
@@ -195,7 +220,7 @@ fn finish(a: &Args, sessions: &[Value], dirs: &[PathBuf], cmp: Option<&Value>) -
             "comparison": cmp.map(|_| a.out.join("comparison.json")),
         }));
     }
-    print!("{}", report::comparison_markdown(sessions));
+    print!("{}", report::comparison_markdown(sessions, &[]));
     for (s, d) in sessions.iter().zip(dirs) {
         let errors = s["errors"].as_object().map_or(0, |o| o.len());
         println!(
