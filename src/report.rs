@@ -339,6 +339,29 @@ fn quantize_section(s: &Value, r: &Value) -> String {
     section("quantize-study", "Quantization with and without holding out", &b)
 }
 
+fn mc_section(r: &Value) -> String {
+    let row = |label: &str, m: &Value| {
+        vec![
+            label.to_string(),
+            get(m, "n"),
+            get(m, "acc"),
+            get(m, "acc_stderr"),
+            get(m, "acc_norm"),
+            get(m, "acc_norm_stderr"),
+        ]
+    };
+    let mut rows = vec![row("baseline", &r["baseline"])];
+    if !r["edited"].is_null() {
+        rows.push(row("edited", &r["edited"]));
+    }
+    let b = format!(
+        "<p>{}: zero-shot, lm-eval's log-likelihood protocol.</p>\n{}",
+        esc(&get(r, "task")),
+        table(&["run", "items", "acc", "stderr", "acc_norm", "stderr"], &rows)
+    );
+    section("mc", "Multiple-choice accuracy", &b)
+}
+
 /// The HTML page of one session (see [`crate::analysis::research`]).
 pub fn session_html(s: &Value) -> String {
     let model = get(s, "model");
@@ -374,6 +397,9 @@ pub fn session_html(s: &Value) -> String {
     }
     if let Some(r) = present("quantize_study") {
         body += &quantize_section(s, r);
+    }
+    if let Some(r) = present("mc") {
+        body += &mc_section(r);
     }
     let notes = |key: &str| -> Vec<Vec<String>> {
         s.get(key)

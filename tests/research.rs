@@ -11,6 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use swk::analysis::research::{self, Inputs, ResearchConfig};
+use swk::eval::choice::TokenItem;
 use swk::synth::{planted, Plant, SynthSpec};
 
 fn swk(args: &[&str]) -> (bool, String, String) {
@@ -27,7 +28,7 @@ fn read_json(p: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "model",
     "detect",
     "screen",
@@ -36,8 +37,24 @@ const SECTIONS: [&str; 9] = [
     "trace",
     "compare-generate",
     "quantize-study",
+    "mc",
     "timings",
 ];
+
+/// Items the planted super weight decides: its likely tokens against unlikely ones.
+fn planted_items(truth: &swk::synth::PlantTruth, vocab: u32) -> Vec<TokenItem> {
+    let likely = &truth.likely_tokens[0];
+    let unlikely: Vec<u32> =
+        (1..vocab).filter(|t| !likely.contains(t) && *t != truth.bos).take(2).collect();
+    (0..3)
+        .map(|k| TokenItem {
+            context: truth.confirm[..4 + k].to_vec(),
+            continuations: vec![vec![likely[k % likely.len()]], unlikely.clone()],
+            lengths: vec![1, 2],
+            label: 0,
+        })
+        .collect()
+}
 
 fn planted_session(dir: &Path) -> (Value, swk::synth::PlantTruth) {
     let spec = SynthSpec {
@@ -61,6 +78,7 @@ fn planted_session(dir: &Path) -> (Value, swk::synth::PlantTruth) {
         text: truth.confirm.clone(),
         vocab_samples: vec![truth.confirm.clone()],
         study: vec![],
+        mc: ("planted".into(), planted_items(&truth, spec.vocab as u32)),
     };
     let before = model.weights.checksum();
     let s = research::research_inputs(&mut model, "planted", &cfg, &inputs, dir, |_, _, _| {})
@@ -95,6 +113,11 @@ fn planted_session_finds_and_studies_the_super_weight() {
     let cont = s["compare_generate"]["prompts"][0]["continuations"].as_array().expect("list");
     assert_eq!(cont[0]["label"], "baseline");
     assert_eq!(s["quantize_study"]["rows"].as_array().expect("rows").len(), 1);
+    assert_eq!(s["mc"]["baseline"]["acc"], 1.0, "{}", s["mc"]);
+    assert_eq!(s["mc"]["edited"]["n"], 3);
+    let (b, e) =
+        (&s["mc"]["items_baseline"][0]["logprobs"], &s["mc"]["items_edited"][0]["logprobs"]);
+    assert_ne!(b, e, "zeroing the super weight changes the scores");
     for p in ["vocab", "cascade", "quantize-study"] {
         assert!(s["plots"][p].as_str().expect(p).starts_with("<svg"), "{p}");
         assert!(dir.path().join(format!("{p}.svg")).is_file());
@@ -135,7 +158,9 @@ fn cli_session_report_and_comparison() {
         "--vocab-samples",
         "2",
     ];
+    let mc = common::fixture("mc/easy.jsonl");
     let mut args = vec!["research", model, "--out", o, "--edit", "zero:1,3,7", "--json"];
+    args.extend(["--mc-data", mc.to_str().expect("utf-8"), "--mc-limit", "3"]);
     args.extend(small);
     let (ok, stdout, err) = swk(&args);
     assert!(ok, "{err}");
@@ -157,6 +182,8 @@ fn cli_session_report_and_comparison() {
     assert_eq!(s["studied_edits"][0]["tensor"], "model.layers.1.mlp.down_proj.weight");
     assert_eq!(s["errors"], serde_json::json!({}), "{}", s["errors"]);
     assert_eq!(s["inputs"]["quantize"]["block_sizes"], serde_json::json!([64]));
+    assert_eq!(s["mc"]["baseline"]["n"], 3);
+    assert!(s["mc"]["edited"]["acc"].as_f64().is_some());
     assert!(s["timings"]["load"].as_f64().is_some());
     let html = std::fs::read_to_string(out.join("report.html")).expect("report");
     for id in SECTIONS {
@@ -256,6 +283,10 @@ fn smollm2_research_small() {
         "4096",
         "--quant-only",
         "down_proj",
+        "--mc-data",
+        common::fixture("mc/easy.jsonl").to_str().expect("utf-8"),
+        "--mc-limit",
+        "4",
         "--json",
     ]);
     assert!(ok, "{err}");
@@ -274,6 +305,11 @@ fn smollm2_research_small() {
         .collect();
     assert!(coords.contains(&(11, 507, 1229)), "{coords:?}");
     assert_eq!(s["trace"]["layer"], 11, "the strongest super weight is traced");
+    println!(
+        "SmolLM2 easy items: baseline {} -> edited {}",
+        s["mc"]["baseline"], s["mc"]["edited"]
+    );
+    assert_eq!(s["mc"]["baseline"]["acc"], 1.0);
     assert!(s["cascade"]["summary"][0]["peak_base"].as_f64().expect("peak") > 20_000.0);
     let html = std::fs::read_to_string(dir.path().join("report.html")).expect("html");
     assert!(html.contains("<section id=\"quantize-study\">") && html.matches("<svg").count() == 3);

@@ -1,6 +1,7 @@
 //! The full research pipeline on one model: detect and confirm super weights, screen the
 //! candidates, then run every analysis (vocab, cascade, trace, compare-generate,
-//! quantize-study) on the confirmed super weights, collecting everything into one session
+//! quantize-study, and multiple choice when items are given) on the confirmed super weights,
+//! collecting everything into one session
 //! object (written as `session.json`, rendered by [`crate::report`]).
 //!
 //! The defaults are small so that a session on a 135M model takes about a minute on two
@@ -20,8 +21,8 @@ use crate::edit::{EditOp, WeightEdit};
 use crate::{Error, Model, Result};
 
 /// The analyses a session runs after detection, in order.
-pub const ANALYSES: [&str; 6] =
-    ["screen", "vocab", "cascade", "trace", "compare-generate", "quantize-study"];
+pub const ANALYSES: [&str; 7] =
+    ["screen", "vocab", "cascade", "trace", "compare-generate", "quantize-study", "mc"];
 
 /// Settings of a research session.
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +120,9 @@ pub struct Inputs {
     pub vocab_samples: Vec<Vec<u32>>,
     /// Weights to study instead of the confirmed super weights (empty: the confirmed ones).
     pub study: Vec<WeightEdit>,
+    /// Multiple-choice items (baseline vs edited accuracy; empty: the analysis is skipped)
+    /// and the task or file they come from.
+    pub mc: (String, Vec<crate::eval::choice::TokenItem>),
 }
 
 impl Inputs {
@@ -142,6 +146,7 @@ impl Inputs {
                 cfg.vocab_context,
             )?,
             study: Vec::new(),
+            mc: (String::new(), Vec::new()),
         })
     }
 }
@@ -253,6 +258,11 @@ pub fn research_inputs(
             skipped.insert(name.to_string(), json!("no confirmed super weight to study"));
             continue;
         }
+        if *name == "mc" && inputs.mc.1.is_empty() {
+            skipped
+                .insert(name.to_string(), json!("no multiple-choice items (--mc-task, --mc-data)"));
+            continue;
+        }
         if !needs_edits && candidates.is_empty() && cfg.top_largest == 0 {
             skipped.insert(name.to_string(), json!("no candidate to screen"));
             continue;
@@ -304,6 +314,10 @@ pub fn research_inputs(
                 let r = compare::compare_generate(model, &prompts, &edits, &cc, |_, _| {})?;
                 Ok((to_json(&r)?, false))
             })(),
+            "mc" => crate::eval::choice::compare(model, &inputs.mc.0, &inputs.mc.1, &edits, {
+                |d, t| on_stage(k + 1, total, &format!("mc: {d}/{t}"))
+            })
+            .and_then(|r| Ok((to_json(&r)?, false))),
             _ => (|| {
                 let r = quantize::quantize_study(model, text_tokens, &edits, &cfg.quantize, {
                     |_, _, w| on_stage(k + 1, total, &format!("quantize-study: {w}"))

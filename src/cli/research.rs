@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 use swk::analysis::research::{self, ResearchConfig};
+use swk::eval::choice;
 use swk::{report, Error, Result};
 
 /// Arguments of `swk research`.
@@ -47,7 +48,7 @@ pub struct Args {
     #[arg(long, value_name = "SUBSTRING")]
     quant_only: Option<String>,
     /// Analyses to skip (repeatable or comma-separated): screen, vocab, cascade, trace,
-    /// compare-generate, quantize-study.
+    /// compare-generate, quantize-study, mc.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Study these weight edits instead of the confirmed super weights (repeatable):
@@ -57,6 +58,16 @@ pub struct Args {
     /// Perplexity ratio above which detection confirms a candidate.
     #[arg(long, default_value_t = 2.0)]
     confirm_ratio: f64,
+    /// Multiple-choice task for baseline vs edited accuracy (hellaswag, arc-easy,
+    /// arc-challenge, piqa; from the Hugging Face cache).
+    #[arg(long, conflicts_with = "mc_data")]
+    mc_task: Option<String>,
+    /// Multiple-choice items from a local .jsonl or .parquet instead.
+    #[arg(long, value_name = "FILE")]
+    mc_data: Option<PathBuf>,
+    /// Multiple-choice items scored (the first N).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    mc_limit: usize,
     /// Also write each plot as PNG next to its SVG.
     #[arg(long)]
     png: bool,
@@ -122,14 +133,25 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 /// Run one model's session into `dir`; returns the session.
 fn one(a: &Args, spec: &str, cfg: &ResearchConfig, dir: &Path, tag: &str) -> Result<Value> {
     let quiet = a.json;
-    let study = super::parse_edits(&a.edit)?;
     let t = Instant::now();
     let mut model = super::load_model(spec, quiet)?;
     let load = t.elapsed().as_secs_f64();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut inputs = research::Inputs::from_config(&model, cfg)?;
+    inputs.study = super::parse_edits(&a.edit)?;
+    let limit = Some(a.mc_limit);
+    let items = match (&a.mc_task, &a.mc_data) {
+        (Some(t), _) => Some((t.clone(), choice::task_items(choice::Task::parse(t)?, limit)?)),
+        (None, Some(p)) => Some((p.display().to_string(), choice::read_items(p, limit)?)),
+        (None, None) => None,
+    };
+    if let Some((name, items)) = items {
+        let tok = items.iter().map(|i| choice::tokenize(&model, i)).collect::<Result<_>>()?;
+        inputs.mc = (name, tok);
+    }
     let pb = super::bar(quiet, (research::ANALYSES.len() + 1) as u64, "research");
     let mut session =
-        research::research(&mut model, spec, cfg, &study, dir, |done, total, what| {
+        research::research_inputs(&mut model, spec, cfg, &inputs, dir, |done, total, what| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
             pb.set_message(format!("{tag}{what}"));
