@@ -146,6 +146,19 @@ fn detect_section(s: &Value) -> String {
                 .collect()
         })
         .collect();
+    let studied: Vec<String> = arr(&s["studied_edits"])
+        .iter()
+        .map(|e| {
+            let op = e["op"].as_object().map(|o| {
+                o.iter().map(|(k, v)| format!("{k} {}", cell(v))).collect::<Vec<_>>().join(", ")
+            });
+            format!("{} ({})", edit_label(e), op.unwrap_or_default())
+        })
+        .collect();
+    b += &format!(
+        "<p>The analyses below study these edits: {}.</p>\n",
+        esc(&if studied.is_empty() { "nothing".to_string() } else { studied.join(", ") })
+    );
     b += "<details><summary>Per-layer maxima (first pass)</summary>\n";
     b += &table(&["layer", "max input", "col", "max output", "row"], &layers);
     b += "</details>\n";

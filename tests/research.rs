@@ -189,6 +189,7 @@ fn cli_session_report_and_comparison() {
     for id in SECTIONS {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "section {id}");
     }
+    assert!(html.contains("study these edits: model.layers.1.mlp.down_proj.weight[3,7] (op zero)"));
     let again = dir.path().join("again.html");
     let session = out.join("session.json");
     let (ok, _, err) =
