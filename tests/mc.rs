@@ -83,7 +83,8 @@ fn standard_error_is_lm_evals() {
     assert_eq!(choice::mean_stderr(&[true, true]).1, Some(0.0));
 }
 
-/// A task resolves through the hub cache as parquet (PIQA's flat columns; labels as strings).
+/// Tasks resolve through the hub cache as parquet: PIQA's flat columns (labels as strings),
+/// ARC's nested struct of lists.
 #[test]
 fn task_from_the_hub_cache() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -103,6 +104,29 @@ fn task_from_the_hub_cache() {
     let e = choice::task_items_in(&cache, Task::ArcEasy, None, false).expect_err("absent");
     let e = e.to_string();
     assert!(e.contains("allenai/ai2_arc") && e.contains("ARC-Easy/test-00000-of-00001.parquet"));
+    // ARC's nested columns (a struct of two lists) read like its JSONL.
+    let arc = Task::ArcChallenge.hub_file();
+    let bytes = common::parquet_arc(&[
+        ("Which is a liquid?", &["rock", "water", "wood"], &["A", "B", "C"], "B"),
+        ("What melts ice?", &["heat", "cold"], &["1", "2"], "1"),
+    ]);
+    common::hub_dataset_cache(dir.path(), arc.repo, &[(arc.file, bytes)]);
+    let items = choice::task_items_in(&cache, Task::ArcChallenge, None, false).expect("arc");
+    assert_eq!(
+        items,
+        vec![
+            Item {
+                context: "Question: Which is a liquid?\nAnswer:".into(),
+                choices: vec!["rock".into(), "water".into(), "wood".into()],
+                label: 1
+            },
+            Item {
+                context: "Question: What melts ice?\nAnswer:".into(),
+                choices: vec!["heat".into(), "cold".into()],
+                label: 0
+            },
+        ]
+    );
 }
 
 /// The planted super weight makes the model predict its likely tokens after BOS: a choice of

@@ -112,3 +112,59 @@ pub fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
 pub fn count_color(buf: &[u8], rgb: [u8; 3]) -> usize {
     buf.chunks_exact(3).filter(|p| *p == rgb).count()
 }
+
+/// A snappy-compressed parquet file shaped like the hub's ARC: `question`, `choices` (a struct
+/// of two string lists, `text` and `label`, in the standard 3-level LIST layout) and
+/// `answerKey`, one row per `(question, texts, labels, key)`.
+pub fn parquet_arc(rows: &[(&str, &[&str], &[&str], &str)]) -> Vec<u8> {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = "message schema {
+        REQUIRED BYTE_ARRAY question (UTF8);
+        REQUIRED group choices {
+            REQUIRED group text (LIST) { REPEATED group list { REQUIRED BYTE_ARRAY element (UTF8); } }
+            REQUIRED group label (LIST) { REPEATED group list { REQUIRED BYTE_ARRAY element (UTF8); } }
+        }
+        REQUIRED BYTE_ARRAY answerKey (UTF8);
+    }";
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).expect("schema"));
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut buf = Vec::new();
+    let mut w = SerializedFileWriter::new(&mut buf, schema, props).expect("writer");
+    let mut rg = w.next_row_group().expect("row group");
+    let (mut q, mut keys) = (Vec::new(), Vec::new());
+    let (mut text, mut td, mut tr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut label, mut ld, mut lr) = (Vec::new(), Vec::new(), Vec::new());
+    for (question, texts, labels, key) in rows {
+        q.push(ByteArray::from(*question));
+        keys.push(ByteArray::from(*key));
+        for (i, t) in texts.iter().enumerate() {
+            text.push(ByteArray::from(*t));
+            td.push(1i16);
+            tr.push(i16::from(i > 0));
+        }
+        for (i, l) in labels.iter().enumerate() {
+            label.push(ByteArray::from(*l));
+            ld.push(1i16);
+            lr.push(i16::from(i > 0));
+        }
+    }
+    type Levels = Option<(Vec<i16>, Vec<i16>)>;
+    let columns: [(Vec<ByteArray>, Levels); 4] =
+        [(q, None), (text, Some((td, tr))), (label, Some((ld, lr))), (keys, None)];
+    for (data, lv) in &columns {
+        let mut col = rg.next_column().expect("column").expect("a column");
+        let (def, rep) = match lv {
+            Some((d, r)) => (Some(d.as_slice()), Some(r.as_slice())),
+            None => (None, None),
+        };
+        col.typed::<ByteArrayType>().write_batch(data, def, rep).expect("write");
+        col.close().expect("close column");
+    }
+    rg.close().expect("close row group");
+    w.close().expect("close file");
+    buf
+}
