@@ -72,6 +72,16 @@ pub enum Error {
         /// Why it cannot be had.
         msg: String,
     },
+    /// A data set file that cannot be found locally or downloaded.
+    #[error("data set `{repo}`, file `{file}`: {msg}")]
+    Dataset {
+        /// The hub repository (`org/name`).
+        repo: String,
+        /// The file's path in the repository.
+        file: String,
+        /// Why it cannot be had, and how to get it.
+        msg: String,
+    },
     /// JSON that could not be read or written.
     #[error("{path}: json: {source}")]
     Json {

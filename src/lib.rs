@@ -9,12 +9,14 @@ pub mod backend;
 pub mod catalog;
 pub mod confirm;
 pub mod detect;
+pub mod detect_report;
 pub mod edit;
 pub mod error;
 pub mod eval;
 pub mod hooks;
 pub mod io;
 pub mod model;
+pub mod report;
 pub mod synth;
 
 pub use error::{Error, Result};

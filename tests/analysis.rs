@@ -92,8 +92,21 @@ fn vocab_shift_is_large_with_the_edit_and_exactly_zero_without() {
     let svg = tempfile::Builder::new().suffix(".svg").tempfile().expect("tmp");
     vocab::plot(&r, svg.path()).expect("plot");
     assert!(std::fs::read_to_string(svg.path()).expect("svg").contains("<rect"));
-    let png = std::env::temp_dir().join("swk-vocab-plot.png");
-    assert!(vocab::plot(&r, &png).is_err(), "only SVG is written");
+    // PNG: decodes, has the SVG's size, white background, blue bars and dark text.
+    let dir = tempfile::tempdir().expect("tmp");
+    let png = dir.path().join("v.png");
+    vocab::plot(&r, &png).expect("png plot");
+    let (w, h, rgb) = common::decode_png(&png);
+    let bars = r.prob_gainers.len() + r.prob_losers.len();
+    assert_eq!((w, h), ((120 + 28 * bars).max(640) as u32, 520), "{bars} bars");
+    let white = common::count_color(&rgb, [255, 255, 255]);
+    assert!(white > (w * h / 2) as usize && white < (w * h) as usize, "mostly white, not blank");
+    let red = common::count_color(&rgb, [214, 39, 40]);
+    assert!(red > 500, "losing tokens drawn as red bars: {red} pixels");
+    let caption = &rgb[..(w * 40 * 3) as usize];
+    let dark = caption.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 100)).count();
+    assert!(dark > 50, "the caption's glyphs are rasterized: {dark} dark pixels");
+    assert!(vocab::plot(&r, &dir.path().join("v.jpg")).is_err(), "only .svg and .png");
 }
 
 #[test]
@@ -386,7 +399,7 @@ fn cli_subcommands_print_json_and_write_plots() {
             Some(svg("v.svg")),
         ),
         (
-            vec!["cascade", model, "--prompt", "the boat", "--out", &svg("c.svg")]
+            vec!["cascade", model, "--prompt", "the boat", "--out", &svg("c.svg"), "--png"]
                 .into_iter()
                 .map(String::from)
                 .collect(),
@@ -448,6 +461,10 @@ fn cli_subcommands_print_json_and_write_plots() {
         if let Some(p) = plot {
             let s = std::fs::read_to_string(&p).expect("plot written");
             assert!(s.starts_with("<svg"), "{p}");
+            if args.contains(&"--png") {
+                let (w, h, _) = common::decode_png(&std::path::Path::new(&p).with_extension("png"));
+                assert_eq!((w, h), (900, 540), "--png writes the line chart next to the SVG");
+            }
         }
         // The readable table works too.
         args.pop();
@@ -465,8 +482,8 @@ fn cli_subcommands_print_json_and_write_plots() {
     assert_eq!(j["config"]["rows"], serde_json::json!([3]));
     let (ok, _, err) = swk(&["cascade", model, "--from-detect", text, "--json"]);
     assert!(!ok && err.contains("not JSON"), "{err}");
-    let (ok, _, err) = swk(&["vocab", model, "--edit", "zero:1,3,7", "--out", "x.png"]);
-    assert!(!ok && err.contains("SVG"), "{err}");
+    let (ok, _, err) = swk(&["vocab", model, "--edit", "zero:1,3,7", "--out", "x.jpg"]);
+    assert!(!ok && err.contains(".svg or .png"), "{err}");
     let (ok, _, err) = swk(&["trace", model, "--weight", "9,0,0"]);
     assert!(!ok && err.contains("outside the model"), "{err}");
 }

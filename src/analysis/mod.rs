@@ -13,6 +13,7 @@ pub mod experts;
 pub mod groups;
 pub mod plot;
 pub mod quantize;
+pub mod research;
 pub mod screen;
 pub mod trace;
 pub mod vocab;

@@ -33,14 +33,17 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Write a line plot across layers (SVG).
+    /// Write a line plot across layers (SVG, or PNG when named .png).
     #[arg(long, value_name = "PLOT.svg")]
     out: Option<PathBuf>,
+    /// Also write the plot as PNG next to it (same name, .png).
+    #[arg(long, requires = "out")]
+    png: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.out {
-        analysis::plot::check_svg(p)?;
+        analysis::plot::check_path(p)?;
     }
     let mut model = super::load_model(&a.model, a.json)?;
     let edits = a.edits.resolve(&mut model, a.json, false)?;
@@ -56,6 +59,9 @@ pub fn run(a: Args) -> Result<()> {
     sp.finish_and_clear();
     if let Some(p) = &a.out {
         cascade::plot(&r, p)?;
+        if a.png {
+            cascade::plot(&r, &analysis::plot::png_sibling(p))?;
+        }
     }
     if a.json {
         return super::print_json(&r);

@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
-use swk::catalog::{self, Agreement};
-use swk::detect::{self, DetectConfig, Detection, SuperWeight};
+use swk::detect::{self, DetectConfig, Detection};
+use swk::detect_report::DetectReport;
 use swk::{Error, Result};
 
 /// Arguments of `swk detect`.
@@ -52,30 +51,6 @@ pub enum GpuDtype {
     F32,
 }
 
-#[derive(Serialize)]
-struct Reported<'a> {
-    #[serde(flatten)]
-    sw: &'a SuperWeight,
-    catalog: Agreement,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    model: &'a str,
-    architecture: &'static str,
-    device: String,
-    threshold: f32,
-    prompts: &'a [String],
-    super_weights: Vec<Reported<'a>>,
-    rejected: Vec<Reported<'a>>,
-    catalog_entries: Vec<catalog::Entry>,
-    baseline_perplexity: Option<f64>,
-    confirm_tokens: usize,
-    layers: &'a [detect::LayerMaxima],
-    weights_checksum: &'a str,
-    seconds: f64,
-}
-
 pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
     let backend = super::device::choose(device, a.json)?;
     let mut cfg = DetectConfig {
@@ -92,8 +67,6 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
         cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     }
     let mut m = super::load_model(&a.model, a.json)?;
-    let names = m.source.names();
-    let entries = catalog::lookup(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
     let pb = super::bar(a.json, 1, "detect");
     let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);
@@ -105,26 +78,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
         super::device::Backend::Cuda => cuda_detect(&m, &cfg, a.gpu_dtype, progress)?,
     };
     pb.finish_and_clear();
-    // The catalog lists dense down_proj coordinates only.
-    let tag = |sw: &'_ SuperWeight| match sw.expert {
-        Some(_) => catalog::Agreement::Unknown,
-        None => catalog::agreement(&entries, sw.layer, sw.row, sw.col),
-    };
-    let report = Report {
-        model: &a.model,
-        architecture: m.config.architecture.name(),
-        device,
-        threshold: cfg.threshold,
-        prompts: &cfg.prompts,
-        super_weights: d.super_weights.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
-        rejected: d.rejected.iter().map(|sw| Reported { sw, catalog: tag(sw) }).collect(),
-        catalog_entries: entries.clone(),
-        baseline_perplexity: d.baseline_perplexity,
-        confirm_tokens: d.confirm_tokens,
-        layers: &d.layers,
-        weights_checksum: &d.weights_checksum,
-        seconds: d.seconds,
-    };
+    let report = swk::detect_report::report(&a.model, &m, &cfg, &d, &device)?;
     if let Some(out) = &a.out {
         let s = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Json { path: out.clone(), source: e })?;
@@ -137,7 +91,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
     Ok(())
 }
 
-fn print_table(r: &Report<'_>, cfg: &DetectConfig) {
+fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
     println!(
         "model {} ({}), threshold {}, {} prompt(s), device {}",
         r.model,

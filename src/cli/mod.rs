@@ -10,8 +10,11 @@ mod experts;
 mod generate;
 mod groups;
 mod info;
+mod mc;
 mod ppl;
 mod quantize_study;
+mod report;
+mod research;
 mod screen;
 mod trace;
 mod vocab;
@@ -64,6 +67,13 @@ enum Command {
     Experts(experts::Args),
     /// Massive activations written by groups of weights, decisive only together.
     Groups(groups::Args),
+    /// Zero-shot multiple choice (HellaSwag, ARC, PIQA; lm-eval's protocol), baseline vs edited.
+    Mc(mc::Args),
+    /// The whole pipeline (detect, confirm, screen, every analysis) into session.json and
+    /// report.html; several models add a comparison.
+    Research(research::Args),
+    /// Re-render report.html from a research session.json.
+    Report(report::Args),
 }
 
 /// Parse the command line and run the subcommand.
@@ -100,6 +110,9 @@ pub fn run() -> Result<()> {
         Command::Screen(a) => screen::run(a),
         Command::Experts(a) => experts::run(a),
         Command::Groups(a) => groups::run(a),
+        Command::Mc(a) => mc::run(a),
+        Command::Research(a) => research::run(a),
+        Command::Report(a) => report::run(a),
     }
 }
 

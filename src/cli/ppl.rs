@@ -1,4 +1,5 @@
-//! `swk ppl MODEL --text FILE [--context N] [--json]`.
+//! `swk ppl MODEL (--text FILE | --dataset wikitext|FILE) [--context N] [--edit SPEC]...
+//! [--json]`.
 
 use std::path::PathBuf;
 
@@ -12,8 +13,12 @@ pub struct Args {
     /// A .gguf file, a Hugging Face directory, or a hub id (org/name).
     model: String,
     /// The text file to score.
-    #[arg(long)]
-    text: PathBuf,
+    #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
+    text: Option<PathBuf>,
+    /// A data set to score: `wikitext` (WikiText-2 raw test split from the Hugging Face
+    /// cache) or a local .parquet/.jsonl (its `text` column) or text file.
+    #[arg(long, value_name = "wikitext|FILE")]
+    dataset: Option<String>,
     /// Window length in text tokens.
     #[arg(long, default_value_t = 512)]
     context: usize,
@@ -28,7 +33,11 @@ pub struct Args {
 
 pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
     let backend = super::device::choose(device, a.json)?;
-    let text = std::fs::read_to_string(&a.text).map_err(|e| Error::io(&a.text, e))?;
+    let text = match (&a.text, &a.dataset) {
+        (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+        (None, Some(d)) => swk::eval::dataset::load_text(d)?,
+        (None, None) => return Err(Error::Invalid("give --text FILE or --dataset NAME".into())),
+    };
     let edits = super::parse_edits(&a.edit)?;
     let mut model = super::load_model(&a.model, a.json)?;
     let tokens = ppl::text_tokens(&model, &text)?;
@@ -53,6 +62,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
             "seconds": r.seconds,
             "context": r.context,
             "windows": r.windows,
+            "dataset": a.dataset,
             "edits": log,
         }));
     }

@@ -41,14 +41,17 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Write a plot of perplexity against block size (SVG).
+    /// Write a plot of perplexity against block size (SVG, or PNG when named .png).
     #[arg(long, value_name = "PLOT.svg")]
     out: Option<PathBuf>,
+    /// Also write the plot as PNG next to it (same name, .png).
+    #[arg(long, requires = "out")]
+    png: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.out {
-        analysis::plot::check_svg(p)?;
+        analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
     let mut model = super::load_model(&a.model, a.json)?;
@@ -73,6 +76,9 @@ pub fn run(a: Args) -> Result<()> {
     pb.finish_and_clear();
     if let Some(p) = &a.out {
         quantize::plot(&r, p)?;
+        if a.png {
+            quantize::plot(&r, &analysis::plot::png_sibling(p))?;
+        }
     }
     if a.json {
         return super::print_json(&r);

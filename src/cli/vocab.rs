@@ -33,14 +33,17 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Write a bar chart of the probability shifts (SVG).
+    /// Write a bar chart of the probability shifts (SVG, or PNG when named .png).
     #[arg(long, value_name = "PLOT.svg")]
     out: Option<PathBuf>,
+    /// Also write the plot as PNG next to it (same name, .png).
+    #[arg(long, requires = "out")]
+    png: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.out {
-        analysis::plot::check_svg(p)?;
+        analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
     let mut model = super::load_model(&a.model, a.json)?;
@@ -54,6 +57,9 @@ pub fn run(a: Args) -> Result<()> {
     pb.finish_and_clear();
     if let Some(p) = &a.out {
         vocab::plot(&r, p)?;
+        if a.png {
+            vocab::plot(&r, &analysis::plot::png_sibling(p))?;
+        }
     }
     if a.json {
         return super::print_json(&r);

@@ -1,4 +1,7 @@
-//! Evaluations: perplexity and greedy generation.
+//! Evaluations: perplexity (on a text file or a hub data set), zero-shot multiple choice and
+//! greedy generation.
 
+pub mod choice;
+pub mod dataset;
 pub mod generate;
 pub mod ppl;

@@ -1,9 +1,9 @@
 //! Hugging Face hub ids (`org/name`), resolved through hf-hub's local cache, downloading when
-//! the network allows.
+//! the network allows; data set files likewise.
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::{Cache, Repo};
+use hf_hub::{Cache, Repo, RepoType};
 
 use crate::{Error, Result};
 
@@ -91,4 +91,46 @@ fn download(cache: &Cache, id: &str) -> Result<PathBuf> {
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| Error::NotFound { id: id.into(), msg: "bad cache layout".into() })
+}
+
+/// Resolve one file of a hub *data set* repository (`repo`, e.g. `Salesforce/wikitext`;
+/// `file`, its path in the repository) through `cache`, fetching it when it is missing and
+/// `allow_download` is set. The error names the repository, the file, the cache and how to
+/// get the file.
+pub fn dataset_file_in(
+    cache: &Cache,
+    repo: &str,
+    file: &str,
+    allow_download: bool,
+) -> Result<PathBuf> {
+    if let Some(p) = cache.repo(Repo::new(repo.to_string(), RepoType::Dataset)).get(file) {
+        return Ok(p);
+    }
+    let missing = |why: String| Error::Dataset {
+        repo: repo.into(),
+        file: file.into(),
+        msg: format!(
+            "{why}; the Hugging Face cache is {} (set HF_HOME to another). Fetch it with \
+             `huggingface-cli download --repo-type dataset {repo} {file}` on a machine with \
+             network access and copy the cache, or pass a local file instead",
+            cache.path().display()
+        ),
+    };
+    if !allow_download {
+        return Err(missing("not in the Hugging Face cache and downloads are off".into()));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(true)
+        .build()
+        .map_err(|e| missing(format!("not in the cache and the hub client failed: {e}")))?;
+    api.dataset(repo.to_string())
+        .get(file)
+        .map_err(|e| missing(format!("not in the cache and the hub could not be reached: {e}")))
+}
+
+/// [`dataset_file_in`] through the default cache (`HF_HOME` or `~/.cache/huggingface`),
+/// downloading unless `HF_HUB_OFFLINE=1`.
+pub fn dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    dataset_file_in(&Cache::from_env(), repo, file, !offline)
 }

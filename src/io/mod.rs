@@ -1,7 +1,10 @@
-//! Reading model files: GGUF, safetensors, the Hugging Face cache, tokenizers.
+//! Reading model files (GGUF, safetensors, the Hugging Face cache, tokenizers) and data set
+//! files (parquet, JSON Lines).
 
 pub mod gguf;
 pub mod hub;
+pub mod jsonl;
+pub mod parquet;
 pub mod quant;
 pub mod safetensors;
 pub mod tokenizer;
