@@ -99,14 +99,6 @@ pub fn strip_multimodal(weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
@@ -114,11 +106,8 @@ pub fn validate(model: &Model) -> Result<()> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let v2 = c.architecture != Architecture::Gemma;
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.norm.weight", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     if c.attention_bias {
         return Err(crate::Error::Invalid("Gemma with attention biases is not supported".into()));
     }
@@ -257,7 +246,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         c.family.final_logit_softcapping,
         |x, out| cpu::rmsnorm(x, &final_norm, eps, out, h),

@@ -115,26 +115,15 @@ pub fn rename_hf(weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
     let w = &model.weights;
     let (h, i) = (c.hidden_size, c.intermediate_size);
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.embed_positions.weight", &[c.max_position_embeddings, h])?;
     w.get_shaped("model.norm.weight", &[h])?;
     w.get_shaped("model.norm.bias", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     for l in 0..c.num_layers {
         let n = Names::new(l);
         for (name, rows, cols) in [(&n.qkv, 3 * h, h), (&n.o, h, h), (&n.up, i, h), (&n.down, h, i)]
@@ -231,7 +220,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         None,
         |x, out| cpu::layernorm(x, Some(fw), Some(fb), eps, out, h),

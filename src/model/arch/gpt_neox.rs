@@ -127,25 +127,14 @@ pub fn rename_hf(config: &ModelConfig, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
     let w = &model.weights;
     let (h, i) = (c.hidden_size, c.intermediate_size);
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.norm.weight", &[h])?;
     w.get_shaped("model.norm.bias", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     for l in 0..c.num_layers {
         let n = Names::new(l);
         for (name, rows, cols) in [(&n.qkv, 3 * h, h), (&n.o, h, h), (&n.up, i, h), (&n.down, h, i)]
@@ -187,12 +176,7 @@ pub fn forward(
     };
 
     // Embedding: x[t] = E[token[t]] (or the given residual stream entering `first`).
-    let (mut x, pos0, first) = match input {
-        Input::Tokens(tokens) => {
-            (shared::embed(w, "model.embed_tokens.weight", tokens, h)?, cache.len, 0)
-        }
-        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
-    };
+    let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
     let t = x.len() / h;
 
     let mut xn = vec![0f32; t * h];
@@ -247,7 +231,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         None,
         |x, out| cpu::layernorm(x, Some(fw), Some(fb), eps, out, h),

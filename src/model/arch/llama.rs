@@ -9,7 +9,7 @@
 
 use crate::backend::cpu;
 use crate::hooks::{Activation, HookKind, HookPoint, Hooks};
-use crate::model::arch::{ForwardOptions, Input, KvCache, Logits};
+use crate::model::arch::{shared, ForwardOptions, Input, KvCache, Logits};
 use crate::model::config::{HiddenAct, RopeScaling};
 use crate::model::{Architecture, Model, ModelConfig};
 use crate::Result;
@@ -48,25 +48,14 @@ impl Names {
     }
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
     let w = &model.weights;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.norm.weight", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     if c.family.hidden_act != HiddenAct::Silu || c.family.rotary_dim.is_some() {
         return Err(crate::Error::Invalid(format!(
             "{}: only SiLU MLPs with full RoPE are supported",
@@ -222,17 +211,7 @@ pub fn forward(
     };
 
     // Embedding: x[t] = E[token[t]] (or the given residual stream entering `first`).
-    let (mut x, pos0, first) = match input {
-        Input::Tokens(tokens) => {
-            let emb = &w.get("model.embed_tokens.weight")?.data;
-            let mut x = Vec::with_capacity(tokens.len() * h);
-            for &tok in tokens {
-                x.extend_from_slice(&emb[tok as usize * h..][..h]);
-            }
-            (x, cache.len, 0)
-        }
-        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
-    };
+    let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
     let t = x.len() / h;
 
     let mut xn = vec![0f32; t * h];
@@ -321,7 +300,7 @@ pub fn forward(
     let mut logits = vec![0f32; rows.len() * c.vocab_size];
     cpu::linear(
         &xf,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         &mut logits,
         rows.len(),

@@ -119,14 +119,6 @@ pub fn normalize_hf(c: &ModelConfig, w: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
@@ -140,11 +132,8 @@ pub fn validate(model: &Model) -> Result<()> {
             moe.top_k, moe.num_experts
         )));
     }
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.norm.weight", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         w.get_shaped(&format!("{p}.input_layernorm.weight"), &[h])?;
@@ -346,12 +335,7 @@ pub fn forward(
         Ok(if c.attention_bias { Some(&w.get(&format!("{name}.bias"))?.data) } else { None })
     };
 
-    let (mut x, pos0, first) = match input {
-        Input::Tokens(tokens) => {
-            (shared::embed(w, "model.embed_tokens.weight", tokens, h)?, cache.len, 0)
-        }
-        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
-    };
+    let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
     let t = x.len() / h;
     let mut xn = vec![0f32; t * h];
     let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
@@ -425,7 +409,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         None,
         |x, out| cpu::rmsnorm(x, final_norm, eps, out, h),

@@ -54,14 +54,6 @@ impl Names {
     }
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
@@ -69,12 +61,9 @@ pub fn validate(model: &Model) -> Result<()> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let olmo2 = c.architecture == Architecture::Olmo2;
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     if olmo2 {
         w.get_shaped("model.norm.weight", &[h])?;
-    }
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
     }
     for l in 0..c.num_layers {
         let n = Names::new(l);
@@ -123,12 +112,7 @@ pub fn forward(
     let layernorm = |x: &[f32], out: &mut [f32]| cpu::layernorm(x, None, None, eps, out, h);
 
     // Embedding: x[t] = E[token[t]] (or the given residual stream entering `first`).
-    let (mut x, pos0, first) = match input {
-        Input::Tokens(tokens) => {
-            (shared::embed(w, "model.embed_tokens.weight", tokens, h)?, cache.len, 0)
-        }
-        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
-    };
+    let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
     let t = x.len() / h;
 
     let mut xn = vec![0f32; t * h];
@@ -208,7 +192,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         None,
         |x, out| match final_norm {

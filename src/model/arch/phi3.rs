@@ -43,25 +43,14 @@ impl Names {
     }
 }
 
-fn head_name(model: &Model) -> &'static str {
-    if model.weights.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    }
-}
-
 /// Check names and shapes of every tensor the forward pass reads.
 pub fn validate(model: &Model) -> Result<()> {
     let c = &model.config;
     let w = &model.weights;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    shared::validate_embed_and_head(w, c)?;
     w.get_shaped("model.norm.weight", &[h])?;
-    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-        w.get_shaped("lm_head.weight", &[c.vocab_size, h])?;
-    }
     if c.attention_bias {
         return Err(crate::Error::Invalid("Phi-3 with attention biases is not supported".into()));
     }
@@ -92,12 +81,7 @@ pub fn forward(
     let inv_freq = shared::inv_freq(c, c.rope_theta, true);
 
     // Embedding: x[t] = E[token[t]] (or the given residual stream entering `first`).
-    let (mut x, pos0, first) = match input {
-        Input::Tokens(tokens) => {
-            (shared::embed(w, "model.embed_tokens.weight", tokens, h)?, cache.len, 0)
-        }
-        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
-    };
+    let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
     let t = x.len() / h;
 
     let mut xn = vec![0f32; t * h];
@@ -149,7 +133,7 @@ pub fn forward(
         h,
         c.vocab_size,
         opts.logits,
-        &w.get(head_name(model))?.data,
+        &w.get(shared::head_name(model))?.data,
         None,
         None,
         |x, out| cpu::rmsnorm(x, final_norm, eps, out, h),

@@ -4,9 +4,9 @@
 
 use crate::backend::cpu::{self, Act, AttnParams};
 use crate::hooks::{Activation, HookKind, HookPoint, Hooks};
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::model::arch::{ForwardOptions, Input, KvCache, Logits};
 use crate::model::config::HiddenAct;
-use crate::model::{ModelConfig, Weights};
+use crate::model::{Model, ModelConfig, Weights};
 use crate::Result;
 
 /// Run the hooks registered at `(layer, kind)`, if any.
@@ -29,6 +29,39 @@ pub(crate) fn hook(
 /// Whether a hook is registered at `(layer, kind)`.
 pub(crate) fn hooked(hooks: &Option<&mut Hooks<'_>>, layer: usize, kind: HookKind) -> bool {
     hooks.as_ref().is_some_and(|h| h.has(HookPoint { layer, kind }))
+}
+
+/// The LM head's tensor: `lm_head.weight`, or the embedding when tied.
+pub(crate) fn head_name(model: &Model) -> &'static str {
+    if model.weights.contains("lm_head.weight") {
+        "lm_head.weight"
+    } else {
+        "model.embed_tokens.weight"
+    }
+}
+
+/// Check the embedding's shape, and the LM head's when untied (or present anyway).
+pub(crate) fn validate_embed_and_head(w: &Weights, c: &ModelConfig) -> Result<()> {
+    w.get_shaped("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+    if !c.tie_word_embeddings || w.contains("lm_head.weight") {
+        w.get_shaped("lm_head.weight", &[c.vocab_size, c.hidden_size])?;
+    }
+    Ok(())
+}
+
+/// The residual stream a pass starts from, its first position and its first block: the
+/// token embeddings `x[t] = E[token[t]]` at the cache's end for [`Input::Tokens`], or the
+/// given stream entering `layer` for [`Input::Residual`].
+pub(crate) fn input_stream(
+    w: &Weights,
+    input: Input<'_>,
+    cache_len: usize,
+    h: usize,
+) -> Result<(Vec<f32>, usize, usize)> {
+    Ok(match input {
+        Input::Tokens(tokens) => (embed(w, "model.embed_tokens.weight", tokens, h)?, cache_len, 0),
+        Input::Residual { layer, x, pos0 } => (x.to_vec(), pos0, layer),
+    })
 }
 
 /// `x[t] = E[token[t]]`, row by row.
