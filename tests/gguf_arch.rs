@@ -1,0 +1,95 @@
+//! GGUF loading for the dense families beyond Llama and Gemma 3: llama.cpp-style GGUF copies
+//! of the tiny qwen2, qwen3, phi3 and olmo2 fixtures (written by
+//! tests/reference/make_tiny_dense_gguf.py with the `gguf` package's tensor-name map) load to
+//! the same config and the same tensors, bit for bit and under the same names, as the
+//! safetensors directories, and their logits match transformers' within 1e-4 (max relative
+//! error in f32, scaled by max(|reference|, 1)).
+
+mod common;
+
+use swk::model::Architecture;
+use swk::Model;
+
+fn load(spec: &std::path::Path) -> Model {
+    Model::load(spec.to_str().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", spec.display()))
+}
+
+/// Load `tiny/{src}_gguf/model.gguf` and `tiny/{src}`, compare them, and return the GGUF
+/// model with its max relative logit error against `tiny/{src}/reference.json`.
+fn check_gguf(src: &str, arch: Architecture) -> (Model, f32) {
+    let g = load(&common::fixture(&format!("tiny/{src}_gguf/model.gguf")));
+    let hf = load(&common::fixture(&format!("tiny/{src}")));
+    assert_eq!(g.config.architecture, arch);
+    assert_eq!(g.source.format, swk::model::Format::Gguf);
+
+    // GGUF stores the norm epsilon as f32; everything else must agree exactly.
+    let eps = (g.config.rms_norm_eps, hf.config.rms_norm_eps);
+    assert!((eps.0 - eps.1).abs() <= 1e-7 * eps.1, "{src}: eps {eps:?}");
+    let mut gc = g.config.clone();
+    gc.rms_norm_eps = hf.config.rms_norm_eps;
+    assert_eq!(gc, hf.config, "{src}: config");
+
+    let names = |m: &Model| m.weights.names().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&g), names(&hf), "{src}: tensor names");
+    for (name, t) in hf.weights.iter() {
+        let gt = g.weights.get(name).unwrap();
+        assert_eq!(gt.shape, t.shape, "{src}: {name} shape");
+        assert!(
+            gt.data.iter().map(|v| v.to_bits()).eq(t.data.iter().map(|v| v.to_bits())),
+            "{src}: {name} differs"
+        );
+    }
+
+    let r = common::json(&format!("tiny/{src}/reference.json"));
+    let tokens: Vec<u32> =
+        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let text = r["text"].as_str().unwrap();
+    assert_eq!(g.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{src}: tokens");
+    let want: Vec<f32> = r["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+        .collect();
+    let err = common::max_rel_err(&g.logits(&tokens).unwrap(), &want, 1.0);
+    eprintln!("{src} gguf: max rel err {err:.2e} over {} logits", want.len());
+    assert!(err <= 1e-4, "{src} gguf: max rel err {err} > 1e-4");
+    (g, err)
+}
+
+/// Q/K/V biases; no Q/K row permutation (llama.cpp uses NeoX rotation for qwen2).
+#[test]
+fn qwen2_gguf() {
+    let (m, _) = check_gguf("qwen2", Architecture::Qwen2);
+    assert!(m.config.attention_bias);
+    assert!(m.weights.contains("model.layers.0.self_attn.q_proj.bias"));
+}
+
+/// Per-head QK-norm from `attn_q_norm` / `attn_k_norm`.
+#[test]
+fn qwen3_gguf() {
+    let (m, _) = check_gguf("qwen3", Architecture::Qwen3);
+    assert_eq!(m.weights.get("model.layers.1.self_attn.q_norm.weight").unwrap().shape, [16]);
+    assert_eq!(m.weights.get("model.layers.1.self_attn.k_norm.weight").unwrap().shape, [16]);
+}
+
+/// Fused `attn_qkv`, gate and up stacked in `ffn_up`, partial rotary from
+/// `rope.dimension_count`, the sliding window from `attention.sliding_window`.
+#[test]
+fn phi3_gguf() {
+    let (m, _) = check_gguf("phi3", Architecture::Phi3);
+    assert_eq!(m.config.rotary_dim(), 12);
+    assert_eq!(m.config.sliding_window, Some(5));
+    assert_eq!(m.weights.get("model.layers.0.self_attn.qkv_proj.weight").unwrap().shape, [128, 64]);
+    assert_eq!(m.weights.get("model.layers.0.mlp.gate_up_proj.weight").unwrap().shape, [320, 64]);
+}
+
+/// Post-norms only (`post_attention_norm`, `post_ffw_norm`), QK-norm over whole projections.
+#[test]
+fn olmo2_gguf() {
+    let (m, _) = check_gguf("olmo2", Architecture::Olmo2);
+    assert!(!m.weights.names().any(|n| n.contains("input_layernorm")));
+    assert!(m.weights.contains("model.layers.1.post_feedforward_layernorm.weight"));
+    assert_eq!(m.weights.get("model.layers.0.self_attn.q_norm.weight").unwrap().shape, [64]);
+    assert_eq!(m.weights.get("model.layers.0.self_attn.k_norm.weight").unwrap().shape, [32]);
+}
