@@ -14,17 +14,11 @@ fn check(name: &str) -> Model {
     let dir = common::fixture(&format!("tiny/{name}"));
     let m = Model::load(dir.to_str().unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let r = common::json(&format!("tiny/{name}/reference.json"));
-    let tokens: Vec<u32> =
-        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let tokens = common::tokens(&r);
     // The fixture's tokens come from its tokenizer.json: check that too.
     let text = r["text"].as_str().unwrap();
     assert_eq!(m.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{name}: token ids");
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
+    let want = common::logits(&r);
     let got = m.logits(&tokens).unwrap();
     let err = common::max_rel_err(&got, &want, 1.0);
     eprintln!("{name}: max rel err {err:.2e} over {} logits", want.len());

@@ -15,24 +15,15 @@ fn load(name: &str) -> Model {
     Model::load(spec.to_str().unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn tokens(r: &serde_json::Value) -> Vec<u32> {
-    r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
-}
-
 /// Load fixture `name`, compare its logits with transformers' and its spike statistics with
 /// the down-projection maxima transformers' hooks saw. Returns the model and the max error.
 fn check(name: &str) -> (Model, f32) {
     let m = load(name);
     let r = common::json(&format!("tiny/{name}/reference.json"));
-    let tokens = tokens(&r);
+    let tokens = common::tokens(&r);
     let text = r["text"].as_str().unwrap();
     assert_eq!(m.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{name}: token ids");
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
+    let want = common::logits(&r);
     let got = m.logits(&tokens).unwrap();
     let err = common::max_rel_err(&got, &want, 1.0);
     eprintln!("{name}: max rel err {err:.2e} over {} logits", want.len());

@@ -26,16 +26,10 @@ fn check(name: &str, arch: Architecture) -> Model {
     let m = load(name);
     assert_eq!(m.config.architecture, arch);
     let r = common::json(&format!("tiny/{name}/reference.json"));
-    let tokens: Vec<u32> =
-        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let tokens = common::tokens(&r);
     let text = r["text"].as_str().unwrap();
     assert_eq!(m.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{name}: token ids");
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
+    let want = common::logits(&r);
     // The parameter count from the config equals the tensors loaded.
     assert_eq!(m.config.parameter_count(), m.weights.n_elements() as u64, "{name}: parameters");
     let got = m.logits(&tokens).unwrap();
@@ -261,15 +255,9 @@ fn check_gguf(src: &str, arch: Architecture) {
         assert!(gt.data == t.data, "{src}: {name} differs");
     }
     let r = common::json(&format!("tiny/{src}/reference.json"));
-    let tokens: Vec<u32> =
-        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let tokens = common::tokens(&r);
     assert_eq!(g.tokenizer().unwrap().encode(r["text"].as_str().unwrap(), false).unwrap(), tokens);
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
+    let want = common::logits(&r);
     let err = common::max_rel_err(&g.logits(&tokens).unwrap(), &want, 1.0);
     eprintln!("{src} gguf: max rel err {err:.2e}");
     assert!(err <= 1e-4, "{src} gguf: max rel err {err}");

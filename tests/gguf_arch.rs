@@ -41,16 +41,10 @@ fn check_gguf(src: &str, arch: Architecture) -> (Model, f32) {
     }
 
     let r = common::json(&format!("tiny/{src}/reference.json"));
-    let tokens: Vec<u32> =
-        r["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let tokens = common::tokens(&r);
     let text = r["text"].as_str().unwrap();
     assert_eq!(g.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{src}: tokens");
-    let want: Vec<f32> = r["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
+    let want = common::logits(&r);
     let err = common::max_rel_err(&g.logits(&tokens).unwrap(), &want, 1.0);
     eprintln!("{src} gguf: max rel err {err:.2e} over {} logits", want.len());
     assert!(err <= 1e-4, "{src} gguf: max rel err {err} > 1e-4");

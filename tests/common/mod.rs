@@ -44,6 +44,23 @@ pub fn smollm2_model() -> Option<&'static swk::Model> {
         .as_ref()
 }
 
+/// The `tokens` of a recorded reference (`reference.json`).
+pub fn tokens(r: &serde_json::Value) -> Vec<u32> {
+    r["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect()
+}
+
+/// The `logits` rows of a recorded reference, flattened row by row.
+pub fn logits(r: &serde_json::Value) -> Vec<f32> {
+    r["logits"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .flat_map(|row| {
+            row.as_array().expect("row").iter().map(|v| v.as_f64().expect("f64") as f32)
+        })
+        .collect()
+}
+
 /// Largest |a - b| / max(|b|, floor) over two slices.
 pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
