@@ -1,6 +1,6 @@
 //! Hugging Face safetensors checkpoints: single file or sharded with an index, memory-mapped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -50,27 +50,99 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Load every tensor of the given safetensors files into `weights`, converted once to f32.
 pub fn load_into(files: &[PathBuf], weights: &mut Weights) -> Result<()> {
-    for path in files {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only map of a file swk never writes.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
-        for (name, view) in st.tensors() {
-            // Integer and bool tensors are buffers (causal masks of GPT-2/NeoX checkpoints),
-            // not weights; a weight missing because of this fails validation by name.
-            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
-                && is_buffer(&name)
-            {
-                continue;
-            }
-            let data = to_f32(view.dtype(), view.data())
-                .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
-            let dtype = format!("{:?}", view.dtype());
-            weights.insert(name.clone(), Tensor::new(&name, view.shape().to_vec(), data, &dtype)?);
-        }
+    let ckpt = MappedCheckpoint::open(files)?;
+    for name in ckpt.names() {
+        weights.insert(name.to_string(), ckpt.read(name)?);
     }
     Ok(())
+}
+
+/// Where one tensor's bytes lie in a [`MappedCheckpoint`].
+#[derive(Debug)]
+struct Located {
+    file: usize,
+    start: usize,
+    end: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+}
+
+/// A safetensors checkpoint (one file or shards), memory-mapped, whose tensors are converted
+/// to f32 one at a time, on demand. Opening validates every header (offsets inside the file,
+/// sizes matching shapes) without reading any tensor data.
+#[derive(Debug)]
+pub struct MappedCheckpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: BTreeMap<String, Located>,
+}
+
+impl MappedCheckpoint {
+    /// Map `files` and index their tensors. Integer and bool buffers (causal masks of
+    /// GPT-2/NeoX checkpoints) are skipped; a weight missing because of this fails validation
+    /// by name. Errors name the file: invalid header, a tensor in two shards.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut mapped = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (fi, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: read-only map of a file swk never writes.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+            let data_start = 8 + n;
+            for (name, info) in meta.tensors() {
+                if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
+                    && is_buffer(&name)
+                {
+                    continue;
+                }
+                let (a, b) = info.data_offsets;
+                let located = Located {
+                    file: fi,
+                    start: data_start + a,
+                    end: data_start + b,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                };
+                if tensors.insert(name.clone(), located).is_some() {
+                    return Err(Error::format(
+                        path,
+                        format!("tensor `{name}` is also in another shard"),
+                    ));
+                }
+            }
+            mapped.push((path.clone(), mmap));
+        }
+        Ok(MappedCheckpoint { files: mapped, tensors })
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// A tensor's stored dtype (`BF16`, `F32`, ...), if the checkpoint has it.
+    pub fn dtype_name(&self, name: &str) -> Option<String> {
+        self.tensors.get(name).map(|t| format!("{:?}", t.dtype))
+    }
+
+    /// Read one tensor, converted to f32. Errors name the file and tensor.
+    pub fn read(&self, name: &str) -> Result<Tensor> {
+        let t =
+            self.tensors.get(name).ok_or_else(|| Error::tensor(name, "not in the checkpoint"))?;
+        let (path, mmap) = &self.files[t.file];
+        let bytes = mmap
+            .get(t.start..t.end)
+            .ok_or_else(|| Error::format(path, format!("tensor `{name}` lies outside the file")))?;
+        let data = to_f32(t.dtype, bytes)
+            .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
+        Tensor::new(name, t.shape.clone(), data, &format!("{:?}", t.dtype))
+    }
 }
 
 /// Whether a tensor name is a known non-weight buffer (attention masks).

@@ -59,7 +59,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
 }
 
 /// `_name_or_path` of a config.json, if any.
-fn name_or_path(config: &Path) -> Option<String> {
+pub(crate) fn name_or_path(config: &Path) -> Option<String> {
     let text = std::fs::read_to_string(config).ok()?;
     let j: serde_json::Value = serde_json::from_str(&text).ok()?;
     j.get("_name_or_path")?.as_str().filter(|s| !s.is_empty()).map(str::to_string)
@@ -180,62 +180,19 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let g = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&g)?;
     let mut weights = Weights::new();
-    let arch = config.architecture;
-    // llama.cpp permutes Q/K rows for its interleaved RoPE in these families only.
-    let llama_like = matches!(
-        arch,
-        Architecture::Llama | Architecture::Mistral | Architecture::Mixtral | Architecture::Olmo
-    );
-    // llama.cpp stores Gemma's RMSNorm weights as 1 + w; swk keeps the HF weight w.
-    let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3);
     for t in &g.tensors {
-        // Stacked experts `blk.L.ffn_{gate,up,down}_exps` ([E, I, H] / [E, H, I]) become one
-        // tensor per expert under HF's per-expert names.
-        if let Some((layer, what)) = expert_stack(&t.name) {
-            let shape = t.shape();
-            let data = g.dequantize(t)?;
-            let [n, rows, cols] = shape[..] else {
-                return Err(Error::format(path, format!("`{}` is not 3-D", t.name)));
-            };
-            for (e, part) in data.chunks(rows * cols).take(n).enumerate() {
-                let name = crate::model::arch::moe::expert_name(layer, e, what);
-                let piece = Tensor::new(&name, vec![rows, cols], part.to_vec(), t.ty.name())?;
-                weights.insert(name, piece);
-            }
-            continue;
-        }
-        let Some(name) = hf_name_for(arch, &t.name) else {
-            return Err(Error::format(
-                path,
-                format!("unexpected tensor `{}` for {}", t.name, config.architecture.name()),
-            ));
+        let data = g.dequantize(t)?;
+        let targets = gguf_targets(&g, &config, t)?;
+        let parts: Vec<Vec<f32>> = match &targets[..] {
+            [] => Vec::new(),
+            [_] => vec![data],
+            _ => data.chunks(data.len() / targets.len()).map(<[f32]>::to_vec).collect(),
         };
-        let shape = t.shape();
-        let mut data = g.dequantize(t)?;
-        if gemma && name.ends_with("norm.weight") {
-            data.iter_mut().for_each(|v| *v -= 1.0);
+        for (target, part) in targets.into_iter().zip(parts) {
+            let data = gguf_layout_to_hf(&config, &target.name, &target.shape, part);
+            let tensor = Tensor::new(&target.name, target.shape, data, t.ty.name())?;
+            weights.insert(target.name, tensor);
         }
-        if llama_like && shape.len() == 2 {
-            if name.ends_with("q_proj.weight") {
-                data = unpermute_rows(&data, shape[0], shape[1], config.num_heads);
-            } else if name.ends_with("k_proj.weight") {
-                data = unpermute_rows(&data, shape[0], shape[1], config.num_kv_heads);
-            }
-        }
-        if llama_like && shape.len() == 1 {
-            if name.ends_with("q_proj.bias") {
-                data = unpermute_rows(&data, shape[0], 1, config.num_heads);
-            } else if name.ends_with("k_proj.bias") {
-                data = unpermute_rows(&data, shape[0], 1, config.num_kv_heads);
-            }
-        }
-        // llama.cpp stores the shared-expert gate as a vector; HF as a [1, hidden] matrix.
-        let shape = if name.ends_with("shared_expert_gate.weight") && shape.len() == 1 {
-            vec![1, shape[0]]
-        } else {
-            shape
-        };
-        weights.insert(name.clone(), Tensor::new(&name, shape, data, t.ty.name())?);
     }
     let tokenizer = Some(Tokenizer::from_gguf(&g)?);
     let model = Model {
@@ -252,4 +209,88 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     };
     crate::model::arch::validate(&model)?;
     Ok(model)
+}
+
+/// One tensor swk makes of a GGUF tensor: its name, HF shape, and which expert of a
+/// stacked-experts tensor it is.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GgufTarget {
+    /// swk's (HF) name.
+    pub name: String,
+    /// HF shape.
+    pub shape: Vec<usize>,
+    /// The expert's index in a `blk.L.ffn_*_exps` stack.
+    pub expert: Option<usize>,
+}
+
+/// The tensors GGUF tensor `t` becomes: one, or one per expert for a stacked-experts tensor
+/// (`blk.L.ffn_{gate,up,down}_exps`, `[E, I, H]` / `[E, H, I]`, under HF's per-expert names).
+/// Errors naming the file for a tensor swk does not know.
+pub(crate) fn gguf_targets(
+    g: &GgufFile,
+    config: &ModelConfig,
+    t: &crate::io::gguf::GgufTensorInfo,
+) -> Result<Vec<GgufTarget>> {
+    let shape = t.shape();
+    if let Some((layer, what)) = expert_stack(&t.name) {
+        let [n, rows, cols] = shape[..] else {
+            return Err(Error::format(g.path(), format!("`{}` is not 3-D", t.name)));
+        };
+        return Ok((0..n)
+            .map(|e| GgufTarget {
+                name: crate::model::arch::moe::expert_name(layer, e, what),
+                shape: vec![rows, cols],
+                expert: Some(e),
+            })
+            .collect());
+    }
+    let Some(name) = hf_name_for(config.architecture, &t.name) else {
+        return Err(Error::format(
+            g.path(),
+            format!("unexpected tensor `{}` for {}", t.name, config.architecture.name()),
+        ));
+    };
+    // llama.cpp stores the shared-expert gate as a vector; HF as a [1, hidden] matrix.
+    let shape = if name.ends_with("shared_expert_gate.weight") && shape.len() == 1 {
+        vec![1, shape[0]]
+    } else {
+        shape
+    };
+    Ok(vec![GgufTarget { name, shape, expert: None }])
+}
+
+/// Undo llama.cpp's changes to a tensor's values (dequantized, HF shape `shape`): Gemma's
+/// RMSNorm weights are stored as `1 + w`; Q/K rows (and biases) of the Llama-like families are
+/// permuted for llama.cpp's interleaved RoPE.
+pub(crate) fn gguf_layout_to_hf(
+    config: &ModelConfig,
+    name: &str,
+    shape: &[usize],
+    mut data: Vec<f32>,
+) -> Vec<f32> {
+    let arch = config.architecture;
+    // llama.cpp permutes Q/K rows for its interleaved RoPE in these families only.
+    let llama_like = matches!(
+        arch,
+        Architecture::Llama | Architecture::Mistral | Architecture::Mixtral | Architecture::Olmo
+    );
+    // llama.cpp stores Gemma's RMSNorm weights as 1 + w; swk keeps the HF weight w.
+    let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3);
+    if gemma && name.ends_with("norm.weight") {
+        data.iter_mut().for_each(|v| *v -= 1.0);
+    }
+    if llama_like {
+        let heads = if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+            Some(config.num_heads)
+        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            data = unpermute_rows(&data, shape[0], cols, heads);
+        }
+    }
+    data
 }

@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod lazy;
 pub mod load;
 pub mod weights;
 
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use crate::io::tokenizer::Tokenizer;
 pub use config::{Architecture, ModelConfig};
+pub use lazy::LazyModel;
 pub use weights::{Tensor, Weights};
 
 /// The on-disk format a model was read from.

@@ -1,0 +1,220 @@
+//! A model whose weights stay in their memory-mapped files until asked for: each tensor is
+//! read (and, for GGUF, dequantized) on demand, under the same name, shape and values as
+//! [`Model::load`](crate::Model::load) gives it. Backends that cannot hold every weight at
+//! once (the CUDA backend's layer streaming) read one layer at a time from here.
+//!
+//! Families whose safetensors checkpoints need renaming or reshaping at load (GPT-2,
+//! GPT-NeoX, multimodal Gemma 3, the MoE families' fused experts) open only from GGUF.
+//!
+//! ```no_run
+//! # fn main() -> swk::Result<()> {
+//! let lazy = swk::model::LazyModel::open("tests/fixtures/tiny/llama")?;
+//! let w = lazy.tensor("model.layers.0.mlp.down_proj.weight")?; // read now, nothing before
+//! assert_eq!(w.shape, [lazy.config.hidden_size, lazy.config.intermediate_size]);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::io::gguf::GgufFile;
+use crate::io::safetensors::{self, MappedCheckpoint};
+use crate::io::tokenizer::Tokenizer;
+use crate::model::load::{gguf_layout_to_hf, gguf_targets};
+use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
+use crate::{Error, Result};
+
+/// The mapped files.
+enum Files {
+    Safetensors(MappedCheckpoint),
+    Gguf(GgufFile),
+}
+
+/// Where one tensor comes from.
+#[derive(Debug, Clone)]
+struct Entry {
+    shape: Vec<usize>,
+    /// Index of the GGUF tensor (unused for safetensors) and the expert of a stack.
+    gguf: Option<(usize, Option<usize>)>,
+}
+
+/// A model opened without reading its weights. See the [module docs](self).
+pub struct LazyModel {
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    /// The tokenizer, when the model ships one.
+    pub tokenizer: Option<Tokenizer>,
+    /// Provenance (`load_seconds` is the time to open and index).
+    pub source: ModelSource,
+    files: Files,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl LazyModel {
+    /// Open a `.gguf` file, a Hugging Face directory or a hub id (from the hf-hub cache),
+    /// reading metadata, tokenizer and tensor headers only.
+    pub fn open(spec: &str) -> Result<Self> {
+        let start = Instant::now();
+        let path = Path::new(spec);
+        let mut lazy = if path.is_file() {
+            Self::open_gguf(path)?
+        } else if path.is_dir() {
+            Self::open_hf_dir(path)?
+        } else if crate::io::hub::looks_like_hub_id(spec) {
+            Self::open_hf_dir(&crate::io::hub::resolve(spec)?)?
+        } else {
+            return Err(Error::NotFound {
+                id: spec.to_string(),
+                msg: "no such file or directory, and not a hub id of the form org/name".into(),
+            });
+        };
+        lazy.source.spec = spec.to_string();
+        lazy.source.load_seconds = start.elapsed().as_secs_f64();
+        Ok(lazy)
+    }
+
+    fn open_hf_dir(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+        let a = config.architecture;
+        if a.is_moe()
+            || matches!(a, Architecture::Gpt2 | Architecture::GptNeoX | Architecture::Gemma3)
+        {
+            return Err(Error::Invalid(format!(
+                "{}: lazy (streamed) loading of {} safetensors checkpoints is not supported, as \
+                 their tensors are renamed or reshaped at load; use a GGUF file or load the model \
+                 whole",
+                dir.display(),
+                a.name()
+            )));
+        }
+        let ckpt = MappedCheckpoint::open(&safetensors::checkpoint_files(dir)?)?;
+        let mut entries = BTreeMap::new();
+        for name in ckpt.names() {
+            if config.tie_word_embeddings && name == "lm_head.weight" {
+                continue;
+            }
+            let shape = ckpt.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+            entries.insert(name.to_string(), Entry { shape, gguf: None });
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer =
+            if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+        Ok(LazyModel {
+            config,
+            tokenizer,
+            source: ModelSource {
+                spec: dir.display().to_string(),
+                path: dir.to_path_buf(),
+                format: Format::Safetensors,
+                load_seconds: 0.0,
+                name: crate::model::load::name_or_path(&dir.join("config.json")),
+            },
+            files: Files::Safetensors(ckpt),
+            entries,
+        })
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&g)?;
+        let mut entries = BTreeMap::new();
+        for (i, t) in g.tensors.iter().enumerate() {
+            for target in gguf_targets(&g, &config, t)? {
+                let e = Entry { shape: target.shape, gguf: Some((i, target.expert)) };
+                entries.insert(target.name, e);
+            }
+        }
+        let tokenizer = Some(Tokenizer::from_gguf(&g)?);
+        let name = g.opt_str("general.name").map(str::to_string);
+        Ok(LazyModel {
+            config,
+            tokenizer,
+            source: ModelSource {
+                spec: path.display().to_string(),
+                path: path.to_path_buf(),
+                format: Format::Gguf,
+                load_seconds: 0.0,
+                name,
+            },
+            files: Files::Gguf(g),
+            entries,
+        })
+    }
+
+    /// Tensor names (swk's HF names), sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Whether the model has a tensor.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// A tensor's HF shape, or an error naming it.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.entries
+            .get(name)
+            .map(|e| e.shape.as_slice())
+            .ok_or_else(|| Error::tensor(name, "not found in the model"))
+    }
+
+    /// Read one tensor now: converted to f32 (GGUF: dequantized, llama.cpp's layout undone),
+    /// bit-identical to the same tensor of [`Model::load`](crate::Model::load).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e =
+            self.entries.get(name).ok_or_else(|| Error::tensor(name, "not found in the model"))?;
+        match (&self.files, e.gguf) {
+            (Files::Safetensors(ckpt), _) => ckpt.read(name),
+            (Files::Gguf(g), Some((i, expert))) => {
+                let t = &g.tensors[i];
+                let mut data = g.dequantize(t)?;
+                if let Some(x) = expert {
+                    let per: usize = e.shape.iter().product();
+                    data =
+                        data.get(x * per..(x + 1) * per).map(<[f32]>::to_vec).ok_or_else(|| {
+                            Error::format(g.path(), format!("`{}` has no expert {x}", t.name))
+                        })?;
+                }
+                let data = gguf_layout_to_hf(&self.config, name, &e.shape, data);
+                Tensor::new(name, e.shape.clone(), data, t.ty.name())
+            }
+            (Files::Gguf(g), None) => {
+                Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")))
+            }
+        }
+    }
+
+    /// Bytes the weights take as f32 (what [`Model::load`](crate::Model::load) holds in RAM).
+    pub fn f32_bytes(&self) -> usize {
+        self.entries.values().map(|e| 4 * e.shape.iter().product::<usize>()).sum()
+    }
+
+    /// Names of layer `layer`'s tensors (`model.layers.{layer}.*`), sorted.
+    pub fn layer_names(&self, layer: usize) -> Vec<&str> {
+        let prefix = format!("model.layers.{layer}.");
+        self.entries
+            .range(prefix.clone()..)
+            .map(|(k, _)| k.as_str())
+            .take_while(|k| k.starts_with(&prefix))
+            .collect()
+    }
+
+    /// A [`Model`] with only the tensors `keep` accepts read (the others are absent): e.g.
+    /// everything outside the layers, for a backend that streams the layers. With
+    /// `|_| true` these are [`Model::load`](crate::Model::load)'s weights (not validated).
+    pub fn materialize(&self, keep: impl Fn(&str) -> bool) -> Result<Model> {
+        let mut weights = Weights::new();
+        for name in self.names().filter(|n| keep(n)) {
+            weights.insert(name.to_string(), self.tensor(name)?);
+        }
+        Ok(Model {
+            config: self.config.clone(),
+            weights,
+            tokenizer: self.tokenizer.clone(),
+            source: self.source.clone(),
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! `LazyModel`: tensors read on demand equal `Model::load`'s, bit for bit, for every format.
+
+mod common;
+
+use common::fixture;
+use swk::model::LazyModel;
+use swk::Model;
+
+/// Open `path` both ways and compare config, names, shapes and every tensor's bits.
+fn same_as_eager(path: &str) {
+    let eager = Model::load(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let lazy = LazyModel::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(lazy.config, eager.config, "{path}");
+    assert_eq!(lazy.source.format, eager.source.format);
+    assert_eq!(lazy.source.name, eager.source.name);
+    let lazy_names: Vec<&str> = lazy.names().collect();
+    let eager_names: Vec<&str> = eager.weights.names().collect();
+    assert_eq!(lazy_names, eager_names, "{path}");
+    let mut bytes = 0;
+    for name in eager_names {
+        let want = eager.weights.get(name).unwrap();
+        assert_eq!(lazy.shape(name).unwrap(), want.shape.as_slice(), "{path} {name}");
+        let got = lazy.tensor(name).unwrap();
+        assert_eq!(got.shape, want.shape, "{path} {name}");
+        assert_eq!(got.source_dtype, want.source_dtype, "{path} {name}");
+        let same = got.data.iter().zip(&want.data).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same && got.data.len() == want.data.len(), "{path} {name}: values differ");
+        bytes += 4 * want.data.len();
+    }
+    assert_eq!(lazy.f32_bytes(), bytes);
+    let whole = lazy.materialize(|_| true).unwrap();
+    assert_eq!(whole.weights.checksum(), eager.weights.checksum(), "{path}");
+    let a = lazy.tokenizer.as_ref().map(|t| t.encode("Hello world", true).unwrap());
+    let b = eager.tokenizer.as_ref().map(|t| t.encode("Hello world", true).unwrap());
+    assert_eq!(a, b, "{path}");
+}
+
+#[test]
+fn safetensors_fixtures_read_lazily_equal_eager_loading() {
+    for name in [
+        "llama",
+        "llama3_rope",
+        "llama_bf16",
+        "llama_f16",
+        "llama_sharded",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "olmo",
+        "olmo2",
+    ] {
+        same_as_eager(fixture(&format!("tiny/{name}")).to_str().unwrap());
+    }
+}
+
+#[test]
+fn gguf_fixtures_read_lazily_equal_eager_loading() {
+    // Q/K unpermuting (mixtral), Gemma's `1 + w` norms, fused qkv (phi3), stacked experts.
+    for name in
+        ["qwen2_gguf", "phi3_gguf", "olmo2_gguf", "gemma3_gguf", "mixtral_gguf", "qwen2_moe_gguf"]
+    {
+        let dir = fixture(&format!("tiny/{name}"));
+        let file = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .unwrap_or_else(|| panic!("no .gguf in {}", dir.display()));
+        same_as_eager(file.to_str().unwrap());
+    }
+}
+
+#[test]
+fn smollm2_q4_1_reads_lazily_equal_eager_loading() {
+    let Some(path) = common::smollm2() else { return };
+    let lazy = LazyModel::open(path.to_str().unwrap()).unwrap();
+    let eager = common::smollm2_model().unwrap();
+    assert_eq!(lazy.config, eager.config);
+    // Opening reads no tensor data: it is fast and the names are all there.
+    assert_eq!(lazy.names().count(), eager.weights.names().count());
+    assert_eq!(lazy.layer_names(29).len(), 9);
+    assert_eq!(lazy.layer_names(30).len(), 0);
+    for l in [0, 3, 29] {
+        for name in lazy.layer_names(l) {
+            let got = lazy.tensor(name).unwrap();
+            let want = eager.weights.get(name).unwrap();
+            assert!(
+                got.data.iter().zip(&want.data).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}"
+            );
+        }
+    }
+    let outside = lazy.materialize(|n| !n.starts_with("model.layers.")).unwrap();
+    let names: Vec<&str> = outside.weights.names().collect();
+    assert_eq!(names, ["model.embed_tokens.weight", "model.norm.weight"]);
+}
+
+#[test]
+fn families_renamed_at_load_are_refused_clearly() {
+    for name in ["gpt2", "gpt_neox", "mixtral"] {
+        let dir = fixture(&format!("tiny/{name}"));
+        let e = LazyModel::open(dir.to_str().unwrap()).err().expect("refused").to_string();
+        assert!(e.contains(dir.to_str().unwrap()) && e.contains("GGUF"), "{e}");
+    }
+    let e = LazyModel::open("no/such/dir/here").err().expect("missing").to_string();
+    assert!(e.contains("no/such/dir/here"), "{e}");
+}
+
+#[test]
+fn unknown_tensors_are_errors_naming_them() {
+    let lazy = LazyModel::open(fixture("tiny/llama").to_str().unwrap()).unwrap();
+    let e = lazy.tensor("model.layers.9.mlp.down_proj.weight").err().unwrap().to_string();
+    assert!(e.contains("model.layers.9.mlp.down_proj.weight"), "{e}");
+    assert!(lazy.shape("nope").is_err());
+    assert_eq!(lazy.layer_names(1).len(), 9);
+}
