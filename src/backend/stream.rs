@@ -1,0 +1,361 @@
+//! The host side of layer streaming, for backends whose memory cannot hold every layer at
+//! once (the CUDA backend's streamed mode): which tensors a Llama-family layer has
+//! ([`layer_plan`]), where each lies in one device slot ([`SlotLayout`]), the weight edits
+//! that must survive every re-upload ([`Overlay`]), and one layer's bytes ready to copy
+//! ([`stage_layer`]), read from a [`LazyModel`]'s mapped files.
+//!
+//! Everything here is plain host code, tested without a GPU.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use crate::model::{LazyModel, ModelConfig};
+use crate::{Error, Result};
+
+/// Byte alignment of each tensor inside a slot (cuBLAS and vector loads want 256).
+pub const SLOT_ALIGN: usize = 256;
+
+/// The tensors of one Llama-family layer: (name after `model.layers.{l}.`, HF shape, whether
+/// it is a matrix stored in the weight dtype; norms and biases stay f32).
+pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut v = vec![
+        ("input_layernorm.weight".to_string(), vec![h], false),
+        ("post_attention_layernorm.weight".to_string(), vec![h], false),
+        ("self_attn.q_proj.weight".to_string(), vec![qd, h], true),
+        ("self_attn.k_proj.weight".to_string(), vec![kvd, h], true),
+        ("self_attn.v_proj.weight".to_string(), vec![kvd, h], true),
+    ];
+    if c.attention_bias {
+        v.push(("self_attn.q_proj.bias".to_string(), vec![qd], false));
+        v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));
+        v.push(("self_attn.v_proj.bias".to_string(), vec![kvd], false));
+    }
+    v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
+    v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
+    v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
+    v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+    v
+}
+
+/// One tensor's place in a slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotEntry {
+    /// Name after `model.layers.{l}.`.
+    pub suffix: String,
+    /// HF shape.
+    pub shape: Vec<usize>,
+    /// Stored as 2-byte bf16 (`true`) or 4-byte f32.
+    pub bf16: bool,
+    /// Byte offset in the slot (a multiple of [`SLOT_ALIGN`]).
+    pub offset: usize,
+}
+
+impl SlotEntry {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes it takes in the slot (without padding).
+    pub fn bytes(&self) -> usize {
+        self.len() * if self.bf16 { 2 } else { 4 }
+    }
+}
+
+/// Where every tensor of a layer lies in one contiguous device buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotLayout {
+    /// The tensors, in [`layer_plan`] order, at increasing offsets.
+    pub entries: Vec<SlotEntry>,
+    /// Total bytes of the slot.
+    pub bytes: usize,
+}
+
+impl SlotLayout {
+    /// The layout of `c`'s layers with matrices in bf16 (`bf16`) or f32.
+    pub fn new(c: &ModelConfig, bf16: bool) -> Self {
+        let mut offset = 0;
+        let entries = layer_plan(c)
+            .into_iter()
+            .map(|(suffix, shape, matrix)| {
+                let e = SlotEntry { suffix, shape, bf16: matrix && bf16, offset };
+                offset = (offset + e.bytes()).next_multiple_of(SLOT_ALIGN);
+                e
+            })
+            .collect();
+        SlotLayout { entries, bytes: offset }
+    }
+    /// The entry of a name after `model.layers.{l}.`.
+    pub fn entry(&self, suffix: &str) -> Option<&SlotEntry> {
+        self.entries.iter().find(|e| e.suffix == suffix)
+    }
+}
+
+/// Split `model.layers.{l}.{suffix}` into `(l, suffix)`.
+pub fn split_layer_name(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, suffix) = rest.split_once('.')?;
+    Some((l.parse().ok()?, suffix))
+}
+
+/// Weight edits of a streamed model, kept on the host and applied to every upload of their
+/// layer. Values are the stored element bits as f32 bits (bf16 storage: widened bf16 bits,
+/// exact). An entry written back to its original bits is dropped, so a restored model has an
+/// empty overlay: [`Overlay::digest`] then equals that of a model never edited.
+#[derive(Debug, Default, Clone)]
+pub struct Overlay {
+    /// (tensor, flat index) → (stored bits, original bits).
+    edits: BTreeMap<(String, usize), (u32, u32)>,
+}
+
+impl Overlay {
+    /// The stored bits of an element, if edited.
+    pub fn get(&self, tensor: &str, flat: usize) -> Option<u32> {
+        self.edits.get(&(tensor.to_string(), flat)).map(|&(b, _)| b)
+    }
+    /// Record that an element now holds `bits`; `original` gives the unedited bits (asked
+    /// only on an element's first edit).
+    pub fn set(
+        &mut self,
+        tensor: &str,
+        flat: usize,
+        bits: u32,
+        original: impl FnOnce() -> Result<u32>,
+    ) -> Result<()> {
+        let key = (tensor.to_string(), flat);
+        let orig = match self.edits.get(&key) {
+            Some(&(_, o)) => o,
+            None => original()?,
+        };
+        if bits == orig {
+            self.edits.remove(&key);
+        } else {
+            self.edits.insert(key, (bits, orig));
+        }
+        Ok(())
+    }
+    /// Whether no element differs from the model's files.
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+    /// Number of edited elements.
+    pub fn len(&self) -> usize {
+        self.edits.len()
+    }
+    /// Write the edits of `tensor` into its values (f32, the tensor's flat layout).
+    pub fn apply(&self, tensor: &str, data: &mut [f32]) -> Result<()> {
+        let lo = (tensor.to_string(), 0);
+        for ((name, flat), &(bits, _)) in self.edits.range(lo..) {
+            if name != tensor {
+                break;
+            }
+            let v = data.get_mut(*flat).ok_or_else(|| {
+                Error::tensor(tensor, format!("edited element {flat} is out of range"))
+            })?;
+            *v = f32::from_bits(bits);
+        }
+        Ok(())
+    }
+    /// A checksum of the edits (FNV-1a over names, indices and bits); 0 when empty.
+    pub fn digest(&self) -> u64 {
+        if self.is_empty() {
+            return 0;
+        }
+        self.edits.iter().fold(0xcbf2_9ce4_8422_2325, |h, ((name, flat), (bits, _))| {
+            let h = crate::model::weights::fnv1a(h, name.as_bytes());
+            let h = crate::model::weights::fnv1a(h, &(*flat as u64).to_le_bytes());
+            crate::model::weights::fnv1a(h, &bits.to_le_bytes())
+        })
+    }
+}
+
+/// Round an f32 to bf16 bits, nearest even (NaN stays NaN).
+pub fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// An element's stored bits as f32 bits: bf16 storage rounds (and widens back, exactly).
+pub fn stored_bits(v: f32, bf16: bool) -> u32 {
+    if bf16 {
+        (bf16_bits(v) as u32) << 16
+    } else {
+        v.to_bits()
+    }
+}
+
+/// Layer `layer`'s bytes as the slot holds them (`layout`), read from `lazy`, with the
+/// overlay's edits applied. Errors name a tensor that is missing or of another shape.
+pub fn stage_layer(
+    lazy: &LazyModel,
+    layer: usize,
+    layout: &SlotLayout,
+    overlay: &Overlay,
+) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; layout.bytes];
+    for e in &layout.entries {
+        let name = format!("model.layers.{layer}.{}", e.suffix);
+        let mut t = lazy.tensor(&name)?;
+        if t.shape != e.shape {
+            return Err(Error::tensor(
+                &name,
+                format!("expected shape {:?}, found {:?}", e.shape, t.shape),
+            ));
+        }
+        overlay.apply(&name, &mut t.data)?;
+        let dst = &mut out[e.offset..e.offset + e.bytes()];
+        if e.bf16 {
+            dst.par_chunks_mut(2).zip(t.data.par_iter()).for_each(|(d, &v)| {
+                d.copy_from_slice(&bf16_bits(v).to_le_bytes());
+            });
+        } else {
+            dst.par_chunks_mut(4).zip(t.data.par_iter()).for_each(|(d, &v)| {
+                d.copy_from_slice(&v.to_le_bytes());
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let root = std::env::var("SWK_FIXTURES")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string());
+        format!("{root}/tiny/{name}")
+    }
+
+    #[test]
+    fn layout_is_aligned_ordered_and_covers_every_tensor() {
+        let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
+        for bf16 in [false, true] {
+            let l = SlotLayout::new(&c, bf16);
+            assert_eq!(l.entries.len(), 9);
+            let mut end = 0;
+            for e in &l.entries {
+                assert_eq!(e.offset % SLOT_ALIGN, 0, "{}", e.suffix);
+                assert!(e.offset >= end, "{} overlaps the previous tensor", e.suffix);
+                end = e.offset + e.bytes();
+            }
+            assert!(l.bytes >= end && l.bytes - end < SLOT_ALIGN);
+            // 7B: 4·4096² + 3·4096·11008 matrix weights per layer, plus two f32 norms.
+            let matrices = 4 * 4096 * 4096 + 3 * 4096 * 11008;
+            let want = matrices * if bf16 { 2 } else { 4 } + 2 * 4096 * 4;
+            assert!(l.bytes >= want && l.bytes < want + 9 * SLOT_ALIGN, "{} vs {want}", l.bytes);
+            let down = l.entry("mlp.down_proj.weight").unwrap();
+            assert_eq!((down.shape.clone(), down.bf16), (vec![4096, 11008], bf16));
+            assert!(!l.entry("input_layernorm.weight").unwrap().bf16);
+        }
+    }
+
+    #[test]
+    fn layer_names_split() {
+        assert_eq!(
+            split_layer_name("model.layers.12.mlp.down_proj.weight"),
+            Some((12, "mlp.down_proj.weight"))
+        );
+        assert_eq!(split_layer_name("model.norm.weight"), None);
+        assert_eq!(split_layer_name("model.layers.x.mlp"), None);
+    }
+
+    #[test]
+    fn overlay_drops_edits_written_back_to_their_original() {
+        let mut o = Overlay::default();
+        let mut asked = 0;
+        let mut orig = || {
+            asked += 1;
+            Ok(7u32)
+        };
+        o.set("w", 3, 0, &mut orig).unwrap();
+        assert_eq!((o.get("w", 3), o.len()), (Some(0), 1));
+        let d1 = o.digest();
+        assert_ne!(d1, 0);
+        o.set("w", 3, 5, || panic!("the original is known")).unwrap();
+        assert_ne!(o.digest(), d1);
+        o.set("w", 3, 7, || panic!("the original is known")).unwrap();
+        assert!(o.is_empty());
+        assert_eq!(o.digest(), 0);
+        assert_eq!(asked, 1);
+        // A failing original read leaves nothing behind.
+        assert!(o.set("w", 1, 2, || Err(Error::Invalid("boom".into()))).is_err());
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn overlay_applies_only_its_tensor() {
+        let mut o = Overlay::default();
+        o.set("a", 1, 2.5f32.to_bits(), || Ok(0)).unwrap();
+        o.set("ab", 0, 9f32.to_bits(), || Ok(0)).unwrap();
+        o.set("b", 0, 4f32.to_bits(), || Ok(0)).unwrap();
+        let mut a = vec![0f32; 3];
+        o.apply("a", &mut a).unwrap();
+        assert_eq!(a, [0.0, 2.5, 0.0]);
+        let mut b = vec![1f32; 1];
+        o.apply("b", &mut b).unwrap();
+        assert_eq!(b, [4.0]);
+        let mut short = vec![0f32; 1];
+        let e = o.apply("a", &mut short).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn staged_layer_holds_the_models_bits_and_the_edits() {
+        let path = fixture("llama");
+        let lazy = LazyModel::open(&path).unwrap();
+        let eager = crate::Model::load(&path).unwrap();
+        for bf16 in [false, true] {
+            let layout = SlotLayout::new(&lazy.config, bf16);
+            let mut overlay = Overlay::default();
+            let down = "model.layers.1.mlp.down_proj.weight";
+            overlay.set(down, 5, stored_bits(-3.0, bf16), || Ok(0)).unwrap();
+            let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
+            assert_eq!(bytes.len(), layout.bytes);
+            for e in &layout.entries {
+                let want =
+                    &eager.weights.get(&format!("model.layers.1.{}", e.suffix)).unwrap().data;
+                let at = &bytes[e.offset..e.offset + e.bytes()];
+                for (k, &w) in want.iter().enumerate() {
+                    let w = if e.suffix == "mlp.down_proj.weight" && k == 5 { -3.0 } else { w };
+                    let got = if e.bf16 {
+                        (u16::from_le_bytes([at[2 * k], at[2 * k + 1]]) as u32) << 16
+                    } else {
+                        u32::from_le_bytes(at[4 * k..4 * k + 4].try_into().unwrap())
+                    };
+                    assert_eq!(got, stored_bits(w, e.bf16), "{} [{k}]", e.suffix);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn staging_a_model_of_other_shapes_names_the_tensor() {
+        let lazy = LazyModel::open(&fixture("llama")).unwrap();
+        let mut c = lazy.config.clone();
+        c.intermediate_size += 1;
+        let e = stage_layer(&lazy, 0, &SlotLayout::new(&c, true), &Overlay::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"), "{e}");
+        let e = stage_layer(&lazy, 7, &SlotLayout::new(&lazy.config, true), &Overlay::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.layers.7."), "{e}");
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(f32::from_bits(stored_bits(f32::NAN, true)).is_nan());
+        assert_eq!(stored_bits(0.1, false), 0.1f32.to_bits());
+    }
+}
