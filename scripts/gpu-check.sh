@@ -18,11 +18,15 @@
 #          <= 1e-4, bf16 <= 1e-2), spike statistics, decode through the device KV cache,
 #          perplexity scoring, edits restored bit-exactly (device checksums),
 #        - detection on planted models: the same super weights as the CPU backend,
+#        - layer streaming (`--stream`): streamed logits, statistics, edits and detection
+#          equal the resident upload's,
 #        - the timing table at Llama-2-7B shapes (random weights filled on the device), with
 #          the detection forward against the bandwidth floor and perplexity throughput
 #          against the measured bf16 GEMM rate,
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
-#        - a smoke run of the swk binary (info; detect on cuda bf16/f32 and on cpu).
+#        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
+#        - a smoke run of the swk binary (info; detect on cuda bf16/f32 and on cpu; detect
+#          and ppl with `--stream always`).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
 #      only when every step passed.
 #
@@ -188,12 +192,14 @@ run() {
     # Step limits in seconds; override with UNIT_S, PARITY_S, TIMING_S, BENCH_S, SMOKE_S.
     step unit "${UNIT_S:-60}" "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
     step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
-    step timing "${TIMING_S:-240}" "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture
+    step timing "${TIMING_S:-240}" "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture --test-threads=1
     step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
     step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$GPU_DIR/fixtures/tiny/llama' &&
         '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
-        '$GPU_DIR/bin/swk' --device cpu detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2"
+        '$GPU_DIR/bin/swk' --device cpu detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$GPU_DIR/fixtures/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$GPU_DIR/fixtures/tiny/llama' --text '$GPU_DIR/fixtures/tiny/llama/config.json' --context 16"
     if [ -f "$out/timing.md" ]; then
         echo "== timing.md"
         cat "$out/timing.md"

@@ -159,3 +159,33 @@ fn missing_model_fails_clearly() {
     assert!(!ok);
     assert!(err.contains("/no/such/model.gguf"), "{err}");
 }
+
+/// `--stream` only changes how CUDA holds the layers: on the CPU the numbers are the same, and
+/// without a usable device `--device cuda --stream always` is a clear error, not a panic.
+#[test]
+fn stream_flag_is_accepted_and_cuda_without_a_device_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("t.txt");
+    let r = common::json("tiny/llama/reference.json");
+    std::fs::write(&txt, r["text"].as_str().unwrap().repeat(3)).unwrap();
+    let txt = txt.to_str().unwrap();
+    let base = ["ppl", &tiny(), "--text", txt, "--context", "16", "--json"];
+    let (ok, plain, err) = swk(&[&["--device", "cpu"], &base[..]].concat());
+    assert!(ok, "{err}");
+    for mode in ["auto", "always", "never"] {
+        let (ok, out, err) = swk(&[&["--device", "cpu", "--stream", mode], &base[..]].concat());
+        assert!(ok, "{mode}: {err}");
+        let (a, b): (serde_json::Value, serde_json::Value) =
+            (serde_json::from_str(&out).unwrap(), serde_json::from_str(&plain).unwrap());
+        assert_eq!(a["nll_sum"], b["nll_sum"], "{mode}");
+    }
+    let (ok, _, err) = swk(&["--stream", "sometimes", "info", &tiny()]);
+    assert!(!ok && err.contains("sometimes"), "{err}");
+    if std::env::var_os("SWK_REQUIRE_GPU").is_none() {
+        let (ok, _, err) = swk(&[&["--device", "cuda", "--stream", "always"], &base[..]].concat());
+        if !ok {
+            assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}

@@ -116,3 +116,15 @@ fn unknown_tensors_are_errors_naming_them() {
     assert!(lazy.shape("nope").is_err());
     assert_eq!(lazy.layer_names(1).len(), 9);
 }
+
+#[test]
+fn a_model_in_memory_reads_the_same() {
+    let path = fixture("tiny/llama");
+    let eager = Model::load(path.to_str().unwrap()).unwrap();
+    let sum = eager.weights.checksum();
+    let config = eager.config.clone();
+    let lazy = LazyModel::from_model(eager);
+    assert_eq!(lazy.config, config);
+    assert_eq!(lazy.materialize(|_| true).unwrap().weights.checksum(), sum);
+    assert_eq!(lazy.layer_names(0).len(), 9);
+}

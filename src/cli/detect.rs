@@ -51,8 +51,8 @@ pub enum GpuDtype {
     F32,
 }
 
-pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
-    let backend = super::device::choose(device, a.json)?;
+pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
+    let backend = super::device::choose(dev.device, a.json)?;
     let mut cfg = DetectConfig {
         threshold: a.threshold,
         max_iterations: a.max_iterations,
@@ -66,7 +66,8 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
     if let Some(p) = &a.confirm_text {
         cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     }
-    let mut m = super::load_model(&a.model, a.json)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (mut m, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, bf16)?;
     let pb = super::bar(a.json, 1, "detect");
     let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);
@@ -75,7 +76,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
     };
     let (d, device): (Detection, String) = match backend {
         super::device::Backend::Cpu => (detect::detect(&mut m, &cfg, progress)?, "cpu".into()),
-        super::device::Backend::Cuda => cuda_detect(&m, &cfg, a.gpu_dtype, progress)?,
+        super::device::Backend::Cuda => cuda_detect(&m, lazy, &cfg, a.gpu_dtype, progress)?,
     };
     pb.finish_and_clear();
     let report = swk::detect_report::report(&a.model, &m, &cfg, &d, &device)?;
@@ -164,25 +165,33 @@ fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
 #[cfg(feature = "cuda")]
 fn cuda_detect(
     model: &swk::Model,
+    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
     cfg: &DetectConfig,
     dtype: GpuDtype,
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<(Detection, String)> {
-    use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
+    use swk::backend::cuda::{CudaOptions, WeightDtype};
     let dtype = match dtype {
         GpuDtype::Bf16 => WeightDtype::Bf16,
         GpuDtype::F32 => WeightDtype::F32,
     };
     let inputs = detect::detect_inputs(model, cfg)?;
-    let mut gpu = CudaModel::new(model, &CudaOptions { dtype, ..Default::default() })?;
-    let what =
-        format!("cuda: {} ({} weights, {})", gpu.device().name(), dtype.name(), gpu.gemm().name());
+    let mut gpu =
+        super::device::cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
+    let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
+    let what = format!(
+        "cuda: {} ({} weights, {}{streamed})",
+        gpu.device().name(),
+        dtype.name(),
+        gpu.gemm().name()
+    );
     Ok((detect::detect_with(&mut gpu, &inputs.prompts, &inputs.windows, cfg, progress)?, what))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_detect(
     _: &swk::Model,
+    _: Option<std::sync::Arc<swk::model::LazyModel>>,
     _: &DetectConfig,
     _: GpuDtype,
     _: impl FnMut(usize, usize, &str),

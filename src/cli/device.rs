@@ -1,6 +1,9 @@
 //! `--device cuda|cpu|auto`: which backend runs the forward passes.
 
-use swk::{Error, Result};
+use std::sync::Arc;
+
+use swk::model::LazyModel;
+use swk::{Error, Model, Result};
 
 /// The `--device` flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,4 +69,82 @@ pub fn require_cpu(arg: DeviceArg) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The `--stream` flag: whether a CUDA run keeps the model's layers in its files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamArg {
+    /// Stream when the weights do not fit the device's free memory (with headroom).
+    Auto,
+    /// Always stream (one layer on the device at a time).
+    Always,
+    /// Never stream (error when the weights do not fit).
+    Never,
+}
+
+/// The device flags of the commands that can run on CUDA.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOpts {
+    /// `--device`.
+    pub device: DeviceArg,
+    /// `--stream`.
+    pub stream: StreamArg,
+}
+
+/// Device memory left free for activations and the KV cache when deciding to stream.
+#[cfg(feature = "cuda")]
+const HEADROOM: usize = 2 << 30;
+
+/// The model as the chosen backend needs it: the whole [`Model`], or, when CUDA streams the
+/// layers, the model without its layer tensors (tokenizer, config, embedding, head) and the
+/// lazily read files (`Some`).
+pub fn load(
+    spec: &str,
+    quiet: bool,
+    backend: Backend,
+    stream: StreamArg,
+    bf16: bool,
+) -> Result<(Model, Option<Arc<LazyModel>>)> {
+    if backend == Backend::Cpu || stream == StreamArg::Never {
+        return Ok((super::load_model(spec, quiet)?, None));
+    }
+    let lazy = LazyModel::open(spec)?;
+    if stream == StreamArg::Auto && fits(&lazy, bf16)? {
+        return Ok((super::load_model(spec, quiet)?, None));
+    }
+    if !quiet {
+        eprintln!(
+            "swk: streaming layers from {} ({:.2} GiB of f32 weights; one layer on the device at a time)",
+            lazy.source.path.display(),
+            lazy.f32_bytes() as f64 / (1u64 << 30) as f64
+        );
+    }
+    let outside = lazy.materialize(|n| swk::backend::stream::split_layer_name(n).is_none())?;
+    Ok((outside, Some(Arc::new(lazy))))
+}
+
+#[cfg(feature = "cuda")]
+fn fits(lazy: &LazyModel, bf16: bool) -> Result<bool> {
+    use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
+    let dtype = if bf16 { WeightDtype::Bf16 } else { WeightDtype::F32 };
+    CudaModel::fits(&lazy.config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fits(_: &LazyModel, _: bool) -> Result<bool> {
+    Ok(true)
+}
+
+/// The model on CUDA device 0: uploaded whole, or streamed when `lazy` is given.
+#[cfg(feature = "cuda")]
+pub fn cuda_model(
+    model: &Model,
+    lazy: Option<Arc<LazyModel>>,
+    opts: &swk::backend::cuda::CudaOptions,
+) -> Result<swk::backend::cuda::CudaModel> {
+    use swk::backend::cuda::CudaModel;
+    match lazy {
+        Some(lazy) => CudaModel::streamed(lazy, opts),
+        None => CudaModel::new(model, opts),
+    }
 }

@@ -26,10 +26,10 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
-    let backend = super::device::choose(device, a.json)?;
+pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
+    let backend = super::device::choose(dev.device, a.json)?;
     let edits = super::parse_edits(&a.edit)?;
-    let mut model = super::load_model(&a.model, a.json)?;
+    let (mut model, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, true)?;
     let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
     let start = std::time::Instant::now();
@@ -56,7 +56,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
             (generate::greedy(&m, &prompt, a.max_new_tokens, on_token)?, m.log().to_vec())
         }
         super::device::Backend::Cuda => {
-            cuda_greedy(&model, &prompt, a.max_new_tokens, &edits, on_token)?
+            cuda_greedy(&model, lazy, &prompt, a.max_new_tokens, &edits, on_token)?
         }
     };
     let text = tok.decode(&ids, true)?;
@@ -77,14 +77,15 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn cuda_greedy(
     model: &swk::Model,
+    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
     prompt: &[u32],
     max_new: usize,
     edits: &[swk::edit::WeightEdit],
     on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
-    use swk::backend::cuda::{CudaModel, CudaOptions};
+    use swk::backend::cuda::CudaOptions;
     let stops = model.tokenizer()?.eos_ids().to_vec();
-    let mut gpu = CudaModel::new(model, &CudaOptions::default())?;
+    let mut gpu = super::device::cuda_model(model, lazy, &CudaOptions::default())?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
     Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec()))
@@ -93,6 +94,7 @@ fn cuda_greedy(
 #[cfg(not(feature = "cuda"))]
 fn cuda_greedy(
     _: &swk::Model,
+    _: Option<std::sync::Arc<swk::model::LazyModel>>,
     _: &[u32],
     _: usize,
     _: &[swk::edit::WeightEdit],

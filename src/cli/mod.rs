@@ -35,6 +35,10 @@ struct Cli {
     /// Backend for ppl and generate: cuda, cpu, or auto (CUDA when usable, else CPU).
     #[arg(long, global = true, value_enum, default_value_t = device::DeviceArg::Auto)]
     device: device::DeviceArg,
+    /// On CUDA: stream the layers from the model's files, one at a time on the device, when
+    /// the weights do not fit (auto), always, or never.
+    #[arg(long, global = true, value_enum, default_value_t = device::StreamArg::Auto)]
+    stream: device::StreamArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,11 +100,12 @@ pub fn run() -> Result<()> {
     if !gpu_capable {
         device::require_cpu(cli.device)?;
     }
+    let dev = device::DeviceOpts { device: cli.device, stream: cli.stream };
     match cli.command {
         Command::Info(a) => info::run(a),
-        Command::Ppl(a) => ppl::run(a, cli.device),
-        Command::Generate(a) => generate::run(a, cli.device),
-        Command::Detect(a) => detect::run(a, cli.device),
+        Command::Ppl(a) => ppl::run(a, dev),
+        Command::Generate(a) => generate::run(a, dev),
+        Command::Detect(a) => detect::run(a, dev),
         Command::Catalog(a) => catalog::run(a),
         Command::Vocab(a) => vocab::run(a),
         Command::Cascade(a) => cascade::run(a),

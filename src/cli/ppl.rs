@@ -31,15 +31,15 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
-    let backend = super::device::choose(device, a.json)?;
+pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
+    let backend = super::device::choose(dev.device, a.json)?;
     let text = match (&a.text, &a.dataset) {
         (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
         (None, Some(d)) => swk::eval::dataset::load_text(d)?,
         (None, None) => return Err(Error::Invalid("give --text FILE or --dataset NAME".into())),
     };
     let edits = super::parse_edits(&a.edit)?;
-    let mut model = super::load_model(&a.model, a.json)?;
+    let (mut model, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, true)?;
     let tokens = ppl::text_tokens(&model, &text)?;
     let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
     let progress = |done: usize, _: usize| pb.set_position(done as u64);
@@ -50,7 +50,7 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
             (ppl::perplexity(&m, &tokens, a.context, progress)?, m.log().to_vec())
         }
         super::device::Backend::Cuda => {
-            cuda_perplexity(&model, &tokens, a.context, &edits, progress)?
+            cuda_perplexity(&model, lazy, &tokens, a.context, &edits, progress)?
         }
     };
     pb.finish_and_clear();
@@ -80,13 +80,14 @@ pub fn run(a: Args, device: super::device::DeviceArg) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn cuda_perplexity(
     model: &swk::Model,
+    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
     tokens: &[u32],
     context: usize,
     edits: &[swk::edit::WeightEdit],
     progress: impl FnMut(usize, usize),
 ) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
-    use swk::backend::cuda::{CudaModel, CudaOptions};
-    let mut gpu = CudaModel::new(model, &CudaOptions::default())?;
+    use swk::backend::cuda::CudaOptions;
+    let mut gpu = super::device::cuda_model(model, lazy, &CudaOptions::default())?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
     let windows = ppl::windows(model, tokens, context)?;
@@ -96,6 +97,7 @@ fn cuda_perplexity(
 #[cfg(not(feature = "cuda"))]
 fn cuda_perplexity(
     _: &swk::Model,
+    _: Option<std::sync::Arc<swk::model::LazyModel>>,
     _: &[u32],
     _: usize,
     _: &[swk::edit::WeightEdit],

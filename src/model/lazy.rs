@@ -26,10 +26,11 @@ use crate::model::load::{gguf_layout_to_hf, gguf_targets};
 use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
 
-/// The mapped files.
+/// The mapped files (or, for a model built in memory, its weights).
 enum Files {
     Safetensors(MappedCheckpoint),
     Gguf(GgufFile),
+    Memory(Weights),
 }
 
 /// Where one tensor comes from.
@@ -143,6 +144,24 @@ impl LazyModel {
         })
     }
 
+    /// A model already in memory (e.g. a synthetic one from [`crate::synth`]) behind the same
+    /// interface: for streaming tests and for running such a model through a streamed
+    /// backend. Its tensors are copied out on each read.
+    pub fn from_model(model: Model) -> Self {
+        let entries = model
+            .weights
+            .iter()
+            .map(|(n, t)| (n.to_string(), Entry { shape: t.shape.clone(), gguf: None }))
+            .collect();
+        LazyModel {
+            config: model.config,
+            tokenizer: model.tokenizer,
+            source: model.source,
+            files: Files::Memory(model.weights),
+            entries,
+        }
+    }
+
     /// Tensor names (swk's HF names), sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
@@ -168,6 +187,7 @@ impl LazyModel {
             self.entries.get(name).ok_or_else(|| Error::tensor(name, "not found in the model"))?;
         match (&self.files, e.gguf) {
             (Files::Safetensors(ckpt), _) => ckpt.read(name),
+            (Files::Memory(w), _) => w.get(name).cloned(),
             (Files::Gguf(g), Some((i, expert))) => {
                 let t = &g.tensors[i];
                 let mut data = g.dequantize(t)?;

@@ -33,7 +33,21 @@ impl ConfirmBaseline for CudaBaseline {
 
 impl CudaModel {
     /// Elements `start..start + len` of a tensor (row-major, HF shape) as f32 on the host.
+    /// A streamed layer's tensor is read from the model's files, edits applied.
     pub fn download_range(&self, name: &str, start: usize, len: usize) -> Result<Vec<f32>> {
+        if let Some(st) = self.stream.as_ref().filter(|st| st.entry(name).is_some()) {
+            let v = st.values(name)?;
+            return start
+                .checked_add(len)
+                .and_then(|end| v.get(start..end))
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| {
+                    Error::tensor(
+                        name,
+                        format!("elements {start}..+{len} out of range ({} elements)", v.len()),
+                    )
+                });
+        }
         self.dev.bind()?;
         let t = self.tensor(name)?;
         if start.checked_add(len).is_none_or(|end| end > t.len()) {
@@ -69,7 +83,7 @@ impl DetectBackend for CudaModel {
 
     fn down_proj_row(&self, layer: usize, row: usize) -> Result<Vec<f32>> {
         let name = Model::down_proj_name(layer);
-        let cols = self.tensor(&name)?.shape.get(1).copied().unwrap_or(0);
+        let cols = crate::edit::EditTarget::shape_of(self, &name)?.get(1).copied().unwrap_or(0);
         self.download_range(&name, row * cols, cols)
     }
 

@@ -274,6 +274,27 @@ impl CudaDevice {
         Ok(d)
     }
 
+    /// Copy a host slice into the start of an existing buffer (checked), in stream order:
+    /// after the kernels queued before it, before those queued after.
+    pub(crate) fn upload_into<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        d: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        if host.len() > d.len() {
+            return Err(Error::Backend(format!(
+                "upload of {} elements into a buffer of {}",
+                host.len(),
+                d.len()
+            )));
+        }
+        if !host.is_empty() {
+            let mut view = d.slice_mut(0..host.len());
+            self.stream.memcpy_htod(host, &mut view).map_err(be("upload"))?;
+        }
+        Ok(())
+    }
+
     /// Download `len` elements starting at element `start` of a buffer (checked).
     pub(crate) fn download<T: DeviceRepr + Default + Clone>(
         &self,

@@ -72,10 +72,17 @@ impl CudaModel {
 
     /// Checksum of every tensor on the device (name order, [`combine_checksums`]). Equal
     /// before and after an edit session proves the weights were restored bit for bit.
+    ///
+    /// A streamed model's layers are not on the device: its checksum covers the resident
+    /// tensors and the edit overlay (see [`CudaModel::streamed`](super::CudaModel::streamed)),
+    /// whose digest is 0 once every edit is restored, because the files are never written.
     pub fn checksum(&self) -> Result<u64> {
-        let mut per = Vec::with_capacity(self.tensors.len());
+        let mut per = Vec::with_capacity(self.tensors.len() + 1);
         for name in self.tensors.keys() {
             per.push((name.as_str(), self.tensor_checksum(name)?));
+        }
+        if let Some(st) = &self.stream {
+            per.push(("<streamed layer edits>", st.overlay.digest()));
         }
         Ok(combine_checksums(per))
     }
@@ -103,11 +110,17 @@ impl CudaModel {
 
 impl EditTarget for CudaModel {
     fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
+        if let Some(e) = self.stream.as_ref().and_then(|st| st.entry(tensor)) {
+            return Ok(e.shape.clone());
+        }
         Ok(self.tensor(tensor)?.shape.clone())
     }
 
     /// The element's bits as f32 bits (bf16 storage: widened, exact).
     fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
+        if let Some(st) = self.stream.as_ref().filter(|st| st.entry(tensor).is_some()) {
+            return st.read_bits(tensor, flat);
+        }
         self.dev.bind()?;
         let t = self.tensor(tensor)?;
         if flat >= t.len() {
@@ -125,6 +138,9 @@ impl EditTarget for CudaModel {
     /// Write f32 bits (bf16 storage: rounded to nearest even). Synchronizes, so a failed
     /// write is reported here rather than by a later pass.
     fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
+        if let Some(st) = self.stream.as_mut().filter(|st| st.entry(tensor).is_some()) {
+            return st.write_bits(tensor, flat, bits);
+        }
         self.dev.bind()?;
         let old = self.dev.ptr(&self.edit_scratch);
         let t = self.tensor(tensor)?;

@@ -16,17 +16,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
 use super::device::{cuda_available, CudaDevice};
 use super::kernels;
+use super::streamed::Streamed;
+use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};
 use crate::eval::ppl::Perplexity;
 use crate::hooks::SpikeStats;
 use crate::model::arch::{self, llama, Logits};
-use crate::model::{Architecture, Model, ModelConfig};
+use crate::model::{Architecture, LazyModel, Model, ModelConfig};
 use crate::{Error, Result};
 
 /// How weight matrices (projections, embedding, LM head) are stored on the device. Norm
@@ -127,6 +129,24 @@ impl DevTensor {
     }
 }
 
+/// A weight as the forward pass reads it: resident, or in the streamed layer's slot.
+pub(crate) struct WeightRef {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) ptr: u64,
+    pub(crate) bf16: bool,
+}
+
+impl WeightRef {
+    /// The address of an f32 tensor (norms and biases).
+    fn f32_ptr(&self) -> Result<u64> {
+        if self.bf16 {
+            return Err(Error::Backend(format!("{} is expected in f32 on the device", self.name)));
+        }
+        Ok(self.ptr)
+    }
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A model's weights on a CUDA device, ready to run the Llama-family forward pass.
@@ -140,6 +160,7 @@ pub struct CudaModel {
     gemm: GemmEngine,
     pub(crate) edit_scratch: CudaSlice<u32>,
     scratch: Mutex<Scratch>,
+    pub(crate) stream: Option<Streamed>,
     id: u64,
 }
 
@@ -206,8 +227,7 @@ pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
 
 /// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
 fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let h = c.hidden_size;
     let mut v = vec![
         ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true),
         ("model.norm.weight".to_string(), vec![h], false),
@@ -215,22 +235,11 @@ fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     if !c.tie_word_embeddings {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
     }
+    let layer = layer_plan(c);
     for l in 0..c.num_layers {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h], false));
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h], false));
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, h], true));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, h], true));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, h], true));
-        if c.attention_bias {
-            v.push((format!("{p}.self_attn.q_proj.bias"), vec![qd], false));
-            v.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd], false));
-            v.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd], false));
+        for (suffix, shape, matrix) in &layer {
+            v.push((format!("model.layers.{l}.{suffix}"), shape.clone(), *matrix));
         }
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qd], true));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], true));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], true));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], true));
     }
     v
 }
@@ -241,6 +250,49 @@ pub(crate) fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
         .iter()
         .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
         .sum()
+}
+
+/// Device bytes of the tensors outside the layers (embedding, final norm, LM head).
+fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
+    plan_shapes(c)
+        .iter()
+        .filter(|(n, _, _)| split_layer_name(n).is_none())
+        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
+        .sum()
+}
+
+/// Error unless `need` bytes are free on the device.
+fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> Result<()> {
+    let (free, total) = dev.memory()?;
+    if need > free {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::Backend(format!(
+            "{what} need {:.2} GiB in {} and {} has {:.2} GiB free of {:.2} GiB",
+            gib(need),
+            dtype.name(),
+            dev.name(),
+            gib(free),
+            gib(total)
+        )));
+    }
+    Ok(())
+}
+
+/// One host tensor on the device: matrices in `dtype`, everything else f32.
+fn upload_tensor(
+    dev: &CudaDevice,
+    t: &crate::model::Tensor,
+    matrix: bool,
+    dtype: WeightDtype,
+) -> Result<DevTensor> {
+    let data = if matrix && dtype == WeightDtype::Bf16 {
+        use rayon::prelude::*;
+        let bits: Vec<u16> = t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
+        DevData::Bf16(dev.upload(&bits)?)
+    } else {
+        DevData::F32(dev.upload(&t.data)?)
+    };
+    Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
 /// The device forward pass is the Llama family's (Llama, Mistral, Qwen2); other
@@ -300,15 +352,7 @@ impl CudaModel {
         let mut tensors = BTreeMap::new();
         for (name, matrix) in upload_plan(model) {
             let t = model.weights.get(&name)?;
-            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
-                use rayon::prelude::*;
-                let bits: Vec<u16> =
-                    t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
-                DevData::Bf16(dev.upload(&bits)?)
-            } else {
-                DevData::F32(dev.upload(&t.data)?)
-            };
-            tensors.insert(name, DevTensor { shape: t.shape.clone(), data });
+            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
         }
         let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = llama::inv_freq(&model.config, freqs);
@@ -318,6 +362,75 @@ impl CudaModel {
             "model.embed_tokens.weight"
         };
         Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)
+    }
+
+    /// Keep `lazy`'s layers in its files and stream them through one device slot, layer by
+    /// layer, on every pass: for models whose weights do not fit the device. Only the
+    /// embedding, final norm and LM head stay resident. A host thread reads and converts
+    /// layer l + 1 while the device runs layer l, so a pass costs about the model's size over
+    /// the slower of file reading (or GGUF dequantization) and the host-to-device copy.
+    /// Edits are kept on the host and applied to every upload (bit-exact restore as for a
+    /// resident model). Errors as [`CudaModel::new`], and when a layer tensor is missing or
+    /// of another shape (checked here, before any pass).
+    pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
+        let c = lazy.config.clone();
+        check_architecture(&c)?;
+        let layout = SlotLayout::new(&c, opts.dtype == WeightDtype::Bf16);
+        for l in 0..c.num_layers {
+            for e in &layout.entries {
+                let name = format!("model.layers.{l}.{}", e.suffix);
+                let shape = lazy.shape(&name)?;
+                if shape != e.shape.as_slice() {
+                    return Err(Error::tensor(
+                        &name,
+                        format!("expected shape {:?}, found {shape:?}", e.shape),
+                    ));
+                }
+            }
+        }
+        if !cuda_available() {
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        let resident = lazy.materialize(|n| split_layer_name(n).is_none())?;
+        let need = resident_bytes(&c, opts.dtype) + layout.bytes;
+        check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
+        dev.bind()?;
+        let mut tensors = BTreeMap::new();
+        for (name, matrix) in
+            upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none())
+        {
+            let t = resident.weights.get(&name)?;
+            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
+        }
+        let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
+        let inv = llama::inv_freq(&c, freqs);
+        let head = if resident.weights.contains("lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let slot = dev.alloc::<u8>(layout.bytes)?;
+        let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
+        m.stream =
+            Some(Streamed { lazy, layout, overlay: Overlay::default(), slot: Mutex::new(slot) });
+        Ok(m)
+    }
+
+    /// Whether a model of `config`'s shapes fits device `opts.device` whole in `opts.dtype`,
+    /// leaving `headroom` bytes free for activations and the KV cache (else
+    /// [`CudaModel::streamed`] runs it).
+    pub fn fits(config: &ModelConfig, opts: &CudaOptions, headroom: usize) -> Result<bool> {
+        let dev = CudaDevice::new(opts.device)?;
+        let (free, _) = dev.memory()?;
+        Ok(weight_bytes(config, opts.dtype) + headroom <= free)
+    }
+
+    /// Whether the layers are streamed from the model's files ([`CudaModel::streamed`]).
+    pub fn is_streamed(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// A Llama of `config`'s shapes with random weights generated on the device (linear
@@ -358,19 +471,7 @@ impl CudaModel {
     }
 
     fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
-        let need = weight_bytes(c, dtype);
-        let (free, total) = dev.memory()?;
-        if need > free {
-            return Err(Error::Backend(format!(
-                "the weights need {:.2} GiB in {} and {} has {:.2} GiB free of {:.2} GiB",
-                need as f64 / (1u64 << 30) as f64,
-                dtype.name(),
-                dev.name(),
-                free as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            )));
-        }
-        Ok(())
+        check_fits(dev, weight_bytes(c, dtype), dtype, "the weights")
     }
 
     fn finish(
@@ -395,6 +496,7 @@ impl CudaModel {
             gemm,
             edit_scratch,
             scratch: Mutex::new(Scratch::default()),
+            stream: None,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -455,12 +557,34 @@ impl CudaModel {
         })
     }
 
-    fn f32_ptr(&self, name: &str) -> Result<u64> {
-        match &self.tensor(name)?.data {
-            DevData::F32(d) => Ok(self.dev.ptr(d)),
-            DevData::Bf16(_) => {
-                Err(Error::Backend(format!("{name} is expected in f32 on the device")))
+    /// A resident tensor as the forward pass reads it.
+    pub(crate) fn weight(&self, name: &str) -> Result<WeightRef> {
+        let t = self.tensor(name)?;
+        let (ptr, bf16) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), false),
+            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        };
+        Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, bf16 })
+    }
+
+    /// Tensor `suffix` of layer `layer`: from the slot at `slot` when the layer is streamed
+    /// in, else resident.
+    fn layer_weight(&self, layer: usize, suffix: &str, slot: Option<u64>) -> Result<WeightRef> {
+        let name = format!("model.layers.{layer}.{suffix}");
+        match (slot, &self.stream) {
+            (Some(base), Some(st)) => {
+                let e = st
+                    .layout
+                    .entry(suffix)
+                    .ok_or_else(|| Error::tensor(&name, "not in the streamed layer layout"))?;
+                Ok(WeightRef {
+                    name,
+                    shape: e.shape.clone(),
+                    ptr: base + e.offset as u64,
+                    bf16: e.bf16,
+                })
             }
+            _ => self.weight(&name),
         }
     }
 
@@ -469,14 +593,14 @@ impl CudaModel {
     fn linear(
         &self,
         x: u64,
-        w_name: &str,
+        w: &WeightRef,
         y: u64,
         rows: usize,
         n_in: usize,
         n_out: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
-        self.linear_from(x, None, w_name, y, rows, n_in, n_out, sc)
+        self.linear_from(x, None, w, y, rows, n_in, n_out, sc)
     }
 
     /// Several products of one input (q/k/v; gate/up): `outs` = (weight, y, n_out). With
@@ -484,7 +608,7 @@ impl CudaModel {
     fn linears(
         &self,
         x: u64,
-        outs: &[(String, u64, usize)],
+        outs: &[(WeightRef, u64, usize)],
         rows: usize,
         n_in: usize,
         sc: &mut Scratch,
@@ -496,8 +620,8 @@ impl CudaModel {
         } else {
             None
         };
-        for (w_name, y, n_out) in outs {
-            self.linear_from(x, split, w_name, *y, rows, n_in, *n_out, sc)?;
+        for (w, y, n_out) in outs {
+            self.linear_from(x, split, w, *y, rows, n_in, *n_out, sc)?;
         }
         Ok(())
     }
@@ -508,34 +632,30 @@ impl CudaModel {
         &self,
         x: u64,
         split: Option<u64>,
-        w_name: &str,
+        w: &WeightRef,
         y: u64,
         rows: usize,
         n_in: usize,
         n_out: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
-        let w = self.tensor(w_name)?;
         if w.shape != [n_out, n_in] {
             return Err(Error::tensor(
-                w_name,
+                &w.name,
                 format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
             ));
         }
-        match (&w.data, self.gemm) {
-            (DevData::F32(d), GemmEngine::Kernels) => {
-                self.dev.gemm_kernel(x, self.dev.ptr(d), false, y, rows, n_out, n_in)
+        match (w.bf16, self.gemm) {
+            (bf16, GemmEngine::Kernels) => {
+                self.dev.gemm_kernel(x, w.ptr, bf16, y, rows, n_out, n_in)
             }
-            (DevData::Bf16(d), GemmEngine::Kernels) => {
-                self.dev.gemm_kernel(x, self.dev.ptr(d), true, y, rows, n_out, n_in)
-            }
-            (DevData::F32(d), _) => self.dev.sgemm(x, self.dev.ptr(d), y, rows, n_out, n_in, n_out),
-            (DevData::Bf16(d), GemmEngine::CublasBf16) => {
+            (false, _) => self.dev.sgemm(x, w.ptr, y, rows, n_out, n_in, n_out),
+            (true, GemmEngine::CublasBf16) => {
                 let x16 = sc.x16(&self.dev, rows * n_in)?;
                 self.dev.f32_to_bf16(x, x16, rows * n_in)?;
-                self.dev.gemm_bf16_inputs(x16, self.dev.ptr(d), y, rows, n_out, n_in)
+                self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
             }
-            (DevData::Bf16(d), GemmEngine::CublasSplit) => {
+            (true, GemmEngine::CublasSplit) => {
                 let x16 = match split {
                     Some(x16) => x16,
                     None => {
@@ -545,15 +665,14 @@ impl CudaModel {
                     }
                 };
                 let y2 = sc.y2(&self.dev, 2 * rows * n_out)?;
-                self.dev.gemm_bf16_inputs(x16, self.dev.ptr(d), y2, 2 * rows, n_out, n_in)?;
+                self.dev.gemm_bf16_inputs(x16, w.ptr, y2, 2 * rows, n_out, n_in)?;
                 self.dev.add_halves(y2, y, rows * n_out)
             }
-            (DevData::Bf16(d), _) => {
+            (true, _) => {
                 // Widen a band of W's rows to f32, multiply into the matching band of y's columns.
-                let base = self.dev.ptr(d);
                 let wide = sc.wide(&self.dev, n_out, n_in)?;
                 for (o0, oc) in kernels::widen_chunks(n_out, n_in, WIDEN_SCRATCH) {
-                    self.dev.bf16_to_f32(base + (o0 * n_in * 2) as u64, wide, oc * n_in)?;
+                    self.dev.bf16_to_f32(w.ptr + (o0 * n_in * 2) as u64, wide, oc * n_in)?;
                     self.dev.sgemm(x, wide, y + (o0 * 4) as u64, rows, oc, n_in, n_out)?;
                 }
                 Ok(())
@@ -735,13 +854,9 @@ impl CudaModel {
 
         let tok = dev.upload(tokens)?;
         let x = dev.alloc::<f32>(t * h)?;
-        let emb = self.tensor("model.embed_tokens.weight")?;
-        let (emb_ptr, emb_bf16) = match &emb.data {
-            DevData::F32(d) => (dev.ptr(d), false),
-            DevData::Bf16(d) => (dev.ptr(d), true),
-        };
+        let emb = self.weight("model.embed_tokens.weight")?;
         let xp = dev.ptr(&x);
-        dev.embed(emb_ptr, emb_bf16, dev.ptr(&tok), xp, t, h)?;
+        dev.embed(emb.ptr, emb.bf16, dev.ptr(&tok), xp, t, h)?;
 
         let xn = dev.alloc::<f32>(t * h)?;
         let q = dev.alloc::<f32>(t * qd)?;
@@ -766,58 +881,84 @@ impl CudaModel {
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
 
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            let (kc, vc) = &cache.layers[l];
-            let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
-            let (k_new, v_new) = (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
+        // Streamed layers: a host thread reads and converts layer l + 1 from the model's
+        // files while the device runs layer l; each is copied into the one device slot
+        // (stream-ordered after the previous layer's kernels, so the slot is free by then).
+        let mut slot =
+            self.stream.as_ref().map(|st| st.slot.lock().unwrap_or_else(|p| p.into_inner()));
+        std::thread::scope(|scope| -> Result<()> {
+            let staged = self.stream.as_ref().map(|st| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+                scope.spawn(move || {
+                    for l in 0..c.num_layers {
+                        let bytes = stage_layer(&st.lazy, l, &st.layout, &st.overlay);
+                        let failed = bytes.is_err();
+                        if tx.send(bytes).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                rx
+            });
+            for l in 0..c.num_layers {
+                let base = match (&staged, slot.as_deref_mut()) {
+                    (Some(rx), Some(buf)) => {
+                        let bytes = rx.recv().map_err(|_| {
+                            Error::Backend(format!(
+                                "the layer streaming thread stopped before layer {l}"
+                            ))
+                        })??;
+                        dev.upload_into(&bytes, buf)?;
+                        Some(dev.ptr(buf))
+                    }
+                    _ => None,
+                };
+                let w = |suffix: &str| self.layer_weight(l, suffix, base);
+                let (kc, vc) = &cache.layers[l];
+                let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
+                let (k_new, v_new) = (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
 
-            // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into the cache.
-            dev.rmsnorm(
-                xp,
-                self.f32_ptr(&format!("{p}.input_layernorm.weight"))?,
-                xnp,
-                t,
-                h,
-                c.rms_norm_eps,
-            )?;
-            let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-            let outs: Vec<(String, u64, usize)> = qkv
-                .iter()
-                .map(|&(n, out, width)| (format!("{p}.self_attn.{n}.weight"), out, width))
-                .collect();
-            self.linears(xnp, &outs, t, h, sc)?;
-            if c.attention_bias {
-                for (n, out, width) in qkv {
-                    let bias = self.f32_ptr(&format!("{p}.self_attn.{n}.bias"))?;
-                    dev.add_bias(out, bias, t, width)?;
+                // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into the cache.
+                dev.rmsnorm(
+                    xp,
+                    w("input_layernorm.weight")?.f32_ptr()?,
+                    xnp,
+                    t,
+                    h,
+                    c.rms_norm_eps,
+                )?;
+                let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
+                let outs = qkv
+                    .iter()
+                    .map(|&(n, out, width)| Ok((w(&format!("self_attn.{n}.weight"))?, out, width)))
+                    .collect::<Result<Vec<_>>>()?;
+                self.linears(xnp, &outs, t, h, sc)?;
+                if c.attention_bias {
+                    for (n, out, width) in qkv {
+                        let bias = w(&format!("self_attn.{n}.bias"))?.f32_ptr()?;
+                        dev.add_bias(out, bias, t, width)?;
+                    }
                 }
-            }
-            dev.rope(qp, inv, t, nh, hd, pos0)?;
-            dev.rope(k_new, inv, t, nkv, hd, pos0)?;
-            dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, c.sliding_window)?;
-            self.linear(attp, &format!("{p}.self_attn.o_proj.weight"), projp, t, qd, h, sc)?;
-            dev.add_residual(xp, projp, t, h, pos0, 0)?;
+                dev.rope(qp, inv, t, nh, hd, pos0)?;
+                dev.rope(k_new, inv, t, nkv, hd, pos0)?;
+                dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, c.sliding_window)?;
+                self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
+                dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
-            // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
-            // with the spike statistics fused into silu_mul (inputs) and the add (outputs).
-            dev.rmsnorm(
-                xp,
-                self.f32_ptr(&format!("{p}.post_attention_layernorm.weight"))?,
-                xnp,
-                t,
-                h,
-                c.rms_norm_eps,
-            )?;
-            let outs = [
-                (format!("{p}.mlp.gate_proj.weight"), gatep, i),
-                (format!("{p}.mlp.up_proj.weight"), upp, i),
-            ];
-            self.linears(xnp, &outs, t, h, sc)?;
-            dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
-            self.linear(actp, &format!("{p}.mlp.down_proj.weight"), projp, t, i, h, sc)?;
-            dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
-        }
+                // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
+                // with the spike statistics fused into silu_mul (inputs) and the add (outputs).
+                let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
+                dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                let outs =
+                    [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)];
+                self.linears(xnp, &outs, t, h, sc)?;
+                dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
+                self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
+                dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+            }
+            Ok(())
+        })?;
+        drop(slot);
         cache.len = pos0 + t;
 
         if let (Some(s), Some(k)) = (stats, keys.as_ref()) {
@@ -847,14 +988,22 @@ impl CudaModel {
         let xf = dev.alloc::<f32>(n * h)?;
         dev.rmsnorm(
             xp + (rows.start * h * 4) as u64,
-            self.f32_ptr("model.norm.weight")?,
+            self.weight("model.norm.weight")?.f32_ptr()?,
             dev.ptr(&xf),
             n,
             h,
             c.rms_norm_eps,
         )?;
         let out = dev.alloc::<f32>(n * c.vocab_size)?;
-        self.linear(dev.ptr(&xf), &self.head, dev.ptr(&out), n, h, c.vocab_size, sc)?;
+        self.linear(
+            dev.ptr(&xf),
+            &self.weight(&self.head)?,
+            dev.ptr(&out),
+            n,
+            h,
+            c.vocab_size,
+            sc,
+        )?;
         Ok(Some((out, n)))
     }
 }

@@ -35,6 +35,7 @@ mod device;
 mod edit;
 mod forward;
 pub mod kernels;
+mod streamed;
 
 pub use detect::CudaBaseline;
 pub use device::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};

@@ -1,0 +1,73 @@
+//! The streamed mode of a [`CudaModel`](super::CudaModel): layers stay in the model's files
+//! and pass through one device slot on every forward pass; edits of layer weights live in a
+//! host [`Overlay`] that every upload applies. Reading and editing a streamed weight reads
+//! its tensor from the files (a full tensor; edits are rare next to passes).
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaSlice;
+
+use crate::backend::stream::{split_layer_name, stored_bits, Overlay, SlotEntry, SlotLayout};
+use crate::model::LazyModel;
+use crate::{Error, Result};
+
+/// The layers of a streamed model.
+pub(crate) struct Streamed {
+    /// The model's files.
+    pub(crate) lazy: Arc<LazyModel>,
+    /// Where each layer tensor lies in the slot.
+    pub(crate) layout: SlotLayout,
+    /// Edits of layer weights, applied at every upload.
+    pub(crate) overlay: Overlay,
+    /// The device buffer one layer at a time passes through.
+    pub(crate) slot: Mutex<CudaSlice<u8>>,
+}
+
+impl Streamed {
+    /// The slot entry of a layer tensor's full name, if it names one of this model's layers.
+    pub(crate) fn entry(&self, name: &str) -> Option<&SlotEntry> {
+        let (l, suffix) = split_layer_name(name)?;
+        (l < self.lazy.config.num_layers).then(|| self.layout.entry(suffix)).flatten()
+    }
+
+    /// A layer tensor's values as the device holds them during a pass (rounded to the
+    /// storage dtype, edits applied), as f32.
+    pub(crate) fn values(&self, name: &str) -> Result<Vec<f32>> {
+        let e =
+            self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
+        let mut data = self.lazy.tensor(name)?.data;
+        data.iter_mut().for_each(|v| *v = f32::from_bits(stored_bits(*v, e.bf16)));
+        self.overlay.apply(name, &mut data)?;
+        Ok(data)
+    }
+
+    /// One element's stored bits as f32 bits.
+    pub(crate) fn read_bits(&self, name: &str, flat: usize) -> Result<u32> {
+        let e =
+            self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
+        check_index(name, flat, e.len())?;
+        if let Some(b) = self.overlay.get(name, flat) {
+            return Ok(b);
+        }
+        Ok(stored_bits(self.lazy.tensor(name)?.data[flat], e.bf16))
+    }
+
+    /// Store `bits` (f32 bits; rounded to bf16 for bf16 storage) at one element.
+    pub(crate) fn write_bits(&mut self, name: &str, flat: usize, bits: u32) -> Result<()> {
+        let e =
+            self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
+        check_index(name, flat, e.len())?;
+        let bf16 = e.bf16;
+        let stored = stored_bits(f32::from_bits(bits), bf16);
+        let lazy = &self.lazy;
+        self.overlay
+            .set(name, flat, stored, || Ok(stored_bits(lazy.tensor(name)?.data[flat], bf16)))
+    }
+}
+
+fn check_index(name: &str, flat: usize, len: usize) -> Result<()> {
+    if flat >= len {
+        return Err(Error::tensor(name, format!("index {flat} out of range ({len} elements)")));
+    }
+    Ok(())
+}
