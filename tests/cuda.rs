@@ -29,8 +29,16 @@ use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
-const FIXTURES: [&str; 7] =
-    ["llama", "llama3_rope", "llama_bf16", "llama_f16", "llama_sharded", "mistral", "qwen2"];
+const FIXTURES: [&str; 8] = [
+    "llama",
+    "llama3_rope",
+    "llama_bf16",
+    "llama_f16",
+    "llama_sharded",
+    "mistral",
+    "qwen2",
+    "qwen3",
+];
 
 /// Whether a device is usable; prints why not (the test then passes as skipped), or fails
 /// when `$SWK_REQUIRE_GPU` is 1 (as `scripts/gpu-check.sh run` sets it on the GPU machine).

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::model::{LazyModel, ModelConfig};
+use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
 
 /// Byte alignment of each tensor inside a slot (cuBLAS and vector loads want 256).
 pub const SLOT_ALIGN: usize = 256;
 
-/// The tensors of one Llama-family layer: (name after `model.layers.{l}.`, HF shape, whether
+/// The tensors of one Llama-family layer (Llama, Mistral, Qwen2, Qwen3): (name after `model.layers.{l}.`, HF shape, whether
 /// it is a matrix stored in the weight dtype; norms and biases stay f32).
 pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -33,11 +33,24 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
         v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));
         v.push(("self_attn.v_proj.bias".to_string(), vec![kvd], false));
     }
+    if c.architecture == Architecture::Qwen3 {
+        v.push(("self_attn.q_norm.weight".to_string(), vec![c.head_dim], false));
+        v.push(("self_attn.k_norm.weight".to_string(), vec![c.head_dim], false));
+    }
     v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
+    if has_o_proj_bias(c) {
+        v.push(("self_attn.o_proj.bias".to_string(), vec![h], false));
+    }
     v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
     v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
     v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
     v
+}
+
+/// Whether `o_proj` has a bias: Llama and Qwen3 checkpoints with `attention_bias` have one on
+/// all four projections (as transformers builds them); Qwen2 only on q/k/v; Mistral none.
+pub fn has_o_proj_bias(c: &ModelConfig) -> bool {
+    c.attention_bias && matches!(c.architecture, Architecture::Llama | Architecture::Qwen3)
 }
 
 /// One tensor's place in a slot.
@@ -252,6 +265,29 @@ mod tests {
             let down = l.entry("mlp.down_proj.weight").unwrap();
             assert_eq!((down.shape.clone(), down.bf16), (vec![4096, 11008], bf16));
             assert!(!l.entry("input_layernorm.weight").unwrap().bf16);
+        }
+    }
+
+    /// The plan names exactly the layer tensors of each Llama-family fixture, with their shapes.
+    #[test]
+    fn layer_plan_matches_the_llama_family_fixtures() {
+        for name in ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"] {
+            let lazy = LazyModel::open(&fixture(name)).unwrap();
+            for l in 0..lazy.config.num_layers {
+                let mut want: Vec<(String, Vec<usize>)> = lazy
+                    .layer_names(l)
+                    .into_iter()
+                    .map(|n| {
+                        let (_, suffix) = split_layer_name(n).unwrap();
+                        (suffix.to_string(), lazy.shape(n).unwrap().to_vec())
+                    })
+                    .collect();
+                let mut got: Vec<(String, Vec<usize>)> =
+                    layer_plan(&lazy.config).into_iter().map(|(n, s, _)| (n, s)).collect();
+                want.sort();
+                got.sort();
+                assert_eq!(got, want, "{name} layer {l}");
+            }
         }
     }
 

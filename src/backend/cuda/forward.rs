@@ -5,9 +5,10 @@
 //! per block l:
 //!   xn = rmsnorm(x) ⊙ w_attn_norm
 //!   q = xn·W_qᵀ (+b_q); k, v = xn·W_{k,v}ᵀ (+b) written straight into the cache rows pos0..
+//!   (Qwen3: rmsnorm over each head of q and k)
 //!   rope(q), rope(k rows of the cache)
 //!   att = softmax(q·kᵀ/√d + causal/window mask)·v        (swk_attention)
-//!   x += att·W_oᵀ
+//!   x += att·W_oᵀ (+b_o: Llama with attention_bias)
 //!   xn = rmsnorm(x) ⊙ w_mlp_norm
 //!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
 //!   x += a·W_downᵀ                                        (+ per-column max |y|: spike output)
@@ -199,30 +200,11 @@ impl CudaKvCache {
 /// Every tensor the forward pass reads: (name, whether it is a matrix stored in the weight
 /// dtype). Norms and biases stay f32.
 pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
-    let c = &model.config;
-    let mut v = vec![
-        ("model.embed_tokens.weight".to_string(), true),
-        ("model.norm.weight".to_string(), false),
-    ];
-    if model.weights.contains("lm_head.weight") {
-        v.push(("lm_head.weight".to_string(), true));
-    }
-    for l in 0..c.num_layers {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), false));
-        v.push((format!("{p}.post_attention_layernorm.weight"), false));
-        for proj in ["q_proj", "k_proj", "v_proj"] {
-            v.push((format!("{p}.self_attn.{proj}.weight"), true));
-            if c.attention_bias {
-                v.push((format!("{p}.self_attn.{proj}.bias"), false));
-            }
-        }
-        v.push((format!("{p}.self_attn.o_proj.weight"), true));
-        for m in ["gate_proj", "up_proj", "down_proj"] {
-            v.push((format!("{p}.mlp.{m}.weight"), true));
-        }
-    }
-    v
+    plan_shapes(&model.config)
+        .into_iter()
+        .filter(|(n, _, _)| n != "lm_head.weight" || model.weights.contains(n))
+        .map(|(n, _, matrix)| (n, matrix))
+        .collect()
 }
 
 /// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
@@ -298,11 +280,12 @@ fn upload_tensor(
 /// The device forward pass is the Llama family's (Llama, Mistral, Qwen2); other
 /// architectures run on the CPU backend.
 fn check_architecture(c: &ModelConfig) -> Result<()> {
-    if matches!(c.architecture, Architecture::Llama | Architecture::Mistral | Architecture::Qwen2) {
+    use Architecture as A;
+    if matches!(c.architecture, A::Llama | A::Mistral | A::Qwen2 | A::Qwen3) {
         Ok(())
     } else {
         Err(Error::Backend(format!(
-            "the CUDA backend runs llama, mistral and qwen2 models; `{}` runs on the CPU backend",
+            "the CUDA backend runs llama, mistral, qwen2 and qwen3 models; `{}` runs on the CPU backend",
             c.architecture.name()
         )))
     }
@@ -877,6 +860,7 @@ impl CudaModel {
                 .map_or(0, |k| dev.ptr(k) + ((l * (i + h) + if out { i } else { 0 }) * 8) as u64)
         };
         let inv = dev.ptr(&self.inv_freq);
+        let o_bias = crate::backend::stream::has_o_proj_bias(c);
         // The GEMM scratch persists across calls (one pass at a time: the device has one stream).
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -939,10 +923,26 @@ impl CudaModel {
                         dev.add_bias(out, bias, t, width)?;
                     }
                 }
+                if c.architecture == Architecture::Qwen3 {
+                    // Qwen3 QK-norm: RMSNorm over each head of q and k (in place, per row).
+                    dev.rmsnorm(
+                        qp,
+                        w("self_attn.q_norm.weight")?.f32_ptr()?,
+                        qp,
+                        t * nh,
+                        hd,
+                        c.rms_norm_eps,
+                    )?;
+                    let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
+                    dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps)?;
+                }
                 dev.rope(qp, inv, t, nh, hd, pos0)?;
                 dev.rope(k_new, inv, t, nkv, hd, pos0)?;
                 dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, c.sliding_window)?;
                 self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
+                if o_bias {
+                    dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
+                }
                 dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
                 // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,

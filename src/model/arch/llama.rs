@@ -249,7 +249,8 @@ pub fn forward(
             let mut p = attention_pattern(&q, kc, t, pos0, nh, nkv, hd, c.layer_window(l));
             hook(&mut opts.hooks, l, HookKind::AttnPattern, &mut p, nh * (pos0 + t), pos0);
         }
-        // o_proj has a bias in Llama/Qwen3 checkpoints with attention_bias (not in Qwen2).
+        // o_proj has a bias in Llama/Qwen3 checkpoints with attention_bias (not in Qwen2;
+        // `backend::stream::has_o_proj_bias` is the same rule from the config).
         let o_bias = w.get(&n.o.replace(".weight", ".bias")).ok().map(|b| b.data.as_slice());
         cpu::linear(&att, &w.get(&n.o)?.data, o_bias, &mut proj, t, qd, h);
         hook(&mut opts.hooks, l, HookKind::AttnOut, &mut proj, h, pos0);
