@@ -588,6 +588,15 @@ fn streamed_model_equals_resident_upload() {
                     if same { " (bit-identical)" } else { "" }
                 );
                 assert!(err <= 1e-6, "{name} {} {}: {err}", dtype.name(), gemm.name());
+                // Perplexity: the streamed model scores windows together, layer-major.
+                let long: Vec<u32> =
+                    (0..70u32).map(|i| (i * 53 + 3) % m.config.vocab_size as u32).collect();
+                let windows = swk::eval::ppl::windows(&m, &long, 9).unwrap();
+                let ps = streamed.perplexity(&windows, 9, |_, _| {}).unwrap();
+                let pr = resident.perplexity(&windows, 9, |_, _| {}).unwrap();
+                assert_eq!(ps.tokens_scored, pr.tokens_scored);
+                let rel = (ps.nll_sum / pr.nll_sum - 1.0).abs();
+                assert!(rel <= 1e-6, "{name}: streamed nll {} vs {}", ps.nll_sum, pr.nll_sum);
                 // Decode through the KV cache: each pass streams every layer again.
                 let mut cache = CudaKvCache::new(&streamed);
                 let mut last = Vec::new();

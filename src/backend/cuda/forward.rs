@@ -148,6 +148,9 @@ impl WeightRef {
     }
 }
 
+/// Device logits `[rows, vocab]` and their row count, when a pass asked for any.
+type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A model's weights on a CUDA device, ready to run the Llama-family forward pass.
@@ -699,11 +702,16 @@ impl CudaModel {
         let Some((logits, _)) = self.run(fed, cache, None, Logits::All)? else {
             return Ok((0.0, 0));
         };
+        self.nll_of(&logits, fed)
+    }
+
+    /// NLL sum over `fed[1..]` given the logits of every position of `fed` (≥ 2 tokens).
+    fn nll_of(&self, logits: &CudaSlice<f32>, fed: &[u32]) -> Result<(f64, usize)> {
         let n = fed.len() - 1;
         let targets = self.dev.upload(&fed[1..])?;
         let out = self.dev.alloc::<f64>(n)?;
         self.dev.nll(
-            self.dev.ptr(&logits),
+            self.dev.ptr(logits),
             self.dev.ptr(&targets),
             self.dev.ptr(&out),
             n,
@@ -711,6 +719,35 @@ impl CudaModel {
         )?;
         let nll = self.dev.download(&out, 0, n)?;
         Ok((nll.iter().sum(), n))
+    }
+
+    /// [`Self::score`] of each window from an empty cache, the windows going through each
+    /// layer together ([`Self::run_many`]): a streamed model reads its layers once for all.
+    fn score_many(&self, windows: &[&[u32]]) -> Result<Vec<(f64, usize)>> {
+        let mut caches: Vec<CudaKvCache> = windows.iter().map(|_| CudaKvCache::new(self)).collect();
+        let mut seqs: Vec<(&[u32], &mut CudaKvCache)> =
+            windows.iter().copied().zip(caches.iter_mut()).collect();
+        let outs = self.run_many(&mut seqs, None, Logits::All)?;
+        windows
+            .iter()
+            .zip(outs)
+            .map(|(fed, out)| match out {
+                Some((logits, _)) if fed.len() >= 2 => self.nll_of(&logits, fed),
+                _ => Ok((0.0, 0)),
+            })
+            .collect()
+    }
+
+    /// How many windows of up to `longest` tokens a streamed model scores together: as many
+    /// as half the free device memory holds (KV cache, residual stream and logits of each).
+    fn window_batch(&self, longest: usize) -> Result<usize> {
+        let c = &self.config;
+        let kvd = c.num_kv_heads * c.head_dim;
+        let cap = longest.max(16).next_multiple_of(16);
+        let per =
+            4 * (2 * c.num_layers * cap * kvd + longest * c.hidden_size + longest * c.vocab_size);
+        let (free, _) = self.dev.memory()?;
+        Ok((free / 2 / per.max(1)).max(1))
     }
 
     /// Perplexity over `windows` (from `eval::ppl::windows`, which adds BOS per the model's
@@ -723,15 +760,31 @@ impl CudaModel {
     ) -> Result<Perplexity> {
         let start = Instant::now();
         let (mut nll_sum, mut scored) = (0f64, 0usize);
-        let mut cache = CudaKvCache::new(self);
-        for (wi, fed) in windows.iter().enumerate() {
-            if fed.len() >= 2 {
-                cache.clear();
-                let (n, k) = self.score(fed, &mut cache)?;
-                nll_sum += n;
-                scored += k;
+        if self.is_streamed() {
+            // Layer-major over batches of windows: one read of the layers per batch.
+            let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
+            let batch = self.window_batch(longest)?;
+            let mut done = 0;
+            for group in windows.chunks(batch) {
+                let refs: Vec<&[u32]> = group.iter().map(Vec::as_slice).collect();
+                for (n, k) in self.score_many(&refs)? {
+                    nll_sum += n;
+                    scored += k;
+                }
+                done += group.len();
+                on_window(done, windows.len());
             }
-            on_window(wi + 1, windows.len());
+        } else {
+            let mut cache = CudaKvCache::new(self);
+            for (wi, fed) in windows.iter().enumerate() {
+                if fed.len() >= 2 {
+                    cache.clear();
+                    let (n, k) = self.score(fed, &mut cache)?;
+                    nll_sum += n;
+                    scored += k;
+                }
+                on_window(wi + 1, windows.len());
+            }
         }
         if scored == 0 {
             return Err(Error::Invalid("the text is too short to score any token".into()));
@@ -801,19 +854,32 @@ impl CudaModel {
         cache: &mut CudaKvCache,
         stats: Option<&mut SpikeStats>,
         logits: Logits,
-    ) -> Result<Option<(CudaSlice<f32>, usize)>> {
+    ) -> Result<DeviceLogits> {
+        let mut out = self.run_many(&mut [(tokens, cache)], stats, logits)?;
+        Ok(out.pop().flatten())
+    }
+
+    /// The forward pass of several sequences, each appended to its own cache, layer-major:
+    /// every sequence goes through layer l before any goes through layer l + 1, so a streamed
+    /// model reads its layers once for all of them. Per sequence, the same device logits as
+    /// [`Self::run`] (None for `Logits::None` or no tokens). Spike statistics cover them all.
+    fn run_many(
+        &self,
+        seqs: &mut [(&[u32], &mut CudaKvCache)],
+        stats: Option<&mut SpikeStats>,
+        logits: Logits,
+    ) -> Result<Vec<DeviceLogits>> {
         let c = &self.config;
-        if tokens.is_empty() {
-            return Ok(None);
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
-        }
-        if cache.model_id != self.id {
-            return Err(Error::Invalid("this KV cache belongs to another CudaModel".into()));
+        for (tokens, cache) in seqs.iter() {
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+            if cache.model_id != self.id {
+                return Err(Error::Invalid("this KV cache belongs to another CudaModel".into()));
+            }
         }
         if let Some(s) = stats.as_deref() {
             if s.layers.len() != c.num_layers
@@ -824,30 +890,40 @@ impl CudaModel {
                 return Err(Error::Invalid("spike statistics sized for another model".into()));
             }
         }
+        let t_max = seqs.iter().map(|(tokens, _)| tokens.len()).max().unwrap_or(0);
+        if t_max == 0 {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
         self.dev.bind()?;
         let dev = &self.dev;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
-        let t = tokens.len();
-        let pos0 = cache.len;
-        u32::try_from(pos0 + t)
-            .map_err(|_| Error::Invalid(format!("position {} is too large", pos0 + t)))?;
-        self.reserve(cache, pos0 + t)?;
 
-        let tok = dev.upload(tokens)?;
-        let x = dev.alloc::<f32>(t * h)?;
+        // Per sequence: its residual stream x = E[tokens], and room in its cache.
         let emb = self.weight("model.embed_tokens.weight")?;
-        let xp = dev.ptr(&x);
-        dev.embed(emb.ptr, emb.bf16, dev.ptr(&tok), xp, t, h)?;
+        let mut xs = Vec::with_capacity(seqs.len());
+        for (tokens, cache) in seqs.iter_mut() {
+            let (t, pos0) = (tokens.len(), cache.len);
+            u32::try_from(pos0 + t)
+                .map_err(|_| Error::Invalid(format!("position {} is too large", pos0 + t)))?;
+            self.reserve(cache, pos0 + t)?;
+            let x = dev.alloc::<f32>(t * h)?;
+            if t > 0 {
+                let tok = dev.upload(tokens)?;
+                dev.embed(emb.ptr, emb.bf16, dev.ptr(&tok), dev.ptr(&x), t, h)?;
+            }
+            xs.push(x);
+        }
 
-        let xn = dev.alloc::<f32>(t * h)?;
-        let q = dev.alloc::<f32>(t * qd)?;
-        let att = dev.alloc::<f32>(t * qd)?;
-        let proj = dev.alloc::<f32>(t * h)?;
-        let gate = dev.alloc::<f32>(t * i)?;
-        let up = dev.alloc::<f32>(t * i)?;
-        let act = dev.alloc::<f32>(t * i)?;
+        // Activation scratch, sized for the longest sequence and shared (one stream).
+        let xn = dev.alloc::<f32>(t_max * h)?;
+        let q = dev.alloc::<f32>(t_max * qd)?;
+        let att = dev.alloc::<f32>(t_max * qd)?;
+        let proj = dev.alloc::<f32>(t_max * h)?;
+        let gate = dev.alloc::<f32>(t_max * i)?;
+        let up = dev.alloc::<f32>(t_max * i)?;
+        let act = dev.alloc::<f32>(t_max * i)?;
         let (xnp, qp, attp, projp) = (dev.ptr(&xn), dev.ptr(&q), dev.ptr(&att), dev.ptr(&proj));
         let (gatep, upp, actp) = (dev.ptr(&gate), dev.ptr(&up), dev.ptr(&act));
         // Spike keys: per layer [intermediate] inputs then [hidden] outputs.
@@ -898,68 +974,72 @@ impl CudaModel {
                     _ => None,
                 };
                 let w = |suffix: &str| self.layer_weight(l, suffix, base);
-                let (kc, vc) = &cache.layers[l];
-                let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
-                let (k_new, v_new) = (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
-
-                // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into the cache.
-                dev.rmsnorm(
-                    xp,
-                    w("input_layernorm.weight")?.f32_ptr()?,
-                    xnp,
-                    t,
-                    h,
-                    c.rms_norm_eps,
-                )?;
-                let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-                let outs = qkv
-                    .iter()
-                    .map(|&(n, out, width)| Ok((w(&format!("self_attn.{n}.weight"))?, out, width)))
-                    .collect::<Result<Vec<_>>>()?;
-                self.linears(xnp, &outs, t, h, sc)?;
-                if c.attention_bias {
-                    for (n, out, width) in qkv {
-                        let bias = w(&format!("self_attn.{n}.bias"))?.f32_ptr()?;
-                        dev.add_bias(out, bias, t, width)?;
+                for ((tokens, cache), x) in seqs.iter().zip(&xs) {
+                    let (t, pos0, xp) = (tokens.len(), cache.len, dev.ptr(x));
+                    if t == 0 {
+                        continue;
                     }
-                }
-                if c.architecture == Architecture::Qwen3 {
-                    // Qwen3 QK-norm: RMSNorm over each head of q and k (in place, per row).
-                    dev.rmsnorm(
-                        qp,
-                        w("self_attn.q_norm.weight")?.f32_ptr()?,
-                        qp,
-                        t * nh,
-                        hd,
-                        c.rms_norm_eps,
-                    )?;
-                    let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                    dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps)?;
-                }
-                dev.rope(qp, inv, t, nh, hd, pos0)?;
-                dev.rope(k_new, inv, t, nkv, hd, pos0)?;
-                dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, c.sliding_window)?;
-                self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
-                if o_bias {
-                    dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
-                }
-                dev.add_residual(xp, projp, t, h, pos0, 0)?;
+                    let (kc, vc) = &cache.layers[l];
+                    let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
+                    let (k_new, v_new) =
+                        (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
 
-                // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
-                // with the spike statistics fused into silu_mul (inputs) and the add (outputs).
-                let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
-                dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
-                let outs =
-                    [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)];
-                self.linears(xnp, &outs, t, h, sc)?;
-                dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
-                self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
-                dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+                    // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
+                    // the cache.
+                    let norm = w("input_layernorm.weight")?.f32_ptr()?;
+                    dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                    let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
+                    let outs = qkv
+                        .iter()
+                        .map(|&(n, out, width)| {
+                            Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    self.linears(xnp, &outs, t, h, sc)?;
+                    if c.attention_bias {
+                        for (n, out, width) in qkv {
+                            let bias = w(&format!("self_attn.{n}.bias"))?.f32_ptr()?;
+                            dev.add_bias(out, bias, t, width)?;
+                        }
+                    }
+                    if c.architecture == Architecture::Qwen3 {
+                        // Qwen3 QK-norm: RMSNorm over each head of q and k (in place, per row).
+                        let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(qp, qn, qp, t * nh, hd, c.rms_norm_eps)?;
+                        let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps)?;
+                    }
+                    dev.rope(qp, inv, t, nh, hd, pos0)?;
+                    dev.rope(k_new, inv, t, nkv, hd, pos0)?;
+                    let window = c.layer_window(l);
+                    dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window)?;
+                    self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
+                    if o_bias {
+                        dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
+                    }
+                    dev.add_residual(xp, projp, t, h, pos0, 0)?;
+
+                    // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
+                    // with the spike statistics fused into silu_mul (inputs) and the add
+                    // (outputs).
+                    let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
+                    dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                    let outs = [
+                        (w("mlp.gate_proj.weight")?, gatep, i),
+                        (w("mlp.up_proj.weight")?, upp, i),
+                    ];
+                    self.linears(xnp, &outs, t, h, sc)?;
+                    dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
+                    self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
+                    dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+                }
             }
             Ok(())
         })?;
         drop(slot);
-        cache.len = pos0 + t;
+        for (tokens, cache) in seqs.iter_mut() {
+            cache.len += tokens.len();
+        }
 
         if let (Some(s), Some(k)) = (stats, keys.as_ref()) {
             use rayon::prelude::*;
@@ -976,35 +1056,40 @@ impl CudaModel {
         }
 
         // Final norm and LM head, only for the rows asked for.
-        let rows = match logits {
-            Logits::None => {
-                dev.synchronize()?;
-                return Ok(None);
-            }
-            Logits::All => 0..t,
-            Logits::Last => t - 1..t,
-        };
-        let n = rows.len();
-        let xf = dev.alloc::<f32>(n * h)?;
-        dev.rmsnorm(
-            xp + (rows.start * h * 4) as u64,
-            self.weight("model.norm.weight")?.f32_ptr()?,
-            dev.ptr(&xf),
-            n,
-            h,
-            c.rms_norm_eps,
-        )?;
-        let out = dev.alloc::<f32>(n * c.vocab_size)?;
-        self.linear(
-            dev.ptr(&xf),
-            &self.weight(&self.head)?,
-            dev.ptr(&out),
-            n,
-            h,
-            c.vocab_size,
-            sc,
-        )?;
-        Ok(Some((out, n)))
+        let mut out = Vec::with_capacity(seqs.len());
+        for ((tokens, _), x) in seqs.iter().zip(&xs) {
+            let t = tokens.len();
+            let rows = match logits {
+                _ if t == 0 => {
+                    out.push(None);
+                    continue;
+                }
+                Logits::None => {
+                    out.push(None);
+                    continue;
+                }
+                Logits::All => 0..t,
+                Logits::Last => t - 1..t,
+            };
+            let n = rows.len();
+            let xf = dev.alloc::<f32>(n * h)?;
+            dev.rmsnorm(
+                dev.ptr(x) + (rows.start * h * 4) as u64,
+                self.weight("model.norm.weight")?.f32_ptr()?,
+                dev.ptr(&xf),
+                n,
+                h,
+                c.rms_norm_eps,
+            )?;
+            let logits = dev.alloc::<f32>(n * c.vocab_size)?;
+            let head = self.weight(&self.head)?;
+            self.linear(dev.ptr(&xf), &head, dev.ptr(&logits), n, h, c.vocab_size, sc)?;
+            out.push(Some((logits, n)));
+        }
+        if logits == Logits::None {
+            dev.synchronize()?;
+        }
+        Ok(out)
     }
 }
 
