@@ -385,6 +385,31 @@ fn medium() -> Model {
     random_llama(&spec, 42).expect("synthetic model")
 }
 
+/// Edits of [`medium`]'s weights: down_proj elements (zero, scale, set), a norm weight and an
+/// embedding element.
+fn medium_edits() -> [WeightEdit; 5] {
+    [
+        WeightEdit::down_proj(1, 17, 300, EditOp::Zero),
+        WeightEdit::down_proj(1, 17, 301, EditOp::Scale(-1000.0)),
+        WeightEdit::down_proj(2, 0, 0, EditOp::Set(55.5)),
+        WeightEdit::new("model.layers.0.input_layernorm.weight", &[3], EditOp::Scale(40.0)),
+        WeightEdit::new("model.embed_tokens.weight", &[7, 5], EditOp::Set(-3.25)),
+    ]
+}
+
+/// Shapes of the planted models of the detection tests.
+fn planted_spec() -> SynthSpec {
+    SynthSpec {
+        hidden: 96,
+        intermediate: 256,
+        layers: 5,
+        heads: 6,
+        kv_heads: 2,
+        vocab: 320,
+        tie_embeddings: false,
+    }
+}
+
 #[test]
 fn synthetic_model_matches_cpu() {
     if !gpu() {
@@ -414,13 +439,7 @@ fn device_edits_restore_bit_exactly() {
     }
     let m = medium();
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 101 + 7) % 1000).collect();
-    let edits = [
-        WeightEdit::down_proj(1, 17, 300, EditOp::Zero),
-        WeightEdit::down_proj(1, 17, 301, EditOp::Scale(-1000.0)),
-        WeightEdit::down_proj(2, 0, 0, EditOp::Set(55.5)),
-        WeightEdit::new("model.layers.0.input_layernorm.weight", &[3], EditOp::Scale(40.0)),
-        WeightEdit::new("model.embed_tokens.weight", &[7, 5], EditOp::Set(-3.25)),
-    ];
+    let edits = medium_edits();
     for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
         let host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
         let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
@@ -480,15 +499,7 @@ fn detection_matches_cpu_on_planted_models() {
     if !gpu() {
         return;
     }
-    let spec = SynthSpec {
-        hidden: 96,
-        intermediate: 256,
-        layers: 5,
-        heads: 6,
-        kv_heads: 2,
-        vocab: 320,
-        tie_embeddings: false,
-    };
+    let spec = planted_spec();
     for seed in [3, 11] {
         let (m, truth) = planted(&spec, seed, &Plant::standard(&spec)).expect("planted");
         let prompts = [truth.prompt.clone()];
@@ -641,13 +652,7 @@ fn streamed_edits_restore_bit_exactly() {
     }
     let m = medium();
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 101 + 7) % 1000).collect();
-    let edits = [
-        WeightEdit::down_proj(1, 17, 300, EditOp::Zero),
-        WeightEdit::down_proj(1, 17, 301, EditOp::Scale(-1000.0)),
-        WeightEdit::down_proj(2, 0, 0, EditOp::Set(55.5)),
-        WeightEdit::new("model.layers.0.input_layernorm.weight", &[3], EditOp::Scale(40.0)),
-        WeightEdit::new("model.embed_tokens.weight", &[7, 5], EditOp::Set(-3.25)),
-    ];
+    let edits = medium_edits();
     let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
     for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
         let opts = CudaOptions { dtype, ..Default::default() };
@@ -684,15 +689,7 @@ fn streamed_detection_matches_resident() {
     if !gpu() {
         return;
     }
-    let spec = SynthSpec {
-        hidden: 96,
-        intermediate: 256,
-        layers: 5,
-        heads: 6,
-        kv_heads: 2,
-        vocab: 320,
-        tie_embeddings: false,
-    };
+    let spec = planted_spec();
     let (m, truth) = planted(&spec, 3, &Plant::standard(&spec)).expect("planted");
     let cfg = DetectConfig::default();
     let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.confirm_context).unwrap();

@@ -22,8 +22,10 @@ use std::time::Instant;
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::{self, MappedCheckpoint};
 use crate::io::tokenizer::Tokenizer;
-use crate::model::load::{gguf_layout_to_hf, gguf_targets};
-use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
+use crate::model::load::{
+    gguf_layout_to_hf, gguf_source, gguf_targets, hf_source, hf_tokenizer, ModelPath,
+};
+use crate::model::{Architecture, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
 
 /// The mapped files (or, for a model built in memory, its weights).
@@ -58,18 +60,9 @@ impl LazyModel {
     /// reading metadata, tokenizer and tensor headers only.
     pub fn open(spec: &str) -> Result<Self> {
         let start = Instant::now();
-        let path = Path::new(spec);
-        let mut lazy = if path.is_file() {
-            Self::open_gguf(path)?
-        } else if path.is_dir() {
-            Self::open_hf_dir(path)?
-        } else if crate::io::hub::looks_like_hub_id(spec) {
-            Self::open_hf_dir(&crate::io::hub::resolve(spec)?)?
-        } else {
-            return Err(Error::NotFound {
-                id: spec.to_string(),
-                msg: "no such file or directory, and not a hub id of the form org/name".into(),
-            });
+        let mut lazy = match crate::model::load::resolve(spec)? {
+            ModelPath::Gguf(p) => Self::open_gguf(&p)?,
+            ModelPath::HfDir(d) => Self::open_hf_dir(&d)?,
         };
         lazy.source.spec = spec.to_string();
         lazy.source.load_seconds = start.elapsed().as_secs_f64();
@@ -99,19 +92,10 @@ impl LazyModel {
             let shape = ckpt.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
             entries.insert(name.to_string(), Entry { shape, gguf: None });
         }
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer =
-            if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
         Ok(LazyModel {
             config,
-            tokenizer,
-            source: ModelSource {
-                spec: dir.display().to_string(),
-                path: dir.to_path_buf(),
-                format: Format::Safetensors,
-                load_seconds: 0.0,
-                name: crate::model::load::name_or_path(&dir.join("config.json")),
-            },
+            tokenizer: hf_tokenizer(dir)?,
+            source: hf_source(dir),
             files: Files::Safetensors(ckpt),
             entries,
         })
@@ -127,18 +111,10 @@ impl LazyModel {
                 entries.insert(target.name, e);
             }
         }
-        let tokenizer = Some(Tokenizer::from_gguf(&g)?);
-        let name = g.opt_str("general.name").map(str::to_string);
         Ok(LazyModel {
             config,
-            tokenizer,
-            source: ModelSource {
-                spec: path.display().to_string(),
-                path: path.to_path_buf(),
-                format: Format::Gguf,
-                load_seconds: 0.0,
-                name,
-            },
+            tokenizer: Some(Tokenizer::from_gguf(&g)?),
+            source: gguf_source(&g),
             files: Files::Gguf(g),
             entries,
         })

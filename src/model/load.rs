@@ -1,6 +1,6 @@
 //! Turning a MODEL argument (GGUF file, HF directory, hub id) into a [`Model`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::io::gguf::GgufFile;
@@ -9,21 +9,39 @@ use crate::io::{hub, safetensors};
 use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
 
+/// What a MODEL argument names, once resolved to local files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelPath {
+    /// A single GGUF file.
+    Gguf(PathBuf),
+    /// A Hugging Face directory (local, or a hub id's snapshot in the hf-hub cache).
+    HfDir(PathBuf),
+}
+
+/// Resolve a MODEL argument: an existing file (GGUF), a directory, or a hub id found in the
+/// hf-hub cache. Errors name the argument.
+pub fn resolve(spec: &str) -> Result<ModelPath> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        Ok(ModelPath::Gguf(path.to_path_buf()))
+    } else if path.is_dir() {
+        Ok(ModelPath::HfDir(path.to_path_buf()))
+    } else if hub::looks_like_hub_id(spec) {
+        Ok(ModelPath::HfDir(hub::resolve(spec)?))
+    } else {
+        Err(Error::NotFound {
+            id: spec.to_string(),
+            msg: "no such file or directory, and not a hub id of the form org/name".into(),
+        })
+    }
+}
+
 /// Load a model from a path or hub id.
 pub fn load(spec: &str) -> Result<Model> {
     let start = Instant::now();
-    let path = Path::new(spec);
-    let mut model = if path.is_file() {
-        load_gguf(path)?
-    } else if path.is_dir() {
-        load_hf_dir(path)?
-    } else if hub::looks_like_hub_id(spec) {
-        load_hf_dir(&hub::resolve(spec)?)?
-    } else {
-        return Err(Error::NotFound {
-            id: spec.to_string(),
-            msg: "no such file or directory, and not a hub id of the form org/name".into(),
-        });
+    let mut model = match resolve(spec)? {
+        ModelPath::Gguf(p) => load_gguf(&p)?,
+        ModelPath::HfDir(d) => load_hf_dir(&d)?,
     };
     model.source.spec = spec.to_string();
     model.source.load_seconds = start.elapsed().as_secs_f64();
@@ -40,26 +58,45 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
     if config.tie_word_embeddings {
         weights.remove("lm_head.weight");
     }
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-    let model = Model {
-        config,
-        weights,
-        tokenizer,
-        source: ModelSource {
-            spec: dir.display().to_string(),
-            path: dir.to_path_buf(),
-            format: Format::Safetensors,
-            load_seconds: 0.0,
-            name: name_or_path(&dir.join("config.json")),
-        },
-    };
+    let model = Model { config, weights, tokenizer: hf_tokenizer(dir)?, source: hf_source(dir) };
     crate::model::arch::validate(&model)?;
     Ok(model)
 }
 
+/// A Hugging Face directory's `tokenizer.json`, when it has one.
+pub(crate) fn hf_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+    let path = dir.join("tokenizer.json");
+    if path.is_file() {
+        Ok(Some(Tokenizer::from_file(&path)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Provenance of a Hugging Face directory (name from config.json's `_name_or_path`).
+pub(crate) fn hf_source(dir: &Path) -> ModelSource {
+    ModelSource {
+        spec: dir.display().to_string(),
+        path: dir.to_path_buf(),
+        format: Format::Safetensors,
+        load_seconds: 0.0,
+        name: name_or_path(&dir.join("config.json")),
+    }
+}
+
+/// Provenance of a GGUF file (name from `general.name`).
+pub(crate) fn gguf_source(g: &GgufFile) -> ModelSource {
+    ModelSource {
+        spec: g.path().display().to_string(),
+        path: g.path().to_path_buf(),
+        format: Format::Gguf,
+        load_seconds: 0.0,
+        name: g.opt_str("general.name").map(str::to_string),
+    }
+}
+
 /// `_name_or_path` of a config.json, if any.
-pub(crate) fn name_or_path(config: &Path) -> Option<String> {
+fn name_or_path(config: &Path) -> Option<String> {
     let text = std::fs::read_to_string(config).ok()?;
     let j: serde_json::Value = serde_json::from_str(&text).ok()?;
     j.get("_name_or_path")?.as_str().filter(|s| !s.is_empty()).map(str::to_string)
@@ -195,18 +232,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         }
     }
     let tokenizer = Some(Tokenizer::from_gguf(&g)?);
-    let model = Model {
-        config,
-        weights,
-        tokenizer,
-        source: ModelSource {
-            spec: path.display().to_string(),
-            path: path.to_path_buf(),
-            format: Format::Gguf,
-            load_seconds: 0.0,
-            name: g.opt_str("general.name").map(str::to_string),
-        },
-    };
+    let model = Model { config, weights, tokenizer, source: gguf_source(&g) };
     crate::model::arch::validate(&model)?;
     Ok(model)
 }
