@@ -2,7 +2,8 @@
 //! (`swk::synth::families::plant_arch`, planted into the tiny fixtures' random weights through
 //! each family's own tensors): detection must confirm exactly the planted coordinate, and
 //! zeroing it must raise the perplexity of the confirmation sequence by a large factor
-//! (measured here independently of detection). A planted group (two members, none decisive
+//! (measured here independently of detection), while a planted decoy that spikes as much is
+//! named and rejected. A planted group (two members, none decisive
 //! alone) must be found by group screening on non-Llama families, post-norm ones included.
 
 mod common;
@@ -54,8 +55,9 @@ fn zeroed_ratio(m: &mut Model, truth: &ArchTruth, which: &[usize]) -> f64 {
     edited / base
 }
 
-/// Plant one super weight in layer 0 of the `name` fixture, detect, and check the result:
-/// exactly the planted coordinate confirmed, nothing rejected, and the perplexity ratio of
+/// Plant one super weight in layer 0 of the `name` fixture and a decoy in layer 1, detect, and
+/// check the result: exactly the planted coordinate confirmed, exactly the decoy rejected
+/// (its ratio within 20% of 1: it only dilutes the final norm's input), and the ratio of
 /// zeroing it (measured here, and by detection) within 1% of `want` (recorded; deterministic
 /// for the committed fixtures) and above 20.
 fn check_family(name: &str, want: f64) {
@@ -64,7 +66,10 @@ fn check_family(name: &str, want: f64) {
     // GELU MLPs (GPT-2, GPT-NeoX) only make positive massive activations.
     let (activation, weight) = if gated { (-900.0, 1.5) } else { (900.0, -1.5) };
     let site = PlantSite { layer: 0, row: 17, col: 101, activation, weight };
-    let (mut m, truth) = plant_arch(m, 7, &ArchPlant::single(site)).unwrap();
+    let decoy =
+        PlantSite { layer: 1, row: 40, col: 60, activation: activation * 2.0 / 3.0, weight: 1.0 };
+    let plant = ArchPlant { decoy: Some(decoy), ..ArchPlant::single(site) };
+    let (mut m, truth) = plant_arch(m, 7, &plant).unwrap();
     let ratio = zeroed_ratio(&mut m, &truth, &[0]);
     let before = m.weights.checksum();
     let cfg = DetectConfig { confirm_context: truth.confirm.len(), ..Default::default() };
@@ -93,54 +98,59 @@ fn check_family(name: &str, want: f64) {
     assert!(d.super_weights[0].input_activation.abs() > 50.0);
     let det = d.super_weights[0].perplexity_ratio.unwrap();
     assert!((det / ratio - 1.0).abs() < 1e-3, "{name}: detection {det} vs measured {ratio}");
-    assert!(d.rejected.is_empty(), "{name}: rejected {:?}", d.rejected);
+    // The decoy spikes (detection names it in layer 1) but removing it does not hurt.
+    let rejected: Vec<(usize, usize, usize)> =
+        d.rejected.iter().map(|s| (s.layer, s.row, s.col)).collect();
+    assert_eq!(rejected, vec![(1, 40, 60)], "{name}: rejected");
+    let decoy_ratio = d.rejected[0].perplexity_ratio.unwrap();
+    assert!((0.8..1.2).contains(&decoy_ratio), "{name}: zeroing the decoy: ratio {decoy_ratio}");
     assert!(ratio > 20.0, "{name}: zeroing raises perplexity only {ratio}x");
     assert!((ratio / want - 1.0).abs() < 0.01, "{name}: ratio {ratio}, recorded {want}");
 }
 
 #[test]
 fn gemma() {
-    check_family("gemma", 81.75);
+    check_family("gemma", 78.60);
 }
 #[test]
 fn gemma2() {
-    check_family("gemma2", 66.22);
+    check_family("gemma2", 65.47);
 }
 #[test]
 fn gemma3() {
-    check_family("gemma3", 64.73);
+    check_family("gemma3", 58.68);
 }
 #[test]
 fn phi3() {
-    check_family("phi3", 95.15);
+    check_family("phi3", 87.21);
 }
 #[test]
 fn olmo() {
-    check_family("olmo", 59.66);
+    check_family("olmo", 55.15);
 }
 #[test]
 fn olmo2() {
-    check_family("olmo2", 79.37);
+    check_family("olmo2", 87.77);
 }
 #[test]
 fn qwen2() {
-    check_family("qwen2", 168.4);
+    check_family("qwen2", 176.47);
 }
 #[test]
 fn qwen3() {
-    check_family("qwen3", 58.4);
+    check_family("qwen3", 63.88);
 }
 #[test]
 fn mistral() {
-    check_family("mistral", 141.97);
+    check_family("mistral", 134.35);
 }
 #[test]
 fn gpt2() {
-    check_family("gpt2", 100.16);
+    check_family("gpt2", 100.96);
 }
 #[test]
 fn gpt_neox() {
-    check_family("gpt_neox", 52.2);
+    check_family("gpt_neox", 54.45);
 }
 
 /// Two members in layers 0 and 1 writing row 17 together; group screening must find exactly
@@ -216,7 +226,7 @@ fn group_gpt_neox() {
 /// The same mechanism on the Llama fixture (Llama itself also has `swk::synth::planted`).
 #[test]
 fn llama() {
-    check_family("llama", 85.43);
+    check_family("llama", 85.00);
 }
 
 /// Clear errors: MoE models, negative activations in GELU MLPs, shared layers, mixed rows,
@@ -235,6 +245,9 @@ fn bad_plants_are_refused() {
     let two = |a: PlantSite, b: PlantSite| ArchPlant { sites: vec![a, b], ..ArchPlant::single(a) };
     let e = err("qwen2", &two(site, PlantSite { col: 5, ..site }));
     assert!(e.contains("distinct layers"), "{e}");
+    let decoy =
+        ArchPlant { decoy: Some(PlantSite { layer: 1, ..site }), ..ArchPlant::single(site) };
+    assert!(err("qwen2", &decoy).contains("row of its own"));
     let e = err("qwen2", &two(site, PlantSite { layer: 1, row: 18, ..site }));
     assert!(e.contains("share one row"), "{e}");
     let e = err("qwen2", &ArchPlant::single(PlantSite { col: 160, ..site }));

@@ -17,9 +17,10 @@
 //!   norm and the LM head (and, through the norms, shrinks everything else).
 //! * **Super weight.** Channel `c` of layer `L` reads only `s` (its gate and up rows, or the
 //!   GELU MLP's up row with a zero bias) with gains that give the requested activation `A` at
-//!   the first prompt token: `down_proj[r, c] = w` writes `A · w` into `r`, at every position,
-//!   and the rest of column `c` shrinks to a ~0.5 leak. GELU cannot make a large negative
-//!   activation, so GPT-2 and GPT-NeoX need `A > 0`.
+//!   the first prompt token: `down_proj[r, c] = w` writes about `A · w` into `r` at every
+//!   position (exactly there), and the rest of column `c` shrinks by `0.5 / |A|`, so the
+//!   channel leaks about half its random weights into other dims. GELU cannot make a large
+//!   negative activation, so GPT-2 and GPT-NeoX need `A > 0`.
 //! * **Post-norm families** (Gemma 2/3, OLMo 2) normalize what the MLP writes: there the
 //!   `post_feedforward_layernorm` gain of `r` is scaled so that the block writes `A · w` into
 //!   `r` (what detection's output statistic sees for these families).
@@ -29,6 +30,13 @@
 //!   vocabulary size without it. A final-logit soft-cap below 30 (the tiny Gemma fixtures use
 //!   3) would flatten that gap, so it is raised to 30 (Gemma 2's real value).
 //!
+//! * **Decoy** (optional, after the first site): a channel in a later layer reading `r`
+//!   (so it fires only while the super weight does, like [`super::planted`]'s decoy), planted
+//!   the same way into a reserved row of its own that no projection and no LM-head column
+//!   reads. It spikes like a super weight, so detection names it, but its only effect is
+//!   through the final norm, where it dilutes `r` and everything else: zeroing it leaves the
+//!   perplexity within a few percent, so confirmation rejects it.
+//!
 //! A *group* is several sites sharing the row `r` in different layers, each planted the same
 //! way in layer order: the final norm saturates on `r`, so removing any one member leaves the
 //! others' write and the prediction; removing all of them empties `r`.
@@ -37,8 +45,8 @@
 //! gain, the down_proj input for the activation, the MLP's write for post-norm gains, the
 //! logits for the head), never by re-deriving a family's norm by hand.
 //!
-//! Not planted here: the attention sink at BOS, decoys and backups (see [`super::planted`]
-//! for those on Llama). MoE families are refused.
+//! Not planted here: the attention sink at BOS and backups (see [`super::planted`] for those
+//! on Llama). MoE families are refused.
 
 use std::collections::BTreeSet;
 
@@ -63,6 +71,9 @@ pub struct ArchPlant {
     /// The super weight, or the members of a group: one shared row, distinct layers in
     /// increasing order.
     pub sites: Vec<PlantSite>,
+    /// A spike that does not matter: reads the sites' row, in a later layer of its own, and
+    /// writes a row of its own.
+    pub decoy: Option<PlantSite>,
     /// Size of the likely token set.
     pub likely: usize,
     /// Length of the suggested detection prompt.
@@ -74,7 +85,7 @@ pub struct ArchPlant {
 impl ArchPlant {
     /// One super weight at `site`, 4 likely tokens, a 12-token prompt, 32 confirmation tokens.
     pub fn single(site: PlantSite) -> Self {
-        ArchPlant { sites: vec![site], likely: 4, prompt_len: 12, confirm_len: 32 }
+        ArchPlant { sites: vec![site], decoy: None, likely: 4, prompt_len: 12, confirm_len: 32 }
     }
 }
 
@@ -83,6 +94,8 @@ impl ArchPlant {
 pub struct ArchTruth {
     /// The planted weights (position: the first prompt token, where gains were calibrated).
     pub super_weights: Vec<PlantedWeight>,
+    /// The decoy (detection should reject it), if planted.
+    pub decoy: Option<PlantedWeight>,
     /// Hidden dim every token carries `γ` in, read by the planted channels.
     pub source_dim: usize,
     /// Suggested detection prompt (random tokens).
@@ -236,8 +249,8 @@ fn plant_site(
 /// (typically random weights, e.g. a tiny test fixture), choosing the source dim, likely
 /// tokens and sequences from `seed`. The tokenizer is dropped (token ids lose their meaning).
 /// See the [module docs](self) for the mechanism. Errors on MoE models, sites outside the
-/// model or sharing a layer, members with different rows, or a negative activation in a GELU
-/// (un-gated) MLP.
+/// model, planted channels sharing a layer, members with different rows, a decoy writing the
+/// super weight's row or not after it, or a negative activation in a GELU (un-gated) MLP.
 pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Model, ArchTruth)> {
     let c = model.config.clone();
     let arch = c.architecture;
@@ -250,15 +263,15 @@ pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Mod
     let first = *plant.sites.first().ok_or_else(|| plant_err("no site to plant"))?;
     let (h, i, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let mut layers = BTreeSet::new();
-    for s in &plant.sites {
+    for s in plant.sites.iter().chain(&plant.decoy) {
         if s.layer >= c.num_layers || s.row >= h || s.col >= i {
             return Err(plant_err(format!(
                 "site ({}, {}, {}) is outside the model ({} layers, hidden {h}, intermediate {i})",
                 s.layer, s.row, s.col, c.num_layers
             )));
         }
-        if s.row != first.row || !layers.insert(s.layer) {
-            return Err(plant_err("sites must share one row and use distinct layers"));
+        if !layers.insert(s.layer) {
+            return Err(plant_err("planted channels must use distinct layers"));
         }
         if !(s.activation.is_finite()
             && s.activation.abs() >= 1.0
@@ -284,17 +297,26 @@ pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Mod
     {
         return Err(plant_err("need 1..=vocab/4 likely tokens and sequences of at least 2 tokens"));
     }
-    let mut sites = plant.sites.clone();
-    sites.sort_by_key(|s| s.layer);
+    if plant.sites.iter().any(|s| s.row != first.row) {
+        return Err(plant_err("the sites (super weight or group members) must share one row"));
+    }
     let r = first.row;
+    let decoy_row = plant.decoy.map(|d| d.row);
+    if decoy_row == Some(r) {
+        return Err(plant_err("the decoy must write a row of its own"));
+    }
+    let first_layer = plant.sites.iter().map(|s| s.layer).min().unwrap_or(0);
+    if plant.decoy.is_some_and(|d| d.layer <= first_layer) {
+        return Err(plant_err("the decoy reads the super weight's row: put it in a later layer"));
+    }
     let mut rng = SplitMix64::new(mix(seed, 0x706c_616e_7461_7263));
     let src = loop {
         let d = rng.below(h);
-        if d != r {
+        if d != r && Some(d) != decoy_row {
             break d;
         }
     };
-    let reserved = [r, src];
+    let reserved: Vec<usize> = [r, src].into_iter().chain(decoy_row).collect();
     let mut pool: Vec<u32> = (0..vocab as u32).collect();
     rng.shuffle(&mut pool);
     let likely = pool[..plant.likely].to_vec();
@@ -349,8 +371,12 @@ pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Mod
         b.data[r] = 0.0;
     }
 
-    for s in &sites {
-        plant_site(&mut model, s, src, &reserved, &prompt)?;
+    // In layer order; the decoy reads r, so it comes after the first site.
+    let mut all: Vec<(PlantSite, usize)> = plant.sites.iter().map(|&s| (s, src)).collect();
+    all.extend(plant.decoy.map(|d| (d, r)));
+    all.sort_by_key(|(s, _)| s.layer);
+    for (s, from) in &all {
+        plant_site(&mut model, s, *from, &reserved, &prompt)?;
     }
 
     // LM head: measure the final normalized value of r (the logit of a probe token whose head
@@ -385,20 +411,21 @@ pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Mod
 
     crate::model::arch::validate(&model)?;
     model.source.name = Some(format!("planted-{}-seed-{seed}", arch.name()));
+    let planted = |s: &PlantSite| PlantedWeight {
+        layer: s.layer,
+        row: s.row,
+        col: s.col,
+        value: s.weight,
+        input: s.activation,
+        output: s.activation * s.weight,
+        position: 0,
+        iteration: 1,
+    };
+    let mut sites = plant.sites.clone();
+    sites.sort_by_key(|s| s.layer);
     let truth = ArchTruth {
-        super_weights: sites
-            .iter()
-            .map(|s| PlantedWeight {
-                layer: s.layer,
-                row: s.row,
-                col: s.col,
-                value: s.weight,
-                input: s.activation,
-                output: s.activation * s.weight,
-                position: 0,
-                iteration: 1,
-            })
-            .collect(),
+        super_weights: sites.iter().map(planted).collect(),
+        decoy: plant.decoy.as_ref().map(planted),
         source_dim: src,
         prompt,
         confirm,
