@@ -1,10 +1,18 @@
-//! Planted super weights on every dense family swk runs besides Llama
-//! (`swk::synth::families::plant_arch`, planted into the tiny fixtures' random weights through
-//! each family's own tensors): detection must confirm exactly the planted coordinate, and
-//! zeroing it must raise the perplexity of the confirmation sequence by a large factor
-//! (measured here independently of detection), while a planted decoy that spikes as much is
-//! named and rejected. A planted group (two members, none decisive
-//! alone) must be found by group screening on non-Llama families, post-norm ones included.
+//! Planted super weights on every dense family swk runs (`swk::synth::families::plant_arch`,
+//! planted into the tiny fixtures' random weights through each family's own tensors; Llama
+//! too, for comparison): detection must confirm exactly the planted coordinate, and zeroing it
+//! must raise the perplexity of the confirmation sequence by a large factor (measured here
+//! independently of detection), while a planted decoy that spikes as much is named and
+//! rejected; the same on the llama.cpp-style GGUF copies. A planted group (two members, none
+//! decisive alone) must be found by group screening on qwen2, gemma2, olmo2 and gpt_neox.
+//!
+//! What the group runs show: the planted activation is present at every position, so
+//! screening studies the position where it is largest (3 or 5 here, not BOS); in the
+//! post-norm families (gemma2, olmo2) the residual value is exactly twice the per-block target
+//! (−2700) at every position because each post-MLP norm saturates on the planted row, and the
+//! members' screened contributions (down_proj terms before that norm) are about half of it,
+//! because the plant sets the norm's gain so that each block writes what its term is. Single
+//! ratios are within 0.2% of 1, joint ratios 48x (qwen2) .. 203x (gpt_neox).
 
 mod common;
 
@@ -252,4 +260,21 @@ fn bad_plants_are_refused() {
     assert!(e.contains("share one row"), "{e}");
     let e = err("qwen2", &ArchPlant::single(PlantSite { col: 160, ..site }));
     assert!(e.contains("outside the model"), "{e}");
+}
+
+/// The GGUF copies (tests/gguf_arch.rs) plant and detect to the same coordinates and ratios
+/// as their safetensors sources: llama.cpp's names, Gemma's `1 + w` norms, OLMo's Q/K
+/// permutation, GPT-2's transposed Conv1D and NeoX's regrouped qkv are all undone on load.
+#[test]
+fn gguf_copies() {
+    for (name, want) in [
+        ("gemma2", 65.47),
+        ("olmo", 55.15),
+        ("olmo2", 87.77),
+        ("phi3", 87.21),
+        ("gpt2", 100.96),
+        ("gpt_neox", 54.45),
+    ] {
+        check_family(&format!("{name}_gguf/model.gguf"), want);
+    }
 }

@@ -27,7 +27,7 @@
 //! * **LM head** (untied if the model ties it): column `r` raises a small *likely* token set
 //!   by `ln(vocab) + 5` nats on average over the confirmation sequence, which is likely tokens
 //!   only. Its perplexity is about the set size with the super weight and about the
-//!   vocabulary size without it. A final-logit soft-cap below 30 (the tiny Gemma fixtures use
+//!   vocabulary size without it. A final-logit soft-cap below 30 (the tiny Gemma 2 fixture uses
 //!   3) would flatten that gap, so it is raised to 30 (Gemma 2's real value).
 //!
 //! * **Decoy** (optional, after the first site): a channel in a later layer reading `r`
