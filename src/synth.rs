@@ -49,9 +49,14 @@
 //! measures the normalized value a planted row will read, so the planted activations hit
 //! their targets to within rounding for any shape and seed.
 //!
+//! [`families::plant_arch`] plants super weights (and groups) in the other dense families, through
+//! their own tensors, with a simpler mechanism that needs no hand-derived norm.
+//!
 //! A backup that is found in iteration 2 *and* confirmed is impossible with single-weight
 //! confirmation: whatever only spikes once another weight is zeroed is, with that weight in
 //! place, below the threshold, and zeroing it alone changes next to nothing.
+
+pub mod families;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
