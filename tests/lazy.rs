@@ -58,10 +58,21 @@ fn safetensors_fixtures_read_lazily_equal_eager_loading() {
 
 #[test]
 fn gguf_fixtures_read_lazily_equal_eager_loading() {
-    // Q/K unpermuting (mixtral), Gemma's `1 + w` norms, fused qkv (phi3), stacked experts.
-    for name in
-        ["qwen2_gguf", "phi3_gguf", "olmo2_gguf", "gemma3_gguf", "mixtral_gguf", "qwen2_moe_gguf"]
-    {
+    // Q/K unpermuting (mixtral, olmo), Gemma's `1 + w` norms, fused qkv (phi3, gpt2, neox),
+    // stacked experts.
+    for name in [
+        "qwen2_gguf",
+        "phi3_gguf",
+        "olmo2_gguf",
+        "gemma3_gguf",
+        "mixtral_gguf",
+        "qwen2_moe_gguf",
+        "gemma_gguf",
+        "gemma2_gguf",
+        "olmo_gguf",
+        "gpt2_gguf",
+        "gpt_neox_gguf",
+    ] {
         let dir = fixture(&format!("tiny/{name}"));
         let file = std::fs::read_dir(&dir)
             .unwrap()
