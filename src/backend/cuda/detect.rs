@@ -77,7 +77,9 @@ impl DetectBackend for CudaModel {
 
     fn spike_stats(&self, tokens: &[u32], stats: &mut SpikeStats) -> Result<()> {
         stats.reset();
-        self.forward(tokens, &mut CudaKvCache::new(self), Some(stats), Logits::None)?;
+        if self.run_graph(tokens, Some(&mut *stats), Logits::None, |_| Ok(()))?.is_none() {
+            self.forward(tokens, &mut CudaKvCache::new(self), Some(stats), Logits::None)?;
+        }
         Ok(())
     }
 

@@ -203,6 +203,36 @@ impl CudaDevice {
         self.stream.synchronize().map_err(be("synchronizing"))
     }
 
+    /// Record the work `enqueue` queues on the stream into a graph, without running it.
+    /// The capture always ends, also when `enqueue` fails (the stream is usable after).
+    pub(crate) fn capture(
+        &self,
+        enqueue: impl FnOnce() -> Result<()>,
+    ) -> Result<driver::CudaGraph> {
+        self.stream
+            .begin_capture(driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(be("beginning a graph capture"))?;
+        let queued = enqueue();
+        let graph = self.stream.end_capture(driver::sys::CUgraphInstantiate_flags(0));
+        queued?;
+        graph
+            .map_err(be("ending a graph capture"))?
+            .ok_or_else(|| Error::Backend("the graph capture recorded nothing".into()))
+    }
+
+    /// Replay a captured graph on the stream.
+    pub(crate) fn launch_graph(&self, g: &driver::CudaGraph) -> Result<()> {
+        g.launch().map_err(be("launching a graph"))
+    }
+
+    /// Zero a buffer, in stream order.
+    pub(crate) fn memset_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        d: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        self.stream.memset_zeros(d).map_err(be("zeroing a buffer"))
+    }
+
     /// Measured device-to-device copy rate in bytes moved per second (read plus written), over
     /// `reps` copies of a `bytes`-byte buffer after one warm-up: the bandwidth against which
     /// memory-bound passes are judged.

@@ -163,8 +163,11 @@ pub struct CudaModel {
     dtype: WeightDtype,
     gemm: GemmEngine,
     pub(crate) edit_scratch: CudaSlice<u32>,
-    scratch: Mutex<Scratch>,
+    pub(crate) scratch: Mutex<Scratch>,
     pub(crate) stream: Option<Streamed>,
+    pub(crate) graphs: bool,
+    pub(crate) graph_cache: super::graph::GraphCache,
+    pub(crate) graph_failure: Mutex<Option<String>>,
     id: u64,
 }
 
@@ -483,6 +486,9 @@ impl CudaModel {
             edit_scratch,
             scratch: Mutex::new(Scratch::default()),
             stream: None,
+            graphs: false,
+            graph_cache: Default::default(),
+            graph_failure: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -778,8 +784,18 @@ impl CudaModel {
             let mut cache = CudaKvCache::new(self);
             for (wi, fed) in windows.iter().enumerate() {
                 if fed.len() >= 2 {
-                    cache.clear();
-                    let (n, k) = self.score(fed, &mut cache)?;
+                    let graphed =
+                        self.run_graph(fed, None, Logits::All, |logits| match logits {
+                            Some(l) => self.nll_of(l, fed),
+                            None => Err(Error::Backend("a scoring graph without logits".into())),
+                        })?;
+                    let (n, k) = match graphed {
+                        Some(r) => r,
+                        None => {
+                            cache.clear();
+                            self.score(fed, &mut cache)?
+                        }
+                    };
                     nll_sum += n;
                     scored += k;
                 }
@@ -825,7 +841,7 @@ impl CudaModel {
     }
 
     /// Make room for `needed` positions in `cache` (doubling, copying what it holds).
-    fn reserve(&self, cache: &mut CudaKvCache, needed: usize) -> Result<()> {
+    pub(crate) fn reserve(&self, cache: &mut CudaKvCache, needed: usize) -> Result<()> {
         if needed <= cache.capacity && cache.layers.len() == self.config.num_layers {
             return Ok(());
         }
@@ -871,37 +887,21 @@ impl CudaModel {
     ) -> Result<Vec<DeviceLogits>> {
         let c = &self.config;
         for (tokens, cache) in seqs.iter() {
-            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(Error::Invalid(format!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    c.vocab_size
-                )));
-            }
+            self.check_tokens(tokens)?;
             if cache.model_id != self.id {
                 return Err(Error::Invalid("this KV cache belongs to another CudaModel".into()));
             }
         }
-        if let Some(s) = stats.as_deref() {
-            if s.layers.len() != c.num_layers
-                || s.layers.iter().any(|l| {
-                    l.input.len() != c.intermediate_size || l.output.len() != c.hidden_size
-                })
-            {
-                return Err(Error::Invalid("spike statistics sized for another model".into()));
-            }
-        }
+        self.check_stats(stats.as_deref())?;
         let t_max = seqs.iter().map(|(tokens, _)| tokens.len()).max().unwrap_or(0);
         if t_max == 0 {
             return Ok(seqs.iter().map(|_| None).collect());
         }
         self.dev.bind()?;
         let dev = &self.dev;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let (qd, kvd) = (nh * hd, nkv * hd);
+        let h = c.hidden_size;
 
         // Per sequence: its residual stream x = E[tokens], and room in its cache.
-        let emb = self.weight("model.embed_tokens.weight")?;
         let mut xs = Vec::with_capacity(seqs.len());
         for (tokens, cache) in seqs.iter_mut() {
             let (t, pos0) = (tokens.len(), cache.len);
@@ -911,35 +911,96 @@ impl CudaModel {
             let x = dev.alloc::<f32>(t * h)?;
             if t > 0 {
                 let tok = dev.upload(tokens)?;
-                dev.embed(emb.ptr, emb.bf16, dev.ptr(&tok), dev.ptr(&x), t, h)?;
+                self.embed_into(dev.ptr(&tok), dev.ptr(&x), t)?;
             }
             xs.push(x);
         }
+        let acts = Acts::alloc(dev, c, t_max, stats.is_some())?;
+        // The GEMM scratch persists across calls (one pass at a time: the device has one stream).
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+        let passes: Vec<Pass<'_>> = seqs
+            .iter()
+            .zip(&xs)
+            .map(|((tokens, cache), x)| Pass { t: tokens.len(), x: dev.ptr(x), cache })
+            .collect();
+        self.layers(&passes, &acts, sc)?;
+        drop(passes);
+        for (tokens, cache) in seqs.iter_mut() {
+            cache.len += tokens.len();
+        }
+        if let Some(s) = stats {
+            self.merge_keys(&acts, s, sc)?;
+        }
 
-        // Activation scratch, sized for the longest sequence and shared (one stream).
-        let xn = dev.alloc::<f32>(t_max * h)?;
-        let q = dev.alloc::<f32>(t_max * qd)?;
-        let att = dev.alloc::<f32>(t_max * qd)?;
-        let proj = dev.alloc::<f32>(t_max * h)?;
-        let gate = dev.alloc::<f32>(t_max * i)?;
-        let up = dev.alloc::<f32>(t_max * i)?;
-        let act = dev.alloc::<f32>(t_max * i)?;
-        let (xnp, qp, attp, projp) = (dev.ptr(&xn), dev.ptr(&q), dev.ptr(&att), dev.ptr(&proj));
-        let (gatep, upp, actp) = (dev.ptr(&gate), dev.ptr(&up), dev.ptr(&act));
+        // Final norm and LM head, only for the rows asked for.
+        let mut out = Vec::with_capacity(seqs.len());
+        for ((tokens, _), x) in seqs.iter().zip(&xs) {
+            let Some(rows) = logit_rows(logits, tokens.len()) else {
+                out.push(None);
+                continue;
+            };
+            let d = dev.alloc::<f32>(rows.len() * c.vocab_size)?;
+            self.head_into(dev.ptr(x), rows.clone(), dev.ptr(&d), sc)?;
+            out.push(Some((d, rows.len())));
+        }
+        if logits == Logits::None {
+            dev.synchronize()?;
+        }
+        Ok(out)
+    }
+
+    /// Error for a token outside the vocabulary.
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= v) {
+            Some(&bad) => {
+                Err(Error::Invalid(format!("token id {bad} is outside the vocabulary ({v})")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Error for spike statistics sized for another model.
+    pub(crate) fn check_stats(&self, stats: Option<&SpikeStats>) -> Result<()> {
+        let c = &self.config;
+        if let Some(s) = stats {
+            if s.layers.len() != c.num_layers
+                || s.layers.iter().any(|l| {
+                    l.input.len() != c.intermediate_size || l.output.len() != c.hidden_size
+                })
+            {
+                return Err(Error::Invalid("spike statistics sized for another model".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// x `[t, hidden]` = E[tok] (device token ids at `tok`).
+    pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize) -> Result<()> {
+        let emb = self.weight("model.embed_tokens.weight")?;
+        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, self.config.hidden_size)
+    }
+
+    /// Every block on every pass, layer-major (see [`Self::run_many`]); spike keys into
+    /// `acts.keys` when present. Each pass's cache must hold room for its tokens.
+    pub(crate) fn layers(&self, passes: &[Pass<'_>], acts: &Acts, sc: &mut Scratch) -> Result<()> {
+        let c = &self.config;
+        let dev = &self.dev;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let (xnp, qp, attp, projp) =
+            (dev.ptr(&acts.xn), dev.ptr(&acts.q), dev.ptr(&acts.att), dev.ptr(&acts.proj));
+        let (gatep, upp, actp) = (dev.ptr(&acts.gate), dev.ptr(&acts.up), dev.ptr(&acts.act));
         // Spike keys: per layer [intermediate] inputs then [hidden] outputs.
-        let keys = match stats {
-            Some(_) => Some(dev.zeros::<u64>(c.num_layers * (i + h))?),
-            None => None,
-        };
         let keys_at = |l: usize, out: bool| -> u64 {
-            keys.as_ref()
+            acts.keys
+                .as_ref()
                 .map_or(0, |k| dev.ptr(k) + ((l * (i + h) + if out { i } else { 0 }) * 8) as u64)
         };
         let inv = dev.ptr(&self.inv_freq);
         let o_bias = crate::backend::stream::has_o_proj_bias(c);
-        // The GEMM scratch persists across calls (one pass at a time: the device has one stream).
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let sc = &mut *guard;
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -974,12 +1035,9 @@ impl CudaModel {
                     _ => None,
                 };
                 let w = |suffix: &str| self.layer_weight(l, suffix, base);
-                for ((tokens, cache), x) in seqs.iter().zip(&xs) {
-                    let (t, pos0, xp) = (tokens.len(), cache.len, dev.ptr(x));
-                    if t == 0 {
-                        continue;
-                    }
-                    let (kc, vc) = &cache.layers[l];
+                for p in passes.iter().filter(|p| p.t > 0) {
+                    let (t, pos0, xp) = (p.t, p.cache.len, p.x);
+                    let (kc, vc) = &p.cache.layers[l];
                     let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
                     let (k_new, v_new) =
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
@@ -1035,68 +1093,107 @@ impl CudaModel {
                 }
             }
             Ok(())
-        })?;
-        drop(slot);
-        for (tokens, cache) in seqs.iter_mut() {
-            cache.len += tokens.len();
-        }
+        })
+    }
 
-        if let (Some(s), Some(k)) = (stats, keys.as_ref()) {
-            use rayon::prelude::*;
-            let n = c.num_layers * (i + h);
-            if sc.keys.as_ref().is_none_or(|p| p.len() < n) {
-                sc.keys = Some(dev.pinned::<u64>(n)?);
-            }
-            let pinned = sc.keys.as_mut().ok_or_else(|| Error::Backend("no key buffer".into()))?;
-            let host = dev.download_pinned(k, n, pinned)?;
-            s.layers.par_iter_mut().zip(host.par_chunks(i + h)).for_each(|(layer, keys)| {
-                kernels::merge_spike_keys(&mut layer.input, &keys[..i]);
-                kernels::merge_spike_keys(&mut layer.output, &keys[i..]);
-            });
+    /// Download the spike keys of a pass (pinned) and merge them into `stats`.
+    pub(crate) fn merge_keys(
+        &self,
+        acts: &Acts,
+        stats: &mut SpikeStats,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let Some(k) = acts.keys.as_ref() else { return Ok(()) };
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let n = self.config.num_layers * (i + h);
+        if sc.keys.as_ref().is_none_or(|p| p.len() < n) {
+            sc.keys = Some(self.dev.pinned::<u64>(n)?);
         }
+        let pinned = sc.keys.as_mut().ok_or_else(|| Error::Backend("no key buffer".into()))?;
+        let host = self.dev.download_pinned(k, n, pinned)?;
+        stats.layers.par_iter_mut().zip(host.par_chunks(i + h)).for_each(|(layer, keys)| {
+            kernels::merge_spike_keys(&mut layer.input, &keys[..i]);
+            kernels::merge_spike_keys(&mut layer.output, &keys[i..]);
+        });
+        Ok(())
+    }
 
-        // Final norm and LM head, only for the rows asked for.
-        let mut out = Vec::with_capacity(seqs.len());
-        for ((tokens, _), x) in seqs.iter().zip(&xs) {
-            let t = tokens.len();
-            let rows = match logits {
-                _ if t == 0 => {
-                    out.push(None);
-                    continue;
-                }
-                Logits::None => {
-                    out.push(None);
-                    continue;
-                }
-                Logits::All => 0..t,
-                Logits::Last => t - 1..t,
-            };
-            let n = rows.len();
-            let xf = dev.alloc::<f32>(n * h)?;
-            dev.rmsnorm(
-                dev.ptr(x) + (rows.start * h * 4) as u64,
-                self.weight("model.norm.weight")?.f32_ptr()?,
-                dev.ptr(&xf),
-                n,
-                h,
-                c.rms_norm_eps,
-            )?;
-            let logits = dev.alloc::<f32>(n * c.vocab_size)?;
-            let head = self.weight(&self.head)?;
-            self.linear(dev.ptr(&xf), &head, dev.ptr(&logits), n, h, c.vocab_size, sc)?;
-            out.push(Some((logits, n)));
-        }
-        if logits == Logits::None {
-            dev.synchronize()?;
-        }
-        Ok(out)
+    /// Logits of residual rows `rows` of x (at `x`): final norm, LM head, into `out`.
+    pub(crate) fn head_into(
+        &self,
+        x: u64,
+        rows: std::ops::Range<usize>,
+        out: u64,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (h, n) = (c.hidden_size, rows.len());
+        let xf = sc.xf(&self.dev, n * h)?;
+        self.dev.rmsnorm(
+            x + (rows.start * h * 4) as u64,
+            self.weight("model.norm.weight")?.f32_ptr()?,
+            xf,
+            n,
+            h,
+            c.rms_norm_eps,
+        )?;
+        self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)
+    }
+}
+
+/// One sequence of a pass: its new tokens' count, its residual stream (device address,
+/// `[t, hidden]`), its cache (positions `cache.len..` are written).
+pub(crate) struct Pass<'a> {
+    pub(crate) t: usize,
+    pub(crate) x: u64,
+    pub(crate) cache: &'a CudaKvCache,
+}
+
+/// Activation buffers of a pass, sized for its longest sequence, and its spike keys.
+pub(crate) struct Acts {
+    xn: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    proj: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    pub(crate) keys: Option<CudaSlice<u64>>,
+}
+
+impl Acts {
+    /// Buffers for up to `t` tokens; zeroed spike keys when `stats`.
+    pub(crate) fn alloc(dev: &CudaDevice, c: &ModelConfig, t: usize, stats: bool) -> Result<Self> {
+        let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim);
+        Ok(Acts {
+            xn: dev.alloc::<f32>(t * h)?,
+            q: dev.alloc::<f32>(t * qd)?,
+            att: dev.alloc::<f32>(t * qd)?,
+            proj: dev.alloc::<f32>(t * h)?,
+            gate: dev.alloc::<f32>(t * i)?,
+            up: dev.alloc::<f32>(t * i)?,
+            act: dev.alloc::<f32>(t * i)?,
+            keys: if stats { Some(dev.zeros::<u64>(c.num_layers * (i + h))?) } else { None },
+        })
+    }
+}
+
+/// The residual rows `logits` asks for out of `t` (None: no logits).
+pub(crate) fn logit_rows(logits: Logits, t: usize) -> Option<std::ops::Range<usize>> {
+    match logits {
+        _ if t == 0 => None,
+        Logits::None => None,
+        Logits::All => Some(0..t),
+        Logits::Last => Some(t - 1..t),
     }
 }
 
 /// Scratch buffers of the GEMM paths, allocated on first use and kept by the model.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     wide: Option<CudaSlice<f32>>,
+    xf: Option<CudaSlice<f32>>,
     x16: Option<CudaSlice<u16>>,
     y2: Option<CudaSlice<f32>>,
     keys: Option<PinnedHostSlice<u64>>,
@@ -1112,6 +1209,13 @@ impl Scratch {
                 Some(dev.alloc::<f32>(want.max(self.wide.as_ref().map_or(0, |b| b.len())))?);
         }
         Ok(self.wide.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
+    /// The final-norm output of at least `want` elements.
+    fn xf(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
+        if self.xf.as_ref().is_none_or(|b| b.len() < want) {
+            self.xf = Some(dev.alloc::<f32>(want)?);
+        }
+        Ok(self.xf.as_ref().map_or(0, |b| dev.ptr(b)))
     }
     /// The stacked two-term product scratch of at least `want` elements.
     fn y2(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {

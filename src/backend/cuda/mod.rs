@@ -34,6 +34,7 @@ mod detect;
 mod device;
 mod edit;
 mod forward;
+mod graph;
 pub mod kernels;
 mod streamed;
 
