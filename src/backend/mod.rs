@@ -5,3 +5,14 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod stream;
+
+use crate::model::Architecture;
+
+/// Whether the CUDA backend runs this family's forward pass (the Llama family: Llama,
+/// Mistral, Qwen2, Qwen3); the others run on the CPU backend.
+pub fn cuda_runs(arch: Architecture) -> bool {
+    matches!(
+        arch,
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
+    )
+}

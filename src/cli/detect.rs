@@ -52,7 +52,6 @@ pub enum GpuDtype {
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
-    let backend = super::device::choose(dev.device, a.json)?;
     let mut cfg = DetectConfig {
         threshold: a.threshold,
         max_iterations: a.max_iterations,
@@ -67,7 +66,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     }
     let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (mut m, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, bf16)?;
+    let (backend, mut m, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let pb = super::bar(a.json, 1, "detect");
     let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);

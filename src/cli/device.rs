@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use swk::model::LazyModel;
+use swk::model::{Architecture, LazyModel};
 use swk::{Error, Model, Result};
 
 /// The `--device` flag.
@@ -40,17 +40,30 @@ fn cuda_usable() -> std::result::Result<(), String> {
         .into())
 }
 
-/// Resolve the flag; `auto` reports its choice on stderr unless `quiet`.
-pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
+/// Resolve the flag for a model of family `arch`; `auto` reports its choice on stderr unless
+/// `quiet`, and picks the CPU for a family the CUDA backend does not run.
+pub fn choose(arg: DeviceArg, quiet: bool, arch: Architecture) -> Result<Backend> {
+    let runs = swk::backend::cuda_runs(arch);
     match (arg, cuda_usable()) {
         (DeviceArg::Cpu, _) => Ok(Backend::Cpu),
-        (DeviceArg::Cuda, Ok(())) => Ok(Backend::Cuda),
+        (DeviceArg::Cuda, Ok(())) if runs => Ok(Backend::Cuda),
+        (DeviceArg::Cuda, Ok(())) => Err(Error::Backend(format!(
+            "--device cuda: the CUDA backend runs llama, mistral, qwen2 and qwen3 models; `{}` \
+             runs on the CPU backend (--device cpu)",
+            arch.name()
+        ))),
         (DeviceArg::Cuda, Err(why)) => Err(Error::Backend(format!("--device cuda: {why}"))),
-        (DeviceArg::Auto, Ok(())) => {
+        (DeviceArg::Auto, Ok(())) if runs => {
             if !quiet {
                 eprintln!("swk: device: cuda");
             }
             Ok(Backend::Cuda)
+        }
+        (DeviceArg::Auto, Ok(())) => {
+            if !quiet {
+                eprintln!("swk: device: cpu ({} runs on the CPU backend only)", arch.name());
+            }
+            Ok(Backend::Cpu)
         }
         (DeviceArg::Auto, Err(why)) => {
             if !quiet {
@@ -95,22 +108,30 @@ pub struct DeviceOpts {
 #[cfg(feature = "cuda")]
 const HEADROOM: usize = 2 << 30;
 
-/// The model as the chosen backend needs it: the whole [`Model`], or, when CUDA streams the
-/// layers, the model without its layer tensors (tokenizer, config, embedding, head) and the
-/// lazily read files (`Some`).
+/// The backend for `spec` (per the flags and the model's family), and the model as that
+/// backend needs it: the whole [`Model`], or, when CUDA streams the layers, the model without
+/// its layer tensors (tokenizer, config, embedding, head) and the lazily read files (`Some`).
 pub fn load(
     spec: &str,
     quiet: bool,
-    backend: Backend,
-    stream: StreamArg,
+    dev: DeviceOpts,
     bf16: bool,
-) -> Result<(Model, Option<Arc<LazyModel>>)> {
-    if backend == Backend::Cpu || stream == StreamArg::Never {
-        return Ok((super::load_model(spec, quiet)?, None));
+) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
+    let arch = if dev.device == DeviceArg::Cpu {
+        None
+    } else {
+        Some(swk::model::load::read_config(spec)?.architecture)
+    };
+    let backend = match arch {
+        Some(a) => choose(dev.device, quiet, a)?,
+        None => Backend::Cpu,
+    };
+    if backend == Backend::Cpu || dev.stream == StreamArg::Never {
+        return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
-    if stream == StreamArg::Auto && fits(&lazy, bf16)? {
-        return Ok((super::load_model(spec, quiet)?, None));
+    if dev.stream == StreamArg::Auto && fits(&lazy, bf16)? {
+        return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     if !quiet {
         eprintln!(
@@ -120,7 +141,7 @@ pub fn load(
         );
     }
     let outside = lazy.materialize(|n| swk::backend::stream::split_layer_name(n).is_none())?;
-    Ok((outside, Some(Arc::new(lazy))))
+    Ok((backend, outside, Some(Arc::new(lazy))))
 }
 
 #[cfg(feature = "cuda")]

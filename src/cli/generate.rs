@@ -27,9 +27,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
-    let backend = super::device::choose(dev.device, a.json)?;
     let edits = super::parse_edits(&a.edit)?;
-    let (mut model, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, true)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, true)?;
     let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
     let start = std::time::Instant::now();

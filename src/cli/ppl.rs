@@ -32,14 +32,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
-    let backend = super::device::choose(dev.device, a.json)?;
     let text = match (&a.text, &a.dataset) {
         (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
         (None, Some(d)) => swk::eval::dataset::load_text(d)?,
         (None, None) => return Err(Error::Invalid("give --text FILE or --dataset NAME".into())),
     };
     let edits = super::parse_edits(&a.edit)?;
-    let (mut model, lazy) = super::device::load(&a.model, a.json, backend, dev.stream, true)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, true)?;
     let tokens = ppl::text_tokens(&model, &text)?;
     let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
     let progress = |done: usize, _: usize| pb.set_position(done as u64);

@@ -36,6 +36,14 @@ pub fn resolve(spec: &str) -> Result<ModelPath> {
     }
 }
 
+/// A model's configuration only (config.json, or the GGUF metadata), without its weights.
+pub fn read_config(spec: &str) -> Result<ModelConfig> {
+    match resolve(spec)? {
+        ModelPath::Gguf(p) => ModelConfig::from_gguf(&GgufFile::open(&p)?),
+        ModelPath::HfDir(d) => ModelConfig::from_hf_json(&d.join("config.json")),
+    }
+}
+
 /// Load a model from a path or hub id.
 pub fn load(spec: &str) -> Result<Model> {
     let start = Instant::now();

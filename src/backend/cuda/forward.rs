@@ -286,8 +286,7 @@ fn upload_tensor(
 /// The device forward pass is the Llama family's (Llama, Mistral, Qwen2); other
 /// architectures run on the CPU backend.
 fn check_architecture(c: &ModelConfig) -> Result<()> {
-    use Architecture as A;
-    if matches!(c.architecture, A::Llama | A::Mistral | A::Qwen2 | A::Qwen3) {
+    if crate::backend::cuda_runs(c.architecture) {
         Ok(())
     } else {
         Err(Error::Backend(format!(
