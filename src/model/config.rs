@@ -44,12 +44,16 @@ pub enum Architecture {
     Qwen2Moe,
     /// Qwen3-MoE (Qwen3 attention, top-k experts).
     Qwen3Moe,
+    /// DeepSeek-V2 (multi-head latent attention, softmax-routed experts plus shared experts).
+    DeepseekV2,
+    /// DeepSeek-V3 (DeepSeek-V2 with sigmoid routing, a selection bias and expert groups).
+    DeepseekV3,
 }
 
 /// Comma-separated list of supported architecture names, for error messages.
 pub const SUPPORTED_ARCHITECTURES: &str =
     "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox, \
-     mixtral, olmoe, qwen2moe, qwen3moe";
+     mixtral, olmoe, qwen2moe, qwen3moe, deepseek2, deepseek3";
 
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
@@ -71,6 +75,9 @@ impl Architecture {
             "olmoe" => Some(Architecture::Olmoe),
             "qwen2_moe" | "qwen2moe" => Some(Architecture::Qwen2Moe),
             "qwen3_moe" | "qwen3moe" => Some(Architecture::Qwen3Moe),
+            // llama.cpp names both DeepSeek-V2 and -V3 `deepseek2` (see `from_gguf`).
+            "deepseek_v2" | "deepseekv2" | "deepseek2" => Some(Architecture::DeepseekV2),
+            "deepseek_v3" | "deepseekv3" | "deepseek3" => Some(Architecture::DeepseekV3),
             _ => None,
         }
     }
@@ -93,10 +100,13 @@ impl Architecture {
             "OlmoeForCausalLM" => Some(Architecture::Olmoe),
             "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
             "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
+            "DeepseekV2ForCausalLM" => Some(Architecture::DeepseekV2),
+            "DeepseekV3ForCausalLM" => Some(Architecture::DeepseekV3),
             _ => None,
         }
     }
-    /// The lowercase name (llama.cpp's `general.architecture` spelling).
+    /// The lowercase name (llama.cpp's `general.architecture` spelling; `deepseek3` for
+    /// DeepSeek-V3, which llama.cpp also calls `deepseek2`).
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
@@ -115,6 +125,8 @@ impl Architecture {
             Architecture::Olmoe => "olmoe",
             Architecture::Qwen2Moe => "qwen2moe",
             Architecture::Qwen3Moe => "qwen3moe",
+            Architecture::DeepseekV2 => "deepseek2",
+            Architecture::DeepseekV3 => "deepseek3",
         }
     }
     /// Whether the family routes tokens to mixture-of-experts MLPs.
@@ -125,7 +137,13 @@ impl Architecture {
                 | Architecture::Olmoe
                 | Architecture::Qwen2Moe
                 | Architecture::Qwen3Moe
+                | Architecture::DeepseekV2
+                | Architecture::DeepseekV3
         )
+    }
+    /// Whether the family is DeepSeek-V2/V3 (multi-head latent attention, shared experts).
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Architecture::DeepseekV2 | Architecture::DeepseekV3)
     }
     /// Whether the MLP is gated (`act(gate) ⊙ up`); GPT-2 and GPT-NeoX use `act(up)`.
     pub fn gated_mlp(self) -> bool {
@@ -189,6 +207,50 @@ pub struct FamilyParams {
     pub hidden_act: HiddenAct,
     /// Mixture-of-experts settings (MoE families only).
     pub moe: Option<MoeParams>,
+    /// DeepSeek-V2/V3 attention and routing settings (DeepSeek only).
+    pub deepseek: Option<DeepseekParams>,
+}
+
+/// How a DeepSeek router ranks groups of experts before its top-k.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// No groups: top-k over all experts (DeepSeek-V2 `topk_method: greedy`).
+    #[default]
+    None,
+    /// A group scores its best expert (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// A group scores the sum of its two best experts (DeepSeek-V3, llama.cpp).
+    Top2Sum,
+}
+
+/// DeepSeek-V2/V3 hyper-parameters: multi-head latent attention and the router.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DeepseekParams {
+    /// Rank of the query compression (`q_a_proj`); `None` for a plain `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value compression (`kv_a_proj_with_mqa` minus the rope key).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dims without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key dims with RoPE (the key's are shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value dims.
+    pub v_head_dim: usize,
+    /// RoPE rotates interleaved pairs `(2i, 2i+1)` (DeepSeek's layout) rather than halves.
+    pub rope_interleave: bool,
+    /// Router scores are `sigmoid(logits)` (V3) rather than `softmax(logits)` (V2).
+    pub sigmoid: bool,
+    /// How expert groups are ranked (groups off when `None` or `n_group` is 1).
+    pub group_score: GroupScore,
+    /// Expert groups (`n_group`).
+    pub n_group: usize,
+    /// Groups kept per token (`topk_group`).
+    pub topk_group: usize,
+    /// Factor on the routing weights (`routed_scaling_factor`).
+    pub routed_scaling_factor: f64,
+    /// Number of always-on shared experts (`n_shared_experts`), fused into one MLP.
+    pub n_shared_experts: usize,
 }
 
 /// Mixture-of-experts hyper-parameters.
@@ -523,10 +585,13 @@ impl ModelConfig {
             A::Gpt2 if !hf.bool_or("scale_attn_weights", true) => Some(1.0),
             _ => None,
         };
-        let moe = if architecture.is_moe() {
-            Some(moe_params(&hf, architecture, num_layers, intermediate_size)?)
+        let (moe, deepseek) = if architecture.is_deepseek() {
+            let (m, d) = deepseek_hf(&hf, architecture, num_layers)?;
+            (Some(m), Some(d))
+        } else if architecture.is_moe() {
+            (Some(moe_params(&hf, architecture, num_layers, intermediate_size)?), None)
         } else {
-            None
+            (None, None)
         };
         let family = FamilyParams {
             sliding_layers,
@@ -553,8 +618,9 @@ impl ModelConfig {
                 && hf.bool_or("scale_attn_by_inverse_layer_idx", false),
             hidden_act,
             moe,
+            deepseek,
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size,
@@ -580,8 +646,29 @@ impl ModelConfig {
             sliding_window,
             family,
         };
+        if let Some(d) = &cfg.family.deepseek {
+            if cfg.attention_bias || hf.bool_or("mlp_bias", false) {
+                return Err(Error::config(
+                    path,
+                    "DeepSeek with attention or MLP biases is not supported",
+                ));
+            }
+            cfg.set_mla_shapes(d.clone());
+        }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// MLA heads: every query head has its own key and value (`num_kv_heads = num_heads`),
+    /// `head_dim` is the wider of the query/key width `qk_nope + qk_rope` and `v_head_dim`
+    /// (the KV cache pads the narrower to it), no partial-rotary setting, and scores scaled by
+    /// `(qk_nope + qk_rope)^-1/2`.
+    fn set_mla_shapes(&mut self, d: DeepseekParams) {
+        let qk = d.qk_nope_head_dim + d.qk_rope_head_dim;
+        self.num_kv_heads = self.num_heads;
+        self.head_dim = qk.max(d.v_head_dim);
+        self.family.rotary_dim = None;
+        self.family.query_pre_attn_scalar = Some(qk as f64);
     }
 
     /// Read the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...), with
@@ -604,6 +691,14 @@ impl ModelConfig {
         let experts = g.get(&k("expert_count")).and_then(|v| v.as_u64()).unwrap_or(0);
         let architecture = match architecture {
             A::Llama | A::Mistral if experts > 0 => A::Mixtral,
+            // llama.cpp writes DeepSeek-V3 as `deepseek2` with sigmoid gating (and a selection
+            // bias `exp_probs_b`).
+            A::DeepseekV2 | A::DeepseekV3
+                if g.get(&k("expert_gating_func")).and_then(|v| v.as_u64()) == Some(2)
+                    || g.tensors.iter().any(|t| t.name.ends_with(".exp_probs_b.bias")) =>
+            {
+                A::DeepseekV3
+            }
             a => a,
         };
         let as_usize = |key: &str| -> Result<usize> {
@@ -738,8 +833,9 @@ impl ModelConfig {
             } else {
                 None
             },
+            deepseek: None,
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: as_usize("feed_forward_length")?,
@@ -761,6 +857,9 @@ impl ModelConfig {
             sliding_window,
             family,
         };
+        if architecture.is_deepseek() {
+            deepseek_gguf(g, &mut cfg)?;
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -835,6 +934,9 @@ impl ModelConfig {
 
     /// Approximate parameter count from the shapes (embedding, blocks, head).
     pub fn parameter_count(&self) -> u64 {
+        if let Some(d) = &self.family.deepseek {
+            return self.deepseek_parameter_count(d);
+        }
         let (h, i, l, v) = (
             self.hidden_size as u64,
             self.intermediate_size as u64,
@@ -871,6 +973,40 @@ impl ModelConfig {
             }
         };
         v * h + positions + l * block + sparse + h + head
+    }
+}
+
+impl ModelConfig {
+    /// [`ModelConfig::parameter_count`] of a DeepSeek model: MLA projections and norms, dense
+    /// MLPs in the leading layers, then router (plus V3's selection bias), routed and shared
+    /// experts.
+    fn deepseek_parameter_count(&self, d: &DeepseekParams) -> u64 {
+        let u = |v: usize| v as u64;
+        let (h, nh, v) = (u(self.hidden_size), u(self.num_heads), u(self.vocab_size));
+        let (nope, rope, vd, kvr) =
+            (u(d.qk_nope_head_dim), u(d.qk_rope_head_dim), u(d.v_head_dim), u(d.kv_lora_rank));
+        let q = match d.q_lora_rank {
+            Some(r) => h * u(r) + u(r) + u(r) * nh * (nope + rope),
+            None => h * nh * (nope + rope),
+        };
+        let attn = q + h * (kvr + rope) + kvr + kvr * nh * (nope + vd) + nh * vd * h;
+        let dense_mlp = 3 * h * u(self.intermediate_size);
+        let blocks: u64 = (0..self.num_layers)
+            .map(|l| {
+                let mlp = match &self.family.moe {
+                    Some(m) if m.is_sparse(l) => {
+                        let (ne, ei) = (u(m.num_experts), u(m.expert_intermediate));
+                        let bias = if d.sigmoid { ne } else { 0 };
+                        let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * u(si));
+                        ne * h + bias + ne * 3 * h * ei + shared
+                    }
+                    _ => dense_mlp,
+                };
+                attn + mlp + 2 * h
+            })
+            .sum();
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + blocks + h + head
     }
 }
 
@@ -949,4 +1085,197 @@ fn parse_rope_scaling(path: &Path, rs: &Value) -> Result<Option<RopeScaling>> {
         "default" | "" => Ok(None),
         other => Err(Error::config(path, format!("rope_scaling type `{other}` is not supported"))),
     }
+}
+
+/// The DeepSeek-V2/V3 keys of a `config.json`, with transformers 5.24's defaults and
+/// semantics: `n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`,
+/// `n_shared_experts` (fused into one shared MLP `n_shared_experts · moe_intermediate_size`
+/// wide), `first_k_dense_replace` dense layers first, `routed_scaling_factor`; V2 routes by
+/// softmax with `topk_method` `greedy` or `group_limited_greedy` and never renormalizes (its
+/// router ignores `norm_topk_prob`); V3 by sigmoid with `n_group`/`topk_group` groups and
+/// `norm_topk_prob`. MLA: `q_lora_rank` (null: plain `q_proj`), `kv_lora_rank`,
+/// `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`, V3's `rope_interleave`.
+fn deepseek_hf(
+    hf: &Hf<'_>,
+    architecture: Architecture,
+    num_layers: usize,
+) -> Result<(MoeParams, DeepseekParams)> {
+    let v3 = architecture == Architecture::DeepseekV3;
+    let num_experts = hf.usize_or(&["n_routed_experts"], Some(if v3 { 256 } else { 64 }))?;
+    let top_k = hf.usize_or(&["num_experts_per_tok"], if v3 { Some(8) } else { None })?;
+    let expert_intermediate =
+        hf.usize_or(&["moe_intermediate_size"], Some(if v3 { 2048 } else { 1407 }))?;
+    let n_shared = hf.usize_or(&["n_shared_experts"], Some(if v3 { 1 } else { 2 }))?;
+    let dense = match hf.get("first_k_dense_replace") {
+        None => {
+            if v3 {
+                3
+            } else {
+                0
+            }
+        }
+        Some(v) => v.as_u64().ok_or_else(|| {
+            Error::config(hf.path, "`first_k_dense_replace` must be a non-negative integer")
+        })? as usize,
+    };
+    let (group_score, n_group, topk_group) = if v3 {
+        (
+            GroupScore::Top2Sum,
+            hf.usize_or(&["n_group"], Some(8))?,
+            hf.usize_or(&["topk_group"], Some(4))?,
+        )
+    } else {
+        match hf.get("topk_method").and_then(Value::as_str).unwrap_or("greedy") {
+            "greedy" => (GroupScore::None, 1, 1),
+            "group_limited_greedy" => (
+                GroupScore::Max,
+                hf.usize_or(&["n_group"], None)?,
+                hf.usize_or(&["topk_group"], None)?,
+            ),
+            other => {
+                return Err(Error::config(
+                    hf.path,
+                    format!(
+                        "topk_method `{other}` is not supported (greedy, group_limited_greedy)"
+                    ),
+                ))
+            }
+        }
+    };
+    if top_k > num_experts || num_experts % n_group != 0 || topk_group > n_group {
+        return Err(Error::config(
+            hf.path,
+            format!(
+                "top-{top_k} of {num_experts} experts in {n_group} groups, {topk_group} kept: \
+                 inconsistent"
+            ),
+        ));
+    }
+    if group_score != GroupScore::None && topk_group * (num_experts / n_group) < top_k {
+        return Err(Error::config(
+            hf.path,
+            format!(
+                "{topk_group} groups of {} experts hold fewer than top-{top_k}",
+                num_experts / n_group
+            ),
+        ));
+    }
+    let moe = MoeParams {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        norm_topk_prob: v3 && hf.bool_or("norm_topk_prob", true),
+        shared_expert_intermediate: Some(n_shared * expert_intermediate),
+        sparse_layers: (0..num_layers).map(|l| l >= dense).collect(),
+    };
+    let q_lora_rank = match hf.j.get("q_lora_rank") {
+        None => Some(1536),
+        Some(Value::Null) => None,
+        Some(_) => hf.usize_opt(&["q_lora_rank"])?,
+    };
+    let d = DeepseekParams {
+        q_lora_rank,
+        kv_lora_rank: hf.usize_or(&["kv_lora_rank"], Some(512))?,
+        qk_nope_head_dim: hf.usize_or(&["qk_nope_head_dim"], Some(128))?,
+        qk_rope_head_dim: hf.usize_or(&["qk_rope_head_dim"], Some(64))?,
+        v_head_dim: hf.usize_or(&["v_head_dim"], Some(128))?,
+        // transformers' V2 rotates the interleaved pairs; V3 when rope_interleave (default).
+        rope_interleave: !v3 || hf.bool_or("rope_interleave", true),
+        sigmoid: v3,
+        group_score,
+        n_group,
+        topk_group,
+        routed_scaling_factor: hf.f64_opt(&["routed_scaling_factor"])?.unwrap_or(if v3 {
+            2.5
+        } else {
+            1.0
+        }),
+        n_shared_experts: n_shared,
+    };
+    if d.qk_rope_head_dim % 2 != 0 {
+        return Err(Error::config(hf.path, "qk_rope_head_dim must be even for RoPE"));
+    }
+    Ok((moe, d))
+}
+
+/// The DeepSeek keys of llama.cpp's `deepseek2` GGUF metadata: `attention.q_lora_rank`
+/// (absent: plain `attn_q`), `attention.kv_lora_rank`, `attention.key_length` /
+/// `value_length` (or their `_mla` variants), `rope.dimension_count`,
+/// `leading_dense_block_count`, `expert_shared_count`, `expert_weights_scale`,
+/// `expert_weights_norm`, `expert_gating_func` (2 = sigmoid), `expert_group_count` and
+/// `expert_group_used_count` (groups ranked by the sum of their two best scores, as llama.cpp
+/// does). The generic MoE keys were read already.
+fn deepseek_gguf(g: &GgufFile, cfg: &mut ModelConfig) -> Result<()> {
+    let path = g.path();
+    let arch = "deepseek2";
+    let key = |s: &str| format!("{arch}.{s}");
+    let opt = |s: &str| -> Result<Option<usize>> {
+        match g.get(&key(s)) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|v| Some(v as usize))
+                .ok_or_else(|| Error::config(path, format!("`{}` must be an integer", key(s)))),
+        }
+    };
+    let need = |s: &str| -> Result<usize> {
+        opt(s)?.ok_or_else(|| Error::config(path, format!("missing metadata key `{}`", key(s))))
+    };
+    let k_len = match opt("attention.key_length_mla")? {
+        Some(v) => v,
+        None => need("attention.key_length")?,
+    };
+    let v_len = match opt("attention.value_length_mla")? {
+        Some(v) => v,
+        None => need("attention.value_length")?,
+    };
+    let rope = need("rope.dimension_count")?;
+    if rope == 0 || rope % 2 != 0 || rope >= k_len {
+        return Err(Error::config(
+            path,
+            format!("rope.dimension_count {rope} must be even and below key_length {k_len}"),
+        ));
+    }
+    let sigmoid = opt("expert_gating_func")? == Some(2)
+        || (cfg.architecture == Architecture::DeepseekV3 && opt("expert_gating_func")?.is_none());
+    let n_group = opt("expert_group_count")?.unwrap_or(1).max(1);
+    let topk_group = opt("expert_group_used_count")?.unwrap_or(n_group).max(1);
+    let moe = cfg
+        .family
+        .moe
+        .as_mut()
+        .ok_or_else(|| Error::config(path, "DeepSeek metadata without experts"))?;
+    let n_shared = opt("expert_shared_count")?.unwrap_or(0);
+    moe.shared_expert_intermediate = (n_shared > 0).then_some(n_shared * moe.expert_intermediate);
+    if let Some(dense) = opt("leading_dense_block_count")? {
+        for (l, s) in moe.sparse_layers.iter_mut().enumerate() {
+            *s = *s && l >= dense;
+        }
+    }
+    if moe.num_experts % n_group != 0 || topk_group > n_group {
+        return Err(Error::config(
+            path,
+            format!(
+                "{} experts in {n_group} groups, {topk_group} kept: inconsistent",
+                moe.num_experts
+            ),
+        ));
+    }
+    let d = DeepseekParams {
+        q_lora_rank: opt("attention.q_lora_rank")?.filter(|&r| r > 0),
+        kv_lora_rank: need("attention.kv_lora_rank")?,
+        qk_nope_head_dim: k_len - rope,
+        qk_rope_head_dim: rope,
+        v_head_dim: v_len,
+        rope_interleave: true,
+        sigmoid,
+        group_score: if n_group > 1 { GroupScore::Top2Sum } else { GroupScore::None },
+        n_group,
+        topk_group,
+        routed_scaling_factor: g.opt_f64(&key("expert_weights_scale"))?.unwrap_or(1.0),
+        n_shared_experts: n_shared,
+    };
+    cfg.family.deepseek = Some(d.clone());
+    cfg.set_mla_shapes(d);
+    Ok(())
 }

@@ -103,6 +103,11 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
+    if arch.is_deepseek() {
+        if let Some(n) = deepseek_hf_name(part, kind) {
+            return Some(format!("model.layers.{layer}.{n}"));
+        }
+    }
     let special = match (arch, part) {
         (A::Gemma2 | A::Gemma3, "ffn_norm") => Some("pre_feedforward_layernorm"),
         (A::Gemma2 | A::Gemma3 | A::Olmo2, "post_attention_norm") => {
@@ -140,6 +145,25 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
         },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The HF name (after `model.layers.L.`) of llama.cpp's DeepSeek-only tensor `part.kind`:
+/// MLA projections and norms, the router's selection bias, the shared experts.
+fn deepseek_hf_name(part: &str, kind: &str) -> Option<String> {
+    let hf = match part {
+        "attn_q_a" => "self_attn.q_a_proj",
+        "attn_q_a_norm" => "self_attn.q_a_layernorm",
+        "attn_q_b" => "self_attn.q_b_proj",
+        "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
+        "attn_kv_b" => "self_attn.kv_b_proj",
+        "exp_probs_b" => return Some("mlp.gate.e_score_correction_bias".to_string()),
+        "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_experts.up_proj",
+        "ffn_down_shexp" => "mlp.shared_experts.down_proj",
+        _ => return None,
+    };
+    Some(format!("{hf}.{kind}"))
 }
 
 /// `(layer, projection)` of a llama.cpp stacked-experts tensor name

@@ -1,0 +1,280 @@
+//! DeepSeek-V2 / DeepSeek-V3 (multi-head latent attention, shared experts) against Hugging Face
+//! transformers, on tiny random models recorded by tests/reference/make_tiny_deepseek_models.py:
+//! logits within 1e-4 relative (error scaled by max(|reference|, 1)), each token's routed
+//! experts exact and their weights within 1e-5; the llama.cpp-style GGUF of the V3 fixture has
+//! the same config and bit-identical tensors; edits of routed and shared expert weights change
+//! the logits and restore bit-exactly; `swk info` names the family and `swk experts` runs.
+
+mod common;
+
+use swk::edit::{EditGuard, WeightEdit};
+use swk::hooks::{HookKind, HookPoint, Hooks, SpikeStats};
+use swk::model::arch::{deepseek, moe, ForwardOptions, KvCache, Logits};
+use swk::model::config::GroupScore;
+use swk::model::{Architecture, Format};
+use swk::Model;
+
+fn load(path: &str) -> Model {
+    Model::load(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn tiny(name: &str) -> String {
+    common::fixture(&format!("tiny/{name}")).to_str().unwrap().to_string()
+}
+
+/// Logits and router choices of `m` against `tiny/{src}/reference.json`; returns the max
+/// relative logit error.
+fn check_reference(m: &Model, src: &str) -> f32 {
+    let r = common::json(&format!("tiny/{src}/reference.json"));
+    let tokens = common::tokens(&r);
+    let text = r["text"].as_str().unwrap();
+    assert_eq!(m.tokenizer().unwrap().encode(text, false).unwrap(), tokens, "{src}: token ids");
+    assert_eq!(m.config.parameter_count(), m.weights.n_elements() as u64, "{src}: parameters");
+    let want = common::logits(&r);
+    let err = common::max_rel_err(&m.logits(&tokens).unwrap(), &want, 1.0);
+    assert!(err <= 1e-4, "{src}: max rel err {err} > 1e-4");
+
+    // Router choices, token by token, from the router input captured by a hook.
+    let c = &m.config;
+    let (d, mp) = (deepseek::params(c).unwrap(), moe::params(c).unwrap());
+    let h = c.hidden_size;
+    for layer in r["moe_layers"].as_array().unwrap() {
+        let l = layer["layer"].as_u64().unwrap() as usize;
+        assert!(mp.is_sparse(l), "{src}: layer {l} should be sparse");
+        let mid = std::sync::Mutex::new(Vec::new());
+        let mut hooks = Hooks::new();
+        hooks.add(HookPoint { layer: l, kind: HookKind::ResidMid }, |_, a| {
+            mid.lock().unwrap().extend_from_slice(a.data)
+        });
+        m.forward(
+            &tokens,
+            &mut KvCache::new(m),
+            ForwardOptions { hooks: Some(&mut hooks), stats: None, logits: Logits::None },
+        )
+        .unwrap();
+        drop(hooks);
+        let x = mid.into_inner().unwrap();
+        let norm = &m.weights.get(&format!("model.layers.{l}.post_attention_layernorm.weight"));
+        let norm = &norm.as_ref().unwrap().data;
+        let router = &m.weights.get(&moe::router_name(l)).unwrap().data;
+        let bias = m.weights.get(&deepseek::bias_name(l)).ok().map(|b| b.data.as_slice());
+        for (tok, want) in layer["routes"].as_array().unwrap().iter().enumerate() {
+            let row = &x[tok * h..(tok + 1) * h];
+            let rms = (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64
+                + c.rms_norm_eps)
+                .sqrt();
+            let xn: Vec<f32> =
+                row.iter().zip(norm).map(|(v, w)| (*v as f64 / rms) as f32 * w).collect();
+            let z: Vec<f32> =
+                router.chunks(h).map(|w| w.iter().zip(&xn).map(|(a, b)| a * b).sum()).collect();
+            let got = deepseek::route(&z, bias, d, mp);
+            let mut pairs: Vec<(usize, f32)> =
+                got.experts.iter().copied().zip(got.weights.iter().copied()).collect();
+            pairs.sort_by_key(|p| p.0);
+            let ids: Vec<usize> = want["experts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(pairs.iter().map(|p| p.0).collect::<Vec<_>>(), ids, "{src} L{l} t{tok}");
+            for (p, w) in pairs.iter().zip(want["weights"].as_array().unwrap()) {
+                let w = w.as_f64().unwrap() as f32;
+                assert!(
+                    (p.1 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{src} L{l} t{tok}: {p:?} vs {w}"
+                );
+            }
+        }
+    }
+    err
+}
+
+#[test]
+fn deepseek_v2_matches_transformers() {
+    let m = load(&tiny("deepseek_v2"));
+    let c = &m.config;
+    assert_eq!(c.architecture, Architecture::DeepseekV2);
+    let d = deepseek::params(c).unwrap();
+    assert_eq!(d.q_lora_rank, Some(32));
+    assert_eq!(
+        (d.kv_lora_rank, d.qk_nope_head_dim, d.qk_rope_head_dim, d.v_head_dim),
+        (24, 12, 8, 10)
+    );
+    assert!(d.rope_interleave && !d.sigmoid);
+    assert_eq!((d.group_score, d.n_group, d.topk_group), (GroupScore::Max, 2, 1));
+    assert_eq!((d.routed_scaling_factor, d.n_shared_experts), (1.5, 2));
+    let mp = moe::params(c).unwrap();
+    assert_eq!((mp.num_experts, mp.top_k, mp.expert_intermediate), (6, 2, 16));
+    assert_eq!(mp.shared_expert_intermediate, Some(32));
+    assert!(!mp.norm_topk_prob);
+    assert_eq!(mp.sparse_layers, vec![true, true]);
+    assert_eq!((c.num_kv_heads, c.head_dim), (4, 20));
+    assert!((c.attention_scale(0) - 1.0 / 20f32.sqrt()).abs() < 1e-7);
+    let err = check_reference(&m, "deepseek_v2");
+    eprintln!("deepseek_v2: max rel err {err:.2e}");
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    let m = load(&tiny("deepseek_v3"));
+    let c = &m.config;
+    assert_eq!(c.architecture, Architecture::DeepseekV3);
+    let d = deepseek::params(c).unwrap();
+    assert_eq!(d.q_lora_rank, None);
+    assert!(d.rope_interleave && d.sigmoid);
+    assert_eq!((d.group_score, d.n_group, d.topk_group), (GroupScore::Top2Sum, 4, 2));
+    assert_eq!((d.routed_scaling_factor, d.n_shared_experts), (2.5, 1));
+    let mp = moe::params(c).unwrap();
+    assert_eq!((mp.num_experts, mp.top_k, mp.shared_expert_intermediate), (8, 3, Some(16)));
+    assert!(mp.norm_topk_prob);
+    assert_eq!(mp.sparse_layers, vec![false, true]);
+    assert!(m.weights.contains(&deepseek::bias_name(1)));
+    let err = check_reference(&m, "deepseek_v3");
+    eprintln!("deepseek_v3: max rel err {err:.2e}");
+}
+
+/// The llama.cpp-style GGUF (`deepseek2`, sigmoid gating) loads as DeepSeek-V3 with the same
+/// config and the same tensors, bit for bit, and the same logits.
+#[test]
+fn deepseek_v3_gguf_is_the_same_model() {
+    let g = load(&format!("{}/model.gguf", tiny("deepseek_v3_gguf")));
+    let hf = load(&tiny("deepseek_v3"));
+    assert_eq!(g.source.format, Format::Gguf);
+    assert_eq!(g.config.architecture, Architecture::DeepseekV3);
+    let eps = (g.config.rms_norm_eps, hf.config.rms_norm_eps);
+    assert!((eps.0 - eps.1).abs() <= 1e-7 * eps.1, "eps {eps:?}");
+    let mut gc = g.config.clone();
+    gc.rms_norm_eps = hf.config.rms_norm_eps;
+    assert_eq!(gc, hf.config);
+    let names = |m: &Model| m.weights.names().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&g), names(&hf));
+    for (name, t) in hf.weights.iter() {
+        let gt = g.weights.get(name).unwrap();
+        assert_eq!(gt.shape, t.shape, "{name} shape");
+        assert!(
+            gt.data.iter().map(|v| v.to_bits()).eq(t.data.iter().map(|v| v.to_bits())),
+            "{name} differs"
+        );
+    }
+    let err = check_reference(&g, "deepseek_v3");
+    eprintln!("deepseek_v3 gguf: max rel err {err:.2e}");
+}
+
+/// Edits of a routed expert's and a shared expert's down_proj weight change the logits, and
+/// the weights come back bit-exactly.
+#[test]
+fn expert_and_shared_expert_edits_apply_and_restore() {
+    let mut m = load(&tiny("deepseek_v3"));
+    let r = common::json("tiny/deepseek_v3/reference.json");
+    let tokens = common::tokens(&r);
+    let base = m.logits(&tokens).unwrap();
+    let before = m.weights.checksum();
+    // The lowest expert of layer 1 that some token chooses, so that editing it matters.
+    let routes = r["moe_layers"][0]["routes"].as_array().unwrap();
+    let chosen =
+        |e: usize| routes.iter().any(|t| t["experts"].as_array().unwrap().contains(&e.into()));
+    let e = (0..8).find(|&e| chosen(e)).unwrap();
+    for name in [
+        moe::expert_name(1, e, "down_proj"),
+        "model.layers.1.mlp.shared_experts.down_proj.weight".to_string(),
+    ] {
+        let edit = WeightEdit::parse(&format!("{name}[3,7]=x1000")).unwrap();
+        {
+            let mut g = EditGuard::new(&mut m);
+            g.apply(&edit).unwrap();
+            let edited = g.logits(&tokens).unwrap();
+            assert!(
+                common::max_rel_err(&edited, &base, 1.0) > 1e-3,
+                "{name}: the edit did nothing"
+            );
+        }
+        assert_eq!(m.weights.checksum(), before, "{name}: not restored");
+        assert_eq!(m.logits(&tokens).unwrap(), base);
+    }
+}
+
+/// Spike statistics: the dense layer fills the down_proj input/output maxima, the sparse
+/// layer each routed expert's (selections sum to tokens · top-k).
+#[test]
+fn spike_statistics_cover_dense_and_expert_down_projections() {
+    let m = load(&tiny("deepseek_v3"));
+    let tokens = common::tokens(&common::json("tiny/deepseek_v3/reference.json"));
+    let c = &m.config;
+    let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    m.forward(
+        &tokens,
+        &mut KvCache::new(&m),
+        ForwardOptions { stats: Some(&mut stats), logits: Logits::None, hooks: None },
+    )
+    .unwrap();
+    let dense = &stats.layers[0];
+    assert!(dense.experts.is_empty());
+    assert!(dense.input_peak().unwrap().max.abs > 0.0);
+    assert!(dense.output_peak().unwrap().max.abs > 0.0);
+    let sparse = &stats.layers[1];
+    assert_eq!(sparse.experts.len(), 8);
+    assert_eq!(sparse.routed_tokens, tokens.len() as u64);
+    let picks: u64 = sparse.experts.iter().map(|e| e.selected).sum();
+    assert_eq!(picks, 3 * tokens.len() as u64);
+    for e in sparse.experts.iter().filter(|e| e.selected > 0) {
+        assert_eq!((e.input.len(), e.output.len()), (16, 64));
+        assert!(e.output.iter().any(|m| m.abs > 0.0));
+    }
+}
+
+fn swk(args: &[&str]) -> (bool, String, String) {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_swk")).args(args).output().expect("run swk");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Running the tokens in two calls through the KV cache gives the logits of one call.
+#[test]
+fn kv_cache_continuation_matches_one_pass() {
+    for name in ["deepseek_v2", "deepseek_v3"] {
+        let m = load(&tiny(name));
+        let tokens = common::tokens(&common::json(&format!("tiny/{name}/reference.json")));
+        let full = m.logits(&tokens).unwrap();
+        let mut cache = KvCache::new(&m);
+        let split = tokens.len() / 2;
+        let mut got = m.forward(&tokens[..split], &mut cache, ForwardOptions::default()).unwrap();
+        got.extend(m.forward(&tokens[split..], &mut cache, ForwardOptions::default()).unwrap());
+        let err = common::max_rel_err(&got, &full, 1.0);
+        assert!(err <= 1e-5, "{name}: {err}");
+    }
+}
+
+/// `swk info` names the family; `swk experts` reports router statistics on both.
+#[test]
+fn cli_info_and_experts() {
+    let (ok, out, err) = swk(&["info", &tiny("deepseek_v2")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("architecture  deepseek2"), "{out}");
+    assert!(
+        out.contains(
+            "6 per MoE layer, top-2, 16 wide, shared expert 32 wide; 2 of 2 layers sparse"
+        ),
+        "{out}"
+    );
+    let (ok, out, err) = swk(&["info", &format!("{}/model.gguf", tiny("deepseek_v3_gguf"))]);
+    assert!(ok, "{err}");
+    assert!(out.contains("architecture  deepseek3"), "{out}");
+
+    for (name, top_k, experts, layers) in [("deepseek_v2", 2, 6, 2), ("deepseek_v3", 3, 8, 1)] {
+        let (ok, out, err) =
+            swk(&["experts", &tiny(name), "--router-samples", "2", "--no-ablate", "--json"]);
+        assert!(ok, "{name}: {err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["top_k"], top_k);
+        let list = j["experts"].as_array().unwrap();
+        assert_eq!(list.len(), experts * layers, "{name}");
+        let f: f64 =
+            list.iter().filter(|e| e["layer"] == 1).map(|e| e["frequency"].as_f64().unwrap()).sum();
+        assert!((f - top_k as f64).abs() < 1e-9, "{name}: {f}");
+    }
+}
