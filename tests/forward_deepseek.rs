@@ -110,7 +110,14 @@ fn deepseek_v2_matches_transformers() {
     assert!(!mp.norm_topk_prob);
     assert_eq!(mp.sparse_layers, vec![true, true]);
     assert_eq!((c.num_kv_heads, c.head_dim), (4, 20));
-    assert!((c.attention_scale(0) - 1.0 / 20f32.sqrt()).abs() < 1e-7);
+    // YaRN: factor 4, mscale_all_dim 0.8 scales the softmax by (0.1·0.8·ln 4 + 1)².
+    let y = d.yarn.as_ref().unwrap();
+    assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 32.0));
+    assert_eq!((y.mscale, y.mscale_all_dim), (Some(1.0), Some(0.8)));
+    let ms = 0.1 * 0.8 * 4f64.ln() + 1.0;
+    assert!((y.attention_factor() - (0.1 * 4f64.ln() + 1.0) / ms).abs() < 1e-12);
+    let want = (ms * ms / 20f64.sqrt()) as f32;
+    assert!((c.attention_scale(0) - want).abs() < 1e-7, "{}", c.attention_scale(0));
     let err = check_reference(&m, "deepseek_v2");
     eprintln!("deepseek_v2: max rel err {err:.2e}");
 }
@@ -122,6 +129,8 @@ fn deepseek_v3_matches_transformers() {
     assert_eq!(c.architecture, Architecture::DeepseekV3);
     let d = deepseek::params(c).unwrap();
     assert_eq!(d.q_lora_rank, None);
+    assert!(d.yarn.is_none());
+    assert!((c.attention_scale(0) - 1.0 / 20f32.sqrt()).abs() < 1e-7);
     assert!(d.rope_interleave && d.sigmoid);
     assert_eq!((d.group_score, d.n_group, d.topk_group), (GroupScore::Top2Sum, 4, 2));
     assert_eq!((d.routed_scaling_factor, d.n_shared_experts), (2.5, 1));
@@ -277,4 +286,43 @@ fn cli_info_and_experts() {
             list.iter().filter(|e| e["layer"] == 1).map(|e| e["frequency"].as_f64().unwrap()).sum();
         assert!((f - top_k as f64).abs() < 1e-9, "{name}: {f}");
     }
+}
+
+/// A classic hub-style config (`rope_scaling` of `type: yarn`, as DeepSeek-V2-Lite ships)
+/// parses; unsupported settings are refused with the file named.
+#[test]
+fn classic_config_and_bad_settings() {
+    use swk::model::ModelConfig;
+    let path = std::path::Path::new("x/config.json");
+    let mut j = serde_json::json!({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": null,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000, "routed_scaling_factor": 1.0,
+        "topk_method": "greedy", "vocab_size": 102400, "max_position_embeddings": 163840,
+        "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096}
+    });
+    let c = ModelConfig::from_hf_value(path, &j).unwrap();
+    assert_eq!(c.architecture, Architecture::DeepseekV2);
+    assert_eq!((c.head_dim, c.num_kv_heads), (192, 16));
+    let d = c.family.deepseek.as_ref().unwrap();
+    assert_eq!(d.q_lora_rank, None);
+    let y = d.yarn.as_ref().unwrap();
+    assert_eq!((y.factor, y.attention_factor()), (40.0, 1.0));
+    let m = c.family.moe.as_ref().unwrap();
+    assert_eq!(m.shared_expert_intermediate, Some(2816));
+    assert_eq!(m.sparse_layers.iter().filter(|&&s| s).count(), 26);
+
+    j["topk_method"] = "noaux_tc".into();
+    let e = ModelConfig::from_hf_value(path, &j).unwrap_err().to_string();
+    assert!(e.contains("x/config.json") && e.contains("noaux_tc"), "{e}");
+    j["topk_method"] = "greedy".into();
+    j["rope_scaling"]["type"] = "dynamic".into();
+    let e = ModelConfig::from_hf_value(path, &j).unwrap_err().to_string();
+    assert!(e.contains("x/config.json") && e.contains("dynamic"), "{e}");
 }

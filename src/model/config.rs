@@ -251,6 +251,89 @@ pub struct DeepseekParams {
     pub routed_scaling_factor: f64,
     /// Number of always-on shared experts (`n_shared_experts`), fused into one MLP.
     pub n_shared_experts: usize,
+    /// YaRN RoPE scaling (`rope_scaling` / `rope_parameters` of type `yarn`), if any.
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN RoPE scaling as transformers computes it for DeepSeek: frequencies blended between
+/// `θ^(-2i/d)` and `θ^(-2i/d) / factor` by a linear ramp over the dims between the
+/// `beta_fast`/`beta_slow` correction dims, rotated parts scaled by `attention_factor`
+/// (default `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`), and the softmax
+/// scale multiplied by `mscale(factor, mscale_all_dim)²` when `mscale_all_dim` is set, with
+/// `mscale(s, m) = 0.1 · m · ln(s) + 1` for `s > 1`, else 1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Yarn {
+    /// Context extension factor.
+    pub factor: f64,
+    /// Context length before extension.
+    pub original_max_position_embeddings: f64,
+    /// Rotations bounding the extrapolated (high-frequency) dims.
+    pub beta_fast: f64,
+    /// Rotations bounding the interpolated (low-frequency) dims.
+    pub beta_slow: f64,
+    /// `mscale`, if given.
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim`, if given.
+    pub mscale_all_dim: Option<f64>,
+    /// An explicit `attention_factor`, if given.
+    pub attention_factor: Option<f64>,
+    /// Whether the correction range is rounded outwards to whole dims (`truncate`, default).
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// `0.1 · m · ln(s) + 1` for `s > 1`, else 1.
+    pub fn mscale(s: f64, m: f64) -> f64 {
+        if s <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * s.ln() + 1.0
+        }
+    }
+    /// The factor on the rotated dims of q and k (on cos and sin).
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                Self::mscale(self.factor, m) / Self::mscale(self.factor, ma)
+            }
+            _ => Self::mscale(self.factor, 1.0),
+        }
+    }
+    /// The factor on the softmax scale: `mscale(factor, mscale_all_dim)²`, or 1.
+    pub fn softmax_factor(&self) -> f64 {
+        match self.mscale_all_dim {
+            Some(ma) if ma != 0.0 => Self::mscale(self.factor, ma).powi(2),
+            _ => 1.0,
+        }
+    }
+    /// Inverse frequencies of `dim` rotated dims with base `theta`.
+    pub fn inv_freq(&self, theta: f64, dim: usize) -> Vec<f32> {
+        let d = dim as f64;
+        let corr = |rot: f64| {
+            d * (self.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (corr(self.beta_fast), corr(self.beta_slow));
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let (low, high) = (low.max(0.0), high.min(d - 1.0));
+        let high = if low == high { high + 0.001 } else { high };
+        (0..dim / 2)
+            .map(|i| {
+                let pos_freq = theta.powf((2 * i) as f64 / d) as f32;
+                let extra = 1.0 / pos_freq;
+                let inter = 1.0 / (self.factor as f32 * pos_freq);
+                let ramp = (((i as f64 - low) / (high - low)) as f32).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                inter * (1.0 - keep) + extra * keep
+            })
+            .collect()
+    }
 }
 
 /// Mixture-of-experts hyper-parameters.
@@ -480,6 +563,8 @@ impl ModelConfig {
             None => theta_in(global_params).unwrap_or(if g3 { 1_000_000.0 } else { 10000.0 }),
         };
         let rope_scaling = match hf.get("rope_scaling") {
+            // DeepSeek's YaRN is read into its own parameters (`deepseek_hf`).
+            _ if architecture.is_deepseek() => None,
             Some(rs) => parse_rope_scaling(path, rs)?,
             None => match global_params {
                 Some(rs) => parse_rope_scaling(path, rs)?,
@@ -668,7 +753,8 @@ impl ModelConfig {
         self.num_kv_heads = self.num_heads;
         self.head_dim = qk.max(d.v_head_dim);
         self.family.rotary_dim = None;
-        self.family.query_pre_attn_scalar = Some(qk as f64);
+        let m = d.yarn.as_ref().map_or(1.0, Yarn::softmax_factor);
+        self.family.query_pre_attn_scalar = Some(qk as f64 / (m * m));
     }
 
     /// Read the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...), with
@@ -1191,11 +1277,49 @@ fn deepseek_hf(
             1.0
         }),
         n_shared_experts: n_shared,
+        yarn: deepseek_yarn(hf)?,
     };
     if d.qk_rope_head_dim % 2 != 0 {
         return Err(Error::config(hf.path, "qk_rope_head_dim must be even for RoPE"));
     }
     Ok((moe, d))
+}
+
+/// DeepSeek's RoPE scaling from `rope_scaling` (classic) or `rope_parameters`
+/// (transformers 5): none, or YaRN.
+fn deepseek_yarn(hf: &Hf<'_>) -> Result<Option<Yarn>> {
+    let Some(rs) = hf.get("rope_scaling").or_else(|| hf.get("rope_parameters")) else {
+        return Ok(None);
+    };
+    let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("");
+    let num = |key: &str| rs.get(key).filter(|v| !v.is_null()).and_then(Value::as_f64);
+    match ty {
+        "default" | "" => Ok(None),
+        "yarn" => {
+            let need = |key: &str| {
+                num(key).ok_or_else(|| {
+                    Error::config(
+                        hf.path,
+                        format!("yarn rope scaling: `{key}` missing or not a number"),
+                    )
+                })
+            };
+            Ok(Some(Yarn {
+                factor: need("factor")?,
+                original_max_position_embeddings: need("original_max_position_embeddings")?,
+                beta_fast: num("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: num("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0),
+                mscale: num("mscale"),
+                mscale_all_dim: num("mscale_all_dim"),
+                attention_factor: num("attention_factor"),
+                truncate: rs.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+            }))
+        }
+        other => Err(Error::config(
+            hf.path,
+            format!("DeepSeek rope scaling `{other}` is not supported (yarn)"),
+        )),
+    }
 }
 
 /// The DeepSeek keys of llama.cpp's `deepseek2` GGUF metadata: `attention.q_lora_rank`
@@ -1274,7 +1398,37 @@ fn deepseek_gguf(g: &GgufFile, cfg: &mut ModelConfig) -> Result<()> {
         topk_group,
         routed_scaling_factor: g.opt_f64(&key("expert_weights_scale"))?.unwrap_or(1.0),
         n_shared_experts: n_shared,
+        yarn: match g.opt_str(&key("rope.scaling.type")) {
+            Some("yarn") => {
+                let need = |s: &str| {
+                    g.opt_f64(&key(s))?.ok_or_else(|| {
+                        Error::config(path, format!("missing metadata key `{}`", key(s)))
+                    })
+                };
+                // llama.cpp keeps 0.1 · mscale_all_dim as yarn_log_multiplier and assumes
+                // mscale = mscale_all_dim (rotated dims unscaled).
+                let m = g.opt_f64(&key("rope.scaling.yarn_log_multiplier"))?.map(|v| v / 0.1);
+                Some(Yarn {
+                    factor: need("rope.scaling.factor")?,
+                    original_max_position_embeddings: need("rope.scaling.original_context_length")?,
+                    beta_fast: g.opt_f64(&key("rope.scaling.yarn_beta_fast"))?.unwrap_or(32.0),
+                    beta_slow: g.opt_f64(&key("rope.scaling.yarn_beta_slow"))?.unwrap_or(1.0),
+                    mscale: m,
+                    mscale_all_dim: m,
+                    attention_factor: None,
+                    truncate: true,
+                })
+            }
+            Some("none") | None => None,
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    format!("DeepSeek rope scaling `{other}` is not supported (yarn)"),
+                ))
+            }
+        },
     };
+    cfg.rope_scaling = None;
     cfg.family.deepseek = Some(d.clone());
     cfg.set_mla_shapes(d);
     Ok(())

@@ -8,7 +8,10 @@ differs from the query/key width 20); dense MLP 96 wide; routed experts 16 wide.
   deepseek_v2  DeepseekV2ForCausalLM: q_lora_rank 32 (q_a_proj -> q_a_layernorm -> q_b_proj),
                6 routed experts, top-2 of a softmax with topk_method group_limited_greedy
                (n_group 3, topk_group 2), routed_scaling_factor 1.5, 2 shared experts (32 wide),
-               first_k_dense_replace 0 (both layers sparse). RoPE on the interleaved pairs.
+               first_k_dense_replace 0 (both layers sparse). RoPE on the interleaved pairs,
+               YaRN-scaled (factor 4, original context 32, mscale 1, mscale_all_dim 0.8: blended
+               frequencies, rotated dims times the attention factor, softmax scale times
+               mscale(4, 0.8)^2).
   deepseek_v3  DeepseekV3ForCausalLM: q_lora_rank null (plain q_proj), 8 routed experts, top-3
                of sigmoid scores picked with the e_score_correction_bias inside the best 2 of
                4 groups, norm_topk_prob, routed_scaling_factor 2.5, 1 shared expert,
@@ -131,11 +134,16 @@ SPECS = [
     ("deepseek_v2", DeepseekV2ForCausalLM, DeepseekV2Config,
      dict(COMMON, q_lora_rank=32, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2,
           topk_method="group_limited_greedy", n_group=2, topk_group=1,
-          routed_scaling_factor=1.5, first_k_dense_replace=0, rope_theta=10000.0),
-     [dict(topk_method="greedy"), dict(routed_scaling_factor=1.0)],
+          routed_scaling_factor=1.5, first_k_dense_replace=0,
+          rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                               original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+                               mscale=1.0, mscale_all_dim=0.8)),
+     [dict(topk_method="greedy"), dict(routed_scaling_factor=1.0),
+      dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
      "DeepseekV2ForCausalLM: MLA with q_lora_rank 32, softmax top-2 of 6 experts, "
      "group_limited_greedy (2 groups of 3, the best 1 by max score), routed_scaling_factor 1.5, "
-     "2 shared experts (32 wide), both layers sparse, interleaved RoPE."),
+     "2 shared experts (32 wide), both layers sparse, interleaved RoPE with YaRN (factor 4, "
+     "original_max_position_embeddings 32, mscale 1, mscale_all_dim 0.8)."),
     ("deepseek_v3", DeepseekV3ForCausalLM, DeepseekV3Config,
      dict(COMMON, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
           n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,

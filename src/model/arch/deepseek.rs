@@ -13,7 +13,9 @@
 //!   interleaved pairs `(2i, 2i+1)` (V2 always, V3 with `rope_interleave`; otherwise on the
 //!   halves `(i, i + d_rope/2)`). transformers' V3 writes the rotated pairs de-interleaved,
 //!   the same permutation for q and k, which leaves every score unchanged;
-//! * `att = softmax(q·k / √(d_nope + d_rope) + causal mask) · v`, then `o_proj`.
+//! * `att = softmax(q·k / √(d_nope + d_rope) + causal mask) · v`, then `o_proj`. With YaRN
+//!   `rope_scaling` ([`Yarn`]) the frequencies are blended, the rotated dims scaled by the
+//!   attention factor and the softmax scale by `mscale(factor, mscale_all_dim)²`.
 //!   The two small norms use transformers' fixed epsilon 1e-6. The KV cache holds the
 //!   expanded per-head keys and values, each padded with zeros to `head_dim = max(d_nope +
 //!   d_rope, d_v)` so that [`shared::attend`] runs MLA as ordinary attention.
@@ -43,6 +45,7 @@
 //! the expert index. The router's entropy is that of the scores `s` normalized to sum to 1.
 //!
 //! [`ExpertSpikes`]: crate::hooks::ExpertSpikes
+//! [`Yarn`]: crate::model::config::Yarn
 
 use crate::backend::cpu::{self, AttnParams};
 use crate::hooks::HookKind;
@@ -192,16 +195,42 @@ pub fn route(z: &[f32], bias: Option<&[f32]>, d: &DeepseekParams, m: &MoeParams)
     Route { experts, weights, entropy }
 }
 
+/// RoPE of the rotated dims: inverse frequencies, and the factor on cos and sin (YaRN's
+/// attention factor, else 1).
+struct Rotary {
+    inv_freq: Vec<f32>,
+    factor: f32,
+}
+
+impl Rotary {
+    fn new(c: &ModelConfig, d: &DeepseekParams) -> Self {
+        let rd = d.qk_rope_head_dim;
+        match &d.yarn {
+            Some(y) => Rotary {
+                inv_freq: y.inv_freq(c.rope_theta, rd),
+                factor: y.attention_factor() as f32,
+            },
+            None => Rotary {
+                inv_freq: (0..rd / 2)
+                    .map(|k| (1.0 / c.rope_theta.powf((2 * k) as f64 / rd as f64)) as f32)
+                    .collect(),
+                factor: 1.0,
+            },
+        }
+    }
+}
+
 /// Rotate the `d_rope` dims at `x[at..]` of every `stride`-wide chunk of `x` (one chunk per
 /// head of a token at position `pos`): pairs `(2i, 2i+1)` when `interleave`, else
 /// `(i, i + d/2)`.
-fn rope(x: &mut [f32], stride: usize, at: usize, inv_freq: &[f32], pos: usize, interleave: bool) {
-    let half = inv_freq.len();
-    let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+fn rope(x: &mut [f32], stride: usize, at: usize, rot: &Rotary, pos: usize, interleave: bool) {
+    let half = rot.inv_freq.len();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = rot
+        .inv_freq
         .iter()
         .map(|&f| {
             let a = (pos as f32 * f) as f64;
-            (a.cos() as f32, a.sin() as f32)
+            (a.cos() as f32 * rot.factor, a.sin() as f32 * rot.factor)
         })
         .unzip();
     for chunk in x.chunks_mut(stride) {
@@ -224,7 +253,7 @@ fn mla(
     l: usize,
     xn: &[f32],
     pos0: usize,
-    inv_freq: &[f32],
+    rot: &Rotary,
 ) -> Result<Vec<f32>> {
     let c = &model.config;
     let w = &model.weights;
@@ -264,9 +293,9 @@ fn mla(
     for tok in 0..t {
         let pos = pos0 + tok;
         let qrow = &mut q[tok * nh * qk..(tok + 1) * nh * qk];
-        rope(qrow, qk, nope, inv_freq, pos, d.rope_interleave);
+        rope(qrow, qk, nope, rot, pos, d.rope_interleave);
         let kr = &mut k_rope[tok * rd..(tok + 1) * rd];
-        rope(kr, rd, 0, inv_freq, pos, d.rope_interleave);
+        rope(kr, rd, 0, rot, pos, d.rope_interleave);
         for n in 0..nh {
             let o = (tok * nh + n) * hd;
             qp[o..o + qk].copy_from_slice(&qrow[n * qk..(n + 1) * qk]);
@@ -323,9 +352,7 @@ pub fn forward(
     let w = &model.weights;
     let (d, m) = (params(c)?, moe::params(c)?);
     let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-    let rd = d.qk_rope_head_dim;
-    let inv_freq: Vec<f32> =
-        (0..rd / 2).map(|k| (1.0 / c.rope_theta.powf((2 * k) as f64 / rd as f64)) as f32).collect();
+    let rot = Rotary::new(c, d);
     let weight = |name: &str| -> Result<&[f32]> { Ok(&w.get(&format!("{name}.weight"))?.data) };
 
     let (mut x, pos0, first) = shared::input_stream(w, input, cache.len, h)?;
@@ -336,7 +363,7 @@ pub fn forward(
         let p = format!("model.layers.{l}");
         hook(&mut opts.hooks, l, HookKind::ResidPre, &mut x, h, pos0);
         cpu::rmsnorm(&x, weight(&format!("{p}.input_layernorm"))?, eps, &mut xn, h);
-        let att = mla(model, &mut opts, cache, l, &xn, pos0, &inv_freq)?;
+        let att = mla(model, &mut opts, cache, l, &xn, pos0, &rot)?;
         let vw = c.num_heads * d.v_head_dim;
         cpu::linear(&att, weight(&format!("{p}.self_attn.o_proj"))?, None, &mut proj, t, vw, h);
         hook(&mut opts.hooks, l, HookKind::AttnOut, &mut proj, h, pos0);
