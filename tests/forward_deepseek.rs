@@ -230,6 +230,63 @@ fn spike_statistics_cover_dense_and_expert_down_projections() {
         assert_eq!((e.input.len(), e.output.len()), (16, 64));
         assert!(e.output.iter().any(|m| m.abs > 0.0));
     }
+    assert!(dense.shared.is_none());
+    let sh = sparse.shared.as_ref().unwrap();
+    assert_eq!(sh.selected, tokens.len() as u64);
+    assert_eq!((sh.input.len(), sh.output.len()), (16, 64));
+
+    // The shared experts' maxima are those of their down_proj, recomputed here.
+    let w = |n: &str| m.weights.get(&format!("model.layers.1.mlp.shared_experts.{n}.weight"));
+    let (gate, up, down) =
+        (&w("gate_proj").unwrap().data, &w("up_proj").unwrap().data, &w("down_proj").unwrap().data);
+    let mid = std::sync::Mutex::new(Vec::new());
+    let mut hooks = Hooks::new();
+    hooks.add(HookPoint { layer: 1, kind: HookKind::ResidMid }, |_, a| {
+        mid.lock().unwrap().extend_from_slice(a.data)
+    });
+    m.forward(
+        &tokens,
+        &mut KvCache::new(&m),
+        ForwardOptions { hooks: Some(&mut hooks), stats: None, logits: Logits::None },
+    )
+    .unwrap();
+    drop(hooks);
+    let x = mid.into_inner().unwrap();
+    let norm = &m.weights.get("model.layers.1.post_attention_layernorm.weight").unwrap().data;
+    let h = c.hidden_size;
+    let (mut best_in, mut best_out) = ((0f32, 0usize, 0usize), (0f32, 0usize, 0usize));
+    for (tok, row) in x.chunks(h).enumerate() {
+        let rms = (row.iter().map(|v| v * v).sum::<f32>() / h as f32 + 1e-6).sqrt();
+        let xn: Vec<f32> = row.iter().zip(norm).map(|(v, w)| v / rms * w).collect();
+        let dot = |w: &[f32], x: &[f32]| w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+        let a: Vec<f32> = gate
+            .chunks(h)
+            .zip(up.chunks(h))
+            .map(|(g, u)| {
+                let g = dot(g, &xn);
+                g / (1.0 + (-g).exp()) * dot(u, &xn)
+            })
+            .collect();
+        for (col, v) in a.iter().enumerate() {
+            if v.abs() > best_in.0 {
+                best_in = (v.abs(), tok, col);
+            }
+        }
+        for (r, wr) in down.chunks(16).enumerate() {
+            let y = dot(wr, &a);
+            if y.abs() > best_out.0 {
+                best_out = (y.abs(), tok, r);
+            }
+        }
+    }
+    let peak = |v: &[swk::hooks::ChannelMax]| {
+        let (i, m) = v.iter().enumerate().max_by(|a, b| a.1.abs.total_cmp(&b.1.abs)).unwrap();
+        (m.abs, m.position, i)
+    };
+    for (got, want) in [(peak(&sh.input), best_in), (peak(&sh.output), best_out)] {
+        assert_eq!((got.1, got.2), (want.1, want.2));
+        assert!((got.0 - want.0).abs() <= 1e-4 * want.0, "{got:?} vs {want:?}");
+    }
 }
 
 fn swk(args: &[&str]) -> (bool, String, String) {

@@ -41,14 +41,16 @@
 //!
 //! Hooks and spike statistics as in [`moe`]: dense layers report `mlp.hook_pre/_pre_linear/
 //! _post` and the usual down_proj input/output statistics; a sparse layer's `output` is the
-//! block's whole write, its `input` stays empty, and per routed expert [`ExpertSpikes`] carry
-//! the expert index. The router's entropy is that of the scores `s` normalized to sum to 1.
+//! block's whole write, its `input` stays empty, per routed expert [`ExpertSpikes`] carry
+//! the expert index, and `shared` holds the same maxima for the shared experts' down_proj
+//! (input per column, output per row before the sum). The router's entropy is that of the
+//! scores `s` normalized to sum to 1.
 //!
 //! [`ExpertSpikes`]: crate::hooks::ExpertSpikes
 //! [`Yarn`]: crate::model::config::Yarn
 
 use crate::backend::cpu::{self, AttnParams};
-use crate::hooks::HookKind;
+use crate::hooks::{ChannelMax, ExpertSpikes, HookKind};
 use crate::model::arch::moe::{self, Route};
 use crate::model::arch::shared::{self, hook};
 use crate::model::arch::{ForwardOptions, Input, KvCache};
@@ -335,7 +337,18 @@ fn sparse_mlp(
     let mut out = moe::routed_experts(model, opts, l, xn, pos0, &routes)?;
     if let Some(si) = m.shared_expert_intermediate {
         let prefix = format!("model.layers.{l}.mlp.shared_experts");
-        let (_, y) = moe::swiglu(w, &prefix, xn, t, h, si)?;
+        let (a, y) = moe::swiglu(w, &prefix, xn, t, h, si)?;
+        if let Some(s) = opts.stats.as_deref_mut() {
+            let sh = s.layers[l].shared.get_or_insert_with(|| ExpertSpikes {
+                input: vec![ChannelMax::default(); si],
+                output: vec![ChannelMax::default(); h],
+                ..Default::default()
+            });
+            sh.selected += t as u64;
+            sh.weight_sum += t as f64;
+            cpu::column_max(&a, si, pos0, &mut sh.input);
+            cpu::column_max(&y, h, pos0, &mut sh.output);
+        }
         out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
     }
     Ok(out)
