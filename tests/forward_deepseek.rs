@@ -383,3 +383,36 @@ fn classic_config_and_bad_settings() {
     let e = ModelConfig::from_hf_value(path, &j).unwrap_err().to_string();
     assert!(e.contains("x/config.json") && e.contains("dynamic"), "{e}");
 }
+
+/// llama.cpp's DeepSeek tensor names, including the older unsplit `attn_kv_b`, map to the HF
+/// names; a split MLA layer with only one half is refused naming the file.
+#[test]
+fn gguf_names_and_split_kv_b_errors() {
+    use swk::model::arch::deepseek::merge_kv_b;
+    use swk::model::load::hf_name_for;
+    let a = Architecture::DeepseekV2;
+    for (g, hf) in [
+        ("blk.3.attn_kv_b.weight", "model.layers.3.self_attn.kv_b_proj.weight"),
+        ("blk.3.attn_q_a.weight", "model.layers.3.self_attn.q_a_proj.weight"),
+        ("blk.3.attn_q_a_norm.weight", "model.layers.3.self_attn.q_a_layernorm.weight"),
+        ("blk.3.attn_q_b.weight", "model.layers.3.self_attn.q_b_proj.weight"),
+        ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+        ("blk.3.attn_kv_a_mqa.weight", "model.layers.3.self_attn.kv_a_proj_with_mqa.weight"),
+        ("blk.3.attn_kv_a_norm.weight", "model.layers.3.self_attn.kv_a_layernorm.weight"),
+        ("blk.3.exp_probs_b.bias", "model.layers.3.mlp.gate.e_score_correction_bias"),
+        ("blk.3.ffn_down_shexp.weight", "model.layers.3.mlp.shared_experts.down_proj.weight"),
+        ("blk.3.ffn_gate_inp.weight", "model.layers.3.mlp.gate.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+    ] {
+        assert_eq!(hf_name_for(a, g).as_deref(), Some(hf), "{g}");
+    }
+    assert_eq!(deepseek::split_kv_b_name("blk.12.attn_k_b.weight"), Some((12, true)));
+    assert_eq!(deepseek::split_kv_b_name("blk.12.attn_v_b.weight"), Some((12, false)));
+
+    let mut m = load(&tiny("deepseek_v3"));
+    let k = swk::model::Tensor::new("k", vec![4, 24, 12], vec![0.0; 4 * 24 * 12], "F32").unwrap();
+    let parts = std::collections::BTreeMap::from([(1, (Some(k), None))]);
+    let path = std::path::Path::new("some/model.gguf");
+    let e = merge_kv_b(&m.config, parts, &mut m.weights, path).unwrap_err().to_string();
+    assert!(e.contains("some/model.gguf") && e.contains("attn_v_b"), "{e}");
+}

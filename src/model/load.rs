@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::io::gguf::GgufFile;
 use crate::io::tokenizer::Tokenizer;
 use crate::io::{hub, safetensors};
+use crate::model::arch::deepseek;
 use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
 
@@ -212,7 +213,21 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     );
     // llama.cpp stores Gemma's RMSNorm weights as 1 + w; swk keeps the HF weight w.
     let gemma = matches!(arch, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3);
+    // DeepSeek's split MLA tensors (attn_k_b, attn_v_b), merged into kv_b_proj after the loop.
+    let mut split_kv_b = std::collections::BTreeMap::new();
     for t in &g.tensors {
+        if let Some((layer, is_k)) =
+            arch.is_deepseek().then(|| deepseek::split_kv_b_name(&t.name)).flatten()
+        {
+            let part = Tensor::new(&t.name, t.shape(), g.dequantize(t)?, t.ty.name())?;
+            let e: &mut (Option<Tensor>, Option<Tensor>) = split_kv_b.entry(layer).or_default();
+            if is_k {
+                e.0 = Some(part);
+            } else {
+                e.1 = Some(part);
+            }
+            continue;
+        }
         // Stacked experts `blk.L.ffn_{gate,up,down}_exps` ([E, I, H] / [E, H, I]) become one
         // tensor per expert under HF's per-expert names.
         if let Some((layer, what)) = expert_stack(&t.name) {
@@ -260,6 +275,9 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             shape
         };
         weights.insert(name.clone(), Tensor::new(&name, shape, data, t.ty.name())?);
+    }
+    if !split_kv_b.is_empty() {
+        deepseek::merge_kv_b(&config, split_kv_b, &mut weights, path)?;
     }
     let tokenizer = Some(Tokenizer::from_gguf(&g)?);
     let model = Model {

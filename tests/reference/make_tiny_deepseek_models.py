@@ -17,10 +17,12 @@ differs from the query/key width 20); dense MLP 96 wide; routed experts 16 wide.
                4 groups, norm_topk_prob, routed_scaling_factor 2.5, 1 shared expert,
                first_k_dense_replace 1 (layer 0 dense), rope_interleave true.
 
-Plus deepseek_v3_gguf/model.gguf: the deepseek_v3 weights, bit for bit, as llama.cpp writes
-DeepSeek-V3 (`general.architecture = deepseek2`, attn_q / attn_kv_a_mqa / attn_kv_a_norm /
-attn_kv_b, ffn_gate_inp, exp_probs_b.bias, stacked ffn_{gate,up,down}_exps, *_shexp, dense
-ffn_* in layer 0, sigmoid gating metadata), checked against deepseek_v3/reference.json.
+Plus deepseek_v3_gguf/model.gguf: the deepseek_v3 weights, bit for bit, as current llama.cpp
+writes DeepSeek-V3 (`general.architecture = deepseek2`, attn_q / attn_kv_a_mqa / attn_kv_a_norm,
+kv_b_proj split per head into attn_k_b [H, kv_lora, nope] (transposed) and attn_v_b
+[H, v, kv_lora] with attention.key_length(_mla) / value_length(_mla), ffn_gate_inp,
+exp_probs_b.bias, stacked ffn_{gate,up,down}_exps, *_shexp, dense ffn_* in layer 0, sigmoid
+gating metadata), checked against deepseek_v3/reference.json.
 
 Every directory gets config.json, model.safetensors (float32, transformers' own per-expert
 layout), tokenizer.json (copied from tests/fixtures/tiny/llama) and reference.json: text, token
@@ -211,7 +213,7 @@ GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
     "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
     "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
-    "self_attn.kv_b_proj": "attn_kv_b", "self_attn.o_proj": "attn_output",
+    "self_attn.o_proj": "attn_output",
     "mlp.gate": "ffn_gate_inp", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
     "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp",
@@ -245,8 +247,12 @@ def build_gguf(src, name):
     if cfg.q_lora_rank is not None:
         w.add_q_lora_rank(cfg.q_lora_rank)
     w.add_kv_lora_rank(cfg.kv_lora_rank)
-    w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    w.add_value_length(cfg.v_head_dim)
+    # Current llama.cpp (MLA absorption): key/value lengths of the latent cache, the per-head
+    # widths as *_mla.
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
     w.add_leading_dense_block_count(cfg.first_k_dense_replace)
     w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -280,6 +286,16 @@ def build_gguf(src, name):
                 w.add_tensor(f"blk.{l}.ffn_up_exps.weight", np.ascontiguousarray(v[:, i:]))
             else:
                 w.add_tensor(f"blk.{l}.ffn_down_exps.weight", np.ascontiguousarray(v))
+            continue
+        if rest == "self_attn.kv_b_proj":
+            # llama.cpp's converter: per head, k_b = k_nope rows transposed [H, kv_lora, nope],
+            # v_b = v rows [H, v, kv_lora].
+            nh, nope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+            kv_b = v.reshape(nh, nope + vd, v.shape[-1])
+            k_b = np.ascontiguousarray(kv_b[:, :nope, :].transpose(0, 2, 1))
+            v_b = np.ascontiguousarray(kv_b[:, nope:, :])
+            w.add_tensor(f"blk.{l}.attn_k_b.weight", k_b)
+            w.add_tensor(f"blk.{l}.attn_v_b.weight", v_b)
             continue
         if rest == "mlp.gate" and kind == "e_score_correction_bias":
             w.add_tensor(f"blk.{l}.exp_probs_b.bias", np.ascontiguousarray(v))

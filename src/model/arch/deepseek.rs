@@ -36,7 +36,8 @@
 //!
 //! Routed experts live under the per-expert names of [`moe::expert_name`] (transformers 5
 //! saves them so; a fused `gate_up_proj`/`down_proj` is split on load by
-//! [`moe::normalize_hf`]), so `--edit model.layers.L.mlp.experts.E.down_proj.weight[R,C]` and
+//! [`moe::normalize_hf`]), llama.cpp's split `attn_k_b`/`attn_v_b` are merged back into
+//! `kv_b_proj` ([`merge_kv_b`]), so `--edit model.layers.L.mlp.experts.E.down_proj.weight[R,C]` and
 //! `model.layers.L.mlp.shared_experts.down_proj.weight[R,C]` address single weights.
 //!
 //! Hooks and spike statistics as in [`moe`]: dense layers report `mlp.hook_pre/_pre_linear/
@@ -55,7 +56,7 @@ use crate::model::arch::moe::{self, Route};
 use crate::model::arch::shared::{self, hook};
 use crate::model::arch::{ForwardOptions, Input, KvCache};
 use crate::model::config::{DeepseekParams, GroupScore, MoeParams};
-use crate::model::{Model, ModelConfig};
+use crate::model::{Model, ModelConfig, Tensor, Weights};
 use crate::{Error, Result};
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with its
@@ -74,6 +75,64 @@ pub fn params(c: &ModelConfig) -> Result<&DeepseekParams> {
 /// `model.layers.{l}.mlp.gate.e_score_correction_bias`, `[experts]`.
 pub fn bias_name(l: usize) -> String {
     format!("model.layers.{l}.mlp.gate.e_score_correction_bias")
+}
+
+/// `(layer, is_k)` of llama.cpp's split MLA tensors `blk.L.attn_k_b.weight` (`true`) and
+/// `blk.L.attn_v_b.weight` (`false`).
+pub fn split_kv_b_name(gguf_name: &str) -> Option<(usize, bool)> {
+    let (layer, rest) = gguf_name.strip_prefix("blk.")?.split_once('.')?;
+    let is_k = match rest {
+        "attn_k_b.weight" => true,
+        "attn_v_b.weight" => false,
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, is_k))
+}
+
+/// Rebuild HF's `kv_b_proj` (`[heads · (d_nope + d_v), kv_lora_rank]`, per head k_nope rows
+/// then v rows) from llama.cpp's split `k_b` (`[heads, kv_lora_rank, d_nope]`, transposed per
+/// head) and `v_b` (`[heads, d_v, kv_lora_rank]`) of every layer in `parts`; errors name
+/// `path`.
+pub fn merge_kv_b(
+    c: &ModelConfig,
+    parts: std::collections::BTreeMap<usize, (Option<Tensor>, Option<Tensor>)>,
+    w: &mut Weights,
+    path: &std::path::Path,
+) -> Result<()> {
+    let d = params(c)?;
+    let (nh, nope, vd, kvr) = (c.num_heads, d.qk_nope_head_dim, d.v_head_dim, d.kv_lora_rank);
+    for (l, (k, v)) in parts {
+        let (Some(k), Some(v)) = (k, v) else {
+            return Err(Error::format(
+                path,
+                format!("layer {l} has only one of attn_k_b / attn_v_b"),
+            ));
+        };
+        if k.shape != [nh, kvr, nope] || v.shape != [nh, vd, kvr] {
+            return Err(Error::format(
+                path,
+                format!(
+                    "layer {l}: attn_k_b {:?} / attn_v_b {:?}, expected {:?} / {:?}",
+                    k.shape,
+                    v.shape,
+                    [nh, kvr, nope],
+                    [nh, vd, kvr]
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(nh * (nope + vd) * kvr);
+        for n in 0..nh {
+            let kh = &k.data[n * kvr * nope..(n + 1) * kvr * nope];
+            for j in 0..nope {
+                data.extend((0..kvr).map(|r| kh[r * nope + j]));
+            }
+            data.extend_from_slice(&v.data[n * vd * kvr..(n + 1) * vd * kvr]);
+        }
+        let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
+        let t = Tensor::new(&name, vec![nh * (nope + vd), kvr], data, &k.source_dtype)?;
+        w.insert(name, t);
+    }
+    Ok(())
 }
 
 /// Check names and shapes of every tensor the forward pass reads.
