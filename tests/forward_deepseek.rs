@@ -330,6 +330,13 @@ fn cli_info_and_experts() {
     let (ok, out, err) = swk(&["info", &format!("{}/model.gguf", tiny("deepseek_v3_gguf"))]);
     assert!(ok, "{err}");
     assert!(out.contains("architecture  deepseek3"), "{out}");
+    let (ok, out, err) = swk(&["info", &tiny("deepseek_v3"), "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["architecture"], "deepseek3");
+    assert_eq!(j["config"]["architecture"], "deepseek3");
+    assert_eq!(j["config"]["family"]["deepseek"]["group_score"], "top2_sum");
+    assert_eq!(j["config"]["family"]["deepseek"]["kv_lora_rank"], 24);
 
     for (name, top_k, experts, layers) in [("deepseek_v2", 2, 6, 2), ("deepseek_v3", 3, 8, 1)] {
         let (ok, out, err) =

@@ -45,8 +45,10 @@ pub enum Architecture {
     /// Qwen3-MoE (Qwen3 attention, top-k experts).
     Qwen3Moe,
     /// DeepSeek-V2 (multi-head latent attention, softmax-routed experts plus shared experts).
+    #[serde(rename = "deepseek2")]
     DeepseekV2,
     /// DeepSeek-V3 (DeepSeek-V2 with sigmoid routing, a selection bias and expert groups).
+    #[serde(rename = "deepseek3")]
     DeepseekV3,
 }
 
