@@ -315,6 +315,35 @@ fn kv_cache_continuation_matches_one_pass() {
     }
 }
 
+/// Resuming at block 1 from its input residual stream and a cache of the unedited run gives
+/// the logits of the full pass (what ablation re-runs rely on).
+#[test]
+fn residual_resume_matches_full_pass() {
+    use swk::model::arch::Input;
+    for name in ["deepseek_v2", "deepseek_v3"] {
+        let m = load(&tiny(name));
+        let tokens = common::tokens(&common::json(&format!("tiny/{name}/reference.json")));
+        let x1 = std::sync::Mutex::new(Vec::new());
+        let mut hooks = Hooks::new();
+        hooks.add(HookPoint { layer: 1, kind: HookKind::ResidPre }, |_, a| {
+            x1.lock().unwrap().extend_from_slice(a.data)
+        });
+        let mut cache = KvCache::new(&m);
+        let full = m
+            .forward(
+                &tokens,
+                &mut cache,
+                ForwardOptions { hooks: Some(&mut hooks), stats: None, logits: Logits::All },
+            )
+            .unwrap();
+        drop(hooks);
+        let x = x1.into_inner().unwrap();
+        let input = Input::Residual { layer: 1, x: &x, pos0: 0 };
+        let got = m.forward_input(input, &mut cache.clone(), ForwardOptions::default()).unwrap();
+        assert_eq!(got, full, "{name}");
+    }
+}
+
 /// `swk info` names the family; `swk experts` reports router statistics on both.
 #[test]
 fn cli_info_and_experts() {
