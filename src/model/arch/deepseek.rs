@@ -18,7 +18,7 @@
 //!   attention factor and the softmax scale by `mscale(factor, mscale_all_dim)²`.
 //!   The two small norms use transformers' fixed epsilon 1e-6. The KV cache holds the
 //!   expanded per-head keys and values, each padded with zeros to `head_dim = max(d_nope +
-//!   d_rope, d_v)` so that [`shared::attend`] runs MLA as ordinary attention.
+//!   d_rope, d_v)` so that the shared attention step runs MLA as ordinary attention.
 //!
 //! MLP on `h = rmsnorm(x)` (`post_attention_layernorm`): the first `first_k_dense_replace`
 //! layers run a dense SwiGLU (`mlp.gate_proj/up_proj/down_proj`). The others route:
@@ -143,6 +143,12 @@ pub fn validate(model: &Model) -> Result<()> {
     let m = moe::params(c)?;
     let (h, i, nh) = (c.hidden_size, c.intermediate_size, c.num_heads);
     let qk = d.qk_nope_head_dim + d.qk_rope_head_dim;
+    if c.family.hidden_act != crate::model::config::HiddenAct::Silu {
+        return Err(Error::Invalid(format!(
+            "{}: only SiLU experts are supported",
+            c.architecture.name()
+        )));
+    }
     if m.top_k == 0 || m.top_k > m.num_experts {
         return Err(Error::Invalid(format!(
             "top-{} routing over {} experts",
