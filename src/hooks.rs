@@ -192,6 +192,10 @@ pub struct LayerSpikes {
     /// otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub experts: Vec<ExpertSpikes>,
+    /// The always-on shared experts' down_proj in a DeepSeek mixture-of-experts layer
+    /// (`model.layers.L.mlp.shared_experts.down_proj.weight`; every token counts, weight 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<ExpertSpikes>,
     /// Tokens the router of a mixture-of-experts layer has seen.
     pub routed_tokens: u64,
     /// Sum over those tokens of the entropy (nats) of the router's softmax.
@@ -272,6 +276,7 @@ impl SpikeStats {
             l.input.fill(ChannelMax::default());
             l.output.fill(ChannelMax::default());
             l.experts.clear();
+            l.shared = None;
             l.routed_tokens = 0;
             l.router_entropy_sum = 0.0;
         }

@@ -110,11 +110,14 @@ fn smollm2_q4_1_reads_lazily_equal_eager_loading() {
 
 #[test]
 fn families_renamed_at_load_are_refused_clearly() {
-    for name in ["gpt2", "gpt_neox", "mixtral"] {
+    for name in ["gpt2", "gpt_neox", "mixtral", "deepseek_v2"] {
         let dir = fixture(&format!("tiny/{name}"));
         let e = LazyModel::open(dir.to_str().unwrap()).err().expect("refused").to_string();
         assert!(e.contains(dir.to_str().unwrap()) && e.contains("GGUF"), "{e}");
     }
+    let ds = fixture("tiny/deepseek_v3_gguf/model.gguf");
+    let e = LazyModel::open(ds.to_str().unwrap()).err().expect("refused").to_string();
+    assert!(e.contains("model.gguf") && e.contains("attn_k_b"), "{e}");
     let e = LazyModel::open("no/such/dir/here").err().expect("missing").to_string();
     assert!(e.contains("no/such/dir/here"), "{e}");
 }

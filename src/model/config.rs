@@ -8,6 +8,10 @@ use serde_json::Value;
 use crate::io::gguf::GgufFile;
 use crate::{Error, Result};
 
+mod deepseek;
+use deepseek::{deepseek_gguf, deepseek_hf};
+pub use deepseek::{DeepseekParams, GroupScore, Yarn};
+
 /// The architectures swk runs, as named in `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,12 +48,18 @@ pub enum Architecture {
     Qwen2Moe,
     /// Qwen3-MoE (Qwen3 attention, top-k experts).
     Qwen3Moe,
+    /// DeepSeek-V2 (multi-head latent attention, softmax-routed experts plus shared experts).
+    #[serde(rename = "deepseek2")]
+    DeepseekV2,
+    /// DeepSeek-V3 (DeepSeek-V2 with sigmoid routing, a selection bias and expert groups).
+    #[serde(rename = "deepseek3")]
+    DeepseekV3,
 }
 
 /// Comma-separated list of supported architecture names, for error messages.
 pub const SUPPORTED_ARCHITECTURES: &str =
     "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox, \
-     mixtral, olmoe, qwen2moe, qwen3moe";
+     mixtral, olmoe, qwen2moe, qwen3moe, deepseek2, deepseek3";
 
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
@@ -71,6 +81,9 @@ impl Architecture {
             "olmoe" => Some(Architecture::Olmoe),
             "qwen2_moe" | "qwen2moe" => Some(Architecture::Qwen2Moe),
             "qwen3_moe" | "qwen3moe" => Some(Architecture::Qwen3Moe),
+            // llama.cpp names both DeepSeek-V2 and -V3 `deepseek2` (see `from_gguf`).
+            "deepseek_v2" | "deepseekv2" | "deepseek2" => Some(Architecture::DeepseekV2),
+            "deepseek_v3" | "deepseekv3" | "deepseek3" => Some(Architecture::DeepseekV3),
             _ => None,
         }
     }
@@ -93,10 +106,13 @@ impl Architecture {
             "OlmoeForCausalLM" => Some(Architecture::Olmoe),
             "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
             "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
+            "DeepseekV2ForCausalLM" => Some(Architecture::DeepseekV2),
+            "DeepseekV3ForCausalLM" => Some(Architecture::DeepseekV3),
             _ => None,
         }
     }
-    /// The lowercase name (llama.cpp's `general.architecture` spelling).
+    /// The lowercase name (llama.cpp's `general.architecture` spelling; `deepseek3` for
+    /// DeepSeek-V3, which llama.cpp also calls `deepseek2`).
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
@@ -115,6 +131,8 @@ impl Architecture {
             Architecture::Olmoe => "olmoe",
             Architecture::Qwen2Moe => "qwen2moe",
             Architecture::Qwen3Moe => "qwen3moe",
+            Architecture::DeepseekV2 => "deepseek2",
+            Architecture::DeepseekV3 => "deepseek3",
         }
     }
     /// Whether the family routes tokens to mixture-of-experts MLPs.
@@ -125,7 +143,13 @@ impl Architecture {
                 | Architecture::Olmoe
                 | Architecture::Qwen2Moe
                 | Architecture::Qwen3Moe
+                | Architecture::DeepseekV2
+                | Architecture::DeepseekV3
         )
+    }
+    /// Whether the family is DeepSeek-V2/V3 (multi-head latent attention, shared experts).
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Architecture::DeepseekV2 | Architecture::DeepseekV3)
     }
     /// Whether the MLP is gated (`act(gate) ⊙ up`); GPT-2 and GPT-NeoX use `act(up)`.
     pub fn gated_mlp(self) -> bool {
@@ -189,6 +213,8 @@ pub struct FamilyParams {
     pub hidden_act: HiddenAct,
     /// Mixture-of-experts settings (MoE families only).
     pub moe: Option<MoeParams>,
+    /// DeepSeek-V2/V3 attention and routing settings (DeepSeek only).
+    pub deepseek: Option<DeepseekParams>,
 }
 
 /// Mixture-of-experts hyper-parameters.
@@ -418,6 +444,8 @@ impl ModelConfig {
             None => theta_in(global_params).unwrap_or(if g3 { 1_000_000.0 } else { 10000.0 }),
         };
         let rope_scaling = match hf.get("rope_scaling") {
+            // DeepSeek's YaRN is read into its own parameters (`deepseek_hf`).
+            _ if architecture.is_deepseek() => None,
             Some(rs) => parse_rope_scaling(path, rs)?,
             None => match global_params {
                 Some(rs) => parse_rope_scaling(path, rs)?,
@@ -523,10 +551,13 @@ impl ModelConfig {
             A::Gpt2 if !hf.bool_or("scale_attn_weights", true) => Some(1.0),
             _ => None,
         };
-        let moe = if architecture.is_moe() {
-            Some(moe_params(&hf, architecture, num_layers, intermediate_size)?)
+        let (moe, deepseek) = if architecture.is_deepseek() {
+            let (m, d) = deepseek_hf(&hf, architecture, num_layers)?;
+            (Some(m), Some(d))
+        } else if architecture.is_moe() {
+            (Some(moe_params(&hf, architecture, num_layers, intermediate_size)?), None)
         } else {
-            None
+            (None, None)
         };
         let family = FamilyParams {
             sliding_layers,
@@ -553,8 +584,9 @@ impl ModelConfig {
                 && hf.bool_or("scale_attn_by_inverse_layer_idx", false),
             hidden_act,
             moe,
+            deepseek,
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size,
@@ -580,6 +612,15 @@ impl ModelConfig {
             sliding_window,
             family,
         };
+        if let Some(d) = &cfg.family.deepseek {
+            if cfg.attention_bias || hf.bool_or("mlp_bias", false) {
+                return Err(Error::config(
+                    path,
+                    "DeepSeek with attention or MLP biases is not supported",
+                ));
+            }
+            cfg.set_mla_shapes(d.clone());
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -604,6 +645,14 @@ impl ModelConfig {
         let experts = g.get(&k("expert_count")).and_then(|v| v.as_u64()).unwrap_or(0);
         let architecture = match architecture {
             A::Llama | A::Mistral if experts > 0 => A::Mixtral,
+            // llama.cpp writes DeepSeek-V3 as `deepseek2` with sigmoid gating (and a selection
+            // bias `exp_probs_b`).
+            A::DeepseekV2 | A::DeepseekV3
+                if g.get(&k("expert_gating_func")).and_then(|v| v.as_u64()) == Some(2)
+                    || g.tensors.iter().any(|t| t.name.ends_with(".exp_probs_b.bias")) =>
+            {
+                A::DeepseekV3
+            }
             a => a,
         };
         let as_usize = |key: &str| -> Result<usize> {
@@ -738,8 +787,9 @@ impl ModelConfig {
             } else {
                 None
             },
+            deepseek: None,
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: as_usize("feed_forward_length")?,
@@ -761,6 +811,9 @@ impl ModelConfig {
             sliding_window,
             family,
         };
+        if architecture.is_deepseek() {
+            deepseek_gguf(g, &mut cfg)?;
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -835,6 +888,9 @@ impl ModelConfig {
 
     /// Approximate parameter count from the shapes (embedding, blocks, head).
     pub fn parameter_count(&self) -> u64 {
+        if let Some(d) = &self.family.deepseek {
+            return self.deepseek_parameter_count(d);
+        }
         let (h, i, l, v) = (
             self.hidden_size as u64,
             self.intermediate_size as u64,

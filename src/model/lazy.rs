@@ -23,7 +23,8 @@ use crate::io::gguf::GgufFile;
 use crate::io::safetensors::{self, MappedCheckpoint};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::load::{
-    gguf_layout_to_hf, gguf_source, gguf_targets, hf_source, hf_tokenizer, ModelPath,
+    gguf_layout_to_hf, gguf_source, gguf_targets, hf_source, hf_tokenizer, split_kv_b_part,
+    ModelPath,
 };
 use crate::model::{Architecture, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
@@ -106,6 +107,13 @@ impl LazyModel {
         let config = ModelConfig::from_gguf(&g)?;
         let mut entries = BTreeMap::new();
         for (i, t) in g.tensors.iter().enumerate() {
+            if split_kv_b_part(&config, &t.name).is_some() {
+                return Err(Error::Invalid(format!(
+                    "{}: lazy (streamed) loading of DeepSeek GGUF files with split \
+                     `attn_k_b`/`attn_v_b` tensors is not supported; load the model whole",
+                    path.display()
+                )));
+            }
             for target in gguf_targets(&g, &config, t)? {
                 let e = Entry { shape: target.shape, gguf: Some((i, target.expert)) };
                 entries.insert(target.name, e);

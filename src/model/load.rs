@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::io::gguf::GgufFile;
 use crate::io::tokenizer::Tokenizer;
 use crate::io::{hub, safetensors};
+use crate::model::arch::deepseek;
 use crate::model::{Architecture, Format, Model, ModelConfig, ModelSource, Tensor, Weights};
 use crate::{Error, Result};
 
@@ -148,6 +149,11 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
+    if arch.is_deepseek() {
+        if let Some(n) = deepseek_hf_name(part, kind) {
+            return Some(format!("model.layers.{layer}.{n}"));
+        }
+    }
     let special = match (arch, part) {
         (A::Gemma2 | A::Gemma3, "ffn_norm") => Some("pre_feedforward_layernorm"),
         (A::Gemma2 | A::Gemma3 | A::Olmo2, "post_attention_norm") => {
@@ -185,6 +191,25 @@ pub fn hf_name_for(arch: Architecture, gguf_name: &str) -> Option<String> {
         },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The HF name (after `model.layers.L.`) of llama.cpp's DeepSeek-only tensor `part.kind`:
+/// MLA projections and norms, the router's selection bias, the shared experts.
+fn deepseek_hf_name(part: &str, kind: &str) -> Option<String> {
+    let hf = match part {
+        "attn_q_a" => "self_attn.q_a_proj",
+        "attn_q_a_norm" => "self_attn.q_a_layernorm",
+        "attn_q_b" => "self_attn.q_b_proj",
+        "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
+        "attn_kv_b" => "self_attn.kv_b_proj",
+        "exp_probs_b" => return Some("mlp.gate.e_score_correction_bias".to_string()),
+        "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_experts.up_proj",
+        "ffn_down_shexp" => "mlp.shared_experts.down_proj",
+        _ => return None,
+    };
+    Some(format!("{hf}.{kind}"))
 }
 
 /// `(layer, projection)` of a llama.cpp stacked-experts tensor name
@@ -225,7 +250,19 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let g = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&g)?;
     let mut weights = Weights::new();
+    // DeepSeek's split MLA tensors (attn_k_b, attn_v_b), merged into kv_b_proj after the loop.
+    let mut split_kv_b = std::collections::BTreeMap::new();
     for t in &g.tensors {
+        if let Some((layer, is_k)) = split_kv_b_part(&config, &t.name) {
+            let part = Tensor::new(&t.name, t.shape(), g.dequantize(t)?, t.ty.name())?;
+            let e: &mut (Option<Tensor>, Option<Tensor>) = split_kv_b.entry(layer).or_default();
+            if is_k {
+                e.0 = Some(part);
+            } else {
+                e.1 = Some(part);
+            }
+            continue;
+        }
         let data = g.dequantize(t)?;
         let targets = gguf_targets(&g, &config, t)?;
         let parts: Vec<Vec<f32>> = match &targets[..] {
@@ -239,10 +276,19 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             weights.insert(target.name, tensor);
         }
     }
+    if !split_kv_b.is_empty() {
+        deepseek::merge_kv_b(&config, split_kv_b, &mut weights, path)?;
+    }
     let tokenizer = Some(Tokenizer::from_gguf(&g)?);
     let model = Model { config, weights, tokenizer, source: gguf_source(&g) };
     crate::model::arch::validate(&model)?;
     Ok(model)
+}
+
+/// `(layer, is_k)` of a DeepSeek GGUF's split MLA tensor (`blk.L.attn_k_b` / `attn_v_b`),
+/// which only together give HF's `kv_b_proj`.
+pub(crate) fn split_kv_b_part(config: &ModelConfig, gguf_name: &str) -> Option<(usize, bool)> {
+    config.architecture.is_deepseek().then(|| deepseek::split_kv_b_name(gguf_name)).flatten()
 }
 
 /// One tensor swk makes of a GGUF tensor: its name, HF shape, and which expert of a

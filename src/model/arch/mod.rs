@@ -1,6 +1,7 @@
 //! Forward passes, one module per architecture family, and what they share: the KV cache and
 //! the per-call options (hooks, spike statistics, which logits to compute).
 
+pub mod deepseek;
 pub mod gemma;
 pub mod gpt2;
 pub mod gpt_neox;
@@ -164,6 +165,9 @@ impl Model {
             | Architecture::Olmoe
             | Architecture::Qwen2Moe
             | Architecture::Qwen3Moe => moe::forward(self, input, cache, opts),
+            Architecture::DeepseekV2 | Architecture::DeepseekV3 => {
+                deepseek::forward(self, input, cache, opts)
+            }
         }
     }
 
@@ -188,5 +192,6 @@ pub fn validate(model: &Model) -> Result<()> {
         | Architecture::Olmoe
         | Architecture::Qwen2Moe
         | Architecture::Qwen3Moe => moe::validate(model),
+        Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek::validate(model),
     }
 }

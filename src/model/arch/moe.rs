@@ -211,7 +211,7 @@ pub fn route(logits: &[f32], top_k: usize, renormalize: bool) -> Route {
 
 /// `silu(xs · W_gateᵀ) ⊙ (xs · W_upᵀ)` then `· W_downᵀ` for `rows` rows: a SwiGLU MLP of
 /// width `i`. Returns (activation `[rows, i]`, output `[rows, h]`).
-fn swiglu(
+pub(crate) fn swiglu(
     w: &Weights,
     prefix: &str,
     xs: &[f32],
@@ -245,13 +245,45 @@ fn sparse_mlp(
     let c = &model.config;
     let w = &model.weights;
     let moe = params(c)?;
-    let (h, ei, ne) = (c.hidden_size, moe.expert_intermediate, moe.num_experts);
+    let (h, ne) = (c.hidden_size, moe.num_experts);
     let t = xn.len() / h;
     let mut logits = vec![0f32; t * ne];
     cpu::linear(xn, &w.get(&router_name(l))?.data, None, &mut logits, t, h, ne);
     let routes: Vec<Route> =
         logits.chunks(ne).map(|z| route(z, moe.top_k, moe.norm_topk_prob)).collect();
+    let mut out = routed_experts(model, opts, l, xn, pos0, &routes)?;
 
+    if let Some(si) = moe.shared_expert_intermediate {
+        let prefix = format!("model.layers.{l}.mlp.shared_expert");
+        let (_, y) = swiglu(w, &prefix, xn, t, h, si)?;
+        let mut g = vec![0f32; t];
+        let gw = &w.get(&format!("model.layers.{l}.mlp.shared_expert_gate.weight"))?.data;
+        cpu::linear(xn, gw, None, &mut g, t, h, 1);
+        for (tok, &z) in g.iter().enumerate() {
+            let s = 1.0 / (1.0 + (-z).exp());
+            let o = &mut out[tok * h..(tok + 1) * h];
+            o.iter_mut().zip(&y[tok * h..(tok + 1) * h]).for_each(|(o, y)| *o += s * y);
+        }
+    }
+    Ok(out)
+}
+
+/// `Σ_e w_e · y_e` per token of `xn` (`[t, h]`, first at `pos0`) over the experts `routes`
+/// give it, in layer `l`: each expert runs once on the tokens routed to it. Feeds the layer's
+/// router counters (tokens, entropy) and each expert's [`ExpertSpikes`].
+pub(crate) fn routed_experts(
+    model: &Model,
+    opts: &mut ForwardOptions<'_, '_>,
+    l: usize,
+    xn: &[f32],
+    pos0: usize,
+    routes: &[Route],
+) -> Result<Vec<f32>> {
+    let c = &model.config;
+    let w = &model.weights;
+    let moe = params(c)?;
+    let (h, ei, ne) = (c.hidden_size, moe.expert_intermediate, moe.num_experts);
+    let t = xn.len() / h;
     let mut stats = opts.stats.as_deref_mut().map(|s| &mut s.layers[l]);
     if let Some(s) = stats.as_deref_mut() {
         if s.experts.len() != ne {
@@ -298,19 +330,6 @@ fn sparse_mlp(
         for (r, &(tok, wt)) in picks.iter().enumerate() {
             let o = &mut out[tok * h..(tok + 1) * h];
             o.iter_mut().zip(&y[r * h..(r + 1) * h]).for_each(|(o, y)| *o += y * wt);
-        }
-    }
-
-    if let Some(si) = moe.shared_expert_intermediate {
-        let prefix = format!("model.layers.{l}.mlp.shared_expert");
-        let (_, y) = swiglu(w, &prefix, xn, t, h, si)?;
-        let mut g = vec![0f32; t];
-        let gw = &w.get(&format!("model.layers.{l}.mlp.shared_expert_gate.weight"))?.data;
-        cpu::linear(xn, gw, None, &mut g, t, h, 1);
-        for (tok, &z) in g.iter().enumerate() {
-            let s = 1.0 / (1.0 + (-z).exp());
-            let o = &mut out[tok * h..(tok + 1) * h];
-            o.iter_mut().zip(&y[tok * h..(tok + 1) * h]).for_each(|(o, y)| *o += s * y);
         }
     }
     Ok(out)
