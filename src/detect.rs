@@ -19,7 +19,7 @@ use crate::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
 use crate::eval::ppl;
 use crate::hooks::SpikeStats;
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
-use crate::model::ModelConfig;
+use crate::model::{Architecture, ModelConfig};
 use crate::{Error, Model, Result};
 
 /// What detection needs from a backend: the CPU [`Model`], or the CUDA backend's
@@ -144,6 +144,10 @@ pub struct SuperWeight {
     /// `tensor` is `model.layers.L.mlp.experts.E.down_proj.weight`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert: Option<usize>,
+    /// Whether it is in the always-on shared experts' down_proj of a mixture-of-experts layer
+    /// (DeepSeek's `mlp.shared_experts`, Qwen2-MoE's `mlp.shared_expert`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared_expert: bool,
     /// HF tensor name.
     pub tensor: String,
     /// The weight's value.
@@ -210,10 +214,27 @@ pub struct Detection {
     pub seconds: f64,
 }
 
+/// Which down_proj of a layer: the dense MLP's, a routed expert's, or the shared experts'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Dense,
+    Expert(usize),
+    Shared,
+}
+
+impl Part {
+    fn expert(self) -> Option<usize> {
+        match self {
+            Part::Expert(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// One raw spike found in a pass.
 struct Spike {
     layer: usize,
-    expert: Option<usize>,
+    part: Part,
     row: usize,
     col: usize,
     input: f32,
@@ -246,7 +267,7 @@ fn new_spikes<B: DetectBackend>(
         }
         let row = o.channel;
         let mut col = i.channel;
-        if fired.contains(&(layer, None, row, col)) {
+        if fired.contains(&(layer, Part::Dense, row, col)) {
             let w_row = model.down_proj_row(layer, row)?;
             let best = s
                 .input
@@ -258,7 +279,7 @@ fn new_spikes<B: DetectBackend>(
                 .filter(|&(_, contribution)| contribution > 0.0)
                 .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
             match best {
-                Some((c, _)) if !fired.contains(&(layer, None, row, c)) => col = c,
+                Some((c, _)) if !fired.contains(&(layer, Part::Dense, row, c)) => col = c,
                 _ => continue,
             }
         }
@@ -266,7 +287,7 @@ fn new_spikes<B: DetectBackend>(
         let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
         out.push(Spike {
             layer,
-            expert: None,
+            part: Part::Dense,
             row,
             col,
             input: x.value,
@@ -280,8 +301,8 @@ fn new_spikes<B: DetectBackend>(
     Ok(out)
 }
 
-/// A candidate's identity: layer, expert (MoE layers), row, column.
-type Key = (usize, Option<usize>, usize, usize);
+/// A candidate's identity: layer, which down_proj, row, column.
+type Key = (usize, Part, usize, usize);
 
 /// The paper's rule inside each routed expert of a mixture-of-experts layer: row = argmax of
 /// the expert's |down_proj output|, col = argmax of its |down_proj input|, both above the
@@ -301,17 +322,18 @@ fn expert_spikes(
         a.sort_by(f32::total_cmp);
         a.get(a.len() / 2).copied().unwrap_or(0.0)
     };
-    for (e, es) in s.experts.iter().enumerate() {
+    let parts = s.experts.iter().enumerate().map(|(e, es)| (Part::Expert(e), es));
+    for (part, es) in parts.chain(s.shared.iter().map(|es| (Part::Shared, es))) {
         let (Some((col, x)), Some((row, y))) = (peak(&es.input), peak(&es.output)) else {
             continue;
         };
-        if x.abs <= threshold || y.abs <= threshold || fired.contains(&(layer, Some(e), row, col)) {
+        if x.abs <= threshold || y.abs <= threshold || fired.contains(&(layer, part, row, col)) {
             continue;
         }
         let ratio = |v: f32, m: f32| if m > 0.0 { v / m } else { f32::INFINITY };
         out.push(Spike {
             layer,
-            expert: Some(e),
+            part,
             row,
             col,
             input: x.value,
@@ -324,16 +346,15 @@ fn expert_spikes(
     }
 }
 
-/// The zero edit of a candidate: `down_proj[row, col]` of the layer, or of its expert.
-fn zero_edit(layer: usize, expert: Option<usize>, row: usize, col: usize) -> WeightEdit {
-    match expert {
-        Some(e) => WeightEdit::new(
-            crate::model::arch::moe::expert_name(layer, e, "down_proj"),
-            &[row, col],
-            EditOp::Zero,
-        ),
-        None => WeightEdit::down_proj(layer, row, col, EditOp::Zero),
-    }
+/// The zero edit of a candidate: `down_proj[row, col]` of the layer, of its routed expert, or
+/// of its shared experts (named per family).
+fn zero_edit(arch: Architecture, layer: usize, part: Part, row: usize, col: usize) -> WeightEdit {
+    let tensor = match part {
+        Part::Dense => Model::down_proj_name(layer),
+        Part::Expert(e) => crate::model::arch::moe::expert_name(layer, e, "down_proj"),
+        Part::Shared => crate::model::arch::moe::shared_down_name(arch, layer),
+    };
+    WeightEdit::new(tensor, &[row, col], EditOp::Zero)
 }
 
 /// Run one stats-collecting forward pass over `tokens`.
@@ -371,14 +392,14 @@ pub fn find_candidates<B: DetectBackend>(
                 layers = layer_maxima(&stats);
             }
             let new = new_spikes(&*guard, &stats, cfg.threshold, &fired_here)?;
-            fired_here.extend(new.iter().map(|s| (s.layer, s.expert, s.row, s.col)));
+            fired_here.extend(new.iter().map(|s| (s.layer, s.part, s.row, s.col)));
             if new.is_empty() {
                 break;
             }
             for s in new {
-                let edit = zero_edit(s.layer, s.expert, s.row, s.col);
+                let edit = zero_edit(c.architecture, s.layer, s.part, s.row, s.col);
                 let value = guard.apply(&edit)?.original;
-                let key = (s.layer, s.expert, s.row, s.col);
+                let key = (s.layer, s.part, s.row, s.col);
                 match found.get_mut(&key) {
                     Some(sw) => sw.prompts_fired += 1,
                     None => {
@@ -388,7 +409,8 @@ pub fn find_candidates<B: DetectBackend>(
                                 layer: s.layer,
                                 row: s.row,
                                 col: s.col,
-                                expert: s.expert,
+                                expert: s.part.expert(),
+                                shared_expert: s.part == Part::Shared,
                                 tensor: edit.tensor.clone(),
                                 value,
                                 input_activation: s.input,
@@ -508,7 +530,7 @@ pub fn detect_with<B: DetectBackend>(
         baseline = Some(base);
         for (k, sw) in candidates.iter_mut().enumerate() {
             on_step(k + 1, total, &format!("zeroing layer {} [{}, {}]", sw.layer, sw.row, sw.col));
-            let edit = zero_edit(sw.layer, sw.expert, sw.row, sw.col);
+            let edit = WeightEdit::new(sw.tensor.clone(), &[sw.row, sw.col], EditOp::Zero);
             let ratio = model.confirm_with(&confirmer, &[edit])? / base;
             sw.perplexity_ratio = Some(ratio);
             sw.confirmed = ratio > cfg.confirm_ratio;

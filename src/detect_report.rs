@@ -62,9 +62,9 @@ pub fn report<'a>(
     // The catalog lists dense down_proj coordinates only.
     let tag = |sw: &'a SuperWeight| Reported {
         sw,
-        catalog: match sw.expert {
-            Some(_) => Agreement::Unknown,
-            None => catalog::agreement(&entries, sw.layer, sw.row, sw.col),
+        catalog: match (sw.expert, sw.shared_expert) {
+            (None, false) => catalog::agreement(&entries, sw.layer, sw.row, sw.col),
+            _ => Agreement::Unknown,
         },
     };
     Ok(DetectReport {

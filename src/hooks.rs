@@ -192,8 +192,10 @@ pub struct LayerSpikes {
     /// otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub experts: Vec<ExpertSpikes>,
-    /// The always-on shared experts' down_proj in a DeepSeek mixture-of-experts layer
-    /// (`model.layers.L.mlp.shared_experts.down_proj.weight`; every token counts, weight 1).
+    /// The always-on shared experts' down_proj of a mixture-of-experts layer: DeepSeek's
+    /// `model.layers.L.mlp.shared_experts.down_proj.weight`, Qwen2-MoE's
+    /// `mlp.shared_expert.down_proj.weight` (output before its sigmoid gate); every token
+    /// counts, weight 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared: Option<ExpertSpikes>,
     /// Tokens the router of a mixture-of-experts layer has seen.

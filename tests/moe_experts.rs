@@ -2,6 +2,8 @@
 //! planted super expert (`swk::synth::planted_moe`): the planted expert is the one reported,
 //! its ablation raises perplexity, and router frequencies add up.
 
+mod common;
+
 use swk::analysis::experts::{experts, ExpertsConfig};
 use swk::hooks::{HookKind, HookPoint};
 use swk::synth::{planted, planted_moe, Plant, SynthSpec};
@@ -85,7 +87,7 @@ fn swk(args: &[&str]) -> (bool, String, String) {
 }
 
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/tiny/{name}", env!("CARGO_MANIFEST_DIR"))
+    common::fixture(&format!("tiny/{name}")).to_str().expect("utf-8 path").to_string()
 }
 
 /// `swk experts --json` on the tiny Mixtral: every layer's frequencies sum to top-k, and the
@@ -171,4 +173,60 @@ fn detect_finds_super_weight_inside_expert() {
     let edits = swk::analysis::edits_from_detect_json(&j, false).unwrap();
     assert_eq!(edits[0].tensor, s.tensor);
     assert_eq!(edits[0].index, vec![s.row, s.col]);
+}
+
+/// A spike written by a shared expert (DeepSeek's `mlp.shared_experts`, Qwen2-MoE's
+/// `mlp.shared_expert`) is named in that tensor: channel `c` of layer 1's shared experts is
+/// made to fire (gate row = up row, both ×40, so `silu(g)·u ≈ 1600·u²`) and to write only row
+/// `r` (column `c` of down_proj is 1 at `r`, 0 elsewhere); detection (no confirmation) reports exactly that weight,
+/// flagged `shared_expert`, and zeroing it through the reported tensor removes the spike.
+#[test]
+fn detect_names_spikes_in_shared_experts() {
+    use swk::detect::{detect_tokens, DetectConfig};
+    use swk::edit::{EditOp, WeightEdit};
+    for (name, part) in [("deepseek_v3", "shared_experts"), ("qwen2_moe", "shared_expert")] {
+        let mut m = swk::Model::load(&fixture(name)).unwrap();
+        let (l, r, c) = (1, 17, 5);
+        let prefix = format!("model.layers.{l}.mlp.{part}");
+        let h = m.config.hidden_size;
+        let up = m.weights.get(&format!("{prefix}.up_proj.weight")).unwrap().data.clone();
+        for proj in ["gate_proj", "up_proj"] {
+            let w = m.weights.get_mut(&format!("{prefix}.{proj}.weight")).unwrap();
+            for k in 0..h {
+                w.data[c * h + k] = 40.0 * up[c * h + k];
+            }
+        }
+        let down = m.weights.get_mut(&format!("{prefix}.down_proj.weight")).unwrap();
+        let cols = down.shape[1];
+        for row in 0..h {
+            down.data[row * cols + c] = if row == r { 1.0 } else { 0.0 };
+        }
+        let r_json = common::json(&format!("tiny/{name}/reference.json"));
+        let tokens = common::tokens(&r_json);
+        let cfg = DetectConfig { skip_confirmation: true, threshold: 50.0, ..Default::default() };
+        let d = detect_tokens(&mut m, std::slice::from_ref(&tokens), &tokens, &cfg, |_, _, _| {})
+            .unwrap();
+        let tensor = format!("{prefix}.down_proj.weight");
+        let s = d.super_weights.iter().find(|s| s.shared_expert).unwrap_or_else(|| {
+            panic!("{name}: no shared-expert candidate in {:#?}", d.super_weights)
+        });
+        assert_eq!((s.layer, s.row, s.col, s.expert), (l, r, c, None), "{name}");
+        assert_eq!(s.tensor, tensor, "{name}");
+        assert_eq!(s.value, 1.0);
+        assert!(s.input_activation.abs() > 50.0 && s.output_activation.abs() > 50.0, "{s:?}");
+        let j = serde_json::to_value(s).unwrap();
+        assert_eq!(j["shared_expert"], true);
+        assert!(j.get("expert").is_none());
+        // Zeroing the reported weight removes the output spike of that row.
+        let edit = WeightEdit::new(s.tensor.clone(), &[s.row, s.col], EditOp::Zero);
+        let after = swk::edit::with_edits(&mut m, &[edit], |m| {
+            let c = &m.config;
+            let mut st = swk::hooks::SpikeStats::new(c.num_layers, c.intermediate_size, h);
+            swk::detect::collect_stats(m, &tokens, &mut st)?;
+            Ok(st)
+        })
+        .unwrap();
+        let out = after.layers[l].shared.as_ref().unwrap().output[r].abs;
+        assert!(out < 0.05 * s.output_activation.abs(), "{name}: row {r} still at {out}");
+    }
 }

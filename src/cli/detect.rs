@@ -132,10 +132,11 @@ fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
         for x in list {
             let s = x.sw;
             let ratio = s.perplexity_ratio.map_or("-".to_string(), |p| format!("{p:.2}"));
-            // An expert's weight shows as `layer.eE`.
-            let layer = match s.expert {
-                Some(e) => format!("{}.e{e}", s.layer),
-                None => s.layer.to_string(),
+            // An expert's weight shows as `layer.eE`, a shared expert's as `layer.sh`.
+            let layer = match (s.expert, s.shared_expert) {
+                (Some(e), _) => format!("{}.e{e}", s.layer),
+                (None, true) => format!("{}.sh", s.layer),
+                (None, false) => s.layer.to_string(),
             };
             println!(
                 "{:>5} {:>6} {:>6} {:>10.4} {:>10.2} {:>10.2} {:>4} {:>4} {:>3}/{:<2} {:>9} {:>11}",

@@ -51,7 +51,7 @@
 //! [`Yarn`]: crate::model::config::Yarn
 
 use crate::backend::cpu::{self, AttnParams};
-use crate::hooks::{ChannelMax, ExpertSpikes, HookKind};
+use crate::hooks::HookKind;
 use crate::model::arch::moe::{self, Route};
 use crate::model::arch::shared::{self, hook};
 use crate::model::arch::{ForwardOptions, Input, KvCache};
@@ -403,17 +403,7 @@ fn sparse_mlp(
     if let Some(si) = m.shared_expert_intermediate {
         let prefix = format!("model.layers.{l}.mlp.shared_experts");
         let (a, y) = moe::swiglu(w, &prefix, xn, t, h, si)?;
-        if let Some(s) = opts.stats.as_deref_mut() {
-            let sh = s.layers[l].shared.get_or_insert_with(|| ExpertSpikes {
-                input: vec![ChannelMax::default(); si],
-                output: vec![ChannelMax::default(); h],
-                ..Default::default()
-            });
-            sh.selected += t as u64;
-            sh.weight_sum += t as f64;
-            cpu::column_max(&a, si, pos0, &mut sh.input);
-            cpu::column_max(&y, h, pos0, &mut sh.output);
-        }
+        moe::shared_stats(opts, l, &a, &y, (si, h), pos0);
         out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
     }
     Ok(out)

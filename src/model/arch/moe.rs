@@ -45,6 +45,36 @@ pub fn expert_name(l: usize, e: usize, what: &str) -> String {
     format!("model.layers.{l}.mlp.experts.{e}.{what}.weight")
 }
 
+/// The shared experts' down_proj of layer `l`: DeepSeek's `mlp.shared_experts`, Qwen2-MoE's
+/// `mlp.shared_expert`.
+pub fn shared_down_name(arch: Architecture, l: usize) -> String {
+    let part = if arch.is_deepseek() { "shared_experts" } else { "shared_expert" };
+    format!("model.layers.{l}.mlp.{part}.down_proj.weight")
+}
+
+/// Fold the shared experts' down_proj input `a` (`[t, si]`) and output `y` (`[t, h]`, before
+/// any gate) into layer `l`'s `shared` statistics, when statistics are gathered.
+pub(crate) fn shared_stats(
+    opts: &mut ForwardOptions<'_, '_>,
+    l: usize,
+    a: &[f32],
+    y: &[f32],
+    (si, h): (usize, usize),
+    pos0: usize,
+) {
+    let Some(s) = opts.stats.as_deref_mut() else { return };
+    let t = y.len() / h.max(1);
+    let sh = s.layers[l].shared.get_or_insert_with(|| ExpertSpikes {
+        input: vec![ChannelMax::default(); si],
+        output: vec![ChannelMax::default(); h],
+        ..Default::default()
+    });
+    sh.selected += t as u64;
+    sh.weight_sum += t as f64;
+    cpu::column_max(a, si, pos0, &mut sh.input);
+    cpu::column_max(y, h, pos0, &mut sh.output);
+}
+
 /// The router weight of layer `l`: `model.layers.{l}.mlp.gate.weight`, `[experts, hidden]`.
 pub fn router_name(l: usize) -> String {
     format!("model.layers.{l}.mlp.gate.weight")
@@ -255,7 +285,8 @@ fn sparse_mlp(
 
     if let Some(si) = moe.shared_expert_intermediate {
         let prefix = format!("model.layers.{l}.mlp.shared_expert");
-        let (_, y) = swiglu(w, &prefix, xn, t, h, si)?;
+        let (a, y) = swiglu(w, &prefix, xn, t, h, si)?;
+        shared_stats(opts, l, &a, &y, (si, h), pos0);
         let mut g = vec![0f32; t];
         let gw = &w.get(&format!("model.layers.{l}.mlp.shared_expert_gate.weight"))?.data;
         cpu::linear(xn, gw, None, &mut g, t, h, 1);
