@@ -269,6 +269,18 @@ fn qwen2_moe_gguf() {
 }
 
 #[test]
+fn olmoe_gguf() {
+    check_gguf("olmoe", Architecture::Olmoe);
+}
+
+/// Dense layer 0 (transformers' `mlp_only_layers`) is told apart by its missing
+/// `ffn_gate_inp`; llama.cpp's own qwen3moe has no dense layers.
+#[test]
+fn qwen3_moe_gguf() {
+    check_gguf("qwen3_moe", Architecture::Qwen3Moe);
+}
+
+#[test]
 fn mixtral_gguf_is_llama_with_experts() {
     check_gguf("mixtral", Architecture::Mixtral);
 }

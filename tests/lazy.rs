@@ -67,6 +67,8 @@ fn gguf_fixtures_read_lazily_equal_eager_loading() {
         "gemma3_gguf",
         "mixtral_gguf",
         "qwen2_moe_gguf",
+        "olmoe_gguf",
+        "qwen3_moe_gguf",
         "gemma_gguf",
         "gemma2_gguf",
         "olmo_gguf",

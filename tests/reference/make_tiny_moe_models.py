@@ -12,10 +12,13 @@ Families (2 layers, hidden 64, 4 heads / 2 kv heads of 16, 4 experts, top-2, exp
   qwen3_moe  Qwen3MoeForCausalLM: per-head QK-norm, norm_topk_prob true, layer 0 dense
              (mlp_only_layers [0], intermediate 96), layer 1 sparse.
 
-Plus two llama.cpp-style GGUF files written with the `gguf` package's GGUFWriter from the same
+Plus four llama.cpp-style GGUF files written with the `gguf` package's GGUFWriter from the same
 weights, checked against the same reference.json:
   qwen2_moe_gguf  arch `qwen2moe`: ffn_gate_inp, stacked ffn_{gate,up,down}_exps [E, I, H] /
                   [E, H, I], ffn_{gate,up,down}_shexp, ffn_gate_inp_shexp as a vector.
+  olmoe_gguf      arch `olmoe`: whole-projection attn_q_norm/attn_k_norm, clamp_kqv, no
+                  Q/K permutation;
+  qwen3_moe_gguf  arch `qwen3moe`: per-head QK-norm, dense layer 0 as plain ffn_{gate,up,down};
   mixtral_gguf    arch `llama` with llama.expert_count (how llama.cpp writes Mixtral), Q/K rows
                   permuted as llama.cpp's converter does.
 
@@ -245,6 +248,8 @@ GGUF_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate": "ffn_gate_inp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
     "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 
 
@@ -282,6 +287,11 @@ def build_gguf(src, name, arch):
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch in ("olmoe", "qwen3moe"):
+        # Written for these two only, so the older files stay byte-identical.
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+        if getattr(cfg, "clip_qkv", None):
+            w.add_clamp_kqv(cfg.clip_qkv)
     gguf_tokenizer(w)
     for k, v in sorted(model.state_dict().items()):
         v = v.detach().to(torch.float32).numpy()
@@ -327,6 +337,11 @@ def main():
         build(spec, k, ids)
     build_gguf("qwen2_moe", "qwen2_moe_gguf", "qwen2moe")
     build_gguf("mixtral", "mixtral_gguf", "llama")
+    build_gguf("olmoe", "olmoe_gguf", "olmoe")
+    # Qwen3-MoE with a dense layer 0 (mlp_only_layers): llama.cpp's qwen3moe has no dense
+    # layers, swk tells sparse layers by their ffn_gate_inp, so the file is llama.cpp-named
+    # but only swk reads that layer.
+    build_gguf("qwen3_moe", "qwen3_moe_gguf", "qwen3moe")
 
 
 if __name__ == "__main__":
