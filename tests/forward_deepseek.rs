@@ -143,14 +143,31 @@ fn deepseek_v3_matches_transformers() {
     eprintln!("deepseek_v3: max rel err {err:.2e}");
 }
 
-/// The llama.cpp-style GGUF (`deepseek2`, sigmoid gating) loads as DeepSeek-V3 with the same
-/// config and the same tensors, bit for bit, and the same logits.
+/// The llama.cpp-style GGUF (`deepseek2`, sigmoid gating, split `attn_k_b`/`attn_v_b`) loads
+/// as DeepSeek-V3 with the same config and the same tensors, bit for bit, and the same logits.
 #[test]
 fn deepseek_v3_gguf_is_the_same_model() {
-    let g = load(&format!("{}/model.gguf", tiny("deepseek_v3_gguf")));
-    let hf = load(&tiny("deepseek_v3"));
+    same_gguf_model("deepseek_v3_gguf", "deepseek_v3", Architecture::DeepseekV3);
+}
+
+/// The V2 that llama.cpp can express (softmax greedy routing, q_lora, no YaRN) matches
+/// transformers, and its GGUF (`deepseek2`, softmax gating, the older single `attn_kv_b`)
+/// is the same model: config, tensors bit for bit, logits.
+#[test]
+fn deepseek_v2_gguf_is_the_same_model() {
+    let m = load(&tiny("deepseek_v2_greedy"));
+    let d = deepseek::params(&m.config).unwrap();
+    assert_eq!((d.q_lora_rank, d.sigmoid, d.n_shared_experts), (Some(32), false, 2));
+    let err = check_reference(&m, "deepseek_v2_greedy");
+    eprintln!("deepseek_v2_greedy: max rel err {err:.2e}");
+    same_gguf_model("deepseek_v2_gguf", "deepseek_v2_greedy", Architecture::DeepseekV2);
+}
+
+fn same_gguf_model(gguf_dir: &str, src: &str, arch: Architecture) {
+    let g = load(&format!("{}/model.gguf", tiny(gguf_dir)));
+    let hf = load(&tiny(src));
     assert_eq!(g.source.format, Format::Gguf);
-    assert_eq!(g.config.architecture, Architecture::DeepseekV3);
+    assert_eq!(g.config.architecture, arch);
     let eps = (g.config.rms_norm_eps, hf.config.rms_norm_eps);
     assert!((eps.0 - eps.1).abs() <= 1e-7 * eps.1, "eps {eps:?}");
     let mut gc = g.config.clone();
@@ -166,8 +183,8 @@ fn deepseek_v3_gguf_is_the_same_model() {
             "{name} differs"
         );
     }
-    let err = check_reference(&g, "deepseek_v3");
-    eprintln!("deepseek_v3 gguf: max rel err {err:.2e}");
+    let err = check_reference(&g, src);
+    eprintln!("{gguf_dir}: max rel err {err:.2e}");
 }
 
 /// Edits of a routed expert's and a shared expert's down_proj weight change the logits, and

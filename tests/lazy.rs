@@ -69,6 +69,7 @@ fn gguf_fixtures_read_lazily_equal_eager_loading() {
         "qwen2_moe_gguf",
         "olmoe_gguf",
         "qwen3_moe_gguf",
+        "deepseek_v2_gguf",
         "gemma_gguf",
         "gemma2_gguf",
         "olmo_gguf",

@@ -154,6 +154,15 @@ SPECS = [
      "DeepseekV3ForCausalLM: MLA with plain q_proj, sigmoid top-3 of 8 experts chosen with "
      "e_score_correction_bias inside the best 2 of 4 groups (sum of each group's top-2), "
      "renormalized, routed_scaling_factor 2.5, 1 shared expert, layer 0 dense, interleaved RoPE."),
+    # What llama.cpp's deepseek2 can express of V2 (greedy softmax top-k, no YaRN attention
+    # factor), for the GGUF path of q_lora and softmax routing: written as deepseek_v2_gguf.
+    ("deepseek_v2_greedy", DeepseekV2ForCausalLM, DeepseekV2Config,
+     dict(COMMON, q_lora_rank=32, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2,
+          topk_method="greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+          rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+     [dict(routed_scaling_factor=1.0), dict(num_experts_per_tok=3)],
+     "DeepseekV2ForCausalLM as llama.cpp runs it: MLA with q_lora_rank 32, softmax greedy top-2 "
+     "of 6 experts, routed_scaling_factor 1.5, 2 shared experts, layer 0 dense, plain RoPE."),
 ]
 
 
@@ -220,9 +229,10 @@ GGUF_NAMES = {
 }
 
 
-def build_gguf(src, name):
-    """The V3 fixture as llama.cpp's converter writes DeepSeek-V3 (no kv_b split, no Q/K
-    permutation: llama.cpp rotates DeepSeek's interleaved pairs as they are)."""
+def build_gguf(src, name, split_kv_b=True):
+    """A fixture as llama.cpp's converter writes DeepSeek (no Q/K permutation: llama.cpp
+    rotates DeepSeek's interleaved pairs as they are). `split_kv_b`: current llama.cpp's
+    attn_k_b/attn_v_b (MLA absorption); else the older single attn_kv_b."""
     import gguf
     sys.path.insert(0, HERE)
     from make_tiny_arch_models import gguf_tokenizer
@@ -247,12 +257,16 @@ def build_gguf(src, name):
     if cfg.q_lora_rank is not None:
         w.add_q_lora_rank(cfg.q_lora_rank)
     w.add_kv_lora_rank(cfg.kv_lora_rank)
-    # Current llama.cpp (MLA absorption): key/value lengths of the latent cache, the per-head
-    # widths as *_mla.
-    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    w.add_value_length(cfg.kv_lora_rank)
-    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    w.add_value_length_mla(cfg.v_head_dim)
+    if split_kv_b:
+        # Current llama.cpp (MLA absorption): key/value lengths of the latent cache, the
+        # per-head widths as *_mla.
+        w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        w.add_value_length(cfg.kv_lora_rank)
+        w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_value_length_mla(cfg.v_head_dim)
+    else:
+        w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_value_length(cfg.v_head_dim)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
     w.add_leading_dense_block_count(cfg.first_k_dense_replace)
     w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -260,10 +274,15 @@ def build_gguf(src, name):
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_expert_shared_count(cfg.n_shared_experts)
     w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_weights_norm(cfg.norm_topk_prob)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_expert_group_count(cfg.n_group)
-    w.add_expert_group_used_count(cfg.topk_group)
+    if cfg.model_type == "deepseek_v3":
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    else:
+        # transformers' V2 router never renormalizes (it ignores norm_topk_prob).
+        w.add_expert_weights_norm(False)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     gguf_tokenizer(w)
     state = dict(model.state_dict())
     for k, v in sorted(state.items()):
@@ -286,6 +305,9 @@ def build_gguf(src, name):
                 w.add_tensor(f"blk.{l}.ffn_up_exps.weight", np.ascontiguousarray(v[:, i:]))
             else:
                 w.add_tensor(f"blk.{l}.ffn_down_exps.weight", np.ascontiguousarray(v))
+            continue
+        if rest == "self_attn.kv_b_proj" and not split_kv_b:
+            w.add_tensor(f"blk.{l}.attn_kv_b.weight", np.ascontiguousarray(v))
             continue
         if rest == "self_attn.kv_b_proj":
             # llama.cpp's converter: per head, k_b = k_nope rows transposed [H, kv_lora, nope],
@@ -316,6 +338,7 @@ def main():
     for k, spec in enumerate(SPECS):
         build(spec, k, ids)
     build_gguf("deepseek_v3", "deepseek_v3_gguf")
+    build_gguf("deepseek_v2_greedy", "deepseek_v2_gguf", split_kv_b=False)
 
 
 if __name__ == "__main__":
