@@ -4,7 +4,7 @@
 //! must raise the perplexity of the confirmation sequence by a large factor (measured here
 //! independently of detection), while a planted decoy that spikes as much is named and
 //! rejected; the same on the llama.cpp-style GGUF copies. A planted group (two members, none
-//! decisive alone) must be found by group screening on qwen2, gemma2, olmo2 and gpt_neox.
+//! decisive alone) must be found by group screening on every dense family.
 //!
 //! What the group runs show: the planted activation is present at every position, so
 //! screening studies the position where it is largest (3 or 5 here, not BOS); in the
@@ -12,7 +12,11 @@
 //! (−2700) at every position because each post-MLP norm saturates on the planted row, and the
 //! members' screened contributions (down_proj terms before that norm) are about half of it,
 //! because the plant sets the norm's gain so that each block writes what its term is. Single
-//! ratios are within 0.2% of 1, joint ratios 48x (qwen2) .. 203x (gpt_neox).
+//! ratios are within 0.3% of 1, joint ratios 48x (qwen2) .. 216x (gpt_neox). GPT-2 is a group
+//! only because the plant cancels its MLP LayerNorm's bias in the source dim: without that,
+//! the layer-1 member's normalized source changed sign when the layer-0 member was zeroed,
+//! its GELU channel went silent and that member alone was decisive (83x; see the module docs
+//! of `swk::synth::families`).
 
 mod common;
 
@@ -230,6 +234,38 @@ fn group_olmo2() {
 fn group_gpt_neox() {
     check_group("gpt_neox");
 }
+#[test]
+fn group_gemma() {
+    check_group("gemma");
+}
+#[test]
+fn group_gemma3() {
+    check_group("gemma3");
+}
+#[test]
+fn group_phi3() {
+    check_group("phi3");
+}
+#[test]
+fn group_olmo() {
+    check_group("olmo");
+}
+#[test]
+fn group_qwen3() {
+    check_group("qwen3");
+}
+#[test]
+fn group_mistral() {
+    check_group("mistral");
+}
+#[test]
+fn group_gpt2() {
+    check_group("gpt2");
+}
+#[test]
+fn group_llama() {
+    check_group("llama");
+}
 
 /// The same mechanism on the Llama fixture (Llama itself also has `swk::synth::planted`).
 #[test]
@@ -260,6 +296,11 @@ fn bad_plants_are_refused() {
     assert!(e.contains("share one row"), "{e}");
     let e = err("qwen2", &ArchPlant::single(PlantSite { col: 160, ..site }));
     assert!(e.contains("outside the model"), "{e}");
+    // A positive planted value moves GPT-2's LayerNorm mean past the source: the layer-1
+    // member would fire only while the layer-0 one does (not a group).
+    let up = PlantSite { activation: 900.0, weight: 1.5, ..site };
+    let e = err("gpt2", &two(PlantSite { col: 33, ..up }, PlantSite { layer: 1, col: 120, ..up }));
+    assert!(e.contains("group member in layer 1 (channel 120)"), "{e}");
 }
 
 /// The GGUF copies (tests/gguf_arch.rs) plant and detect to the same coordinates and ratios

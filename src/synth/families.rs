@@ -39,7 +39,25 @@
 //!
 //! A *group* is several sites sharing the row `r` in different layers, each planted the same
 //! way in layer order: the final norm saturates on `r`, so removing any one member leaves the
-//! others' write and the prediction; removing all of them empties `r`.
+//! others' write and the prediction; removing all of them empties `r`. A later member is
+//! calibrated with the earlier ones in place, whose massive `r` dominates its norm's scale, so
+//! without them its normalized source grows (about 11x on the tiny GPT-2 and GPT-NeoX) and it
+//! writes more, not less, as long as that value keeps its sign. In a LayerNorm two things
+//! could flip it, both seen on the tiny GPT-2 (layer 1 of a group in layers 0 and 1):
+//!
+//! * the norm's **bias** β: the centered source `(γ − μ)/σ` is 0.13 next to `r` and about 1.5
+//!   without it, so with `w = 0.96, β = −0.19` the norm's output goes from −0.06 to
+//!   +1.1 .. +1.4, and the GELU channel, calibrated on the negative value, drops from 900 to 0
+//!   (zeroing the layer-0 member alone raised the perplexity 83x). So a channel reading the
+//!   source dim (super weight or member) cancels β with its own up bias (`−up · β`), making
+//!   its pre-activation proportional to the centered source. The decoy, which reads `r`, keeps
+//!   a zero up bias (β is negligible next to `r`'s normalized value).
+//! * the **mean** μ, which includes `r / hidden`: the centered source stays positive only if
+//!   the planted value `A · w` is negative (or below `γ · hidden`); a positive one is refused.
+//!
+//! [`plant_arch`] therefore checks, by a forward pass per member, that each member after the
+//! first still fires at every prompt position, with its sign and at least half its
+//! activation, when the members before it are zeroed, and refuses the plant otherwise.
 //!
 //! Every gain is measured on the model being built, with hooks (the gate or up output for the
 //! gain, the down_proj input for the activation, the MLP's write for post-norm gains, the
@@ -122,6 +140,10 @@ const READERS: [&str; 7] = [
     "mlp.gate_up_proj.weight",
 ];
 
+/// The LayerNorm bias feeding the un-gated (GELU) MLPs (GPT-2, GPT-NeoX); the gated families'
+/// norms have none.
+const MLP_NORM_BIAS: &str = "post_attention_layernorm.bias";
+
 /// Projections that write the residual stream (their rows `r` and `s` are zeroed).
 const WRITERS: [&str; 2] = ["self_attn.o_proj", "mlp.down_proj"];
 
@@ -147,12 +169,13 @@ fn post_norm(a: Architecture) -> bool {
 }
 
 /// Set the rows of channel `c` in layer `l` that make its pre-activation(s) read only dim
-/// `src`, with gains `gate` (gated MLPs) and `up`.
+/// `src`, with gains `gate` (gated MLPs) and `up`; with `cancel_bias`, a GELU channel's up
+/// bias cancels the MLP norm's bias of `src`, otherwise it is 0.
 fn set_channel_rows(
     model: &mut Model,
     l: usize,
     c: usize,
-    src: usize,
+    (src, cancel_bias): (usize, bool),
     gate: f32,
     up: f32,
 ) -> Result<()> {
@@ -174,18 +197,25 @@ fn set_channel_rows(
         set_row("mlp.up_proj.weight", c, up)?;
     } else {
         set_row("mlp.up_proj.weight", c, up)?;
+        // The MLP's LayerNorm adds its bias β to the normalized source; with `cancel_bias` the
+        // channel's own up bias cancels it (see the module docs on groups).
+        let beta = match w.get(&name(l, MLP_NORM_BIAS)) {
+            Ok(b) if cancel_bias => b.data[src],
+            _ => 0.0,
+        };
         if let Ok(b) = w.get_mut(&name(l, "mlp.up_proj.bias")) {
-            b.data[c] = 0.0;
+            b.data[c] = -up * beta;
         }
     }
     Ok(())
 }
 
-/// Plant one site reading `src`; gains calibrated on `prompt[0]` in the model as it is.
+/// Plant one site reading `src` (the source dim, whose norm bias the channel cancels, or the
+/// planted row for the decoy); gains calibrated on `prompt[0]` in the model as it is.
 fn plant_site(
     model: &mut Model,
     s: &PlantSite,
-    src: usize,
+    (src, cancel_bias): (usize, bool),
     reserved: &[usize],
     prompt: &[u32],
 ) -> Result<()> {
@@ -193,7 +223,7 @@ fn plant_site(
     let (h, i) = (model.config.hidden_size, model.config.intermediate_size);
     let at = |kind| HookPoint { layer: s.layer, kind };
     // 1. Unit gains: the gate (or up) output of channel c is the normalized source value.
-    set_channel_rows(model, s.layer, s.col, src, 1.0, 1.0)?;
+    set_channel_rows(model, s.layer, s.col, (src, cancel_bias), 1.0, 1.0)?;
     let xn = capture(model, prompt, at(HookKind::MlpPre))?[s.col] as f64;
     if !(xn.is_finite() && xn.abs() > 1e-6) {
         return Err(plant_err(format!("layer {}: nothing to read in dim {src}", s.layer)));
@@ -201,8 +231,8 @@ fn plant_site(
     // 2. Gains: gate at z (an activation near its linear regime), up scaled to the target.
     let act = s.activation as f64;
     let z = act.abs().sqrt().max(6.0);
-    let (gate, up) = if gated { (z / xn, act.signum() / xn) } else { (0.0, act / xn) };
-    set_channel_rows(model, s.layer, s.col, src, gate as f32, up as f32)?;
+    let (gate, mut up) = if gated { (z / xn, act.signum() / xn) } else { (0.0, act / xn) };
+    set_channel_rows(model, s.layer, s.col, (src, cancel_bias), gate as f32, up as f32)?;
     for _ in 0..2 {
         let got = capture(model, prompt, at(HookKind::MlpPost))?[s.col] as f64;
         if !(got.is_finite() && got.abs() > 1e-6 && got.signum() == act.signum()) {
@@ -211,14 +241,8 @@ fn plant_site(
                 s.layer, s.col
             )));
         }
-        let (tensor, row) = if model.config.architecture == Architecture::Phi3 {
-            ("mlp.gate_up_proj.weight", i + s.col)
-        } else {
-            ("mlp.up_proj.weight", s.col)
-        };
-        let up_row =
-            &mut model.weights.get_mut(&name(s.layer, tensor))?.data[row * h..(row + 1) * h];
-        up_row[src] *= (act / got) as f32;
+        up *= act / got;
+        set_channel_rows(model, s.layer, s.col, (src, cancel_bias), gate as f32, up as f32)?;
     }
     // 3. down_proj: the planted entry, reserved rows empty, the rest of the column shrunk.
     let shrink = (0.5 / act.abs()) as f32;
@@ -245,12 +269,48 @@ fn plant_site(
     Ok(())
 }
 
+/// Check that every group member after the first still fires, with the sign and at least half
+/// the size of its activation, at every prompt position, with the members before it zeroed:
+/// otherwise removing an earlier member would silence it and the plant would not be a group.
+fn check_members_alone(model: &mut Model, sites: &[PlantSite], prompt: &[u32]) -> Result<()> {
+    let i = model.config.intermediate_size;
+    let mut sites = sites.to_vec();
+    sites.sort_by_key(|s| s.layer);
+    let entry = |s: &PlantSite| (name(s.layer, "mlp.down_proj.weight"), s.row * i + s.col);
+    for (k, s) in sites.iter().enumerate().skip(1) {
+        for e in &sites[..k] {
+            let (t, at) = entry(e);
+            model.weights.get_mut(&t)?.data[at] = 0.0;
+        }
+        let got = capture(model, prompt, HookPoint { layer: s.layer, kind: HookKind::MlpPost });
+        for e in &sites[..k] {
+            let (t, at) = entry(e);
+            model.weights.get_mut(&t)?.data[at] = e.weight;
+        }
+        let act = s.activation as f64;
+        for (p, a) in got?.chunks(i).enumerate() {
+            let a = a[s.col] as f64;
+            if !(a.is_finite() && a.signum() == act.signum() && a.abs() >= act.abs() / 2.0) {
+                return Err(plant_err(format!(
+                    "group member in layer {} (channel {}) reaches {a} at prompt position {p} \
+                     without the members before it, not about {act}: its normalized source \
+                     changes sign without them (a LayerNorm centers it on the mean, which a \
+                     positive planted value, activation · weight, moves past it)",
+                    s.layer, s.col
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Plant `plant`'s super weight (or group) into `model`, a dense model of any family swk runs
 /// (typically random weights, e.g. a tiny test fixture), choosing the source dim, likely
 /// tokens and sequences from `seed`. The tokenizer is dropped (token ids lose their meaning).
 /// See the [module docs](self) for the mechanism. Errors on MoE models, sites outside the
 /// model, planted channels sharing a layer, members with different rows, a decoy writing the
-/// super weight's row or not after it, or a negative activation in a GELU (un-gated) MLP.
+/// super weight's row or not after it, a negative activation in a GELU (un-gated) MLP, or a
+/// group member that does not fire without the members before it.
 pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Model, ArchTruth)> {
     let c = model.config.clone();
     let arch = c.architecture;
@@ -372,12 +432,14 @@ pub fn plant_arch(mut model: Model, seed: u64, plant: &ArchPlant) -> Result<(Mod
     }
 
     // In layer order; the decoy reads r, so it comes after the first site.
-    let mut all: Vec<(PlantSite, usize)> = plant.sites.iter().map(|&s| (s, src)).collect();
-    all.extend(plant.decoy.map(|d| (d, r)));
+    let mut all: Vec<(PlantSite, (usize, bool))> =
+        plant.sites.iter().map(|&s| (s, (src, true))).collect();
+    all.extend(plant.decoy.map(|d| (d, (r, false))));
     all.sort_by_key(|(s, _)| s.layer);
     for (s, from) in &all {
         plant_site(&mut model, s, *from, &reserved, &prompt)?;
     }
+    check_members_alone(&mut model, &plant.sites, &prompt)?;
 
     // LM head: measure the final normalized value of r (the logit of a probe token whose head
     // row is e_r, soft-cap off), then give the likely tokens `gap / mean` in column r.
