@@ -437,16 +437,7 @@ pub fn forward(
         let mut y = if moe.is_sparse(l) {
             sparse_mlp(model, &mut opts, l, &xn, pos0)?
         } else {
-            let (mut gate, mut up, mut act) =
-                (vec![0f32; t * i], vec![0f32; t * i], vec![0f32; t * i]);
-            cpu::linear(&xn, weight(&format!("{p}.mlp.gate_proj"))?, None, &mut gate, t, h, i);
-            cpu::linear(&xn, weight(&format!("{p}.mlp.up_proj"))?, None, &mut up, t, h, i);
-            hook(&mut opts.hooks, l, HookKind::MlpPre, &mut gate, i, pos0);
-            hook(&mut opts.hooks, l, HookKind::MlpPreLinear, &mut up, i, pos0);
-            shared::mlp_act(&mut opts, l, c.family.hidden_act, Some(&gate), &up, &mut act, i, pos0);
-            let mut y = vec![0f32; t * h];
-            cpu::linear(&act, weight(&format!("{p}.mlp.down_proj"))?, None, &mut y, t, i, h);
-            y
+            shared::gated_mlp(w, &mut opts, l, &xn, (h, i), c.family.hidden_act, pos0)?
         };
         shared::mlp_write(&mut opts, l, &mut x, &mut y, h, pos0);
         hook(&mut opts.hooks, l, HookKind::ResidPost, &mut x, h, pos0);

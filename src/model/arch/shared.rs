@@ -182,6 +182,32 @@ pub(crate) fn mlp_write(
     cpu::add_residual(x, y, h, pos0, stats);
 }
 
+/// The dense gated MLP of layer `l` on normalized rows `xn` (`[t, h]`, first at `pos0`),
+/// with its hook points and spike input statistic: `down_proj(act(gate_proj(xn)) ⊙
+/// up_proj(xn))`, returned for [`mlp_write`]. For the dense layers of the MoE families.
+pub(crate) fn gated_mlp(
+    w: &Weights,
+    opts: &mut ForwardOptions<'_, '_>,
+    l: usize,
+    xn: &[f32],
+    (h, i): (usize, usize),
+    act_fn: HiddenAct,
+    pos0: usize,
+) -> Result<Vec<f32>> {
+    let t = xn.len() / h;
+    let p = format!("model.layers.{l}.mlp");
+    let weight = |name: &str| -> Result<&[f32]> { Ok(&w.get(&format!("{p}.{name}.weight"))?.data) };
+    let (mut gate, mut up, mut act) = (vec![0f32; t * i], vec![0f32; t * i], vec![0f32; t * i]);
+    cpu::linear(xn, weight("gate_proj")?, None, &mut gate, t, h, i);
+    cpu::linear(xn, weight("up_proj")?, None, &mut up, t, h, i);
+    hook(&mut opts.hooks, l, HookKind::MlpPre, &mut gate, i, pos0);
+    hook(&mut opts.hooks, l, HookKind::MlpPreLinear, &mut up, i, pos0);
+    mlp_act(opts, l, act_fn, Some(&gate), &up, &mut act, i, pos0);
+    let mut y = vec![0f32; t * h];
+    cpu::linear(&act, weight("down_proj")?, None, &mut y, t, i, h);
+    Ok(y)
+}
+
 /// Logits of the rows `which` asks for: `norm` maps each residual row to the head's input,
 /// then `logits = xn · headᵀ`, soft-capped to `cap · tanh(z / cap)` when `softcap` is set.
 #[allow(clippy::too_many_arguments)]
