@@ -564,9 +564,10 @@ fn detection_matches_cpu_on_planted_models() {
     }
 }
 
-/// CUDA graphs ([`CudaModel::set_graphs`]) replay exactly the normal passes: spike
-/// statistics and confirmation scores bit-identical, in-place edits seen by the replays, and
-/// detection on a planted model identical. A failed capture fails this test (with its reason).
+/// CUDA graphs ([`CudaModel::set_graphs`]) replay the normal passes: spike positions equal and
+/// values within 1e-5, confirmation NLL within 1e-9 (bit-identity is reported, not required:
+/// cuBLAS may pick another algorithm under capture), in-place edits seen by the replays, and
+/// the same detection on a planted model. A failed capture fails this test (with its reason).
 #[test]
 fn graph_replays_equal_normal_passes() {
     if !gpu() {
