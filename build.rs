@@ -1,10 +1,14 @@
-//! Build script. Without the `cuda` feature it does nothing.
+//! Build script. Without the `cuda` or `cuda-emu` feature it does nothing.
 //!
 //! With `--features cuda` it compiles every `kernels/*.cu` (as one translation unit) into a
 //! fatbin with cubins for sm_80, sm_86, sm_89, sm_90 and PTX for compute_80, written to
 //! `$OUT_DIR/swk_kernels.fatbin` and embedded by `src/backend/cuda`. It also compiles the
 //! compute_80 PTX on its own to check its ISA version: the GPU machines run driver 580
 //! (CUDA 13.0), which loads PTX ISA 9.0 at most (see shared/CUDA-TOOLCHAIN.md).
+//!
+//! With `--features cuda-emu` (and not `cuda`) it compiles the same kernels as C++ with the
+//! host compiler instead, into swk's CPU emulator of them (`kernels/emu`): the CUDA
+//! backend's code then runs, slowly, on machines without a GPU or a CUDA toolkit.
 //!
 //! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
 //! `nvcc` on `PATH`, and the pinned PyPI toolchain that `scripts/install-cuda.sh` puts in
@@ -24,19 +28,28 @@ const MAX_PTX_ISA: (u32, u32) = (9, 0);
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let emu = env::var_os("CARGO_FEATURE_CUDA_EMU").is_some();
+    if !cuda && !emu {
         return;
-    }
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN"] {
-        println!("cargo:rerun-if-env-changed={var}");
     }
     let manifest =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = manifest.join("kernels");
-    println!("cargo:rerun-if-changed={}", kernel_dir.display());
+    let (units, names) = kernel_sources(&kernel_dir, &out);
+    if cuda {
+        build_fatbin(&manifest, &kernel_dir, &out, &units);
+    } else {
+        build_emulator(&kernel_dir, &out, &units, &names);
+    }
+}
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
+/// Every `kernels/*.cu` (sorted), and the kernel names they define; writes
+/// `swk_kernel_names.rs` for the host's check that every kernel it loads was compiled.
+fn kernel_sources(kernel_dir: &Path, out: &Path) -> (Vec<PathBuf>, Vec<String>) {
+    println!("cargo:rerun-if-changed={}", kernel_dir.display());
+    let mut sources: Vec<PathBuf> = fs::read_dir(kernel_dir)
         .unwrap_or_else(|e| panic!("swk: cannot read {}: {e}", kernel_dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
@@ -45,19 +58,11 @@ fn main() {
     for s in &sources {
         println!("cargo:rerun-if-changed={}", s.display());
     }
-    let units: Vec<&PathBuf> =
-        sources.iter().filter(|p| p.extension().is_some_and(|x| x == "cu")).collect();
+    let units: Vec<PathBuf> =
+        sources.into_iter().filter(|p| p.extension().is_some_and(|x| x == "cu")).collect();
     if units.is_empty() {
-        panic!("swk: feature `cuda`: no kernels/*.cu found in {}", kernel_dir.display());
+        panic!("swk: no kernels/*.cu found in {}", kernel_dir.display());
     }
-
-    // One translation unit including every kernel file, so one nvcc call makes one fatbin.
-    let unity = out.join("swk_kernels_all.cu");
-    let text: String = units.iter().map(|p| format!("#include \"{}\"\n", p.display())).collect();
-    fs::write(&unity, text)
-        .unwrap_or_else(|e| panic!("swk: cannot write {}: {e}", unity.display()));
-
-    // The kernel names, for the host's check that every kernel it loads was compiled.
     let mut names = Vec::new();
     for p in &units {
         let src = fs::read_to_string(p)
@@ -71,8 +76,59 @@ fn main() {
         format!("/// Every `extern \"C\" __global__` kernel defined in kernels/*.cu, sorted.\npub const SOURCE_KERNELS: &[&str] = &[\n{list}];\n"),
     )
     .unwrap_or_else(|e| panic!("swk: cannot write the kernel name list: {e}"));
+    (units, names)
+}
 
-    let nvcc = find_nvcc(&manifest).unwrap_or_else(|| {
+/// Feature `cuda-emu` (without `cuda`): the kernels compiled as C++ by the host compiler,
+/// with kernels/emu/cuda_emu.h standing in for the CUDA dialect and kernels/emu/emu.cpp
+/// running them (see there). Needs only a C++17 compiler.
+#[cfg(feature = "cuda-emu")]
+fn build_emulator(kernel_dir: &Path, out: &Path, units: &[PathBuf], names: &[String]) {
+    let emu_dir = kernel_dir.join("emu");
+    for f in ["cuda_emu.h", "emu.cpp"] {
+        println!("cargo:rerun-if-changed={}", emu_dir.join(f).display());
+    }
+    let mut inc: String = units.iter().map(|p| format!("#include \"{}\"\n", p.display())).collect();
+    inc.push_str("#define SWK_EMU_KERNEL_LIST(X)");
+    for n in names {
+        inc.push_str(&format!(" X({n})"));
+    }
+    inc.push('\n');
+    let inc_path = out.join("swk_emu_kernels.inc");
+    fs::write(&inc_path, inc)
+        .unwrap_or_else(|e| panic!("swk: cannot write {}: {e}", inc_path.display()));
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(emu_dir.join("emu.cpp"))
+        .include(&emu_dir)
+        .include(kernel_dir)
+        .include(out)
+        .opt_level(2)
+        // The kernels' `_rn` intrinsics must stay separate IEEE operations.
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("swk_emu");
+}
+
+#[cfg(not(feature = "cuda-emu"))]
+fn build_emulator(_: &Path, _: &Path, _: &[PathBuf], _: &[String]) {
+    unreachable!("only called with the cuda-emu feature");
+}
+
+/// Feature `cuda`: the fatbin (cubins and PTX) and the PTX on its own, by nvcc.
+fn build_fatbin(manifest: &Path, kernel_dir: &Path, out: &Path, units: &[PathBuf]) {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    // One translation unit including every kernel file, so one nvcc call makes one fatbin.
+    let unity = out.join("swk_kernels_all.cu");
+    let text: String = units.iter().map(|p| format!("#include \"{}\"\n", p.display())).collect();
+    fs::write(&unity, text)
+        .unwrap_or_else(|e| panic!("swk: cannot write {}: {e}", unity.display()));
+
+    let nvcc = find_nvcc(manifest).unwrap_or_else(|| {
         panic!(
             "\n\nswk: the `cuda` feature compiles kernels/*.cu with nvcc (CUDA 13.0), and no nvcc was found.\n\
              Install the pinned toolchain (no GPU needed):\n\n    scripts/install-cuda.sh\n\n\
@@ -94,7 +150,7 @@ fn main() {
     // The fatbin: cubins for each real architecture plus compute_80 PTX.
     let fatbin = out.join("swk_kernels.fatbin");
     let mut cmd = Command::new(&nvcc);
-    cmd.arg("-fatbin").arg("-O3").arg("-I").arg(&kernel_dir).arg("--threads").arg(&threads);
+    cmd.arg("-fatbin").arg("-O3").arg("-I").arg(kernel_dir).arg("--threads").arg(&threads);
     if can_skip_compress {
         // Uncompressed, so the kernel names are visible in the bytes (checked by unit tests).
         cmd.arg("--no-compress");
@@ -110,7 +166,7 @@ fn main() {
     // The PTX alone, to check the ISA version the driver must load.
     let ptx = out.join("swk_kernels.ptx");
     let mut cmd = Command::new(&nvcc);
-    cmd.arg("--ptx").arg("-O3").arg(format!("-arch=compute_{PTX_ARCH}")).arg("-I").arg(&kernel_dir);
+    cmd.arg("--ptx").arg("-O3").arg(format!("-arch=compute_{PTX_ARCH}")).arg("-I").arg(kernel_dir);
     host_compiler(&mut cmd);
     cmd.arg("-o").arg(&ptx).arg(&unity);
     run(cmd, "compiling the PTX");

@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
 /// The same comparison on a CUDA device (feature `cuda`) at Llama-2-7B shapes with bf16
 /// weights generated on the device: a 9-token detection prompt and a 512-token window, with
 /// and without the fused statistics. Skips, saying why, without a device.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn bench_cuda(c: &mut Criterion) {
     use swk::backend::cuda::{cuda_available, CudaKvCache, CudaModel, CudaOptions, GemmEngine};
     if !cuda_available() {
@@ -108,7 +108,7 @@ fn bench_cuda(c: &mut Criterion) {
     group.finish();
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn bench_cuda(_: &mut Criterion) {}
 
 criterion_group!(benches, bench, bench_cuda);

@@ -15,7 +15,7 @@
 // out [rows, n_heads*hd]. Grid (n_heads, rows), block 128.
 extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out, int rows,
                                          int pos0, int n_heads, int n_kv, int hd, int window, float scale) {
-    extern __shared__ float smem[];
+    SWK_DYNAMIC_SHARED(float, smem);
     float* red = smem;            // 32 floats of reduction scratch
     float* qs = smem + 32;        // this head's query
     float* sc = smem + 32 + hd;   // scores, then weights

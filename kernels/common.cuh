@@ -8,6 +8,12 @@
 // - Block sizes are multiples of 32 (the reductions below rely on whole warps).
 #pragma once
 
+// Dynamic shared memory of a launch, as an array `name` of T. Under swk's CPU emulator
+// (kernels/emu) the emulator hands out the launch's buffer instead.
+#ifndef SWK_DYNAMIC_SHARED
+#define SWK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;

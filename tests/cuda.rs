@@ -13,7 +13,7 @@
 //! * decode with the device KV cache equals prefill; perplexity scoring equals the CPU's;
 //! * edits: EditGuard on device memory, restored bit-exactly (device checksums);
 //! * `timing_7b` (ignored; run with `--ignored`): a timing table at Llama-2-7B shapes.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! runs the same forward pass with swk's own kernels.
 
 pub mod cpu;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod stream;
 

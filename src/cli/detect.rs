@@ -162,7 +162,7 @@ fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
 }
 
 /// Detection on CUDA device 0; returns the detection and a description of the device.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_detect(
     model: &swk::Model,
     lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
@@ -188,7 +188,7 @@ fn cuda_detect(
     Ok((detect::detect_with(&mut gpu, &inputs.prompts, &inputs.windows, cfg, progress)?, what))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_detect(
     _: &swk::Model,
     _: Option<std::sync::Arc<swk::model::LazyModel>>,

@@ -25,7 +25,7 @@ pub enum Backend {
     Cuda,
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_usable() -> std::result::Result<(), String> {
     if swk::backend::cuda::cuda_available() {
         Ok(())
@@ -34,7 +34,7 @@ fn cuda_usable() -> std::result::Result<(), String> {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_usable() -> std::result::Result<(), String> {
     Err("this swk was built without the `cuda` feature (cargo build --release --features cuda)"
         .into())
@@ -105,7 +105,7 @@ pub struct DeviceOpts {
 }
 
 /// Device memory left free for activations and the KV cache when deciding to stream.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 const HEADROOM: usize = 2 << 30;
 
 /// The backend for `spec` (per the flags and the model's family), and the model as that
@@ -144,20 +144,20 @@ pub fn load(
     Ok((backend, outside, Some(Arc::new(lazy))))
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn fits(lazy: &LazyModel, bf16: bool) -> Result<bool> {
     use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
     let dtype = if bf16 { WeightDtype::Bf16 } else { WeightDtype::F32 };
     CudaModel::fits(&lazy.config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn fits(_: &LazyModel, _: bool) -> Result<bool> {
     Ok(true)
 }
 
 /// The model on CUDA device 0: uploaded whole, or streamed when `lazy` is given.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub fn cuda_model(
     model: &Model,
     lazy: Option<Arc<LazyModel>>,

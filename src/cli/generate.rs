@@ -73,7 +73,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_greedy(
     model: &swk::Model,
     lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
@@ -90,7 +90,7 @@ fn cuda_greedy(
     Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec()))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_greedy(
     _: &swk::Model,
     _: Option<std::sync::Arc<swk::model::LazyModel>>,

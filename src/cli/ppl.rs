@@ -76,7 +76,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_perplexity(
     model: &swk::Model,
     lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
@@ -93,7 +93,7 @@ fn cuda_perplexity(
     Ok((g.perplexity(&windows, context, progress)?, g.log().to_vec()))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_perplexity(
     _: &swk::Model,
     _: Option<std::sync::Arc<swk::model::LazyModel>>,

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use super::driver::{CudaSlice, PinnedHostSlice};
 
-use super::device::{cuda_available, CudaDevice};
+use super::driver::{cuda_available, CudaDevice};
 use super::kernels;
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};

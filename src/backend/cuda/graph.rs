@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::{CudaGraph, CudaSlice};
+use super::driver::{CudaGraph, CudaSlice};
 
 use super::forward::{logit_rows, Acts, CudaKvCache, CudaModel, Pass, Scratch};
 use crate::hooks::SpikeStats;

@@ -96,16 +96,6 @@ impl Launch {
     }
 }
 
-impl From<Launch> for cudarc::driver::LaunchConfig {
-    fn from(l: Launch) -> Self {
-        cudarc::driver::LaunchConfig {
-            grid_dim: l.grid,
-            block_dim: l.block,
-            shared_mem_bytes: l.shared_bytes,
-        }
-    }
-}
-
 /// One thread per element of `n` (ceil(n / BLOCK) blocks of [`BLOCK`]).
 pub fn elementwise(n: u64) -> Result<Launch> {
     Launch::new((n.div_ceil(BLOCK as u64), 1, 1), BLOCK, 0)

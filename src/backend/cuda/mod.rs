@@ -32,33 +32,65 @@
 
 mod detect;
 mod device;
+#[cfg(feature = "cuda")]
+mod driver;
 mod edit;
+#[cfg(not(feature = "cuda"))]
+mod emu;
+#[cfg(not(feature = "cuda"))]
+use emu as driver;
 mod forward;
 mod graph;
 pub mod kernels;
 mod streamed;
 
 pub use detect::CudaBaseline;
-pub use device::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};
+pub use driver::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};
 pub use edit::{checksum_bits_u16, checksum_bits_u32, combine_checksums};
 pub use forward::{CudaKvCache, CudaModel, CudaOptions, GemmEngine, WeightDtype};
 
+/// Whether this build runs the CUDA backend on swk's CPU emulator (feature `cuda-emu`
+/// without `cuda`) instead of a GPU: for testing the backend's code without a device.
+pub const EMULATED: bool = cfg!(not(feature = "cuda"));
+
+#[cfg(feature = "cuda")]
 /// The compiled kernels: one fatbin with cubins for [`CUBIN_ARCHS`] and compute_80 PTX.
 pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/swk_kernels.fatbin"));
 
+#[cfg(feature = "cuda")]
 /// The compute_80 PTX of the kernels (also inside [`FATBIN`]), kept for inspection.
 pub static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swk_kernels.ptx"));
 
+#[cfg(feature = "cuda")]
 /// PTX ISA version of [`PTX`], as build.rs read it (at most 9.0 for driver 580 / CUDA 13.0).
 pub const PTX_ISA: &str = env!("SWK_PTX_ISA");
 
+#[cfg(feature = "cuda")]
 /// The real architectures with a cubin in [`FATBIN`].
 pub const CUBIN_ARCHS: &str = env!("SWK_CUBIN_ARCHS");
 
+#[cfg(feature = "cuda")]
 /// The nvcc that built the kernels (its `--version` release line).
 pub const NVCC_VERSION: &str = env!("SWK_NVCC_VERSION");
 
 include!(concat!(env!("OUT_DIR"), "/swk_kernel_names.rs"));
+
+/// One cuBLAS product in column-major terms: C (m × n, ld `ldc`) = Aᵀ · B for A (k × m, ld
+/// `lda`) and B (k × n, ld `ldb`), alpha 1 and beta 0; inputs f32, or bf16 bits when
+/// `bf16_inputs`; output f32; f32 accumulation. Addresses are device addresses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlasGemm {
+    pub(crate) m: i32,
+    pub(crate) n: i32,
+    pub(crate) k: i32,
+    pub(crate) a: u64,
+    pub(crate) lda: i32,
+    pub(crate) b: u64,
+    pub(crate) ldb: i32,
+    pub(crate) c: u64,
+    pub(crate) ldc: i32,
+    pub(crate) bf16_inputs: bool,
+}
 
 /// A map_err helper: a cudarc (or other) error as [`crate::Error::Backend`] with context.
 pub(crate) fn be<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::Error + '_ {
@@ -69,10 +101,12 @@ pub(crate) fn be<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::E
 mod tests {
     use super::*;
 
+    #[cfg(feature = "cuda")]
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn fatbin_is_embedded_with_every_kernel() {
         assert!(FATBIN.len() > 10_000, "fatbin of {} bytes", FATBIN.len());
@@ -88,6 +122,7 @@ mod tests {
         assert_eq!(kernels::KERNELS, SOURCE_KERNELS, "kernels/*.cu and kernels::KERNELS disagree");
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn ptx_targets_compute_80_with_isa_at_most_9_0() {
         let (major, minor) = PTX_ISA.split_once('.').expect("X.Y");
@@ -102,6 +137,7 @@ mod tests {
         assert!(NVCC_VERSION.contains("13.0"), "{NVCC_VERSION}");
     }
 
+    #[cfg(feature = "cuda")]
     /// The fatbin's entries (fatbin header: magic, version, header size, payload size; each
     /// entry: kind 1 = PTX / 2 = cubin, header size, payload size, architecture at byte 28).
     fn fatbin_entries(b: &[u8]) -> Vec<(u16, u32)> {
@@ -121,6 +157,7 @@ mod tests {
         v
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn fatbin_holds_cubins_for_ampere_ada_hopper_and_compute_80_ptx() {
         let mut e = fatbin_entries(FATBIN);

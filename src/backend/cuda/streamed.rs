@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::CudaSlice;
+use super::driver::CudaSlice;
 
 use crate::backend::stream::{split_layer_name, stored_bits, Overlay, SlotEntry, SlotLayout};
 use crate::model::LazyModel;

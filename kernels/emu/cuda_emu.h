@@ -1,0 +1,89 @@
+// The CUDA dialect of kernels/*.cu as plain C++, for swk's CPU emulator (cargo feature
+// `cuda-emu`, see kernels/emu/emu.cpp). Included before the kernels, it maps every CUDA
+// keyword and intrinsic they use onto host C++:
+//
+// - __global__ / __device__ functions are ordinary functions; `__shared__` variables are
+//   `static` (the emulator runs one block at a time, so a static is exactly one block's
+//   shared memory); dynamic shared memory is the launch's buffer (SWK_DYNAMIC_SHARED).
+// - threadIdx / blockIdx / blockDim / gridDim are globals the scheduler sets before it resumes
+//   each emulated thread.
+// - __syncthreads and the warp shuffles are barriers of the scheduler: every thread of the
+//   block (or of the warp) runs until it reaches them, then all go on.
+// - The `_rn` arithmetic intrinsics are plain IEEE f32 operations (compiled with
+//   -ffp-contract=off, so nothing is fused behind the kernel's back); fmaf is a true fma.
+//   expf/exp/log/sin/cos come from the host's libm and may differ from CUDA's in the last
+//   bits: the emulator checks logic, not the GPU's exact rounding of transcendentals.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define SWK_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(swk_emu::dynamic_shared())
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+
+extern uint3 threadIdx;
+extern uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+namespace swk_emu {
+// Wait until every live thread of the block reaches this barrier.
+void barrier_block();
+// Exchange `size` bytes with lane (own lane ^ lane_mask) of the same warp.
+void shuffle_xor(const void* in, void* out, std::size_t size, int lane_mask);
+// The launch's dynamic shared memory.
+void* dynamic_shared();
+}  // namespace swk_emu
+
+inline void __syncthreads() { swk_emu::barrier_block(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+    T out;
+    swk_emu::shuffle_xor(&v, &out, sizeof(T), lane_mask);
+    return out;
+}
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double cospi(double x) { return std::cos(3.14159265358979323846 * x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+// Emulated threads never run at the same time, so the atomics are plain read-modify-writes.
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+    const unsigned long long old = *p;
+    if (v > old) {
+        *p = v;
+    }
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    const unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}

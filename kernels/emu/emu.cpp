@@ -1,0 +1,352 @@
+// swk's CPU emulator of its own CUDA kernels (cargo feature `cuda-emu`).
+//
+// build.rs compiles this file as C++ together with every kernels/*.cu (through the
+// generated swk_emu_kernels.inc) and cuda_emu.h, which turns the CUDA dialect into host C++.
+// The Rust side (src/backend/cuda/emu.rs) calls swk_emu_launch with a kernel's name, its
+// launch configuration and its parameters exactly as it would hand them to cuLaunchKernel.
+//
+// Execution model: blocks run one after another; the threads of a block are fibers run in
+// turn on this OS thread (a few instructions of hand-written context switch on x86-64,
+// ucontext elsewhere). A fiber runs until it finishes or reaches a
+// barrier: __syncthreads waits for every live thread of the block, a warp shuffle for every
+// live thread of its warp (warps are 32 consecutive threads). When no fiber can run, the
+// scheduler releases the warps whose live threads all wait at a shuffle, else the block if
+// all its live threads wait at __syncthreads; anything else is a deadlock, reported as an
+// error. A shuffle that reads a lane which has already returned is reported too.
+//
+// What is checked beyond the kernel's arithmetic: the parameter count and each parameter's
+// size against the kernel's C++ signature, block shape and dynamic shared memory limits.
+#include "cuda_emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+// Every kernels/*.cu, and SWK_EMU_KERNEL_LIST(X): X(name) for each kernel.
+#include "swk_emu_kernels.inc"
+
+uint3 threadIdx;
+uint3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+namespace swk_emu {
+namespace {
+
+enum class State { Runnable, AtBlock, AtWarp, Done };
+
+constexpr std::size_t kStackBytes = 128 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+constexpr std::size_t kMaxDynamicShared = 227 * 1024;
+
+void fiber_main();
+
+#if defined(__x86_64__)
+// A suspended context is its stack pointer; the callee-saved registers, MXCSR and the x87
+// control word sit on its stack. swk_emu_switch(save, load) saves the caller's context into
+// *save and resumes `load`.
+extern "C" void swk_emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .p2align 4
+    .type swk_emu_switch,@function
+swk_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size swk_emu_switch, .-swk_emu_switch
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// A fresh context on `stack` that starts in fiber_main: a frame as swk_emu_switch leaves
+// it, whose return address is fiber_main (entered with the stack aligned as after a call).
+void make_context(Context& c, char* stack, std::size_t bytes) {
+    auto top = reinterpret_cast<std::uintptr_t>(stack + bytes) & ~static_cast<std::uintptr_t>(15);
+    auto* sp = reinterpret_cast<std::uint64_t*>(top);
+    *--sp = 0;                                            // fiber_main's caller slot (unused)
+    *--sp = reinterpret_cast<std::uint64_t>(&fiber_main);  // "return" address
+    for (int i = 0; i < 6; ++i) {
+        *--sp = 0;  // rbp rbx r12 r13 r14 r15
+    }
+    *--sp = 0x037full << 32 | 0x1f80ull;  // MXCSR default, x87 control word default
+    c.sp = sp;
+}
+
+void switch_context(Context& save, Context& load) { swk_emu_switch(&save.sp, load.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+void make_context(Context& c, char* stack, std::size_t bytes) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, fiber_main, 0);
+}
+
+void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+#endif
+
+struct Fiber {
+    Context ctx;
+    State state = State::Done;
+    std::unique_ptr<char[]> stack;
+};
+
+// The scheduler's state. One launch at a time (g_mutex), so plain globals.
+std::mutex g_mutex;
+Context g_sched;
+std::vector<Fiber> g_fibers;
+unsigned g_threads = 0;  // threads of the current block
+unsigned g_cur = 0;      // the fiber running now
+const std::function<void()>* g_body = nullptr;
+unsigned long long g_slots[kMaxThreads];
+std::vector<unsigned char> g_dynamic;
+std::string g_error;
+
+void fail(const std::string& what) {
+    if (g_error.empty()) {
+        g_error = what + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                  std::to_string(blockIdx.z) + ", thread " + std::to_string(g_cur) + ")";
+    }
+}
+
+void wait_at(State s) {
+    Fiber& f = g_fibers[g_cur];
+    f.state = s;
+    switch_context(f.ctx, g_sched);
+}
+
+// Every fiber's first frame: run the kernel, then hand control back for good.
+void fiber_main() {
+    (*g_body)();
+    Fiber& f = g_fibers[g_cur];
+    f.state = State::Done;
+    switch_context(f.ctx, g_sched);
+    std::abort();  // a finished fiber is never resumed
+}
+
+void set_thread(unsigned i) {
+    g_cur = i;
+    threadIdx.x = i % blockDim.x;
+    threadIdx.y = (i / blockDim.x) % blockDim.y;
+    threadIdx.z = i / (blockDim.x * blockDim.y);
+}
+
+// Run one block of g_threads fibers to completion. False on deadlock (g_error says why).
+bool run_block() {
+    const unsigned n = g_threads;
+    while (g_fibers.size() < n) {
+        g_fibers.emplace_back();
+        g_fibers.back().stack.reset(new char[kStackBytes]);
+    }
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = g_fibers[i];
+        make_context(f.ctx, f.stack.get(), kStackBytes);
+        f.state = State::Runnable;
+    }
+    for (;;) {
+        for (unsigned i = 0; i < n; ++i) {
+            if (g_fibers[i].state == State::Runnable) {
+                set_thread(i);
+                switch_context(g_sched, g_fibers[i].ctx);
+            }
+        }
+        bool any_live = false;
+        bool released = false;
+        for (unsigned w = 0; w < n; w += 32) {
+            const unsigned end = w + 32 < n ? w + 32 : n;
+            bool live = false;
+            bool all_warp = true;
+            for (unsigned i = w; i < end; ++i) {
+                const State s = g_fibers[i].state;
+                if (s != State::Done) {
+                    live = true;
+                    all_warp = all_warp && s == State::AtWarp;
+                }
+            }
+            any_live = any_live || live;
+            if (live && all_warp) {
+                for (unsigned i = w; i < end; ++i) {
+                    if (g_fibers[i].state == State::AtWarp) {
+                        g_fibers[i].state = State::Runnable;
+                    }
+                }
+                released = true;
+            }
+        }
+        if (!any_live) {
+            return true;
+        }
+        if (released) {
+            continue;
+        }
+        bool all_block = true;
+        for (unsigned i = 0; i < n; ++i) {
+            const State s = g_fibers[i].state;
+            all_block = all_block && (s == State::Done || s == State::AtBlock);
+        }
+        if (!all_block) {
+            g_cur = 0;
+            fail("deadlock: the threads of a block wait at different barriers");
+            return false;
+        }
+        for (unsigned i = 0; i < n; ++i) {
+            if (g_fibers[i].state == State::AtBlock) {
+                g_fibers[i].state = State::Runnable;
+            }
+        }
+    }
+}
+
+// One kernel of the table: its name, parameter sizes, and a caller that unpacks
+// cuLaunchKernel-style parameters (an array of pointers to the values).
+struct Entry {
+    const char* name;
+    std::vector<std::size_t> sizes;
+    std::function<void(const void* const*)> call;
+};
+
+template <typename... A, std::size_t... I>
+void call_with(void (*k)(A...), const void* const* p, std::index_sequence<I...>) {
+    k(*static_cast<const A*>(p[I])...);
+}
+
+template <typename... A>
+Entry entry(const char* name, void (*k)(A...)) {
+    return Entry{name, {sizeof(A)...},
+                 [k](const void* const* p) { call_with(k, p, std::index_sequence_for<A...>{}); }};
+}
+
+const std::vector<Entry>& table() {
+#define SWK_EMU_ENTRY(k) entry(#k, k),
+    static const std::vector<Entry> t = {SWK_EMU_KERNEL_LIST(SWK_EMU_ENTRY)};
+#undef SWK_EMU_ENTRY
+    return t;
+}
+
+void copy_error(const std::string& what, char* err, std::size_t err_len) {
+    if (err != nullptr && err_len > 0) {
+        std::snprintf(err, err_len, "%s", what.c_str());
+    }
+}
+
+}  // namespace
+
+void barrier_block() { wait_at(State::AtBlock); }
+
+void shuffle_xor(const void* in, void* out, std::size_t size, int lane_mask) {
+    const unsigned me = g_cur;
+    const unsigned src = (me & ~31u) | ((me & 31u) ^ (static_cast<unsigned>(lane_mask) & 31u));
+    std::memcpy(&g_slots[me], in, size);
+    wait_at(State::AtWarp);
+    if (src >= g_threads || g_fibers[src].state == State::Done) {
+        fail("a warp shuffle reads lane " + std::to_string(src) + ", which has returned or does not exist");
+        std::memcpy(out, in, size);
+    } else {
+        std::memcpy(out, &g_slots[src], size);
+    }
+    wait_at(State::AtWarp);  // nobody overwrites a slot before every lane has read it
+}
+
+void* dynamic_shared() { return g_dynamic.data(); }
+
+}  // namespace swk_emu
+
+// Run kernel `name` over grid x block threads. params[i] points at parameter i, whose size
+// the caller gives in sizes[i]. 0 on success; otherwise 1 and a message in err.
+extern "C" int swk_emu_launch(const char* name, const unsigned* grid, const unsigned* block,
+                              unsigned shared_bytes, const void* const* params, const std::size_t* sizes,
+                              std::size_t n_params, char* err, std::size_t err_len) {
+    using namespace swk_emu;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const Entry* e = nullptr;
+    for (const Entry& t : table()) {
+        if (std::strcmp(t.name, name) == 0) {
+            e = &t;
+        }
+    }
+    if (e == nullptr) {
+        copy_error(std::string("no kernel named ") + name, err, err_len);
+        return 1;
+    }
+    if (n_params != e->sizes.size()) {
+        copy_error(std::string(name) + " takes " + std::to_string(e->sizes.size()) + " parameters, launched with " +
+                       std::to_string(n_params),
+                   err, err_len);
+        return 1;
+    }
+    for (std::size_t i = 0; i < n_params; ++i) {
+        if (sizes[i] != e->sizes[i]) {
+            copy_error(std::string(name) + ": parameter " + std::to_string(i) + " is " + std::to_string(e->sizes[i]) +
+                           " bytes, launched with " + std::to_string(sizes[i]),
+                       err, err_len);
+            return 1;
+        }
+    }
+    const unsigned long long threads = 1ull * block[0] * block[1] * block[2];
+    if (threads == 0 || threads > kMaxThreads || grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
+        copy_error(std::string(name) + ": bad launch shape", err, err_len);
+        return 1;
+    }
+    if (shared_bytes > kMaxDynamicShared) {
+        copy_error(std::string(name) + ": " + std::to_string(shared_bytes) + " bytes of dynamic shared memory",
+                   err, err_len);
+        return 1;
+    }
+    // Poisoned (NaN as f32): a kernel that reads shared memory it never wrote shows it.
+    g_dynamic.assign(shared_bytes + 16, 0xff);
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    blockDim = dim3{block[0], block[1], block[2]};
+    g_threads = static_cast<unsigned>(threads);
+    g_error.clear();
+    const std::function<void()> body = [e, params] { e->call(params); };
+    g_body = &body;
+    for (unsigned z = 0; z < grid[2]; ++z) {
+        for (unsigned y = 0; y < grid[1]; ++y) {
+            for (unsigned x = 0; x < grid[0]; ++x) {
+                blockIdx = uint3{x, y, z};
+                if (!run_block() || !g_error.empty()) {
+                    g_body = nullptr;
+                    copy_error(std::string(name) + ": " + g_error, err, err_len);
+                    return 1;
+                }
+            }
+        }
+    }
+    g_body = nullptr;
+    return 0;
+}
