@@ -1,7 +1,10 @@
 //! GPU parity tests of the CUDA backend against the CPU backend (feature `cuda`).
 //!
 //! Every test skips, with a message saying why, when no CUDA device is usable, so
-//! `cargo test --features cuda` passes on machines without a GPU. On a GPU machine without
+//! `cargo test --features cuda` passes on machines without a GPU. With `--features cuda-emu`
+//! instead, the same tests run the backend's real code on swk's CPU emulator of the device
+//! (`kernels/emu`, `src/backend/cuda/emu.rs`): that is how CI checks the backend on every
+//! commit; only the timing tests skip there. On a GPU machine without
 //! cargo, `scripts/gpu-check.sh run` runs this binary (copied by `scripts/gpu-check.sh
 //! build`); `$SWK_FIXTURES` then points at the copied `tests/fixtures`.
 //!
@@ -52,6 +55,14 @@ fn gpu() -> bool {
     }
     eprintln!("SKIPPED: no CUDA device ({why})");
     false
+}
+
+/// Whether the device is swk's CPU emulator; says that timings are then skipped.
+fn emulated() -> bool {
+    if swk::backend::cuda::EMULATED {
+        eprintln!("SKIPPED: timings mean nothing on the CPU emulator (feature cuda-emu)");
+    }
+    swk::backend::cuda::EMULATED
 }
 
 fn fixtures_root() -> PathBuf {
@@ -834,7 +845,7 @@ fn ms(t: Instant) -> f64 {
 #[test]
 #[ignore = "GPU timing at 7B shapes: run with --ignored on a GPU machine"]
 fn timing_7b() -> Result<()> {
-    if !gpu() {
+    if !gpu() || emulated() {
         return Ok(());
     }
     let out = std::env::var_os("SWK_TIMING_OUT").map(PathBuf::from);
@@ -993,7 +1004,7 @@ fn timing_7b() -> Result<()> {
 #[test]
 #[ignore = "GPU timing of streaming: run with --ignored on a GPU machine"]
 fn timing_7b_streamed() -> Result<()> {
-    if !gpu() {
+    if !gpu() || emulated() {
         return Ok(());
     }
     let spec = SynthSpec { layers: 8, ..SynthSpec::llama2_7b() };

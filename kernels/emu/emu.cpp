@@ -52,9 +52,10 @@ constexpr std::size_t kMaxDynamicShared = 227 * 1024;
 void fiber_main();
 
 #if defined(__x86_64__)
-// A suspended context is its stack pointer; the callee-saved registers, MXCSR and the x87
-// control word sit on its stack. swk_emu_switch(save, load) saves the caller's context into
-// *save and resumes `load`.
+// A suspended context is its stack pointer; the callee-saved registers sit on its stack.
+// swk_emu_switch(save, load) saves the caller's context into *save and resumes `load`. The
+// floating-point control state (MXCSR, x87 control word) is shared, not switched: no
+// kernel changes it.
 extern "C" void swk_emu_switch(void** save, void* load);
 asm(R"(
     .text
@@ -67,14 +68,8 @@ swk_emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -99,7 +94,6 @@ void make_context(Context& c, char* stack, std::size_t bytes) {
     for (int i = 0; i < 6; ++i) {
         *--sp = 0;  // rbp rbx r12 r13 r14 r15
     }
-    *--sp = 0x037full << 32 | 0x1f80ull;  // MXCSR default, x87 control word default
     c.sp = sp;
 }
 
@@ -123,6 +117,7 @@ void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.
 struct Fiber {
     Context ctx;
     State state = State::Done;
+    unsigned shuffles = 0;  // shuffles done: their parity picks the slot bank
     std::unique_ptr<char[]> stack;
 };
 
@@ -133,7 +128,7 @@ std::vector<Fiber> g_fibers;
 unsigned g_threads = 0;  // threads of the current block
 unsigned g_cur = 0;      // the fiber running now
 const std::function<void()>* g_body = nullptr;
-unsigned long long g_slots[kMaxThreads];
+unsigned long long g_slots[2][kMaxThreads];  // two banks, alternating per shuffle
 std::vector<unsigned char> g_dynamic;
 std::string g_error;
 
@@ -161,6 +156,10 @@ void fiber_main() {
 
 void set_thread(unsigned i) {
     g_cur = i;
+    if (blockDim.y == 1 && blockDim.z == 1) {
+        threadIdx.x = i;
+        return;
+    }
     threadIdx.x = i % blockDim.x;
     threadIdx.y = (i / blockDim.x) % blockDim.y;
     threadIdx.z = i / (blockDim.x * blockDim.y);
@@ -177,6 +176,7 @@ bool run_block() {
         Fiber& f = g_fibers[i];
         make_context(f.ctx, f.stack.get(), kStackBytes);
         f.state = State::Runnable;
+        f.shuffles = 0;
     }
     for (;;) {
         for (unsigned i = 0; i < n; ++i) {
@@ -268,18 +268,26 @@ void copy_error(const std::string& what, char* err, std::size_t err_len) {
 
 void barrier_block() { wait_at(State::AtBlock); }
 
+// One barrier per shuffle: the lanes write their values into this shuffle's bank, wait for
+// the warp, and read their partner's. Consecutive shuffles use alternate banks, so a lane
+// that runs ahead into the next shuffle never overwrites a value still to be read: it
+// writes the other bank, and the bank after that only once the whole warp has passed the
+// next barrier, which every lane reaches only after its read.
 void shuffle_xor(const void* in, void* out, std::size_t size, int lane_mask) {
     const unsigned me = g_cur;
     const unsigned src = (me & ~31u) | ((me & 31u) ^ (static_cast<unsigned>(lane_mask) & 31u));
-    std::memcpy(&g_slots[me], in, size);
+    const unsigned count = ++g_fibers[me].shuffles;
+    const unsigned bank = count & 1u;
+    std::memcpy(&g_slots[bank][me], in, size);
     wait_at(State::AtWarp);
-    if (src >= g_threads || g_fibers[src].state == State::Done) {
+    // The partner took part in this shuffle if it has done as many (it cannot be further
+    // ahead than one: its next barrier waits for this lane).
+    if (src >= g_threads || g_fibers[src].shuffles < count) {
         fail("a warp shuffle reads lane " + std::to_string(src) + ", which has returned or does not exist");
         std::memcpy(out, in, size);
     } else {
-        std::memcpy(out, &g_slots[src], size);
+        std::memcpy(out, &g_slots[bank][src], size);
     }
-    wait_at(State::AtWarp);  // nobody overwrites a slot before every lane has read it
 }
 
 void* dynamic_shared() { return g_dynamic.data(); }

@@ -25,9 +25,13 @@ pub enum Backend {
     Cuda,
 }
 
+/// Whether CUDA can run; `explicit` when `--device cuda` asked for it (the CPU emulator of a
+/// `cuda-emu` build runs only when asked for).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn cuda_usable() -> std::result::Result<(), String> {
-    if swk::backend::cuda::cuda_available() {
+fn cuda_usable(explicit: bool) -> std::result::Result<(), String> {
+    if swk::backend::cuda::EMULATED && !explicit {
+        Err("this swk's CUDA backend is the CPU emulator (feature cuda-emu), used only with --device cuda".into())
+    } else if swk::backend::cuda::cuda_available() {
         Ok(())
     } else {
         Err("no usable CUDA device (driver library or device missing)".into())
@@ -35,7 +39,7 @@ fn cuda_usable() -> std::result::Result<(), String> {
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn cuda_usable() -> std::result::Result<(), String> {
+fn cuda_usable(_explicit: bool) -> std::result::Result<(), String> {
     Err("this swk was built without the `cuda` feature (cargo build --release --features cuda)"
         .into())
 }
@@ -44,7 +48,7 @@ fn cuda_usable() -> std::result::Result<(), String> {
 /// `quiet`, and picks the CPU for a family the CUDA backend does not run.
 pub fn choose(arg: DeviceArg, quiet: bool, arch: Architecture) -> Result<Backend> {
     let runs = swk::backend::cuda_runs(arch);
-    match (arg, cuda_usable()) {
+    match (arg, cuda_usable(arg == DeviceArg::Cuda)) {
         (DeviceArg::Cpu, _) => Ok(Backend::Cpu),
         (DeviceArg::Cuda, Ok(())) if runs => Ok(Backend::Cuda),
         (DeviceArg::Cuda, Ok(())) => Err(Error::Backend(format!(
