@@ -32,13 +32,14 @@ use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
-const FIXTURES: [&str; 8] = [
+const FIXTURES: [&str; 9] = [
     "llama",
     "llama3_rope",
     "llama_bf16",
     "llama_f16",
     "llama_sharded",
     "mistral",
+    "phi3",
     "qwen2",
     "qwen3",
 ];
@@ -668,6 +669,7 @@ fn streamed_model_equals_resident_upload() {
     let mut sources: Vec<(String, PathBuf)> =
         FIXTURES.iter().map(|n| (n.to_string(), root.join(n))).collect();
     sources.push(("qwen2_gguf".into(), root.join("qwen2_gguf/model.gguf")));
+    sources.push(("phi3_gguf".into(), root.join("phi3_gguf/model.gguf")));
     for (name, path) in sources {
         let path = path.to_str().expect("utf-8 path").to_string();
         let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));

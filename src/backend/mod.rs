@@ -8,11 +8,19 @@ pub mod stream;
 
 use crate::model::Architecture;
 
+/// The families the CUDA backend runs, for messages.
+pub const CUDA_FAMILIES: &str = "llama, mistral, qwen2, qwen3 and phi3";
+
 /// Whether the CUDA backend runs this family's forward pass (the Llama family: Llama,
-/// Mistral, Qwen2, Qwen3); the others run on the CPU backend.
+/// Mistral, Qwen2, Qwen3, and Phi-3 with its fused projections); the others run on the CPU
+/// backend.
 pub fn cuda_runs(arch: Architecture) -> bool {
     matches!(
         arch,
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
+        Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3
     )
 }

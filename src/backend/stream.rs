@@ -16,18 +16,27 @@ use crate::{Error, Result};
 /// Byte alignment of each tensor inside a slot (cuBLAS and vector loads want 256).
 pub const SLOT_ALIGN: usize = 256;
 
-/// The tensors of one Llama-family layer (Llama, Mistral, Qwen2, Qwen3): (name after `model.layers.{l}.`, HF shape, whether
-/// it is a matrix stored in the weight dtype; norms and biases stay f32).
+/// The tensors of one layer of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
+/// Phi-3): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
+/// weight dtype; norms and biases stay f32).
 pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let mut v = vec![
         ("input_layernorm.weight".to_string(), vec![h], false),
         ("post_attention_layernorm.weight".to_string(), vec![h], false),
-        ("self_attn.q_proj.weight".to_string(), vec![qd, h], true),
-        ("self_attn.k_proj.weight".to_string(), vec![kvd, h], true),
-        ("self_attn.v_proj.weight".to_string(), vec![kvd, h], true),
     ];
+    if c.architecture == Architecture::Phi3 {
+        // Fused projections (no biases on Phi-3).
+        v.push(("self_attn.qkv_proj.weight".to_string(), vec![qd + 2 * kvd, h], true));
+        v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
+        v.push(("mlp.gate_up_proj.weight".to_string(), vec![2 * i, h], true));
+        v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+        return v;
+    }
+    v.push(("self_attn.q_proj.weight".to_string(), vec![qd, h], true));
+    v.push(("self_attn.k_proj.weight".to_string(), vec![kvd, h], true));
+    v.push(("self_attn.v_proj.weight".to_string(), vec![kvd, h], true));
     if c.attention_bias {
         v.push(("self_attn.q_proj.bias".to_string(), vec![qd], false));
         v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));

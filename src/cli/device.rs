@@ -52,8 +52,9 @@ pub fn choose(arg: DeviceArg, quiet: bool, arch: Architecture) -> Result<Backend
         (DeviceArg::Cpu, _) => Ok(Backend::Cpu),
         (DeviceArg::Cuda, Ok(())) if runs => Ok(Backend::Cuda),
         (DeviceArg::Cuda, Ok(())) => Err(Error::Backend(format!(
-            "--device cuda: the CUDA backend runs llama, mistral, qwen2 and qwen3 models; `{}` \
-             runs on the CPU backend (--device cpu)",
+            "--device cuda: the CUDA backend runs {} models; `{}` runs on the CPU backend \
+             (--device cpu)",
+            swk::backend::CUDA_FAMILIES,
             arch.name()
         ))),
         (DeviceArg::Cuda, Err(why)) => Err(Error::Backend(format!("--device cuda: {why}"))),

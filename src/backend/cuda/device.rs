@@ -91,7 +91,10 @@ impl CudaDevice {
         launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps)
     }
 
-    /// RoPE in place on `rows` rows of `n_heads` heads, first row at `pos0`.
+    /// RoPE in place on `rows` rows of `n_heads` heads, first row at `pos0`: pairs
+    /// `(i, i + rot_half)` for `i < rot_half` of each head rotate (`rot_half = head_dim / 2`
+    /// unless RoPE is partial).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn rope(
         &self,
         x: u64,
@@ -99,23 +102,32 @@ impl CudaDevice {
         rows: usize,
         n_heads: usize,
         head_dim: usize,
+        rot_half: usize,
         pos0: usize,
     ) -> Result<()> {
-        let (r, h, d, p) = (
+        if rot_half == 0 || 2 * rot_half > head_dim {
+            return Err(crate::Error::Backend(format!(
+                "RoPE over {} of {head_dim} dims per head",
+                2 * rot_half
+            )));
+        }
+        let (r, h, d, rh, p) = (
             int(rows, "rows")?,
             int(n_heads, "heads")?,
             int(head_dim, "head_dim")?,
+            int(rot_half, "rotary dims")?,
             int(pos0, "position")?,
         );
         launch!(
             self,
             "swk_rope",
-            kernels::elementwise((rows * n_heads * (head_dim / 2)) as u64)?,
+            kernels::elementwise((rows * n_heads * rot_half) as u64)?,
             x,
             inv_freq,
             r,
             h,
             d,
+            rh,
             p
         )
     }
@@ -134,6 +146,7 @@ impl CudaDevice {
         n_kv: usize,
         hd: usize,
         window: Option<usize>,
+        scale: f32,
     ) -> Result<()> {
         let l = kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit)?;
         let (r, p, nh, nkv, d) = (
@@ -144,7 +157,6 @@ impl CudaDevice {
             int(hd, "head_dim")?,
         );
         let w = int(window.unwrap_or(0), "sliding window")?;
-        let scale = 1.0 / (hd as f32).sqrt();
         launch!(self, "swk_attention", l, q, kc, vc, out, r, p, nh, nkv, d, w, scale)
     }
 

@@ -1,13 +1,15 @@
-//! A model on the device and its forward pass, mirroring `model::arch::llama::forward`:
+//! A model on the device and its forward pass, mirroring `model::arch::llama::forward` (and
+//! `phi3::forward`, the same block with fused projections):
 //!
 //! ```text
 //! x = E[tokens]
 //! per block l:
 //!   xn = rmsnorm(x) ⊙ w_attn_norm
 //!   q = xn·W_qᵀ (+b_q); k, v = xn·W_{k,v}ᵀ (+b) written straight into the cache rows pos0..
+//!   (Phi-3: W_q, W_k, W_v are the row blocks of qkv_proj; W_gate, W_up of gate_up_proj)
 //!   (Qwen3: rmsnorm over each head of q and k)
-//!   rope(q), rope(k rows of the cache)
-//!   att = softmax(q·kᵀ/√d + causal/window mask)·v        (swk_attention)
+//!   rope(q), rope(k rows of the cache)                   (Phi: maybe over the first dims only)
+//!   att = softmax(q·kᵀ·scale + causal/window mask)·v     (swk_attention)
 //!   x += att·W_oᵀ (+b_o: Llama with attention_bias)
 //!   xn = rmsnorm(x) ⊙ w_mlp_norm
 //!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
@@ -139,6 +141,27 @@ pub(crate) struct WeightRef {
 }
 
 impl WeightRef {
+    /// Rows `start..start + n` of a matrix: one projection of a fused one (Phi-3's
+    /// `qkv_proj` and `gate_up_proj` stack theirs by rows, and rows are contiguous).
+    fn rows(&self, start: usize, n: usize) -> Result<WeightRef> {
+        let [total, cols] = self.shape[..] else {
+            return Err(Error::tensor(&self.name, format!("not a matrix: {:?}", self.shape)));
+        };
+        if start + n > total {
+            return Err(Error::tensor(
+                &self.name,
+                format!("rows {start}..{} of a [{total}, {cols}] matrix", start + n),
+            ));
+        }
+        let elem = if self.bf16 { 2 } else { 4 };
+        Ok(WeightRef {
+            name: format!("{}[{start}..{}]", self.name, start + n),
+            shape: vec![n, cols],
+            ptr: self.ptr + (start * cols * elem) as u64,
+            bf16: self.bf16,
+        })
+    }
+
     /// The address of an f32 tensor (norms and biases).
     fn f32_ptr(&self) -> Result<u64> {
         if self.bf16 {
@@ -159,6 +182,8 @@ pub struct CudaModel {
     pub(crate) config: ModelConfig,
     pub(crate) tensors: BTreeMap<String, DevTensor>,
     inv_freq: CudaSlice<f32>,
+    /// RoPE pairs per head (`head_dim / 2` unless RoPE is partial).
+    rot_half: usize,
     head: String,
     dtype: WeightDtype,
     gemm: GemmEngine,
@@ -283,17 +308,31 @@ fn upload_tensor(
     Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
-/// The device forward pass is the Llama family's (Llama, Mistral, Qwen2); other
-/// architectures run on the CPU backend.
+/// The device forward pass is the Llama family's (Llama, Mistral, Qwen2, Qwen3, Phi-3);
+/// other architectures run on the CPU backend.
 fn check_architecture(c: &ModelConfig) -> Result<()> {
-    if crate::backend::cuda_runs(c.architecture) {
-        Ok(())
-    } else {
-        Err(Error::Backend(format!(
-            "the CUDA backend runs llama, mistral, qwen2 and qwen3 models; `{}` runs on the CPU backend",
+    if !crate::backend::cuda_runs(c.architecture) {
+        return Err(Error::Backend(format!(
+            "the CUDA backend runs {} models; `{}` runs on the CPU backend",
+            crate::backend::CUDA_FAMILIES,
             c.architecture.name()
-        )))
+        )));
     }
+    if c.family.hidden_act != crate::model::config::HiddenAct::Silu {
+        return Err(Error::Backend(format!(
+            "the CUDA backend runs SiLU MLPs; this {} model's activation runs on the CPU backend",
+            c.architecture.name()
+        )));
+    }
+    Ok(())
+}
+
+/// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
+/// partial), with the configured scaling and GGUF `rope_freqs` factors.
+fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
+    let mut rc = c.clone();
+    rc.head_dim = c.rotary_dim();
+    llama::inv_freq(&rc, freq_factors)
 }
 
 fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
@@ -343,7 +382,7 @@ impl CudaModel {
             tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
         }
         let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
-        let inv = llama::inv_freq(&model.config, freqs);
+        let inv = rope_inv_freq(&model.config, freqs);
         let head = if model.weights.contains("lm_head.weight") {
             "lm_head.weight"
         } else {
@@ -394,7 +433,7 @@ impl CudaModel {
             tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
         }
         let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
-        let inv = llama::inv_freq(&c, freqs);
+        let inv = rope_inv_freq(&c, freqs);
         let head = if resident.weights.contains("lm_head.weight") {
             "lm_head.weight"
         } else {
@@ -472,6 +511,7 @@ impl CudaModel {
         gemm: GemmEngine,
     ) -> Result<Self> {
         let inv_freq = dev.upload(inv)?;
+        let rot_half = inv.len();
         let edit_scratch = dev.zeros::<u32>(1)?;
         dev.synchronize()?;
         Ok(CudaModel {
@@ -479,6 +519,7 @@ impl CudaModel {
             config,
             tensors,
             inv_freq,
+            rot_half,
             head: head.to_string(),
             dtype,
             gemm,
@@ -1000,6 +1041,7 @@ impl CudaModel {
         };
         let inv = dev.ptr(&self.inv_freq);
         let o_bias = crate::backend::stream::has_o_proj_bias(c);
+        let fused = c.architecture == Architecture::Phi3;
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -1046,12 +1088,20 @@ impl CudaModel {
                     let norm = w("input_layernorm.weight")?.f32_ptr()?;
                     dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
                     let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-                    let outs = qkv
-                        .iter()
-                        .map(|&(n, out, width)| {
-                            Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let outs = if fused {
+                        let f = w("self_attn.qkv_proj.weight")?;
+                        vec![
+                            (f.rows(0, qd)?, qp, qd),
+                            (f.rows(qd, kvd)?, k_new, kvd),
+                            (f.rows(qd + kvd, kvd)?, v_new, kvd),
+                        ]
+                    } else {
+                        qkv.iter()
+                            .map(|&(n, out, width)| {
+                                Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    };
                     self.linears(xnp, &outs, t, h, sc)?;
                     if c.attention_bias {
                         for (n, out, width) in qkv {
@@ -1066,10 +1116,10 @@ impl CudaModel {
                         let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
                         dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps)?;
                     }
-                    dev.rope(qp, inv, t, nh, hd, pos0)?;
-                    dev.rope(k_new, inv, t, nkv, hd, pos0)?;
-                    let window = c.layer_window(l);
-                    dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window)?;
+                    dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
+                    dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
+                    let (window, scale) = (c.layer_window(l), c.attention_scale(l));
+                    dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window, scale)?;
                     self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
                     if o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
@@ -1081,10 +1131,12 @@ impl CudaModel {
                     // (outputs).
                     let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
                     dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
-                    let outs = [
-                        (w("mlp.gate_proj.weight")?, gatep, i),
-                        (w("mlp.up_proj.weight")?, upp, i),
-                    ];
+                    let outs = if fused {
+                        let f = w("mlp.gate_up_proj.weight")?;
+                        [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]
+                    } else {
+                        [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
+                    };
                     self.linears(xnp, &outs, t, h, sc)?;
                     dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
