@@ -32,13 +32,15 @@ use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
-const FIXTURES: [&str; 9] = [
+const FIXTURES: [&str; 11] = [
     "llama",
     "llama3_rope",
     "llama_bf16",
     "llama_f16",
     "llama_sharded",
     "mistral",
+    "olmo",
+    "olmo2",
     "phi3",
     "qwen2",
     "qwen3",
@@ -576,6 +578,60 @@ fn detection_matches_cpu_on_planted_models() {
     }
 }
 
+/// A super weight and a decoy planted ([`swk::synth::families::plant_arch`]) into the tiny
+/// fixture of every family the device runs, as `tests/planted_arch.rs` plants them: detection
+/// on the device confirms the super weight and rejects the decoy, as the CPU does, with the
+/// same coordinates, token positions and weight value, and perplexity ratios within 1e-3
+/// (f32 weights), and leaves the weights bit-identical.
+#[test]
+fn detection_matches_cpu_on_planted_families() {
+    if !gpu() {
+        return;
+    }
+    use swk::synth::families::{plant_arch, ArchPlant};
+    use swk::synth::PlantSite;
+    for name in ["mistral", "olmo", "olmo2", "phi3", "qwen2", "qwen3"] {
+        let (m, _) = load(name);
+        let site = PlantSite { layer: 0, row: 17, col: 101, activation: -900.0, weight: 1.5 };
+        let decoy = PlantSite { layer: 1, row: 40, col: 60, activation: -600.0, weight: 1.0 };
+        let plant = ArchPlant { decoy: Some(decoy), ..ArchPlant::single(site) };
+        let (mut m, truth) = plant_arch(m, 7, &plant).unwrap();
+        let cfg = DetectConfig::default();
+        let windows = swk::eval::ppl::windows(&m, &truth.confirm, truth.confirm.len()).unwrap();
+        let prompts = [truth.prompt.clone()];
+        let want = detect_with(&mut m, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+        let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+        let mut g = CudaModel::new(&m, &opts).unwrap();
+        let before = g.checksum().unwrap();
+        let got = detect_with(&mut g, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(g.checksum().unwrap(), before, "{name}: restored");
+        let key = |v: &[swk::detect::SuperWeight]| -> Vec<_> {
+            v.iter().map(|s| (s.layer, s.row, s.col, s.token_position, s.value.to_bits())).collect()
+        };
+        assert_eq!(key(&got.super_weights), key(&want.super_weights), "{name}: confirmed");
+        assert_eq!(key(&got.rejected), key(&want.rejected), "{name}: rejected");
+        let coords: Vec<_> = got.super_weights.iter().map(|s| (s.layer, s.row, s.col)).collect();
+        assert_eq!(coords, [(0, 17, 101)], "{name}: the planted weight is confirmed");
+        let rejected: Vec<_> = got.rejected.iter().map(|s| (s.layer, s.row, s.col)).collect();
+        assert_eq!(rejected, [(1, 40, 60)], "{name}: the decoy is rejected");
+        for (x, y) in got
+            .super_weights
+            .iter()
+            .chain(&got.rejected)
+            .zip(want.super_weights.iter().chain(&want.rejected))
+        {
+            let (a, b) = (x.perplexity_ratio.unwrap(), y.perplexity_ratio.unwrap());
+            assert!((a / b - 1.0).abs() <= 1e-3, "{name}: ratio {a} vs cpu {b}");
+        }
+        eprintln!(
+            "planted {name}: confirmed {coords:?} ratio {:.2} (cpu {:.2}), decoy ratio {:.3}",
+            got.super_weights[0].perplexity_ratio.unwrap(),
+            want.super_weights[0].perplexity_ratio.unwrap(),
+            got.rejected[0].perplexity_ratio.unwrap()
+        );
+    }
+}
+
 /// CUDA graphs ([`CudaModel::set_graphs`]) replay the normal passes: spike positions equal and
 /// values within 1e-5, confirmation NLL within 1e-9 (bit-identity is reported, not required:
 /// cuBLAS may pick another algorithm under capture), in-place edits seen by the replays, and
@@ -670,6 +726,8 @@ fn streamed_model_equals_resident_upload() {
         FIXTURES.iter().map(|n| (n.to_string(), root.join(n))).collect();
     sources.push(("qwen2_gguf".into(), root.join("qwen2_gguf/model.gguf")));
     sources.push(("phi3_gguf".into(), root.join("phi3_gguf/model.gguf")));
+    sources.push(("olmo_gguf".into(), root.join("olmo_gguf/model.gguf")));
+    sources.push(("olmo2_gguf".into(), root.join("olmo2_gguf/model.gguf")));
     for (name, path) in sources {
         let path = path.to_str().expect("utf-8 path").to_string();
         let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -9,11 +9,11 @@ pub mod stream;
 use crate::model::Architecture;
 
 /// The families the CUDA backend runs, for messages.
-pub const CUDA_FAMILIES: &str = "llama, mistral, qwen2, qwen3 and phi3";
+pub const CUDA_FAMILIES: &str = "llama, mistral, qwen2, qwen3, phi3, olmo and olmo2";
 
 /// Whether the CUDA backend runs this family's forward pass (the Llama family: Llama,
-/// Mistral, Qwen2, Qwen3, and Phi-3 with its fused projections); the others run on the CPU
-/// backend.
+/// Mistral, Qwen2, Qwen3, Phi-3 with its fused projections, OLMo and OLMo 2 with their
+/// norms); the others run on the CPU backend.
 pub fn cuda_runs(arch: Architecture) -> bool {
     matches!(
         arch,
@@ -22,5 +22,7 @@ pub fn cuda_runs(arch: Architecture) -> bool {
             | Architecture::Qwen2
             | Architecture::Qwen3
             | Architecture::Phi3
+            | Architecture::Olmo
+            | Architecture::Olmo2
     )
 }

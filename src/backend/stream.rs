@@ -17,15 +17,26 @@ use crate::{Error, Result};
 pub const SLOT_ALIGN: usize = 256;
 
 /// The tensors of one layer of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
-/// Phi-3): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
+/// Phi-3, OLMo, OLMo 2): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
 /// weight dtype; norms and biases stay f32).
 pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    let mut v = vec![
-        ("input_layernorm.weight".to_string(), vec![h], false),
-        ("post_attention_layernorm.weight".to_string(), vec![h], false),
-    ];
+    let mut v = match c.architecture {
+        // OLMo's LayerNorms have no parameters.
+        Architecture::Olmo => vec![],
+        // OLMo 2 norms what attention and the MLP produce, and q and k whole.
+        Architecture::Olmo2 => vec![
+            ("post_attention_layernorm.weight".to_string(), vec![h], false),
+            ("post_feedforward_layernorm.weight".to_string(), vec![h], false),
+            ("self_attn.q_norm.weight".to_string(), vec![qd], false),
+            ("self_attn.k_norm.weight".to_string(), vec![kvd], false),
+        ],
+        _ => vec![
+            ("input_layernorm.weight".to_string(), vec![h], false),
+            ("post_attention_layernorm.weight".to_string(), vec![h], false),
+        ],
+    };
     if c.architecture == Architecture::Phi3 {
         // Fused projections (no biases on Phi-3).
         v.push(("self_attn.qkv_proj.weight".to_string(), vec![qd + 2 * kvd, h], true));
@@ -56,10 +67,15 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     v
 }
 
-/// Whether `o_proj` has a bias: Llama and Qwen3 checkpoints with `attention_bias` have one on
-/// all four projections (as transformers builds them); Qwen2 only on q/k/v; Mistral none.
+/// Whether `o_proj` has a bias: Llama, Qwen3 and OLMo checkpoints with `attention_bias` have
+/// one on all four projections (as transformers builds them); Qwen2 only on q/k/v; Mistral
+/// none.
 pub fn has_o_proj_bias(c: &ModelConfig) -> bool {
-    c.attention_bias && matches!(c.architecture, Architecture::Llama | Architecture::Qwen3)
+    c.attention_bias
+        && matches!(
+            c.architecture,
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Olmo | Architecture::Olmo2
+        )
 }
 
 /// One tensor's place in a slot.

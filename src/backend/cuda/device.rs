@@ -91,6 +91,26 @@ impl CudaDevice {
         launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps)
     }
 
+    /// out = (x - mean) / sqrt(var + eps) per row of width `n` (LayerNorm without
+    /// parameters, OLMo); `out` may be `x`.
+    pub(crate) fn layernorm(
+        &self,
+        x: u64,
+        out: u64,
+        rows: usize,
+        n: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let n_i = int(n, "width")?;
+        launch!(self, "swk_layernorm", kernels::per_row(rows)?, x, out, n_i, eps)
+    }
+
+    /// x = clamp(x, -c, c) over `n` elements (OLMo's `clip_qkv`).
+    pub(crate) fn clamp(&self, x: u64, n: usize, c: f32) -> Result<()> {
+        let n = n as u64;
+        launch!(self, "swk_clamp", kernels::grid_stride(n)?, x, n, c)
+    }
+
     /// RoPE in place on `rows` rows of `n_heads` heads, first row at `pos0`: pairs
     /// `(i, i + rot_half)` for `i < rot_half` of each head rotate (`rot_half = head_dim / 2`
     /// unless RoPE is partial).

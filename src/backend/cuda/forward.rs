@@ -1,19 +1,20 @@
 //! A model on the device and its forward pass, mirroring `model::arch::llama::forward` (and
-//! `phi3::forward`, the same block with fused projections):
+//! `phi3::forward`, the same block with fused projections, and `olmo::forward`):
 //!
 //! ```text
 //! x = E[tokens]
 //! per block l:
-//!   xn = rmsnorm(x) ⊙ w_attn_norm
+//!   xn = rmsnorm(x) ⊙ w_attn_norm       (OLMo: LayerNorm without parameters; OLMo 2: xn = x)
 //!   q = xn·W_qᵀ (+b_q); k, v = xn·W_{k,v}ᵀ (+b) written straight into the cache rows pos0..
 //!   (Phi-3: W_q, W_k, W_v are the row blocks of qkv_proj; W_gate, W_up of gate_up_proj)
-//!   (Qwen3: rmsnorm over each head of q and k)
+//!   (Qwen3: rmsnorm over each head of q and k; OLMo 2: over all of q and of k; OLMo:
+//!   q, k, v clamped to ±clip_qkv)
 //!   rope(q), rope(k rows of the cache)                   (Phi: maybe over the first dims only)
 //!   att = softmax(q·kᵀ·scale + causal/window mask)·v     (swk_attention)
-//!   x += att·W_oᵀ (+b_o: Llama with attention_bias)
+//!   x += att·W_oᵀ (+b_o: Llama, Qwen3, OLMo with attention_bias) (OLMo 2: rmsnorm of it)
 //!   xn = rmsnorm(x) ⊙ w_mlp_norm
 //!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
-//!   x += a·W_downᵀ                                        (+ per-column max |y|: spike output)
+//!   x += a·W_downᵀ (OLMo 2: rmsnorm of it)               (+ per-column max |y|: spike output)
 //! logits = rmsnorm(x[rows asked]) ⊙ w_norm · W_headᵀ
 //! ```
 
@@ -241,10 +242,11 @@ pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
 /// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
 fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let h = c.hidden_size;
-    let mut v = vec![
-        ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true),
-        ("model.norm.weight".to_string(), vec![h], false),
-    ];
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true)];
+    if c.architecture != Architecture::Olmo {
+        // OLMo's final LayerNorm has no parameters.
+        v.push(("model.norm.weight".to_string(), vec![h], false));
+    }
     if !c.tie_word_embeddings {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
     }
@@ -1042,6 +1044,7 @@ impl CudaModel {
         let inv = dev.ptr(&self.inv_freq);
         let o_bias = crate::backend::stream::has_o_proj_bias(c);
         let fused = c.architecture == Architecture::Phi3;
+        let olmo = matches!(c.architecture, Architecture::Olmo | Architecture::Olmo2);
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -1085,8 +1088,18 @@ impl CudaModel {
 
                     // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
                     // the cache.
-                    let norm = w("input_layernorm.weight")?.f32_ptr()?;
-                    dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                    let a_in = match c.architecture {
+                        Architecture::Olmo2 => xp,
+                        Architecture::Olmo => {
+                            dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?;
+                            xnp
+                        }
+                        _ => {
+                            let norm = w("input_layernorm.weight")?.f32_ptr()?;
+                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                            xnp
+                        }
+                    };
                     let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
                     let outs = if fused {
                         let f = w("self_attn.qkv_proj.weight")?;
@@ -1102,12 +1115,25 @@ impl CudaModel {
                             })
                             .collect::<Result<Vec<_>>>()?
                     };
-                    self.linears(xnp, &outs, t, h, sc)?;
+                    self.linears(a_in, &outs, t, h, sc)?;
                     if c.attention_bias {
                         for (n, out, width) in qkv {
                             let bias = w(&format!("self_attn.{n}.bias"))?.f32_ptr()?;
                             dev.add_bias(out, bias, t, width)?;
                         }
+                    }
+                    if let (true, Some(clip)) = (olmo, c.family.clip_qkv) {
+                        // OLMo's clip_qkv: q, k, v clamped to [-clip, clip].
+                        dev.clamp(qp, t * qd, clip as f32)?;
+                        dev.clamp(k_new, t * kvd, clip as f32)?;
+                        dev.clamp(v_new, t * kvd, clip as f32)?;
+                    }
+                    if c.architecture == Architecture::Olmo2 {
+                        // OLMo 2 QK-norm: RMSNorm over each row's whole q and k.
+                        let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(qp, qn, qp, t, qd, c.rms_norm_eps)?;
+                        let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(k_new, kn, k_new, t, kvd, c.rms_norm_eps)?;
                     }
                     if c.architecture == Architecture::Qwen3 {
                         // Qwen3 QK-norm: RMSNorm over each head of q and k (in place, per row).
@@ -1124,22 +1150,41 @@ impl CudaModel {
                     if o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
                     }
+                    if c.architecture == Architecture::Olmo2 {
+                        let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps)?;
+                    }
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
                     // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
                     // with the spike statistics fused into silu_mul (inputs) and the add
                     // (outputs).
-                    let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
-                    dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                    let m_in = match c.architecture {
+                        Architecture::Olmo2 => xp,
+                        Architecture::Olmo => {
+                            dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?;
+                            xnp
+                        }
+                        _ => {
+                            let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
+                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                            xnp
+                        }
+                    };
                     let outs = if fused {
                         let f = w("mlp.gate_up_proj.weight")?;
                         [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]
                     } else {
                         [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
                     };
-                    self.linears(xnp, &outs, t, h, sc)?;
+                    self.linears(m_in, &outs, t, h, sc)?;
                     dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
+                    if c.architecture == Architecture::Olmo2 {
+                        // The output statistic is what the MLP writes: after this norm.
+                        let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
+                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps)?;
+                    }
                     dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
                 }
             }
@@ -1181,14 +1226,13 @@ impl CudaModel {
         let c = &self.config;
         let (h, n) = (c.hidden_size, rows.len());
         let xf = sc.xf(&self.dev, n * h)?;
-        self.dev.rmsnorm(
-            x + (rows.start * h * 4) as u64,
-            self.weight("model.norm.weight")?.f32_ptr()?,
-            xf,
-            n,
-            h,
-            c.rms_norm_eps,
-        )?;
+        let first = x + (rows.start * h * 4) as u64;
+        if c.architecture == Architecture::Olmo {
+            self.dev.layernorm(first, xf, n, h, c.rms_norm_eps)?;
+        } else {
+            let norm = self.weight("model.norm.weight")?.f32_ptr()?;
+            self.dev.rmsnorm(first, norm, xf, n, h, c.rms_norm_eps)?;
+        }
         self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)
     }
 }
