@@ -1,6 +1,8 @@
-// SiLU·mul with fused spike statistics of the down_proj input.
+// Gated activation with fused spike statistics of the down_proj input.
 //
-// out = silu(gate) * up = gate / (1 + exp(-gate)) * up, row by row, mirroring cpu::silu_mul.
+// out = act(gate) * up, row by row, mirroring cpu::silu_mul / cpu::gelu_tanh_mul:
+//   act 0: silu(g) = g / (1 + exp(-g));
+//   act 1: gelu_tanh(g) = (0.5 g) (1 + tanh(0.7978846 (g + ((0.044715 g) g) g))) (Gemma).
 // When `keys` is not null, each column's max |out| over the rows of this launch is reduced
 // into keys[col] as a packed spike key (see spike_key in common.cuh): largest |value| wins,
 // ties keep the earliest position (pos0 + row), the sign is kept. keys must start at 0 for a
@@ -11,8 +13,17 @@
 // gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
 // each thread walks `rows_per_block` rows of one column (coalesced across the warp) and
 // issues at most one atomicMax.
-extern "C" __global__ void swk_silu_mul(const float* gate, const float* up, float* out, int rows, int n,
-                                        int rows_per_block, int pos0, u64* keys) {
+__device__ __forceinline__ float gated_act(float g, int act) {
+    if (act == 1) {
+        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g);
+        const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(g, cube)));
+        return __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, t));
+    }
+    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+}
+
+extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
+                                       int rows_per_block, int pos0, u64* keys, int act) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= n) {
         return;
@@ -23,7 +34,7 @@ extern "C" __global__ void swk_silu_mul(const float* gate, const float* up, floa
     for (int r = r0; r < r1; ++r) {
         const size_t i = (size_t)r * n + col;
         const float g = gate[i];
-        const float v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), up[i]);
+        const float v = __fmul_rn(gated_act(g, act), up[i]);
         out[i] = v;
         if (keys != nullptr) {
             const u64 k = spike_key(v, (u32)(pos0 + r));
@@ -32,5 +43,12 @@ extern "C" __global__ void swk_silu_mul(const float* gate, const float* up, floa
     }
     if (keys != nullptr && best != 0ull) {
         atomicMax(keys + col, best);
+    }
+}
+
+// x = cap * tanh(x / cap) over n elements (Gemma 2's final logit soft-cap), as cpu::softcap.
+extern "C" __global__ void swk_softcap(float* x, u64 n, float cap) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        x[i] = __fmul_rn(cap, tanhf(__fdiv_rn(x[i], cap)));
     }
 }

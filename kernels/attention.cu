@@ -1,5 +1,6 @@
 // Causal attention of `rows` new queries against the KV cache, for prefill (rows > 1) and
-// decode (rows == 1) alike. GQA: query head h reads kv head h / (n_heads / n_kv). Optional
+// decode (rows == 1) alike. Scores are q·k times `scale`, soft-capped to
+// softcap · tanh(s / softcap) when softcap > 0 (Gemma 2). GQA: query head h reads kv head h / (n_heads / n_kv). Optional
 // sliding window: a query at position p sees keys p - window < j <= p (window 0 = none).
 //
 // A straightforward kernel, one block per (head, query row), mirroring cpu::attention:
@@ -14,7 +15,8 @@
 // q [rows, n_heads*hd] at positions pos0..pos0+rows; kc, vc the cache [>= pos0+rows, n_kv*hd];
 // out [rows, n_heads*hd]. Grid (n_heads, rows), block 128.
 extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out, int rows,
-                                         int pos0, int n_heads, int n_kv, int hd, int window, float scale) {
+                                         int pos0, int n_heads, int n_kv, int hd, int window, float scale,
+                                         float softcap) {
     SWK_DYNAMIC_SHARED(float, smem);
     float* red = smem;            // 32 floats of reduction scratch
     float* qs = smem + 32;        // this head's query
@@ -42,7 +44,10 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
         for (int d = 0; d < hd; ++d) {
             dot = __fadd_rn(dot, __fmul_rn(qs[d], kj[d]));
         }
-        const float s = __fmul_rn(dot, scale);
+        float s = __fmul_rn(dot, scale);
+        if (softcap > 0.0f) {
+            s = __fmul_rn(softcap, tanhf(__fdiv_rn(s, softcap)));
+        }
         sc[j] = s;
         local_max = fmaxf(local_max, s);
     }

@@ -1,26 +1,29 @@
 // Embedding gather and dtype conversions.
 #include "common.cuh"
 
-// x[t, :] = emb[tokens[t], :] for f32 embeddings [vocab, h]. One thread per output element.
-extern "C" __global__ void swk_embed_f32(const float* emb, const u32* tokens, float* x, int rows, int h) {
+// x[t, :] = emb[tokens[t], :] * scale (sqrt(hidden) for Gemma, else 1) for f32 embeddings
+// [vocab, h]. One thread per output element.
+extern "C" __global__ void swk_embed_f32(const float* emb, const u32* tokens, float* x, int rows, int h,
+                                         float scale) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * h) {
         return;
     }
     const u64 t = i / h;
     const u64 c = i % h;
-    x[i] = emb[(u64)tokens[t] * h + c];
+    x[i] = __fmul_rn(emb[(u64)tokens[t] * h + c], scale);
 }
 
 // The same for bf16 embeddings (raw u16 bits), widened exactly to f32.
-extern "C" __global__ void swk_embed_bf16(const u16* emb, const u32* tokens, float* x, int rows, int h) {
+extern "C" __global__ void swk_embed_bf16(const u16* emb, const u32* tokens, float* x, int rows, int h,
+                                          float scale) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * h) {
         return;
     }
     const u64 t = i / h;
     const u64 c = i % h;
-    x[i] = bf16_bits_to_f32(emb[(u64)tokens[t] * h + c]);
+    x[i] = __fmul_rn(bf16_bits_to_f32(emb[(u64)tokens[t] * h + c]), scale);
 }
 
 // out[i] = f32(in[i]) (exact). Grid-stride loop: any grid size covers n.

@@ -9,11 +9,13 @@ pub mod stream;
 use crate::model::Architecture;
 
 /// The families the CUDA backend runs, for messages.
-pub const CUDA_FAMILIES: &str = "llama, mistral, qwen2, qwen3, phi3, olmo and olmo2";
+pub const CUDA_FAMILIES: &str =
+    "llama, mistral, qwen2, qwen3, phi3, olmo, olmo2, gemma, gemma2 and gemma3";
 
 /// Whether the CUDA backend runs this family's forward pass (the Llama family: Llama,
 /// Mistral, Qwen2, Qwen3, Phi-3 with its fused projections, OLMo and OLMo 2 with their
-/// norms); the others run on the CPU backend.
+/// norms, Gemma 1/2/3 with theirs); MoE, DeepSeek, GPT-2 and GPT-NeoX run on the CPU
+/// backend.
 pub fn cuda_runs(arch: Architecture) -> bool {
     matches!(
         arch,
@@ -24,5 +26,8 @@ pub fn cuda_runs(arch: Architecture) -> bool {
             | Architecture::Phi3
             | Architecture::Olmo
             | Architecture::Olmo2
+            | Architecture::Gemma
+            | Architecture::Gemma2
+            | Architecture::Gemma3
     )
 }

@@ -17,7 +17,7 @@ use crate::{Error, Result};
 pub const SLOT_ALIGN: usize = 256;
 
 /// The tensors of one layer of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
-/// Phi-3, OLMo, OLMo 2): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
+/// Phi-3, OLMo, OLMo 2, Gemma, Gemma 2, Gemma 3): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
 /// weight dtype; norms and biases stay f32).
 pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -37,6 +37,11 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
             ("post_attention_layernorm.weight".to_string(), vec![h], false),
         ],
     };
+    if matches!(c.architecture, Architecture::Gemma2 | Architecture::Gemma3) {
+        // Gemma 2/3: post_attention_layernorm norms attention's output; these the MLP's.
+        v.push(("pre_feedforward_layernorm.weight".to_string(), vec![h], false));
+        v.push(("post_feedforward_layernorm.weight".to_string(), vec![h], false));
+    }
     if c.architecture == Architecture::Phi3 {
         // Fused projections (no biases on Phi-3).
         v.push(("self_attn.qkv_proj.weight".to_string(), vec![qd + 2 * kvd, h], true));
@@ -53,7 +58,7 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
         v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));
         v.push(("self_attn.v_proj.bias".to_string(), vec![kvd], false));
     }
-    if c.architecture == Architecture::Qwen3 {
+    if matches!(c.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
         v.push(("self_attn.q_norm.weight".to_string(), vec![c.head_dim], false));
         v.push(("self_attn.k_norm.weight".to_string(), vec![c.head_dim], false));
     }

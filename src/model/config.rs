@@ -151,6 +151,11 @@ impl Architecture {
     pub fn is_deepseek(self) -> bool {
         matches!(self, Architecture::DeepseekV2 | Architecture::DeepseekV3)
     }
+    /// Whether the family is Gemma, Gemma 2 or Gemma 3 (RMSNorm by `1 + w`, GeGLU, the
+    /// embedding scaled by √hidden).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3)
+    }
     /// Whether the MLP is gated (`act(gate) ⊙ up`); GPT-2 and GPT-NeoX use `act(up)`.
     pub fn gated_mlp(self) -> bool {
         !matches!(self, Architecture::Gpt2 | Architecture::GptNeoX)

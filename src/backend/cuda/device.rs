@@ -62,7 +62,9 @@ impl CudaDevice {
         Ok(2.0 * (n as f64).powi(3) * reps.max(1) as f64 / t.elapsed().as_secs_f64())
     }
 
-    /// x[t] = emb[tokens[t]] for `rows` tokens, embedding width `h`; `bf16` picks the kernel.
+    /// x[t] = emb[tokens[t]] · scale for `rows` tokens, embedding width `h`; `bf16` picks the
+    /// kernel.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn embed(
         &self,
         emb: u64,
@@ -71,13 +73,17 @@ impl CudaDevice {
         x: u64,
         rows: usize,
         h: usize,
+        scale: f32,
     ) -> Result<()> {
         let (rows_i, h_i) = (int(rows, "rows")?, int(h, "hidden")?);
         let name = if bf16 { "swk_embed_bf16" } else { "swk_embed_f32" };
-        launch!(self, name, kernels::elementwise((rows * h) as u64)?, emb, tokens, x, rows_i, h_i)
+        let l = kernels::elementwise((rows * h) as u64)?;
+        launch!(self, name, l, emb, tokens, x, rows_i, h_i, scale)
     }
 
-    /// out = rmsnorm(x) ⊙ w per row of width `n`.
+    /// out = rmsnorm(x) ⊙ w per row of width `n` (⊙ (1 + w) with `plus_one`, Gemma); `out`
+    /// may be `x`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn rmsnorm(
         &self,
         x: u64,
@@ -86,9 +92,10 @@ impl CudaDevice {
         rows: usize,
         n: usize,
         eps: f64,
+        plus_one: bool,
     ) -> Result<()> {
-        let n_i = int(n, "width")?;
-        launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps)
+        let (n_i, p1) = (int(n, "width")?, plus_one as i32);
+        launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps, p1)
     }
 
     /// out = (x - mean) / sqrt(var + eps) per row of width `n` (LayerNorm without
@@ -103,6 +110,12 @@ impl CudaDevice {
     ) -> Result<()> {
         let n_i = int(n, "width")?;
         launch!(self, "swk_layernorm", kernels::per_row(rows)?, x, out, n_i, eps)
+    }
+
+    /// x = cap · tanh(x / cap) over `n` elements (Gemma 2's final logits).
+    pub(crate) fn softcap(&self, x: u64, n: usize, cap: f32) -> Result<()> {
+        let n = n as u64;
+        launch!(self, "swk_softcap", kernels::grid_stride(n)?, x, n, cap)
     }
 
     /// x = clamp(x, -c, c) over `n` elements (OLMo's `clip_qkv`).
@@ -152,7 +165,8 @@ impl CudaDevice {
         )
     }
 
-    /// Causal attention of `rows` queries at `pos0..` against the cache.
+    /// Causal attention of `rows` queries at `pos0..` against the cache: scores q·k · `scale`,
+    /// soft-capped when `softcap` is set, within the sliding `window` when set.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
@@ -167,6 +181,7 @@ impl CudaDevice {
         hd: usize,
         window: Option<usize>,
         scale: f32,
+        softcap: Option<f32>,
     ) -> Result<()> {
         let l = kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit)?;
         let (r, p, nh, nkv, d) = (
@@ -177,12 +192,14 @@ impl CudaDevice {
             int(hd, "head_dim")?,
         );
         let w = int(window.unwrap_or(0), "sliding window")?;
-        launch!(self, "swk_attention", l, q, kc, vc, out, r, p, nh, nkv, d, w, scale)
+        let cap = softcap.unwrap_or(0.0);
+        launch!(self, "swk_attention", l, q, kc, vc, out, r, p, nh, nkv, d, w, scale, cap)
     }
 
-    /// out = silu(gate) ⊙ up; with `keys != 0`, per-column spike keys of out.
+    /// out = act(gate) ⊙ up, act SiLU or (with `gelu_tanh`, Gemma) the tanh GELU; with
+    /// `keys != 0`, per-column spike keys of out.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn silu_mul(
+    pub(crate) fn act_mul(
         &self,
         gate: u64,
         up: u64,
@@ -191,6 +208,7 @@ impl CudaDevice {
         n: usize,
         pos0: usize,
         keys: u64,
+        gelu_tanh: bool,
     ) -> Result<()> {
         let (l, per) = kernels::column_stats(rows, n)?;
         let (r, n_i, per_i, p) = (
@@ -199,7 +217,8 @@ impl CudaDevice {
             int(per, "rows per block")?,
             int(pos0, "position")?,
         );
-        launch!(self, "swk_silu_mul", l, gate, up, out, r, n_i, per_i, p, keys)
+        let act = gelu_tanh as i32;
+        launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, keys, act)
     }
 
     /// x += y; with `keys != 0`, per-column spike keys of y.

@@ -185,6 +185,8 @@ pub struct CudaModel {
     inv_freq: CudaSlice<f32>,
     /// RoPE pairs per head (`head_dim / 2` unless RoPE is partial).
     rot_half: usize,
+    /// Gemma 3's RoPE frequencies of its sliding layers (local base, unscaled).
+    inv_local: Option<CudaSlice<f32>>,
     head: String,
     dtype: WeightDtype,
     gemm: GemmEngine,
@@ -320,7 +322,8 @@ fn check_architecture(c: &ModelConfig) -> Result<()> {
             c.architecture.name()
         )));
     }
-    if c.family.hidden_act != crate::model::config::HiddenAct::Silu {
+    // Gemma's MLP is GeGLU whatever its config says (as on the CPU).
+    if c.family.hidden_act != crate::model::config::HiddenAct::Silu && !c.architecture.is_gemma() {
         return Err(Error::Backend(format!(
             "the CUDA backend runs SiLU MLPs; this {} model's activation runs on the CPU backend",
             c.architecture.name()
@@ -514,6 +517,15 @@ impl CudaModel {
     ) -> Result<Self> {
         let inv_freq = dev.upload(inv)?;
         let rot_half = inv.len();
+        let inv_local = match config.family.rope_local_theta {
+            Some(theta) => {
+                let mut rc = config.clone();
+                rc.rope_theta = theta;
+                rc.rope_scaling = None;
+                Some(dev.upload(&rope_inv_freq(&rc, None))?)
+            }
+            None => None,
+        };
         let edit_scratch = dev.zeros::<u32>(1)?;
         dev.synchronize()?;
         Ok(CudaModel {
@@ -522,6 +534,7 @@ impl CudaModel {
             tensors,
             inv_freq,
             rot_half,
+            inv_local,
             head: head.to_string(),
             dtype,
             gemm,
@@ -1021,7 +1034,10 @@ impl CudaModel {
     /// x `[t, hidden]` = E[tok] (device token ids at `tok`).
     pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize) -> Result<()> {
         let emb = self.weight("model.embed_tokens.weight")?;
-        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, self.config.hidden_size)
+        let h = self.config.hidden_size;
+        // Gemma scales the embedding by √hidden.
+        let scale = if self.config.architecture.is_gemma() { (h as f32).sqrt() } else { 1.0 };
+        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, scale)
     }
 
     /// Every block on every pass, layer-major (see [`Self::run_many`]); spike keys into
@@ -1041,10 +1057,23 @@ impl CudaModel {
                 .as_ref()
                 .map_or(0, |k| dev.ptr(k) + ((l * (i + h) + if out { i } else { 0 }) * 8) as u64)
         };
-        let inv = dev.ptr(&self.inv_freq);
+        let inv_global = dev.ptr(&self.inv_freq);
+        let inv_local = self.inv_local.as_ref().map(|b| dev.ptr(b));
         let o_bias = crate::backend::stream::has_o_proj_bias(c);
         let fused = c.architecture == Architecture::Phi3;
         let olmo = matches!(c.architecture, Architecture::Olmo | Architecture::Olmo2);
+        // Gemma: RMSNorm weights are 1 + w, GeGLU MLPs. Post-norms on what attention and the
+        // MLP write: OLMo 2, Gemma 2 and 3. Gemma 2/3 norm the MLP input with its own weight.
+        let p1 = c.architecture.is_gemma();
+        let post_norms = matches!(
+            c.architecture,
+            Architecture::Olmo2 | Architecture::Gemma2 | Architecture::Gemma3
+        );
+        let mlp_norm = match c.architecture {
+            Architecture::Gemma2 | Architecture::Gemma3 => "pre_feedforward_layernorm.weight",
+            _ => "post_attention_layernorm.weight",
+        };
+        let softcap = c.family.attn_logit_softcapping.map(|s| s as f32);
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -1096,7 +1125,7 @@ impl CudaModel {
                         }
                         _ => {
                             let norm = w("input_layernorm.weight")?.f32_ptr()?;
-                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?;
                             xnp
                         }
                     };
@@ -1131,28 +1160,35 @@ impl CudaModel {
                     if c.architecture == Architecture::Olmo2 {
                         // OLMo 2 QK-norm: RMSNorm over each row's whole q and k.
                         let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(qp, qn, qp, t, qd, c.rms_norm_eps)?;
+                        dev.rmsnorm(qp, qn, qp, t, qd, c.rms_norm_eps, p1)?;
                         let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(k_new, kn, k_new, t, kvd, c.rms_norm_eps)?;
+                        dev.rmsnorm(k_new, kn, k_new, t, kvd, c.rms_norm_eps, p1)?;
                     }
-                    if c.architecture == Architecture::Qwen3 {
-                        // Qwen3 QK-norm: RMSNorm over each head of q and k (in place, per row).
+                    if matches!(c.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
+                        // Qwen3 / Gemma 3 QK-norm: RMSNorm over each head of q and k (in place).
                         let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(qp, qn, qp, t * nh, hd, c.rms_norm_eps)?;
+                        dev.rmsnorm(qp, qn, qp, t * nh, hd, c.rms_norm_eps, p1)?;
                         let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps)?;
+                        dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps, p1)?;
                     }
+                    // Gemma 3's sliding layers rotate with the local base.
+                    let (window, scale) = (c.layer_window(l), c.attention_scale(l));
+                    let inv = match (inv_local, window) {
+                        (Some(local), Some(_)) => local,
+                        _ => inv_global,
+                    };
                     dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
                     dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
-                    let (window, scale) = (c.layer_window(l), c.attention_scale(l));
-                    dev.attention(qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window, scale)?;
+                    dev.attention(
+                        qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window, scale, softcap,
+                    )?;
                     self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
                     if o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
                     }
-                    if c.architecture == Architecture::Olmo2 {
+                    if post_norms {
                         let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps)?;
+                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
                     }
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
@@ -1166,8 +1202,8 @@ impl CudaModel {
                             xnp
                         }
                         _ => {
-                            let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
-                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps)?;
+                            let norm = w(mlp_norm)?.f32_ptr()?;
+                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?;
                             xnp
                         }
                     };
@@ -1178,12 +1214,12 @@ impl CudaModel {
                         [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
                     };
                     self.linears(m_in, &outs, t, h, sc)?;
-                    dev.silu_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false))?;
+                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), p1)?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
-                    if c.architecture == Architecture::Olmo2 {
+                    if post_norms {
                         // The output statistic is what the MLP writes: after this norm.
                         let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps)?;
+                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
                     }
                     dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
                 }
@@ -1227,13 +1263,18 @@ impl CudaModel {
         let (h, n) = (c.hidden_size, rows.len());
         let xf = sc.xf(&self.dev, n * h)?;
         let first = x + (rows.start * h * 4) as u64;
+        let p1 = c.architecture.is_gemma();
         if c.architecture == Architecture::Olmo {
             self.dev.layernorm(first, xf, n, h, c.rms_norm_eps)?;
         } else {
             let norm = self.weight("model.norm.weight")?.f32_ptr()?;
-            self.dev.rmsnorm(first, norm, xf, n, h, c.rms_norm_eps)?;
+            self.dev.rmsnorm(first, norm, xf, n, h, c.rms_norm_eps, p1)?;
         }
-        self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)
+        self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)?;
+        match c.family.final_logit_softcapping {
+            Some(cap) => self.dev.softcap(out, n * c.vocab_size, cap as f32),
+            None => Ok(()),
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Every kernel the host loads, by its `extern "C"` name (sorted). A unit test checks that
 /// this is exactly the set defined in `kernels/*.cu` and that each is in the fatbin.
 pub const KERNELS: &[&str] = &[
+    "swk_act_mul",
     "swk_add_bias",
     "swk_add_halves",
     "swk_add_residual",
@@ -56,7 +57,7 @@ pub const KERNELS: &[&str] = &[
     "swk_nll",
     "swk_rmsnorm",
     "swk_rope",
-    "swk_silu_mul",
+    "swk_softcap",
     "swk_split_bf16",
 ];
 
