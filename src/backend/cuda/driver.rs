@@ -334,13 +334,7 @@ impl CudaDevice {
         if len == 0 {
             return Ok(());
         }
-        if len > src.len() || len > dst.len() {
-            return Err(Error::Backend(format!(
-                "device copy of {len} elements between buffers of {} and {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        super::check_copy(len, src.len(), dst.len())?;
         let s = src.slice(0..len);
         let mut d = dst.slice_mut(0..len);
         self.stream.memcpy_dtod(&s, &mut d).map_err(be("device copy"))

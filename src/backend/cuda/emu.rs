@@ -357,13 +357,7 @@ impl CudaDevice {
         if len == 0 {
             return Ok(());
         }
-        if len > src.len() || len > dst.len() {
-            return Err(Error::Backend(format!(
-                "device copy of {len} elements between buffers of {} and {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        super::check_copy(len, src.len(), dst.len())?;
         let bytes = len * std::mem::size_of::<T>();
         self.queue(Op::Copy { src: src.addr(), dst: dst.addr(), bytes })
     }

@@ -1115,20 +1115,23 @@ impl CudaModel {
                     let (k_new, v_new) =
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
 
+                    // What attention and the MLP read: OLMo 2 x itself, OLMo its LayerNorm,
+                    // the others its RMSNorm with weight `norm`.
+                    let pre_norm = |norm: &str| -> Result<u64> {
+                        match c.architecture {
+                            Architecture::Olmo2 => return Ok(xp),
+                            Architecture::Olmo => dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?,
+                            _ => {
+                                let norm = w(norm)?.f32_ptr()?;
+                                dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?
+                            }
+                        }
+                        Ok(xnp)
+                    };
+
                     // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
                     // the cache.
-                    let a_in = match c.architecture {
-                        Architecture::Olmo2 => xp,
-                        Architecture::Olmo => {
-                            dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?;
-                            xnp
-                        }
-                        _ => {
-                            let norm = w("input_layernorm.weight")?.f32_ptr()?;
-                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?;
-                            xnp
-                        }
-                    };
+                    let a_in = pre_norm("input_layernorm.weight")?;
                     let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
                     let outs = if fused {
                         let f = w("self_attn.qkv_proj.weight")?;
@@ -1195,18 +1198,7 @@ impl CudaModel {
                     // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
                     // with the spike statistics fused into silu_mul (inputs) and the add
                     // (outputs).
-                    let m_in = match c.architecture {
-                        Architecture::Olmo2 => xp,
-                        Architecture::Olmo => {
-                            dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?;
-                            xnp
-                        }
-                        _ => {
-                            let norm = w(mlp_norm)?.f32_ptr()?;
-                            dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?;
-                            xnp
-                        }
-                    };
+                    let m_in = pre_norm(mlp_norm)?;
                     let outs = if fused {
                         let f = w("mlp.gate_up_proj.weight")?;
                         [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]

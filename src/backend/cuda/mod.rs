@@ -92,6 +92,16 @@ pub(crate) struct BlasGemm {
     pub(crate) bf16_inputs: bool,
 }
 
+/// Error unless a device copy of `len` elements fits both buffers.
+pub(crate) fn check_copy(len: usize, src: usize, dst: usize) -> crate::Result<()> {
+    if len > src || len > dst {
+        return Err(crate::Error::Backend(format!(
+            "device copy of {len} elements between buffers of {src} and {dst}"
+        )));
+    }
+    Ok(())
+}
+
 /// A map_err helper: a cudarc (or other) error as [`crate::Error::Backend`] with context.
 pub(crate) fn be<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::Error + '_ {
     move |e| crate::Error::Backend(format!("{what}: {e}"))
