@@ -2,7 +2,10 @@
 //
 // out = act(gate) * up, row by row, mirroring cpu::silu_mul / cpu::gelu_tanh_mul:
 //   act 0: silu(g) = g / (1 + exp(-g));
-//   act 1: gelu_tanh(g) = (0.5 g) (1 + tanh(0.7978846 (g + ((0.044715 g) g) g))) (Gemma).
+//   act 1: gelu_tanh(g) = (0.5 g) (1 + tanh(0.7978846 (g + ((0.044715 g) g) g))) (Gemma,
+//          GPT-2);
+//   act 2: gelu(g) = 0.5 g (1 + erf(g / sqrt 2)) in f64 (GPT-NeoX).
+// With gate null the MLP is un-gated (GPT-2, GPT-NeoX): out = act(up), as cpu::activate.
 // When `keys` is not null, each column's max |out| over the rows of this launch is reduced
 // into keys[col] as a packed spike key (see spike_key in common.cuh): largest |value| wins,
 // ties keep the earliest position (pos0 + row), the sign is kept. keys must start at 0 for a
@@ -19,6 +22,10 @@ __device__ __forceinline__ float gated_act(float g, int act) {
         const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(g, cube)));
         return __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, t));
     }
+    if (act == 2) {
+        const double x = (double)g;
+        return (float)(0.5 * x * (1.0 + erf(x / 1.41421356237309504880)));
+    }
     return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
 }
 
@@ -33,8 +40,7 @@ extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float
     u64 best = 0ull;
     for (int r = r0; r < r1; ++r) {
         const size_t i = (size_t)r * n + col;
-        const float g = gate[i];
-        const float v = __fmul_rn(gated_act(g, act), up[i]);
+        const float v = gate != nullptr ? __fmul_rn(gated_act(gate[i], act), up[i]) : gated_act(up[i], act);
         out[i] = v;
         if (keys != nullptr) {
             const u64 k = spike_key(v, (u32)(pos0 + r));

@@ -1,9 +1,11 @@
-// LayerNorm without parameters (OLMo): out = (x - mean) / sqrt(var + eps) per row, mean and
-// (biased) variance accumulated in f64 and the result rounded to f32, as cpu::layernorm.
+// LayerNorm: out = (x - mean) / sqrt(var + eps) per row, mean and (biased) variance
+// accumulated in f64 and the result rounded to f32, then times w and plus b when given
+// (GPT-2, GPT-NeoX; OLMo has neither), as cpu::layernorm.
 #include "common.cuh"
 
-// x, out [rows, n] (may alias). Grid rows, block 256.
-extern "C" __global__ void swk_layernorm(const float* x, float* out, int n, double eps) {
+// x, out [rows, n] (may alias); w, b [n] or null. Grid rows, block 256.
+extern "C" __global__ void swk_layernorm(const float* x, const float* w, const float* b, float* out, int n,
+                                         double eps) {
     __shared__ double scratch[32];
     const float* xr = x + (size_t)blockIdx.x * n;
     float* o = out + (size_t)blockIdx.x * n;
@@ -20,7 +22,14 @@ extern "C" __global__ void swk_layernorm(const float* x, float* out, int n, doub
     const double var = block_reduce(v, SumOp(), scratch) / (double)n;
     const double inv = 1.0 / sqrt(var + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        o[i] = (float)(((double)xr[i] - mean) * inv);
+        float y = (float)(((double)xr[i] - mean) * inv);
+        if (w != nullptr) {
+            y = __fmul_rn(y, w[i]);
+        }
+        if (b != nullptr) {
+            y = __fadd_rn(y, b[i]);
+        }
+        o[i] = y;
     }
 }
 

@@ -32,10 +32,13 @@ use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
-const FIXTURES: [&str; 14] = [
+const FIXTURES: [&str; 17] = [
     "gemma",
     "gemma2",
     "gemma3",
+    "gpt2",
+    "gpt_neox",
+    "gpt_neox_seq",
     "llama",
     "llama3_rope",
     "llama_bf16",
@@ -115,7 +118,8 @@ fn rounded_to_bf16(m: &Model) -> Model {
     let names: Vec<String> = w.names().map(str::to_string).collect();
     for n in names {
         let t = w.get_mut(&n).unwrap();
-        if t.shape.len() == 2 {
+        // The device keeps GPT-2's learned positions in f32, like norms and biases.
+        if t.shape.len() == 2 && n != "model.embed_positions.weight" {
             for v in t.data.iter_mut() {
                 *v = half::bf16::from_f32(*v).to_f32();
             }
@@ -593,11 +597,22 @@ fn detection_matches_cpu_on_planted_families() {
     }
     use swk::synth::families::{plant_arch, ArchPlant};
     use swk::synth::PlantSite;
-    for name in ["gemma", "gemma2", "gemma3", "mistral", "olmo", "olmo2", "phi3", "qwen2", "qwen3"]
-    {
+    let names = [
+        "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "mistral", "olmo", "olmo2", "phi3",
+        "qwen2", "qwen3",
+    ];
+    for name in names {
         let (m, _) = load(name);
-        let site = PlantSite { layer: 0, row: 17, col: 101, activation: -900.0, weight: 1.5 };
-        let decoy = PlantSite { layer: 1, row: 40, col: 60, activation: -600.0, weight: 1.0 };
+        // GELU (un-gated) MLPs only make positive massive activations.
+        let sign = if m.config.architecture.gated_mlp() { -1.0 } else { 1.0 };
+        let site = PlantSite {
+            layer: 0,
+            row: 17,
+            col: 101,
+            activation: 900.0 * sign,
+            weight: -1.5 * sign,
+        };
+        let decoy = PlantSite { layer: 1, row: 40, col: 60, activation: 600.0 * sign, weight: 1.0 };
         let plant = ArchPlant { decoy: Some(decoy), ..ArchPlant::single(site) };
         let (mut m, truth) = plant_arch(m, 7, &plant).unwrap();
         let cfg = DetectConfig::default();
@@ -727,15 +742,21 @@ fn streamed_model_equals_resident_upload() {
     }
     let root = fixtures_root().join("tiny");
     let mut sources: Vec<(String, PathBuf)> =
-        // Gemma 3's safetensors fixture is a multimodal checkpoint, renamed at load, which
-        // LazyModel refuses (with a clear error); its GGUF streams below.
-        FIXTURES.iter().filter(|n| **n != "gemma3").map(|n| (n.to_string(), root.join(n))).collect();
+        // Safetensors checkpoints renamed at load (Gemma 3 multimodal, GPT-2, GPT-NeoX) are
+        // refused by LazyModel (with a clear error); their GGUF files stream below.
+        FIXTURES
+            .iter()
+            .filter(|n| !["gemma3", "gpt2", "gpt_neox", "gpt_neox_seq"].contains(n))
+            .map(|n| (n.to_string(), root.join(n)))
+            .collect();
     sources.push(("qwen2_gguf".into(), root.join("qwen2_gguf/model.gguf")));
     sources.push(("phi3_gguf".into(), root.join("phi3_gguf/model.gguf")));
     sources.push(("olmo_gguf".into(), root.join("olmo_gguf/model.gguf")));
     sources.push(("olmo2_gguf".into(), root.join("olmo2_gguf/model.gguf")));
     sources.push(("gemma2_gguf".into(), root.join("gemma2_gguf/model.gguf")));
     sources.push(("gemma3_gguf".into(), root.join("gemma3_gguf/model.gguf")));
+    sources.push(("gpt2_gguf".into(), root.join("gpt2_gguf/model.gguf")));
+    sources.push(("gpt_neox_gguf".into(), root.join("gpt_neox_gguf/model.gguf")));
     for (name, path) in sources {
         let path = path.to_str().expect("utf-8 path").to_string();
         let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -17,7 +17,7 @@ use crate::{Error, Result};
 pub const SLOT_ALIGN: usize = 256;
 
 /// The tensors of one layer of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
-/// Phi-3, OLMo, OLMo 2, Gemma, Gemma 2, Gemma 3): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
+/// Phi-3, OLMo, OLMo 2, Gemma, Gemma 2, Gemma 3, GPT-2, GPT-NeoX): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
 /// weight dtype; norms and biases stay f32).
 pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -41,6 +41,27 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
         // Gemma 2/3: post_attention_layernorm norms attention's output; these the MLP's.
         v.push(("pre_feedforward_layernorm.weight".to_string(), vec![h], false));
         v.push(("post_feedforward_layernorm.weight".to_string(), vec![h], false));
+    }
+    if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
+        // LayerNorms with biases, fused q/k/v, an un-gated MLP with biases.
+        let mut v = Vec::new();
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            v.push((format!("{norm}.weight"), vec![h], false));
+            v.push((format!("{norm}.bias"), vec![h], false));
+        }
+        v.push(("self_attn.qkv_proj.weight".to_string(), vec![qd + 2 * kvd, h], true));
+        if c.attention_bias || c.architecture == Architecture::Gpt2 {
+            v.push(("self_attn.qkv_proj.bias".to_string(), vec![qd + 2 * kvd], false));
+        }
+        v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
+        if has_o_proj_bias(c) {
+            v.push(("self_attn.o_proj.bias".to_string(), vec![h], false));
+        }
+        v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
+        v.push(("mlp.up_proj.bias".to_string(), vec![i], false));
+        v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+        v.push(("mlp.down_proj.bias".to_string(), vec![h], false));
+        return v;
     }
     if c.architecture == Architecture::Phi3 {
         // Fused projections (no biases on Phi-3).
@@ -72,15 +93,20 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     v
 }
 
-/// Whether `o_proj` has a bias: Llama, Qwen3 and OLMo checkpoints with `attention_bias` have
-/// one on all four projections (as transformers builds them); Qwen2 only on q/k/v; Mistral
-/// none.
+/// Whether `o_proj` has a bias: GPT-2 always; Llama, Qwen3, OLMo and GPT-NeoX checkpoints
+/// with `attention_bias` have one on all four projections (as transformers builds them);
+/// Qwen2 only on q/k/v; Mistral none.
 pub fn has_o_proj_bias(c: &ModelConfig) -> bool {
-    c.attention_bias
-        && matches!(
-            c.architecture,
-            Architecture::Llama | Architecture::Qwen3 | Architecture::Olmo | Architecture::Olmo2
-        )
+    c.architecture == Architecture::Gpt2
+        || c.attention_bias
+            && matches!(
+                c.architecture,
+                Architecture::Llama
+                    | Architecture::Qwen3
+                    | Architecture::Olmo
+                    | Architecture::Olmo2
+                    | Architecture::GptNeoX
+            )
 }
 
 /// One tensor's place in a slot.

@@ -98,18 +98,21 @@ impl CudaDevice {
         launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps, p1)
     }
 
-    /// out = (x - mean) / sqrt(var + eps) per row of width `n` (LayerNorm without
-    /// parameters, OLMo); `out` may be `x`.
+    /// out = (x - mean) / sqrt(var + eps) · w + b per row of width `n` (LayerNorm; `w` and
+    /// `b` are device addresses, 0 for none: OLMo has neither); `out` may be `x`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn layernorm(
         &self,
         x: u64,
+        w: u64,
+        b: u64,
         out: u64,
         rows: usize,
         n: usize,
         eps: f64,
     ) -> Result<()> {
         let n_i = int(n, "width")?;
-        launch!(self, "swk_layernorm", kernels::per_row(rows)?, x, out, n_i, eps)
+        launch!(self, "swk_layernorm", kernels::per_row(rows)?, x, w, b, out, n_i, eps)
     }
 
     /// x = cap · tanh(x / cap) over `n` elements (Gemma 2's final logits).
@@ -196,8 +199,8 @@ impl CudaDevice {
         launch!(self, "swk_attention", l, q, kc, vc, out, r, p, nh, nkv, d, w, scale, cap)
     }
 
-    /// out = act(gate) ⊙ up, act SiLU or (with `gelu_tanh`, Gemma) the tanh GELU; with
-    /// `keys != 0`, per-column spike keys of out.
+    /// out = act(gate) ⊙ up, or act(up) when `gate` is 0 (un-gated MLPs); with `keys != 0`,
+    /// per-column spike keys of out.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_mul(
         &self,
@@ -208,7 +211,7 @@ impl CudaDevice {
         n: usize,
         pos0: usize,
         keys: u64,
-        gelu_tanh: bool,
+        act: kernels::Activation,
     ) -> Result<()> {
         let (l, per) = kernels::column_stats(rows, n)?;
         let (r, n_i, per_i, p) = (
@@ -217,7 +220,7 @@ impl CudaDevice {
             int(per, "rows per block")?,
             int(pos0, "position")?,
         );
-        let act = gelu_tanh as i32;
+        let act = act as i32;
         launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, keys, act)
     }
 

@@ -144,9 +144,12 @@ pub(crate) struct WeightRef {
 impl WeightRef {
     /// Rows `start..start + n` of a matrix: one projection of a fused one (Phi-3's
     /// `qkv_proj` and `gate_up_proj` stack theirs by rows, and rows are contiguous).
+    /// A vector's elements `start..start + n` likewise (a fused projection's bias).
     fn rows(&self, start: usize, n: usize) -> Result<WeightRef> {
-        let [total, cols] = self.shape[..] else {
-            return Err(Error::tensor(&self.name, format!("not a matrix: {:?}", self.shape)));
+        let (total, cols) = match self.shape[..] {
+            [total, cols] => (total, cols),
+            [total] => (total, 1),
+            _ => return Err(Error::tensor(&self.name, format!("not a matrix: {:?}", self.shape))),
         };
         if start + n > total {
             return Err(Error::tensor(
@@ -157,7 +160,7 @@ impl WeightRef {
         let elem = if self.bf16 { 2 } else { 4 };
         Ok(WeightRef {
             name: format!("{}[{start}..{}]", self.name, start + n),
-            shape: vec![n, cols],
+            shape: if self.shape.len() == 1 { vec![n] } else { vec![n, cols] },
             ptr: self.ptr + (start * cols * elem) as u64,
             bf16: self.bf16,
         })
@@ -177,7 +180,8 @@ type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A model's weights on a CUDA device, ready to run the Llama-family forward pass.
+/// A model's weights on a CUDA device, ready to run its family's forward pass (every dense
+/// family; see [`crate::backend::cuda_runs`]).
 pub struct CudaModel {
     pub(crate) dev: CudaDevice,
     pub(crate) config: ModelConfig,
@@ -249,6 +253,13 @@ fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
         // OLMo's final LayerNorm has no parameters.
         v.push(("model.norm.weight".to_string(), vec![h], false));
     }
+    if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
+        v.push(("model.norm.bias".to_string(), vec![h], false));
+    }
+    if c.architecture == Architecture::Gpt2 {
+        let positions = vec![c.max_position_embeddings, h];
+        v.push(("model.embed_positions.weight".to_string(), positions, false));
+    }
     if !c.tie_word_embeddings {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
     }
@@ -312,20 +323,13 @@ fn upload_tensor(
     Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
-/// The device forward pass is the Llama family's (Llama, Mistral, Qwen2, Qwen3, Phi-3);
-/// other architectures run on the CPU backend.
+/// The device runs the dense families (see [`crate::backend::cuda_runs`]); mixtures of
+/// experts run on the CPU backend.
 fn check_architecture(c: &ModelConfig) -> Result<()> {
     if !crate::backend::cuda_runs(c.architecture) {
         return Err(Error::Backend(format!(
             "the CUDA backend runs {} models; `{}` runs on the CPU backend",
             crate::backend::CUDA_FAMILIES,
-            c.architecture.name()
-        )));
-    }
-    // Gemma's MLP is GeGLU whatever its config says (as on the CPU).
-    if c.family.hidden_act != crate::model::config::HiddenAct::Silu && !c.architecture.is_gemma() {
-        return Err(Error::Backend(format!(
-            "the CUDA backend runs SiLU MLPs; this {} model's activation runs on the CPU backend",
             c.architecture.name()
         )));
     }
@@ -966,7 +970,7 @@ impl CudaModel {
             let x = dev.alloc::<f32>(t * h)?;
             if t > 0 {
                 let tok = dev.upload(tokens)?;
-                self.embed_into(dev.ptr(&tok), dev.ptr(&x), t)?;
+                self.embed_into(dev.ptr(&tok), dev.ptr(&x), t, pos0)?;
             }
             xs.push(x);
         }
@@ -1032,12 +1036,25 @@ impl CudaModel {
     }
 
     /// x `[t, hidden]` = E[tok] (device token ids at `tok`).
-    pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize) -> Result<()> {
+    pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize, pos0: usize) -> Result<()> {
+        let c = &self.config;
         let emb = self.weight("model.embed_tokens.weight")?;
-        let h = self.config.hidden_size;
+        let h = c.hidden_size;
         // Gemma scales the embedding by √hidden.
-        let scale = if self.config.architecture.is_gemma() { (h as f32).sqrt() } else { 1.0 };
-        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, scale)
+        let scale = if c.architecture.is_gemma() { (h as f32).sqrt() } else { 1.0 };
+        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, scale)?;
+        if c.architecture != Architecture::Gpt2 {
+            return Ok(());
+        }
+        // GPT-2's learned positions: x[t] += wpe[pos0 + t].
+        if pos0 + t > c.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "GPT-2 has {} learned positions; {t} tokens after {pos0} do not fit",
+                c.max_position_embeddings
+            )));
+        }
+        let wpe = self.weight("model.embed_positions.weight")?.f32_ptr()?;
+        self.dev.add_residual(x, wpe + (pos0 * h * 4) as u64, t, h, pos0, 0)
     }
 
     /// Every block on every pass, layer-major (see [`Self::run_many`]); spike keys into
@@ -1060,7 +1077,19 @@ impl CudaModel {
         let inv_global = dev.ptr(&self.inv_freq);
         let inv_local = self.inv_local.as_ref().map(|b| dev.ptr(b));
         let o_bias = crate::backend::stream::has_o_proj_bias(c);
-        let fused = c.architecture == Architecture::Phi3;
+        let arch = c.architecture;
+        let gpt = matches!(arch, Architecture::Gpt2 | Architecture::GptNeoX);
+        // Phi-3, GPT-2 and GPT-NeoX stack q, k, v in one matrix (and Phi-3 gate and up).
+        let fused = arch == Architecture::Phi3 || gpt;
+        let qkv_bias = c.attention_bias || arch == Architecture::Gpt2;
+        let gated = arch.gated_mlp();
+        let act: kernels::Activation = if arch.is_gemma() {
+            kernels::Activation::GeluTanh
+        } else {
+            c.family.hidden_act.into()
+        };
+        // GPT-NeoX's parallel residual: attention and MLP both read the block input.
+        let parallel = arch == Architecture::GptNeoX && c.family.parallel_residual;
         let olmo = matches!(c.architecture, Architecture::Olmo | Architecture::Olmo2);
         // Gemma: RMSNorm weights are 1 + w, GeGLU MLPs. Post-norms on what attention and the
         // MLP write: OLMo 2, Gemma 2 and 3. Gemma 2/3 norm the MLP input with its own weight.
@@ -1070,8 +1099,8 @@ impl CudaModel {
             Architecture::Olmo2 | Architecture::Gemma2 | Architecture::Gemma3
         );
         let mlp_norm = match c.architecture {
-            Architecture::Gemma2 | Architecture::Gemma3 => "pre_feedforward_layernorm.weight",
-            _ => "post_attention_layernorm.weight",
+            Architecture::Gemma2 | Architecture::Gemma3 => "pre_feedforward_layernorm",
+            _ => "post_attention_layernorm",
         };
         let softcap = c.family.attn_logit_softcapping.map(|s| s as f32);
 
@@ -1116,22 +1145,26 @@ impl CudaModel {
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
 
                     // What attention and the MLP read: OLMo 2 x itself, OLMo its LayerNorm,
-                    // the others its RMSNorm with weight `norm`.
+                    // GPT-2 and GPT-NeoX the LayerNorm `norm` (weight and bias), the others
+                    // the RMSNorm `norm`.
+                    let eps = c.rms_norm_eps;
                     let pre_norm = |norm: &str| -> Result<u64> {
+                        let p =
+                            |kind: &str| -> Result<u64> { w(&format!("{norm}.{kind}"))?.f32_ptr() };
                         match c.architecture {
                             Architecture::Olmo2 => return Ok(xp),
-                            Architecture::Olmo => dev.layernorm(xp, xnp, t, h, c.rms_norm_eps)?,
-                            _ => {
-                                let norm = w(norm)?.f32_ptr()?;
-                                dev.rmsnorm(xp, norm, xnp, t, h, c.rms_norm_eps, p1)?
+                            Architecture::Olmo => dev.layernorm(xp, 0, 0, xnp, t, h, eps)?,
+                            _ if gpt => {
+                                dev.layernorm(xp, p("weight")?, p("bias")?, xnp, t, h, eps)?
                             }
+                            _ => dev.rmsnorm(xp, p("weight")?, xnp, t, h, eps, p1)?,
                         }
                         Ok(xnp)
                     };
 
                     // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
                     // the cache.
-                    let a_in = pre_norm("input_layernorm.weight")?;
+                    let a_in = pre_norm("input_layernorm")?;
                     let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
                     let outs = if fused {
                         let f = w("self_attn.qkv_proj.weight")?;
@@ -1148,10 +1181,17 @@ impl CudaModel {
                             .collect::<Result<Vec<_>>>()?
                     };
                     self.linears(a_in, &outs, t, h, sc)?;
-                    if c.attention_bias {
+                    if qkv_bias {
+                        let fused_bias =
+                            if fused { Some(w("self_attn.qkv_proj.bias")?) } else { None };
+                        let mut start = 0;
                         for (n, out, width) in qkv {
-                            let bias = w(&format!("self_attn.{n}.bias"))?.f32_ptr()?;
-                            dev.add_bias(out, bias, t, width)?;
+                            let bias = match &fused_bias {
+                                Some(b) => b.rows(start, width)?,
+                                None => w(&format!("self_attn.{n}.bias"))?,
+                            };
+                            dev.add_bias(out, bias.f32_ptr()?, t, width)?;
+                            start += width;
                         }
                     }
                     if let (true, Some(clip)) = (olmo, c.family.clip_qkv) {
@@ -1180,8 +1220,10 @@ impl CudaModel {
                         (Some(local), Some(_)) => local,
                         _ => inv_global,
                     };
-                    dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
-                    dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
+                    if arch != Architecture::Gpt2 {
+                        dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
+                        dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
+                    }
                     dev.attention(
                         qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window, scale, softcap,
                     )?;
@@ -1193,20 +1235,35 @@ impl CudaModel {
                         let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
                         dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
                     }
+                    // GPT-NeoX's parallel residual: the MLP reads the block input.
+                    let parallel_in = if parallel { Some(pre_norm(mlp_norm)?) } else { None };
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
                     // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
                     // with the spike statistics fused into silu_mul (inputs) and the add
                     // (outputs).
-                    let m_in = pre_norm(mlp_norm)?;
-                    let outs = if fused {
+                    let m_in = match parallel_in {
+                        Some(m) => m,
+                        None => pre_norm(mlp_norm)?,
+                    };
+                    if !gated {
+                        // GPT-2, GPT-NeoX: a = act(m·W_upᵀ + b); x += a·W_downᵀ + b.
+                        self.linear(m_in, &w("mlp.up_proj.weight")?, upp, t, h, i, sc)?;
+                        dev.add_bias(upp, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
+                        dev.act_mul(0, upp, actp, t, i, pos0, keys_at(l, false), act)?;
+                        self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
+                        dev.add_bias(projp, w("mlp.down_proj.bias")?.f32_ptr()?, t, h)?;
+                        dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+                        continue;
+                    }
+                    let outs = if arch == Architecture::Phi3 {
                         let f = w("mlp.gate_up_proj.weight")?;
                         [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]
                     } else {
                         [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
                     };
                     self.linears(m_in, &outs, t, h, sc)?;
-                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), p1)?;
+                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), act)?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
                     if post_norms {
                         // The output statistic is what the MLP writes: after this norm.
@@ -1257,7 +1314,10 @@ impl CudaModel {
         let first = x + (rows.start * h * 4) as u64;
         let p1 = c.architecture.is_gemma();
         if c.architecture == Architecture::Olmo {
-            self.dev.layernorm(first, xf, n, h, c.rms_norm_eps)?;
+            self.dev.layernorm(first, 0, 0, xf, n, h, c.rms_norm_eps)?;
+        } else if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
+            let (w, b) = (self.weight("model.norm.weight")?, self.weight("model.norm.bias")?);
+            self.dev.layernorm(first, w.f32_ptr()?, b.f32_ptr()?, xf, n, h, c.rms_norm_eps)?;
         } else {
             let norm = self.weight("model.norm.weight")?.f32_ptr()?;
             self.dev.rmsnorm(first, norm, xf, n, h, c.rms_norm_eps, p1)?;

@@ -133,7 +133,7 @@ impl CudaModel {
             if let Some(k) = acts.keys.as_mut() {
                 dev.memset_zeros(k)?;
             }
-            self.embed_into(dev.ptr(&tok), dev.ptr(&x), t)?;
+            self.embed_into(dev.ptr(&tok), dev.ptr(&x), t, 0)?;
             self.layers(&[Pass { t, x: dev.ptr(&x), cache: &cache }], acts, sc)?;
             if let (Some(r), Some(o)) = (&rows, &out) {
                 self.head_into(dev.ptr(&x), r.clone(), dev.ptr(o), sc)?;

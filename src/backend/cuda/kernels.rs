@@ -61,6 +61,29 @@ pub const KERNELS: &[&str] = &[
     "swk_split_bf16",
 ];
 
+/// The MLP activation of `swk_act_mul` (its `act` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Activation {
+    /// `x · sigmoid(x)`.
+    Silu = 0,
+    /// GELU, tanh approximation (Gemma, GPT-2).
+    GeluTanh = 1,
+    /// GELU, exact (erf; GPT-NeoX).
+    Gelu = 2,
+}
+
+impl From<crate::model::config::HiddenAct> for Activation {
+    fn from(a: crate::model::config::HiddenAct) -> Self {
+        use crate::model::config::HiddenAct;
+        match a {
+            HiddenAct::Silu => Activation::Silu,
+            HiddenAct::GeluTanh => Activation::GeluTanh,
+            HiddenAct::Gelu => Activation::Gelu,
+        }
+    }
+}
+
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {

@@ -1,4 +1,4 @@
-//! The CUDA backend (feature `cuda`): the Llama-family forward pass, spike statistics,
+//! The CUDA backend (feature `cuda`): the forward pass of every dense family, spike statistics,
 //! perplexity scoring and in-place weight edits on an NVIDIA GPU, with swk's own kernels
 //! (`kernels/*.cu`, compiled by build.rs into a fatbin embedded in the binary) and cuBLAS for
 //! the matrix products when it is installed.
