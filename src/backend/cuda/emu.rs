@@ -4,7 +4,11 @@
 //!
 //! * Device memory is host memory, 256-byte aligned like the driver's allocations, and
 //!   device addresses are host addresses. Fresh buffers are filled with 0xff bytes (NaN as
-//!   f32 or bf16), so a read of memory nothing wrote shows up in the results.
+//!   f32 or bf16), so a read of memory nothing wrote shows up in the results. Each buffer is
+//!   followed by a red zone of signaling NaNs (f32 bits 0x7fa5a5a5), checked after every
+//!   operation: a kernel (or copy, or product) that writes past a buffer's end fails with an
+//!   error naming it, where a GPU would silently corrupt a neighbour. (Arithmetic on a
+//!   signaling NaN yields a quiet one, so even `zone += x` changes the bits.)
 //! * Kernels are `kernels/*.cu` themselves, compiled as C++ by build.rs and run by the
 //!   emulator in `kernels/emu/emu.cpp`, which checks every launch's parameter count and sizes
 //!   against the kernel's signature.
@@ -17,6 +21,7 @@
 //! It checks the backend's logic and the kernels' arithmetic, not the GPU's timing, memory
 //! model or its exact rounding of transcendental functions.
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +51,44 @@ extern "C" {
 const TOTAL_MEMORY: usize = 16 << 30;
 /// Alignment of every emulated device allocation (the driver's is at least 256 bytes).
 const ALIGN: usize = 256;
+/// Bytes of red zone after every buffer, checked after each operation.
+const REDZONE: usize = 256;
+/// The red zone's bytes: f32 0x7fa5a5a5 (a signaling NaN), little endian.
+const ZONE: [u8; 4] = [0xa5, 0xa5, 0xa5, 0x7f];
+
+/// Fill `REDZONE` bytes at `p` with the red-zone pattern.
+///
+/// # Safety
+/// `p` must address `REDZONE` writable bytes.
+unsafe fn fill_zone(p: *mut u8) {
+    for i in 0..REDZONE {
+        // SAFETY: i < REDZONE.
+        unsafe { *p.add(i) = ZONE[i % 4] };
+    }
+}
+
+/// Every live buffer: address → size in bytes (without its red zone).
+static LIVE: Mutex<BTreeMap<u64, usize>> = Mutex::new(BTreeMap::new());
+
+/// An error naming `what` when a live buffer's red zone was written (the zone is refilled,
+/// so one overflow is reported once).
+fn check_redzones(what: &str) -> Result<()> {
+    let live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    for (&addr, &bytes) in live.iter() {
+        let zone = (addr as usize + bytes) as *mut u8;
+        // SAFETY: every registered buffer owns REDZONE bytes after its `bytes`, and stays
+        // allocated while registered (Drop unregisters under this lock before freeing).
+        let now = unsafe { std::slice::from_raw_parts(zone, REDZONE) };
+        if now.iter().enumerate().any(|(i, &b)| b != ZONE[i % 4]) {
+            // SAFETY: as above.
+            unsafe { fill_zone(zone) };
+            return Err(Error::Backend(format!(
+                "{what} wrote past the end of a device buffer of {bytes} bytes (at {addr:#x})"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// Always true: the emulator needs no driver.
 pub fn driver_present() -> bool {
@@ -94,6 +137,7 @@ impl<T> CudaSlice<T> {
     fn new(len: usize, fill: u8, used: &Arc<AtomicUsize>) -> Result<Self> {
         let bytes = len.max(1).checked_mul(std::mem::size_of::<T>().max(1));
         let layout = bytes
+            .and_then(|b| b.checked_add(REDZONE))
             .and_then(|b| {
                 std::alloc::Layout::from_size_align(b, ALIGN.max(std::mem::align_of::<T>())).ok()
             })
@@ -113,9 +157,14 @@ impl<T> CudaSlice<T> {
                 "allocating device memory: the host is out of memory".into(),
             ));
         }
-        // SAFETY: ptr addresses layout.size() writable bytes.
-        unsafe { std::ptr::write_bytes(ptr, fill, layout.size()) };
+        let data = layout.size() - REDZONE;
+        // SAFETY: ptr addresses layout.size() writable bytes: the data, then the red zone.
+        unsafe {
+            std::ptr::write_bytes(ptr, fill, data);
+            fill_zone(ptr.add(data));
+        }
         used.fetch_add(layout.size(), Ordering::Relaxed);
+        LIVE.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr as u64, data);
         Ok(CudaSlice { ptr: ptr.cast(), len: len.max(1), layout, used: used.clone() })
     }
 
@@ -139,7 +188,10 @@ impl<T: Copy> CudaSlice<T> {
 impl<T> Drop for CudaSlice<T> {
     fn drop(&mut self) {
         self.used.fetch_sub(self.layout.size(), Ordering::Relaxed);
-        // SAFETY: allocated in `new` with this layout.
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        live.remove(&(self.ptr as u64));
+        // SAFETY: allocated in `new` with this layout; unregistered above, under the lock
+        // that red-zone checks hold.
         unsafe { std::alloc::dealloc(self.ptr.cast(), self.layout) };
     }
 }
@@ -433,7 +485,18 @@ impl<'a> Launcher<'a> {
     }
 }
 
+/// Run one operation, then check every buffer's red zone.
 fn run(op: &Op) -> Result<()> {
+    run_op(op)?;
+    check_redzones(&match op {
+        Op::Kernel { name, .. } => format!("kernel {name}"),
+        Op::Zero { .. } => "a zeroing".into(),
+        Op::Copy { .. } => "a device copy".into(),
+        Op::Gemm(_) => "the emulated cuBLAS product".into(),
+    })
+}
+
+fn run_op(op: &Op) -> Result<()> {
     match op {
         Op::Kernel { name, launch, params } => run_kernel(name, launch, params),
         Op::Zero { dst, bytes } => {
@@ -560,6 +623,21 @@ mod tests {
         assert!(dev.launcher("swk_nonexistent").is_err());
         // Nothing ran: y is unchanged.
         assert_eq!(dev.download(&y, 0, 6).unwrap(), [11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+    }
+
+    #[test]
+    fn writes_past_a_buffer_end_are_reported() {
+        let dev = CudaDevice::new(0).unwrap();
+        let y = dev.upload(&[1.0f32; 6]).unwrap();
+        let b = dev.upload(&[1.0f32; 4]).unwrap();
+        // rows 2 × n 4 = 8 floats into a buffer of 6.
+        let e = add_bias(&dev, &y, &b, 2, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel swk_add_bias wrote past the end of a device buffer of 24 bytes"),
+            "{e}"
+        );
+        // Reported once; an in-bounds launch after it is fine.
+        add_bias(&dev, &y, &b, 1, 4).unwrap();
     }
 
     #[test]
