@@ -53,14 +53,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
-TOKENIZER = os.path.join(OUT, "llama", "tokenizer.json")
+from fixture_common import OUT, TEXT, TOKENIZER, VOCAB, f32_list, finish_gguf, logits_of
 
 SEED = 20250301
-VOCAB = 320
-TEXT = "The crew checked the sails, then the boat left."
 
 COMMON = dict(
     hidden_size=64,
@@ -75,14 +70,6 @@ COMMON = dict(
     eos_token_id=0,
     pad_token_id=None,
 )
-
-
-def f32_list(a):
-    """float32 array -> nested floats whose JSON text round-trips to the same float32."""
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 0:
-        return float(str(a[()]))
-    return [f32_list(x) for x in a]
 
 
 def init_weights(model, gen, zero_centered_norms):
@@ -156,15 +143,6 @@ def run_reference(model, ids):
             dst.append({"layer": l, "value": f32_list(src[p, c].numpy()),
                         "abs": f32_list(src[p, c].abs().numpy()), "position": int(p), key: int(c)})
     return logits.numpy().astype(np.float32), ins, outs
-
-
-def logits_of(cls, cfg, state, ids):
-    m = cls(cfg).to(torch.float32).eval()
-    m.load_state_dict(state, strict=False)
-    if cfg.tie_word_embeddings:
-        m.tie_weights()
-    with torch.no_grad():
-        return m(torch.tensor([ids]), use_cache=False).logits[0].numpy()
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,7 +363,7 @@ def build(spec, seed_off, ids):
         for k, v in t.items():
             setattr(c2, k, v)
         c2._attn_implementation = "eager"
-        other = logits_of(cls, c2, ref_state, ids)
+        other = logits_of(cls, c2, ref_state, ids, strict=False)
         diff = float(np.abs(other - logits).max())
         print(f"  toggle {t}: max|dlogit| {diff:.3e}")
         assert diff > 1e-3, f"{name}: toggle {t} has no effect"
@@ -488,10 +466,7 @@ def build_gemma3_gguf(ids):
         if k.endswith("norm.weight"):
             v = v + 1.0
         w.add_tensor(g, np.ascontiguousarray(v))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     write_reference(d, name, ids, logits, ins, outs,
                     "Gemma3ForCausalLM (query_pre_attn_scalar 16 = head_dim, layer 0 sliding with "
                     "window 4, layer 1 global with linear RoPE scaling 8) written as GGUF "

@@ -50,14 +50,9 @@ from transformers import (
     DeepseekV3ForCausalLM,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
-TOKENIZER = os.path.join(OUT, "llama", "tokenizer.json")
+from fixture_common import HERE, OUT, TEXT, TOKENIZER, VOCAB, f32_list, finish_gguf, logits_of
 
 SEED = 20251127
-VOCAB = 320
-TEXT = "The crew checked the sails, then the boat left."
 
 COMMON = dict(
     hidden_size=64,
@@ -78,13 +73,6 @@ COMMON = dict(
     v_head_dim=10,
     rms_norm_eps=1e-6,
 )
-
-
-def f32_list(a):
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 0:
-        return float(str(a[()]))
-    return [f32_list(x) for x in a]
 
 
 def init_weights(model, gen):
@@ -164,13 +152,6 @@ SPECS = [
      "DeepseekV2ForCausalLM as llama.cpp runs it: MLA with q_lora_rank 32, softmax greedy top-2 "
      "of 6 experts, routed_scaling_factor 1.5, 2 shared experts, layer 0 dense, plain RoPE."),
 ]
-
-
-def logits_of(cls, cfg, state, ids):
-    m = cls(cfg).to(torch.float32).eval()
-    m.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        return m(torch.tensor([ids]), use_cache=False).logits[0].numpy()
 
 
 def build(spec, k, ids):
@@ -323,10 +304,7 @@ def build_gguf(src, name, split_kv_b=True):
             w.add_tensor(f"blk.{l}.exp_probs_b.bias", np.ascontiguousarray(v))
             continue
         w.add_tensor(f"blk.{l}.{GGUF_NAMES[rest]}.{kind}", np.ascontiguousarray(v))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     size = os.path.getsize(os.path.join(out, "model.gguf"))
     print(f"{name}: {size / 1024:.0f} KiB")
 

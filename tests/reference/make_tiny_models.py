@@ -36,6 +36,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from fixture_common import f32_list  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
@@ -82,15 +84,6 @@ BASE = dict(
     pad_token_id=None,
     hidden_act="silu",
 )
-
-
-def f32_list(a):
-    """float32 array -> nested Python floats whose JSON text is the shortest string that
-    round-trips to the same float32 (parse it as f32 to get the exact value back)."""
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 0:
-        return float(str(a[()]))
-    return [f32_list(x) for x in a]
 
 
 def build_tokenizer():

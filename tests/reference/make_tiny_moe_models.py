@@ -53,14 +53,9 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-OUT = os.path.join(ROOT, "tests", "fixtures", "tiny")
-TOKENIZER = os.path.join(OUT, "llama", "tokenizer.json")
+from fixture_common import HERE, OUT, TEXT, TOKENIZER, VOCAB, f32_list, finish_gguf, logits_of
 
 SEED = 20250601
-VOCAB = 320
-TEXT = "The crew checked the sails, then the boat left."
 
 COMMON = dict(
     hidden_size=64,
@@ -76,13 +71,6 @@ COMMON = dict(
     num_experts_per_tok=2,
     tie_word_embeddings=False,
 )
-
-
-def f32_list(a):
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 0:
-        return float(str(a[()]))
-    return [f32_list(x) for x in a]
 
 
 def init_weights(model, gen):
@@ -185,13 +173,6 @@ SPECS = [
      "Qwen3MoeForCausalLM: per-head QK-norm, softmax top-2 renormalized, layer 0 dense "
      "(mlp_only_layers [0], intermediate 96), layer 1 sparse."),
 ]
-
-
-def logits_of(cls, cfg, state, ids):
-    m = cls(cfg).to(torch.float32).eval()
-    m.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        return m(torch.tensor([ids]), use_cache=False).logits[0].numpy()
 
 
 def build(spec, k, ids):
@@ -321,10 +302,7 @@ def build_gguf(src, name, arch):
         if rest == "mlp.shared_expert_gate":
             v = v.reshape(-1)
         w.add_tensor(f"blk.{l}.{GGUF_NAMES[rest]}.{kind}", np.ascontiguousarray(v))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     size = os.path.getsize(os.path.join(out, "model.gguf"))
     print(f"{name}: {size / 1024:.0f} KiB")
 
