@@ -339,7 +339,9 @@ fn decode_matches_prefill_and_cpu() {
     if !gpu() {
         return;
     }
-    for name in ["llama", "mistral", "qwen2", "llama3_rope"] {
+    // Every family: decode exercises RoPE offsets, sliding windows, Gemma 3's local RoPE
+    // and GPT-2's learned positions at pos0 > 0.
+    for name in FIXTURES {
         let (m, tokens) = load(name);
         let v = m.config.vocab_size;
         let want = cpu_logits(&m, &tokens);
