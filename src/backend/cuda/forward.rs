@@ -26,6 +26,7 @@ use std::time::Instant;
 use super::driver::{CudaSlice, PinnedHostSlice};
 
 use super::driver::{cuda_available, CudaDevice};
+use super::family::{Block, Norm, QkNorm};
 use super::kernels;
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};
@@ -191,6 +192,8 @@ pub struct CudaModel {
     rot_half: usize,
     /// Gemma 3's RoPE frequencies of its sliding layers (local base, unscaled).
     inv_local: Option<CudaSlice<f32>>,
+    /// The family's switches of the block.
+    block: Block,
     head: String,
     dtype: WeightDtype,
     gemm: GemmEngine,
@@ -521,6 +524,7 @@ impl CudaModel {
     ) -> Result<Self> {
         let inv_freq = dev.upload(inv)?;
         let rot_half = inv.len();
+        let block = Block::of(&config);
         let inv_local = match config.family.rope_local_theta {
             Some(theta) => {
                 let mut rc = config.clone();
@@ -539,6 +543,7 @@ impl CudaModel {
             inv_freq,
             rot_half,
             inv_local,
+            block,
             head: head.to_string(),
             dtype,
             gemm,
@@ -1036,14 +1041,37 @@ impl CudaModel {
     }
 
     /// x `[t, hidden]` = E[tok] (device token ids at `tok`).
+    /// `rows` rows of x (at `x`, width hidden) through `norm` into `out`, its weight and bias
+    /// addresses from `param("weight" | "bias")`; returns where the result is (`x` itself
+    /// for [`Norm::Identity`]).
+    fn norm_into(
+        &self,
+        norm: Norm,
+        param: impl Fn(&str) -> Result<u64>,
+        x: u64,
+        out: u64,
+        rows: usize,
+    ) -> Result<u64> {
+        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+        match norm {
+            Norm::Identity => return Ok(x),
+            Norm::Rms { plus_one } => {
+                self.dev.rmsnorm(x, param("weight")?, out, rows, h, eps, plus_one)?
+            }
+            Norm::Layer { affine: false } => self.dev.layernorm(x, 0, 0, out, rows, h, eps)?,
+            Norm::Layer { affine: true } => {
+                self.dev.layernorm(x, param("weight")?, param("bias")?, out, rows, h, eps)?
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize, pos0: usize) -> Result<()> {
         let c = &self.config;
         let emb = self.weight("model.embed_tokens.weight")?;
         let h = c.hidden_size;
-        // Gemma scales the embedding by √hidden.
-        let scale = if c.architecture.is_gemma() { (h as f32).sqrt() } else { 1.0 };
-        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, scale)?;
-        if c.architecture != Architecture::Gpt2 {
+        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, self.block.embed_scale)?;
+        if !self.block.positions {
             return Ok(());
         }
         // GPT-2's learned positions: x[t] += wpe[pos0 + t].
@@ -1076,33 +1104,9 @@ impl CudaModel {
         };
         let inv_global = dev.ptr(&self.inv_freq);
         let inv_local = self.inv_local.as_ref().map(|b| dev.ptr(b));
-        let o_bias = crate::backend::stream::has_o_proj_bias(c);
-        let arch = c.architecture;
-        let gpt = matches!(arch, Architecture::Gpt2 | Architecture::GptNeoX);
-        // Phi-3, GPT-2 and GPT-NeoX stack q, k, v in one matrix (and Phi-3 gate and up).
-        let fused = arch == Architecture::Phi3 || gpt;
-        let qkv_bias = c.attention_bias || arch == Architecture::Gpt2;
-        let gated = arch.gated_mlp();
-        let act: kernels::Activation = if arch.is_gemma() {
-            kernels::Activation::GeluTanh
-        } else {
-            c.family.hidden_act.into()
-        };
-        // GPT-NeoX's parallel residual: attention and MLP both read the block input.
-        let parallel = arch == Architecture::GptNeoX && c.family.parallel_residual;
-        let olmo = matches!(c.architecture, Architecture::Olmo | Architecture::Olmo2);
-        // Gemma: RMSNorm weights are 1 + w, GeGLU MLPs. Post-norms on what attention and the
-        // MLP write: OLMo 2, Gemma 2 and 3. Gemma 2/3 norm the MLP input with its own weight.
-        let p1 = c.architecture.is_gemma();
-        let post_norms = matches!(
-            c.architecture,
-            Architecture::Olmo2 | Architecture::Gemma2 | Architecture::Gemma3
-        );
-        let mlp_norm = match c.architecture {
-            Architecture::Gemma2 | Architecture::Gemma3 => "pre_feedforward_layernorm",
-            _ => "post_attention_layernorm",
-        };
-        let softcap = c.family.attn_logit_softcapping.map(|s| s as f32);
+        // The family's switches (see family.rs); p1: Gemma's `1 + w` RMSNorm weights.
+        let b = &self.block;
+        let p1 = b.norm == Norm::Rms { plus_one: true };
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -1144,29 +1148,17 @@ impl CudaModel {
                     let (k_new, v_new) =
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
 
-                    // What attention and the MLP read: OLMo 2 x itself, OLMo its LayerNorm,
-                    // GPT-2 and GPT-NeoX the LayerNorm `norm` (weight and bias), the others
-                    // the RMSNorm `norm`.
-                    let eps = c.rms_norm_eps;
-                    let pre_norm = |norm: &str| -> Result<u64> {
-                        let p =
-                            |kind: &str| -> Result<u64> { w(&format!("{norm}.{kind}"))?.f32_ptr() };
-                        match c.architecture {
-                            Architecture::Olmo2 => return Ok(xp),
-                            Architecture::Olmo => dev.layernorm(xp, 0, 0, xnp, t, h, eps)?,
-                            _ if gpt => {
-                                dev.layernorm(xp, p("weight")?, p("bias")?, xnp, t, h, eps)?
-                            }
-                            _ => dev.rmsnorm(xp, p("weight")?, xnp, t, h, eps, p1)?,
-                        }
-                        Ok(xnp)
+                    // What attention and the MLP read: x through the norm `name` (OLMo 2: x).
+                    let pre_norm = |name: &str| -> Result<u64> {
+                        let p = |kind: &str| w(&format!("{name}.{kind}"))?.f32_ptr();
+                        self.norm_into(b.norm, p, xp, xnp, t)
                     };
 
                     // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
                     // the cache.
                     let a_in = pre_norm("input_layernorm")?;
                     let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-                    let outs = if fused {
+                    let outs = if b.fused_qkv {
                         let f = w("self_attn.qkv_proj.weight")?;
                         vec![
                             (f.rows(0, qd)?, qp, qd),
@@ -1181,9 +1173,9 @@ impl CudaModel {
                             .collect::<Result<Vec<_>>>()?
                     };
                     self.linears(a_in, &outs, t, h, sc)?;
-                    if qkv_bias {
+                    if b.qkv_bias {
                         let fused_bias =
-                            if fused { Some(w("self_attn.qkv_proj.bias")?) } else { None };
+                            if b.fused_qkv { Some(w("self_attn.qkv_proj.bias")?) } else { None };
                         let mut start = 0;
                         for (n, out, width) in qkv {
                             let bias = match &fused_bias {
@@ -1194,25 +1186,24 @@ impl CudaModel {
                             start += width;
                         }
                     }
-                    if let (true, Some(clip)) = (olmo, c.family.clip_qkv) {
+                    if let Some(clip) = b.clip_qkv {
                         // OLMo's clip_qkv: q, k, v clamped to [-clip, clip].
-                        dev.clamp(qp, t * qd, clip as f32)?;
-                        dev.clamp(k_new, t * kvd, clip as f32)?;
-                        dev.clamp(v_new, t * kvd, clip as f32)?;
+                        dev.clamp(qp, t * qd, clip)?;
+                        dev.clamp(k_new, t * kvd, clip)?;
+                        dev.clamp(v_new, t * kvd, clip)?;
                     }
-                    if c.architecture == Architecture::Olmo2 {
-                        // OLMo 2 QK-norm: RMSNorm over each row's whole q and k.
+                    // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3,
+                    // Gemma 3).
+                    let qk_rows = match b.qk_norm {
+                        QkNorm::None => None,
+                        QkNorm::Whole => Some(((t, qd), (t, kvd))),
+                        QkNorm::PerHead => Some(((t * nh, hd), (t * nkv, hd))),
+                    };
+                    if let Some(((qr, qw), (kr, kw))) = qk_rows {
                         let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(qp, qn, qp, t, qd, c.rms_norm_eps, p1)?;
+                        dev.rmsnorm(qp, qn, qp, qr, qw, c.rms_norm_eps, p1)?;
                         let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(k_new, kn, k_new, t, kvd, c.rms_norm_eps, p1)?;
-                    }
-                    if matches!(c.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
-                        // Qwen3 / Gemma 3 QK-norm: RMSNorm over each head of q and k (in place).
-                        let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(qp, qn, qp, t * nh, hd, c.rms_norm_eps, p1)?;
-                        let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(k_new, kn, k_new, t * nkv, hd, c.rms_norm_eps, p1)?;
+                        dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
                     }
                     // Gemma 3's sliding layers rotate with the local base.
                     let (window, scale) = (c.layer_window(l), c.attention_scale(l));
@@ -1220,23 +1211,34 @@ impl CudaModel {
                         (Some(local), Some(_)) => local,
                         _ => inv_global,
                     };
-                    if arch != Architecture::Gpt2 {
+                    if b.rope {
                         dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
                         dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
                     }
                     dev.attention(
-                        qp, kcp, vcp, attp, t, pos0, nh, nkv, hd, window, scale, softcap,
+                        qp,
+                        kcp,
+                        vcp,
+                        attp,
+                        t,
+                        pos0,
+                        nh,
+                        nkv,
+                        hd,
+                        window,
+                        scale,
+                        b.attn_softcap,
                     )?;
                     self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
-                    if o_bias {
+                    if b.o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
                     }
-                    if post_norms {
+                    if b.post_norms {
                         let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
                         dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
                     }
                     // GPT-NeoX's parallel residual: the MLP reads the block input.
-                    let parallel_in = if parallel { Some(pre_norm(mlp_norm)?) } else { None };
+                    let parallel_in = if b.parallel { Some(pre_norm(b.mlp_norm)?) } else { None };
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
                     // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
@@ -1244,28 +1246,28 @@ impl CudaModel {
                     // (outputs).
                     let m_in = match parallel_in {
                         Some(m) => m,
-                        None => pre_norm(mlp_norm)?,
+                        None => pre_norm(b.mlp_norm)?,
                     };
-                    if !gated {
+                    if !b.gated {
                         // GPT-2, GPT-NeoX: a = act(m·W_upᵀ + b); x += a·W_downᵀ + b.
                         self.linear(m_in, &w("mlp.up_proj.weight")?, upp, t, h, i, sc)?;
                         dev.add_bias(upp, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
-                        dev.act_mul(0, upp, actp, t, i, pos0, keys_at(l, false), act)?;
+                        dev.act_mul(0, upp, actp, t, i, pos0, keys_at(l, false), b.act)?;
                         self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
                         dev.add_bias(projp, w("mlp.down_proj.bias")?.f32_ptr()?, t, h)?;
                         dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
                         continue;
                     }
-                    let outs = if arch == Architecture::Phi3 {
+                    let outs = if b.fused_gate_up {
                         let f = w("mlp.gate_up_proj.weight")?;
                         [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]
                     } else {
                         [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
                     };
                     self.linears(m_in, &outs, t, h, sc)?;
-                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), act)?;
+                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), b.act)?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
-                    if post_norms {
+                    if b.post_norms {
                         // The output statistic is what the MLP writes: after this norm.
                         let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
                         dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
@@ -1312,19 +1314,11 @@ impl CudaModel {
         let (h, n) = (c.hidden_size, rows.len());
         let xf = sc.xf(&self.dev, n * h)?;
         let first = x + (rows.start * h * 4) as u64;
-        let p1 = c.architecture.is_gemma();
-        if c.architecture == Architecture::Olmo {
-            self.dev.layernorm(first, 0, 0, xf, n, h, c.rms_norm_eps)?;
-        } else if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
-            let (w, b) = (self.weight("model.norm.weight")?, self.weight("model.norm.bias")?);
-            self.dev.layernorm(first, w.f32_ptr()?, b.f32_ptr()?, xf, n, h, c.rms_norm_eps)?;
-        } else {
-            let norm = self.weight("model.norm.weight")?.f32_ptr()?;
-            self.dev.rmsnorm(first, norm, xf, n, h, c.rms_norm_eps, p1)?;
-        }
+        let p = |kind: &str| self.weight(&format!("model.norm.{kind}"))?.f32_ptr();
+        let xf = self.norm_into(self.block.final_norm, p, first, xf, n)?;
         self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)?;
-        match c.family.final_logit_softcapping {
-            Some(cap) => self.dev.softcap(out, n * c.vocab_size, cap as f32),
+        match self.block.final_softcap {
+            Some(cap) => self.dev.softcap(out, n * c.vocab_size, cap),
             None => Ok(()),
         }
     }

@@ -39,6 +39,7 @@ mod edit;
 mod emu;
 #[cfg(not(feature = "cuda"))]
 use emu as driver;
+mod family;
 mod forward;
 mod graph;
 pub mod kernels;
