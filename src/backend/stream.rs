@@ -50,7 +50,7 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
             v.push((format!("{norm}.bias"), vec![h], false));
         }
         v.push(("self_attn.qkv_proj.weight".to_string(), vec![qd + 2 * kvd, h], true));
-        if c.attention_bias || c.architecture == Architecture::Gpt2 {
+        if has_qkv_bias(c) {
             v.push(("self_attn.qkv_proj.bias".to_string(), vec![qd + 2 * kvd], false));
         }
         v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
@@ -74,7 +74,7 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     v.push(("self_attn.q_proj.weight".to_string(), vec![qd, h], true));
     v.push(("self_attn.k_proj.weight".to_string(), vec![kvd, h], true));
     v.push(("self_attn.v_proj.weight".to_string(), vec![kvd, h], true));
-    if c.attention_bias {
+    if has_qkv_bias(c) {
         v.push(("self_attn.q_proj.bias".to_string(), vec![qd], false));
         v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));
         v.push(("self_attn.v_proj.bias".to_string(), vec![kvd], false));
@@ -91,6 +91,11 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
     v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
     v
+}
+
+/// Whether q, k and v have biases: GPT-2 always, the others with `attention_bias`.
+pub fn has_qkv_bias(c: &ModelConfig) -> bool {
+    c.attention_bias || c.architecture == Architecture::Gpt2
 }
 
 /// Whether `o_proj` has a bias: GPT-2 always; Llama, Qwen3, OLMo and GPT-NeoX checkpoints

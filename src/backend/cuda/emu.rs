@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -424,7 +423,7 @@ impl CudaDevice {
         if !KERNELS.contains(&name) {
             return Err(Error::Backend(format!("kernel {name} is not loaded")));
         }
-        Ok(Launcher { dev: self, name, params: Vec::new(), too_large: None, _args: PhantomData })
+        Ok(Launcher { dev: self, name, params: Vec::new(), too_large: None })
     }
 
     /// The reference GEMM in cuBLAS's column-major terms (see [`BlasGemm`]).
@@ -447,7 +446,6 @@ pub(crate) struct Launcher<'a> {
     /// Each parameter's bytes (in the low bytes of a u64, so every one is aligned) and size.
     params: Vec<(u64, usize)>,
     too_large: Option<usize>,
-    _args: PhantomData<&'a ()>,
 }
 
 impl<'a> Launcher<'a> {

@@ -103,7 +103,7 @@ impl Block {
             post_norms: matches!(arch, A::Olmo2 | A::Gemma2 | A::Gemma3),
             fused_qkv: arch == A::Phi3 || gpt,
             fused_gate_up: arch == A::Phi3,
-            qkv_bias: c.attention_bias || arch == A::Gpt2,
+            qkv_bias: crate::backend::stream::has_qkv_bias(c),
             o_bias: crate::backend::stream::has_o_proj_bias(c),
             clip_qkv: match arch {
                 A::Olmo | A::Olmo2 => c.family.clip_qkv.map(|v| v as f32),

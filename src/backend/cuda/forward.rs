@@ -1040,7 +1040,6 @@ impl CudaModel {
         Ok(())
     }
 
-    /// x `[t, hidden]` = E[tok] (device token ids at `tok`).
     /// `rows` rows of x (at `x`, width hidden) through `norm` into `out`, its weight and bias
     /// addresses from `param("weight" | "bias")`; returns where the result is (`x` itself
     /// for [`Norm::Identity`]).
@@ -1066,6 +1065,8 @@ impl CudaModel {
         Ok(out)
     }
 
+    /// x `[t, hidden]` = E[tok] · scale (device token ids at `tok`, the first at position
+    /// `pos0`), plus GPT-2's learned positions.
     pub(crate) fn embed_into(&self, tok: u64, x: u64, t: usize, pos0: usize) -> Result<()> {
         let c = &self.config;
         let emb = self.weight("model.embed_tokens.weight")?;
@@ -1241,9 +1242,9 @@ impl CudaModel {
                     let parallel_in = if b.parallel { Some(pre_norm(b.mlp_norm)?) } else { None };
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
-                    // MLP: a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ) on xn = rmsnorm(x); x += a·W_downᵀ,
-                    // with the spike statistics fused into silu_mul (inputs) and the add
-                    // (outputs).
+                    // MLP: a = act(m·W_gateᵀ) ⊙ (m·W_upᵀ) (un-gated: act(m·W_upᵀ + b)) on m the
+                    // pre-norm of x; x += a·W_downᵀ (+b), with the spike statistics fused into
+                    // act_mul (inputs) and the add (outputs).
                     let m_in = match parallel_in {
                         Some(m) => m,
                         None => pre_norm(b.mlp_norm)?,

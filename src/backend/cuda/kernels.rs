@@ -11,7 +11,7 @@ use crate::{Error, Result};
 pub const BLOCK: u32 = 256;
 /// Threads per block of the attention kernel.
 pub const ATTENTION_BLOCK: u32 = 128;
-/// Rows one thread walks in the fused statistics kernels (`swk_silu_mul`, `swk_add_residual`)
+/// Rows one thread walks in the fused statistics kernels (`swk_act_mul`, `swk_add_residual`)
 /// before its single `atomicMax`; more when the grid's y dimension would overflow.
 pub const STATS_ROWS_PER_BLOCK: usize = 16;
 /// Output tile edge of `swk_gemm_*`.
