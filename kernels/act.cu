@@ -10,7 +10,8 @@
 // into keys[col] as a packed spike key (see spike_key in common.cuh): largest |value| wins,
 // ties keep the earliest position (pos0 + row), the sign is kept. keys must start at 0 for a
 // fresh reduction; the host decodes them and merges them into its SpikeStats with the CPU
-// rule (a new maximum replaces the old only when strictly larger).
+// rule (a new maximum replaces the old only when strictly larger). With `pos` not null, row
+// r's position is pos[r] (an expert's gathered tokens) instead of pos0 + r.
 #include "common.cuh"
 
 // gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
@@ -30,7 +31,8 @@ __device__ __forceinline__ float gated_act(float g, int act) {
 }
 
 extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
-                                       int rows_per_block, int pos0, u64* keys, int act) {
+                                       int rows_per_block, int pos0, const u32* pos, u64* keys,
+                                       int act) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= n) {
         return;
@@ -43,7 +45,7 @@ extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float
         const float v = gate != nullptr ? __fmul_rn(gated_act(gate[i], act), up[i]) : gated_act(up[i], act);
         out[i] = v;
         if (keys != nullptr) {
-            const u64 k = spike_key(v, (u32)(pos0 + r));
+            const u64 k = spike_key(v, pos != nullptr ? pos[r] : (u32)(pos0 + r));
             best = k > best ? k : best;
         }
     }

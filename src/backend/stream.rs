@@ -10,16 +10,19 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+use crate::model::config::MoeParams;
 use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
 
 /// Byte alignment of each tensor inside a slot (cuBLAS and vector loads want 256).
 pub const SLOT_ALIGN: usize = 256;
 
-/// The tensors of one layer of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
-/// Phi-3, OLMo, OLMo 2, Gemma, Gemma 2, Gemma 3, GPT-2, GPT-NeoX): (name after `model.layers.{l}.`, HF shape, whether it is a matrix stored in the
-/// weight dtype; norms and biases stay f32).
-pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+/// The tensors of layer `l` of a family the CUDA backend runs (Llama, Mistral, Qwen2, Qwen3,
+/// Phi-3, OLMo, OLMo 2, Gemma, Gemma 2, Gemma 3, GPT-2, GPT-NeoX, and the mixtures of experts
+/// Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): (name after `model.layers.{l}.`, HF shape, whether
+/// it is a matrix stored in the weight dtype; norms, biases, routers and the shared-expert
+/// gate stay f32). Only the MLP of a mixture of experts depends on `l` (its dense layers).
+pub fn layer_plan(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let mut v = match c.architecture {
@@ -79,17 +82,49 @@ pub fn layer_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
         v.push(("self_attn.k_proj.bias".to_string(), vec![kvd], false));
         v.push(("self_attn.v_proj.bias".to_string(), vec![kvd], false));
     }
-    if matches!(c.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
-        v.push(("self_attn.q_norm.weight".to_string(), vec![c.head_dim], false));
-        v.push(("self_attn.k_norm.weight".to_string(), vec![c.head_dim], false));
+    match c.architecture {
+        Architecture::Qwen3 | Architecture::Gemma3 | Architecture::Qwen3Moe => {
+            v.push(("self_attn.q_norm.weight".to_string(), vec![c.head_dim], false));
+            v.push(("self_attn.k_norm.weight".to_string(), vec![c.head_dim], false));
+        }
+        Architecture::Olmoe => {
+            v.push(("self_attn.q_norm.weight".to_string(), vec![qd], false));
+            v.push(("self_attn.k_norm.weight".to_string(), vec![kvd], false));
+        }
+        _ => {}
     }
     v.push(("self_attn.o_proj.weight".to_string(), vec![h, qd], true));
     if has_o_proj_bias(c) {
         v.push(("self_attn.o_proj.bias".to_string(), vec![h], false));
     }
-    v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
-    v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
-    v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+    match c.family.moe.as_ref().filter(|m| m.is_sparse(l)) {
+        Some(moe) => v.extend(sparse_mlp_plan(moe, h)),
+        None => {
+            v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
+            v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
+            v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+        }
+    }
+    v
+}
+
+/// The MLP tensors of a sparse layer (names as `model::arch::moe` holds them): the router,
+/// every expert's gate/up/down, and Qwen2-MoE's shared expert and its gate.
+fn sparse_mlp_plan(moe: &MoeParams, h: usize) -> Vec<(String, Vec<usize>, bool)> {
+    let ei = moe.expert_intermediate;
+    let mut v = vec![("mlp.gate.weight".to_string(), vec![moe.num_experts, h], false)];
+    for e in 0..moe.num_experts {
+        let p = format!("mlp.experts.{e}");
+        v.push((format!("{p}.gate_proj.weight"), vec![ei, h], true));
+        v.push((format!("{p}.up_proj.weight"), vec![ei, h], true));
+        v.push((format!("{p}.down_proj.weight"), vec![h, ei], true));
+    }
+    if let Some(si) = moe.shared_expert_intermediate {
+        v.push(("mlp.shared_expert.gate_proj.weight".to_string(), vec![si, h], true));
+        v.push(("mlp.shared_expert.up_proj.weight".to_string(), vec![si, h], true));
+        v.push(("mlp.shared_expert.down_proj.weight".to_string(), vec![h, si], true));
+        v.push(("mlp.shared_expert_gate.weight".to_string(), vec![1, h], false));
+    }
     v
 }
 
@@ -152,10 +187,10 @@ pub struct SlotLayout {
 }
 
 impl SlotLayout {
-    /// The layout of `c`'s layers with matrices in bf16 (`bf16`) or f32.
-    pub fn new(c: &ModelConfig, bf16: bool) -> Self {
+    /// The layout of `c`'s layer `l` with matrices in bf16 (`bf16`) or f32.
+    pub fn new(c: &ModelConfig, l: usize, bf16: bool) -> Self {
         let mut offset = 0;
-        let entries = layer_plan(c)
+        let entries = layer_plan(c, l)
             .into_iter()
             .map(|(suffix, shape, matrix)| {
                 let e = SlotEntry { suffix, shape, bf16: matrix && bf16, offset };
@@ -310,7 +345,7 @@ mod tests {
     fn layout_is_aligned_ordered_and_covers_every_tensor() {
         let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
         for bf16 in [false, true] {
-            let l = SlotLayout::new(&c, bf16);
+            let l = SlotLayout::new(&c, 0, bf16);
             assert_eq!(l.entries.len(), 9);
             let mut end = 0;
             for e in &l.entries {
@@ -329,10 +364,14 @@ mod tests {
         }
     }
 
-    /// The plan names exactly the layer tensors of each Llama-family fixture, with their shapes.
+    /// The plan names exactly the layer tensors of each Llama-family and mixture-of-experts
+    /// fixture (Qwen3-MoE's layer 0 is dense), with their shapes.
     #[test]
     fn layer_plan_matches_the_llama_family_fixtures() {
-        for name in ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"] {
+        let moe = ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf"]
+            .map(|n| format!("{n}/model.gguf"));
+        let dense = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"].map(String::from);
+        for name in dense.iter().chain(&moe) {
             let lazy = LazyModel::open(&fixture(name)).unwrap();
             for l in 0..lazy.config.num_layers {
                 let mut want: Vec<(String, Vec<usize>)> = lazy
@@ -344,7 +383,7 @@ mod tests {
                     })
                     .collect();
                 let mut got: Vec<(String, Vec<usize>)> =
-                    layer_plan(&lazy.config).into_iter().map(|(n, s, _)| (n, s)).collect();
+                    layer_plan(&lazy.config, l).into_iter().map(|(n, s, _)| (n, s)).collect();
                 want.sort();
                 got.sort();
                 assert_eq!(got, want, "{name} layer {l}");
@@ -408,7 +447,7 @@ mod tests {
         let lazy = LazyModel::open(&path).unwrap();
         let eager = crate::Model::load(&path).unwrap();
         for bf16 in [false, true] {
-            let layout = SlotLayout::new(&lazy.config, bf16);
+            let layout = SlotLayout::new(&lazy.config, 1, bf16);
             let mut overlay = Overlay::default();
             let down = "model.layers.1.mlp.down_proj.weight";
             overlay.set(down, 5, stored_bits(-3.0, bf16), || Ok(0)).unwrap();
@@ -436,11 +475,11 @@ mod tests {
         let lazy = LazyModel::open(&fixture("llama")).unwrap();
         let mut c = lazy.config.clone();
         c.intermediate_size += 1;
-        let e = stage_layer(&lazy, 0, &SlotLayout::new(&c, true), &Overlay::default())
+        let e = stage_layer(&lazy, 0, &SlotLayout::new(&c, 0, true), &Overlay::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"), "{e}");
-        let e = stage_layer(&lazy, 7, &SlotLayout::new(&lazy.config, true), &Overlay::default())
+        let e = stage_layer(&lazy, 7, &SlotLayout::new(&lazy.config, 7, true), &Overlay::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.layers.7."), "{e}");

@@ -213,15 +213,85 @@ impl CudaDevice {
         keys: u64,
         act: kernels::Activation,
     ) -> Result<()> {
+        self.act_mul_at(gate, up, out, rows, n, (pos0, 0), keys, act)
+    }
+
+    /// [`Self::act_mul`] with the rows' positions `at`: (pos0, 0) for rows pos0, pos0 + 1, …;
+    /// (_, pos) for the positions in the device array `pos` (`u32` per row: an expert's
+    /// gathered tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_mul_at(
+        &self,
+        gate: u64,
+        up: u64,
+        out: u64,
+        rows: usize,
+        n: usize,
+        at: (usize, u64),
+        keys: u64,
+        act: kernels::Activation,
+    ) -> Result<()> {
         let (l, per) = kernels::column_stats(rows, n)?;
         let (r, n_i, per_i, p) = (
             int(rows, "rows")?,
             int(n, "width")?,
             int(per, "rows per block")?,
-            int(pos0, "position")?,
+            int(at.0, "position")?,
         );
-        let act = act as i32;
-        launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, keys, act)
+        let (pos, act) = (at.1, act as i32);
+        launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, pos, keys, act)
+    }
+
+    /// Per-column spike keys of y `[rows, n]` into `keys`, the rows' positions `at` as in
+    /// [`Self::act_mul_at`] (an expert's down_proj output).
+    pub(crate) fn column_max(
+        &self,
+        y: u64,
+        rows: usize,
+        n: usize,
+        at: (usize, u64),
+        keys: u64,
+    ) -> Result<()> {
+        let (l, per) = kernels::column_stats(rows, n)?;
+        let (r, n_i, per_i, p) = (
+            int(rows, "rows")?,
+            int(n, "width")?,
+            int(per, "rows per block")?,
+            int(at.0, "position")?,
+        );
+        launch!(self, "swk_column_max", l, y, r, n_i, per_i, p, at.1, keys)
+    }
+
+    /// out `[tokens, n]`: each token's sum of `k` expert output rows of `ys` (`slot`, u32
+    /// `[tokens, k]`) times their weights (`w`, f32 `[tokens, k]`), in slot order from 0.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn moe_combine(
+        &self,
+        ys: u64,
+        slot: u64,
+        w: u64,
+        out: u64,
+        tokens: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (t, k_i, n_i) = (int(tokens, "tokens")?, int(k, "top-k")?, int(n, "width")?);
+        let l = kernels::elementwise((tokens * n) as u64)?;
+        launch!(self, "swk_moe_combine", l, ys, slot, w, out, t, k_i, n_i)
+    }
+
+    /// out `[rows, n]` += sigmoid(z[row]) · y (Qwen2-MoE's gated shared expert).
+    pub(crate) fn sigmoid_gate_add(
+        &self,
+        out: u64,
+        y: u64,
+        z: u64,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (r, n_i) = (int(rows, "rows")?, int(n, "width")?);
+        let l = kernels::elementwise((rows * n) as u64)?;
+        launch!(self, "swk_sigmoid_gate_add", l, out, y, z, r, n_i)
     }
 
     /// x += y; with `keys != 0`, per-column spike keys of y.

@@ -54,8 +54,10 @@ pub(crate) struct Block {
     pub(crate) qkv_bias: bool,
     /// o_proj has a bias.
     pub(crate) o_bias: bool,
-    /// q, k, v clamped to ±this (OLMo's `clip_qkv`).
+    /// q, k, v clamped to ±this (OLMo's and OLMoE's `clip_qkv`).
     pub(crate) clip_qkv: Option<f32>,
+    /// The clamp comes after the QK-norm (OLMoE), not before it (OLMo 2).
+    pub(crate) clip_after_qk_norm: bool,
     /// The QK-norm.
     pub(crate) qk_norm: QkNorm,
     /// RoPE on q and k (all but GPT-2).
@@ -106,12 +108,13 @@ impl Block {
             qkv_bias: crate::backend::stream::has_qkv_bias(c),
             o_bias: crate::backend::stream::has_o_proj_bias(c),
             clip_qkv: match arch {
-                A::Olmo | A::Olmo2 => c.family.clip_qkv.map(|v| v as f32),
+                A::Olmo | A::Olmo2 | A::Olmoe => c.family.clip_qkv.map(|v| v as f32),
                 _ => None,
             },
+            clip_after_qk_norm: arch == A::Olmoe,
             qk_norm: match arch {
-                A::Qwen3 | A::Gemma3 => QkNorm::PerHead,
-                A::Olmo2 => QkNorm::Whole,
+                A::Qwen3 | A::Gemma3 | A::Qwen3Moe => QkNorm::PerHead,
+                A::Olmo2 | A::Olmoe => QkNorm::Whole,
                 _ => QkNorm::None,
             },
             rope: arch != A::Gpt2,
@@ -183,5 +186,14 @@ mod tests {
         assert!(neox.rope && !neox.gated && !neox.positions);
         assert_eq!(neox.act, Activation::Gelu);
         assert_ne!(neox.parallel, block("gpt_neox_seq").parallel);
+
+        // Mixtures of experts: the attention of their dense relatives.
+        let olmoe = block("olmoe");
+        assert_eq!((olmoe.qk_norm, olmoe.clip_qkv), (QkNorm::Whole, Some(0.5)));
+        assert!(olmoe.clip_after_qk_norm && !olmo.clip_after_qk_norm);
+        assert_eq!(block("qwen3_moe").qk_norm, QkNorm::PerHead);
+        let qwen2_moe = block("qwen2_moe");
+        assert!(qwen2_moe.qkv_bias && !qwen2_moe.o_bias);
+        assert_eq!(block("mixtral"), Block { ..llama });
     }
 }

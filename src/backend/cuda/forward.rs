@@ -8,13 +8,14 @@
 //!   q = xn·W_qᵀ (+b_q); k, v = xn·W_{k,v}ᵀ (+b) written straight into the cache rows pos0..
 //!   (Phi-3: W_q, W_k, W_v are the row blocks of qkv_proj; W_gate, W_up of gate_up_proj)
 //!   (Qwen3: rmsnorm over each head of q and k; OLMo 2: over all of q and of k; OLMo:
-//!   q, k, v clamped to ±clip_qkv)
+//!   q, k, v clamped to ±clip_qkv; OLMoE: whole-q/k norms, then the clamp)
 //!   rope(q), rope(k rows of the cache)                   (Phi: maybe over the first dims only)
 //!   att = softmax(q·kᵀ·scale + causal/window mask)·v     (swk_attention)
 //!   x += att·W_oᵀ (+b_o: Llama, Qwen3, OLMo with attention_bias) (OLMo 2: rmsnorm of it)
 //!   xn = rmsnorm(x) ⊙ w_mlp_norm
 //!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
 //!   x += a·W_downᵀ (OLMo 2: rmsnorm of it)               (+ per-column max |y|: spike output)
+//!   (a sparse layer of a mixture of experts: x += Σ_e w_e · expert_e(xn), see moe.rs)
 //! logits = rmsnorm(x[rows asked]) ⊙ w_norm · W_headᵀ
 //! ```
 
@@ -28,6 +29,7 @@ use super::driver::{CudaSlice, PinnedHostSlice};
 use super::driver::{cuda_available, CudaDevice};
 use super::family::{Block, Norm, QkNorm};
 use super::kernels;
+use super::moe::{KeyLayout, MoeActs};
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};
 use crate::eval::ppl::Perplexity;
@@ -181,8 +183,8 @@ type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A model's weights on a CUDA device, ready to run its family's forward pass (every dense
-/// family; see [`crate::backend::cuda_runs`]).
+/// A model's weights on a CUDA device, ready to run its family's forward pass (every family
+/// but DeepSeek; see [`crate::backend::cuda_runs`]).
 pub struct CudaModel {
     pub(crate) dev: CudaDevice,
     pub(crate) config: ModelConfig,
@@ -194,6 +196,8 @@ pub struct CudaModel {
     inv_local: Option<CudaSlice<f32>>,
     /// The family's switches of the block.
     block: Block,
+    /// Where each layer's spike keys lie in a pass's key buffer.
+    pub(crate) key_layout: KeyLayout,
     head: String,
     dtype: WeightDtype,
     gemm: GemmEngine,
@@ -266,10 +270,9 @@ fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     if !c.tie_word_embeddings {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
     }
-    let layer = layer_plan(c);
     for l in 0..c.num_layers {
-        for (suffix, shape, matrix) in &layer {
-            v.push((format!("model.layers.{l}.{suffix}"), shape.clone(), *matrix));
+        for (suffix, shape, matrix) in layer_plan(c, l) {
+            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
         }
     }
     v
@@ -326,8 +329,8 @@ fn upload_tensor(
     Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
-/// The device runs the dense families (see [`crate::backend::cuda_runs`]); mixtures of
-/// experts run on the CPU backend.
+/// The device runs every family but DeepSeek (see [`crate::backend::cuda_runs`]), which
+/// runs on the CPU backend.
 fn check_architecture(c: &ModelConfig) -> Result<()> {
     if !crate::backend::cuda_runs(c.architecture) {
         return Err(Error::Backend(format!(
@@ -414,8 +417,11 @@ impl CudaModel {
     pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
         let c = lazy.config.clone();
         check_architecture(&c)?;
-        let layout = SlotLayout::new(&c, opts.dtype == WeightDtype::Bf16);
-        for l in 0..c.num_layers {
+        let layouts: Vec<SlotLayout> = (0..c.num_layers)
+            .map(|l| SlotLayout::new(&c, l, opts.dtype == WeightDtype::Bf16))
+            .collect();
+        let slot_bytes = layouts.iter().map(|s| s.bytes).max().unwrap_or(0);
+        for (l, layout) in layouts.iter().enumerate() {
             for e in &layout.entries {
                 let name = format!("model.layers.{l}.{}", e.suffix);
                 let shape = lazy.shape(&name)?;
@@ -434,7 +440,7 @@ impl CudaModel {
         let dev = CudaDevice::new(opts.device)?;
         let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
         let resident = lazy.materialize(|n| split_layer_name(n).is_none())?;
-        let need = resident_bytes(&c, opts.dtype) + layout.bytes;
+        let need = resident_bytes(&c, opts.dtype) + slot_bytes;
         check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
         dev.bind()?;
         let mut tensors = BTreeMap::new();
@@ -451,10 +457,10 @@ impl CudaModel {
         } else {
             "model.embed_tokens.weight"
         };
-        let slot = dev.alloc::<u8>(layout.bytes)?;
+        let slot = dev.alloc::<u8>(slot_bytes)?;
         let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
         m.stream =
-            Some(Streamed { lazy, layout, overlay: Overlay::default(), slot: Mutex::new(slot) });
+            Some(Streamed { lazy, layouts, overlay: Overlay::default(), slot: Mutex::new(slot) });
         Ok(m)
     }
 
@@ -488,8 +494,8 @@ impl CudaModel {
         let mut tensors = BTreeMap::new();
         for (k, (name, shape, matrix)) in plan_shapes(config).into_iter().enumerate() {
             let n: usize = shape.iter().product();
-            let (mean, std) =
-                if matrix || name.ends_with(".bias") { (0.0, 0.02) } else { (1.0, 0.02) };
+            let norm = !matrix && name.contains("norm");
+            let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
             let s = crate::synth::mix(seed, k as u64);
             let data = if matrix && opts.dtype == WeightDtype::Bf16 {
                 let d = dev.alloc::<u16>(n)?;
@@ -525,6 +531,7 @@ impl CudaModel {
         let inv_freq = dev.upload(inv)?;
         let rot_half = inv.len();
         let block = Block::of(&config);
+        let key_layout = KeyLayout::of(&config);
         let inv_local = match config.family.rope_local_theta {
             Some(theta) => {
                 let mut rc = config.clone();
@@ -544,6 +551,7 @@ impl CudaModel {
             rot_half,
             inv_local,
             block,
+            key_layout,
             head: head.to_string(),
             dtype,
             gemm,
@@ -630,8 +638,9 @@ impl CudaModel {
         match (slot, &self.stream) {
             (Some(base), Some(st)) => {
                 let e = st
-                    .layout
-                    .entry(suffix)
+                    .layouts
+                    .get(layer)
+                    .and_then(|s| s.entry(suffix))
                     .ok_or_else(|| Error::tensor(&name, "not in the streamed layer layout"))?;
                 Ok(WeightRef {
                     name,
@@ -646,7 +655,7 @@ impl CudaModel {
 
     /// y `[rows, n_out]` = x `[rows, n_in]` · Wᵀ with the configured engine.
     #[allow(clippy::too_many_arguments)]
-    fn linear(
+    pub(crate) fn linear(
         &self,
         x: u64,
         w: &WeightRef,
@@ -661,7 +670,7 @@ impl CudaModel {
 
     /// Several products of one input (q/k/v; gate/up): `outs` = (weight, y, n_out). With
     /// `cublas-split` the input is split into its bf16 terms once for all of them.
-    fn linears(
+    pub(crate) fn linears(
         &self,
         x: u64,
         outs: &[(WeightRef, u64, usize)],
@@ -1097,12 +1106,13 @@ impl CudaModel {
         let (xnp, qp, attp, projp) =
             (dev.ptr(&acts.xn), dev.ptr(&acts.q), dev.ptr(&acts.att), dev.ptr(&acts.proj));
         let (gatep, upp, actp) = (dev.ptr(&acts.gate), dev.ptr(&acts.up), dev.ptr(&acts.act));
-        // Spike keys: per layer [intermediate] inputs then [hidden] outputs.
+        // Spike keys: per layer [intermediate] inputs then [hidden] outputs (then a sparse
+        // layer's experts': see KeyLayout).
         let keys_at = |l: usize, out: bool| -> u64 {
-            acts.keys
-                .as_ref()
-                .map_or(0, |k| dev.ptr(k) + ((l * (i + h) + if out { i } else { 0 }) * 8) as u64)
+            let (ki, ko) = self.key_layout.dense(l);
+            acts.keys.as_ref().map_or(0, |k| dev.ptr(k) + ((if out { ko } else { ki }) * 8) as u64)
         };
+        let all_keys = acts.keys.as_ref().map_or(0, |k| dev.ptr(k));
         let inv_global = dev.ptr(&self.inv_freq);
         let inv_local = self.inv_local.as_ref().map(|b| dev.ptr(b));
         // The family's switches (see family.rs); p1: Gemma's `1 + w` RMSNorm weights.
@@ -1119,7 +1129,7 @@ impl CudaModel {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
                 scope.spawn(move || {
                     for l in 0..c.num_layers {
-                        let bytes = stage_layer(&st.lazy, l, &st.layout, &st.overlay);
+                        let bytes = stage_layer(&st.lazy, l, &st.layouts[l], &st.overlay);
                         let failed = bytes.is_err();
                         if tx.send(bytes).is_err() || failed {
                             break;
@@ -1187,12 +1197,18 @@ impl CudaModel {
                             start += width;
                         }
                     }
-                    if let Some(clip) = b.clip_qkv {
-                        // OLMo's clip_qkv: q, k, v clamped to [-clip, clip].
-                        dev.clamp(qp, t * qd, clip)?;
-                        dev.clamp(k_new, t * kvd, clip)?;
-                        dev.clamp(v_new, t * kvd, clip)?;
-                    }
+                    // OLMo's clip_qkv: q, k, v clamped to [-clip, clip] (OLMoE: after QK-norm).
+                    let clip = |after_norm: bool| -> Result<()> {
+                        match b.clip_qkv {
+                            Some(clip) if b.clip_after_qk_norm == after_norm => {
+                                dev.clamp(qp, t * qd, clip)?;
+                                dev.clamp(k_new, t * kvd, clip)?;
+                                dev.clamp(v_new, t * kvd, clip)
+                            }
+                            _ => Ok(()),
+                        }
+                    };
+                    clip(false)?;
                     // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3,
                     // Gemma 3).
                     let qk_rows = match b.qk_norm {
@@ -1206,6 +1222,7 @@ impl CudaModel {
                         let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
                         dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
                     }
+                    clip(true)?;
                     // Gemma 3's sliding layers rotate with the local base.
                     let (window, scale) = (c.layer_window(l), c.attention_scale(l));
                     let inv = match (inv_local, window) {
@@ -1249,6 +1266,12 @@ impl CudaModel {
                         Some(m) => m,
                         None => pre_norm(b.mlp_norm)?,
                     };
+                    if let Some(ma) = acts.moe.as_ref().filter(|_| self.key_layout.is_sparse(l)) {
+                        // A mixture of experts: x += Σ_e w_e · expert_e(m) (+ shared expert).
+                        self.sparse_mlp(l, &w, m_in, (t, pos0), ma, all_keys, sc)?;
+                        dev.add_residual(xp, dev.ptr(&ma.out), t, h, pos0, keys_at(l, true))?;
+                        continue;
+                    }
                     if !b.gated {
                         // GPT-2, GPT-NeoX: a = act(m·W_upᵀ + b); x += a·W_downᵀ + b.
                         self.linear(m_in, &w("mlp.up_proj.weight")?, upp, t, h, i, sc)?;
@@ -1280,26 +1303,24 @@ impl CudaModel {
         })
     }
 
-    /// Download the spike keys of a pass (pinned) and merge them into `stats`.
+    /// Download the spike keys of a pass (pinned) and merge them, and a mixture of experts'
+    /// router counters, into `stats`.
     pub(crate) fn merge_keys(
         &self,
         acts: &Acts,
         stats: &mut SpikeStats,
         sc: &mut Scratch,
     ) -> Result<()> {
-        use rayon::prelude::*;
         let Some(k) = acts.keys.as_ref() else { return Ok(()) };
-        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
-        let n = self.config.num_layers * (i + h);
+        let n = self.key_layout.total;
         if sc.keys.as_ref().is_none_or(|p| p.len() < n) {
             sc.keys = Some(self.dev.pinned::<u64>(n)?);
         }
         let pinned = sc.keys.as_mut().ok_or_else(|| Error::Backend("no key buffer".into()))?;
         let host = self.dev.download_pinned(k, n, pinned)?;
-        stats.layers.par_iter_mut().zip(host.par_chunks(i + h)).for_each(|(layer, keys)| {
-            kernels::merge_spike_keys(&mut layer.input, &keys[..i]);
-            kernels::merge_spike_keys(&mut layer.output, &keys[i..]);
-        });
+        let tally = acts.moe.as_ref().and_then(|m| m.tally.as_ref());
+        let tally = tally.map(|t| t.lock().unwrap_or_else(|p| p.into_inner()));
+        self.key_layout.merge(host, tally.as_deref().map_or(&[], Vec::as_slice), &mut stats.layers);
         Ok(())
     }
 
@@ -1343,6 +1364,8 @@ pub(crate) struct Acts {
     up: CudaSlice<f32>,
     act: CudaSlice<f32>,
     pub(crate) keys: Option<CudaSlice<u64>>,
+    /// The sparse layers' buffers (mixtures of experts).
+    pub(crate) moe: Option<MoeActs>,
 }
 
 impl Acts {
@@ -1357,7 +1380,11 @@ impl Acts {
             gate: dev.alloc::<f32>(t * i)?,
             up: dev.alloc::<f32>(t * i)?,
             act: dev.alloc::<f32>(t * i)?,
-            keys: if stats { Some(dev.zeros::<u64>(c.num_layers * (i + h))?) } else { None },
+            keys: if stats { Some(dev.zeros::<u64>(KeyLayout::of(c).total)?) } else { None },
+            moe: match &c.family.moe {
+                Some(m) => Some(MoeActs::alloc(dev, c, m, t, stats)?),
+                None => None,
+            },
         })
     }
 }

@@ -56,7 +56,11 @@ impl CudaModel {
 
     /// Whether graphs are in use.
     pub fn graphs(&self) -> bool {
-        self.graphs && self.graph_error().is_none() && !self.is_streamed()
+        // A mixture of experts routes on the host between its kernels: no graph holds that.
+        self.graphs
+            && self.graph_error().is_none()
+            && !self.is_streamed()
+            && self.config.family.moe.is_none()
     }
 
     /// Why graph capture failed, if it did (graphs are then off for this model).

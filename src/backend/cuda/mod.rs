@@ -1,4 +1,5 @@
-//! The CUDA backend (feature `cuda`): the forward pass of every dense family, spike statistics,
+//! The CUDA backend (feature `cuda`): the forward pass of every family but DeepSeek (the
+//! mixtures of experts routed on the host, `moe.rs`), spike statistics,
 //! perplexity scoring and in-place weight edits on an NVIDIA GPU, with swk's own kernels
 //! (`kernels/*.cu`, compiled by build.rs into a fatbin embedded in the binary) and cuBLAS for
 //! the matrix products when it is installed.
@@ -43,6 +44,7 @@ mod family;
 mod forward;
 mod graph;
 pub mod kernels;
+mod moe;
 mod streamed;
 
 pub use detect::CudaBaseline;

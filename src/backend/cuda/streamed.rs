@@ -15,8 +15,9 @@ use crate::{Error, Result};
 pub(crate) struct Streamed {
     /// The model's files.
     pub(crate) lazy: Arc<LazyModel>,
-    /// Where each layer tensor lies in the slot.
-    pub(crate) layout: SlotLayout,
+    /// Per layer, where each of its tensors lies in the slot (layers differ only in a
+    /// mixture of experts with dense layers).
+    pub(crate) layouts: Vec<SlotLayout>,
     /// Edits of layer weights, applied at every upload.
     pub(crate) overlay: Overlay,
     /// The device buffer one layer at a time passes through.
@@ -27,7 +28,7 @@ impl Streamed {
     /// The slot entry of a layer tensor's full name, if it names one of this model's layers.
     pub(crate) fn entry(&self, name: &str) -> Option<&SlotEntry> {
         let (l, suffix) = split_layer_name(name)?;
-        (l < self.lazy.config.num_layers).then(|| self.layout.entry(suffix)).flatten()
+        self.layouts.get(l)?.entry(suffix)
     }
 
     /// A layer tensor's values as the device holds them during a pass (rounded to the

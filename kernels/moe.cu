@@ -1,0 +1,62 @@
+// The routed-expert MLP of a mixture-of-experts layer, mirroring model::arch::moe on the CPU.
+// The host routes (softmax, top-k) from the router logits, gathers each expert's tokens into
+// consecutive rows (experts ascending, tokens ascending within one), runs each expert's
+// SwiGLU on its rows, and then:
+//   swk_column_max   folds an expert's down_proj output rows into its spike keys (per row the
+//                    token position it came from), before the routing weight;
+//   swk_moe_combine  writes each token's weighted sum of its experts' outputs, in the CPU's
+//                    order (experts ascending, `acc += y * w` from 0);
+//   swk_sigmoid_gate_add  adds Qwen2-MoE's shared expert scaled by sigmoid(its gate logit).
+#include "common.cuh"
+
+// keys[col] = max over rows of spike_key(y[r, col], position of r), position pos[r] when pos
+// is not null, else pos0 + r. y [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)),
+// block 256, as swk_add_residual's statistics.
+extern "C" __global__ void swk_column_max(const float* y, int rows, int n, int rows_per_block, int pos0,
+                                          const u32* pos, u64* keys) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= n) {
+        return;
+    }
+    const int r0 = blockIdx.y * rows_per_block;
+    const int r1 = min(rows, r0 + rows_per_block);
+    u64 best = 0ull;
+    for (int r = r0; r < r1; ++r) {
+        const u32 p = pos != nullptr ? pos[r] : (u32)(pos0 + r);
+        const u64 k = spike_key(y[(size_t)r * n + col], p);
+        best = k > best ? k : best;
+    }
+    if (best != 0ull) {
+        atomicMax(keys + col, best);
+    }
+}
+
+// out[t, c] = sum over j < k of ys[slot[t * k + j], c] * w[t * k + j], accumulated from 0 in j
+// order (the host lists each token's slots by ascending expert). ys [*, n], out [tokens, n].
+// One thread per element of out, block 256.
+extern "C" __global__ void swk_moe_combine(const float* ys, const u32* slot, const float* w, float* out,
+                                           int tokens, int k, int n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)tokens * n) {
+        return;
+    }
+    const u64 t = i / n;
+    const u64 c = i % n;
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        const u64 s = t * k + j;
+        acc = __fadd_rn(acc, __fmul_rn(ys[(u64)slot[s] * n + c], w[s]));
+    }
+    out[i] = acc;
+}
+
+// out[t, c] += sigmoid(z[t]) * y[t, c], sigmoid(z) = 1 / (1 + exp(-z)). out, y [rows, n].
+// One thread per element, block 256.
+extern "C" __global__ void swk_sigmoid_gate_add(float* out, const float* y, const float* z, int rows, int n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * n) {
+        return;
+    }
+    const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-z[i / n])));
+    out[i] = __fadd_rn(out[i], __fmul_rn(s, y[i]));
+}
