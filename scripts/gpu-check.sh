@@ -199,6 +199,8 @@ run() {
         '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
         '$GPU_DIR/bin/swk' --device cpu detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/phi3' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$GPU_DIR/fixtures/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$GPU_DIR/fixtures/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$GPU_DIR/fixtures/tiny/llama' --text '$GPU_DIR/fixtures/tiny/llama/config.json' --context 16"
     if [ -f "$out/timing.md" ]; then

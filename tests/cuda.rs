@@ -984,6 +984,35 @@ fn streamed_detection_matches_resident() {
     }
 }
 
+/// The `swk` binary on the device: `detect --device cuda` on a mixture of experts loads a
+/// safetensors checkpoint whole (the streaming decision needs only its config; LazyModel
+/// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`.
+#[test]
+fn cli_detects_on_the_device() {
+    if !gpu() {
+        return;
+    }
+    let root = fixtures_root().join("tiny");
+    let runs: [(&str, PathBuf); 2] = [
+        ("auto", root.join("qwen2_moe")),
+        ("always", root.join("mixtral_gguf").join("model.gguf")),
+    ];
+    for (stream, model) in runs {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_swk"))
+            .args(["--device", "cuda", "--stream", stream, "detect"])
+            .arg(&model)
+            .args(["--threshold", "1", "--max-iterations", "1", "--json"])
+            .output()
+            .expect("run swk");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", model.display());
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+        let device = r["device"].as_str().unwrap_or_default();
+        assert!(device.starts_with("cuda"), "{}: device {device}", model.display());
+        assert_eq!(device.contains("layers streamed"), stream == "always", "{device}");
+    }
+}
+
 /// Errors, not panics, for bad input.
 #[test]
 fn bad_input_is_an_error() {

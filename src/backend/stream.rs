@@ -307,16 +307,18 @@ pub fn stage_layer(
     overlay: &Overlay,
 ) -> Result<Vec<u8>> {
     let mut out = vec![0u8; layout.bytes];
-    for e in &layout.entries {
-        let name = format!("model.layers.{layer}.{}", e.suffix);
-        let mut t = lazy.tensor(&name)?;
+    let names: Vec<String> =
+        layout.entries.iter().map(|e| format!("model.layers.{layer}.{}", e.suffix)).collect();
+    // Grouped by GGUF source: a layer's experts come from one dequantization of each stack.
+    lazy.read_grouped(&names, |k, mut t| {
+        let (e, name) = (&layout.entries[k], &names[k]);
         if t.shape != e.shape {
             return Err(Error::tensor(
-                &name,
+                name,
                 format!("expected shape {:?}, found {:?}", e.shape, t.shape),
             ));
         }
-        overlay.apply(&name, &mut t.data)?;
+        overlay.apply(name, &mut t.data)?;
         let dst = &mut out[e.offset..e.offset + e.bytes()];
         if e.bf16 {
             dst.par_chunks_mut(2).zip(t.data.par_iter()).for_each(|(d, &v)| {
@@ -327,7 +329,8 @@ pub fn stage_layer(
                 d.copy_from_slice(&v.to_le_bytes());
             });
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -443,28 +446,39 @@ mod tests {
 
     #[test]
     fn staged_layer_holds_the_models_bits_and_the_edits() {
-        let path = fixture("llama");
-        let lazy = LazyModel::open(&path).unwrap();
-        let eager = crate::Model::load(&path).unwrap();
-        for bf16 in [false, true] {
-            let layout = SlotLayout::new(&lazy.config, 1, bf16);
-            let mut overlay = Overlay::default();
-            let down = "model.layers.1.mlp.down_proj.weight";
-            overlay.set(down, 5, stored_bits(-3.0, bf16), || Ok(0)).unwrap();
-            let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
-            assert_eq!(bytes.len(), layout.bytes);
-            for e in &layout.entries {
-                let want =
-                    &eager.weights.get(&format!("model.layers.1.{}", e.suffix)).unwrap().data;
-                let at = &bytes[e.offset..e.offset + e.bytes()];
-                for (k, &w) in want.iter().enumerate() {
-                    let w = if e.suffix == "mlp.down_proj.weight" && k == 5 { -3.0 } else { w };
-                    let got = if e.bf16 {
-                        (u16::from_le_bytes([at[2 * k], at[2 * k + 1]]) as u32) << 16
-                    } else {
-                        u32::from_le_bytes(at[4 * k..4 * k + 4].try_into().unwrap())
-                    };
-                    assert_eq!(got, stored_bits(w, e.bf16), "{} [{k}]", e.suffix);
+        // GGUF mixtures of experts: each expert comes out of its llama.cpp stack.
+        for path in ["llama", "mixtral_gguf/model.gguf", "qwen2_moe_gguf/model.gguf"].map(fixture) {
+            let lazy = LazyModel::open(&path).unwrap();
+            let eager = crate::Model::load(&path).unwrap();
+            for bf16 in [false, true] {
+                let layout = SlotLayout::new(&lazy.config, 1, bf16);
+                // Edit the last down_proj of the layer (an expert's in a mixture).
+                let down = layout
+                    .entries
+                    .iter()
+                    .rev()
+                    .find(|e| e.suffix.ends_with("down_proj.weight"))
+                    .unwrap()
+                    .suffix
+                    .clone();
+                let mut overlay = Overlay::default();
+                let edited = format!("model.layers.1.{down}");
+                overlay.set(&edited, 5, stored_bits(-3.0, bf16), || Ok(0)).unwrap();
+                let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
+                assert_eq!(bytes.len(), layout.bytes);
+                for e in &layout.entries {
+                    let want =
+                        &eager.weights.get(&format!("model.layers.1.{}", e.suffix)).unwrap().data;
+                    let at = &bytes[e.offset..e.offset + e.bytes()];
+                    for (k, &w) in want.iter().enumerate() {
+                        let w = if e.suffix == down && k == 5 { -3.0 } else { w };
+                        let got = if e.bf16 {
+                            (u16::from_le_bytes([at[2 * k], at[2 * k + 1]]) as u32) << 16
+                        } else {
+                            u32::from_le_bytes(at[4 * k..4 * k + 4].try_into().unwrap())
+                        };
+                        assert_eq!(got, stored_bits(w, e.bf16), "{path} {} [{k}]", e.suffix);
+                    }
                 }
             }
         }

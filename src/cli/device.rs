@@ -122,22 +122,26 @@ pub fn load(
     dev: DeviceOpts,
     bf16: bool,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
-    let arch = if dev.device == DeviceArg::Cpu {
+    let config = if dev.device == DeviceArg::Cpu {
         None
     } else {
-        Some(swk::model::load::read_config(spec)?.architecture)
+        Some(swk::model::load::read_config(spec)?)
     };
-    let backend = match arch {
-        Some(a) => choose(dev.device, quiet, a)?,
+    let backend = match &config {
+        Some(c) => choose(dev.device, quiet, c.architecture)?,
         None => Backend::Cpu,
     };
-    if backend == Backend::Cpu || dev.stream == StreamArg::Never {
+    let whole = match (&config, dev.stream) {
+        _ if backend == Backend::Cpu => true,
+        (_, StreamArg::Never) => true,
+        // Decided from the config alone: checkpoints LazyModel cannot stream still load whole.
+        (Some(c), StreamArg::Auto) => fits(c, bf16)?,
+        _ => false,
+    };
+    if whole {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
-    if dev.stream == StreamArg::Auto && fits(&lazy, bf16)? {
-        return Ok((backend, super::load_model(spec, quiet)?, None));
-    }
     if !quiet {
         eprintln!(
             "swk: streaming layers from {} ({:.2} GiB of f32 weights; one layer on the device at a time)",
@@ -150,14 +154,14 @@ pub fn load(
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn fits(lazy: &LazyModel, bf16: bool) -> Result<bool> {
+fn fits(config: &swk::model::ModelConfig, bf16: bool) -> Result<bool> {
     use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
     let dtype = if bf16 { WeightDtype::Bf16 } else { WeightDtype::F32 };
-    CudaModel::fits(&lazy.config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
+    CudaModel::fits(config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn fits(_: &LazyModel, _: bool) -> Result<bool> {
+fn fits(_: &swk::model::ModelConfig, _: bool) -> Result<bool> {
     Ok(true)
 }
 

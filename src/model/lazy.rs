@@ -167,28 +167,78 @@ impl LazyModel {
     /// Read one tensor now: converted to f32 (GGUF: dequantized, llama.cpp's layout undone),
     /// bit-identical to the same tensor of [`Model::load`](crate::Model::load).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let e =
-            self.entries.get(name).ok_or_else(|| Error::tensor(name, "not found in the model"))?;
+        let e = self.entry(name)?;
         match (&self.files, e.gguf) {
             (Files::Safetensors(ckpt), _) => ckpt.read(name),
             (Files::Memory(w), _) => w.get(name).cloned(),
-            (Files::Gguf(g), Some((i, expert))) => {
-                let t = &g.tensors[i];
-                let mut data = g.dequantize(t)?;
-                if let Some(x) = expert {
-                    let per: usize = e.shape.iter().product();
-                    data =
-                        data.get(x * per..(x + 1) * per).map(<[f32]>::to_vec).ok_or_else(|| {
-                            Error::format(g.path(), format!("`{}` has no expert {x}", t.name))
-                        })?;
-                }
-                let data = gguf_layout_to_hf(&self.config, name, &e.shape, data);
-                Tensor::new(name, e.shape.clone(), data, t.ty.name())
+            (Files::Gguf(g), Some((i, _))) => {
+                self.from_gguf(g, name, e, g.dequantize(&g.tensors[i])?)
             }
             (Files::Gguf(g), None) => {
                 Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")))
             }
         }
+    }
+
+    /// Read the tensors `names` (as [`Self::tensor`]), handing each to `f` with its index in
+    /// `names`, grouped by GGUF source: the experts of one stacked GGUF tensor (llama.cpp's
+    /// `ffn_*_exps`) come from one dequantization of it, not one each. Memory: one source
+    /// tensor and one output tensor at a time.
+    pub fn read_grouped(
+        &self,
+        names: &[String],
+        mut f: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let Files::Gguf(g) = &self.files else {
+            return names.iter().enumerate().try_for_each(|(k, n)| f(k, self.tensor(n)?));
+        };
+        let mut order: Vec<(usize, usize)> = Vec::with_capacity(names.len());
+        for (k, n) in names.iter().enumerate() {
+            let source = self.entry(n)?.gguf.map_or(usize::MAX, |(i, _)| i);
+            order.push((source, k));
+        }
+        order.sort_unstable();
+        let mut held: Option<(usize, Vec<f32>)> = None;
+        for (source, k) in order {
+            let (name, e) = (&names[k], self.entry(&names[k])?);
+            if source == usize::MAX {
+                f(k, self.tensor(name)?)?;
+                continue;
+            }
+            let t = match e.gguf {
+                // A stack's expert: dequantize the stack once for all its experts.
+                Some((_, Some(x))) => {
+                    if held.as_ref().is_none_or(|(i, _)| *i != source) {
+                        held = Some((source, g.dequantize(&g.tensors[source])?));
+                    }
+                    let full = held.as_ref().map_or(&[][..], |(_, d)| d.as_slice());
+                    let part = expert_part(g, source, x, &e.shape, full)?;
+                    let data = gguf_layout_to_hf(&self.config, name, &e.shape, part);
+                    Tensor::new(name, e.shape.clone(), data, g.tensors[source].ty.name())?
+                }
+                _ => self.tensor(name)?,
+            };
+            f(k, t)?;
+        }
+        Ok(())
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::tensor(name, "not found in the model"))
+    }
+
+    /// Tensor `name` (entry `e`) out of its dequantized GGUF source `full`: its expert's part
+    /// of a stack, in the HF layout.
+    fn from_gguf(&self, g: &GgufFile, name: &str, e: &Entry, full: Vec<f32>) -> Result<Tensor> {
+        let Some((i, expert)) = e.gguf else {
+            return Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")));
+        };
+        let data = match expert {
+            Some(x) => expert_part(g, i, x, &e.shape, &full)?,
+            None => full,
+        };
+        let data = gguf_layout_to_hf(&self.config, name, &e.shape, data);
+        Tensor::new(name, e.shape.clone(), data, g.tensors[i].ty.name())
     }
 
     /// Bytes the weights take as f32 (what [`Model::load`](crate::Model::load) holds in RAM).
@@ -221,4 +271,18 @@ impl LazyModel {
             source: self.source.clone(),
         })
     }
+}
+
+/// Expert `x`'s part (`shape`) of the dequantized GGUF stack `full` (tensor `i` of `g`).
+fn expert_part(
+    g: &GgufFile,
+    i: usize,
+    x: usize,
+    shape: &[usize],
+    full: &[f32],
+) -> Result<Vec<f32>> {
+    let per: usize = shape.iter().product();
+    full.get(x * per..(x + 1) * per).map(<[f32]>::to_vec).ok_or_else(|| {
+        Error::format(g.path(), format!("`{}` has no expert {x}", g.tensors[i].name))
+    })
 }
