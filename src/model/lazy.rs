@@ -172,7 +172,7 @@ impl LazyModel {
             (Files::Safetensors(ckpt), _) => ckpt.read(name),
             (Files::Memory(w), _) => w.get(name).cloned(),
             (Files::Gguf(g), Some((i, _))) => {
-                self.from_gguf(g, name, e, g.dequantize(&g.tensors[i])?)
+                self.gguf_tensor(g, name, e, g.dequantize(&g.tensors[i])?)
             }
             (Files::Gguf(g), None) => {
                 Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")))
@@ -229,7 +229,7 @@ impl LazyModel {
 
     /// Tensor `name` (entry `e`) out of its dequantized GGUF source `full`: its expert's part
     /// of a stack, in the HF layout.
-    fn from_gguf(&self, g: &GgufFile, name: &str, e: &Entry, full: Vec<f32>) -> Result<Tensor> {
+    fn gguf_tensor(&self, g: &GgufFile, name: &str, e: &Entry, full: Vec<f32>) -> Result<Tensor> {
         let Some((i, expert)) = e.gguf else {
             return Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")));
         };
