@@ -32,7 +32,9 @@ use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
 
-const FIXTURES: [&str; 21] = [
+const FIXTURES: [&str; 23] = [
+    "deepseek_v2",
+    "deepseek_v3",
     "gemma",
     "gemma2",
     "gemma3",
@@ -847,7 +849,11 @@ fn streamed_model_equals_resident_upload() {
     sources.push(("gpt2_gguf".into(), root.join("gpt2_gguf/model.gguf")));
     sources.push(("gpt_neox_gguf".into(), root.join("gpt_neox_gguf/model.gguf")));
     // Mixtures of experts stream from GGUF (their safetensors names are rewritten at load).
-    for moe in ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf"] {
+    // DeepSeek-V3's GGUF splits kv_b_proj (llama.cpp's attn_k_b/attn_v_b): it loads whole
+    // only; V2's streams.
+    for moe in
+        ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf", "deepseek_v2_gguf"]
+    {
         sources.push((moe.into(), root.join(moe).join("model.gguf")));
     }
     for (name, path) in sources {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::model::config::MoeParams;
+use crate::model::config::{DeepseekParams, MoeParams};
 use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
 
@@ -25,6 +25,9 @@ pub const SLOT_ALIGN: usize = 256;
 pub fn layer_plan(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    if let Some(d) = &c.family.deepseek {
+        return deepseek_plan(c, d, l);
+    }
     let mut v = match c.architecture {
         // OLMo's LayerNorms have no parameters.
         Architecture::Olmo => vec![],
@@ -98,7 +101,7 @@ pub fn layer_plan(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>, bool)> 
         v.push(("self_attn.o_proj.bias".to_string(), vec![h], false));
     }
     match c.family.moe.as_ref().filter(|m| m.is_sparse(l)) {
-        Some(moe) => v.extend(sparse_mlp_plan(moe, h)),
+        Some(moe) => v.extend(sparse_mlp_plan(moe, h, false)),
         None => {
             v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
             v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
@@ -109,8 +112,10 @@ pub fn layer_plan(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>, bool)> 
 }
 
 /// The MLP tensors of a sparse layer (names as `model::arch::moe` holds them): the router,
-/// every expert's gate/up/down, and Qwen2-MoE's shared expert and its gate.
-fn sparse_mlp_plan(moe: &MoeParams, h: usize) -> Vec<(String, Vec<usize>, bool)> {
+/// every expert's gate/up/down, and the shared expert: Qwen2-MoE's `shared_expert` and its
+/// gate, DeepSeek's `shared_experts` (`deepseek`). DeepSeek-V3's selection bias stays on the
+/// host, which routes.
+fn sparse_mlp_plan(moe: &MoeParams, h: usize, deepseek: bool) -> Vec<(String, Vec<usize>, bool)> {
     let ei = moe.expert_intermediate;
     let mut v = vec![("mlp.gate.weight".to_string(), vec![moe.num_experts, h], false)];
     for e in 0..moe.num_experts {
@@ -120,10 +125,48 @@ fn sparse_mlp_plan(moe: &MoeParams, h: usize) -> Vec<(String, Vec<usize>, bool)>
         v.push((format!("{p}.down_proj.weight"), vec![h, ei], true));
     }
     if let Some(si) = moe.shared_expert_intermediate {
-        v.push(("mlp.shared_expert.gate_proj.weight".to_string(), vec![si, h], true));
-        v.push(("mlp.shared_expert.up_proj.weight".to_string(), vec![si, h], true));
-        v.push(("mlp.shared_expert.down_proj.weight".to_string(), vec![h, si], true));
-        v.push(("mlp.shared_expert_gate.weight".to_string(), vec![1, h], false));
+        let p = if deepseek { "mlp.shared_experts" } else { "mlp.shared_expert" };
+        v.push((format!("{p}.gate_proj.weight"), vec![si, h], true));
+        v.push((format!("{p}.up_proj.weight"), vec![si, h], true));
+        v.push((format!("{p}.down_proj.weight"), vec![h, si], true));
+        if !deepseek {
+            v.push(("mlp.shared_expert_gate.weight".to_string(), vec![1, h], false));
+        }
+    }
+    v
+}
+
+/// Layer `l` of DeepSeek-V2/V3: latent attention (`q_a_proj`, `q_a_layernorm`, `q_b_proj`, or
+/// `q_proj`; `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`; `o_proj`) and a dense or
+/// sparse MLP.
+fn deepseek_plan(c: &ModelConfig, d: &DeepseekParams, l: usize) -> Vec<(String, Vec<usize>, bool)> {
+    let (h, i, nh) = (c.hidden_size, c.intermediate_size, c.num_heads);
+    let (nope, rd, vd, kvr) =
+        (d.qk_nope_head_dim, d.qk_rope_head_dim, d.v_head_dim, d.kv_lora_rank);
+    let a = |n: &str| format!("self_attn.{n}.weight");
+    let mut v = vec![
+        ("input_layernorm.weight".to_string(), vec![h], false),
+        ("post_attention_layernorm.weight".to_string(), vec![h], false),
+    ];
+    match d.q_lora_rank {
+        Some(r) => {
+            v.push((a("q_a_proj"), vec![r, h], true));
+            v.push((a("q_a_layernorm"), vec![r], false));
+            v.push((a("q_b_proj"), vec![nh * (nope + rd), r], true));
+        }
+        None => v.push((a("q_proj"), vec![nh * (nope + rd), h], true)),
+    }
+    v.push((a("kv_a_proj_with_mqa"), vec![kvr + rd, h], true));
+    v.push((a("kv_a_layernorm"), vec![kvr], false));
+    v.push((a("kv_b_proj"), vec![nh * (nope + vd), kvr], true));
+    v.push((a("o_proj"), vec![h, nh * vd], true));
+    match c.family.moe.as_ref().filter(|m| m.is_sparse(l)) {
+        Some(moe) => v.extend(sparse_mlp_plan(moe, h, true)),
+        None => {
+            v.push(("mlp.gate_proj.weight".to_string(), vec![i, h], true));
+            v.push(("mlp.up_proj.weight".to_string(), vec![i, h], true));
+            v.push(("mlp.down_proj.weight".to_string(), vec![h, i], true));
+        }
     }
     v
 }
@@ -371,8 +414,9 @@ mod tests {
     /// fixture (Qwen3-MoE's layer 0 is dense), with their shapes.
     #[test]
     fn layer_plan_matches_the_llama_family_fixtures() {
-        let moe = ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf"]
-            .map(|n| format!("{n}/model.gguf"));
+        let moe =
+            ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf", "deepseek_v2_gguf"]
+                .map(|n| format!("{n}/model.gguf"));
         let dense = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"].map(String::from);
         for name in dense.iter().chain(&moe) {
             let lazy = LazyModel::open(&fixture(name)).unwrap();
@@ -447,7 +491,14 @@ mod tests {
     #[test]
     fn staged_layer_holds_the_models_bits_and_the_edits() {
         // GGUF mixtures of experts: each expert comes out of its llama.cpp stack.
-        for path in ["llama", "mixtral_gguf/model.gguf", "qwen2_moe_gguf/model.gguf"].map(fixture) {
+        for path in [
+            "llama",
+            "mixtral_gguf/model.gguf",
+            "qwen2_moe_gguf/model.gguf",
+            "deepseek_v2_gguf/model.gguf",
+        ]
+        .map(fixture)
+        {
             let lazy = LazyModel::open(&path).unwrap();
             let eager = crate::Model::load(&path).unwrap();
             for bf16 in [false, true] {

@@ -280,6 +280,44 @@ impl CudaDevice {
         launch!(self, "swk_moe_combine", l, ys, slot, w, out, t, k_i, n_i)
     }
 
+    /// dst row r (stride `dst_stride`) = the first `cols` values of src row r / `repeat`
+    /// (stride `src_stride`), zero-padded to `width`, for `rows` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy_rows(
+        &self,
+        (src, src_stride, repeat): (u64, usize, usize),
+        (dst, dst_stride): (u64, usize),
+        rows: usize,
+        cols: usize,
+        width: usize,
+    ) -> Result<()> {
+        let (ss, rep) = (int(src_stride, "source stride")?, int(repeat, "repeat")?);
+        let (ds, r) = (int(dst_stride, "destination stride")?, int(rows, "rows")?);
+        let (c, w) = (int(cols, "columns")?, int(width, "width")?);
+        let l = kernels::elementwise((rows * width) as u64)?;
+        launch!(self, "swk_copy_rows", l, src, ss, rep, dst, ds, r, c, w)
+    }
+
+    /// RoPE of the `2 · half` dims at `at` of each `stride`-wide chunk of x (`heads` per row,
+    /// row t at position pos0 + t), interleaved pairs or halves, cos/sin times `factor`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_at(
+        &self,
+        x: u64,
+        inv_freq: u64,
+        (rows, heads, stride, at): (usize, usize, usize, usize),
+        half: usize,
+        pos0: usize,
+        interleave: bool,
+        factor: f32,
+    ) -> Result<()> {
+        let (r, hs) = (int(rows, "rows")?, int(heads, "heads")?);
+        let (st, a, hf) = (int(stride, "stride")?, int(at, "offset")?, int(half, "rope pairs")?);
+        let (p, il) = (int(pos0, "position")?, interleave as i32);
+        let l = kernels::elementwise((rows * heads * half) as u64)?;
+        launch!(self, "swk_rope_at", l, x, inv_freq, r, hs, st, a, hf, p, il, factor)
+    }
+
     /// out `[rows, n]` += sigmoid(z[row]) · y (Qwen2-MoE's gated shared expert).
     pub(crate) fn sigmoid_gate_add(
         &self,

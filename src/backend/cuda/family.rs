@@ -76,6 +76,8 @@ pub(crate) struct Block {
     pub(crate) positions: bool,
     /// Final logits soft-capped (Gemma 2).
     pub(crate) final_softcap: Option<f32>,
+    /// DeepSeek's multi-head latent attention (mla.rs) instead of q/k/v projections.
+    pub(crate) mla: bool,
 }
 
 impl Block {
@@ -125,6 +127,7 @@ impl Block {
             embed_scale: if gemma { (c.hidden_size as f32).sqrt() } else { 1.0 },
             positions: arch == A::Gpt2,
             final_softcap: c.family.final_logit_softcapping.map(|s| s as f32),
+            mla: arch.is_deepseek(),
         }
     }
 }
@@ -194,6 +197,7 @@ mod tests {
         assert_eq!(block("qwen3_moe").qk_norm, QkNorm::PerHead);
         let qwen2_moe = block("qwen2_moe");
         assert!(qwen2_moe.qkv_bias && !qwen2_moe.o_bias);
-        assert_eq!(block("mixtral"), Block { ..llama });
+        assert_eq!(block("mixtral"), Block { ..llama.clone() });
+        assert_eq!(block("deepseek_v3"), Block { mla: true, ..llama });
     }
 }

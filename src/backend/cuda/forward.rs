@@ -16,6 +16,7 @@
 //!   a = silu(xn·W_gateᵀ) ⊙ (xn·W_upᵀ)                    (+ per-column max |a|: spike input)
 //!   x += a·W_downᵀ (OLMo 2: rmsnorm of it)               (+ per-column max |y|: spike output)
 //!   (a sparse layer of a mixture of experts: x += Σ_e w_e · expert_e(xn), see moe.rs)
+//!   (DeepSeek: latent attention in place of q/k/v, see mla.rs)
 //! logits = rmsnorm(x[rows asked]) ⊙ w_norm · W_headᵀ
 //! ```
 
@@ -29,6 +30,7 @@ use super::driver::{CudaSlice, PinnedHostSlice};
 use super::driver::{cuda_available, CudaDevice};
 use super::family::{Block, Norm, QkNorm};
 use super::kernels;
+use super::mla::{MlaActs, MlaRope};
 use super::moe::{KeyLayout, MoeActs};
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};
@@ -170,7 +172,7 @@ impl WeightRef {
     }
 
     /// The address of an f32 tensor (norms and biases).
-    fn f32_ptr(&self) -> Result<u64> {
+    pub(crate) fn f32_ptr(&self) -> Result<u64> {
         if self.bf16 {
             return Err(Error::Backend(format!("{} is expected in f32 on the device", self.name)));
         }
@@ -183,8 +185,8 @@ type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A model's weights on a CUDA device, ready to run its family's forward pass (every family
-/// but DeepSeek; see [`crate::backend::cuda_runs`]).
+/// A model's weights on a CUDA device, ready to run its family's forward pass (see
+/// [`crate::backend::cuda_runs`]).
 pub struct CudaModel {
     pub(crate) dev: CudaDevice,
     pub(crate) config: ModelConfig,
@@ -198,6 +200,11 @@ pub struct CudaModel {
     block: Block,
     /// Where each layer's spike keys lie in a pass's key buffer.
     pub(crate) key_layout: KeyLayout,
+    /// DeepSeek's latent-attention rope.
+    pub(crate) mla_rope: Option<MlaRope>,
+    /// DeepSeek-V3's router selection biases per sparse layer, kept on the host, which
+    /// routes (not uploaded: an edit of one is an error, never silently ignored).
+    pub(crate) router_bias: BTreeMap<usize, Vec<f32>>,
     head: String,
     dtype: WeightDtype,
     gemm: GemmEngine,
@@ -295,6 +302,28 @@ fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
         .sum()
 }
 
+/// DeepSeek-V3's router selection biases by layer, read with `read(name)` (None: absent).
+fn router_biases(
+    c: &ModelConfig,
+    read: impl Fn(&str) -> Result<Option<Vec<f32>>>,
+) -> Result<BTreeMap<usize, Vec<f32>>> {
+    let mut out = BTreeMap::new();
+    let (Some(d), Some(m)) = (&c.family.deepseek, &c.family.moe) else { return Ok(out) };
+    for l in (0..c.num_layers).filter(|&l| d.sigmoid && m.is_sparse(l)) {
+        let name = arch::deepseek::bias_name(l);
+        if let Some(b) = read(&name)? {
+            if b.len() != m.num_experts {
+                return Err(Error::tensor(
+                    &name,
+                    format!("{} values for {} experts", b.len(), m.num_experts),
+                ));
+            }
+            out.insert(l, b);
+        }
+    }
+    Ok(out)
+}
+
 /// Error unless `need` bytes are free on the device.
 fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> Result<()> {
     let (free, total) = dev.memory()?;
@@ -329,8 +358,7 @@ fn upload_tensor(
     Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
-/// The device runs every family but DeepSeek (see [`crate::backend::cuda_runs`]), which
-/// runs on the CPU backend.
+/// Error for a family the device does not run (see [`crate::backend::cuda_runs`]).
 fn check_architecture(c: &ModelConfig) -> Result<()> {
     if !crate::backend::cuda_runs(c.architecture) {
         return Err(Error::Backend(format!(
@@ -403,7 +431,12 @@ impl CudaModel {
         } else {
             "model.embed_tokens.weight"
         };
-        Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)
+        let mut m = Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)?;
+        let w = &model.weights;
+        m.router_bias = router_biases(&model.config, |n| {
+            w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
+        })?;
+        Ok(m)
     }
 
     /// Keep `lazy`'s layers in its files and stream them through one device slot, layer by
@@ -459,6 +492,9 @@ impl CudaModel {
         };
         let slot = dev.alloc::<u8>(slot_bytes)?;
         let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
+        m.router_bias = router_biases(&m.config, |n| {
+            lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
+        })?;
         m.stream =
             Some(Streamed { lazy, layouts, overlay: Overlay::default(), slot: Mutex::new(slot) });
         Ok(m)
@@ -532,6 +568,7 @@ impl CudaModel {
         let rot_half = inv.len();
         let block = Block::of(&config);
         let key_layout = KeyLayout::of(&config);
+        let mla_rope = MlaRope::of(&dev, &config)?;
         let inv_local = match config.family.rope_local_theta {
             Some(theta) => {
                 let mut rc = config.clone();
@@ -552,6 +589,8 @@ impl CudaModel {
             inv_local,
             block,
             key_layout,
+            mla_rope,
+            router_bias: BTreeMap::new(),
             head: head.to_string(),
             dtype,
             gemm,
@@ -1168,86 +1207,105 @@ impl CudaModel {
                     // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
                     // the cache.
                     let a_in = pre_norm("input_layernorm")?;
-                    let qkv = [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-                    let outs = if b.fused_qkv {
-                        let f = w("self_attn.qkv_proj.weight")?;
-                        vec![
-                            (f.rows(0, qd)?, qp, qd),
-                            (f.rows(qd, kvd)?, k_new, kvd),
-                            (f.rows(qd + kvd, kvd)?, v_new, kvd),
-                        ]
+                    if let Some(ml) = acts.mla.as_ref() {
+                        // DeepSeek's latent attention (mla.rs), o_proj included, into proj.
+                        let cache = [kcp, vcp, k_new, v_new];
+                        self.mla_attention(
+                            l,
+                            &w,
+                            a_in,
+                            (t, pos0),
+                            cache,
+                            [qp, attp, projp],
+                            ml,
+                            sc,
+                        )?;
                     } else {
-                        qkv.iter()
-                            .map(|&(n, out, width)| {
-                                Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
-                            })
-                            .collect::<Result<Vec<_>>>()?
-                    };
-                    self.linears(a_in, &outs, t, h, sc)?;
-                    if b.qkv_bias {
-                        let fused_bias =
-                            if b.fused_qkv { Some(w("self_attn.qkv_proj.bias")?) } else { None };
-                        let mut start = 0;
-                        for (n, out, width) in qkv {
-                            let bias = match &fused_bias {
-                                Some(b) => b.rows(start, width)?,
-                                None => w(&format!("self_attn.{n}.bias"))?,
+                        let qkv =
+                            [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
+                        let outs = if b.fused_qkv {
+                            let f = w("self_attn.qkv_proj.weight")?;
+                            vec![
+                                (f.rows(0, qd)?, qp, qd),
+                                (f.rows(qd, kvd)?, k_new, kvd),
+                                (f.rows(qd + kvd, kvd)?, v_new, kvd),
+                            ]
+                        } else {
+                            qkv.iter()
+                                .map(|&(n, out, width)| {
+                                    Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
+                                })
+                                .collect::<Result<Vec<_>>>()?
+                        };
+                        self.linears(a_in, &outs, t, h, sc)?;
+                        if b.qkv_bias {
+                            let fused_bias = if b.fused_qkv {
+                                Some(w("self_attn.qkv_proj.bias")?)
+                            } else {
+                                None
                             };
-                            dev.add_bias(out, bias.f32_ptr()?, t, width)?;
-                            start += width;
-                        }
-                    }
-                    // OLMo's clip_qkv: q, k, v clamped to [-clip, clip] (OLMoE: after QK-norm).
-                    let clip = |after_norm: bool| -> Result<()> {
-                        match b.clip_qkv {
-                            Some(clip) if b.clip_after_qk_norm == after_norm => {
-                                dev.clamp(qp, t * qd, clip)?;
-                                dev.clamp(k_new, t * kvd, clip)?;
-                                dev.clamp(v_new, t * kvd, clip)
+                            let mut start = 0;
+                            for (n, out, width) in qkv {
+                                let bias = match &fused_bias {
+                                    Some(b) => b.rows(start, width)?,
+                                    None => w(&format!("self_attn.{n}.bias"))?,
+                                };
+                                dev.add_bias(out, bias.f32_ptr()?, t, width)?;
+                                start += width;
                             }
-                            _ => Ok(()),
                         }
-                    };
-                    clip(false)?;
-                    // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3,
-                    // Gemma 3).
-                    let qk_rows = match b.qk_norm {
-                        QkNorm::None => None,
-                        QkNorm::Whole => Some(((t, qd), (t, kvd))),
-                        QkNorm::PerHead => Some(((t * nh, hd), (t * nkv, hd))),
-                    };
-                    if let Some(((qr, qw), (kr, kw))) = qk_rows {
-                        let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(qp, qn, qp, qr, qw, c.rms_norm_eps, p1)?;
-                        let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
+                        // OLMo's clip_qkv: q, k, v clamped to [-clip, clip] (OLMoE: after QK-norm).
+                        let clip = |after_norm: bool| -> Result<()> {
+                            match b.clip_qkv {
+                                Some(clip) if b.clip_after_qk_norm == after_norm => {
+                                    dev.clamp(qp, t * qd, clip)?;
+                                    dev.clamp(k_new, t * kvd, clip)?;
+                                    dev.clamp(v_new, t * kvd, clip)
+                                }
+                                _ => Ok(()),
+                            }
+                        };
+                        clip(false)?;
+                        // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3,
+                        // Gemma 3).
+                        let qk_rows = match b.qk_norm {
+                            QkNorm::None => None,
+                            QkNorm::Whole => Some(((t, qd), (t, kvd))),
+                            QkNorm::PerHead => Some(((t * nh, hd), (t * nkv, hd))),
+                        };
+                        if let Some(((qr, qw), (kr, kw))) = qk_rows {
+                            let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
+                            dev.rmsnorm(qp, qn, qp, qr, qw, c.rms_norm_eps, p1)?;
+                            let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
+                            dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
+                        }
+                        clip(true)?;
+                        // Gemma 3's sliding layers rotate with the local base.
+                        let (window, scale) = (c.layer_window(l), c.attention_scale(l));
+                        let inv = match (inv_local, window) {
+                            (Some(local), Some(_)) => local,
+                            _ => inv_global,
+                        };
+                        if b.rope {
+                            dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
+                            dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
+                        }
+                        dev.attention(
+                            qp,
+                            kcp,
+                            vcp,
+                            attp,
+                            t,
+                            pos0,
+                            nh,
+                            nkv,
+                            hd,
+                            window,
+                            scale,
+                            b.attn_softcap,
+                        )?;
+                        self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
                     }
-                    clip(true)?;
-                    // Gemma 3's sliding layers rotate with the local base.
-                    let (window, scale) = (c.layer_window(l), c.attention_scale(l));
-                    let inv = match (inv_local, window) {
-                        (Some(local), Some(_)) => local,
-                        _ => inv_global,
-                    };
-                    if b.rope {
-                        dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
-                        dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
-                    }
-                    dev.attention(
-                        qp,
-                        kcp,
-                        vcp,
-                        attp,
-                        t,
-                        pos0,
-                        nh,
-                        nkv,
-                        hd,
-                        window,
-                        scale,
-                        b.attn_softcap,
-                    )?;
-                    self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
                     if b.o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
                     }
@@ -1366,6 +1424,8 @@ pub(crate) struct Acts {
     pub(crate) keys: Option<CudaSlice<u64>>,
     /// The sparse layers' buffers (mixtures of experts).
     pub(crate) moe: Option<MoeActs>,
+    /// Latent attention's buffers (DeepSeek).
+    pub(crate) mla: Option<MlaActs>,
 }
 
 impl Acts {
@@ -1383,6 +1443,10 @@ impl Acts {
             keys: if stats { Some(dev.zeros::<u64>(KeyLayout::of(c).total)?) } else { None },
             moe: match &c.family.moe {
                 Some(m) => Some(MoeActs::alloc(dev, c, m, t, stats)?),
+                None => None,
+            },
+            mla: match &c.family.deepseek {
+                Some(d) => Some(MlaActs::alloc(dev, c, d, t)?),
                 None => None,
             },
         })

@@ -1,5 +1,6 @@
-//! The CUDA backend (feature `cuda`): the forward pass of every family but DeepSeek (the
-//! mixtures of experts routed on the host, `moe.rs`), spike statistics,
+//! The CUDA backend (feature `cuda`): the forward pass of every family (the mixtures of
+//! experts routed on the host, `moe.rs`; DeepSeek's latent attention, `mla.rs`), spike
+//! statistics,
 //! perplexity scoring and in-place weight edits on an NVIDIA GPU, with swk's own kernels
 //! (`kernels/*.cu`, compiled by build.rs into a fatbin embedded in the binary) and cuBLAS for
 //! the matrix products when it is installed.
@@ -44,6 +45,7 @@ mod family;
 mod forward;
 mod graph;
 pub mod kernels;
+mod mla;
 mod moe;
 mod streamed;
 

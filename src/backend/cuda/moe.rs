@@ -1,15 +1,19 @@
 //! The sparse MLP of a mixture-of-experts layer on the device (Mixtral, OLMoE, Qwen2-MoE,
-//! Qwen3-MoE), mirroring `model::arch::moe::sparse_mlp`:
+//! Qwen3-MoE, DeepSeek-V2/V3), mirroring `model::arch::moe::sparse_mlp` and
+//! `model::arch::deepseek::sparse_mlp`:
 //!
 //! ```text
 //! z = m·W_routerᵀ                                   (device; downloaded, [t, experts])
-//! routes = moe::route(z) per token                  (host: softmax, top-k, renormalize)
+//! routes = moe::route(z) per token                  (host: softmax, top-k, renormalize;
+//!                                                    DeepSeek: deepseek::route, its groups,
+//!                                                    sigmoid scores and selection bias)
 //! rows = each expert's tokens, experts ascending    (host; uploaded as indices)
 //! xs = m[rows]                                      (gather)
 //! per expert e with tokens: a = silu(xs·W_gateᵀ) ⊙ (xs·W_upᵀ)   (+ its input keys)
 //!                           y_e = a·W_downᵀ                      (+ its output keys)
 //! out[tok] = Σ_e w_e · y_e[tok]                     (experts ascending, from 0)
 //! Qwen2-MoE: out += sigmoid(m·w_gateᵀ) · shared(m)  (+ the shared expert's keys)
+//! DeepSeek:  out += shared(m)
 //! ```
 //!
 //! Routing on the host costs one small download (and a synchronization) per sparse layer,
@@ -22,7 +26,7 @@ use super::driver::{CudaDevice, CudaSlice};
 use super::forward::{CudaModel, Scratch, WeightRef};
 use super::kernels::{self, Activation};
 use crate::hooks::{ChannelMax, ExpertSpikes, LayerSpikes};
-use crate::model::arch::moe;
+use crate::model::arch::{deepseek, moe};
 use crate::model::config::MoeParams;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -290,8 +294,13 @@ impl CudaModel {
         // Route on the host, as the CPU does, from the device's router logits.
         self.linear(m, &w("mlp.gate.weight")?, dev.ptr(&ma.router), t, h, ne, sc)?;
         let z = dev.download(&ma.router, 0, t * ne)?;
-        let routes: Vec<moe::Route> =
-            z.chunks(ne).map(|z| moe::route(z, k, p.norm_topk_prob)).collect();
+        let routes: Vec<moe::Route> = match &c.family.deepseek {
+            Some(ds) => {
+                let bias = self.router_bias.get(&l).map(Vec::as_slice);
+                z.chunks(ne).map(|z| deepseek::route(z, bias, ds, p)).collect()
+            }
+            None => z.chunks(ne).map(|z| moe::route(z, k, p.norm_topk_prob)).collect(),
+        };
         let d = Dispatch::new(&routes, ne, k, pos0)?;
         let (token, position) = (dev.upload(&d.token)?, dev.upload(&d.position)?);
         let (slot, weight) = (dev.upload(&d.slot)?, dev.upload(&d.weight)?);
@@ -314,9 +323,12 @@ impl CudaModel {
         let out = dev.ptr(&ma.out);
         dev.moe_combine(dev.ptr(&ma.ys), dev.ptr(&slot), dev.ptr(&weight), out, t, k, h)?;
 
-        // Qwen2-MoE's shared expert, on every token, gated by sigmoid(m·w_gateᵀ).
+        // The shared expert on every token: DeepSeek's added as it is, Qwen2-MoE's gated by
+        // sigmoid(m·w_gateᵀ).
         if let (Some(si), Some([g, u, a, y, z])) = (p.shared_expert_intermediate, &ma.shared) {
-            let wt = |what: &str| w(&format!("mlp.shared_expert.{what}.weight"));
+            let ds = c.architecture.is_deepseek();
+            let part = if ds { "shared_experts" } else { "shared_expert" };
+            let wt = |what: &str| w(&format!("mlp.{part}.{what}.weight"));
             let (g, u, a, y, z) = (dev.ptr(g), dev.ptr(u), dev.ptr(a), dev.ptr(y), dev.ptr(z));
             let (ki, ko) = self.key_layout.shared(l);
             self.linears(m, &[(wt("gate_proj")?, g, si), (wt("up_proj")?, u, si)], t, h, sc)?;
@@ -325,8 +337,12 @@ impl CudaModel {
             if keys != 0 {
                 dev.column_max(y, t, h, (pos0, 0), key(ko))?;
             }
-            self.linear(m, &w("mlp.shared_expert_gate.weight")?, z, t, h, 1, sc)?;
-            dev.sigmoid_gate_add(out, y, z, t, h)?;
+            if ds {
+                dev.add_residual(out, y, t, h, pos0, 0)?;
+            } else {
+                self.linear(m, &w("mlp.shared_expert_gate.weight")?, z, t, h, 1, sc)?;
+                dev.sigmoid_gate_add(out, y, z, t, h)?;
+            }
         }
 
         // The router counters, as moe::routed_experts keeps them.

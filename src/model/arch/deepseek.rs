@@ -61,7 +61,7 @@ use crate::{Error, Result};
 
 /// Epsilon of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with its
 /// default, not `rms_norm_eps`).
-const LATENT_NORM_EPS: f64 = 1e-6;
+pub(crate) const LATENT_NORM_EPS: f64 = 1e-6;
 
 /// The DeepSeek settings of a model, or an error for another family.
 pub fn params(c: &ModelConfig) -> Result<&DeepseekParams> {
@@ -264,13 +264,16 @@ pub fn route(z: &[f32], bias: Option<&[f32]>, d: &DeepseekParams, m: &MoeParams)
 
 /// RoPE of the rotated dims: inverse frequencies, and the factor on cos and sin (YaRN's
 /// attention factor, else 1).
-struct Rotary {
-    inv_freq: Vec<f32>,
-    factor: f32,
+pub(crate) struct Rotary {
+    /// Inverse frequencies over the `d_rope / 2` pairs.
+    pub(crate) inv_freq: Vec<f32>,
+    /// Factor on cos and sin.
+    pub(crate) factor: f32,
 }
 
 impl Rotary {
-    fn new(c: &ModelConfig, d: &DeepseekParams) -> Self {
+    /// The rope of `c` (YaRN-blended when configured).
+    pub(crate) fn new(c: &ModelConfig, d: &DeepseekParams) -> Self {
         let rd = d.qk_rope_head_dim;
         match &d.yarn {
             Some(y) => Rotary {
