@@ -187,7 +187,14 @@ pub struct LayerMaxima {
     pub input_col: usize,
     /// Its token position.
     pub input_position: usize,
-    /// Signed largest-|y| down_proj output.
+    /// In a sparse layer of a mixture of experts: the routed expert whose down_proj input it
+    /// is (the largest over the experts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_expert: Option<usize>,
+    /// In a sparse layer: whether it is the shared experts' down_proj input.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub input_shared: bool,
+    /// Signed largest-|y| down_proj output (a sparse layer: of what the block writes).
     pub output: f32,
     /// Its row.
     pub output_row: usize,
@@ -440,12 +447,20 @@ fn layer_maxima(stats: &SpikeStats) -> Vec<LayerMaxima> {
         .iter()
         .enumerate()
         .filter_map(|(layer, s)| {
-            let (i, o) = (s.input_peak()?, s.output_peak()?);
+            // A sparse layer's down_proj inputs are its experts'.
+            let (i, part) = match s.moe_input_peak() {
+                Some((p, Some(e))) => (p, Part::Expert(e)),
+                Some((p, None)) => (p, Part::Shared),
+                None => (s.input_peak()?, Part::Dense),
+            };
+            let o = s.output_peak()?;
             Some(LayerMaxima {
                 layer,
                 input: i.max.value,
                 input_col: i.channel,
                 input_position: i.max.position,
+                input_expert: part.expert(),
+                input_shared: part == Part::Shared,
                 output: o.max.value,
                 output_row: o.channel,
                 output_position: o.max.position,
@@ -557,4 +572,47 @@ pub fn detect_with<B: DetectBackend>(
         weights_checksum: format!("{checksum:016x}"),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::{ChannelMax, ExpertSpikes};
+
+    fn at(value: f32, position: usize) -> ChannelMax {
+        ChannelMax { value, abs: value.abs(), position }
+    }
+
+    /// A sparse layer's input maximum is the largest over its experts' down_proj inputs, with
+    /// the expert named; a dense layer's is its own.
+    #[test]
+    fn layer_maxima_of_a_sparse_layer_name_the_expert() {
+        let mut stats = SpikeStats::new(3, 4, 2);
+        stats.layers[0].input[1] = at(-7.0, 3);
+        let expert = |inputs: &[ChannelMax]| ExpertSpikes {
+            input: inputs.to_vec(),
+            output: vec![at(1.0, 0); 2],
+            ..Default::default()
+        };
+        for l in &mut stats.layers {
+            l.output[0] = at(2.0, 1);
+        }
+        stats.layers[1].experts =
+            vec![expert(&[at(3.0, 0), at(0.5, 1)]), expert(&[at(0.1, 0), at(-9.0, 2)])];
+        stats.layers[2].experts = vec![expert(&[at(3.0, 0), at(0.0, 0)])];
+        stats.layers[2].shared = Some(expert(&[at(0.0, 0), at(0.0, 0), at(-4.0, 5)]));
+        let m = layer_maxima(&stats);
+        let got: Vec<_> = m
+            .iter()
+            .map(|l| (l.input, l.input_col, l.input_position, l.input_expert, l.input_shared))
+            .collect();
+        assert_eq!(
+            got,
+            [(-7.0, 1, 3, None, false), (-9.0, 1, 2, Some(1), false), (-4.0, 2, 5, None, true)]
+        );
+        let json = serde_json::to_value(&m).unwrap();
+        assert!(json[0].get("input_expert").is_none() && json[0].get("input_shared").is_none());
+        assert_eq!(json[1]["input_expert"], 1);
+        assert_eq!(json[2]["input_shared"], true);
+    }
 }

@@ -214,7 +214,8 @@ pub struct Peak {
 }
 
 impl LayerSpikes {
-    fn peak(v: &[ChannelMax]) -> Option<Peak> {
+    /// The channel of `v` with the largest |value| (the first of equals), if any.
+    pub fn peak(v: &[ChannelMax]) -> Option<Peak> {
         let mut best: Option<Peak> = None;
         for (channel, m) in v.iter().enumerate() {
             if best.is_none_or(|b| m.abs > b.max.abs) {
@@ -223,9 +224,24 @@ impl LayerSpikes {
         }
         best
     }
-    /// The input channel with the largest |x|.
+    /// The input channel with the largest |x| of the layer's down_proj (empty-valued in a
+    /// sparse layer of a mixture of experts; see [`Self::moe_input_peak`]).
     pub fn input_peak(&self) -> Option<Peak> {
         Self::peak(&self.input)
+    }
+    /// The largest |x| over the down_proj inputs of every routed expert and the shared
+    /// experts of a sparse layer: (peak, its expert or None for the shared experts). None in
+    /// a dense layer.
+    pub fn moe_input_peak(&self) -> Option<(Peak, Option<usize>)> {
+        let routed = self.experts.iter().enumerate().map(|(e, es)| (Some(e), es));
+        routed
+            .chain(self.shared.iter().map(|es| (None, es)))
+            .filter_map(|(e, es)| Some((Self::peak(&es.input)?, e)))
+            .filter(|(p, _)| p.max.abs > 0.0)
+            .fold(None, |best: Option<(Peak, Option<usize>)>, c| match best {
+                Some(b) if b.0.max.abs >= c.0.max.abs => Some(b),
+                _ => Some(c),
+            })
     }
     /// The output row with the largest |y|.
     pub fn output_peak(&self) -> Option<Peak> {

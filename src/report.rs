@@ -140,10 +140,17 @@ fn detect_section(s: &Value) -> String {
     let layers: Vec<Vec<String>> = arr(&d["layers"])
         .iter()
         .map(|l| {
-            ["layer", "input", "input_col", "output", "output_row"]
+            let mut row: Vec<String> = ["layer", "input", "input_col", "output", "output_row"]
                 .iter()
                 .map(|k| get(l, k))
-                .collect()
+                .collect();
+            // A sparse layer's input maximum is an expert's (or the shared experts').
+            if l.get("input_shared").and_then(Value::as_bool) == Some(true) {
+                row[2] = format!("{} (shared experts)", row[2]);
+            } else if let Some(e) = l.get("input_expert").and_then(Value::as_u64) {
+                row[2] = format!("{} (expert {e})", row[2]);
+            }
+            row
         })
         .collect();
     let studied: Vec<String> = arr(&s["studied_edits"])
