@@ -200,7 +200,9 @@ impl CudaDevice {
     }
 
     /// out = act(gate) ⊙ up, or act(up) when `gate` is 0 (un-gated MLPs); with `keys != 0`,
-    /// per-column spike keys of out.
+    /// per-column spike keys of out, the rows' positions `at`: (pos0, 0) for rows pos0,
+    /// pos0 + 1, …; (_, pos) for the positions in the device array `pos` (`u32` per row: an
+    /// expert's gathered tokens).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_mul(
         &self,
@@ -209,41 +211,17 @@ impl CudaDevice {
         out: u64,
         rows: usize,
         n: usize,
-        pos0: usize,
-        keys: u64,
-        act: kernels::Activation,
-    ) -> Result<()> {
-        self.act_mul_at(gate, up, out, rows, n, (pos0, 0), keys, act)
-    }
-
-    /// [`Self::act_mul`] with the rows' positions `at`: (pos0, 0) for rows pos0, pos0 + 1, …;
-    /// (_, pos) for the positions in the device array `pos` (`u32` per row: an expert's
-    /// gathered tokens).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn act_mul_at(
-        &self,
-        gate: u64,
-        up: u64,
-        out: u64,
-        rows: usize,
-        n: usize,
         at: (usize, u64),
         keys: u64,
         act: kernels::Activation,
     ) -> Result<()> {
-        let (l, per) = kernels::column_stats(rows, n)?;
-        let (r, n_i, per_i, p) = (
-            int(rows, "rows")?,
-            int(n, "width")?,
-            int(per, "rows per block")?,
-            int(at.0, "position")?,
-        );
+        let (l, r, n_i, per_i, p) = column_launch(rows, n, at.0)?;
         let (pos, act) = (at.1, act as i32);
         launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, pos, keys, act)
     }
 
     /// Per-column spike keys of y `[rows, n]` into `keys`, the rows' positions `at` as in
-    /// [`Self::act_mul_at`] (an expert's down_proj output).
+    /// [`Self::act_mul`] (an expert's down_proj output).
     pub(crate) fn column_max(
         &self,
         y: u64,
@@ -252,13 +230,7 @@ impl CudaDevice {
         at: (usize, u64),
         keys: u64,
     ) -> Result<()> {
-        let (l, per) = kernels::column_stats(rows, n)?;
-        let (r, n_i, per_i, p) = (
-            int(rows, "rows")?,
-            int(n, "width")?,
-            int(per, "rows per block")?,
-            int(at.0, "position")?,
-        );
+        let (l, r, n_i, per_i, p) = column_launch(rows, n, at.0)?;
         launch!(self, "swk_column_max", l, y, r, n_i, per_i, p, at.1, keys)
     }
 
@@ -342,13 +314,7 @@ impl CudaDevice {
         pos0: usize,
         keys: u64,
     ) -> Result<()> {
-        let (l, per) = kernels::column_stats(rows, n)?;
-        let (r, n_i, per_i, p) = (
-            int(rows, "rows")?,
-            int(n, "width")?,
-            int(per, "rows per block")?,
-            int(pos0, "position")?,
-        );
+        let (l, r, n_i, per_i, p) = column_launch(rows, n, pos0)?;
         launch!(self, "swk_add_residual", l, x, y, r, n_i, per_i, p, keys)
     }
 
@@ -518,4 +484,17 @@ impl CudaDevice {
             bf16_inputs: true,
         })
     }
+}
+
+/// The launch of a fused statistics kernel over `rows` × `n` (see
+/// [`kernels::column_stats`]) and its int parameters: rows, width, rows per block, pos0.
+fn column_launch(rows: usize, n: usize, pos0: usize) -> Result<(Launch, i32, i32, i32, i32)> {
+    let (l, per) = kernels::column_stats(rows, n)?;
+    Ok((
+        l,
+        int(rows, "rows")?,
+        int(n, "width")?,
+        int(per, "rows per block")?,
+        int(pos0, "position")?,
+    ))
 }

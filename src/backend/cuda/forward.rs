@@ -1334,7 +1334,7 @@ impl CudaModel {
                         // GPT-2, GPT-NeoX: a = act(m·W_upᵀ + b); x += a·W_downᵀ + b.
                         self.linear(m_in, &w("mlp.up_proj.weight")?, upp, t, h, i, sc)?;
                         dev.add_bias(upp, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
-                        dev.act_mul(0, upp, actp, t, i, pos0, keys_at(l, false), b.act)?;
+                        dev.act_mul(0, upp, actp, t, i, (pos0, 0), keys_at(l, false), b.act)?;
                         self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
                         dev.add_bias(projp, w("mlp.down_proj.bias")?.f32_ptr()?, t, h)?;
                         dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
@@ -1347,7 +1347,7 @@ impl CudaModel {
                         [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
                     };
                     self.linears(m_in, &outs, t, h, sc)?;
-                    dev.act_mul(gatep, upp, actp, t, i, pos0, keys_at(l, false), b.act)?;
+                    dev.act_mul(gatep, upp, actp, t, i, (pos0, 0), keys_at(l, false), b.act)?;
                     self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
                     if b.post_norms {
                         // The output statistic is what the MLP writes: after this norm.

@@ -314,7 +314,7 @@ impl CudaModel {
             let at = (0, dev.ptr(&position) + (r0 * 4) as u64);
             let (ki, ko) = self.key_layout.expert(l, e);
             self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
-            dev.act_mul_at(g, u, a, n, ei, at, key(ki), Activation::Silu)?;
+            dev.act_mul(g, u, a, n, ei, at, key(ki), Activation::Silu)?;
             self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
             if keys != 0 {
                 dev.column_max(ys, n, h, at, key(ko))?;
@@ -332,7 +332,7 @@ impl CudaModel {
             let (g, u, a, y, z) = (dev.ptr(g), dev.ptr(u), dev.ptr(a), dev.ptr(y), dev.ptr(z));
             let (ki, ko) = self.key_layout.shared(l);
             self.linears(m, &[(wt("gate_proj")?, g, si), (wt("up_proj")?, u, si)], t, h, sc)?;
-            dev.act_mul(g, u, a, t, si, pos0, key(ki), Activation::Silu)?;
+            dev.act_mul(g, u, a, t, si, (pos0, 0), key(ki), Activation::Silu)?;
             self.linear(a, &wt("down_proj")?, y, t, si, h, sc)?;
             if keys != 0 {
                 dev.column_max(y, t, h, (pos0, 0), key(ko))?;
