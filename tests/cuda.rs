@@ -1255,7 +1255,10 @@ fn timing_7b_streamed() -> Result<()> {
             layer_bytes as f64 / 1e6
         ));
     }
-    let text = lines.join("\n") + "\n";
+    append_timing(&(lines.join("\n") + "\n"))
+}
+/// Append `text` to `$SWK_TIMING_OUT` when set (and print it).
+fn append_timing(text: &str) -> Result<()> {
     eprint!("{text}");
     if let Some(p) = std::env::var_os("SWK_TIMING_OUT").map(PathBuf::from) {
         use std::io::Write;
@@ -1267,4 +1270,81 @@ fn timing_7b_streamed() -> Result<()> {
         f.write_all(text.as_bytes()).map_err(|e| swk::Error::io(p.clone(), e))?;
     }
     Ok(())
+}
+
+/// Timing of a mixture of experts at OLMoE-1B-7B shapes (16 layers, hidden 2048, 64 experts
+/// of width 1024, top-8 routing, bf16 random weights made on the device): the detection
+/// forward (9 tokens, spike statistics; routed on the host, one download per layer) against
+/// the floor of the bytes it must read (every weight but the experts no token chose, over the
+/// measured copy rate), and one 512-token perplexity window. Appends to `$SWK_TIMING_OUT`.
+/// Measures only.
+#[test]
+#[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
+fn timing_7b_moe() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("swk-olmoe-shapes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| swk::Error::io(dir.clone(), e))?;
+    let config = serde_json::json!({
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": false, "vocab_size": 50304, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
+    });
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).map_err(|e| swk::Error::io(path.clone(), e))?;
+    let c = swk::model::ModelConfig::from_hf_json(&path)?;
+    let dev = swk::backend::cuda::CudaDevice::new(0)?;
+    let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
+    drop(dev);
+    let g =
+        CudaModel::random(&c, 1, &CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() })?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 50304).collect();
+    let new_stats = || SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    let detect = |stats: &mut SpikeStats| -> Result<f64> {
+        let t = Instant::now();
+        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(stats), Logits::None)?;
+        g.synchronize()?;
+        Ok(ms(t))
+    };
+    let mut first = new_stats();
+    detect(&mut first)?; // warm-up, and the experts the prompt reaches
+    let det = (0..5).map(|_| detect(&mut new_stats())).collect::<Result<Vec<f64>>>()?;
+    let det = det.into_iter().fold(f64::INFINITY, f64::min);
+    let moe = c.family.moe.clone().ok_or_else(|| swk::Error::Invalid("not a MoE".into()))?;
+    let expert_bytes = 3 * moe.expert_intermediate * c.hidden_size * 2;
+    let chosen: usize =
+        first.layers.iter().map(|l| l.experts.iter().filter(|e| e.selected > 0).count()).sum();
+    let all = c.num_layers * moe.num_experts;
+    let needed = g.weight_bytes() - (all - chosen) * expert_bytes;
+    let floor = needed as f64 / copy_rate * 1e3;
+    let mut ppl = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        g.score(&prompt, &mut CudaKvCache::new(&g))?;
+        ppl = ppl.min(ms(t));
+    }
+    let text = [
+        String::new(),
+        format!(
+            "Mixture of experts, OLMoE-1B-7B shapes (64 experts, top-8), bf16 random weights, {} GB; copy rate {:.0} GB/s; gemm {}:",
+            g.weight_bytes() as f64 / 1e9,
+            copy_rate / 1e9,
+            g.gemm().name()
+        ),
+        String::new(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms | floor ms | × floor | ppl 512 ms | ppl tok/s |".into(),
+        "|---|---|---|---|---|---|---|".into(),
+        format!(
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {ppl:.1} | {:.0} |",
+            needed as f64 / 1e9,
+            det / floor,
+            512.0 / (ppl / 1e3)
+        ),
+    ]
+    .join("\n")
+        + "\n";
+    append_timing(&text)
 }
