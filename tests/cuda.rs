@@ -1329,7 +1329,7 @@ fn timing_7b_moe() -> Result<()> {
     let text = [
         String::new(),
         format!(
-            "Mixture of experts, OLMoE-1B-7B shapes (64 experts, top-8), bf16 random weights, {} GB; copy rate {:.0} GB/s; gemm {}:",
+            "Mixture of experts, OLMoE-1B-7B shapes (64 experts, top-8), bf16 random weights, {:.2} GB; copy rate {:.0} GB/s; gemm {}:",
             g.weight_bytes() as f64 / 1e9,
             copy_rate / 1e9,
             g.gemm().name()
