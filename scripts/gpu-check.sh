@@ -25,8 +25,10 @@
 #          against the measured bf16 GEMM rate,
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
+#        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
+#          bytes its routed experts need, one 512-token perplexity window),
 #        - a smoke run of the swk binary (info; detect on cuda bf16/f32 and on cpu; detect
-#          and ppl with `--stream always`).
+#          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
 #      only when every step passed.
 #
