@@ -1019,6 +1019,55 @@ fn cli_detects_on_the_device() {
     }
 }
 
+/// Under the emulator, every kernel gives bit-identical logits (prefill and a decode step) and
+/// spike statistics when the threads of each block and the blocks of each grid run in reverse
+/// order ([`swk::backend::cuda::emulate_in_reverse`]): a difference would be a race on a GPU
+/// (threads exchanging data without a barrier, or blocks through memory). Skipped on a GPU.
+#[test]
+fn kernels_do_not_depend_on_thread_order() {
+    if !gpu() {
+        return;
+    }
+    if !swk::backend::cuda::EMULATED {
+        eprintln!("SKIPPED: thread order is fixed only on the emulator");
+        return;
+    }
+    struct Reverse;
+    impl Drop for Reverse {
+        fn drop(&mut self) {
+            swk::backend::cuda::emulate_in_reverse(false);
+        }
+    }
+    // Tile GEMMs and GEMVs (own kernels), block reductions (norms, attention), warp
+    // shuffles, the MoE and MLA kernels.
+    for name in ["llama", "gemma2", "gpt2", "olmo2", "phi3", "qwen2_moe", "deepseek_v2"] {
+        let (m, tokens) = load(name);
+        for gemm in [GemmEngine::Kernels, GemmEngine::Cublas] {
+            let opts = CudaOptions { dtype: WeightDtype::Bf16, gemm, ..Default::default() };
+            let g = CudaModel::new(&m, &opts).unwrap();
+            let run = || {
+                let c = &m.config;
+                let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+                let mut cache = CudaKvCache::new(&g);
+                let mut out =
+                    g.forward(&tokens, &mut cache, Some(&mut stats), Logits::All).unwrap();
+                out.extend(g.forward(&tokens[..1], &mut cache, None, Logits::Last).unwrap());
+                let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                (bits, serde_json::to_string(&stats).unwrap())
+            };
+            let forward = run();
+            let reverse = {
+                let _undo = Reverse;
+                assert!(swk::backend::cuda::emulate_in_reverse(true));
+                run()
+            };
+            let ctx = format!("{name} {}", gemm.name());
+            assert!(forward.0 == reverse.0, "{ctx}: logits depend on the thread order");
+            assert!(forward.1 == reverse.1, "{ctx}: statistics depend on the thread order");
+        }
+    }
+}
+
 /// Errors, not panics, for bad input.
 #[test]
 fn bad_input_is_an_error() {

@@ -16,12 +16,18 @@
 //
 // What is checked beyond the kernel's arithmetic: the parameter count and each parameter's
 // size against the kernel's C++ signature, block shape and dynamic shared memory limits.
+//
+// Order: threads run in index order between barriers, and blocks in grid order, unless
+// swk_emu_set_reverse(1) reverses both. A kernel whose result depends on that order has a
+// race on a GPU (threads communicating without a barrier, or blocks through memory): tests
+// compare the two orders bit for bit.
 #include "cuda_emu.h"
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -127,6 +133,7 @@ Context g_sched;
 std::vector<Fiber> g_fibers;
 unsigned g_threads = 0;  // threads of the current block
 unsigned g_cur = 0;      // the fiber running now
+std::atomic<bool> g_reverse{false};  // run threads and blocks in reverse order
 const std::function<void()>* g_body = nullptr;
 unsigned long long g_slots[2][kMaxThreads];  // two banks, alternating per shuffle
 std::vector<unsigned char> g_dynamic;
@@ -178,8 +185,10 @@ bool run_block() {
         f.state = State::Runnable;
         f.shuffles = 0;
     }
+    const bool reverse = g_reverse.load();
     for (;;) {
-        for (unsigned i = 0; i < n; ++i) {
+        for (unsigned k = 0; k < n; ++k) {
+            const unsigned i = reverse ? n - 1 - k : k;
             if (g_fibers[i].state == State::Runnable) {
                 set_thread(i);
                 switch_context(g_sched, g_fibers[i].ctx);
@@ -343,10 +352,12 @@ extern "C" int swk_emu_launch(const char* name, const unsigned* grid, const unsi
     g_error.clear();
     const std::function<void()> body = [e, params] { e->call(params); };
     g_body = &body;
+    const bool reverse = g_reverse.load();
+    const auto at = [reverse](unsigned k, unsigned n) { return reverse ? n - 1 - k : k; };
     for (unsigned z = 0; z < grid[2]; ++z) {
         for (unsigned y = 0; y < grid[1]; ++y) {
             for (unsigned x = 0; x < grid[0]; ++x) {
-                blockIdx = uint3{x, y, z};
+                blockIdx = uint3{at(x, grid[0]), at(y, grid[1]), at(z, grid[2])};
                 if (!run_block() || !g_error.empty()) {
                     g_body = nullptr;
                     copy_error(std::string(name) + ": " + g_error, err, err_len);
@@ -357,4 +368,10 @@ extern "C" int swk_emu_launch(const char* name, const unsigned* grid, const unsi
     }
     g_body = nullptr;
     return 0;
+}
+
+// Run the threads of every block, and the blocks of every grid, in reverse order (on != 0)
+// or in index order (see the header).
+extern "C" void swk_emu_set_reverse(int on) {
+    swk_emu::g_reverse.store(on != 0);
 }

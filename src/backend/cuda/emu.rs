@@ -33,6 +33,7 @@ use super::BlasGemm;
 use crate::{Error, Result};
 
 extern "C" {
+    fn swk_emu_set_reverse(on: i32);
     fn swk_emu_launch(
         name: *const c_char,
         grid: *const u32,
@@ -44,6 +45,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+}
+
+/// Run the threads of every emulated block, and the blocks of every grid, in reverse order
+/// (`true`) or in index order (`false`, the default). Kernels free of races give bit-identical
+/// results either way.
+pub fn set_reverse_order(on: bool) {
+    // SAFETY: sets an atomic flag the emulator reads at each launch.
+    unsafe { swk_emu_set_reverse(on as i32) }
 }
 
 /// Memory the emulated device reports.

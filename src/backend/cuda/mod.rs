@@ -58,6 +58,17 @@ pub use forward::{CudaKvCache, CudaModel, CudaOptions, GemmEngine, WeightDtype};
 /// without `cuda`) instead of a GPU: for testing the backend's code without a device.
 pub const EMULATED: bool = cfg!(not(feature = "cuda"));
 
+/// Under the CPU emulator, run the threads of each block and the blocks of each grid in
+/// reverse order (`true`) or in index order (`false`, the default): a kernel whose results
+/// differ between the two has a race on a GPU. Returns whether it applied (false, doing
+/// nothing, on a GPU build).
+pub fn emulate_in_reverse(on: bool) -> bool {
+    #[cfg(not(feature = "cuda"))]
+    emu::set_reverse_order(on);
+    let _ = on;
+    EMULATED
+}
+
 #[cfg(feature = "cuda")]
 /// The compiled kernels: one fatbin with cubins for [`CUBIN_ARCHS`] and compute_80 PTX.
 pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/swk_kernels.fatbin"));
