@@ -6,8 +6,10 @@
 #          scripts/gpu-check.sh build
 #      installs the pinned nvcc (scripts/install-cuda.sh), builds with
 #      `--features cuda --release` the `swk` binary, the library's unit tests and the GPU
-#      parity tests (tests/cuda.rs), and copies them, stripped, with the tiny fixtures
-#      into .gpu/ (gitignored; ~30-60 MB). It prints the command for step 2.
+#      parity tests (tests/cuda.rs), and copies them, stripped, into .gpu/ (gitignored;
+#      about 46 MB; the device tool carries at most 64 MiB, so a larger .gpu/ is an error).
+#      The tiny fixtures are tracked files: they travel with the working tree, and the run
+#      reads them from tests/fixtures. It prints the command for step 2.
 #
 #   2. There (the GPU machine, in a copy of this repository with .gpu/ carried along):
 #          scripts/gpu-check.sh run
@@ -94,7 +96,7 @@ build() {
         exit 1
     fi
     rm -rf "$GPU_DIR"
-    mkdir -p "$GPU_DIR/bin" "$GPU_DIR/fixtures"
+    mkdir -p "$GPU_DIR/bin"
     cp "$CARGO_TARGET_DIR/release/swk" "$GPU_DIR/bin/swk"
     cp "$unit" "$GPU_DIR/bin/swk-unit-tests"
     cp "$cuda" "$GPU_DIR/bin/swk-cuda-tests"
@@ -103,7 +105,6 @@ build() {
     for b in "$GPU_DIR"/bin/*; do
         strip --strip-debug "$b" 2>/dev/null || objcopy --strip-debug "$b" 2>/dev/null || true
     done
-    cp -r tests/fixtures/tiny "$GPU_DIR/fixtures/tiny"
     {
         echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git diff --quiet 2>/dev/null || echo '(with uncommitted changes)')"
@@ -114,8 +115,9 @@ build() {
     size=$(du -sm "$GPU_DIR" | cut -f1)
     cat "$GPU_DIR/MANIFEST" >&2
     echo "== .gpu/ is ${size} MB" >&2
-    if [ "$size" -gt 60 ]; then
-        echo "warning: .gpu/ is over 60 MB" >&2
+    if [ "$(du -sk "$GPU_DIR" | cut -f1)" -gt $((64 * 1024)) ]; then
+        echo "error: .gpu/ is over the 64 MiB the device tool carries" >&2
+        exit 1
     fi
     cat <<EOF
 
@@ -167,7 +169,13 @@ run() {
     fi
     local out=${OUT:-$GPU_DIR/results}
     mkdir -p "$out"
-    export SWK_FIXTURES=$GPU_DIR/fixtures
+    if [ ! -d "$ROOT/tests/fixtures/tiny" ]; then
+        echo "error: $ROOT/tests/fixtures/tiny is missing (the tracked fixtures travel with the working tree)" >&2
+        exit 2
+    fi
+    # The test binaries were built elsewhere: fixtures and the swk binary by these paths.
+    export SWK_FIXTURES=$ROOT/tests/fixtures
+    export SWK_BIN=$GPU_DIR/bin/swk
     export SWK_TIMING_OUT=$out/timing.md
     # On the GPU machine a missing device is a failure, not a skip.
     export SWK_REQUIRE_GPU=${SWK_REQUIRE_GPU:-1}
@@ -196,15 +204,15 @@ run() {
     step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
     step timing "${TIMING_S:-240}" "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture --test-threads=1
     step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
-    step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$GPU_DIR/fixtures/tiny/llama' &&
-        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
-        '$GPU_DIR/bin/swk' --device cpu detect '$GPU_DIR/fixtures/tiny/llama' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/phi3' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda detect '$GPU_DIR/fixtures/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$GPU_DIR/fixtures/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$GPU_DIR/fixtures/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
-        '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$GPU_DIR/fixtures/tiny/llama' --text '$GPU_DIR/fixtures/tiny/llama/config.json' --context 16"
+    step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$SWK_FIXTURES/tiny/llama' &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
+        '$GPU_DIR/bin/swk' --device cpu detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/phi3' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$SWK_FIXTURES/tiny/llama' --text '$SWK_FIXTURES/tiny/llama/config.json' --context 16"
     if [ -f "$out/timing.md" ]; then
         echo "== timing.md"
         cat "$out/timing.md"

@@ -1004,7 +1004,11 @@ fn cli_detects_on_the_device() {
         ("always", root.join("mixtral_gguf").join("model.gguf")),
     ];
     for (stream, model) in runs {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_swk"))
+        // $SWK_BIN on the GPU machine (scripts/gpu-check.sh carries the binary built here).
+        let bin = std::env::var_os("SWK_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_swk")));
+        let out = std::process::Command::new(&bin)
             .args(["--device", "cuda", "--stream", stream, "detect"])
             .arg(&model)
             .args(["--threshold", "1", "--max-iterations", "1", "--json"])

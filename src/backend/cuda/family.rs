@@ -137,8 +137,7 @@ mod tests {
     use super::*;
 
     fn config(fixture: &str) -> ModelConfig {
-        let dir = format!("{}/tests/fixtures/tiny/{fixture}", env!("CARGO_MANIFEST_DIR"));
-        crate::Model::load(&dir).expect("fixture").config
+        crate::Model::load(&super::super::tiny_fixture(fixture)).expect("fixture").config
     }
 
     fn block(fixture: &str) -> Block {

@@ -1511,12 +1511,9 @@ impl Scratch {
 mod tests {
     use super::*;
 
-    /// The tiny Llama fixture (`$SWK_FIXTURES/tiny/llama` when set: the GPU machine runs
-    /// copied test binaries away from the source tree).
+    /// The tiny Llama fixture (see [`super::super::tiny_fixture`]).
     fn tiny() -> Model {
-        let root = std::env::var("SWK_FIXTURES")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string());
-        Model::load(&format!("{root}/tiny/llama")).expect("tiny fixture")
+        Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture")
     }
 
     #[test]

@@ -58,6 +58,15 @@ pub use forward::{CudaKvCache, CudaModel, CudaOptions, GemmEngine, WeightDtype};
 /// without `cuda`) instead of a GPU: for testing the backend's code without a device.
 pub const EMULATED: bool = cfg!(not(feature = "cuda"));
 
+/// A tiny test fixture's directory: `$SWK_FIXTURES/tiny/{name}` when set (the GPU machine
+/// runs test binaries built elsewhere, away from this source tree), else this crate's.
+#[cfg(test)]
+pub(crate) fn tiny_fixture(name: &str) -> String {
+    let root = std::env::var("SWK_FIXTURES")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string());
+    format!("{root}/tiny/{name}")
+}
+
 /// Under the CPU emulator, run the threads of each block and the blocks of each grid in
 /// reverse order (`true`) or in index order (`false`, the default): a kernel whose results
 /// differ between the two has a race on a GPU. Returns whether it applied (false, doing

@@ -390,8 +390,7 @@ mod tests {
 
     #[test]
     fn key_layout_places_experts_after_the_dense_keys() {
-        let dir = format!("{}/tests/fixtures/tiny/qwen2_moe", env!("CARGO_MANIFEST_DIR"));
-        let c = crate::Model::load(&dir).unwrap().config;
+        let c = crate::Model::load(&super::super::tiny_fixture("qwen2_moe")).unwrap().config;
         let m = c.family.moe.clone().unwrap();
         let (i, h, ei, si) = (c.intermediate_size, c.hidden_size, m.expert_intermediate, 48);
         assert_eq!(m.shared_expert_intermediate, Some(si));
@@ -403,8 +402,7 @@ mod tests {
         assert_eq!(k.expert(1, 3).0, per + i + h + 3 * (ei + h));
         assert_eq!(k.shared(1), (2 * per - si - h, 2 * per - h));
         // Qwen3-MoE's layer 0 is dense: its keys are the dense MLP's only.
-        let dir = format!("{}/tests/fixtures/tiny/qwen3_moe", env!("CARGO_MANIFEST_DIR"));
-        let c = crate::Model::load(&dir).unwrap().config;
+        let c = crate::Model::load(&super::super::tiny_fixture("qwen3_moe")).unwrap().config;
         let k = KeyLayout::of(&c);
         let m = c.family.moe.clone().unwrap();
         assert_eq!(k.dense(1).0, c.intermediate_size + c.hidden_size);
