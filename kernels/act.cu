@@ -33,25 +33,19 @@ __device__ __forceinline__ float gated_act(float g, int act) {
 extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
                                        int rows_per_block, int pos0, const u32* pos, u64* keys,
                                        int act) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= n) {
+    ColumnWalk w(rows, rows_per_block);
+    if (w.col >= n) {
         return;
     }
-    const int r0 = blockIdx.y * rows_per_block;
-    const int r1 = min(rows, r0 + rows_per_block);
-    u64 best = 0ull;
-    for (int r = r0; r < r1; ++r) {
-        const size_t i = (size_t)r * n + col;
+    for (int r = w.r0; r < w.r1; ++r) {
+        const size_t i = (size_t)r * n + w.col;
         const float v = gate != nullptr ? __fmul_rn(gated_act(gate[i], act), up[i]) : gated_act(up[i], act);
         out[i] = v;
         if (keys != nullptr) {
-            const u64 k = spike_key(v, pos != nullptr ? pos[r] : (u32)(pos0 + r));
-            best = k > best ? k : best;
+            w.see(v, ColumnWalk::position(pos, pos0, r));
         }
     }
-    if (keys != nullptr && best != 0ull) {
-        atomicMax(keys + col, best);
-    }
+    w.commit(keys);
 }
 
 // x = cap * tanh(x / cap) over n elements (Gemma 2's final logit soft-cap), as cpu::softcap.

@@ -63,6 +63,35 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
+// What one thread of a fused-statistics launch walks (swk_act_mul, swk_add_residual,
+// swk_column_max): column `col` (grid x over columns) of the rows [r0, r1) of its group (grid
+// y over groups of rows_per_block rows), folding each value's spike key into `best`; commit
+// issues the thread's one atomicMax. Past the last column (col >= n) there is nothing to walk.
+struct ColumnWalk {
+    int col;
+    int r0;
+    int r1;
+    u64 best;
+    __device__ ColumnWalk(int rows, int rows_per_block)
+        : col(blockIdx.x * blockDim.x + threadIdx.x),
+          r0(blockIdx.y * rows_per_block),
+          r1(min(rows, (int)(blockIdx.y * rows_per_block) + rows_per_block)),
+          best(0ull) {}
+    // Row r's position: pos[r] when pos is not null (an expert's gathered tokens), else pos0 + r.
+    __device__ static u32 position(const u32* pos, int pos0, int r) {
+        return pos != nullptr ? pos[r] : (u32)(pos0 + r);
+    }
+    __device__ void see(float v, u32 position) {
+        const u64 k = spike_key(v, position);
+        best = k > best ? k : best;
+    }
+    __device__ void commit(u64* keys) const {
+        if (keys != nullptr && best != 0ull) {
+            atomicMax(keys + col, best);
+        }
+    }
+};
+
 struct SumOp {
     template <typename T>
     __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }

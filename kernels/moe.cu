@@ -14,21 +14,14 @@
 // block 256, as swk_add_residual's statistics.
 extern "C" __global__ void swk_column_max(const float* y, int rows, int n, int rows_per_block, int pos0,
                                           const u32* pos, u64* keys) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= n) {
+    ColumnWalk w(rows, rows_per_block);
+    if (w.col >= n) {
         return;
     }
-    const int r0 = blockIdx.y * rows_per_block;
-    const int r1 = min(rows, r0 + rows_per_block);
-    u64 best = 0ull;
-    for (int r = r0; r < r1; ++r) {
-        const u32 p = pos != nullptr ? pos[r] : (u32)(pos0 + r);
-        const u64 k = spike_key(y[(size_t)r * n + col], p);
-        best = k > best ? k : best;
+    for (int r = w.r0; r < w.r1; ++r) {
+        w.see(y[(size_t)r * n + w.col], ColumnWalk::position(pos, pos0, r));
     }
-    if (best != 0ull) {
-        atomicMax(keys + col, best);
-    }
+    w.commit(keys);
 }
 
 // out[t, c] = sum over j < k of ys[slot[t * k + j], c] * w[t * k + j], accumulated from 0 in j

@@ -9,25 +9,19 @@
 // x, y [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256.
 extern "C" __global__ void swk_add_residual(float* x, const float* y, int rows, int n, int rows_per_block,
                                             int pos0, u64* keys) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= n) {
+    ColumnWalk w(rows, rows_per_block);
+    if (w.col >= n) {
         return;
     }
-    const int r0 = blockIdx.y * rows_per_block;
-    const int r1 = min(rows, r0 + rows_per_block);
-    u64 best = 0ull;
-    for (int r = r0; r < r1; ++r) {
-        const size_t i = (size_t)r * n + col;
+    for (int r = w.r0; r < w.r1; ++r) {
+        const size_t i = (size_t)r * n + w.col;
         const float v = y[i];
         x[i] = __fadd_rn(x[i], v);
         if (keys != nullptr) {
-            const u64 k = spike_key(v, (u32)(pos0 + r));
-            best = k > best ? k : best;
+            w.see(v, (u32)(pos0 + r));
         }
     }
-    if (keys != nullptr && best != 0ull) {
-        atomicMax(keys + col, best);
-    }
+    w.commit(keys);
 }
 
 // y[t, o] += b[o] for y [rows, n] (q/k/v biases). One thread per element, block 256.
