@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use swk::model::{Architecture, LazyModel};
+use swk::model::LazyModel;
 use swk::{Error, Model, Result};
 
 /// The `--device` flag.
@@ -44,31 +44,18 @@ fn cuda_usable(_explicit: bool) -> std::result::Result<(), String> {
         .into())
 }
 
-/// Resolve the flag for a model of family `arch`; `auto` reports its choice on stderr unless
-/// `quiet`, and picks the CPU for a family the CUDA backend does not run.
-pub fn choose(arg: DeviceArg, quiet: bool, arch: Architecture) -> Result<Backend> {
-    let runs = swk::backend::cuda_runs(arch);
+/// Resolve the flag (the CUDA backend runs every family); `auto` reports its choice on
+/// stderr unless `quiet`.
+pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
     match (arg, cuda_usable(arg == DeviceArg::Cuda)) {
         (DeviceArg::Cpu, _) => Ok(Backend::Cpu),
-        (DeviceArg::Cuda, Ok(())) if runs => Ok(Backend::Cuda),
-        (DeviceArg::Cuda, Ok(())) => Err(Error::Backend(format!(
-            "--device cuda: the CUDA backend runs {} models; `{}` runs on the CPU backend \
-             (--device cpu)",
-            swk::backend::CUDA_FAMILIES,
-            arch.name()
-        ))),
+        (DeviceArg::Cuda, Ok(())) => Ok(Backend::Cuda),
         (DeviceArg::Cuda, Err(why)) => Err(Error::Backend(format!("--device cuda: {why}"))),
-        (DeviceArg::Auto, Ok(())) if runs => {
+        (DeviceArg::Auto, Ok(())) => {
             if !quiet {
                 eprintln!("swk: device: cuda");
             }
             Ok(Backend::Cuda)
-        }
-        (DeviceArg::Auto, Ok(())) => {
-            if !quiet {
-                eprintln!("swk: device: cpu ({} runs on the CPU backend only)", arch.name());
-            }
-            Ok(Backend::Cpu)
         }
         (DeviceArg::Auto, Err(why)) => {
             if !quiet {
@@ -113,7 +100,7 @@ pub struct DeviceOpts {
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 const HEADROOM: usize = 2 << 30;
 
-/// The backend for `spec` (per the flags and the model's family), and the model as that
+/// The backend for `spec` (per the flags), and the model as that
 /// backend needs it: the whole [`Model`], or, when CUDA streams the layers, the model without
 /// its layer tensors (tokenizer, config, embedding, head) and the lazily read files (`Some`).
 pub fn load(
@@ -122,21 +109,13 @@ pub fn load(
     dev: DeviceOpts,
     bf16: bool,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
-    let config = if dev.device == DeviceArg::Cpu {
-        None
-    } else {
-        Some(swk::model::load::read_config(spec)?)
-    };
-    let backend = match &config {
-        Some(c) => choose(dev.device, quiet, c.architecture)?,
-        None => Backend::Cpu,
-    };
-    let whole = match (&config, dev.stream) {
+    let backend = choose(dev.device, quiet)?;
+    let whole = match dev.stream {
         _ if backend == Backend::Cpu => true,
-        (_, StreamArg::Never) => true,
+        StreamArg::Never => true,
         // Decided from the config alone: checkpoints LazyModel cannot stream still load whole.
-        (Some(c), StreamArg::Auto) => fits(c, bf16)?,
-        _ => false,
+        StreamArg::Auto => fits(&swk::model::load::read_config(spec)?, bf16)?,
+        StreamArg::Always => false,
     };
     if whole {
         return Ok((backend, super::load_model(spec, quiet)?, None));

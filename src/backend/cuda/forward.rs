@@ -185,8 +185,8 @@ type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A model's weights on a CUDA device, ready to run its family's forward pass (see
-/// [`crate::backend::cuda_runs`]).
+/// A model's weights on a CUDA device, ready to run its family's forward pass (every family
+/// swk knows).
 pub struct CudaModel {
     pub(crate) dev: CudaDevice,
     pub(crate) config: ModelConfig,
@@ -358,18 +358,6 @@ fn upload_tensor(
     Ok(DevTensor { shape: t.shape.clone(), data })
 }
 
-/// Error for a family the device does not run (see [`crate::backend::cuda_runs`]).
-fn check_architecture(c: &ModelConfig) -> Result<()> {
-    if !crate::backend::cuda_runs(c.architecture) {
-        return Err(Error::Backend(format!(
-            "the CUDA backend runs {} models; `{}` runs on the CPU backend",
-            crate::backend::CUDA_FAMILIES,
-            c.architecture.name()
-        )));
-    }
-    Ok(())
-}
-
 /// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
 /// partial), with the configured scaling and GGUF `rope_freqs` factors.
 fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
@@ -408,7 +396,6 @@ impl CudaModel {
     /// Upload `model`'s weights to the device. Errors (never panics) when no CUDA device is
     /// usable, the model is not a supported architecture, or the weights do not fit.
     pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
-        check_architecture(&model.config)?;
         arch::validate(model)?;
         if !cuda_available() {
             // Let the device constructor say precisely why (no driver, no device).
@@ -449,7 +436,6 @@ impl CudaModel {
     /// of another shape (checked here, before any pass).
     pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
         let c = lazy.config.clone();
-        check_architecture(&c)?;
         let layouts: Vec<SlotLayout> = (0..c.num_layers)
             .map(|l| SlotLayout::new(&c, l, opts.dtype == WeightDtype::Bf16))
             .collect();
@@ -519,7 +505,6 @@ impl CudaModel {
     /// `synth::random_llama` but from a device hash, so not the same bits): for timing runs
     /// at real model sizes without building the model in host memory.
     pub fn random(config: &ModelConfig, seed: u64, opts: &CudaOptions) -> Result<Self> {
-        check_architecture(config)?;
         if !cuda_available() {
             CudaDevice::new(opts.device)?;
             return Err(Error::Backend("no CUDA device is available".into()));
