@@ -22,3 +22,35 @@ extern "C" __global__ void swk_edit_bf16(u16* w, u64 idx, u32 new_bits, u32* old
         *old_bits = o;
     }
 }
+
+// Batched edits: one launch reads or writes n elements at distinct indices `idx` (the host
+// checks the bounds and that the indices are distinct, so no two threads touch one element).
+// Grid-stride over the batch.
+
+// out[i] = w[idx[i]] (f32 storage: raw u32 bits).
+extern "C" __global__ void swk_gather_f32(const u32* w, const u64* idx, u32* out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = w[idx[i]];
+    }
+}
+
+// out[i] = w[idx[i]] zero-extended (bf16 storage: raw u16 bits).
+extern "C" __global__ void swk_gather_bf16(const u16* w, const u64* idx, u32* out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = (u32)w[idx[i]];
+    }
+}
+
+// w[idx[i]] = bits[i] (f32 storage).
+extern "C" __global__ void swk_scatter_f32(u32* w, const u64* idx, const u32* bits, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        w[idx[i]] = bits[i];
+    }
+}
+
+// w[idx[i]] = low 16 bits of bits[i] (bf16 storage; the host rounds to bf16 first).
+extern "C" __global__ void swk_scatter_bf16(u16* w, const u64* idx, const u32* bits, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        w[idx[i]] = (u16)(bits[i] & 0xffffu);
+    }
+}

@@ -190,6 +190,42 @@ pub trait EditTarget {
     fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32>;
     /// Write one element's bits.
     fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()>;
+    /// Read the bits of several elements of one tensor. The default reads them one by one;
+    /// a device backend moves the whole batch in one transfer.
+    fn read_many(&self, tensor: &str, flats: &[usize]) -> Result<Vec<u32>> {
+        flats.iter().map(|&f| self.read_bits(tensor, f)).collect()
+    }
+    /// Write `bits[i]` to element `flats[i]` of one tensor; the flats are distinct. The
+    /// default writes them one by one.
+    fn write_many(&mut self, tensor: &str, flats: &[usize], bits: &[u32]) -> Result<()> {
+        if flats.len() != bits.len() {
+            return Err(Error::tensor(tensor, "write_many: flats and bits differ in length"));
+        }
+        flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b))
+    }
+}
+
+/// Split items `0..n` (item `i` writes element `key(i) = (tensor, flat)`) into runs of one
+/// tensor with distinct flat offsets, in order: batches that
+/// [`EditTarget::read_many`]/[`EditTarget::write_many`] can take without changing the result
+/// of handling the items one by one.
+fn batches<'k>(n: usize, key: impl Fn(usize) -> (&'k str, usize)) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut start = 0;
+    for i in 0..n {
+        let (tensor, flat) = key(i);
+        if i > start && (tensor != key(start).0 || seen.contains(&flat)) {
+            out.push(start..i);
+            start = i;
+            seen.clear();
+        }
+        seen.insert(flat);
+    }
+    if start < n {
+        out.push(start..n);
+    }
+    out
 }
 
 impl EditTarget for Weights {
@@ -240,45 +276,78 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
 
     /// Apply one edit in place, recording the original bits first.
     pub fn apply(&mut self, edit: &WeightEdit) -> Result<&EditRecord> {
-        let shape = self
-            .target
-            .shape_of(&edit.tensor)
-            .map_err(|e| Error::Edit { spec: edit.to_string(), msg: e.to_string() })?;
-        let flat = edit.flat_index(&shape)?;
-        let bits = self.target.read_bits(&edit.tensor, flat)?;
-        let original = f32::from_bits(bits);
-        let new = edit.op.apply(original);
-        self.log.push(EditRecord {
-            edit: edit.clone(),
-            flat,
-            original,
-            new,
-            original_bits: bits,
-            restored: false,
-        });
-        // Logged before writing: if the write fails, restoring the unchanged bits is harmless.
-        self.target.write_bits(&edit.tensor, flat, new.to_bits())?;
-        Ok(&self.log[self.log.len() - 1])
+        self.apply_all(std::slice::from_ref(edit))?;
+        self.log
+            .last()
+            .ok_or_else(|| Error::Edit { spec: edit.to_string(), msg: "not logged".into() })
     }
 
-    /// Apply several edits; on error, the ones already applied stay logged (and are restored
-    /// when the guard drops).
+    /// Apply several edits, with the same result as applying them one by one in order. Runs
+    /// of one tensor move in batches ([`EditTarget::read_many`], then
+    /// [`EditTarget::write_many`]), so zeroing a whole expert on a device costs a few
+    /// transfers, not one per element. Every index is checked before anything is written;
+    /// on error, the edits already applied stay logged (and are restored when the guard
+    /// drops).
     pub fn apply_all(&mut self, edits: &[WeightEdit]) -> Result<()> {
+        let mut flats = Vec::with_capacity(edits.len());
+        let mut shape: Option<(&str, Vec<usize>)> = None;
         for e in edits {
-            self.apply(e)?;
+            if shape.as_ref().is_none_or(|(t, _)| *t != e.tensor) {
+                let s = self
+                    .target
+                    .shape_of(&e.tensor)
+                    .map_err(|err| Error::Edit { spec: e.to_string(), msg: err.to_string() })?;
+                shape = Some((&e.tensor, s));
+            }
+            let s = shape.as_ref().map(|(_, s)| s.as_slice()).unwrap_or_default();
+            flats.push(e.flat_index(s)?);
+        }
+        for run in batches(edits.len(), |i| (edits[i].tensor.as_str(), flats[i])) {
+            let (edits, flats) = (&edits[run.clone()], &flats[run]);
+            let tensor = &edits[0].tensor;
+            let old = self.target.read_many(tensor, flats)?;
+            let new: Vec<u32> = edits
+                .iter()
+                .zip(&old)
+                .map(|(e, &b)| e.op.apply(f32::from_bits(b)).to_bits())
+                .collect();
+            // Logged before writing: if the write fails, restoring the unchanged bits is
+            // harmless.
+            for ((e, &flat), (&bits, &new)) in edits.iter().zip(flats).zip(old.iter().zip(&new)) {
+                self.log.push(EditRecord {
+                    edit: e.clone(),
+                    flat,
+                    original: f32::from_bits(bits),
+                    new: f32::from_bits(new),
+                    original_bits: bits,
+                    restored: false,
+                });
+            }
+            self.target.write_many(tensor, flats, &new)?;
         }
         Ok(())
     }
 
-    /// Restore every edit of this scope now, newest first. Returns how many were restored.
+    /// Restore every edit of this scope now, newest first (in batches, as
+    /// [`EditGuard::apply_all`] writes). Returns how many were restored.
     pub fn restore_all(&mut self) -> Result<usize> {
-        let mut n = 0;
-        for r in self.log.iter_mut().rev().filter(|r| !r.restored) {
-            self.target.write_bits(&r.edit.tensor, r.flat, r.original_bits)?;
-            r.restored = true;
-            n += 1;
+        let pending: Vec<usize> =
+            (0..self.log.len()).rev().filter(|&i| !self.log[i].restored).collect();
+        let log = &self.log;
+        let runs = batches(pending.len(), |k| {
+            (log[pending[k]].edit.tensor.as_str(), log[pending[k]].flat)
+        });
+        for run in runs {
+            let ids = &pending[run];
+            let tensor = self.log[ids[0]].edit.tensor.clone();
+            let flats: Vec<usize> = ids.iter().map(|&i| self.log[i].flat).collect();
+            let bits: Vec<u32> = ids.iter().map(|&i| self.log[i].original_bits).collect();
+            self.target.write_many(&tensor, &flats, &bits)?;
+            for &i in ids {
+                self.log[i].restored = true;
+            }
         }
-        Ok(n)
+        Ok(pending.len())
     }
 
     /// A nested scope whose edits are restored when it drops, before this scope's.

@@ -180,6 +180,28 @@ pub struct ExpertSpikes {
     pub output: Vec<ChannelMax>,
 }
 
+impl ExpertSpikes {
+    /// Fold in another run's statistics of the same expert (see [`SpikeStats::merge`]).
+    pub fn merge(&mut self, other: &ExpertSpikes) {
+        self.selected += other.selected;
+        self.weight_sum += other.weight_sum;
+        merge_channels(&mut self.input, &other.input);
+        merge_channels(&mut self.output, &other.output);
+    }
+}
+
+/// Per channel, keep the larger |value| (`a`'s on ties); `a` grows to `b`'s length.
+fn merge_channels(a: &mut Vec<ChannelMax>, b: &[ChannelMax]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), ChannelMax::default());
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        if y.abs > x.abs {
+            *x = *y;
+        }
+    }
+}
+
 /// Spike statistics of one layer's MLP down-projection `y = x · Wᵀ`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LayerSpikes {
@@ -288,6 +310,30 @@ impl SpikeStats {
                 .collect(),
         }
     }
+    /// Fold in statistics of further forward passes, as if they had run after the ones in
+    /// `self` without a reset: per channel the larger |value| (the earlier one on ties),
+    /// router counters summed. Layers and channels missing on either side count as unseen.
+    pub fn merge(&mut self, other: &SpikeStats) {
+        if self.layers.len() < other.layers.len() {
+            self.layers.resize_with(other.layers.len(), LayerSpikes::default);
+        }
+        for (a, b) in self.layers.iter_mut().zip(&other.layers) {
+            merge_channels(&mut a.input, &b.input);
+            merge_channels(&mut a.output, &b.output);
+            if a.experts.len() < b.experts.len() {
+                a.experts.resize_with(b.experts.len(), ExpertSpikes::default);
+            }
+            for (x, y) in a.experts.iter_mut().zip(&b.experts) {
+                x.merge(y);
+            }
+            if let Some(y) = &b.shared {
+                a.shared.get_or_insert_with(ExpertSpikes::default).merge(y);
+            }
+            a.routed_tokens += b.routed_tokens;
+            a.router_entropy_sum += b.router_entropy_sum;
+        }
+    }
+
     /// Forget everything seen.
     pub fn reset(&mut self) {
         for l in &mut self.layers {

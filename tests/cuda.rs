@@ -14,7 +14,8 @@
 //!   each GEMM engine available;
 //! * spike statistics: same peak channel and position per layer as the CPU, values close;
 //! * decode with the device KV cache equals prefill; perplexity scoring equals the CPU's;
-//! * edits: EditGuard on device memory, restored bit-exactly (device checksums);
+//! * edits: EditGuard on device memory, one by one and batched, restored bit-exactly (device
+//!   checksums);
 //! * `timing_7b` (ignored; run with `--ignored`): a timing table at Llama-2-7B shapes.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
@@ -543,6 +544,49 @@ fn device_edits_restore_bit_exactly() {
     }
 }
 
+/// Batched edits (`apply_all`: one gather and one scatter launch per run of one tensor) leave
+/// the device weights exactly as the same edits leave the CPU's: a whole down_proj zeroed (the
+/// shape of an expert ablation), scales that hit elements repeatedly, and a norm weight. The
+/// logs agree bit for bit, and restore is bit-exact.
+#[test]
+fn batched_device_edits_match_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    let m = medium();
+    let (name, cols) = ("model.layers.1.mlp.down_proj.weight", 704);
+    let mut edits: Vec<WeightEdit> = (0..256 * cols)
+        .map(|f| WeightEdit::new(name, &[f / cols, f % cols], EditOp::Zero))
+        .collect();
+    edits.extend(
+        (0..300).map(|k| WeightEdit::down_proj(2, k % 7, (k * 13) % 50, EditOp::Scale(-1.5))),
+    );
+    edits.push(WeightEdit::new("model.layers.0.input_layernorm.weight", &[3], EditOp::Scale(40.0)));
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+        let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
+        let before = g.checksum().unwrap();
+        {
+            let mut guard = EditGuard::new(&mut g);
+            let mut cpu = EditGuard::new(&mut host);
+            guard.apply_all(&edits).unwrap();
+            cpu.apply_all(&edits).unwrap();
+            let want = CudaModel::expected_checksum(&cpu, dtype).unwrap();
+            assert_eq!(guard.checksum().unwrap(), want, "{}: edited weights", dtype.name());
+            assert_eq!(guard.log().len(), cpu.log().len());
+            for (a, b) in guard.log().iter().zip(cpu.log()) {
+                let (a, b) = (
+                    (a.flat, a.original_bits, a.new.to_bits()),
+                    (b.flat, b.original_bits, b.new.to_bits()),
+                );
+                assert_eq!(a, b, "{}: log", dtype.name());
+            }
+            assert_eq!(guard.restore_all().unwrap(), edits.len());
+        }
+        assert_eq!(g.checksum().unwrap(), before, "{}: restored bit-exactly", dtype.name());
+    }
+}
+
 /// Detection on the device finds exactly what the CPU finds on planted models: the same
 /// candidates (coordinates, iteration, token positions), the same confirmed set, perplexity
 /// ratios within 1e-3 (f32 weights) or 5e-2 (bf16, against the CPU on the same bf16-rounded
@@ -730,6 +774,71 @@ fn detection_matches_cpu_on_a_planted_super_expert() {
         key(&got.super_weights),
         got.super_weights[0].perplexity_ratio.unwrap(),
         want.super_weights[0].perplexity_ratio.unwrap()
+    );
+}
+
+/// `swk::analysis::experts` on the device (router statistics merged over samples, super
+/// experts, ablation of a whole expert through batched device edits) reports what the CPU
+/// reports on a planted super expert: the same routing counts, the same per-expert maxima
+/// (channels, positions, values), the same super experts, ablation perplexities within 1e-3
+/// (f32 weights); and the weights come back bit-identical.
+#[test]
+fn experts_match_cpu_on_a_planted_super_expert() {
+    use swk::analysis::experts::{experts_with, ExpertsConfig};
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let plant = Plant::standard(&spec);
+    let (m, truth, site) = swk::synth::planted_moe(&spec, 11, &plant, 4, 2, 1).unwrap();
+    let cfg = ExpertsConfig { context: 16, ..Default::default() };
+    let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.context).unwrap();
+    let samples =
+        [truth.prompt.clone(), truth.confirm[..20].to_vec(), truth.confirm[20..].to_vec()];
+    let want = experts_with(&mut copy(&m), &samples, &windows, &cfg, |_, _, _| {}).unwrap();
+    let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+    let mut g = CudaModel::new(&m, &opts).unwrap();
+    let before = g.checksum().unwrap();
+    let got = experts_with(&mut g, &samples, &windows, &cfg, |_, _, _| {}).unwrap();
+    assert_eq!(g.checksum().unwrap(), before, "restored");
+    let routing = |r: &swk::analysis::experts::ExpertsReport| -> Vec<_> {
+        r.experts
+            .iter()
+            .map(|e| {
+                let ins = (
+                    e.max_input_col,
+                    e.max_input_position,
+                    e.max_output_row,
+                    e.max_output_position,
+                );
+                (e.layer, e.expert, e.selected, ins)
+            })
+            .collect()
+    };
+    assert_eq!(routing(&got), routing(&want), "routing and spike channels");
+    for (x, y) in got.experts.iter().zip(&want.experts) {
+        assert!((x.mean_weight - y.mean_weight).abs() <= 1e-5, "{x:?} vs {y:?}");
+        assert!((x.max_output - y.max_output).abs() <= 1e-4 * y.max_output.abs(), "{x:?} vs {y:?}");
+        assert!((x.max_input - y.max_input).abs() <= 1e-4 * y.max_input.abs(), "{x:?} vs {y:?}");
+    }
+    let supers = |r: &swk::analysis::experts::ExpertsReport| -> Vec<_> {
+        r.super_experts.iter().map(|s| (s.layer, s.expert, s.max_output_row)).collect()
+    };
+    assert_eq!(supers(&got), supers(&want));
+    assert!(supers(&got).iter().any(|&(l, e, _)| (l, e) == (site.layer, site.expert)));
+    let (a, b) = (got.baseline_perplexity.unwrap(), want.baseline_perplexity.unwrap());
+    assert!((a / b - 1.0).abs() <= 1e-4, "baseline {a} vs cpu {b}");
+    for (x, y) in got.super_experts.iter().zip(&want.super_experts) {
+        let (a, b) = (x.ablated_perplexity.unwrap(), y.ablated_perplexity.unwrap());
+        assert!((a / b - 1.0).abs() <= 1e-3, "ablated {a} vs cpu {b}");
+    }
+    let top = &got.super_experts[0];
+    eprintln!(
+        "experts on the device: super expert layer {} expert {}, ablated ppl x {:.2} (cpu x {:.2})",
+        top.layer,
+        top.expert,
+        top.perplexity_ratio.unwrap(),
+        want.super_experts[0].perplexity_ratio.unwrap()
     );
 }
 
@@ -990,9 +1099,27 @@ fn streamed_detection_matches_resident() {
     }
 }
 
+/// Run the `swk` binary ($SWK_BIN on the GPU machine: scripts/gpu-check.sh carries the binary
+/// built here) and parse its `--json` output.
+fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json::Value {
+    let bin = std::env::var_os("SWK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_swk")));
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .arg(model)
+        .args(more)
+        .output()
+        .expect("run swk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} {}: {stderr}", model.display());
+    serde_json::from_slice(&out.stdout).expect("json report")
+}
+
 /// The `swk` binary on the device: `detect --device cuda` on a mixture of experts loads a
 /// safetensors checkpoint whole (the streaming decision needs only its config; LazyModel
-/// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`.
+/// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`;
+/// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts.
 #[test]
 fn cli_detects_on_the_device() {
     if !gpu() {
@@ -1003,23 +1130,51 @@ fn cli_detects_on_the_device() {
         ("auto", root.join("qwen2_moe")),
         ("always", root.join("mixtral_gguf").join("model.gguf")),
     ];
-    for (stream, model) in runs {
-        // $SWK_BIN on the GPU machine (scripts/gpu-check.sh carries the binary built here).
-        let bin = std::env::var_os("SWK_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_swk")));
-        let out = std::process::Command::new(&bin)
-            .args(["--device", "cuda", "--stream", stream, "detect"])
-            .arg(&model)
-            .args(["--threshold", "1", "--max-iterations", "1", "--json"])
-            .output()
-            .expect("run swk");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{}: {stderr}", model.display());
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    for (stream, model) in &runs {
+        let r = swk_json(
+            &["--device", "cuda", "--stream", stream, "detect"],
+            model,
+            &["--threshold", "1", "--max-iterations", "1", "--json"],
+        );
         let device = r["device"].as_str().unwrap_or_default();
         assert!(device.starts_with("cuda"), "{}: device {device}", model.display());
-        assert_eq!(device.contains("layers streamed"), stream == "always", "{device}");
+        assert_eq!(device.contains("layers streamed"), *stream == "always", "{device}");
+    }
+
+    let more = ["--router-samples", "3", "--gpu-dtype", "f32", "--json"];
+    let gguf = &runs[1].1;
+    let got = swk_json(&["--device", "cuda", "--stream", "always", "experts"], gguf, &more);
+    let want = swk_json(&["--device", "cpu", "experts"], gguf, &more);
+    assert!(got["device"].as_str().unwrap_or_default().contains("layers streamed"), "{got}");
+    assert_eq!(want["device"], "cpu");
+    let picks = |r: &serde_json::Value, what: &str| -> Vec<String> {
+        r[what]
+            .as_array()
+            .expect(what)
+            .iter()
+            .map(|e| format!("{} {} {}", e["layer"], e["expert"], e["selected"]))
+            .collect()
+    };
+    assert_eq!(picks(&got, "experts"), picks(&want, "experts"), "routing");
+    let supers = |r: &serde_json::Value| -> Vec<(String, f64)> {
+        let v = r["super_experts"].as_array().expect("super_experts");
+        v.iter()
+            .map(|s| {
+                (
+                    format!("{} {}", s["layer"], s["expert"]),
+                    s["perplexity_ratio"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect()
+    };
+    let (g, w) = (supers(&got), supers(&want));
+    assert!(!w.is_empty(), "the fixture has a super expert");
+    assert_eq!(
+        g.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        w.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+    for ((_, a), (_, b)) in g.iter().zip(&w) {
+        assert!((a / b - 1.0).abs() <= 1e-3, "ablation ratio {a} vs cpu {b}");
     }
 }
 

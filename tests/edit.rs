@@ -3,9 +3,10 @@
 //! `restore_all`, `with_edits` on Ok, Err and panic, the JSON log, and the effect of an edit
 //! on the forward pass.
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use swk::edit::{with_edits, EditGuard, EditOp, WeightEdit};
+use swk::edit::{with_edits, EditGuard, EditOp, EditTarget, WeightEdit};
 use swk::model::{Tensor, Weights};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::Error;
@@ -181,18 +182,156 @@ fn bad_indices_name_the_tensor_and_change_nothing() {
         assert_eq!(w.checksum(), sum, "{edit}");
         assert_eq!(bits(&w), all, "{edit}");
     }
-    // A batch that fails half way: the applied part is restored when the guard drops.
+    // A batch with a bad index anywhere writes nothing: every index is checked first.
     {
         let mut g = EditGuard::new(&mut w);
         let batch = [
             WeightEdit::new("v", &[0], EditOp::Set(9.0)),
+            WeightEdit::new("m", &[0, 0], EditOp::Zero),
             WeightEdit::new("v", &[9], EditOp::Zero),
         ];
-        assert!(g.apply_all(&batch).is_err());
-        assert_eq!(g.log().len(), 1);
-        assert_eq!(g.get("v").unwrap().data[0], 9.0);
+        let err = g.apply_all(&batch).unwrap_err().to_string();
+        assert!(err.contains("v[9]") && err.contains("out of range"), "{err}");
+        assert!(g.log().is_empty());
+        assert_eq!(g.get("v").unwrap().data[0], 1.0);
     }
     assert_eq!(bits(&w), all);
+}
+
+/// Host weights behind [`EditTarget`] that log the batch calls (tensor, batch size), to see
+/// how `apply_all` and `restore_all` group their transfers.
+struct Counting {
+    w: Weights,
+    reads: RefCell<Vec<(String, usize)>>,
+    writes: Vec<(String, usize)>,
+}
+
+impl Counting {
+    fn new(w: Weights) -> Self {
+        Counting { w, reads: RefCell::new(Vec::new()), writes: Vec::new() }
+    }
+}
+
+impl EditTarget for Counting {
+    fn shape_of(&self, tensor: &str) -> swk::Result<Vec<usize>> {
+        self.w.shape_of(tensor)
+    }
+    fn read_bits(&self, tensor: &str, flat: usize) -> swk::Result<u32> {
+        self.w.read_bits(tensor, flat)
+    }
+    fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> swk::Result<()> {
+        self.w.write_bits(tensor, flat, bits)
+    }
+    fn read_many(&self, tensor: &str, flats: &[usize]) -> swk::Result<Vec<u32>> {
+        self.reads.borrow_mut().push((tensor.to_string(), flats.len()));
+        flats.iter().map(|&f| self.w.read_bits(tensor, f)).collect()
+    }
+    fn write_many(&mut self, tensor: &str, flats: &[usize], bits: &[u32]) -> swk::Result<()> {
+        self.writes.push((tensor.to_string(), flats.len()));
+        flats.iter().zip(bits).try_for_each(|(&f, &b)| self.w.write_bits(tensor, f, b))
+    }
+}
+
+fn calls(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+    v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+}
+
+/// `apply_all` gives exactly what applying the edits one by one gives (repeated elements,
+/// scales of scales, tensor switches, NaN payloads), with the same log; `restore_all` brings
+/// every bit back.
+#[test]
+fn batched_edits_equal_one_by_one() {
+    let mut rng = swk::synth::SplitMix64::new(11);
+    let mut pick = |n: u64| (rng.next_u64() % n) as usize;
+    let edits: Vec<WeightEdit> = (0..400)
+        .map(|_| {
+            let (t, idx) = match pick(3) {
+                0 => ("m", vec![pick(2), pick(3)]),
+                1 => ("v", vec![pick(4)]),
+                _ => ("cube", vec![pick(2), pick(2), pick(2)]),
+            };
+            let op = match pick(4) {
+                0 => EditOp::Zero,
+                1 => EditOp::Scale(-1.5),
+                2 => EditOp::Set(pick(100) as f32 - 50.0),
+                _ => EditOp::Set(f32::from_bits(NAN_PAYLOAD + pick(7) as u32)),
+            };
+            WeightEdit::new(t, &idx, op)
+        })
+        .collect();
+    let trace = |log: &[swk::edit::EditRecord]| -> Vec<(String, usize, u32, u32)> {
+        log.iter()
+            .map(|r| (r.edit.tensor.clone(), r.flat, r.original_bits, r.new.to_bits()))
+            .collect()
+    };
+
+    let mut one = store();
+    let all = bits(&one);
+    let (want_bits, want_log) = {
+        let mut g = EditGuard::new(&mut one);
+        for e in &edits {
+            g.apply(e).unwrap();
+        }
+        (bits(&g), trace(g.log()))
+    };
+    assert_eq!(bits(&one), all);
+    assert_ne!(want_bits, all, "the edits change something");
+
+    let mut batched = Counting::new(store());
+    {
+        let mut g = EditGuard::new(&mut batched);
+        g.apply_all(&edits).unwrap();
+        assert_eq!(bits(&g.w), want_bits);
+        assert_eq!(trace(g.log()), want_log);
+        assert_eq!(g.restore_all().unwrap(), edits.len());
+        assert_eq!(bits(&g.w), all);
+        assert!(g.writes.len() < 2 * edits.len(), "some edits were batched");
+    }
+    assert_eq!(bits(&batched.w), all);
+}
+
+/// Runs of one tensor move in one read and one write, restored in one write per run, newest
+/// first; a repeated element starts a new batch, so it sees the earlier edit's result.
+#[test]
+fn edits_of_one_tensor_move_in_one_batch() {
+    let mut c = Counting::new(store());
+    let whole = |t: &str, dims: &[usize]| -> Vec<WeightEdit> {
+        let n: usize = dims.iter().product();
+        (0..n)
+            .map(|mut f| {
+                let mut idx = vec![0; dims.len()];
+                for (k, d) in dims.iter().enumerate().rev() {
+                    idx[k] = f % d;
+                    f /= d;
+                }
+                WeightEdit::new(t, &idx, EditOp::Zero)
+            })
+            .collect()
+    };
+    {
+        let mut g = EditGuard::new(&mut c);
+        let mut edits = whole("cube", &[2, 2, 2]);
+        edits.extend(whole("m", &[2, 3]));
+        g.apply_all(&edits).unwrap();
+        assert_eq!(*g.reads.borrow(), calls(&[("cube", 8), ("m", 6)]));
+        assert_eq!(g.writes, calls(&[("cube", 8), ("m", 6)]));
+        assert!(g.w.get("cube").unwrap().data.iter().all(|&v| v == 0.0));
+        assert_eq!(g.restore_all().unwrap(), 14);
+        assert_eq!(g.writes[2..], calls(&[("m", 6), ("cube", 8)]));
+
+        let twice = [
+            WeightEdit::new("v", &[0], EditOp::Scale(2.0)),
+            WeightEdit::new("v", &[1], EditOp::Zero),
+            WeightEdit::new("v", &[0], EditOp::Scale(2.0)),
+        ];
+        g.apply_all(&twice).unwrap();
+        assert_eq!(g.reads.borrow()[2..], calls(&[("v", 2), ("v", 1)]));
+        assert_eq!(g.w.get("v").unwrap().data[..2], [4.0, 0.0]);
+        g.restore_all().unwrap();
+        assert_eq!(g.writes[6..], calls(&[("v", 2), ("v", 1)]), "split at the repeat");
+        assert_eq!(g.w.get("v").unwrap().data[..2], [1.0, 2.0]);
+    }
+    assert_eq!(bits(&c.w), bits(&store()));
 }
 
 #[test]

@@ -100,6 +100,7 @@ fn cli_experts_json_and_info_and_expert_edit() {
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["top_k"], 2);
     assert_eq!(j["samples"], 3);
+    assert_eq!(j["device"], "cpu");
     let experts = j["experts"].as_array().unwrap();
     assert_eq!(experts.len(), 8);
     for l in 0..2 {
@@ -228,5 +229,36 @@ fn detect_names_spikes_in_shared_experts() {
         .unwrap();
         let out = after.layers[l].shared.as_ref().unwrap().output[r].abs;
         assert!(out < 0.05 * s.output_activation.abs(), "{name}: row {r} still at {out}");
+    }
+}
+
+/// `SpikeStats::merge` of two separate runs equals one accumulation over both runs without a
+/// reset (what `experts` relied on before it ran per-sample passes on any backend): dense
+/// channels, routed and shared experts' maxima with positions, router counters.
+#[test]
+fn merged_statistics_equal_accumulated_ones() {
+    use swk::hooks::SpikeStats;
+    use swk::model::arch::{ForwardOptions, KvCache, Logits};
+    for name in ["mixtral", "qwen2_moe", "deepseek_v3"] {
+        let m = swk::Model::load(&fixture(name)).unwrap();
+        let c = &m.config;
+        let run = |tokens: &[u32], stats: &mut SpikeStats| {
+            let opts = ForwardOptions { stats: Some(stats), logits: Logits::None, hooks: None };
+            m.forward(tokens, &mut KvCache::new(&m), opts).unwrap();
+        };
+        let (a, b): (Vec<u32>, Vec<u32>) =
+            ((1..12).collect(), (0..9).map(|i| (i * 7 + 3) % 60).collect());
+        let mut both = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        run(&a, &mut both);
+        run(&b, &mut both);
+        let mut merged = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        run(&a, &mut merged);
+        let mut second = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        run(&b, &mut second);
+        merged.merge(&second);
+        let json = |s: &SpikeStats| serde_json::to_string(s).unwrap();
+        assert_eq!(json(&merged), json(&both), "{name}");
+        assert!(both.layers.iter().any(|l| !l.experts.is_empty()), "{name}: experts seen");
+        assert_ne!(json(&merged), json(&second), "{name}: the first run counts");
     }
 }

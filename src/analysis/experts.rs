@@ -13,14 +13,15 @@
 //!    restored afterwards). The router is left alone: the expert keeps its top-k slot and the
 //!    other experts keep their routing weights; only its contribution disappears. Perplexity
 //!    of a text with the ablation over the baseline is the expert's impact; the re-runs start
-//!    at the expert's layer ([`Confirmer`]).
+//!    at the expert's layer on the CPU ([`crate::confirm::Confirmer`]).
 
 use serde::Serialize;
 
-use crate::confirm::Confirmer;
-use crate::edit::{EditOp, WeightEdit};
+use crate::detect::{ConfirmBaseline, DetectBackend};
+use crate::edit::{EditOp, EditTarget, WeightEdit};
+use crate::eval::ppl;
 use crate::hooks::SpikeStats;
-use crate::model::arch::{moe, ForwardOptions, KvCache, Logits};
+use crate::model::arch::moe;
 use crate::{Error, Model, Result};
 
 /// Settings of [`experts`].
@@ -152,10 +153,16 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 /// Zero edits of every weight of expert `e`'s down_proj in layer `l` (its output ablated).
-pub fn ablation_edits(model: &Model, l: usize, e: usize) -> Result<Vec<WeightEdit>> {
+pub fn ablation_edits<T: EditTarget + ?Sized>(
+    model: &T,
+    l: usize,
+    e: usize,
+) -> Result<Vec<WeightEdit>> {
     let name = moe::expert_name(l, e, "down_proj");
-    let (rows, cols) =
-        model.weights.get(&name)?.dims2().ok_or_else(|| Error::tensor(&name, "not a matrix"))?;
+    let (rows, cols) = match model.shape_of(&name)?.as_slice() {
+        &[rows, cols] => (rows, cols),
+        _ => return Err(Error::tensor(&name, "not a matrix")),
+    };
     Ok((0..rows)
         .flat_map(|r| (0..cols).map(move |c| (r, c)))
         .map(|(r, c)| WeightEdit::new(&name, &[r, c], EditOp::Zero))
@@ -164,28 +171,42 @@ pub fn ablation_edits(model: &Model, l: usize, e: usize) -> Result<Vec<WeightEdi
 
 /// Router statistics over `samples` (each run from an empty cache), super experts, and, when
 /// `cfg.ablate`, each super expert's perplexity impact on `text` (token ids, in windows of
-/// `cfg.context`). Weights are restored before this returns. `on_step(done, total, what)`
-/// reports progress.
+/// `cfg.context`), on the CPU. Weights are restored before this returns. `on_step(done,
+/// total, what)` reports progress.
 pub fn experts(
     model: &mut Model,
     samples: &[Vec<u32>],
     text: &[u32],
     cfg: &ExpertsConfig,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<ExpertsReport> {
+    let windows = if cfg.ablate { ppl::windows(model, text, cfg.context)? } else { Vec::new() };
+    experts_with(model, samples, &windows, cfg, on_step)
+}
+
+/// [`experts`] on any backend (the CPU [`Model`], or the CUDA backend's `CudaModel`), with
+/// the ablation text already cut into perplexity windows (see [`ppl::windows`]).
+pub fn experts_with<B: DetectBackend>(
+    model: &mut B,
+    samples: &[Vec<u32>],
+    windows: &[Vec<u32>],
+    cfg: &ExpertsConfig,
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<ExpertsReport> {
-    let c = model.config.clone();
+    let c = model.model_config().clone();
     let moe_cfg = moe::params(&c)?.clone();
     if samples.iter().all(|s| s.is_empty()) {
         return Err(Error::Invalid("no sample tokens to route".into()));
     }
     let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    let mut one = stats.clone();
     for (k, s) in samples.iter().enumerate() {
         on_step(k, samples.len(), "routing samples");
         if s.is_empty() {
             continue;
         }
-        let opts = ForwardOptions { stats: Some(&mut stats), logits: Logits::None, hooks: None };
-        model.forward(s, &mut KvCache::new(model), opts)?;
+        model.spike_stats(s, &mut one)?;
+        stats.merge(&one);
     }
     let tokens: usize = samples.iter().map(Vec::len).sum();
 
@@ -257,16 +278,15 @@ pub fn experts(
     if cfg.ablate && !supers.is_empty() {
         let total = supers.len() + 1;
         on_step(0, total, "baseline perplexity");
-        let confirmer = Confirmer::new(model, text, cfg.context)?;
-        let base = confirmer.baseline_perplexity();
-        baseline = Some(base);
-        scored = confirmer.tokens_scored();
+        let base = model.confirm_baseline(windows)?;
+        baseline = Some(base.baseline_perplexity());
+        scored = base.tokens_scored();
         for (k, s) in supers.iter_mut().enumerate() {
             on_step(k + 1, total, &format!("ablating layer {} expert {}", s.layer, s.expert));
             let edits = ablation_edits(model, s.layer, s.expert)?;
-            let p = confirmer.perplexity_with(model, &edits)?;
+            let p = model.confirm_with(&base, &edits)?;
             s.ablated_perplexity = Some(p);
-            s.perplexity_ratio = Some(p / base);
+            s.perplexity_ratio = Some(p / base.baseline_perplexity());
         }
     }
     Ok(ExpertsReport {

@@ -7,6 +7,8 @@ use swk::detect::{self, DetectConfig, Detection};
 use swk::detect_report::DetectReport;
 use swk::{Error, Result};
 
+use super::device::GpuDtype;
+
 /// Arguments of `swk detect`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,15 +42,6 @@ pub struct Args {
     /// CPU backend's numbers most closely.
     #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
     gpu_dtype: GpuDtype,
-}
-
-/// Weight storage on the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum GpuDtype {
-    /// bfloat16 matrices (norms stay f32).
-    Bf16,
-    /// float32 everywhere.
-    F32,
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
@@ -170,21 +163,8 @@ fn cuda_detect(
     dtype: GpuDtype,
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<(Detection, String)> {
-    use swk::backend::cuda::{CudaOptions, WeightDtype};
-    let dtype = match dtype {
-        GpuDtype::Bf16 => WeightDtype::Bf16,
-        GpuDtype::F32 => WeightDtype::F32,
-    };
     let inputs = detect::detect_inputs(model, cfg)?;
-    let mut gpu =
-        super::device::cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
-    let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
-    let what = format!(
-        "cuda: {} ({} weights, {}{streamed})",
-        gpu.device().name(),
-        dtype.name(),
-        gpu.gemm().name()
-    );
+    let (mut gpu, what) = super::device::cuda_session(model, lazy, dtype)?;
     Ok((detect::detect_with(&mut gpu, &inputs.prompts, &inputs.windows, cfg, progress)?, what))
 }
 

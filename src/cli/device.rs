@@ -70,10 +70,19 @@ pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
 pub fn require_cpu(arg: DeviceArg) -> Result<()> {
     if arg == DeviceArg::Cuda {
         return Err(Error::Backend(
-            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect); use --device cpu".into(),
+            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts); use --device cpu".into(),
         ));
     }
     Ok(())
+}
+
+/// Weight storage on the device (`--gpu-dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuDtype {
+    /// bfloat16 matrices (norms stay f32).
+    Bf16,
+    /// float32 everywhere.
+    F32,
 }
 
 /// The `--stream` flag: whether a CUDA run keeps the model's layers in its files.
@@ -156,4 +165,29 @@ pub fn cuda_model(
         Some(lazy) => CudaModel::streamed(lazy, opts),
         None => CudaModel::new(model, opts),
     }
+}
+
+/// The model on CUDA device 0 with `dtype` weights (uploaded whole, or streamed when `lazy`
+/// is given), and the description reports carry: `cuda: NAME (DTYPE weights, ENGINE[, layers
+/// streamed])`.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+pub fn cuda_session(
+    model: &Model,
+    lazy: Option<Arc<LazyModel>>,
+    dtype: GpuDtype,
+) -> Result<(swk::backend::cuda::CudaModel, String)> {
+    use swk::backend::cuda::{CudaOptions, WeightDtype};
+    let dtype = match dtype {
+        GpuDtype::Bf16 => WeightDtype::Bf16,
+        GpuDtype::F32 => WeightDtype::F32,
+    };
+    let gpu = cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
+    let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
+    let what = format!(
+        "cuda: {} ({} weights, {}{streamed})",
+        gpu.device().name(),
+        dtype.name(),
+        gpu.gemm().name()
+    );
+    Ok((gpu, what))
 }

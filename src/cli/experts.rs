@@ -1,13 +1,15 @@
 //! `swk experts MODEL [--router-samples N] [--text FILE] [--sample-len N] [--context N]
-//! [--no-ablate] [--json]`.
+//! [--no-ablate] [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
 
 use std::path::PathBuf;
 
-use swk::analysis::{experts, text_samples};
+use swk::analysis::experts::{self, ExpertsConfig, ExpertsReport};
+use swk::analysis::text_samples;
 use swk::eval::ppl;
 use swk::Result;
 
 use super::analysis::read_text;
+use super::device::{Backend, DeviceOpts, GpuDtype};
 
 /// Arguments of `swk experts`.
 #[derive(clap::Args)]
@@ -34,28 +36,53 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// The JSON output: the report and the backend that produced it.
+#[derive(serde::Serialize)]
+struct Output<'a> {
+    /// `cpu`, or `cuda: NAME (DTYPE weights, ENGINE[, layers streamed])`.
+    device: &'a str,
+    #[serde(flatten)]
+    report: &'a ExpertsReport,
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     if a.router_samples == 0 {
         return Err(swk::Error::Invalid("--router-samples must be at least 1".into()));
     }
     let text = read_text(a.text.as_deref())?;
-    let mut model = super::load_model(&a.model, a.json)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let samples = text_samples(&model, &text, a.router_samples, a.sample_len)?;
-    let tokens = ppl::text_tokens(&model, &text)?;
-    let cfg =
-        experts::ExpertsConfig { context: a.context, ablate: !a.no_ablate, ..Default::default() };
+    let windows = if a.no_ablate {
+        Vec::new()
+    } else {
+        ppl::windows(&model, &ppl::text_tokens(&model, &text)?, a.context)?
+    };
+    let cfg = ExpertsConfig { context: a.context, ablate: !a.no_ablate, ..Default::default() };
     let pb = super::bar(a.json, 1, "experts");
-    let r = experts::experts(&mut model, &samples, &tokens, &cfg, |done, total, what| {
+    let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         pb.set_message(what.to_string());
-    })?;
+    };
+    let (r, device) = match backend {
+        Backend::Cpu => {
+            (experts::experts_with(&mut model, &samples, &windows, &cfg, progress)?, "cpu".into())
+        }
+        Backend::Cuda => {
+            cuda_experts(&model, lazy, &samples, &windows, &cfg, a.gpu_dtype, progress)?
+        }
+    };
     pb.finish_and_clear();
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Output { device: &device, report: &r });
     }
+    println!("device {device}");
     println!("{} samples, {} tokens, top-{} routing", r.samples, r.tokens, r.top_k);
     println!("{:>5} {:>8} {:>13} {:>7}", "layer", "tokens", "entropy/max", "unused");
     for l in &r.layers {
@@ -110,4 +137,33 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// [`experts::experts_with`] on CUDA device 0; returns the report and a description of the
+/// device.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn cuda_experts(
+    model: &swk::Model,
+    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    samples: &[Vec<u32>],
+    windows: &[Vec<u32>],
+    cfg: &ExpertsConfig,
+    dtype: GpuDtype,
+    progress: impl FnMut(usize, usize, &str),
+) -> Result<(ExpertsReport, String)> {
+    let (mut gpu, what) = super::device::cuda_session(model, lazy, dtype)?;
+    Ok((experts::experts_with(&mut gpu, samples, windows, cfg, progress)?, what))
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn cuda_experts(
+    _: &swk::Model,
+    _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: &[Vec<u32>],
+    _: &[Vec<u32>],
+    _: &ExpertsConfig,
+    _: GpuDtype,
+    _: impl FnMut(usize, usize, &str),
+) -> Result<(ExpertsReport, String)> {
+    Err(swk::Error::Backend("built without the `cuda` feature".into()))
 }

@@ -94,6 +94,7 @@ pub fn run() -> Result<()> {
         Command::Ppl(_)
             | Command::Generate(_)
             | Command::Detect(_)
+            | Command::Experts(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -113,7 +114,7 @@ pub fn run() -> Result<()> {
         Command::CompareGenerate(a) => compare_generate::run(a),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a),
-        Command::Experts(a) => experts::run(a),
+        Command::Experts(a) => experts::run(a, dev),
         Command::Groups(a) => groups::run(a),
         Command::Mc(a) => mc::run(a),
         Command::Research(a) => research::run(a),

@@ -399,6 +399,22 @@ impl CudaDevice {
         )
     }
 
+    /// `out[i] = w[idx[i]]` for `n` elements (u32 bits of f32 storage, or bf16's u16 bits
+    /// zero-extended).
+    pub(crate) fn gather(&self, w: u64, bf16: bool, idx: u64, out: u64, n: usize) -> Result<()> {
+        let n = n as u64;
+        let name = if bf16 { "swk_gather_bf16" } else { "swk_gather_f32" };
+        launch!(self, name, kernels::grid_stride(n)?, w, idx, out, n)
+    }
+
+    /// `w[idx[i]] = bits[i]` for `n` elements at distinct indices (bf16 storage: the low 16
+    /// bits).
+    pub(crate) fn scatter(&self, w: u64, bf16: bool, idx: u64, bits: u64, n: usize) -> Result<()> {
+        let n = n as u64;
+        let name = if bf16 { "swk_scatter_bf16" } else { "swk_scatter_f32" };
+        launch!(self, name, kernels::grid_stride(n)?, w, idx, bits, n)
+    }
+
     /// Add the checksum of `n` elements (u32 or u16 bits) into `*out` (one u64, zeroed first).
     pub(crate) fn checksum(&self, data: u64, u16_bits: bool, n: usize, out: u64) -> Result<()> {
         let n = n as u64;

@@ -159,6 +159,74 @@ impl EditTarget for CudaModel {
         }
         self.dev.synchronize()
     }
+
+    /// One gather launch for the whole batch (a streamed layer's tensors: one by one, on the
+    /// host).
+    fn read_many(&self, tensor: &str, flats: &[usize]) -> Result<Vec<u32>> {
+        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) || flats.len() < 2 {
+            return flats.iter().map(|&f| self.read_bits(tensor, f)).collect();
+        }
+        self.dev.bind()?;
+        let t = self.tensor(tensor)?;
+        let idx = self.dev.upload(&batch_indices(tensor, flats, t.len(), false)?)?;
+        let out = self.dev.alloc::<u32>(flats.len())?;
+        let (w, bf16) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), false),
+            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        };
+        self.dev.gather(w, bf16, self.dev.ptr(&idx), self.dev.ptr(&out), flats.len())?;
+        let bits = self.dev.download(&out, 0, flats.len())?;
+        Ok(if bf16 {
+            bits.into_iter().map(|b| bf16_bits_to_f32_bits(b as u16)).collect()
+        } else {
+            bits
+        })
+    }
+
+    /// One scatter launch for the whole batch, then a synchronization (so a failed write is
+    /// reported here). bf16 storage: values rounded to nearest even, as `write_bits` does.
+    fn write_many(&mut self, tensor: &str, flats: &[usize], bits: &[u32]) -> Result<()> {
+        if flats.len() != bits.len() {
+            return Err(Error::tensor(tensor, "write_many: flats and bits differ in length"));
+        }
+        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) || flats.len() < 2 {
+            return flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b));
+        }
+        self.dev.bind()?;
+        let t = self.tensor(tensor)?;
+        let idx = self.dev.upload(&batch_indices(tensor, flats, t.len(), true)?)?;
+        let (w, bf16) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), false),
+            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        };
+        let stored: Vec<u32> = if bf16 {
+            bits.iter().map(|&b| f32_to_bf16_bits(f32::from_bits(b)) as u32).collect()
+        } else {
+            bits.to_vec()
+        };
+        let vals = self.dev.upload(&stored)?;
+        self.dev.scatter(w, bf16, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
+        self.dev.synchronize()
+    }
+}
+
+/// The flat offsets of a batch as the gather/scatter kernels take them, after checking each
+/// is below `len` and, for writes, that no two are equal (two threads would race).
+fn batch_indices(tensor: &str, flats: &[usize], len: usize, distinct: bool) -> Result<Vec<u64>> {
+    if let Some(&bad) = flats.iter().find(|&&f| f >= len) {
+        return Err(Error::tensor(tensor, format!("index {bad} out of range ({len} elements)")));
+    }
+    if distinct {
+        let mut sorted = flats.to_vec();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::tensor(
+                tensor,
+                format!("index {} appears twice in one batched write", w[0]),
+            ));
+        }
+    }
+    Ok(flats.iter().map(|&f| f as u64).collect())
 }
 
 #[cfg(test)]
@@ -193,6 +261,16 @@ mod tests {
         let wide: Vec<u32> = small.iter().map(|&v| v as u32).collect();
         assert_eq!(checksum_bits_u16(&small), checksum_bits_u32(&wide));
         assert_eq!(checksum_bits_u32(&[]), 0);
+    }
+
+    #[test]
+    fn batch_indices_are_checked() {
+        assert_eq!(batch_indices("t", &[3, 0, 2], 4, true).unwrap(), vec![3, 0, 2]);
+        let e = batch_indices("t", &[3, 4], 4, false).unwrap_err().to_string();
+        assert!(e.contains("t") && e.contains("index 4 out of range (4 elements)"), "{e}");
+        let e = batch_indices("t", &[1, 2, 1], 4, true).unwrap_err().to_string();
+        assert!(e.contains("index 1 appears twice"), "{e}");
+        assert!(batch_indices("t", &[1, 1], 4, false).is_ok(), "reads may repeat");
     }
 
     #[test]
