@@ -101,6 +101,8 @@ fn cli_experts_json_and_info_and_expert_edit() {
     assert_eq!(j["top_k"], 2);
     assert_eq!(j["samples"], 3);
     assert_eq!(j["device"], "cpu");
+    let (ok, _, err) = swk(&["experts", &fixture("llama"), "--no-ablate"]);
+    assert!(!ok && err.contains("not a mixture-of-experts model"), "{err}");
     let experts = j["experts"].as_array().unwrap();
     assert_eq!(experts.len(), 8);
     for l in 0..2 {

@@ -57,6 +57,8 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
     let bf16 = a.gpu_dtype == GpuDtype::Bf16;
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    // Refuse a dense model before uploading it to a device.
+    swk::model::arch::moe::params(&model.config)?;
     let samples = text_samples(&model, &text, a.router_samples, a.sample_len)?;
     let windows = if a.no_ablate {
         Vec::new()
