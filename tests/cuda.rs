@@ -1534,6 +1534,23 @@ fn timing_7b_moe() -> Result<()> {
         g.score(&prompt, &mut CudaKvCache::new(&g))?;
         ppl = ppl.min(ms(t));
     }
+    // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
+    // the restore log (batched device edits), then restored.
+    let mut g = g;
+    let before = g.checksum()?;
+    let t = Instant::now();
+    let edits = swk::analysis::experts::ablation_edits(&g, 0, 0)?;
+    let build = ms(t);
+    let (apply, restore) = {
+        let mut guard = EditGuard::new(&mut g);
+        let t = Instant::now();
+        guard.apply_all(&edits)?;
+        let apply = ms(t);
+        let t = Instant::now();
+        guard.restore_all()?;
+        (apply, ms(t))
+    };
+    let restored = if g.checksum()? == before { "" } else { " RESTORE MISMATCH" };
     let text = [
         String::new(),
         format!(
@@ -1543,13 +1560,14 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms | floor ms | × floor | ppl 512 ms | ppl tok/s |".into(),
-        "|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms | floor ms | × floor | ppl 512 ms | ppl tok/s | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {ppl:.1} | {:.0} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {ppl:.1} | {:.0} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
-            512.0 / (ppl / 1e3)
+            512.0 / (ppl / 1e3),
+            edits.len()
         ),
     ]
     .join("\n")

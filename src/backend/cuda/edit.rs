@@ -167,16 +167,12 @@ impl EditTarget for CudaModel {
             return flats.iter().map(|&f| self.read_bits(tensor, f)).collect();
         }
         self.dev.bind()?;
-        let t = self.tensor(tensor)?;
-        let idx = self.dev.upload(&batch_indices(tensor, flats, t.len(), false)?)?;
+        let w = self.weight(tensor)?;
+        let idx = self.dev.upload(&batch_indices(tensor, flats, w.len(), false)?)?;
         let out = self.dev.alloc::<u32>(flats.len())?;
-        let (w, bf16) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Bf16(d) => (self.dev.ptr(d), true),
-        };
-        self.dev.gather(w, bf16, self.dev.ptr(&idx), self.dev.ptr(&out), flats.len())?;
+        self.dev.gather(w.ptr, w.bf16, self.dev.ptr(&idx), self.dev.ptr(&out), flats.len())?;
         let bits = self.dev.download(&out, 0, flats.len())?;
-        Ok(if bf16 {
+        Ok(if w.bf16 {
             bits.into_iter().map(|b| bf16_bits_to_f32_bits(b as u16)).collect()
         } else {
             bits
@@ -193,19 +189,15 @@ impl EditTarget for CudaModel {
             return flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b));
         }
         self.dev.bind()?;
-        let t = self.tensor(tensor)?;
-        let idx = self.dev.upload(&batch_indices(tensor, flats, t.len(), true)?)?;
-        let (w, bf16) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Bf16(d) => (self.dev.ptr(d), true),
-        };
-        let stored: Vec<u32> = if bf16 {
+        let w = self.weight(tensor)?;
+        let idx = self.dev.upload(&batch_indices(tensor, flats, w.len(), true)?)?;
+        let stored: Vec<u32> = if w.bf16 {
             bits.iter().map(|&b| f32_to_bf16_bits(f32::from_bits(b)) as u32).collect()
         } else {
             bits.to_vec()
         };
         let vals = self.dev.upload(&stored)?;
-        self.dev.scatter(w, bf16, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
+        self.dev.scatter(w.ptr, w.bf16, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
         self.dev.synchronize()
     }
 }

@@ -147,6 +147,11 @@ pub(crate) struct WeightRef {
 }
 
 impl WeightRef {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
     /// Rows `start..start + n` of a matrix: one projection of a fused one (Phi-3's
     /// `qkv_proj` and `gate_up_proj` stack theirs by rows, and rows are contiguous).
     /// A vector's elements `start..start + n` likewise (a fused projection's bias).
