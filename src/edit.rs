@@ -52,20 +52,32 @@ impl EditOp {
     }
 }
 
-/// One element edit: a tensor (HF name), an index into it, an operation.
+/// One edit: a tensor (HF name), an index into it, an operation. An element edit names one
+/// element; a block edit (`block`) names an index prefix and covers every element under it:
+/// `T[r,*]` is row `r` of a matrix, `T[*]` the whole tensor.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WeightEdit {
     /// Hugging Face tensor name.
     pub tensor: String,
-    /// Index, one entry per dimension (`[row, col]` for matrices).
+    /// Index, one entry per dimension (`[row, col]` for matrices); a block edit's prefix.
     pub index: Vec<usize>,
+    /// Whether this is a block edit (every element under the `index` prefix).
+    #[serde(skip_serializing_if = "is_false")]
+    pub block: bool,
     /// The operation.
     pub op: EditOp,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 impl fmt::Display for WeightEdit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let idx: Vec<String> = self.index.iter().map(|i| i.to_string()).collect();
+        let mut idx: Vec<String> = self.index.iter().map(|i| i.to_string()).collect();
+        if self.block {
+            idx.push("*".into());
+        }
         let op = match self.op {
             EditOp::Zero => "zero".to_string(),
             EditOp::Scale(x) => format!("x{x}"),
@@ -78,7 +90,14 @@ impl fmt::Display for WeightEdit {
 impl WeightEdit {
     /// An edit of `tensor[index]`.
     pub fn new(tensor: impl Into<String>, index: &[usize], op: EditOp) -> Self {
-        WeightEdit { tensor: tensor.into(), index: index.to_vec(), op }
+        WeightEdit { tensor: tensor.into(), index: index.to_vec(), block: false, op }
+    }
+
+    /// A block edit of every element of `tensor` under the index `prefix`: `&[]` is the whole
+    /// tensor, `&[r]` row `r` of a matrix. Logged and restored as one record holding the
+    /// block's original bits (4 bytes an element), not one record per element.
+    pub fn block(tensor: impl Into<String>, prefix: &[usize], op: EditOp) -> Self {
+        WeightEdit { tensor: tensor.into(), index: prefix.to_vec(), block: true, op }
     }
 
     /// An edit of `model.layers.{layer}.mlp.down_proj.weight[row, col]`.
@@ -87,7 +106,8 @@ impl WeightEdit {
     }
 
     /// Parse a CLI spec: `zero:L,R,C`, `scale:L,R,C,F`, `set:L,R,C,V` (on layer L's
-    /// down_proj), or `TENSOR[i,j,...]=zero|xF|V` for any tensor.
+    /// down_proj), or `TENSOR[i,j,...]=zero|xF|V` for any tensor; trailing `*`s make a block
+    /// edit (`TENSOR[r,*]`, `TENSOR[*]`).
     pub fn parse(spec: &str) -> Result<Self> {
         let err = |msg: &str| Error::Edit { spec: spec.to_string(), msg: msg.to_string() };
         let num_usize =
@@ -125,7 +145,13 @@ impl WeightEdit {
         })?;
         let (name, idx) = lhs.split_once('[').ok_or_else(|| err("missing `[index]`"))?;
         let idx = idx.strip_suffix(']').ok_or_else(|| err("missing `]`"))?;
-        let index = idx.split(',').map(num_usize).collect::<Result<Vec<_>>>()?;
+        let mut parts: Vec<&str> = idx.split(',').map(str::trim).collect();
+        let stars = parts.iter().rev().take_while(|p| **p == "*").count();
+        parts.truncate(parts.len() - stars);
+        if parts.contains(&"*") {
+            return Err(err("`*` may only end the index (a block: `T[r,*]`, `T[*]`)"));
+        }
+        let index = parts.into_iter().map(num_usize).collect::<Result<Vec<_>>>()?;
         if name.is_empty() {
             return Err(err("missing tensor name"));
         }
@@ -137,12 +163,32 @@ impl WeightEdit {
         } else {
             EditOp::Set(num_f32(rhs)?)
         };
+        if stars > 0 {
+            return Ok(Self::block(name, &index, op));
+        }
         Ok(Self::new(name, &index, op))
     }
 
-    /// Flat offset of the index in a tensor of `shape`, checked.
+    /// Flat offset of the index in a tensor of `shape`, checked (element edits only).
     pub fn flat_index(&self, shape: &[usize]) -> Result<usize> {
-        if self.index.len() != shape.len() {
+        if self.block {
+            return Err(Error::Edit {
+                spec: self.to_string(),
+                msg: "a block edit covers many elements, not one".into(),
+            });
+        }
+        Ok(self.span(shape)?.0)
+    }
+
+    /// The elements the edit covers in a tensor of `shape`, checked: `(first flat offset,
+    /// count)`; a count of 1 for an element edit.
+    pub fn span(&self, shape: &[usize]) -> Result<(usize, usize)> {
+        let dims_ok = if self.block {
+            self.index.len() <= shape.len()
+        } else {
+            self.index.len() == shape.len()
+        };
+        if !dims_ok {
             return Err(Error::Edit {
                 spec: self.to_string(),
                 msg: format!(
@@ -161,7 +207,14 @@ impl WeightEdit {
             }
             flat = flat * d + i;
         }
-        Ok(flat)
+        let inner: usize = shape[self.index.len()..].iter().product();
+        if inner == 0 {
+            return Err(Error::Edit {
+                spec: self.to_string(),
+                msg: format!("the block covers no elements (shape {shape:?})"),
+            });
+        }
+        Ok((flat * inner, inner))
     }
 }
 
@@ -170,7 +223,7 @@ impl WeightEdit {
 pub struct EditRecord {
     /// The edit.
     pub edit: WeightEdit,
-    /// Flat element offset.
+    /// Flat element offset (a block edit's first element).
     pub flat: usize,
     /// Value before the edit.
     pub original: f32,
@@ -178,6 +231,13 @@ pub struct EditRecord {
     pub new: f32,
     /// Exact bits before the edit (restored verbatim).
     pub original_bits: u32,
+    /// Elements covered: 1, or a block edit's count (elements `flat..flat + len`; `original`,
+    /// `new` and `original_bits` are then the first element's).
+    pub len: usize,
+    /// A block edit's original bits, element by element (restored verbatim); empty for an
+    /// element edit. Not in the JSON log.
+    #[serde(skip)]
+    pub block_bits: Vec<u32>,
     /// Whether it has been restored.
     pub restored: bool,
 }
@@ -203,19 +263,36 @@ pub trait EditTarget {
         }
         flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b))
     }
+    /// Read `len` consecutive elements' bits from flat offset `start` (a block edit). The
+    /// default goes through [`EditTarget::read_many`].
+    fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
+        let flats: Vec<usize> = (start..start + len).collect();
+        self.read_many(tensor, &flats)
+    }
+    /// Write `bits` to consecutive elements from flat offset `start`. The default goes
+    /// through [`EditTarget::write_many`].
+    fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
+        let flats: Vec<usize> = (start..start + bits.len()).collect();
+        self.write_many(tensor, &flats, bits)
+    }
 }
 
-/// Split items `0..n` (item `i` writes element `key(i) = (tensor, flat)`) into runs of one
-/// tensor with distinct flat offsets, in order: batches that
-/// [`EditTarget::read_many`]/[`EditTarget::write_many`] can take without changing the result
-/// of handling the items one by one.
-fn batches<'k>(n: usize, key: impl Fn(usize) -> (&'k str, usize)) -> Vec<std::ops::Range<usize>> {
+/// Split items `0..n` (item `i` writes element `key(i) = (tensor, flat, block)`) into runs
+/// of one tensor with distinct flat offsets, in order; a block is a run of its own. These are
+/// the batches [`EditTarget::read_many`]/[`EditTarget::write_many`] can take without
+/// changing the result of handling the items one by one.
+fn batches<'k>(
+    n: usize,
+    key: impl Fn(usize) -> (&'k str, usize, bool),
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut start = 0;
     for i in 0..n {
-        let (tensor, flat) = key(i);
-        if i > start && (tensor != key(start).0 || seen.contains(&flat)) {
+        let (tensor, flat, block) = key(i);
+        let (first, _, first_block) = key(start);
+        let joins = !block && !first_block && tensor == first && !seen.contains(&flat);
+        if i > start && !joins {
             out.push(start..i);
             start = i;
             seen.clear();
@@ -246,6 +323,19 @@ impl EditTarget for Weights {
         *slot = f32::from_bits(bits);
         Ok(())
     }
+    fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
+        let t = self.get(tensor)?;
+        let v = t.data.get(start..start.saturating_add(len));
+        let v = v.ok_or_else(|| Error::tensor(tensor, "range out of bounds"))?;
+        Ok(v.iter().map(|x| x.to_bits()).collect())
+    }
+    fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
+        let t = self.get_mut(tensor)?;
+        let v = t.data.get_mut(start..start.saturating_add(bits.len()));
+        let v = v.ok_or_else(|| Error::tensor(tensor, "range out of bounds"))?;
+        v.iter_mut().zip(bits).for_each(|(x, &b)| *x = f32::from_bits(b));
+        Ok(())
+    }
 }
 
 impl EditTarget for Model {
@@ -257,6 +347,12 @@ impl EditTarget for Model {
     }
     fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
         self.weights.write_bits(tensor, flat, bits)
+    }
+    fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
+        self.weights.read_range(tensor, start, len)
+    }
+    fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
+        self.weights.write_range(tensor, start, bits)
     }
 }
 
@@ -283,13 +379,13 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
     }
 
     /// Apply several edits, with the same result as applying them one by one in order. Runs
-    /// of one tensor move in batches ([`EditTarget::read_many`], then
-    /// [`EditTarget::write_many`]), so zeroing a whole expert on a device costs a few
-    /// transfers, not one per element. Every index is checked before anything is written;
-    /// on error, the edits already applied stay logged (and are restored when the guard
-    /// drops).
+    /// of element edits of one tensor move in batches ([`EditTarget::read_many`], then
+    /// [`EditTarget::write_many`]); a block edit moves as one range. On a device that is a
+    /// few transfers, not one per element. Every index is checked before anything is
+    /// written; on error, the edits already applied stay logged (and are restored when the
+    /// guard drops).
     pub fn apply_all(&mut self, edits: &[WeightEdit]) -> Result<()> {
-        let mut flats = Vec::with_capacity(edits.len());
+        let mut spans = Vec::with_capacity(edits.len());
         let mut shape: Option<(&str, Vec<usize>)> = None;
         for e in edits {
             if shape.as_ref().is_none_or(|(t, _)| *t != e.tensor) {
@@ -300,12 +396,33 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
                 shape = Some((&e.tensor, s));
             }
             let s = shape.as_ref().map(|(_, s)| s.as_slice()).unwrap_or_default();
-            flats.push(e.flat_index(s)?);
+            spans.push(e.span(s)?);
         }
-        for run in batches(edits.len(), |i| (edits[i].tensor.as_str(), flats[i])) {
-            let (edits, flats) = (&edits[run.clone()], &flats[run]);
+        let runs = batches(edits.len(), |i| (edits[i].tensor.as_str(), spans[i].0, edits[i].block));
+        for run in runs {
+            let (edits, spans) = (&edits[run.clone()], &spans[run]);
             let tensor = &edits[0].tensor;
-            let old = self.target.read_many(tensor, flats)?;
+            if edits[0].block {
+                let (start, len) = spans[0];
+                let old = self.target.read_range(tensor, start, len)?;
+                let op = edits[0].op;
+                let new: Vec<u32> =
+                    old.iter().map(|&b| op.apply(f32::from_bits(b)).to_bits()).collect();
+                self.log.push(EditRecord {
+                    edit: edits[0].clone(),
+                    flat: start,
+                    original: f32::from_bits(old[0]),
+                    new: f32::from_bits(new[0]),
+                    original_bits: old[0],
+                    len,
+                    block_bits: old,
+                    restored: false,
+                });
+                self.target.write_range(tensor, start, &new)?;
+                continue;
+            }
+            let flats: Vec<usize> = spans.iter().map(|s| s.0).collect();
+            let old = self.target.read_many(tensor, &flats)?;
             let new: Vec<u32> = edits
                 .iter()
                 .zip(&old)
@@ -313,17 +430,19 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
                 .collect();
             // Logged before writing: if the write fails, restoring the unchanged bits is
             // harmless.
-            for ((e, &flat), (&bits, &new)) in edits.iter().zip(flats).zip(old.iter().zip(&new)) {
+            for ((e, &flat), (&bits, &new)) in edits.iter().zip(&flats).zip(old.iter().zip(&new)) {
                 self.log.push(EditRecord {
                     edit: e.clone(),
                     flat,
                     original: f32::from_bits(bits),
                     new: f32::from_bits(new),
                     original_bits: bits,
+                    len: 1,
+                    block_bits: Vec::new(),
                     restored: false,
                 });
             }
-            self.target.write_many(tensor, flats, &new)?;
+            self.target.write_many(tensor, &flats, &new)?;
         }
         Ok(())
     }
@@ -335,14 +454,25 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
             (0..self.log.len()).rev().filter(|&i| !self.log[i].restored).collect();
         let log = &self.log;
         let runs = batches(pending.len(), |k| {
-            (log[pending[k]].edit.tensor.as_str(), log[pending[k]].flat)
+            let r = &log[pending[k]];
+            (r.edit.tensor.as_str(), r.flat, r.edit.block)
         });
         for run in runs {
             let ids = &pending[run];
-            let tensor = self.log[ids[0]].edit.tensor.clone();
-            let flats: Vec<usize> = ids.iter().map(|&i| self.log[i].flat).collect();
-            let bits: Vec<u32> = ids.iter().map(|&i| self.log[i].original_bits).collect();
-            self.target.write_many(&tensor, &flats, &bits)?;
+            let first = &self.log[ids[0]];
+            let tensor = first.edit.tensor.clone();
+            if first.edit.block {
+                let start = first.flat;
+                // Borrowed out of the log for the write, and put back whatever happens.
+                let bits = std::mem::take(&mut self.log[ids[0]].block_bits);
+                let written = self.target.write_range(&tensor, start, &bits);
+                self.log[ids[0]].block_bits = bits;
+                written?;
+            } else {
+                let flats: Vec<usize> = ids.iter().map(|&i| self.log[i].flat).collect();
+                let bits: Vec<u32> = ids.iter().map(|&i| self.log[i].original_bits).collect();
+                self.target.write_many(&tensor, &flats, &bits)?;
+            }
             for &i in ids {
                 self.log[i].restored = true;
             }

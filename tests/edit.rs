@@ -70,6 +70,11 @@ fn parses_every_valid_form() {
         ("cube[1,0,1]=-3", WeightEdit::new("cube", &[1, 0, 1], EditOp::Set(-3.0))),
         // A tensor name may contain ':' when the bracket form is used.
         ("ns:t[0]=zero", WeightEdit::new("ns:t", &[0], EditOp::Zero)),
+        // Block edits: trailing `*`s.
+        ("m[1,*]=x2", WeightEdit::block("m", &[1], EditOp::Scale(2.0))),
+        ("m[*]=zero", WeightEdit::block("m", &[], EditOp::Zero)),
+        ("m[ * , * ]=zero", WeightEdit::block("m", &[], EditOp::Zero)),
+        ("cube[1,*,*]=-1", WeightEdit::block("cube", &[1], EditOp::Set(-1.0))),
     ];
     for (spec, want) in cases {
         let got = WeightEdit::parse(spec).unwrap_or_else(|e| panic!("`{spec}`: {e}"));
@@ -90,12 +95,15 @@ fn display_round_trips_through_parse() {
         WeightEdit::down_proj(0, 1, 2, EditOp::Set(f32::MAX)),
         WeightEdit::new("cube", &[1, 0, 1], EditOp::Scale(-3.25e-7)),
         WeightEdit::new("v", &[3], EditOp::Set(0.1)),
+        WeightEdit::block("cube", &[1], EditOp::Scale(0.5)),
+        WeightEdit::block("m", &[], EditOp::Zero),
     ];
     for e in edits {
         let text = e.to_string();
         let back = WeightEdit::parse(&text).unwrap_or_else(|err| panic!("`{text}`: {err}"));
         assert_eq!(back.tensor, e.tensor, "`{text}`");
         assert_eq!(back.index, e.index, "`{text}`");
+        assert_eq!(back.block, e.block, "`{text}`");
         let op_bits = |op: EditOp| match op {
             EditOp::Zero => (0, 0),
             EditOp::Scale(f) => (1, f.to_bits()),
@@ -107,6 +115,8 @@ fn display_round_trips_through_parse() {
         WeightEdit::down_proj(2, 3, 4, EditOp::Zero).to_string(),
         "model.layers.2.mlp.down_proj.weight[3,4]=zero"
     );
+    assert_eq!(WeightEdit::block("t", &[], EditOp::Zero).to_string(), "t[*]=zero");
+    assert_eq!(WeightEdit::block("t", &[4], EditOp::Scale(2.0)).to_string(), "t[4,*]=x2");
 }
 
 #[test]
@@ -132,6 +142,8 @@ fn rejects_malformed_specs_with_clear_errors() {
         ("[1,2]=zero", "missing tensor name"),
         ("m[1,x]=zero", "`x` is not an index"),
         ("m[]=zero", "is not an index"),
+        ("m[*,1]=zero", "`*` may only end the index"),
+        ("m[1,*,2,*]=zero", "`*` may only end the index"),
         ("m[1,2]=xNaN", "`NaN` is not a finite number"),
         ("m[1,2]=x", "is not a finite number"),
         ("m[1,2]=banana", "`banana` is not a finite number"),
@@ -164,6 +176,9 @@ fn bad_indices_name_the_tensor_and_change_nothing() {
             vec!["cube[1,1]", "2 dimensions", "[2, 2, 2]"],
         ),
         (WeightEdit::new("nope", &[0], EditOp::Zero), vec!["nope", "not found"]),
+        (WeightEdit::block("m", &[2], EditOp::Zero), vec!["m[2,*]", "out of range", "[2, 3]"]),
+        (WeightEdit::block("m", &[0, 0, 0], EditOp::Zero), vec!["m[0,0,0,*]", "3 dimensions"]),
+        (WeightEdit::block("nope", &[], EditOp::Zero), vec!["nope[*]", "not found"]),
         (
             WeightEdit::down_proj(99, 0, 0, EditOp::Zero),
             vec!["model.layers.99.mlp.down_proj.weight", "not found"],
@@ -288,6 +303,97 @@ fn batched_edits_equal_one_by_one() {
         assert!(g.writes.len() < 2 * edits.len(), "some edits were batched");
     }
     assert_eq!(bits(&batched.w), all);
+}
+
+/// Every element edit a block edit stands for, in flat order.
+fn expand(e: &WeightEdit, shape: &[usize]) -> Vec<WeightEdit> {
+    if !e.block {
+        return vec![e.clone()];
+    }
+    let inner: usize = shape[e.index.len()..].iter().product();
+    (0..inner)
+        .map(|mut f| {
+            let mut idx = e.index.clone();
+            let mut tail = vec![0; shape.len() - e.index.len()];
+            for (k, d) in shape[e.index.len()..].iter().enumerate().rev() {
+                tail[k] = f % d;
+                f /= d;
+            }
+            idx.extend(tail);
+            WeightEdit::new(e.tensor.clone(), &idx, e.op)
+        })
+        .collect()
+}
+
+/// Block edits (whole tensors, rows, sub-blocks) mixed with element edits that overlap them
+/// give exactly what their element-by-element expansion gives, applied one by one; one log
+/// record per block, holding its original bits; restore brings every bit back.
+#[test]
+fn block_edits_equal_their_expansion() {
+    let mut rng = swk::synth::SplitMix64::new(12);
+    let mut pick = |n: u64| (rng.next_u64() % n) as usize;
+    let shapes = [("m", vec![2, 3]), ("v", vec![4]), ("cube", vec![2, 2, 2])];
+    let edits: Vec<WeightEdit> = (0..300)
+        .map(|_| {
+            let (t, shape) = &shapes[pick(3)];
+            let op = match pick(3) {
+                0 => EditOp::Zero,
+                1 => EditOp::Scale(-1.5),
+                _ => EditOp::Set(pick(100) as f32 - 50.0),
+            };
+            let idx: Vec<usize> = shape.iter().map(|&d| pick(d as u64)).collect();
+            if pick(4) == 0 {
+                WeightEdit::block(*t, &idx[..pick(shape.len() as u64 + 1)], op)
+            } else {
+                WeightEdit::new(*t, &idx, op)
+            }
+        })
+        .collect();
+    let blocks = edits.iter().filter(|e| e.block).count();
+    assert!(blocks > 30, "{blocks} blocks");
+    let shape_of = |t: &str| shapes.iter().find(|s| s.0 == t).map(|s| s.1.clone()).unwrap();
+    let expanded: Vec<WeightEdit> =
+        edits.iter().flat_map(|e| expand(e, &shape_of(&e.tensor))).collect();
+
+    let mut one = store();
+    let all = bits(&one);
+    let want = {
+        let mut g = EditGuard::new(&mut one);
+        for e in &expanded {
+            g.apply(e).unwrap();
+        }
+        bits(&g)
+    };
+    let mut batched = Counting::new(store());
+    {
+        let mut g = EditGuard::new(&mut batched);
+        g.apply_all(&edits).unwrap();
+        assert_eq!(bits(&g.w), want);
+        assert_eq!(g.log().len(), edits.len(), "one record per edit");
+        for (r, e) in g.log().iter().zip(&edits) {
+            let n = expand(e, &shape_of(&e.tensor)).len();
+            assert_eq!(r.len, n, "{e}");
+            assert_eq!(r.block_bits.len(), if e.block { n } else { 0 }, "{e}");
+            if e.block {
+                assert_eq!(r.block_bits[0], r.original_bits, "{e}");
+            }
+        }
+        assert_eq!(g.restore_all().unwrap(), edits.len());
+        assert_eq!(bits(&g.w), all);
+    }
+    // A whole tensor is one range read and one range write (the default range methods go
+    // through read_many/write_many).
+    let mut c = Counting::new(store());
+    {
+        let mut g = EditGuard::new(&mut c);
+        g.apply(&WeightEdit::block("cube", &[], EditOp::Scale(2.0))).unwrap();
+        let cube = &g.w.get("cube").unwrap().data;
+        assert_eq!(*cube, (0..8).map(|i| 2.0 * i as f32).collect::<Vec<_>>());
+        assert_eq!(*g.reads.borrow(), calls(&[("cube", 8)]));
+        assert_eq!(g.writes, calls(&[("cube", 8)]));
+    }
+    assert_eq!(c.writes, calls(&[("cube", 8), ("cube", 8)]));
+    assert_eq!(bits(&c.w), all);
 }
 
 /// Runs of one tensor move in one read and one write, restored in one write per run, newest
@@ -519,6 +625,18 @@ fn log_json_has_the_expected_fields() {
     assert_eq!(a[2]["edit"]["op"], serde_json::json!({"op": "set", "arg": -0.5}));
     // A NaN original is not representable in JSON; its bits are.
     assert_eq!(a[3]["original_bits"], NAN_PAYLOAD);
+    assert_eq!(a[0]["len"], 1);
+    assert!(a[0]["edit"].get("block").is_none(), "element edits carry no block flag");
+    // A block: one record, its length, its first element; the bits stay out of the JSON.
+    g.apply(&WeightEdit::block("cube", &[1], EditOp::Zero)).unwrap();
+    let j = g.log_json();
+    let b = &j.as_array().unwrap()[4];
+    assert_eq!(b["edit"]["block"], true);
+    assert_eq!(
+        (b["flat"].as_u64(), b["len"].as_u64(), b["original"].as_f64()),
+        (Some(4), Some(4), Some(4.0))
+    );
+    assert!(b.get("block_bits").is_none());
     g.restore_all().unwrap();
     assert!(g.log_json().as_array().unwrap().iter().all(|r| r["restored"] == true));
 }

@@ -152,21 +152,18 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[lo] + (s[hi] - s[lo]) * (rank - lo as f64)
 }
 
-/// Zero edits of every weight of expert `e`'s down_proj in layer `l` (its output ablated).
+/// The edit that zeroes every weight of expert `e`'s down_proj in layer `l` (its output
+/// ablated): one block edit, logged as the tensor's original bits.
 pub fn ablation_edits<T: EditTarget + ?Sized>(
     model: &T,
     l: usize,
     e: usize,
 ) -> Result<Vec<WeightEdit>> {
     let name = moe::expert_name(l, e, "down_proj");
-    let (rows, cols) = match model.shape_of(&name)?.as_slice() {
-        &[rows, cols] => (rows, cols),
-        _ => return Err(Error::tensor(&name, "not a matrix")),
-    };
-    Ok((0..rows)
-        .flat_map(|r| (0..cols).map(move |c| (r, c)))
-        .map(|(r, c)| WeightEdit::new(&name, &[r, c], EditOp::Zero))
-        .collect())
+    if model.shape_of(&name)?.len() != 2 {
+        return Err(Error::tensor(&name, "not a matrix"));
+    }
+    Ok(vec![WeightEdit::block(name, &[], EditOp::Zero)])
 }
 
 /// Router statistics over `samples` (each run from an empty cache), super experts, and, when

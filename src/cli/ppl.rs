@@ -66,7 +66,14 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         }));
     }
     for e in &log {
-        println!("edit           {} ({} -> {})", e.edit, e.original, e.new);
+        if e.len > 1 {
+            println!(
+                "edit           {} ({} elements; first {} -> {})",
+                e.edit, e.len, e.original, e.new
+            );
+        } else {
+            println!("edit           {} ({} -> {})", e.edit, e.original, e.new);
+        }
     }
     println!("perplexity     {:.4}", r.perplexity);
     println!("tokens scored  {}", r.tokens_scored);

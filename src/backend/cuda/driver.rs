@@ -254,15 +254,27 @@ impl CudaDevice {
         host: &[T],
         d: &mut CudaSlice<T>,
     ) -> Result<()> {
-        if host.len() > d.len() {
-            return Err(Error::Backend(format!(
-                "upload of {} elements into a buffer of {}",
+        self.upload_at(host, d, 0)
+    }
+
+    /// Copy a host slice into an existing buffer from element `start` on (checked), in
+    /// stream order.
+    pub(crate) fn upload_at<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        d: &mut CudaSlice<T>,
+        start: usize,
+    ) -> Result<()> {
+        let end = start.checked_add(host.len()).filter(|&e| e <= d.len());
+        let end = end.ok_or_else(|| {
+            Error::Backend(format!(
+                "upload of {} elements at {start} into a buffer of {}",
                 host.len(),
                 d.len()
-            )));
-        }
+            ))
+        })?;
         if !host.is_empty() {
-            let mut view = d.slice_mut(0..host.len());
+            let mut view = d.slice_mut(start..end);
             self.stream.memcpy_htod(host, &mut view).map_err(be("upload"))?;
         }
         Ok(())

@@ -200,6 +200,65 @@ impl EditTarget for CudaModel {
         self.dev.scatter(w.ptr, w.bf16, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
         self.dev.synchronize()
     }
+
+    /// One download of the range (bf16 widened; streamed tensors: element by element).
+    fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
+        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) {
+            return (start..start + len).map(|f| self.read_bits(tensor, f)).collect();
+        }
+        self.dev.bind()?;
+        let t = self.tensor(tensor)?;
+        check_range(tensor, start, len, t.len())?;
+        Ok(match &t.data {
+            DevData::F32(d) => {
+                self.dev.download(d, start, len)?.iter().map(|v| v.to_bits()).collect()
+            }
+            DevData::Bf16(d) => {
+                self.dev.download(d, start, len)?.into_iter().map(bf16_bits_to_f32_bits).collect()
+            }
+        })
+    }
+
+    /// One upload into the range, then a synchronization (bf16 storage: values rounded to
+    /// nearest even, as `write_bits` does).
+    fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
+        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) {
+            let mut flat = start;
+            return bits.iter().try_for_each(|&b| {
+                self.write_bits(tensor, flat, b)?;
+                flat += 1;
+                Ok(())
+            });
+        }
+        self.dev.bind()?;
+        let t = self.tensors.get_mut(tensor).ok_or_else(|| {
+            Error::tensor(tensor, "not on the device (the forward pass does not read it)")
+        })?;
+        check_range(tensor, start, bits.len(), t.len())?;
+        match &mut t.data {
+            DevData::F32(d) => {
+                let v: &[f32] = bytemuck::cast_slice(bits);
+                self.dev.upload_at(v, d, start)?;
+            }
+            DevData::Bf16(d) => {
+                let v: Vec<u16> =
+                    bits.iter().map(|&b| f32_to_bf16_bits(f32::from_bits(b))).collect();
+                self.dev.upload_at(&v, d, start)?;
+            }
+        }
+        self.dev.synchronize()
+    }
+}
+
+/// A range edit must lie inside the tensor.
+fn check_range(tensor: &str, start: usize, len: usize, size: usize) -> Result<()> {
+    if start.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::tensor(
+            tensor,
+            format!("elements {start}..+{len} out of range ({size} elements)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The flat offsets of a batch as the gather/scatter kernels take them, after checking each

@@ -352,17 +352,30 @@ impl CudaDevice {
         Ok(d)
     }
 
-    /// Copy a host slice into the start of an existing buffer (checked).
+    /// Copy a host slice into the start of an existing buffer (checked), in stream order:
+    /// after the kernels queued before it, before those queued after.
     pub(crate) fn upload_into<T: Copy>(&self, host: &[T], d: &mut CudaSlice<T>) -> Result<()> {
+        self.upload_at(host, d, 0)
+    }
+
+    /// Copy a host slice into an existing buffer from element `start` on (checked), in
+    /// stream order.
+    pub(crate) fn upload_at<T: Copy>(
+        &self,
+        host: &[T],
+        d: &mut CudaSlice<T>,
+        start: usize,
+    ) -> Result<()> {
         self.not_capturing("a host-to-device copy")?;
-        if host.len() > d.len() {
-            return Err(Error::Backend(format!(
-                "upload of {} elements into a buffer of {}",
+        let end = start.checked_add(host.len()).filter(|&e| e <= d.len());
+        let end = end.ok_or_else(|| {
+            Error::Backend(format!(
+                "upload of {} elements at {start} into a buffer of {}",
                 host.len(),
                 d.len()
-            )));
-        }
-        d.as_mut_slice()[..host.len()].copy_from_slice(host);
+            ))
+        })?;
+        d.as_mut_slice()[start..end].copy_from_slice(host);
         Ok(())
     }
 
