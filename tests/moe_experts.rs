@@ -139,6 +139,24 @@ fn cli_experts_json_and_info_and_expert_edit() {
     let base = ppl(None);
     let edited = ppl(Some("model.layers.0.mlp.experts.2.down_proj.weight[4,8]=x1000"));
     assert!((edited / base - 1.0).abs() > 1e-3, "{base} vs {edited}");
+    // A whole expert ablated by one block edit (`[*]`) and by its row blocks (`[r,*]`, one
+    // per row) gives the same perplexity; the log has one record per block.
+    let whole = ppl(Some("model.layers.0.mlp.experts.2.down_proj.weight[*]=zero"));
+    assert!((whole / base - 1.0).abs() > 1e-4, "{base} vs {whole}");
+    let config = common::json("tiny/olmoe/config.json");
+    let hidden = config["hidden_size"].as_u64().expect("hidden_size") as usize;
+    let mut args: Vec<String> =
+        ["ppl", &fixture("olmoe"), "--text", &text, "--json"].map(str::to_string).to_vec();
+    for r in 0..hidden {
+        let spec = format!("model.layers.0.mlp.experts.2.down_proj.weight[{r},*]=zero");
+        args.extend(["--edit".into(), spec]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = swk(&args);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["perplexity"].as_f64().unwrap().to_bits(), whole.to_bits());
+    assert_eq!(j["edits"].as_array().unwrap().len(), hidden);
 }
 
 /// `detect` looks inside routed experts: the planted super weight of the super expert is
