@@ -305,6 +305,14 @@ fn batches<'k>(
     out
 }
 
+/// A target's batch read must return one value per element asked for.
+fn check_read(tensor: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::tensor(tensor, format!("read {got} elements, asked for {want}")));
+    }
+    Ok(())
+}
+
 impl EditTarget for Weights {
     fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
         Ok(self.get(tensor)?.shape.clone())
@@ -405,6 +413,7 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
             if edits[0].block {
                 let (start, len) = spans[0];
                 let old = self.target.read_range(tensor, start, len)?;
+                check_read(tensor, old.len(), len)?;
                 let op = edits[0].op;
                 let new: Vec<u32> =
                     old.iter().map(|&b| op.apply(f32::from_bits(b)).to_bits()).collect();
@@ -423,6 +432,7 @@ impl<'a, T: EditTarget> EditGuard<'a, T> {
             }
             let flats: Vec<usize> = spans.iter().map(|s| s.0).collect();
             let old = self.target.read_many(tensor, &flats)?;
+            check_read(tensor, old.len(), flats.len())?;
             let new: Vec<u32> = edits
                 .iter()
                 .zip(&old)

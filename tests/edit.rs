@@ -681,3 +681,39 @@ fn an_edit_changes_the_logits_and_restoring_brings_them_back() {
     assert!(changed.iter().zip(&base).any(|(a, b)| a != b));
     assert!(m.logits(&toks).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
+
+/// A target whose batch reads come back short is an error naming the tensor, not a panic or
+/// a silently partial edit; nothing is logged or written.
+#[test]
+fn short_batch_reads_are_errors() {
+    struct Short(Weights);
+    impl EditTarget for Short {
+        fn shape_of(&self, tensor: &str) -> swk::Result<Vec<usize>> {
+            self.0.shape_of(tensor)
+        }
+        fn read_bits(&self, tensor: &str, flat: usize) -> swk::Result<u32> {
+            self.0.read_bits(tensor, flat)
+        }
+        fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> swk::Result<()> {
+            self.0.write_bits(tensor, flat, bits)
+        }
+        fn read_many(&self, tensor: &str, flats: &[usize]) -> swk::Result<Vec<u32>> {
+            flats.iter().skip(1).map(|&f| self.0.read_bits(tensor, f)).collect()
+        }
+    }
+    let mut t = Short(store());
+    let all = bits(&t.0);
+    for edits in [
+        vec![
+            WeightEdit::new("m", &[0, 0], EditOp::Zero),
+            WeightEdit::new("m", &[1, 1], EditOp::Zero),
+        ],
+        vec![WeightEdit::block("cube", &[1], EditOp::Zero)],
+    ] {
+        let mut g = EditGuard::new(&mut t);
+        let err = g.apply_all(&edits).unwrap_err().to_string();
+        assert!(err.contains("read") && err.contains("asked for"), "{err}");
+        assert!(g.log().is_empty());
+    }
+    assert_eq!(bits(&t.0), all);
+}
