@@ -108,6 +108,14 @@ impl CudaModel {
     }
 }
 
+impl CudaModel {
+    /// Whether `tensor` belongs to a streamed layer (edited in the host overlay, one element
+    /// at a time).
+    fn in_stream(&self, tensor: &str) -> bool {
+        self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some())
+    }
+}
+
 impl EditTarget for CudaModel {
     fn shape_of(&self, tensor: &str) -> Result<Vec<usize>> {
         if let Some(e) = self.stream.as_ref().and_then(|st| st.entry(tensor)) {
@@ -163,7 +171,7 @@ impl EditTarget for CudaModel {
     /// One gather launch for the whole batch (a streamed layer's tensors: one by one, on the
     /// host).
     fn read_many(&self, tensor: &str, flats: &[usize]) -> Result<Vec<u32>> {
-        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) || flats.len() < 2 {
+        if self.in_stream(tensor) || flats.len() < 2 {
             return flats.iter().map(|&f| self.read_bits(tensor, f)).collect();
         }
         self.dev.bind()?;
@@ -185,7 +193,7 @@ impl EditTarget for CudaModel {
         if flats.len() != bits.len() {
             return Err(Error::tensor(tensor, "write_many: flats and bits differ in length"));
         }
-        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) || flats.len() < 2 {
+        if self.in_stream(tensor) || flats.len() < 2 {
             return flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b));
         }
         self.dev.bind()?;
@@ -203,7 +211,7 @@ impl EditTarget for CudaModel {
 
     /// One download of the range (bf16 widened; streamed tensors: element by element).
     fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
-        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) {
+        if self.in_stream(tensor) {
             return (start..start + len).map(|f| self.read_bits(tensor, f)).collect();
         }
         self.dev.bind()?;
@@ -222,13 +230,11 @@ impl EditTarget for CudaModel {
     /// One upload into the range, then a synchronization (bf16 storage: values rounded to
     /// nearest even, as `write_bits` does).
     fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
-        if self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some()) {
-            let mut flat = start;
-            return bits.iter().try_for_each(|&b| {
-                self.write_bits(tensor, flat, b)?;
-                flat += 1;
-                Ok(())
-            });
+        if self.in_stream(tensor) {
+            return bits
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, &b)| self.write_bits(tensor, start + i, b));
         }
         self.dev.bind()?;
         let t = self.tensors.get_mut(tensor).ok_or_else(|| {
