@@ -6,8 +6,9 @@
 //! backend restarts from the stored residual of the edited layer; on the GPU a full window
 //! costs milliseconds).
 
-use super::forward::{CudaKvCache, CudaModel, DevData};
+use super::forward::CudaKvCache;
 use super::kernels;
+use super::model::{CudaModel, DevData};
 use crate::detect::{ConfirmBaseline, DetectBackend};
 use crate::edit::{EditGuard, WeightEdit};
 use crate::hooks::SpikeStats;

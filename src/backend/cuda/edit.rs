@@ -9,8 +9,8 @@
 //! [`EditGuard`](crate::edit::EditGuard)'s restore writes the stored bits back unchanged:
 //! restoration is bit-exact in both dtypes, and [`CudaModel::checksum`] shows it.
 
-use super::forward::{CudaModel, DevData};
 use super::kernels::{bf16_bits_to_f32_bits, f32_to_bf16_bits};
+use super::model::{CudaModel, DevData};
 use crate::edit::EditTarget;
 use crate::model::weights::fnv1a;
 use crate::{Error, Result};
@@ -90,7 +90,7 @@ impl CudaModel {
     /// The checksum [`CudaModel::checksum`] must give right after uploading `model` in
     /// `dtype` (computed on the host): proves the upload itself was bit-exact.
     pub fn expected_checksum(model: &crate::Model, dtype: super::WeightDtype) -> Result<u64> {
-        let probe = super::forward::upload_plan(model);
+        let probe = super::model::upload_plan(model);
         let mut per = Vec::with_capacity(probe.len());
         for (name, matrix) in &probe {
             let t = model.weights.get(name)?;

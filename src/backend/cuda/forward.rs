@@ -1,5 +1,8 @@
-//! A model on the device and its forward pass, mirroring `model::arch::llama::forward` (and
-//! `phi3::forward`, the same block with fused projections, and `olmo::forward`):
+//! The forward pass of a [`CudaModel`] (its weights: model.rs; its matrix products:
+//! linear.rs; perplexity and generation over it: eval.rs), mirroring
+//! `model::arch::llama::forward` (and `phi3::forward`, the same block with fused projections,
+//! `olmo::forward`, and the other dense families' switches, family.rs), as `layers` runs it
+//! (attention in `attention`, the MLP in `dense_mlp`):
 //!
 //! ```text
 //! x = E[tokens]
@@ -20,207 +23,20 @@
 //! logits = rmsnorm(x[rows asked]) ⊙ w_norm · W_headᵀ
 //! ```
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use super::driver::{CudaSlice, PinnedHostSlice};
-
-use super::driver::{cuda_available, CudaDevice};
-use super::family::{Block, Norm, QkNorm};
-use super::kernels;
-use super::mla::{MlaActs, MlaRope};
+use super::driver::{CudaDevice, CudaSlice};
+use super::family::{Norm, QkNorm};
+use super::linear::Scratch;
+use super::mla::MlaActs;
+use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
-use super::streamed::Streamed;
-use crate::backend::stream::{layer_plan, split_layer_name, stage_layer, Overlay, SlotLayout};
-use crate::eval::ppl::Perplexity;
+use crate::backend::stream::stage_layer;
 use crate::hooks::SpikeStats;
-use crate::model::arch::{self, llama, Logits};
-use crate::model::{Architecture, LazyModel, Model, ModelConfig};
+use crate::model::arch::Logits;
+use crate::model::ModelConfig;
 use crate::{Error, Result};
 
-/// How weight matrices (projections, embedding, LM head) are stored on the device. Norm
-/// weights, biases and RoPE frequencies are always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightDtype {
-    /// 4 bytes per weight: the host's values exactly.
-    F32,
-    /// 2 bytes per weight, rounded to nearest even (exact for models stored in bf16).
-    Bf16,
-}
-
-impl WeightDtype {
-    /// Bytes per stored weight.
-    pub fn bytes(self) -> usize {
-        match self {
-            WeightDtype::F32 => 4,
-            WeightDtype::Bf16 => 2,
-        }
-    }
-    /// Lowercase name (`f32`, `bf16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightDtype::F32 => "f32",
-            WeightDtype::Bf16 => "bf16",
-        }
-    }
-}
-
-/// Who computes the matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemmEngine {
-    /// cuBLAS when libcublas loads, else swk's kernels.
-    Auto,
-    /// cuBLAS SGEMM in f32 (bf16 weights are widened exactly to f32 chunk by chunk first):
-    /// the CPU backend's math.
-    Cublas,
-    /// cuBLAS GemmEx on bf16 inputs with f32 accumulation: activations are rounded to bf16
-    /// before each product. Fastest, least exact. Needs [`WeightDtype::Bf16`].
-    CublasBf16,
-    /// cuBLAS GemmEx on bf16 weights and two-term bf16 activations (x = hi + lo, stacked as
-    /// twice the rows, the two products summed in f32): about f32 accuracy, reading the bf16
-    /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
-    CublasSplit,
-    /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 weights widened as loaded).
-    Kernels,
-}
-
-impl GemmEngine {
-    /// Lowercase name.
-    pub fn name(self) -> &'static str {
-        match self {
-            GemmEngine::Auto => "auto",
-            GemmEngine::Cublas => "cublas",
-            GemmEngine::CublasBf16 => "cublas-bf16",
-            GemmEngine::CublasSplit => "cublas-split",
-            GemmEngine::Kernels => "kernels",
-        }
-    }
-}
-
-/// Options of [`CudaModel::new`].
-#[derive(Debug, Clone)]
-pub struct CudaOptions {
-    /// Device ordinal.
-    pub device: usize,
-    /// Storage of weight matrices.
-    pub dtype: WeightDtype,
-    /// Matrix product engine.
-    pub gemm: GemmEngine,
-}
-
-impl Default for CudaOptions {
-    /// Device 0, bf16 weights, cuBLAS (f32 math) when present.
-    fn default() -> Self {
-        CudaOptions { device: 0, dtype: WeightDtype::Bf16, gemm: GemmEngine::Auto }
-    }
-}
-
-/// Elements of the f32 scratch used to widen bf16 weights for cuBLAS SGEMM (128 MiB).
-const WIDEN_SCRATCH: usize = 1 << 25;
-
-/// Device storage of one tensor.
-pub(crate) enum DevData {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
-}
-
-/// A tensor on the device: HF shape and storage.
-pub(crate) struct DevTensor {
-    pub(crate) shape: Vec<usize>,
-    pub(crate) data: DevData,
-}
-
-impl DevTensor {
-    pub(crate) fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// A weight as the forward pass reads it: resident, or in the streamed layer's slot.
-pub(crate) struct WeightRef {
-    pub(crate) name: String,
-    pub(crate) shape: Vec<usize>,
-    pub(crate) ptr: u64,
-    pub(crate) bf16: bool,
-}
-
-impl WeightRef {
-    /// Number of elements.
-    pub(crate) fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Rows `start..start + n` of a matrix: one projection of a fused one (Phi-3's
-    /// `qkv_proj` and `gate_up_proj` stack theirs by rows, and rows are contiguous).
-    /// A vector's elements `start..start + n` likewise (a fused projection's bias).
-    fn rows(&self, start: usize, n: usize) -> Result<WeightRef> {
-        let (total, cols) = match self.shape[..] {
-            [total, cols] => (total, cols),
-            [total] => (total, 1),
-            _ => return Err(Error::tensor(&self.name, format!("not a matrix: {:?}", self.shape))),
-        };
-        if start + n > total {
-            return Err(Error::tensor(
-                &self.name,
-                format!("rows {start}..{} of a [{total}, {cols}] matrix", start + n),
-            ));
-        }
-        let elem = if self.bf16 { 2 } else { 4 };
-        Ok(WeightRef {
-            name: format!("{}[{start}..{}]", self.name, start + n),
-            shape: if self.shape.len() == 1 { vec![n] } else { vec![n, cols] },
-            ptr: self.ptr + (start * cols * elem) as u64,
-            bf16: self.bf16,
-        })
-    }
-
-    /// The address of an f32 tensor (norms and biases).
-    pub(crate) fn f32_ptr(&self) -> Result<u64> {
-        if self.bf16 {
-            return Err(Error::Backend(format!("{} is expected in f32 on the device", self.name)));
-        }
-        Ok(self.ptr)
-    }
-}
-
 /// Device logits `[rows, vocab]` and their row count, when a pass asked for any.
-type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A model's weights on a CUDA device, ready to run its family's forward pass (every family
-/// swk knows).
-pub struct CudaModel {
-    pub(crate) dev: CudaDevice,
-    pub(crate) config: ModelConfig,
-    pub(crate) tensors: BTreeMap<String, DevTensor>,
-    inv_freq: CudaSlice<f32>,
-    /// RoPE pairs per head (`head_dim / 2` unless RoPE is partial).
-    rot_half: usize,
-    /// Gemma 3's RoPE frequencies of its sliding layers (local base, unscaled).
-    inv_local: Option<CudaSlice<f32>>,
-    /// The family's switches of the block.
-    block: Block,
-    /// Where each layer's spike keys lie in a pass's key buffer.
-    pub(crate) key_layout: KeyLayout,
-    /// DeepSeek's latent-attention rope.
-    pub(crate) mla_rope: Option<MlaRope>,
-    /// DeepSeek-V3's router selection biases per sparse layer, kept on the host, which
-    /// routes (not uploaded: an edit of one is an error, never silently ignored).
-    pub(crate) router_bias: BTreeMap<usize, Vec<f32>>,
-    head: String,
-    dtype: WeightDtype,
-    gemm: GemmEngine,
-    pub(crate) edit_scratch: CudaSlice<u32>,
-    pub(crate) scratch: Mutex<Scratch>,
-    pub(crate) stream: Option<Streamed>,
-    pub(crate) graphs: bool,
-    pub(crate) graph_cache: super::graph::GraphCache,
-    pub(crate) graph_failure: Mutex<Option<String>>,
-    id: u64,
-}
+pub(crate) type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
 /// Keys and values of past positions on the device, per layer `[capacity, n_kv * head_dim]`,
 /// for one [`CudaModel`]. Grows (doubling, copying on the device) as positions are added.
@@ -254,526 +70,7 @@ impl CudaKvCache {
     }
 }
 
-/// Every tensor the forward pass reads: (name, whether it is a matrix stored in the weight
-/// dtype). Norms and biases stay f32.
-pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
-    plan_shapes(&model.config)
-        .into_iter()
-        .filter(|(n, _, _)| n != "lm_head.weight" || model.weights.contains(n))
-        .map(|(n, _, matrix)| (n, matrix))
-        .collect()
-}
-
-/// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
-fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
-    let h = c.hidden_size;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true)];
-    if c.architecture != Architecture::Olmo {
-        // OLMo's final LayerNorm has no parameters.
-        v.push(("model.norm.weight".to_string(), vec![h], false));
-    }
-    if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
-        v.push(("model.norm.bias".to_string(), vec![h], false));
-    }
-    if c.architecture == Architecture::Gpt2 {
-        let positions = vec![c.max_position_embeddings, h];
-        v.push(("model.embed_positions.weight".to_string(), positions, false));
-    }
-    if !c.tie_word_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
-    }
-    for l in 0..c.num_layers {
-        for (suffix, shape, matrix) in layer_plan(c, l) {
-            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
-        }
-    }
-    v
-}
-
-/// Device bytes the weights of `c` take in `dtype`.
-pub(crate) fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_shapes(c)
-        .iter()
-        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
-        .sum()
-}
-
-/// Device bytes of the tensors outside the layers (embedding, final norm, LM head).
-fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_shapes(c)
-        .iter()
-        .filter(|(n, _, _)| split_layer_name(n).is_none())
-        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
-        .sum()
-}
-
-/// DeepSeek-V3's router selection biases by layer, read with `read(name)` (None: absent).
-fn router_biases(
-    c: &ModelConfig,
-    read: impl Fn(&str) -> Result<Option<Vec<f32>>>,
-) -> Result<BTreeMap<usize, Vec<f32>>> {
-    let mut out = BTreeMap::new();
-    let (Some(d), Some(m)) = (&c.family.deepseek, &c.family.moe) else { return Ok(out) };
-    for l in (0..c.num_layers).filter(|&l| d.sigmoid && m.is_sparse(l)) {
-        let name = arch::deepseek::bias_name(l);
-        if let Some(b) = read(&name)? {
-            if b.len() != m.num_experts {
-                return Err(Error::tensor(
-                    &name,
-                    format!("{} values for {} experts", b.len(), m.num_experts),
-                ));
-            }
-            out.insert(l, b);
-        }
-    }
-    Ok(out)
-}
-
-/// Error unless `need` bytes are free on the device.
-fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> Result<()> {
-    let (free, total) = dev.memory()?;
-    if need > free {
-        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-        return Err(Error::Backend(format!(
-            "{what} need {:.2} GiB in {} and {} has {:.2} GiB free of {:.2} GiB",
-            gib(need),
-            dtype.name(),
-            dev.name(),
-            gib(free),
-            gib(total)
-        )));
-    }
-    Ok(())
-}
-
-/// One host tensor on the device: matrices in `dtype`, everything else f32.
-fn upload_tensor(
-    dev: &CudaDevice,
-    t: &crate::model::Tensor,
-    matrix: bool,
-    dtype: WeightDtype,
-) -> Result<DevTensor> {
-    let data = if matrix && dtype == WeightDtype::Bf16 {
-        use rayon::prelude::*;
-        let bits: Vec<u16> = t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
-        DevData::Bf16(dev.upload(&bits)?)
-    } else {
-        DevData::F32(dev.upload(&t.data)?)
-    };
-    Ok(DevTensor { shape: t.shape.clone(), data })
-}
-
-/// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
-/// partial), with the configured scaling and GGUF `rope_freqs` factors.
-fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
-    let mut rc = c.clone();
-    rc.head_dim = c.rotary_dim();
-    llama::inv_freq(&rc, freq_factors)
-}
-
-fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
-    let gemm = match gemm {
-        GemmEngine::Auto if dev.has_cublas() && dtype == WeightDtype::Bf16 => {
-            GemmEngine::CublasSplit
-        }
-        GemmEngine::Auto if dev.has_cublas() => GemmEngine::Cublas,
-        GemmEngine::Auto => GemmEngine::Kernels,
-        g => g,
-    };
-    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
-        && !dev.has_cublas()
-    {
-        return Err(Error::Backend(format!(
-            "GEMM engine `{}` needs cuBLAS, and libcublas.so could not be loaded (add its directory to \
-             LD_LIBRARY_PATH, or use the `kernels` engine)",
-            gemm.name()
-        )));
-    }
-    if matches!(gemm, GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
-        && dtype != WeightDtype::Bf16
-    {
-        return Err(Error::Invalid(format!("GEMM engine `{}` needs bf16 weights", gemm.name())));
-    }
-    Ok(gemm)
-}
-
 impl CudaModel {
-    /// Upload `model`'s weights to the device. Errors (never panics) when no CUDA device is
-    /// usable, the model is not a supported architecture, or the weights do not fit.
-    pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
-        arch::validate(model)?;
-        if !cuda_available() {
-            // Let the device constructor say precisely why (no driver, no device).
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
-        Self::check_memory(&dev, &model.config, opts.dtype)?;
-        dev.bind()?;
-        let mut tensors = BTreeMap::new();
-        for (name, matrix) in upload_plan(model) {
-            let t = model.weights.get(&name)?;
-            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
-        }
-        let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
-        let inv = rope_inv_freq(&model.config, freqs);
-        let head = if model.weights.contains("lm_head.weight") {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        };
-        let mut m = Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)?;
-        let w = &model.weights;
-        m.router_bias = router_biases(&model.config, |n| {
-            w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
-        })?;
-        Ok(m)
-    }
-
-    /// Keep `lazy`'s layers in its files and stream them through one device slot, layer by
-    /// layer, on every pass: for models whose weights do not fit the device. Only the
-    /// embedding, final norm and LM head stay resident. A host thread reads and converts
-    /// layer l + 1 while the device runs layer l, so a pass costs about the model's size over
-    /// the slower of file reading (or GGUF dequantization) and the host-to-device copy.
-    /// Edits are kept on the host and applied to every upload (bit-exact restore as for a
-    /// resident model). Errors as [`CudaModel::new`], and when a layer tensor is missing or
-    /// of another shape (checked here, before any pass).
-    pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
-        let c = lazy.config.clone();
-        let layouts: Vec<SlotLayout> = (0..c.num_layers)
-            .map(|l| SlotLayout::new(&c, l, opts.dtype == WeightDtype::Bf16))
-            .collect();
-        let slot_bytes = layouts.iter().map(|s| s.bytes).max().unwrap_or(0);
-        for (l, layout) in layouts.iter().enumerate() {
-            for e in &layout.entries {
-                let name = format!("model.layers.{l}.{}", e.suffix);
-                let shape = lazy.shape(&name)?;
-                if shape != e.shape.as_slice() {
-                    return Err(Error::tensor(
-                        &name,
-                        format!("expected shape {:?}, found {shape:?}", e.shape),
-                    ));
-                }
-            }
-        }
-        if !cuda_available() {
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
-        let resident = lazy.materialize(|n| split_layer_name(n).is_none())?;
-        let need = resident_bytes(&c, opts.dtype) + slot_bytes;
-        check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
-        dev.bind()?;
-        let mut tensors = BTreeMap::new();
-        for (name, matrix) in
-            upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none())
-        {
-            let t = resident.weights.get(&name)?;
-            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
-        }
-        let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
-        let inv = rope_inv_freq(&c, freqs);
-        let head = if resident.weights.contains("lm_head.weight") {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        };
-        let slot = dev.alloc::<u8>(slot_bytes)?;
-        let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
-        m.router_bias = router_biases(&m.config, |n| {
-            lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
-        })?;
-        m.stream =
-            Some(Streamed { lazy, layouts, overlay: Overlay::default(), slot: Mutex::new(slot) });
-        Ok(m)
-    }
-
-    /// Whether a model of `config`'s shapes fits device `opts.device` whole in `opts.dtype`,
-    /// leaving `headroom` bytes free for activations and the KV cache (else
-    /// [`CudaModel::streamed`] runs it).
-    pub fn fits(config: &ModelConfig, opts: &CudaOptions, headroom: usize) -> Result<bool> {
-        let dev = CudaDevice::new(opts.device)?;
-        let (free, _) = dev.memory()?;
-        Ok(weight_bytes(config, opts.dtype) + headroom <= free)
-    }
-
-    /// Whether the layers are streamed from the model's files ([`CudaModel::streamed`]).
-    pub fn is_streamed(&self) -> bool {
-        self.stream.is_some()
-    }
-
-    /// A Llama of `config`'s shapes with random weights generated on the device (linear
-    /// weights and embeddings N(0, 0.02), norm weights 1 + N(0, 0.02), like
-    /// `synth::random_llama` but from a device hash, so not the same bits): for timing runs
-    /// at real model sizes without building the model in host memory.
-    pub fn random(config: &ModelConfig, seed: u64, opts: &CudaOptions) -> Result<Self> {
-        if !cuda_available() {
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
-        Self::check_memory(&dev, config, opts.dtype)?;
-        let mut tensors = BTreeMap::new();
-        for (k, (name, shape, matrix)) in plan_shapes(config).into_iter().enumerate() {
-            let n: usize = shape.iter().product();
-            let norm = !matrix && name.contains("norm");
-            let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
-            let s = crate::synth::mix(seed, k as u64);
-            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
-                let d = dev.alloc::<u16>(n)?;
-                dev.fill_normal(dev.ptr(&d), true, n, s, mean, std)?;
-                DevData::Bf16(d)
-            } else {
-                let d = dev.alloc::<f32>(n)?;
-                dev.fill_normal(dev.ptr(&d), false, n, s, mean, std)?;
-                DevData::F32(d)
-            };
-            tensors.insert(name, DevTensor { shape, data });
-        }
-        dev.synchronize()?;
-        let inv = llama::inv_freq(config, None);
-        let head =
-            if config.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        Self::finish(dev, config.clone(), tensors, &inv, head, opts.dtype, gemm)
-    }
-
-    fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
-        check_fits(dev, weight_bytes(c, dtype), dtype, "the weights")
-    }
-
-    fn finish(
-        dev: CudaDevice,
-        config: ModelConfig,
-        tensors: BTreeMap<String, DevTensor>,
-        inv: &[f32],
-        head: &str,
-        dtype: WeightDtype,
-        gemm: GemmEngine,
-    ) -> Result<Self> {
-        let inv_freq = dev.upload(inv)?;
-        let rot_half = inv.len();
-        let block = Block::of(&config);
-        let key_layout = KeyLayout::of(&config);
-        let mla_rope = MlaRope::of(&dev, &config)?;
-        let inv_local = match config.family.rope_local_theta {
-            Some(theta) => {
-                let mut rc = config.clone();
-                rc.rope_theta = theta;
-                rc.rope_scaling = None;
-                Some(dev.upload(&rope_inv_freq(&rc, None))?)
-            }
-            None => None,
-        };
-        let edit_scratch = dev.zeros::<u32>(1)?;
-        dev.synchronize()?;
-        Ok(CudaModel {
-            dev,
-            config,
-            tensors,
-            inv_freq,
-            rot_half,
-            inv_local,
-            block,
-            key_layout,
-            mla_rope,
-            router_bias: BTreeMap::new(),
-            head: head.to_string(),
-            dtype,
-            gemm,
-            edit_scratch,
-            scratch: Mutex::new(Scratch::default()),
-            stream: None,
-            graphs: false,
-            graph_cache: Default::default(),
-            graph_failure: Mutex::new(None),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        })
-    }
-
-    /// The model's hyper-parameters.
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    /// The device.
-    pub fn device(&self) -> &CudaDevice {
-        &self.dev
-    }
-    /// Storage of the weight matrices.
-    pub fn dtype(&self) -> WeightDtype {
-        self.dtype
-    }
-    /// The GEMM engine in use (never `Auto`).
-    pub fn gemm(&self) -> GemmEngine {
-        self.gemm
-    }
-    /// Switch the GEMM engine (e.g. to compare engines on one upload). Errors when the
-    /// engine needs cuBLAS and it is absent, or `cublas-bf16` is asked with f32 weights.
-    pub fn set_gemm(&mut self, gemm: GemmEngine) -> Result<()> {
-        self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
-        Ok(())
-    }
-    /// Device bytes held by the weights.
-    pub fn weight_bytes(&self) -> usize {
-        weight_bytes(&self.config, self.dtype)
-    }
-    /// Names of the tensors on the device, sorted.
-    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
-    }
-    /// Wait for all queued device work.
-    pub fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize()
-    }
-
-    /// A tensor's values as f32 on the host (bf16 widened exactly).
-    pub fn download(&self, name: &str) -> Result<Vec<f32>> {
-        self.dev.bind()?;
-        let t = self.tensor(name)?;
-        match &t.data {
-            DevData::F32(d) => self.dev.download(d, 0, t.len()),
-            DevData::Bf16(d) => Ok(self
-                .dev
-                .download(d, 0, t.len())?
-                .into_iter()
-                .map(|b| f32::from_bits(kernels::bf16_bits_to_f32_bits(b)))
-                .collect()),
-        }
-    }
-
-    pub(crate) fn tensor(&self, name: &str) -> Result<&DevTensor> {
-        self.tensors.get(name).ok_or_else(|| {
-            Error::tensor(name, "not on the device (the forward pass does not read it)")
-        })
-    }
-
-    /// A resident tensor as the forward pass reads it.
-    pub(crate) fn weight(&self, name: &str) -> Result<WeightRef> {
-        let t = self.tensor(name)?;
-        let (ptr, bf16) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Bf16(d) => (self.dev.ptr(d), true),
-        };
-        Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, bf16 })
-    }
-
-    /// Tensor `suffix` of layer `layer`: from the slot at `slot` when the layer is streamed
-    /// in, else resident.
-    fn layer_weight(&self, layer: usize, suffix: &str, slot: Option<u64>) -> Result<WeightRef> {
-        let name = format!("model.layers.{layer}.{suffix}");
-        match (slot, &self.stream) {
-            (Some(base), Some(st)) => {
-                let e = st
-                    .layouts
-                    .get(layer)
-                    .and_then(|s| s.entry(suffix))
-                    .ok_or_else(|| Error::tensor(&name, "not in the streamed layer layout"))?;
-                Ok(WeightRef {
-                    name,
-                    shape: e.shape.clone(),
-                    ptr: base + e.offset as u64,
-                    bf16: e.bf16,
-                })
-            }
-            _ => self.weight(&name),
-        }
-    }
-
-    /// y `[rows, n_out]` = x `[rows, n_in]` · Wᵀ with the configured engine.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn linear(
-        &self,
-        x: u64,
-        w: &WeightRef,
-        y: u64,
-        rows: usize,
-        n_in: usize,
-        n_out: usize,
-        sc: &mut Scratch,
-    ) -> Result<()> {
-        self.linear_from(x, None, w, y, rows, n_in, n_out, sc)
-    }
-
-    /// Several products of one input (q/k/v; gate/up): `outs` = (weight, y, n_out). With
-    /// `cublas-split` the input is split into its bf16 terms once for all of them.
-    pub(crate) fn linears(
-        &self,
-        x: u64,
-        outs: &[(WeightRef, u64, usize)],
-        rows: usize,
-        n_in: usize,
-        sc: &mut Scratch,
-    ) -> Result<()> {
-        let split = if self.gemm == GemmEngine::CublasSplit {
-            let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
-            self.dev.split_bf16(x, x16, rows * n_in)?;
-            Some(x16)
-        } else {
-            None
-        };
-        for (w, y, n_out) in outs {
-            self.linear_from(x, split, w, *y, rows, n_in, *n_out, sc)?;
-        }
-        Ok(())
-    }
-
-    /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_from(
-        &self,
-        x: u64,
-        split: Option<u64>,
-        w: &WeightRef,
-        y: u64,
-        rows: usize,
-        n_in: usize,
-        n_out: usize,
-        sc: &mut Scratch,
-    ) -> Result<()> {
-        if w.shape != [n_out, n_in] {
-            return Err(Error::tensor(
-                &w.name,
-                format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
-            ));
-        }
-        match (w.bf16, self.gemm) {
-            (bf16, GemmEngine::Kernels) => {
-                self.dev.gemm_kernel(x, w.ptr, bf16, y, rows, n_out, n_in)
-            }
-            (false, _) => self.dev.sgemm(x, w.ptr, y, rows, n_out, n_in, n_out),
-            (true, GemmEngine::CublasBf16) => {
-                let x16 = sc.x16(&self.dev, rows * n_in)?;
-                self.dev.f32_to_bf16(x, x16, rows * n_in)?;
-                self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
-            }
-            (true, GemmEngine::CublasSplit) => {
-                let x16 = match split {
-                    Some(x16) => x16,
-                    None => {
-                        let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
-                        self.dev.split_bf16(x, x16, rows * n_in)?;
-                        x16
-                    }
-                };
-                let y2 = sc.y2(&self.dev, 2 * rows * n_out)?;
-                self.dev.gemm_bf16_inputs(x16, w.ptr, y2, 2 * rows, n_out, n_in)?;
-                self.dev.add_halves(y2, y, rows * n_out)
-            }
-            (true, _) => {
-                // Widen a band of W's rows to f32, multiply into the matching band of y's columns.
-                let wide = sc.wide(&self.dev, n_out, n_in)?;
-                for (o0, oc) in kernels::widen_chunks(n_out, n_in, WIDEN_SCRATCH) {
-                    self.dev.bf16_to_f32(w.ptr + (o0 * n_in * 2) as u64, wide, oc * n_in)?;
-                    self.dev.sgemm(x, wide, y + (o0 * 4) as u64, rows, oc, n_in, n_out)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
     /// Run `tokens` (appended after what `cache` holds) through the model; returns logits
     /// `[rows, vocab]` for the rows `logits` asks for, as `Model::forward` does. With `stats`,
     /// every layer's down_proj input/output maxima of this pass are merged into it (same
@@ -795,151 +92,6 @@ impl CudaModel {
     /// Convenience: logits of every position of `tokens`, from an empty cache.
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.forward(tokens, &mut CudaKvCache::new(self), None, Logits::All)
-    }
-
-    /// Sum of NLL over a fed sequence (every token after the first is scored), computed on
-    /// the device from the logits, as `eval::ppl::score` does on the host. Appends `fed` to
-    /// `cache`. Returns (nll sum, tokens scored).
-    pub fn score(&self, fed: &[u32], cache: &mut CudaKvCache) -> Result<(f64, usize)> {
-        if fed.len() < 2 {
-            if !fed.is_empty() {
-                self.run(fed, cache, None, Logits::None)?;
-            }
-            return Ok((0.0, 0));
-        }
-        let Some((logits, _)) = self.run(fed, cache, None, Logits::All)? else {
-            return Ok((0.0, 0));
-        };
-        self.nll_of(&logits, fed)
-    }
-
-    /// NLL sum over `fed[1..]` given the logits of every position of `fed` (≥ 2 tokens).
-    fn nll_of(&self, logits: &CudaSlice<f32>, fed: &[u32]) -> Result<(f64, usize)> {
-        let n = fed.len() - 1;
-        let targets = self.dev.upload(&fed[1..])?;
-        let out = self.dev.alloc::<f64>(n)?;
-        self.dev.nll(
-            self.dev.ptr(logits),
-            self.dev.ptr(&targets),
-            self.dev.ptr(&out),
-            n,
-            self.config.vocab_size,
-        )?;
-        let nll = self.dev.download(&out, 0, n)?;
-        Ok((nll.iter().sum(), n))
-    }
-
-    /// [`Self::score`] of each window from an empty cache, the windows going through each
-    /// layer together ([`Self::run_many`]): a streamed model reads its layers once for all.
-    fn score_many(&self, windows: &[&[u32]]) -> Result<Vec<(f64, usize)>> {
-        let mut caches: Vec<CudaKvCache> = windows.iter().map(|_| CudaKvCache::new(self)).collect();
-        let mut seqs: Vec<(&[u32], &mut CudaKvCache)> =
-            windows.iter().copied().zip(caches.iter_mut()).collect();
-        let outs = self.run_many(&mut seqs, None, Logits::All)?;
-        windows
-            .iter()
-            .zip(outs)
-            .map(|(fed, out)| match out {
-                Some((logits, _)) if fed.len() >= 2 => self.nll_of(&logits, fed),
-                _ => Ok((0.0, 0)),
-            })
-            .collect()
-    }
-
-    /// How many windows of up to `longest` tokens a streamed model scores together: as many
-    /// as half the free device memory holds (KV cache, residual stream and logits of each).
-    fn window_batch(&self, longest: usize) -> Result<usize> {
-        let c = &self.config;
-        let kvd = c.num_kv_heads * c.head_dim;
-        let cap = longest.max(16).next_multiple_of(16);
-        let per =
-            4 * (2 * c.num_layers * cap * kvd + longest * c.hidden_size + longest * c.vocab_size);
-        let (free, _) = self.dev.memory()?;
-        Ok((free / 2 / per.max(1)).max(1))
-    }
-
-    /// Perplexity over `windows` (from `eval::ppl::windows`, which adds BOS per the model's
-    /// tokenizer), as `eval::ppl::perplexity` computes it; `on_window(done, total)` after each.
-    pub fn perplexity(
-        &self,
-        windows: &[Vec<u32>],
-        context: usize,
-        mut on_window: impl FnMut(usize, usize),
-    ) -> Result<Perplexity> {
-        let start = Instant::now();
-        let (mut nll_sum, mut scored) = (0f64, 0usize);
-        if self.is_streamed() {
-            // Layer-major over batches of windows: one read of the layers per batch.
-            let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
-            let batch = self.window_batch(longest)?;
-            let mut done = 0;
-            for group in windows.chunks(batch) {
-                let refs: Vec<&[u32]> = group.iter().map(Vec::as_slice).collect();
-                for (n, k) in self.score_many(&refs)? {
-                    nll_sum += n;
-                    scored += k;
-                }
-                done += group.len();
-                on_window(done, windows.len());
-            }
-        } else {
-            let mut cache = CudaKvCache::new(self);
-            for (wi, fed) in windows.iter().enumerate() {
-                if fed.len() >= 2 {
-                    let graphed =
-                        self.run_graph(fed, None, Logits::All, |logits| match logits {
-                            Some(l) => self.nll_of(l, fed),
-                            None => Err(Error::Backend("a scoring graph without logits".into())),
-                        })?;
-                    let (n, k) = match graphed {
-                        Some(r) => r,
-                        None => {
-                            cache.clear();
-                            self.score(fed, &mut cache)?
-                        }
-                    };
-                    nll_sum += n;
-                    scored += k;
-                }
-                on_window(wi + 1, windows.len());
-            }
-        }
-        if scored == 0 {
-            return Err(Error::Invalid("the text is too short to score any token".into()));
-        }
-        Ok(Perplexity {
-            perplexity: (nll_sum / scored as f64).exp(),
-            tokens_scored: scored,
-            nll_sum,
-            seconds: start.elapsed().as_secs_f64(),
-            context,
-            windows: windows.len(),
-        })
-    }
-
-    /// Greedily extend `prompt` by up to `max_new` tokens, stopping after any of `stops`
-    /// (as `eval::generate::greedy`, with the stop ids given by the caller).
-    pub fn greedy(
-        &self,
-        prompt: &[u32],
-        max_new: usize,
-        stops: &[u32],
-        mut on_token: impl FnMut(u32),
-    ) -> Result<Vec<u32>> {
-        let mut cache = CudaKvCache::new(self);
-        let mut out = Vec::new();
-        let mut input = prompt.to_vec();
-        for _ in 0..max_new {
-            let logits = self.forward(&input, &mut cache, None, Logits::Last)?;
-            let next = crate::eval::generate::argmax(&logits);
-            out.push(next);
-            on_token(next);
-            if stops.contains(&next) {
-                break;
-            }
-            input = vec![next];
-        }
-        Ok(out)
     }
 
     /// Make room for `needed` positions in `cache` (doubling, copying what it holds).
@@ -966,7 +118,7 @@ impl CudaModel {
 
     /// The forward pass; returns the device logits and their row count (None for
     /// `Logits::None` or no tokens).
-    fn run(
+    pub(crate) fn run(
         &self,
         tokens: &[u32],
         cache: &mut CudaKvCache,
@@ -981,7 +133,7 @@ impl CudaModel {
     /// every sequence goes through layer l before any goes through layer l + 1, so a streamed
     /// model reads its layers once for all of them. Per sequence, the same device logits as
     /// [`Self::run`] (None for `Logits::None` or no tokens). Spike statistics cover them all.
-    fn run_many(
+    pub(crate) fn run_many(
         &self,
         seqs: &mut [(&[u32], &mut CudaKvCache)],
         stats: Option<&mut SpikeStats>,
@@ -1129,12 +281,9 @@ impl CudaModel {
     pub(crate) fn layers(&self, passes: &[Pass<'_>], acts: &Acts, sc: &mut Scratch) -> Result<()> {
         let c = &self.config;
         let dev = &self.dev;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let (xnp, qp, attp, projp) =
-            (dev.ptr(&acts.xn), dev.ptr(&acts.q), dev.ptr(&acts.att), dev.ptr(&acts.proj));
-        let (gatep, upp, actp) = (dev.ptr(&acts.gate), dev.ptr(&acts.up), dev.ptr(&acts.act));
+        let h = c.hidden_size;
+        let kvd = c.num_kv_heads * c.head_dim;
+        let (xnp, projp) = (dev.ptr(&acts.xn), dev.ptr(&acts.proj));
         // Spike keys: per layer [intermediate] inputs then [hidden] outputs (then a sparse
         // layer's experts': see KeyLayout).
         let keys_at = |l: usize, out: bool| -> u64 {
@@ -1142,8 +291,6 @@ impl CudaModel {
             acts.keys.as_ref().map_or(0, |k| dev.ptr(k) + ((if out { ko } else { ki }) * 8) as u64)
         };
         let all_keys = acts.keys.as_ref().map_or(0, |k| dev.ptr(k));
-        let inv_global = dev.ptr(&self.inv_freq);
-        let inv_local = self.inv_local.as_ref().map(|b| dev.ptr(b));
         // The family's switches (see family.rs); p1: Gemma's `1 + w` RMSNorm weights.
         let b = &self.block;
         let p1 = b.norm == Norm::Rms { plus_one: true };
@@ -1187,6 +334,7 @@ impl CudaModel {
                     let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
                     let (k_new, v_new) =
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
+                    let cache = [kcp, vcp, k_new, v_new];
 
                     // What attention and the MLP read: x through the norm `name` (OLMo 2: x).
                     let pre_norm = |name: &str| -> Result<u64> {
@@ -1194,107 +342,16 @@ impl CudaModel {
                         self.norm_into(b.norm, p, xp, xnp, t)
                     };
 
-                    // Attention: xn = rmsnorm(x); q, k, v = xn·Wᵀ (+b), k and v straight into
-                    // the cache.
+                    // Attention: x += attention(norm(x))·W_oᵀ (+b_o) (Gemma 2/3, OLMo 2: the
+                    // product normed first).
                     let a_in = pre_norm("input_layernorm")?;
-                    if let Some(ml) = acts.mla.as_ref() {
-                        // DeepSeek's latent attention (mla.rs), o_proj included, into proj.
-                        let cache = [kcp, vcp, k_new, v_new];
-                        self.mla_attention(
-                            l,
-                            &w,
-                            a_in,
-                            (t, pos0),
-                            cache,
-                            [qp, attp, projp],
-                            ml,
-                            sc,
-                        )?;
-                    } else {
-                        let qkv =
-                            [("q_proj", qp, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
-                        let outs = if b.fused_qkv {
-                            let f = w("self_attn.qkv_proj.weight")?;
-                            vec![
-                                (f.rows(0, qd)?, qp, qd),
-                                (f.rows(qd, kvd)?, k_new, kvd),
-                                (f.rows(qd + kvd, kvd)?, v_new, kvd),
-                            ]
-                        } else {
-                            qkv.iter()
-                                .map(|&(n, out, width)| {
-                                    Ok((w(&format!("self_attn.{n}.weight"))?, out, width))
-                                })
-                                .collect::<Result<Vec<_>>>()?
-                        };
-                        self.linears(a_in, &outs, t, h, sc)?;
-                        if b.qkv_bias {
-                            let fused_bias = if b.fused_qkv {
-                                Some(w("self_attn.qkv_proj.bias")?)
-                            } else {
-                                None
-                            };
-                            let mut start = 0;
-                            for (n, out, width) in qkv {
-                                let bias = match &fused_bias {
-                                    Some(b) => b.rows(start, width)?,
-                                    None => w(&format!("self_attn.{n}.bias"))?,
-                                };
-                                dev.add_bias(out, bias.f32_ptr()?, t, width)?;
-                                start += width;
-                            }
+                    let outs = [dev.ptr(&acts.q), dev.ptr(&acts.att), projp];
+                    match acts.mla.as_ref() {
+                        // DeepSeek's latent attention (mla.rs), o_proj included.
+                        Some(ml) => {
+                            self.mla_attention(l, &w, a_in, (t, pos0), cache, outs, ml, sc)?
                         }
-                        // OLMo's clip_qkv: q, k, v clamped to [-clip, clip] (OLMoE: after QK-norm).
-                        let clip = |after_norm: bool| -> Result<()> {
-                            match b.clip_qkv {
-                                Some(clip) if b.clip_after_qk_norm == after_norm => {
-                                    dev.clamp(qp, t * qd, clip)?;
-                                    dev.clamp(k_new, t * kvd, clip)?;
-                                    dev.clamp(v_new, t * kvd, clip)
-                                }
-                                _ => Ok(()),
-                            }
-                        };
-                        clip(false)?;
-                        // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3,
-                        // Gemma 3).
-                        let qk_rows = match b.qk_norm {
-                            QkNorm::None => None,
-                            QkNorm::Whole => Some(((t, qd), (t, kvd))),
-                            QkNorm::PerHead => Some(((t * nh, hd), (t * nkv, hd))),
-                        };
-                        if let Some(((qr, qw), (kr, kw))) = qk_rows {
-                            let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-                            dev.rmsnorm(qp, qn, qp, qr, qw, c.rms_norm_eps, p1)?;
-                            let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-                            dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
-                        }
-                        clip(true)?;
-                        // Gemma 3's sliding layers rotate with the local base.
-                        let (window, scale) = (c.layer_window(l), c.attention_scale(l));
-                        let inv = match (inv_local, window) {
-                            (Some(local), Some(_)) => local,
-                            _ => inv_global,
-                        };
-                        if b.rope {
-                            dev.rope(qp, inv, t, nh, hd, self.rot_half, pos0)?;
-                            dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
-                        }
-                        dev.attention(
-                            qp,
-                            kcp,
-                            vcp,
-                            attp,
-                            t,
-                            pos0,
-                            nh,
-                            nkv,
-                            hd,
-                            window,
-                            scale,
-                            b.attn_softcap,
-                        )?;
-                        self.linear(attp, &w("self_attn.o_proj.weight")?, projp, t, qd, h, sc)?;
+                        None => self.attention(l, &w, a_in, (t, pos0), cache, outs, sc)?,
                     }
                     if b.o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
@@ -1307,48 +364,168 @@ impl CudaModel {
                     let parallel_in = if b.parallel { Some(pre_norm(b.mlp_norm)?) } else { None };
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
 
-                    // MLP: a = act(m·W_gateᵀ) ⊙ (m·W_upᵀ) (un-gated: act(m·W_upᵀ + b)) on m the
-                    // pre-norm of x; x += a·W_downᵀ (+b), with the spike statistics fused into
-                    // act_mul (inputs) and the add (outputs).
+                    // MLP: x += mlp(m) on m the pre-norm of x, with the spike statistics fused
+                    // into the activation (inputs) and into this add (outputs).
                     let m_in = match parallel_in {
                         Some(m) => m,
                         None => pre_norm(b.mlp_norm)?,
                     };
-                    if let Some(ma) = acts.moe.as_ref().filter(|_| self.key_layout.is_sparse(l)) {
-                        // A mixture of experts: x += Σ_e w_e · expert_e(m) (+ shared expert).
-                        self.sparse_mlp(l, &w, m_in, (t, pos0), ma, all_keys, sc)?;
-                        dev.add_residual(xp, dev.ptr(&ma.out), t, h, pos0, keys_at(l, true))?;
-                        continue;
-                    }
-                    if !b.gated {
-                        // GPT-2, GPT-NeoX: a = act(m·W_upᵀ + b); x += a·W_downᵀ + b.
-                        self.linear(m_in, &w("mlp.up_proj.weight")?, upp, t, h, i, sc)?;
-                        dev.add_bias(upp, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
-                        dev.act_mul(0, upp, actp, t, i, (pos0, 0), keys_at(l, false), b.act)?;
-                        self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
-                        dev.add_bias(projp, w("mlp.down_proj.bias")?.f32_ptr()?, t, h)?;
-                        dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
-                        continue;
-                    }
-                    let outs = if b.fused_gate_up {
-                        let f = w("mlp.gate_up_proj.weight")?;
-                        [(f.rows(0, i)?, gatep, i), (f.rows(i, i)?, upp, i)]
-                    } else {
-                        [(w("mlp.gate_proj.weight")?, gatep, i), (w("mlp.up_proj.weight")?, upp, i)]
+                    let out = match acts.moe.as_ref().filter(|_| self.key_layout.is_sparse(l)) {
+                        Some(ma) => {
+                            // A mixture of experts: Σ_e w_e · expert_e(m) (+ shared expert).
+                            self.sparse_mlp(l, &w, m_in, (t, pos0), ma, all_keys, sc)?;
+                            dev.ptr(&ma.out)
+                        }
+                        None => {
+                            self.dense_mlp(&w, m_in, (t, pos0), acts, keys_at(l, false), sc)?;
+                            projp
+                        }
                     };
-                    self.linears(m_in, &outs, t, h, sc)?;
-                    dev.act_mul(gatep, upp, actp, t, i, (pos0, 0), keys_at(l, false), b.act)?;
-                    self.linear(actp, &w("mlp.down_proj.weight")?, projp, t, i, h, sc)?;
-                    if b.post_norms {
-                        // The output statistic is what the MLP writes: after this norm.
-                        let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
-                    }
-                    dev.add_residual(xp, projp, t, h, pos0, keys_at(l, true))?;
+                    dev.add_residual(xp, out, t, h, pos0, keys_at(l, true))?;
                 }
             }
             Ok(())
         })
+    }
+
+    /// Layer `l`'s attention over `t` tokens at `pos0` on `xn`, into `proj`: q = xn·W_qᵀ (+b)
+    /// into `q`; k, v likewise straight into the cache rows (`cache` = the layer's key and
+    /// value caches, then the addresses of their rows `pos0..`); the family's clamp and
+    /// QK-norm; RoPE; causal (or windowed) softmax attention into `att`; proj = att·W_oᵀ.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: usize,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        xn: u64,
+        (t, pos0): (usize, usize),
+        [kc, vc, k_new, v_new]: [u64; 4],
+        [q, att, proj]: [u64; 3],
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (dev, b) = (&self.dev, &self.block);
+        let h = c.hidden_size;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let p1 = b.norm == Norm::Rms { plus_one: true };
+
+        // q, k, v = xn·Wᵀ (Phi-3: the row blocks of qkv_proj), plus their biases.
+        let qkv = [("q_proj", q, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
+        let outs = if b.fused_qkv {
+            let f = w("self_attn.qkv_proj.weight")?;
+            vec![
+                (f.rows(0, qd)?, q, qd),
+                (f.rows(qd, kvd)?, k_new, kvd),
+                (f.rows(qd + kvd, kvd)?, v_new, kvd),
+            ]
+        } else {
+            qkv.iter()
+                .map(|&(n, out, width)| Ok((w(&format!("self_attn.{n}.weight"))?, out, width)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        self.linears(xn, &outs, t, h, sc)?;
+        if b.qkv_bias {
+            let fused_bias = if b.fused_qkv { Some(w("self_attn.qkv_proj.bias")?) } else { None };
+            let mut start = 0;
+            for (n, out, width) in qkv {
+                let bias = match &fused_bias {
+                    Some(b) => b.rows(start, width)?,
+                    None => w(&format!("self_attn.{n}.bias"))?,
+                };
+                dev.add_bias(out, bias.f32_ptr()?, t, width)?;
+                start += width;
+            }
+        }
+
+        // OLMo's clip_qkv: q, k, v clamped to [-clip, clip] (OLMoE: after QK-norm).
+        let clip = |after_norm: bool| -> Result<()> {
+            match b.clip_qkv {
+                Some(clip) if b.clip_after_qk_norm == after_norm => {
+                    dev.clamp(q, t * qd, clip)?;
+                    dev.clamp(k_new, t * kvd, clip)?;
+                    dev.clamp(v_new, t * kvd, clip)
+                }
+                _ => Ok(()),
+            }
+        };
+        clip(false)?;
+        // QK-norm, in place: per row of whole q and k (OLMo 2) or per head (Qwen3, Gemma 3).
+        let qk_rows = match b.qk_norm {
+            QkNorm::None => None,
+            QkNorm::Whole => Some(((t, qd), (t, kvd))),
+            QkNorm::PerHead => Some(((t * nh, hd), (t * nkv, hd))),
+        };
+        if let Some(((qr, qw), (kr, kw))) = qk_rows {
+            let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
+            dev.rmsnorm(q, qn, q, qr, qw, c.rms_norm_eps, p1)?;
+            let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
+            dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
+        }
+        clip(true)?;
+
+        // RoPE (Gemma 3's sliding layers rotate with the local base), then attention.
+        let (window, scale) = (c.layer_window(l), c.attention_scale(l));
+        if b.rope {
+            let inv = match (&self.inv_local, window) {
+                (Some(local), Some(_)) => dev.ptr(local),
+                _ => dev.ptr(&self.inv_freq),
+            };
+            dev.rope(q, inv, t, nh, hd, self.rot_half, pos0)?;
+            dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
+        }
+        dev.attention(q, kc, vc, att, t, pos0, nh, nkv, hd, window, scale, b.attn_softcap)?;
+        self.linear(att, &w("self_attn.o_proj.weight")?, proj, t, qd, h, sc)
+    }
+
+    /// The dense MLP on m (`t` rows at `m`, positions from `pos0`), into `acts.proj`:
+    /// a = act(m·W_gateᵀ) ⊙ (m·W_upᵀ) (Phi-3: gate_up_proj's row blocks; GPT-2, GPT-NeoX
+    /// un-gated: act(m·W_upᵀ + b)), its per-column maxima into the input keys at `keys`
+    /// (0: none); proj = a·W_downᵀ (+b) (Gemma 2/3, OLMo 2: then normed, since the output
+    /// statistic is what the MLP writes).
+    fn dense_mlp(
+        &self,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        m: u64,
+        (t, pos0): (usize, usize),
+        acts: &Acts,
+        keys: u64,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (dev, b) = (&self.dev, &self.block);
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (gate, up, act) = (dev.ptr(&acts.gate), dev.ptr(&acts.up), dev.ptr(&acts.act));
+        let proj = dev.ptr(&acts.proj);
+        if !b.gated {
+            self.linear(m, &w("mlp.up_proj.weight")?, up, t, h, i, sc)?;
+            dev.add_bias(up, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
+            dev.act_mul(0, up, act, t, i, (pos0, 0), keys, b.act)?;
+            self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
+            return dev.add_bias(proj, w("mlp.down_proj.bias")?.f32_ptr()?, t, h);
+        }
+        let outs = if b.fused_gate_up {
+            let f = w("mlp.gate_up_proj.weight")?;
+            [(f.rows(0, i)?, gate, i), (f.rows(i, i)?, up, i)]
+        } else {
+            [(w("mlp.gate_proj.weight")?, gate, i), (w("mlp.up_proj.weight")?, up, i)]
+        };
+        self.linears(m, &outs, t, h, sc)?;
+        dev.act_mul(gate, up, act, t, i, (pos0, 0), keys, b.act)?;
+        self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
+        if b.post_norms {
+            let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
+            dev.rmsnorm(
+                proj,
+                norm,
+                proj,
+                t,
+                h,
+                c.rms_norm_eps,
+                b.norm == Norm::Rms { plus_one: true },
+            )?;
+        }
+        Ok(())
     }
 
     /// Download the spike keys of a pass (pinned) and merge them, and a mixture of experts'
@@ -1450,124 +627,5 @@ pub(crate) fn logit_rows(logits: Logits, t: usize) -> Option<std::ops::Range<usi
         Logits::None => None,
         Logits::All => Some(0..t),
         Logits::Last => Some(t - 1..t),
-    }
-}
-
-/// Scratch buffers of the GEMM paths, allocated on first use and kept by the model.
-#[derive(Default)]
-pub(crate) struct Scratch {
-    wide: Option<CudaSlice<f32>>,
-    xf: Option<CudaSlice<f32>>,
-    x16: Option<CudaSlice<u16>>,
-    y2: Option<CudaSlice<f32>>,
-    keys: Option<PinnedHostSlice<u64>>,
-}
-
-impl Scratch {
-    /// The f32 widening scratch for a `[n_out, n_in]` weight: at most [`WIDEN_SCRATCH`]
-    /// elements (fewer for small weights), but always at least one row.
-    fn wide(&mut self, dev: &CudaDevice, n_out: usize, n_in: usize) -> Result<u64> {
-        let want = (n_out * n_in).min(WIDEN_SCRATCH).max(n_in);
-        if self.wide.as_ref().is_none_or(|b| b.len() < want) {
-            self.wide =
-                Some(dev.alloc::<f32>(want.max(self.wide.as_ref().map_or(0, |b| b.len())))?);
-        }
-        Ok(self.wide.as_ref().map_or(0, |b| dev.ptr(b)))
-    }
-    /// The final-norm output of at least `want` elements.
-    fn xf(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
-        if self.xf.as_ref().is_none_or(|b| b.len() < want) {
-            self.xf = Some(dev.alloc::<f32>(want)?);
-        }
-        Ok(self.xf.as_ref().map_or(0, |b| dev.ptr(b)))
-    }
-    /// The stacked two-term product scratch of at least `want` elements.
-    fn y2(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
-        if self.y2.as_ref().is_none_or(|b| b.len() < want) {
-            self.y2 = Some(dev.alloc::<f32>(want)?);
-        }
-        Ok(self.y2.as_ref().map_or(0, |b| dev.ptr(b)))
-    }
-    /// The bf16 activation scratch of at least `want` elements.
-    fn x16(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
-        if self.x16.as_ref().is_none_or(|b| b.len() < want) {
-            self.x16 = Some(dev.alloc::<u16>(want)?);
-        }
-        Ok(self.x16.as_ref().map_or(0, |b| dev.ptr(b)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The tiny Llama fixture (see [`super::super::tiny_fixture`]).
-    fn tiny() -> Model {
-        Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture")
-    }
-
-    #[test]
-    fn new_without_a_device_is_a_clear_error() {
-        if cuda_available() {
-            return;
-        }
-        let m = tiny();
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let opts = CudaOptions { dtype, ..Default::default() };
-            let e = CudaModel::new(&m, &opts).err().expect("no device here").to_string();
-            assert!(e.starts_with("backend: "), "{e}");
-            assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
-        }
-        let c = crate::synth::SynthSpec::tiny().config().unwrap();
-        let e = CudaModel::random(&c, 1, &CudaOptions::default())
-            .err()
-            .expect("no device here")
-            .to_string();
-        assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
-    }
-
-    #[test]
-    fn upload_plan_matches_the_model() {
-        let m = tiny();
-        let names: Vec<String> = upload_plan(&m).into_iter().map(|(n, _)| n).collect();
-        for n in &names {
-            assert!(m.weights.contains(n), "{n}");
-        }
-        // The plan from shapes names the same tensors with the model's shapes.
-        let shaped = plan_shapes(&m.config);
-        let mut a: Vec<&String> = names.iter().collect();
-        let mut b: Vec<&String> = shaped.iter().map(|(n, _, _)| n).collect();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b);
-        for (n, shape, _) in &shaped {
-            assert_eq!(&m.weights.get(n).unwrap().shape, shape, "{n}");
-        }
-        // Every tensor the CPU forward pass validates is uploaded.
-        for (n, _) in m.weights.iter() {
-            if n != "rope_freqs.weight" {
-                assert!(names.iter().any(|x| x == n), "{n} would not be on the device");
-            }
-        }
-    }
-
-    #[test]
-    fn weight_bytes_of_7b() {
-        let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
-        let params = c.parameter_count() as usize;
-        let bf16 = weight_bytes(&c, WeightDtype::Bf16);
-        let f32 = weight_bytes(&c, WeightDtype::F32);
-        // Norms stay f32: a little over 2 bytes per parameter.
-        assert!(bf16 > 2 * params && bf16 < 2 * params + 4 * 100 * 4096, "{bf16}");
-        assert_eq!(f32, 4 * params);
-        assert!(bf16 < 14 << 30, "7B in bf16 fits an 80 GB GPU many times over: {bf16}");
-    }
-
-    #[test]
-    fn default_options() {
-        let o = CudaOptions::default();
-        assert_eq!((o.device, o.dtype, o.gemm), (0, WeightDtype::Bf16, GemmEngine::Auto));
-        assert_eq!(GemmEngine::CublasBf16.name(), "cublas-bf16");
-        assert_eq!(WeightDtype::Bf16.bytes(), 2);
     }
 }

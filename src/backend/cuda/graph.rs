@@ -13,7 +13,9 @@ use std::collections::HashMap;
 
 use super::driver::{CudaGraph, CudaSlice};
 
-use super::forward::{logit_rows, Acts, CudaKvCache, CudaModel, Pass, Scratch};
+use super::forward::{logit_rows, Acts, CudaKvCache, Pass};
+use super::linear::Scratch;
+use super::model::CudaModel;
 use crate::hooks::SpikeStats;
 use crate::model::arch::Logits;
 use crate::{Error, Result};

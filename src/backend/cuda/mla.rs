@@ -13,7 +13,8 @@
 //! ```
 
 use super::driver::{CudaDevice, CudaSlice};
-use super::forward::{CudaModel, Scratch, WeightRef};
+use super::linear::Scratch;
+use super::model::{CudaModel, WeightRef};
 use crate::model::arch::deepseek::{self, LATENT_NORM_EPS};
 use crate::model::config::DeepseekParams;
 use crate::model::ModelConfig;

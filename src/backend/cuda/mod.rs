@@ -41,18 +41,22 @@ mod edit;
 mod emu;
 #[cfg(not(feature = "cuda"))]
 use emu as driver;
+mod eval;
 mod family;
 mod forward;
 mod graph;
 pub mod kernels;
+mod linear;
 mod mla;
+mod model;
 mod moe;
 mod streamed;
 
 pub use detect::CudaBaseline;
 pub use driver::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};
 pub use edit::{checksum_bits_u16, checksum_bits_u32, combine_checksums};
-pub use forward::{CudaKvCache, CudaModel, CudaOptions, GemmEngine, WeightDtype};
+pub use forward::CudaKvCache;
+pub use model::{CudaModel, CudaOptions, GemmEngine, WeightDtype};
 
 /// Whether this build runs the CUDA backend on swk's CPU emulator (feature `cuda-emu`
 /// without `cuda`) instead of a GPU: for testing the backend's code without a device.

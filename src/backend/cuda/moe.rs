@@ -23,8 +23,9 @@
 use std::sync::Mutex;
 
 use super::driver::{CudaDevice, CudaSlice};
-use super::forward::{CudaModel, Scratch, WeightRef};
 use super::kernels::{self, Activation};
+use super::linear::Scratch;
+use super::model::{CudaModel, WeightRef};
 use crate::hooks::{ChannelMax, ExpertSpikes, LayerSpikes};
 use crate::model::arch::{deepseek, moe};
 use crate::model::config::MoeParams;

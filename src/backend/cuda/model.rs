@@ -1,0 +1,706 @@
+//! A model's weights on the device: how they are stored ([`WeightDtype`]), who multiplies
+//! them ([`GemmEngine`]), and [`CudaModel`]'s constructors: an upload of a host model
+//! ([`CudaModel::new`]), layers streamed from the model's files ([`CudaModel::streamed`]), or
+//! random weights made on the device for timing ([`CudaModel::random`]). The forward pass
+//! that reads them is in forward.rs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::driver::{cuda_available, CudaDevice, CudaSlice};
+use super::family::Block;
+use super::kernels;
+use super::linear::Scratch;
+use super::mla::MlaRope;
+use super::moe::KeyLayout;
+use super::streamed::Streamed;
+use crate::backend::stream::{layer_plan, split_layer_name, Overlay, SlotLayout};
+use crate::model::arch::{self, llama};
+use crate::model::{Architecture, LazyModel, Model, ModelConfig};
+use crate::{Error, Result};
+
+/// How weight matrices (projections, embedding, LM head) are stored on the device. Norm
+/// weights, biases and RoPE frequencies are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// 4 bytes per weight: the host's values exactly.
+    F32,
+    /// 2 bytes per weight, rounded to nearest even (exact for models stored in bf16).
+    Bf16,
+}
+
+impl WeightDtype {
+    /// Bytes per stored weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 => 2,
+        }
+    }
+    /// Lowercase name (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Who computes the matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmEngine {
+    /// cuBLAS when libcublas loads, else swk's kernels.
+    Auto,
+    /// cuBLAS SGEMM in f32 (bf16 weights are widened exactly to f32 chunk by chunk first):
+    /// the CPU backend's math.
+    Cublas,
+    /// cuBLAS GemmEx on bf16 inputs with f32 accumulation: activations are rounded to bf16
+    /// before each product. Fastest, least exact. Needs [`WeightDtype::Bf16`].
+    CublasBf16,
+    /// cuBLAS GemmEx on bf16 weights and two-term bf16 activations (x = hi + lo, stacked as
+    /// twice the rows, the two products summed in f32): about f32 accuracy, reading the bf16
+    /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
+    CublasSplit,
+    /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 weights widened as loaded).
+    Kernels,
+}
+
+impl GemmEngine {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmEngine::Auto => "auto",
+            GemmEngine::Cublas => "cublas",
+            GemmEngine::CublasBf16 => "cublas-bf16",
+            GemmEngine::CublasSplit => "cublas-split",
+            GemmEngine::Kernels => "kernels",
+        }
+    }
+}
+
+/// Options of [`CudaModel::new`].
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Storage of weight matrices.
+    pub dtype: WeightDtype,
+    /// Matrix product engine.
+    pub gemm: GemmEngine,
+}
+
+impl Default for CudaOptions {
+    /// Device 0, bf16 weights, cuBLAS (f32 math) when present.
+    fn default() -> Self {
+        CudaOptions { device: 0, dtype: WeightDtype::Bf16, gemm: GemmEngine::Auto }
+    }
+}
+
+/// Device storage of one tensor.
+pub(crate) enum DevData {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// A tensor on the device: HF shape and storage.
+pub(crate) struct DevTensor {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: DevData,
+}
+
+impl DevTensor {
+    pub(crate) fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A weight as the forward pass reads it: resident, or in the streamed layer's slot.
+pub(crate) struct WeightRef {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) ptr: u64,
+    pub(crate) bf16: bool,
+}
+
+impl WeightRef {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Rows `start..start + n` of a matrix: one projection of a fused one (Phi-3's
+    /// `qkv_proj` and `gate_up_proj` stack theirs by rows, and rows are contiguous).
+    /// A vector's elements `start..start + n` likewise (a fused projection's bias).
+    pub(crate) fn rows(&self, start: usize, n: usize) -> Result<WeightRef> {
+        let (total, cols) = match self.shape[..] {
+            [total, cols] => (total, cols),
+            [total] => (total, 1),
+            _ => return Err(Error::tensor(&self.name, format!("not a matrix: {:?}", self.shape))),
+        };
+        if start + n > total {
+            return Err(Error::tensor(
+                &self.name,
+                format!("rows {start}..{} of a [{total}, {cols}] matrix", start + n),
+            ));
+        }
+        let elem = if self.bf16 { 2 } else { 4 };
+        Ok(WeightRef {
+            name: format!("{}[{start}..{}]", self.name, start + n),
+            shape: if self.shape.len() == 1 { vec![n] } else { vec![n, cols] },
+            ptr: self.ptr + (start * cols * elem) as u64,
+            bf16: self.bf16,
+        })
+    }
+
+    /// The address of an f32 tensor (norms and biases).
+    pub(crate) fn f32_ptr(&self) -> Result<u64> {
+        if self.bf16 {
+            return Err(Error::Backend(format!("{} is expected in f32 on the device", self.name)));
+        }
+        Ok(self.ptr)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A model's weights on a CUDA device, ready to run its family's forward pass (every family
+/// swk knows).
+pub struct CudaModel {
+    pub(crate) dev: CudaDevice,
+    pub(crate) config: ModelConfig,
+    pub(crate) tensors: BTreeMap<String, DevTensor>,
+    pub(crate) inv_freq: CudaSlice<f32>,
+    /// RoPE pairs per head (`head_dim / 2` unless RoPE is partial).
+    pub(crate) rot_half: usize,
+    /// Gemma 3's RoPE frequencies of its sliding layers (local base, unscaled).
+    pub(crate) inv_local: Option<CudaSlice<f32>>,
+    /// The family's switches of the block.
+    pub(crate) block: Block,
+    /// Where each layer's spike keys lie in a pass's key buffer.
+    pub(crate) key_layout: KeyLayout,
+    /// DeepSeek's latent-attention rope.
+    pub(crate) mla_rope: Option<MlaRope>,
+    /// DeepSeek-V3's router selection biases per sparse layer, kept on the host, which
+    /// routes (not uploaded: an edit of one is an error, never silently ignored).
+    pub(crate) router_bias: BTreeMap<usize, Vec<f32>>,
+    pub(crate) head: String,
+    dtype: WeightDtype,
+    pub(crate) gemm: GemmEngine,
+    pub(crate) edit_scratch: CudaSlice<u32>,
+    pub(crate) scratch: Mutex<Scratch>,
+    pub(crate) stream: Option<Streamed>,
+    pub(crate) graphs: bool,
+    pub(crate) graph_cache: super::graph::GraphCache,
+    pub(crate) graph_failure: Mutex<Option<String>>,
+    pub(crate) id: u64,
+}
+
+/// Every tensor the forward pass reads: (name, whether it is a matrix stored in the weight
+/// dtype). Norms and biases stay f32.
+pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
+    plan_shapes(&model.config)
+        .into_iter()
+        .filter(|(n, _, _)| n != "lm_head.weight" || model.weights.contains(n))
+        .map(|(n, _, matrix)| (n, matrix))
+        .collect()
+}
+
+/// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
+fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    let h = c.hidden_size;
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true)];
+    if c.architecture != Architecture::Olmo {
+        // OLMo's final LayerNorm has no parameters.
+        v.push(("model.norm.weight".to_string(), vec![h], false));
+    }
+    if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
+        v.push(("model.norm.bias".to_string(), vec![h], false));
+    }
+    if c.architecture == Architecture::Gpt2 {
+        let positions = vec![c.max_position_embeddings, h];
+        v.push(("model.embed_positions.weight".to_string(), positions, false));
+    }
+    if !c.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
+    }
+    for l in 0..c.num_layers {
+        for (suffix, shape, matrix) in layer_plan(c, l) {
+            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
+        }
+    }
+    v
+}
+
+/// Device bytes the weights of `c` take in `dtype`.
+pub(crate) fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
+    plan_shapes(c)
+        .iter()
+        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
+        .sum()
+}
+
+/// Device bytes of the tensors outside the layers (embedding, final norm, LM head).
+fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
+    plan_shapes(c)
+        .iter()
+        .filter(|(n, _, _)| split_layer_name(n).is_none())
+        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
+        .sum()
+}
+
+/// DeepSeek-V3's router selection biases by layer, read with `read(name)` (None: absent).
+fn router_biases(
+    c: &ModelConfig,
+    read: impl Fn(&str) -> Result<Option<Vec<f32>>>,
+) -> Result<BTreeMap<usize, Vec<f32>>> {
+    let mut out = BTreeMap::new();
+    let (Some(d), Some(m)) = (&c.family.deepseek, &c.family.moe) else { return Ok(out) };
+    for l in (0..c.num_layers).filter(|&l| d.sigmoid && m.is_sparse(l)) {
+        let name = arch::deepseek::bias_name(l);
+        if let Some(b) = read(&name)? {
+            if b.len() != m.num_experts {
+                return Err(Error::tensor(
+                    &name,
+                    format!("{} values for {} experts", b.len(), m.num_experts),
+                ));
+            }
+            out.insert(l, b);
+        }
+    }
+    Ok(out)
+}
+
+/// Error unless `need` bytes are free on the device.
+fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> Result<()> {
+    let (free, total) = dev.memory()?;
+    if need > free {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::Backend(format!(
+            "{what} need {:.2} GiB in {} and {} has {:.2} GiB free of {:.2} GiB",
+            gib(need),
+            dtype.name(),
+            dev.name(),
+            gib(free),
+            gib(total)
+        )));
+    }
+    Ok(())
+}
+
+/// One host tensor on the device: matrices in `dtype`, everything else f32.
+fn upload_tensor(
+    dev: &CudaDevice,
+    t: &crate::model::Tensor,
+    matrix: bool,
+    dtype: WeightDtype,
+) -> Result<DevTensor> {
+    let data = if matrix && dtype == WeightDtype::Bf16 {
+        use rayon::prelude::*;
+        let bits: Vec<u16> = t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
+        DevData::Bf16(dev.upload(&bits)?)
+    } else {
+        DevData::F32(dev.upload(&t.data)?)
+    };
+    Ok(DevTensor { shape: t.shape.clone(), data })
+}
+
+/// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
+/// partial), with the configured scaling and GGUF `rope_freqs` factors.
+fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
+    let mut rc = c.clone();
+    rc.head_dim = c.rotary_dim();
+    llama::inv_freq(&rc, freq_factors)
+}
+
+fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
+    let gemm = match gemm {
+        GemmEngine::Auto if dev.has_cublas() && dtype == WeightDtype::Bf16 => {
+            GemmEngine::CublasSplit
+        }
+        GemmEngine::Auto if dev.has_cublas() => GemmEngine::Cublas,
+        GemmEngine::Auto => GemmEngine::Kernels,
+        g => g,
+    };
+    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
+        && !dev.has_cublas()
+    {
+        return Err(Error::Backend(format!(
+            "GEMM engine `{}` needs cuBLAS, and libcublas.so could not be loaded (add its directory to \
+             LD_LIBRARY_PATH, or use the `kernels` engine)",
+            gemm.name()
+        )));
+    }
+    if matches!(gemm, GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
+        && dtype != WeightDtype::Bf16
+    {
+        return Err(Error::Invalid(format!("GEMM engine `{}` needs bf16 weights", gemm.name())));
+    }
+    Ok(gemm)
+}
+
+impl CudaModel {
+    /// Upload `model`'s weights to the device. Errors (never panics) when no CUDA device is
+    /// usable, the model is not a supported architecture, or the weights do not fit.
+    pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
+        arch::validate(model)?;
+        if !cuda_available() {
+            // Let the device constructor say precisely why (no driver, no device).
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        Self::check_memory(&dev, &model.config, opts.dtype)?;
+        dev.bind()?;
+        let mut tensors = BTreeMap::new();
+        for (name, matrix) in upload_plan(model) {
+            let t = model.weights.get(&name)?;
+            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
+        }
+        let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
+        let inv = rope_inv_freq(&model.config, freqs);
+        let head = if model.weights.contains("lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let mut m = Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)?;
+        let w = &model.weights;
+        m.router_bias = router_biases(&model.config, |n| {
+            w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
+        })?;
+        Ok(m)
+    }
+
+    /// Keep `lazy`'s layers in its files and stream them through one device slot, layer by
+    /// layer, on every pass: for models whose weights do not fit the device. Only the
+    /// embedding, final norm and LM head stay resident. A host thread reads and converts
+    /// layer l + 1 while the device runs layer l, so a pass costs about the model's size over
+    /// the slower of file reading (or GGUF dequantization) and the host-to-device copy.
+    /// Edits are kept on the host and applied to every upload (bit-exact restore as for a
+    /// resident model). Errors as [`CudaModel::new`], and when a layer tensor is missing or
+    /// of another shape (checked here, before any pass).
+    pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
+        let c = lazy.config.clone();
+        let layouts: Vec<SlotLayout> = (0..c.num_layers)
+            .map(|l| SlotLayout::new(&c, l, opts.dtype == WeightDtype::Bf16))
+            .collect();
+        let slot_bytes = layouts.iter().map(|s| s.bytes).max().unwrap_or(0);
+        for (l, layout) in layouts.iter().enumerate() {
+            for e in &layout.entries {
+                let name = format!("model.layers.{l}.{}", e.suffix);
+                let shape = lazy.shape(&name)?;
+                if shape != e.shape.as_slice() {
+                    return Err(Error::tensor(
+                        &name,
+                        format!("expected shape {:?}, found {shape:?}", e.shape),
+                    ));
+                }
+            }
+        }
+        if !cuda_available() {
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        let resident = lazy.materialize(|n| split_layer_name(n).is_none())?;
+        let need = resident_bytes(&c, opts.dtype) + slot_bytes;
+        check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
+        dev.bind()?;
+        let mut tensors = BTreeMap::new();
+        for (name, matrix) in
+            upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none())
+        {
+            let t = resident.weights.get(&name)?;
+            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
+        }
+        let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
+        let inv = rope_inv_freq(&c, freqs);
+        let head = if resident.weights.contains("lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let slot = dev.alloc::<u8>(slot_bytes)?;
+        let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
+        m.router_bias = router_biases(&m.config, |n| {
+            lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
+        })?;
+        m.stream =
+            Some(Streamed { lazy, layouts, overlay: Overlay::default(), slot: Mutex::new(slot) });
+        Ok(m)
+    }
+
+    /// Whether a model of `config`'s shapes fits device `opts.device` whole in `opts.dtype`,
+    /// leaving `headroom` bytes free for activations and the KV cache (else
+    /// [`CudaModel::streamed`] runs it).
+    pub fn fits(config: &ModelConfig, opts: &CudaOptions, headroom: usize) -> Result<bool> {
+        let dev = CudaDevice::new(opts.device)?;
+        let (free, _) = dev.memory()?;
+        Ok(weight_bytes(config, opts.dtype) + headroom <= free)
+    }
+
+    /// Whether the layers are streamed from the model's files ([`CudaModel::streamed`]).
+    pub fn is_streamed(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// A Llama of `config`'s shapes with random weights generated on the device (linear
+    /// weights and embeddings N(0, 0.02), norm weights 1 + N(0, 0.02), like
+    /// `synth::random_llama` but from a device hash, so not the same bits): for timing runs
+    /// at real model sizes without building the model in host memory.
+    pub fn random(config: &ModelConfig, seed: u64, opts: &CudaOptions) -> Result<Self> {
+        if !cuda_available() {
+            CudaDevice::new(opts.device)?;
+            return Err(Error::Backend("no CUDA device is available".into()));
+        }
+        let dev = CudaDevice::new(opts.device)?;
+        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        Self::check_memory(&dev, config, opts.dtype)?;
+        let mut tensors = BTreeMap::new();
+        for (k, (name, shape, matrix)) in plan_shapes(config).into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let norm = !matrix && name.contains("norm");
+            let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
+            let s = crate::synth::mix(seed, k as u64);
+            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
+                let d = dev.alloc::<u16>(n)?;
+                dev.fill_normal(dev.ptr(&d), true, n, s, mean, std)?;
+                DevData::Bf16(d)
+            } else {
+                let d = dev.alloc::<f32>(n)?;
+                dev.fill_normal(dev.ptr(&d), false, n, s, mean, std)?;
+                DevData::F32(d)
+            };
+            tensors.insert(name, DevTensor { shape, data });
+        }
+        dev.synchronize()?;
+        let inv = llama::inv_freq(config, None);
+        let head =
+            if config.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        Self::finish(dev, config.clone(), tensors, &inv, head, opts.dtype, gemm)
+    }
+
+    fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
+        check_fits(dev, weight_bytes(c, dtype), dtype, "the weights")
+    }
+
+    fn finish(
+        dev: CudaDevice,
+        config: ModelConfig,
+        tensors: BTreeMap<String, DevTensor>,
+        inv: &[f32],
+        head: &str,
+        dtype: WeightDtype,
+        gemm: GemmEngine,
+    ) -> Result<Self> {
+        let inv_freq = dev.upload(inv)?;
+        let rot_half = inv.len();
+        let block = Block::of(&config);
+        let key_layout = KeyLayout::of(&config);
+        let mla_rope = MlaRope::of(&dev, &config)?;
+        let inv_local = match config.family.rope_local_theta {
+            Some(theta) => {
+                let mut rc = config.clone();
+                rc.rope_theta = theta;
+                rc.rope_scaling = None;
+                Some(dev.upload(&rope_inv_freq(&rc, None))?)
+            }
+            None => None,
+        };
+        let edit_scratch = dev.zeros::<u32>(1)?;
+        dev.synchronize()?;
+        Ok(CudaModel {
+            dev,
+            config,
+            tensors,
+            inv_freq,
+            rot_half,
+            inv_local,
+            block,
+            key_layout,
+            mla_rope,
+            router_bias: BTreeMap::new(),
+            head: head.to_string(),
+            dtype,
+            gemm,
+            edit_scratch,
+            scratch: Mutex::new(Scratch::default()),
+            stream: None,
+            graphs: false,
+            graph_cache: Default::default(),
+            graph_failure: Mutex::new(None),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+    /// Storage of the weight matrices.
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
+    }
+    /// The GEMM engine in use (never `Auto`).
+    pub fn gemm(&self) -> GemmEngine {
+        self.gemm
+    }
+    /// Switch the GEMM engine (e.g. to compare engines on one upload). Errors when the
+    /// engine needs cuBLAS and it is absent, or `cublas-bf16` is asked with f32 weights.
+    pub fn set_gemm(&mut self, gemm: GemmEngine) -> Result<()> {
+        self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
+        Ok(())
+    }
+    /// Device bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        weight_bytes(&self.config, self.dtype)
+    }
+    /// Names of the tensors on the device, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+    /// Wait for all queued device work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    /// A tensor's values as f32 on the host (bf16 widened exactly).
+    pub fn download(&self, name: &str) -> Result<Vec<f32>> {
+        self.dev.bind()?;
+        let t = self.tensor(name)?;
+        match &t.data {
+            DevData::F32(d) => self.dev.download(d, 0, t.len()),
+            DevData::Bf16(d) => Ok(self
+                .dev
+                .download(d, 0, t.len())?
+                .into_iter()
+                .map(|b| f32::from_bits(kernels::bf16_bits_to_f32_bits(b)))
+                .collect()),
+        }
+    }
+
+    pub(crate) fn tensor(&self, name: &str) -> Result<&DevTensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::tensor(name, "not on the device (the forward pass does not read it)")
+        })
+    }
+
+    /// A resident tensor as the forward pass reads it.
+    pub(crate) fn weight(&self, name: &str) -> Result<WeightRef> {
+        let t = self.tensor(name)?;
+        let (ptr, bf16) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), false),
+            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        };
+        Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, bf16 })
+    }
+
+    /// Tensor `suffix` of layer `layer`: from the slot at `slot` when the layer is streamed
+    /// in, else resident.
+    pub(crate) fn layer_weight(
+        &self,
+        layer: usize,
+        suffix: &str,
+        slot: Option<u64>,
+    ) -> Result<WeightRef> {
+        let name = format!("model.layers.{layer}.{suffix}");
+        match (slot, &self.stream) {
+            (Some(base), Some(st)) => {
+                let e = st
+                    .layouts
+                    .get(layer)
+                    .and_then(|s| s.entry(suffix))
+                    .ok_or_else(|| Error::tensor(&name, "not in the streamed layer layout"))?;
+                Ok(WeightRef {
+                    name,
+                    shape: e.shape.clone(),
+                    ptr: base + e.offset as u64,
+                    bf16: e.bf16,
+                })
+            }
+            _ => self.weight(&name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny Llama fixture (see [`super::super::tiny_fixture`]).
+    fn tiny() -> Model {
+        Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture")
+    }
+
+    #[test]
+    fn new_without_a_device_is_a_clear_error() {
+        if cuda_available() {
+            return;
+        }
+        let m = tiny();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let opts = CudaOptions { dtype, ..Default::default() };
+            let e = CudaModel::new(&m, &opts).err().expect("no device here").to_string();
+            assert!(e.starts_with("backend: "), "{e}");
+            assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
+        }
+        let c = crate::synth::SynthSpec::tiny().config().unwrap();
+        let e = CudaModel::random(&c, 1, &CudaOptions::default())
+            .err()
+            .expect("no device here")
+            .to_string();
+        assert!(e.contains("CUDA") || e.contains("libcuda"), "{e}");
+    }
+
+    #[test]
+    fn upload_plan_matches_the_model() {
+        let m = tiny();
+        let names: Vec<String> = upload_plan(&m).into_iter().map(|(n, _)| n).collect();
+        for n in &names {
+            assert!(m.weights.contains(n), "{n}");
+        }
+        // The plan from shapes names the same tensors with the model's shapes.
+        let shaped = plan_shapes(&m.config);
+        let mut a: Vec<&String> = names.iter().collect();
+        let mut b: Vec<&String> = shaped.iter().map(|(n, _, _)| n).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        for (n, shape, _) in &shaped {
+            assert_eq!(&m.weights.get(n).unwrap().shape, shape, "{n}");
+        }
+        // Every tensor the CPU forward pass validates is uploaded.
+        for (n, _) in m.weights.iter() {
+            if n != "rope_freqs.weight" {
+                assert!(names.iter().any(|x| x == n), "{n} would not be on the device");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_bytes_of_7b() {
+        let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
+        let params = c.parameter_count() as usize;
+        let bf16 = weight_bytes(&c, WeightDtype::Bf16);
+        let f32 = weight_bytes(&c, WeightDtype::F32);
+        // Norms stay f32: a little over 2 bytes per parameter.
+        assert!(bf16 > 2 * params && bf16 < 2 * params + 4 * 100 * 4096, "{bf16}");
+        assert_eq!(f32, 4 * params);
+        assert!(bf16 < 14 << 30, "7B in bf16 fits an 80 GB GPU many times over: {bf16}");
+    }
+
+    #[test]
+    fn default_options() {
+        let o = CudaOptions::default();
+        assert_eq!((o.device, o.dtype, o.gemm), (0, WeightDtype::Bf16, GemmEngine::Auto));
+        assert_eq!(GemmEngine::CublasBf16.name(), "cublas-bf16");
+        assert_eq!(WeightDtype::Bf16.bytes(), 2);
+    }
+}
