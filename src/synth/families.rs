@@ -70,7 +70,8 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use super::{mix, plant_err, PlantSite, PlantedWeight, SplitMix64};
+use super::plant::plant_err;
+use super::{mix, PlantSite, PlantedWeight, SplitMix64};
 use crate::hooks::{HookKind, HookPoint, Hooks};
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
 use crate::model::Architecture;

@@ -47,8 +47,9 @@ fn key(t: usize, stats: bool, logits: Logits) -> GraphKey {
 }
 
 impl CudaModel {
-    /// Capture and replay CUDA graphs for repeated detection passes (see the
-    /// [module docs](self)). Streamed models never use graphs.
+    /// Capture and replay CUDA graphs for repeated detection passes and perplexity windows
+    /// (one graph per pass shape, its inputs refreshed before each replay; see graph.rs).
+    /// Streamed models and mixtures of experts (routed on the host) never use graphs.
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
