@@ -458,6 +458,9 @@ fn cli_subcommands_print_json_and_write_plots() {
         assert!(ok, "{args:?}: {err}");
         let j: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
         assert!(j.get(key).is_some(), "{args:?}: no `{key}` in {out}");
+        if args[0] == "screen" {
+            assert_eq!(j["device"], "cpu", "screen says which backend ran it");
+        }
         if let Some(p) = plot {
             let s = std::fs::read_to_string(&p).expect("plot written");
             assert!(s.starts_with("<svg"), "{p}");

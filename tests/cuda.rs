@@ -684,6 +684,64 @@ fn detection_matches_cpu_on_planted_models() {
     }
 }
 
+/// Screening on the device (`screen_with`, its candidates from `detected_edits_with` on the
+/// device) ranks what the CPU ranks on a planted model: the same raw candidates, the same
+/// entries in the same order with the same sources and weight values (f32 weights: bit for
+/// bit; bf16: the stored bf16 value), perplexities within 1e-4 (f32) or 5e-2 (bf16, against
+/// the CPU on the same bf16-rounded weights), the planted super weight first, and every
+/// weight restored (device checksum unchanged).
+#[test]
+fn screening_matches_cpu_on_a_planted_model() {
+    use swk::analysis::screen::{largest_down_proj, screen_with, ScreenConfig};
+    use swk::analysis::{detected_config, detected_edits_with};
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let (m, truth) = planted(&spec, 5, &Plant::standard(&spec)).expect("planted");
+    let cfg = ScreenConfig { top_largest: 4, context: 16 };
+    let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.context).unwrap();
+    let largest = largest_down_proj(&m, cfg.top_largest).unwrap();
+    let inputs =
+        swk::detect::DetectInputs { prompts: vec![truth.prompt.clone()], windows: Vec::new() };
+    assert!(detected_config(true).skip_confirmation, "raw candidates need no windows");
+    let sw = truth.super_weights[0];
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+        let cands = detected_edits_with(&mut host, &inputs, true, |_, _, _| {}).unwrap();
+        let want = screen_with(&mut host, &windows, &cands, &largest, &cfg, |_, _, _| {}).unwrap();
+        let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
+        let before = g.checksum().unwrap();
+        let got_cands = detected_edits_with(&mut g, &inputs, true, |_, _, _| {}).unwrap();
+        assert_eq!(got_cands, cands, "{}: raw candidates", dtype.name());
+        let got = screen_with(&mut g, &windows, &cands, &largest, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(g.checksum().unwrap(), before, "{}: restored", dtype.name());
+        let key = |r: &swk::analysis::screen::ScreenReport| -> Vec<_> {
+            r.entries
+                .iter()
+                .map(|e| (e.rank, e.edit.to_string(), e.source, e.value.to_bits()))
+                .collect()
+        };
+        assert_eq!(key(&got), key(&want), "{}: ranking", dtype.name());
+        let tol = if dtype == WeightDtype::Bf16 { 5e-2 } else { 1e-4 };
+        let rel = |a: f64, b: f64| (a / b - 1.0).abs();
+        assert!(rel(got.baseline_perplexity, want.baseline_perplexity) <= tol);
+        assert_eq!(got.tokens_scored, want.tokens_scored);
+        for (x, y) in got.entries.iter().zip(&want.entries) {
+            assert!(rel(x.perplexity, y.perplexity) <= tol, "{}: {x:?} vs {y:?}", dtype.name());
+        }
+        assert_eq!(got.entries[0].coords, Some((sw.layer, sw.row, sw.col)), "planted first");
+        assert!(got.entries[0].ratio > 5.0, "{:?}", got.entries[0]);
+        eprintln!(
+            "screening {}: {} entries, top ratio {:.2} (cpu {:.2})",
+            dtype.name(),
+            got.entries.len(),
+            got.entries[0].ratio,
+            want.entries[0].ratio
+        );
+    }
+}
+
 /// A super weight and a decoy planted ([`swk::synth::families::plant_arch`]) into the tiny
 /// fixture of every family the device runs, as `tests/planted_arch.rs` plants them: detection
 /// on the device confirms the super weight and rejects the decoy, as the CPU does, with the
@@ -1142,7 +1200,8 @@ fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json
 /// The `swk` binary on the device: `detect --device cuda` on a mixture of experts loads a
 /// safetensors checkpoint whole (the streaming decision needs only its config; LazyModel
 /// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`;
-/// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts.
+/// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts;
+/// `screen --device cuda` on a streamed GGUF ranks as the CPU does.
 #[test]
 fn cli_detects_on_the_device() {
     if !gpu() {
@@ -1198,6 +1257,31 @@ fn cli_detects_on_the_device() {
     );
     for ((_, a), (_, b)) in g.iter().zip(&w) {
         assert!((a / b - 1.0).abs() <= 1e-3, "ablation ratio {a} vs cpu {b}");
+    }
+
+    // `screen --device cuda` on a streamed GGUF (the largest |w| read from the file) ranks
+    // what the CPU ranks.
+    let qwen2 = root.join("qwen2_gguf").join("model.gguf");
+    let more = ["--top-largest", "3", "--edit", "zero:1,0,0", "--context", "16"];
+    let more: Vec<&str> = more.iter().copied().chain(["--gpu-dtype", "f32", "--json"]).collect();
+    let got = swk_json(&["--device", "cuda", "--stream", "always", "screen"], &qwen2, &more);
+    let want = swk_json(&["--device", "cpu", "screen"], &qwen2, &more);
+    assert!(got["device"].as_str().unwrap_or_default().contains("layers streamed"), "{got}");
+    assert_eq!(want["device"], "cpu");
+    let entries = |r: &serde_json::Value| -> Vec<(String, String, f64)> {
+        let v = r["entries"].as_array().expect("entries");
+        v.iter()
+            .map(|e| {
+                let p = e["perplexity"].as_f64().unwrap_or(f64::NAN);
+                (e["edit"].to_string(), e["source"].to_string(), p)
+            })
+            .collect()
+    };
+    let (g, w) = (entries(&got), entries(&want));
+    assert_eq!(g.len(), 4, "one candidate and the 3 largest: {got}");
+    for (a, b) in g.iter().zip(&w) {
+        assert_eq!((&a.0, &a.1), (&b.0, &b.1), "ranking");
+        assert!((a.2 / b.2 - 1.0).abs() <= 1e-4, "perplexity {} vs cpu {}", a.2, b.2);
     }
 }
 

@@ -20,7 +20,7 @@ pub mod vocab;
 
 use std::collections::HashMap;
 
-use crate::detect::{self, DetectConfig};
+use crate::detect::{self, DetectBackend, DetectConfig, DetectInputs};
 use crate::edit::{EditOp, WeightEdit};
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
@@ -78,8 +78,28 @@ pub fn detected_edits(
     candidates: bool,
     on_step: impl FnMut(usize, usize, &str),
 ) -> Result<Vec<WeightEdit>> {
-    let cfg = DetectConfig { skip_confirmation: candidates, ..DetectConfig::default() };
-    let mut found = detect::detect(model, &cfg, on_step)?.super_weights;
+    let inputs = detect::detect_inputs(model, &detected_config(candidates))?;
+    detected_edits_with(model, &inputs, candidates, on_step)
+}
+
+/// The detection settings of [`detected_edits`]: the defaults, without confirmation when
+/// `candidates`.
+pub fn detected_config(candidates: bool) -> DetectConfig {
+    DetectConfig { skip_confirmation: candidates, ..DetectConfig::default() }
+}
+
+/// [`detected_edits`] on any backend (the CPU [`Model`], or the CUDA backend's `CudaModel`),
+/// with the prompts and windows of [`detected_config`] tokenized already (see
+/// [`detect::detect_inputs`]).
+pub fn detected_edits_with<B: DetectBackend>(
+    model: &mut B,
+    inputs: &DetectInputs,
+    candidates: bool,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<Vec<WeightEdit>> {
+    let cfg = detected_config(candidates);
+    let mut found =
+        detect::detect_with(model, &inputs.prompts, &inputs.windows, &cfg, on_step)?.super_weights;
     found.sort_by(|a, b| {
         let r = |s: &detect::SuperWeight| s.perplexity_ratio.unwrap_or(0.0);
         r(b).total_cmp(&r(a))

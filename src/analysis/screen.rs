@@ -1,8 +1,11 @@
 //! Screening: rank candidate weights by how much perplexity grows when each one alone is
-//! edited (zeroed, by default), with [`Confirmer`]'s partial re-runs (only the blocks from the
-//! edited layer on run again). Candidates can include the largest-|w| down_proj weights of
-//! the whole model, the naive guess at what matters.
+//! edited (zeroed, by default). On the CPU each edited run repeats only the blocks from the
+//! edited layer on ([`Confirmer`](crate::confirm::Confirmer)'s partial re-runs); any
+//! [`DetectBackend`] (the CUDA backend too) screens through [`screen_with`]. Candidates can
+//! include the largest-|w| down_proj weights of the whole model, the naive guess at what
+//! matters.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -10,8 +13,10 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::analysis::down_proj_coords;
-use crate::confirm::Confirmer;
+use crate::detect::{ConfirmBaseline, DetectBackend};
 use crate::edit::{EditOp, WeightEdit};
+use crate::eval::ppl;
+use crate::model::ModelConfig;
 use crate::{Error, Model, Result};
 
 /// Settings of [`screen`].
@@ -73,14 +78,27 @@ pub struct ScreenReport {
 
 /// The `k` largest-|w| down_proj weights of the model, largest first, as zero edits.
 pub fn largest_down_proj(model: &Model, k: usize) -> Result<Vec<WeightEdit>> {
+    largest_down_proj_by(&model.config, k, |l| {
+        Ok(Cow::Borrowed(model.weights.get(&Model::down_proj_name(l))?.data.as_slice()))
+    })
+}
+
+/// [`largest_down_proj`] of a model of `config`'s shapes whose layer-`l` down_proj weight
+/// `read(l)` gives (from memory, or from the files of a model too large to load whole).
+/// Layers are read in parallel; ties go to the lower layer, then the lower flat index.
+pub fn largest_down_proj_by<'a>(
+    config: &ModelConfig,
+    k: usize,
+    read: impl Fn(usize) -> Result<Cow<'a, [f32]>> + Sync,
+) -> Result<Vec<WeightEdit>> {
     if k == 0 {
         return Ok(Vec::new());
     }
-    let inter = model.config.intermediate_size;
-    let per_layer: Vec<Vec<(u32, usize, usize)>> = (0..model.config.num_layers)
+    let inter = config.intermediate_size;
+    let per_layer: Vec<Vec<(u32, usize, usize)>> = (0..config.num_layers)
         .into_par_iter()
         .map(|l| {
-            let w = &model.weights.get(&Model::down_proj_name(l))?.data;
+            let w = read(l)?;
             // |w| of a float orders like its bits once the sign is cleared.
             let mut heap: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::with_capacity(k + 1);
             for (i, v) in w.iter().enumerate() {
@@ -112,10 +130,27 @@ pub fn screen(
     tokens: &[u32],
     candidates: &[WeightEdit],
     cfg: &ScreenConfig,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<ScreenReport> {
+    let largest = largest_down_proj(model, cfg.top_largest)?;
+    let windows = ppl::windows(model, tokens, cfg.context)?;
+    screen_with(model, &windows, candidates, &largest, cfg, on_step)
+}
+
+/// [`screen`] on any backend (the CPU [`Model`], or the CUDA backend's `CudaModel`), with the
+/// text already cut into perplexity windows (see [`ppl::windows`]) and the largest-|w|
+/// weights already chosen (`largest`, see [`largest_down_proj_by`]; `cfg.top_largest` is
+/// only recorded). Each weight's value is read from the backend: on a bf16 device, the
+/// stored bf16 value. Every edit is restored before the next one runs.
+pub fn screen_with<B: DetectBackend>(
+    model: &mut B,
+    windows: &[Vec<u32>],
+    candidates: &[WeightEdit],
+    largest: &[WeightEdit],
+    cfg: &ScreenConfig,
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<ScreenReport> {
     let mut list: Vec<(WeightEdit, Source)> = Vec::new();
-    let largest = largest_down_proj(model, cfg.top_largest)?;
     let tagged = candidates
         .iter()
         .map(|e| (e, Source::Candidate))
@@ -130,14 +165,14 @@ pub fn screen(
     }
     let total = list.len() + 1;
     on_step(0, total, "baseline perplexity");
-    let confirmer = Confirmer::new(model, tokens, cfg.context)?;
-    let base = confirmer.baseline_perplexity();
+    let baseline = model.confirm_baseline(windows)?;
+    let base = baseline.baseline_perplexity();
     let mut entries = Vec::with_capacity(list.len());
     for (k, (edit, source)) in list.into_iter().enumerate() {
         on_step(k + 1, total, &edit.to_string());
-        let shape = model.weights.get(&edit.tensor)?.shape.clone();
-        let value = model.weights.get(&edit.tensor)?.data[edit.flat_index(&shape)?];
-        let p = confirmer.perplexity_with(model, std::slice::from_ref(&edit))?;
+        let flat = edit.flat_index(&model.shape_of(&edit.tensor)?)?;
+        let value = f32::from_bits(model.read_bits(&edit.tensor, flat)?);
+        let p = model.confirm_with(&baseline, std::slice::from_ref(&edit))?;
         entries.push(ScreenEntry {
             rank: 0,
             coords: down_proj_coords(&edit),
@@ -156,7 +191,7 @@ pub fn screen(
     Ok(ScreenReport {
         config: cfg.clone(),
         baseline_perplexity: base,
-        tokens_scored: confirmer.tokens_scored(),
+        tokens_scored: baseline.tokens_scored(),
         entries,
     })
 }

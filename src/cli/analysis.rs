@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use swk::analysis;
+use swk::detect::{self, DetectBackend, DetectInputs};
 use swk::edit::WeightEdit;
 use swk::{Error, Model, Result};
 
@@ -29,32 +30,53 @@ impl EditSource {
         quiet: bool,
         candidates: bool,
     ) -> Result<Vec<WeightEdit>> {
+        match self.given(candidates)? {
+            Some(edits) => Ok(edits),
+            None => {
+                let inputs = detect::detect_inputs(model, &analysis::detected_config(candidates))?;
+                detect_edits(model, &inputs, quiet, candidates)
+            }
+        }
+    }
+
+    /// The edits given by `--edit` and `--from-detect` (`candidates`: the report's rejected
+    /// spikes too), or None when neither flag was given.
+    pub fn given(&self, candidates: bool) -> Result<Option<Vec<WeightEdit>>> {
         let mut edits = super::parse_edits(&self.edit)?;
         if let Some(p) = &self.from_detect {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             edits.extend(analysis::edits_from_detect_json(&text, candidates)?);
         }
-        if !edits.is_empty() || self.from_detect.is_some() {
-            return Ok(edits);
-        }
-        let pb = super::bar(quiet, 1, "detecting super weights");
-        let found = analysis::detected_edits(model, candidates, |done, total, what| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-            pb.set_message(format!("detect: {what}"));
-        })?;
-        pb.finish_and_clear();
-        if found.is_empty() {
-            return Err(Error::Invalid(
-                "detection found no super weight to study; pass --edit or --from-detect".into(),
-            ));
-        }
-        if !quiet {
-            let list: Vec<String> = found.iter().map(ToString::to_string).collect();
-            eprintln!("studying detected super weights: {}", list.join(", "));
-        }
-        Ok(found)
+        Ok((!edits.is_empty() || self.from_detect.is_some()).then_some(edits))
     }
+}
+
+/// Detect the super weights to study on `backend` (the CPU model, or a device), with a
+/// progress bar unless `quiet`; `candidates`: every raw candidate, unconfirmed. `inputs` are
+/// [`analysis::detected_config`]'s, tokenized. Errors when nothing is found.
+pub fn detect_edits<B: DetectBackend>(
+    backend: &mut B,
+    inputs: &DetectInputs,
+    quiet: bool,
+    candidates: bool,
+) -> Result<Vec<WeightEdit>> {
+    let pb = super::bar(quiet, 1, "detecting super weights");
+    let found = analysis::detected_edits_with(backend, inputs, candidates, |done, total, what| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(format!("detect: {what}"));
+    })?;
+    pb.finish_and_clear();
+    if found.is_empty() {
+        return Err(Error::Invalid(
+            "detection found no super weight to study; pass --edit or --from-detect".into(),
+        ));
+    }
+    if !quiet {
+        let list: Vec<String> = found.iter().map(ToString::to_string).collect();
+        eprintln!("studying detected super weights: {}", list.join(", "));
+    }
+    Ok(found)
 }
 
 /// The text of `path`, or the short confirmation text shipped with swk.

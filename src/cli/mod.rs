@@ -95,6 +95,7 @@ pub fn run() -> Result<()> {
             | Command::Generate(_)
             | Command::Detect(_)
             | Command::Experts(_)
+            | Command::Screen(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -113,7 +114,7 @@ pub fn run() -> Result<()> {
         Command::Trace(a) => trace::run(a),
         Command::CompareGenerate(a) => compare_generate::run(a),
         Command::QuantizeStudy(a) => quantize_study::run(a),
-        Command::Screen(a) => screen::run(a),
+        Command::Screen(a) => screen::run(a, dev),
         Command::Experts(a) => experts::run(a, dev),
         Command::Groups(a) => groups::run(a),
         Command::Mc(a) => mc::run(a),
