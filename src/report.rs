@@ -392,6 +392,16 @@ pub fn session_html(s: &Value) -> String {
         esc(&get(s, "git_commit")),
         s["total_seconds"].as_f64().unwrap_or(0.0)
     );
+    // Where the analyses ran (sessions before devices were recorded have no `device`).
+    if let Some(d) = s["device"].as_object() {
+        let on = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("cpu").to_string();
+        body += &format!(
+            "<p class=\"note\">detection on {}; screening on {}; the other analyses on {}.</p>\n",
+            esc(&on("detect")),
+            esc(&on("screen")),
+            esc(&on("others"))
+        );
+    }
     let info = &s["model_info"];
     let rows: Vec<Vec<String>> = info
         .as_object()

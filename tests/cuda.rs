@@ -742,6 +742,89 @@ fn screening_matches_cpu_on_a_planted_model() {
     }
 }
 
+/// A research session with detection and screening on the device (`research_on`) records
+/// the same super weights and screening ranking as the CPU session, names the device where
+/// they ran, runs the other analyses on the CPU model, and leaves every weight of both
+/// restored. The `swk research --device cuda` CLI names the device in session.json too.
+#[test]
+fn research_detects_and_screens_on_the_device() {
+    use swk::analysis::research::{research_inputs, research_on, Device, Inputs, ResearchConfig};
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let (mut m, truth) = planted(&spec, 7, &Plant::standard(&spec)).expect("planted");
+    let skip = ["vocab", "cascade", "compare-generate", "quantize-study", "mc"];
+    let cfg = ResearchConfig {
+        top_largest: 3,
+        screen_context: 16,
+        skip: skip.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let inputs = Inputs {
+        prompts: vec![truth.prompt.clone()],
+        prompt: truth.prompt.clone(),
+        confirm: truth.confirm.clone(),
+        text: truth.confirm.clone(),
+        vocab_samples: vec![truth.confirm.clone()],
+        study: vec![],
+        mc: (String::new(), vec![]),
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let want = research_inputs(&mut m, "planted", &cfg, &inputs, dir.path(), |_, _, _| {})
+        .expect("cpu session");
+    let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+    let mut g = CudaModel::new(&m, &opts).unwrap();
+    let (before, host_before) = (g.checksum().unwrap(), m.weights.checksum());
+    let device = Device { backend: &mut g, name: "cuda: test" };
+    let got = research_on(&mut m, Some(device), "planted", &cfg, &inputs, dir.path(), |_, _, _| {})
+        .expect("device session");
+    assert_eq!((g.checksum().unwrap(), m.weights.checksum()), (before, host_before), "restored");
+    assert_eq!(got["errors"], serde_json::json!({}), "{}", got["errors"]);
+    let dev = serde_json::json!({"detect": "cuda: test", "screen": "cuda: test", "others": "cpu"});
+    assert_eq!(got["device"], dev);
+    assert_eq!(got["detect"]["device"], "cuda: test");
+    let coords = |s: &serde_json::Value, list: &str, key: &str| -> Vec<String> {
+        let v = s[list][key].as_array().cloned().unwrap_or_default();
+        v.iter().map(|e| format!("{} {} {}", e["layer"], e["row"], e["col"])).collect()
+    };
+    let found = coords(&got, "detect", "super_weights");
+    assert_eq!(found, coords(&want, "detect", "super_weights"), "confirmed");
+    let sw = truth.super_weights[0];
+    assert_eq!(found[0], format!("{} {} {}", sw.layer, sw.row, sw.col));
+    let ranking = |s: &serde_json::Value| -> Vec<(String, f64)> {
+        let v = s["screen"]["entries"].as_array().cloned().unwrap_or_default();
+        v.iter().map(|e| (e["coords"].to_string(), e["ratio"].as_f64().unwrap_or(0.0))).collect()
+    };
+    let (a, b) = (ranking(&got), ranking(&want));
+    assert!(!a.is_empty());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0, "screening ranking");
+        assert!((x.1 / y.1 - 1.0).abs() <= 1e-4, "ratio {} vs cpu {}", x.1, y.1);
+    }
+    assert_eq!(got["trace"], want["trace"], "the CPU analyses see the same model");
+
+    // The CLI: `--device cuda` on the tiny fixture names the device in session.json.
+    let llama = fixtures_root().join("tiny").join("llama");
+    let out = dir.path().join("cli");
+    let o = out.to_string_lossy().to_string();
+    let more = ["--out", o.as_str(), "--threshold", "1", "--skip", "vocab,cascade,trace"];
+    let more: Vec<&str> = more
+        .iter()
+        .copied()
+        .chain(["--skip", "compare-generate,quantize-study", "--json"])
+        .collect();
+    swk_json(&["--device", "cuda", "research"], &llama, &more);
+    let text = std::fs::read_to_string(out.join("session.json")).expect("session.json");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert!(
+        s["device"]["detect"].as_str().unwrap_or_default().starts_with("cuda"),
+        "{}",
+        s["device"]
+    );
+    assert_eq!(s["device"]["others"], "cpu");
+}
+
 /// A super weight and a decoy planted ([`swk::synth::families::plant_arch`]) into the tiny
 /// fixture of every family the device runs, as `tests/planted_arch.rs` plants them: detection
 /// on the device confirms the super weight and rejects the decoy, as the CPU does, with the

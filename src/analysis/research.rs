@@ -16,8 +16,9 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::analysis::{cascade, compare, down_proj_coords, quantize, screen, trace, vocab};
-use crate::detect::{self, DetectConfig};
+use crate::detect::{self, DetectBackend, DetectConfig};
 use crate::edit::{EditOp, WeightEdit};
+use crate::eval::ppl;
 use crate::{Error, Model, Result};
 
 /// The analyses a session runs after detection, in order.
@@ -176,6 +177,31 @@ pub fn research_inputs(
     cfg: &ResearchConfig,
     inputs: &Inputs,
     plot_dir: &Path,
+    on_stage: impl FnMut(usize, usize, &str),
+) -> Result<Value> {
+    research_on::<Model>(model, None, spec, cfg, inputs, plot_dir, on_stage)
+}
+
+/// A backend that runs detection and screening for a session in place of the CPU model:
+/// the weights of the same model (e.g. the CUDA backend's `CudaModel`), and its description
+/// for the session's `device` field.
+pub struct Device<'a, B> {
+    /// The backend.
+    pub backend: &'a mut B,
+    /// What it is, e.g. `cuda: NVIDIA H100 (bf16 weights, cublas-split)`.
+    pub name: &'a str,
+}
+
+/// [`research_inputs`] with detection (and its confirmation) and screening on `device` when
+/// given; the other analyses (hooks, partial re-runs, generation with logits) run on the CPU
+/// `model`, which must hold the same weights. The session's `device` says where each ran.
+pub fn research_on<B: DetectBackend>(
+    model: &mut Model,
+    mut device: Option<Device<'_, B>>,
+    spec: &str,
+    cfg: &ResearchConfig,
+    inputs: &Inputs,
+    plot_dir: &Path,
     mut on_stage: impl FnMut(usize, usize, &str),
 ) -> Result<Value> {
     for s in &cfg.skip {
@@ -212,13 +238,30 @@ pub fn research_inputs(
         }),
     );
     session.insert("inputs".into(), to_json(cfg)?);
+    let device_name = device.as_ref().map_or("cpu", |d| d.name).to_string();
+    session.insert(
+        "device".into(),
+        json!({"detect": &device_name, "screen": &device_name, "others": "cpu"}),
+    );
 
     on_stage(0, total, "detect");
     let t = Instant::now();
-    let d = detect::detect_tokens(model, &inputs.prompts, &inputs.confirm, &cfg.detect, {
-        |_, _, what| on_stage(0, total, what)
-    })?;
-    let report = crate::detect_report::report(spec, model, &cfg.detect, &d, "cpu")?;
+    let d = match device.as_mut() {
+        Some(dev) => {
+            let windows = if cfg.detect.skip_confirmation {
+                Vec::new()
+            } else {
+                ppl::windows(model, &inputs.confirm, cfg.detect.confirm_context)?
+            };
+            detect::detect_with(dev.backend, &inputs.prompts, &windows, &cfg.detect, {
+                |_, _, what| on_stage(0, total, what)
+            })?
+        }
+        None => detect::detect_tokens(model, &inputs.prompts, &inputs.confirm, &cfg.detect, {
+            |_, _, what| on_stage(0, total, what)
+        })?,
+    };
+    let report = crate::detect_report::report(spec, model, &cfg.detect, &d, &device_name)?;
     let detect_json = to_json(&report)?;
     session.insert("super_weights".into(), detect_json["super_weights"].clone());
     session.insert("detect".into(), detect_json);
@@ -279,9 +322,16 @@ pub fn research_inputs(
                     top_largest: cfg.top_largest,
                     context: cfg.screen_context,
                 };
-                screen::screen(model, text_tokens, &candidates, &sc, |_, _, w| {
-                    on_stage(k + 1, total, &format!("screen: {w}"))
-                })
+                let step =
+                    |_: usize, _: usize, w: &str| on_stage(k + 1, total, &format!("screen: {w}"));
+                match device.as_mut() {
+                    Some(dev) => (|| {
+                        let largest = screen::largest_down_proj(model, sc.top_largest)?;
+                        let windows = ppl::windows(model, text_tokens, sc.context)?;
+                        screen::screen_with(dev.backend, &windows, &candidates, &largest, &sc, step)
+                    })(),
+                    None => screen::screen(model, text_tokens, &candidates, &sc, step),
+                }
                 .and_then(|r| Ok((to_json(&r)?, false)))
             }
             "vocab" => (|| {

@@ -70,7 +70,7 @@ pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
 pub fn require_cpu(arg: DeviceArg) -> Result<()> {
     if arg == DeviceArg::Cuda {
         return Err(Error::Backend(
-            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts, screen); use --device cpu".into(),
+            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts, screen, research); use --device cpu".into(),
         ));
     }
     Ok(())
@@ -119,14 +119,7 @@ pub fn load(
     bf16: bool,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
     let backend = choose(dev.device, quiet)?;
-    let whole = match dev.stream {
-        _ if backend == Backend::Cpu => true,
-        StreamArg::Never => true,
-        // Decided from the config alone: checkpoints LazyModel cannot stream still load whole.
-        StreamArg::Auto => fits(&swk::model::load::read_config(spec)?, bf16)?,
-        StreamArg::Always => false,
-    };
-    if whole {
+    if backend == Backend::Cpu || !streams(spec, dev.stream, bf16)? {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
@@ -139,6 +132,27 @@ pub fn load(
     }
     let outside = lazy.materialize(|n| swk::backend::stream::split_layer_name(n).is_none())?;
     Ok((backend, outside, Some(Arc::new(lazy))))
+}
+
+/// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights do not
+/// fit, decided from the config alone; checkpoints LazyModel cannot stream still load whole).
+fn streams(spec: &str, stream: StreamArg, bf16: bool) -> Result<bool> {
+    Ok(match stream {
+        StreamArg::Never => false,
+        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, bf16)?,
+        StreamArg::Always => true,
+    })
+}
+
+/// For a CUDA run that also keeps the whole model on the host (`swk research`, whose other
+/// analyses run on the CPU): `spec`'s files to stream the device's layers from, when
+/// `--stream` says to stream.
+pub fn stream_files(spec: &str, stream: StreamArg, bf16: bool) -> Result<Option<Arc<LazyModel>>> {
+    if streams(spec, stream, bf16)? {
+        Ok(Some(Arc::new(LazyModel::open(spec)?)))
+    } else {
+        Ok(None)
+    }
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]

@@ -96,6 +96,7 @@ pub fn run() -> Result<()> {
             | Command::Detect(_)
             | Command::Experts(_)
             | Command::Screen(_)
+            | Command::Research(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -118,7 +119,7 @@ pub fn run() -> Result<()> {
         Command::Experts(a) => experts::run(a, dev),
         Command::Groups(a) => groups::run(a),
         Command::Mc(a) => mc::run(a),
-        Command::Research(a) => research::run(a),
+        Command::Research(a) => research::run(a, dev),
         Command::Report(a) => report::run(a),
     }
 }

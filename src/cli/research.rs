@@ -3,12 +3,16 @@
 //! weights (comparison.json, comparison.md, comparison.html).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 use swk::analysis::research::{self, ResearchConfig};
 use swk::eval::choice;
-use swk::{report, Error, Result};
+use swk::model::LazyModel;
+use swk::{report, Error, Model, Result};
+
+use super::device::{Backend, DeviceOpts, GpuDtype};
 
 /// Arguments of `swk research`.
 #[derive(clap::Args)]
@@ -74,6 +78,10 @@ pub struct Args {
     /// Print what was written as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`: detection and screening run there,
+    /// the other analyses on the CPU).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
 impl Args {
@@ -131,7 +139,15 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 }
 
 /// Run one model's session into `dir`; returns the session.
-fn one(a: &Args, spec: &str, cfg: &ResearchConfig, dir: &Path, tag: &str) -> Result<Value> {
+fn one(
+    a: &Args,
+    spec: &str,
+    cfg: &ResearchConfig,
+    dir: &Path,
+    tag: &str,
+    backend: Backend,
+    dev: DeviceOpts,
+) -> Result<Value> {
     let quiet = a.json;
     let t = Instant::now();
     let mut model = super::load_model(spec, quiet)?;
@@ -150,12 +166,19 @@ fn one(a: &Args, spec: &str, cfg: &ResearchConfig, dir: &Path, tag: &str) -> Res
         inputs.mc = (name, tok);
     }
     let pb = super::bar(quiet, (research::ANALYSES.len() + 1) as u64, "research");
-    let mut session =
-        research::research_inputs(&mut model, spec, cfg, &inputs, dir, |done, total, what| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-            pb.set_message(format!("{tag}{what}"));
-        })?;
+    let progress = |done: usize, total: usize, what: &str| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(format!("{tag}{what}"));
+    };
+    let mut session = match backend {
+        Backend::Cpu => research::research_inputs(&mut model, spec, cfg, &inputs, dir, progress)?,
+        Backend::Cuda => {
+            let lazy =
+                super::device::stream_files(spec, dev.stream, a.gpu_dtype == GpuDtype::Bf16)?;
+            cuda_research(&mut model, lazy, a.gpu_dtype, spec, cfg, &inputs, dir, progress)?
+        }
+    };
     pb.finish_and_clear();
     session["timings"]["load"] = json!(load);
     write_json(&dir.join("session.json"), &session)?;
@@ -163,11 +186,12 @@ fn one(a: &Args, spec: &str, cfg: &ResearchConfig, dir: &Path, tag: &str) -> Res
     Ok(session)
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let cfg = a.config()?;
+    let backend = super::device::choose(dev.device, a.json)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     if a.models.len() == 1 {
-        let s = one(&a, &a.models[0], &cfg, &a.out, "")?;
+        let s = one(&a, &a.models[0], &cfg, &a.out, "", backend, dev)?;
         return finish(&a, &[s], std::slice::from_ref(&a.out), None);
     }
     // A model that fails (unreadable, no tokenizer, ...) is reported; the others still run.
@@ -175,7 +199,7 @@ pub fn run(a: Args) -> Result<()> {
     for (i, spec) in a.models.iter().enumerate() {
         let dir = a.out.join(format!("{}-{}", i + 1, slug(spec)));
         let tag = format!("[{}/{}] {spec}: ", i + 1, a.models.len());
-        match one(&a, spec, &cfg, &dir, &tag) {
+        match one(&a, spec, &cfg, &dir, &tag, backend, dev) {
             Ok(s) => {
                 sessions.push(s);
                 dirs.push(dir);
@@ -258,4 +282,38 @@ fn finish(a: &Args, sessions: &[Value], dirs: &[PathBuf], cmp: Option<&Value>) -
         println!("\ncomparison: {}", a.out.join("comparison.html").display());
     }
     Ok(())
+}
+
+/// The session with detection and screening on CUDA device 0 (the layers streamed from
+/// `lazy` when given), the other analyses on the CPU `model`.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_research(
+    model: &mut Model,
+    lazy: Option<Arc<LazyModel>>,
+    dtype: GpuDtype,
+    spec: &str,
+    cfg: &ResearchConfig,
+    inputs: &research::Inputs,
+    dir: &Path,
+    progress: impl FnMut(usize, usize, &str),
+) -> Result<Value> {
+    let (mut gpu, name) = super::device::cuda_session(model, lazy, dtype)?;
+    let device = research::Device { backend: &mut gpu, name: &name };
+    research::research_on(model, Some(device), spec, cfg, inputs, dir, progress)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_research(
+    _: &mut Model,
+    _: Option<Arc<LazyModel>>,
+    _: GpuDtype,
+    _: &str,
+    _: &ResearchConfig,
+    _: &research::Inputs,
+    _: &Path,
+    _: impl FnMut(usize, usize, &str),
+) -> Result<Value> {
+    Err(Error::Backend("built without the `cuda` feature".into()))
 }
