@@ -392,15 +392,22 @@ pub fn session_html(s: &Value) -> String {
         esc(&get(s, "git_commit")),
         s["total_seconds"].as_f64().unwrap_or(0.0)
     );
-    // Where the analyses ran (sessions before devices were recorded have no `device`).
+    // Where the analyses ran, grouped by device (sessions before devices were recorded have
+    // no `device`).
     if let Some(d) = s["device"].as_object() {
-        let on = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("cpu").to_string();
-        body += &format!(
-            "<p class=\"note\">detection on {}; screening on {}; the other analyses on {}.</p>\n",
-            esc(&on("detect")),
-            esc(&on("screen")),
-            esc(&on("others"))
-        );
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for (analysis, on) in d {
+            let on = on.as_str().unwrap_or("cpu").to_string();
+            match groups.iter_mut().find(|(g, _)| *g == on) {
+                Some((_, list)) => list.push(analysis.clone()),
+                None => groups.push((on, vec![analysis.clone()])),
+            }
+        }
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|(on, list)| format!("on {}: {}", esc(on), list.join(", ")))
+            .collect();
+        body += &format!("<p class=\"note\">Ran {}.</p>\n", parts.join("; "));
     }
     let info = &s["model_info"];
     let rows: Vec<Vec<String>> = info

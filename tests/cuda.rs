@@ -742,23 +742,25 @@ fn screening_matches_cpu_on_a_planted_model() {
     }
 }
 
-/// A research session with detection and screening on the device (`research_on`) records
-/// the same super weights and screening ranking as the CPU session, names the device where
-/// they ran, runs the other analyses on the CPU model, and leaves every weight of both
-/// restored. The `swk research --device cuda` CLI names the device in session.json too.
+/// A research session on the device (`research_on`: detection, screening, vocabulary
+/// effects, compare-generate and multiple choice there; cascade and trace on the CPU) records
+/// what the CPU session records: the same super weights, screening ranking (ratios within
+/// 1e-4), vocabulary KL (1e-3), greedy continuations, multiple-choice scores (1e-4) and
+/// trace, says where each analysis ran, and leaves every weight of both models restored.
+/// The `swk research --device cuda` CLI names the device in session.json too.
 #[test]
-fn research_detects_and_screens_on_the_device() {
+fn research_runs_on_the_device() {
     use swk::analysis::research::{research_inputs, research_on, Device, Inputs, ResearchConfig};
     if !gpu() {
         return;
     }
     let spec = planted_spec();
     let (mut m, truth) = planted(&spec, 7, &Plant::standard(&spec)).expect("planted");
-    let skip = ["vocab", "cascade", "compare-generate", "quantize-study", "mc"];
     let cfg = ResearchConfig {
         top_largest: 3,
         screen_context: 16,
-        skip: skip.iter().map(|s| s.to_string()).collect(),
+        max_new_tokens: 4,
+        skip: vec!["quantize-study".into()],
         ..Default::default()
     };
     let inputs = Inputs {
@@ -766,9 +768,9 @@ fn research_detects_and_screens_on_the_device() {
         prompt: truth.prompt.clone(),
         confirm: truth.confirm.clone(),
         text: truth.confirm.clone(),
-        vocab_samples: vec![truth.confirm.clone()],
+        vocab_samples: vec![truth.confirm[..24].to_vec()],
         study: vec![],
-        mc: (String::new(), vec![]),
+        mc: ("planted".into(), planted_items(&truth)),
     };
     let dir = tempfile::tempdir().expect("tmp");
     let want = research_inputs(&mut m, "planted", &cfg, &inputs, dir.path(), |_, _, _| {})
@@ -781,8 +783,14 @@ fn research_detects_and_screens_on_the_device() {
         .expect("device session");
     assert_eq!((g.checksum().unwrap(), m.weights.checksum()), (before, host_before), "restored");
     assert_eq!(got["errors"], serde_json::json!({}), "{}", got["errors"]);
-    let dev = serde_json::json!({"detect": "cuda: test", "screen": "cuda: test", "others": "cpu"});
-    assert_eq!(got["device"], dev);
+    for (analysis, on) in got["device"].as_object().expect("device map") {
+        let want_on = if ["cascade", "trace", "quantize-study"].contains(&analysis.as_str()) {
+            "cpu"
+        } else {
+            "cuda: test"
+        };
+        assert_eq!(on, want_on, "{analysis}");
+    }
     assert_eq!(got["detect"]["device"], "cuda: test");
     let coords = |s: &serde_json::Value, list: &str, key: &str| -> Vec<String> {
         let v = s[list][key].as_array().cloned().unwrap_or_default();
@@ -802,6 +810,35 @@ fn research_detects_and_screens_on_the_device() {
         assert_eq!(x.0, y.0, "screening ranking");
         assert!((x.1 / y.1 - 1.0).abs() <= 1e-4, "ratio {} vs cpu {}", x.1, y.1);
     }
+    let num = |s: &serde_json::Value, path: &[&str]| -> f64 {
+        path.iter().fold(s, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN)
+    };
+    let (kg, kw) = (num(&got, &["vocab", "mean_kl"]), num(&want, &["vocab", "mean_kl"]));
+    assert!(kw > 1.0 && (kg / kw - 1.0).abs() <= 1e-3, "vocab mean KL {kg} vs cpu {kw}");
+    let top = |s: &serde_json::Value| s["vocab"]["prob_losers"][0]["id"].clone();
+    assert_eq!(top(&got), top(&want), "the token losing most probability");
+    let conts = |s: &serde_json::Value| -> Vec<String> {
+        let v = s["compare_generate"]["prompts"][0]["continuations"].as_array().cloned();
+        v.unwrap_or_default().iter().map(|c| format!("{} {}", c["label"], c["tokens"])).collect()
+    };
+    assert_eq!(conts(&got), conts(&want), "greedy continuations");
+    assert_eq!(got["mc"]["baseline"]["acc"], want["mc"]["baseline"]["acc"]);
+    assert_eq!(got["mc"]["edited"]["acc"], want["mc"]["edited"]["acc"]);
+    let lps = |s: &serde_json::Value, run: &str| -> Vec<f64> {
+        let items = s["mc"][run].as_array().cloned().unwrap_or_default();
+        items
+            .iter()
+            .flat_map(|i| i["logprobs"].as_array().cloned().unwrap_or_default())
+            .map(|x| x.as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    for run in ["items_baseline", "items_edited"] {
+        let (x, y) = (lps(&got, run), lps(&want, run));
+        assert_eq!(x.len(), y.len());
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{run}: {a} vs cpu {b}");
+        }
+    }
     assert_eq!(got["trace"], want["trace"], "the CPU analyses see the same model");
 
     // The CLI: `--device cuda` on the tiny fixture names the device in session.json.
@@ -809,20 +846,30 @@ fn research_detects_and_screens_on_the_device() {
     let out = dir.path().join("cli");
     let o = out.to_string_lossy().to_string();
     let more = ["--out", o.as_str(), "--threshold", "1", "--skip", "vocab,cascade,trace"];
-    let more: Vec<&str> = more
-        .iter()
-        .copied()
-        .chain(["--skip", "compare-generate,quantize-study", "--json"])
-        .collect();
+    let skip = ["--skip", "compare-generate,quantize-study", "--json"];
+    let more: Vec<&str> = more.iter().chain(&skip).copied().collect();
     swk_json(&["--device", "cuda", "research"], &llama, &more);
     let text = std::fs::read_to_string(out.join("session.json")).expect("session.json");
     let s: serde_json::Value = serde_json::from_str(&text).expect("json");
-    assert!(
-        s["device"]["detect"].as_str().unwrap_or_default().starts_with("cuda"),
-        "{}",
-        s["device"]
-    );
-    assert_eq!(s["device"]["others"], "cpu");
+    let on = s["device"]["detect"].as_str().unwrap_or_default();
+    assert!(on.starts_with("cuda"), "{}", s["device"]);
+    assert_eq!(s["device"]["cascade"], "cpu");
+}
+
+/// Multiple-choice items the planted super weight decides (its likely tokens against
+/// unlikely ones), with multi-token continuations so the device's forked caches are used.
+fn planted_items(truth: &swk::synth::PlantTruth) -> Vec<swk::eval::choice::TokenItem> {
+    let likely = &truth.likely_tokens[0];
+    let unlikely: Vec<u32> =
+        (1..320).filter(|t| !likely.contains(t) && *t != truth.bos).take(3).collect();
+    (0..3)
+        .map(|k| swk::eval::choice::TokenItem {
+            context: truth.confirm[..4 + k].to_vec(),
+            continuations: vec![vec![likely[k % likely.len()], likely[0]], unlikely.clone()],
+            lengths: vec![2, 3],
+            label: 0,
+        })
+        .collect()
 }
 
 /// A super weight and a decoy planted ([`swk::synth::families::plant_arch`]) into the tiny

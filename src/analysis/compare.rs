@@ -5,9 +5,11 @@
 use serde::Serialize;
 
 use crate::analysis::log_sum_exp;
-use crate::edit::{EditGuard, EditOp, WeightEdit};
+use crate::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
 use crate::eval::generate::argmax;
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::eval::logits::LogitsBackend;
+use crate::io::tokenizer::Tokenizer;
+use crate::model::arch::Logits;
 use crate::{Error, Model, Result};
 
 /// Settings of [`compare_generate`].
@@ -64,16 +66,19 @@ pub struct CompareReport {
     pub prompts: Vec<PromptComparison>,
 }
 
-/// Greedy continuation with the probability of each chosen token.
-fn greedy(model: &Model, prompt: &[u32], max_new: usize) -> Result<(Vec<u32>, Vec<f64>)> {
-    let stops: Vec<u32> =
-        model.tokenizer.as_ref().map(|t| t.eos_ids().to_vec()).unwrap_or_default();
-    let mut cache = KvCache::new(model);
+/// Greedy continuation of `prompt` by up to `max_new` tokens (stopping after one of
+/// `stops`), with each chosen token's log-probability.
+fn greedy<B: LogitsBackend>(
+    model: &B,
+    stops: &[u32],
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<(Vec<u32>, Vec<f64>)> {
+    let mut cache = model.new_cache()?;
     let (mut out, mut logps) = (Vec::new(), Vec::new());
     let mut input = prompt.to_vec();
     for _ in 0..max_new {
-        let opts = ForwardOptions { logits: Logits::Last, ..Default::default() };
-        let logits = model.forward(&input, &mut cache, opts)?;
+        let logits = model.logits_with(&input, &mut cache, Logits::Last)?;
         let next = argmax(&logits);
         logps.push(logits[next as usize] as f64 - log_sum_exp(&logits));
         out.push(next);
@@ -98,15 +103,28 @@ pub fn compare_generate(
     prompts: &[Vec<u32>],
     edits: &[WeightEdit],
     cfg: &CompareConfig,
+    on_step: impl FnMut(usize, usize),
+) -> Result<CompareReport> {
+    let tok = model.tokenizer.clone();
+    compare_generate_with(model, tok.as_ref(), prompts, edits, cfg, on_step)
+}
+
+/// [`compare_generate`] on any backend (the CPU [`Model`], or the CUDA backend's
+/// `CudaModel`), with `tok` for the stop tokens and the texts (None: no stop, empty texts).
+pub fn compare_generate_with<B: LogitsBackend + EditTarget>(
+    model: &mut B,
+    tok: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    edits: &[WeightEdit],
+    cfg: &CompareConfig,
     mut on_step: impl FnMut(usize, usize),
 ) -> Result<CompareReport> {
     if let Some(f) = cfg.factors.iter().find(|f| !f.is_finite()) {
         return Err(Error::Invalid(format!("scale factor {f} is not finite")));
     }
     let total = prompts.len() * (cfg.factors.len() + 1);
-    let decode = |m: &Model, ids: &[u32]| {
-        m.tokenizer.as_ref().and_then(|t| t.decode(ids, true).ok()).unwrap_or_default()
-    };
+    let stops: Vec<u32> = tok.map(|t| t.eos_ids().to_vec()).unwrap_or_default();
+    let decode = |ids: &[u32]| tok.and_then(|t| t.decode(ids, true).ok()).unwrap_or_default();
     let mut out = Vec::new();
     let mut done = 0;
     for p in prompts {
@@ -124,11 +142,11 @@ pub fn compare_generate(
                     format!("x{f}")
                 }
             };
-            let (tokens, logps) = greedy(&g, p, cfg.max_new_tokens)?;
+            let (tokens, logps) = greedy(&*g, &stops, p, cfg.max_new_tokens)?;
             continuations.push(Continuation {
                 label,
                 factor,
-                text: decode(&g, &tokens),
+                text: decode(&tokens),
                 first_token_prob: logps.first().map_or(0.0, |l| l.exp()),
                 mean_logprob: logps.iter().sum::<f64>() / logps.len().max(1) as f64,
                 tokens,
@@ -137,11 +155,7 @@ pub fn compare_generate(
             done += 1;
             on_step(done, total);
         }
-        out.push(PromptComparison {
-            prompt_tokens: p.clone(),
-            prompt: decode(model, p),
-            continuations,
-        });
+        out.push(PromptComparison { prompt_tokens: p.clone(), prompt: decode(p), continuations });
     }
     Ok(CompareReport { edits: edits.to_vec(), config: cfg.clone(), prompts: out })
 }

@@ -155,7 +155,12 @@ pub fn capture(
 /// A readable label of token `id`: its decoded text (Debug-quoted, so spaces and newlines
 /// show), or `#id` when the model has no tokenizer.
 pub fn token_label(model: &Model, id: u32) -> String {
-    match model.tokenizer.as_ref().map(|t| t.decode(&[id], false)) {
+    token_label_with(model.tokenizer.as_ref(), id)
+}
+
+/// [`token_label`] with `tok` (None: `#id`).
+pub fn token_label_with(tok: Option<&crate::io::tokenizer::Tokenizer>, id: u32) -> String {
+    match tok.map(|t| t.decode(&[id], false)) {
         Some(Ok(s)) => format!("{s:?}"),
         _ => format!("#{id}"),
     }

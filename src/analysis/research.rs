@@ -18,7 +18,8 @@ use serde_json::{json, Map, Value};
 use crate::analysis::{cascade, compare, down_proj_coords, quantize, screen, trace, vocab};
 use crate::detect::{self, DetectBackend, DetectConfig};
 use crate::edit::{EditOp, WeightEdit};
-use crate::eval::ppl;
+use crate::eval::logits::LogitsBackend;
+use crate::eval::{choice, ppl};
 use crate::{Error, Model, Result};
 
 /// The analyses a session runs after detection, in order.
@@ -192,10 +193,15 @@ pub struct Device<'a, B> {
     pub name: &'a str,
 }
 
-/// [`research_inputs`] with detection (and its confirmation) and screening on `device` when
-/// given; the other analyses (hooks, partial re-runs, generation with logits) run on the CPU
-/// `model`, which must hold the same weights. The session's `device` says where each ran.
-pub fn research_on<B: DetectBackend>(
+/// The analyses [`research_on`] runs on its device (the others need hooks or the CPU's
+/// tensor snapshots: cascade, trace, quantize-study).
+pub const ON_DEVICE: [&str; 5] = ["detect", "screen", "vocab", "compare-generate", "mc"];
+
+/// [`research_inputs`] with the analyses of [`ON_DEVICE`] (detection and its confirmation,
+/// screening, vocabulary effects, compare-generate, multiple choice) on `device` when given;
+/// the others run on the CPU `model`, which must hold the same weights. The session's
+/// `device` maps each analysis to where it ran.
+pub fn research_on<B: DetectBackend + LogitsBackend>(
     model: &mut Model,
     mut device: Option<Device<'_, B>>,
     spec: &str,
@@ -239,10 +245,14 @@ pub fn research_on<B: DetectBackend>(
     );
     session.insert("inputs".into(), to_json(cfg)?);
     let device_name = device.as_ref().map_or("cpu", |d| d.name).to_string();
-    session.insert(
-        "device".into(),
-        json!({"detect": &device_name, "screen": &device_name, "others": "cpu"}),
-    );
+    let ran_on: Map<String, Value> = std::iter::once("detect")
+        .chain(ANALYSES)
+        .map(|a| {
+            let on = if ON_DEVICE.contains(&a) { device_name.as_str() } else { "cpu" };
+            (a.to_string(), json!(on))
+        })
+        .collect();
+    session.insert("device".into(), Value::Object(ran_on));
 
     on_stage(0, total, "detect");
     let t = Instant::now();
@@ -337,7 +347,20 @@ pub fn research_on<B: DetectBackend>(
             "vocab" => (|| {
                 let samples = &inputs.vocab_samples;
                 let vc = vocab::VocabConfig { top_k: cfg.vocab_top_k, include_all: false };
-                let r = vocab::vocab_effects(model, samples, &edits, &vc, |_, _| {})?;
+                let r = match device.as_mut() {
+                    Some(dev) => {
+                        let tok = model.tokenizer.as_ref();
+                        vocab::vocab_effects_with(
+                            dev.backend,
+                            tok,
+                            samples,
+                            &edits,
+                            &vc,
+                            |_, _| {},
+                        )?
+                    }
+                    None => vocab::vocab_effects(model, samples, &edits, &vc, |_, _| {})?,
+                };
                 for p in &plot_paths {
                     vocab::plot(&r, p)?;
                 }
@@ -361,13 +384,26 @@ pub fn research_on<B: DetectBackend>(
                     max_new_tokens: cfg.max_new_tokens,
                 };
                 let prompts = vec![prompt_tokens.clone()];
-                let r = compare::compare_generate(model, &prompts, &edits, &cc, |_, _| {})?;
+                let r = match device.as_mut() {
+                    Some(dev) => {
+                        let tok = model.tokenizer.as_ref();
+                        compare::compare_generate_with(dev.backend, tok, &prompts, &edits, &cc, {
+                            |_, _| {}
+                        })?
+                    }
+                    None => compare::compare_generate(model, &prompts, &edits, &cc, |_, _| {})?,
+                };
                 Ok((to_json(&r)?, false))
             })(),
-            "mc" => crate::eval::choice::compare(model, &inputs.mc.0, &inputs.mc.1, &edits, {
-                |d, t| on_stage(k + 1, total, &format!("mc: {d}/{t}"))
-            })
-            .and_then(|r| Ok((to_json(&r)?, false))),
+            "mc" => {
+                let (task, items) = (&inputs.mc.0, &inputs.mc.1);
+                let step = |d: usize, t: usize| on_stage(k + 1, total, &format!("mc: {d}/{t}"));
+                match device.as_mut() {
+                    Some(dev) => choice::compare(dev.backend, task, items, &edits, step),
+                    None => choice::compare(model, task, items, &edits, step),
+                }
+                .and_then(|r| Ok((to_json(&r)?, false)))
+            }
             _ => (|| {
                 let r = quantize::quantize_study(model, text_tokens, &edits, &cfg.quantize, {
                     |_, _, w| on_stage(k + 1, total, &format!("quantize-study: {w}"))

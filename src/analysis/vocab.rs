@@ -13,10 +13,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::analysis::plot::{self, Bar};
-use crate::analysis::{log_sum_exp, token_label};
-use crate::edit::{EditGuard, WeightEdit};
+use crate::analysis::{log_sum_exp, token_label_with};
+use crate::edit::{EditGuard, EditTarget, WeightEdit};
 use crate::eval::generate::argmax;
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::eval::logits::LogitsBackend;
+use crate::io::tokenizer::Tokenizer;
 use crate::{Error, Model, Result};
 
 /// Settings of [`vocab_effects`].
@@ -109,30 +110,40 @@ pub fn vocab_effects(
     samples: &[Vec<u32>],
     edits: &[WeightEdit],
     cfg: &VocabConfig,
+    on_sample: impl FnMut(usize, usize),
+) -> Result<VocabReport> {
+    let tok = model.tokenizer.clone();
+    vocab_effects_with(model, tok.as_ref(), samples, edits, cfg, on_sample)
+}
+
+/// [`vocab_effects`] on any backend (the CPU [`Model`], or the CUDA backend's `CudaModel`),
+/// tokens labelled with `tok` (None: `#id`).
+pub fn vocab_effects_with<B: LogitsBackend + EditTarget>(
+    model: &mut B,
+    tok: Option<&Tokenizer>,
+    samples: &[Vec<u32>],
+    edits: &[WeightEdit],
+    cfg: &VocabConfig,
     mut on_sample: impl FnMut(usize, usize),
 ) -> Result<VocabReport> {
-    let v = model.config.vocab_size;
+    let v = model.vocab();
     let mut sum_d = vec![0f64; v];
     let mut sum_pb = vec![0f64; v];
     let mut sum_pe = vec![0f64; v];
     let (mut kl_sum, mut kl_max, mut agree, mut positions) = (0f64, 0f64, 0usize, 0usize);
     let (mut nll_b, mut nll_e) = (0f64, 0f64);
     let mut targets: BTreeMap<u32, (usize, f64)> = BTreeMap::new();
-    let logits_of = |m: &Model, s: &[u32]| {
-        let opts = ForwardOptions { logits: Logits::All, ..Default::default() };
-        m.forward(s, &mut KvCache::new(m), opts)
-    };
     for (si, s) in samples.iter().enumerate() {
         if s.len() < 2 {
             on_sample(si + 1, samples.len());
             continue;
         }
         let n = s.len() - 1;
-        let base = logits_of(model, s)?;
+        let base = model.all_logits(s)?;
         let edited = {
             let mut g = EditGuard::new(&mut *model);
             g.apply_all(edits)?;
-            logits_of(&g, s)?
+            g.all_logits(s)?
         };
         let rows = |l: &[f32]| -> Vec<f64> { l.par_chunks(v).take(n).map(log_sum_exp).collect() };
         let (lse_b, lse_e) = (rows(&base), rows(&edited));
@@ -188,7 +199,7 @@ pub fn vocab_effects(
     let np = positions as f64;
     let shift = |id: usize| TokenShift {
         id: id as u32,
-        token: token_label(model, id as u32),
+        token: token_label_with(tok, id as u32),
         mean_logprob_change: sum_d[id] / np,
         mean_prob_base: sum_pb[id] / np,
         mean_prob_edited: sum_pe[id] / np,
@@ -219,7 +230,7 @@ pub fn vocab_effects(
         .filter(|(_, (c, _))| *c >= 2)
         .map(|(&id, &(count, s))| TargetShift {
             id,
-            token: token_label(model, id),
+            token: token_label_with(tok, id),
             count,
             mean_logprob_change: s / count as f64,
         })

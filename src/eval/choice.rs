@@ -40,9 +40,10 @@ use hf_hub::Cache;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::edit::{EditGuard, EditRecord, WeightEdit};
+use crate::edit::{EditGuard, EditRecord, EditTarget, WeightEdit};
 use crate::eval::dataset::{columns, HubFile};
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::eval::logits::LogitsBackend;
+use crate::model::arch::Logits;
 use crate::{Error, Model, Result};
 
 /// The named multiple-choice tasks.
@@ -310,18 +311,14 @@ pub fn tokenize(model: &Model, item: &Item) -> Result<TokenItem> {
 
 /// The sum of log-probabilities of each continuation given the context: the context runs
 /// once, each continuation from a copy of its KV cache.
-pub fn score_item(model: &Model, item: &TokenItem) -> Result<Vec<f64>> {
+pub fn score_item<B: LogitsBackend>(model: &B, item: &TokenItem) -> Result<Vec<f64>> {
     if item.context.is_empty() || item.continuations.iter().any(Vec::is_empty) {
         return Err(Error::Invalid("an item has an empty context or continuation".into()));
     }
-    let mut cache = KvCache::new(model);
-    let last = model.forward(
-        &item.context,
-        &mut cache,
-        ForwardOptions { logits: Logits::Last, ..Default::default() },
-    )?;
+    let mut cache = model.new_cache()?;
+    let last = model.logits_with(&item.context, &mut cache, Logits::Last)?;
     let first = crate::analysis::log_softmax(&last);
-    let vocab = model.config.vocab_size;
+    let vocab = model.vocab();
     item.continuations
         .iter()
         .map(|cont| {
@@ -332,12 +329,8 @@ pub fn score_item(model: &Model, item: &TokenItem) -> Result<Vec<f64>> {
             };
             let mut sum = lp(&first, cont[0])?;
             if cont.len() > 1 {
-                let mut c = cache.clone();
-                let logits = model.forward(
-                    &cont[..cont.len() - 1],
-                    &mut c,
-                    ForwardOptions { logits: Logits::All, ..Default::default() },
-                )?;
+                let mut c = model.fork_cache(&cache)?;
+                let logits = model.logits_with(&cont[..cont.len() - 1], &mut c, Logits::All)?;
                 for (i, &t) in cont[1..].iter().enumerate() {
                     sum += lp(&crate::analysis::log_softmax(&logits[i * vocab..][..vocab]), t)?;
                 }
@@ -402,8 +395,8 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
 }
 
 /// Score every item; `on_item(done, total)` after each.
-pub fn evaluate(
-    model: &Model,
+pub fn evaluate<B: LogitsBackend>(
+    model: &B,
     items: &[TokenItem],
     mut on_item: impl FnMut(usize, usize),
 ) -> Result<(Vec<ItemScore>, Metrics)> {
@@ -449,8 +442,8 @@ pub struct ChoiceReport {
 
 /// Evaluate `items` without and then with `edits` (restored afterwards). `on_step(done,
 /// total)` counts items over both runs.
-pub fn compare(
-    model: &mut Model,
+pub fn compare<B: LogitsBackend + EditTarget>(
+    model: &mut B,
     task: &str,
     items: &[TokenItem],
     edits: &[WeightEdit],
@@ -464,7 +457,7 @@ pub fn compare(
     if !edits.is_empty() {
         let mut g = EditGuard::new(model);
         g.apply_all(edits)?;
-        let (s, m) = evaluate(&g, items, |d, _| on_step(items.len() + d, total))?;
+        let (s, m) = evaluate(&*g, items, |d, _| on_step(items.len() + d, total))?;
         (edited, items_edited, log) = (Some(m), s, g.log().to_vec());
     }
     Ok(ChoiceReport {

@@ -4,4 +4,5 @@
 pub mod choice;
 pub mod dataset;
 pub mod generate;
+pub mod logits;
 pub mod ppl;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::driver::CudaSlice;
 use super::forward::CudaKvCache;
 use super::model::CudaModel;
+use crate::eval::logits::LogitsBackend;
 use crate::eval::ppl::Perplexity;
 use crate::model::arch::Logits;
 use crate::{Error, Result};
@@ -156,5 +157,28 @@ impl CudaModel {
             input = vec![next];
         }
         Ok(out)
+    }
+}
+
+/// The CUDA backend for the analyses that read only logits (vocabulary effects,
+/// compare-generate, multiple choice): logits come back to the host.
+impl LogitsBackend for CudaModel {
+    type Cache = CudaKvCache;
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn new_cache(&self) -> Result<CudaKvCache> {
+        Ok(CudaKvCache::new(self))
+    }
+    fn fork_cache(&self, cache: &CudaKvCache) -> Result<CudaKvCache> {
+        CudaModel::fork_cache(self, cache)
+    }
+    fn logits_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaKvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>> {
+        self.forward(tokens, cache, None, which)
     }
 }

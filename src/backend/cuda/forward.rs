@@ -94,6 +94,26 @@ impl CudaModel {
         self.forward(tokens, &mut CudaKvCache::new(self), None, Logits::All)
     }
 
+    /// A copy of `cache` on the device (its positions copied into fresh buffers).
+    pub fn fork_cache(&self, cache: &CudaKvCache) -> Result<CudaKvCache> {
+        if cache.model_id != self.id {
+            return Err(Error::Invalid("this KV cache belongs to another CudaModel".into()));
+        }
+        self.dev.bind()?;
+        let mut out = CudaKvCache::new(self);
+        if cache.len == 0 {
+            return Ok(out);
+        }
+        self.reserve(&mut out, cache.len)?;
+        let kvd = self.config.num_kv_heads * self.config.head_dim;
+        for ((k, v), (ok, ov)) in out.layers.iter_mut().zip(&cache.layers) {
+            self.dev.copy(ok, k, cache.len * kvd)?;
+            self.dev.copy(ov, v, cache.len * kvd)?;
+        }
+        out.len = cache.len;
+        Ok(out)
+    }
+
     /// Make room for `needed` positions in `cache` (doubling, copying what it holds).
     pub(crate) fn reserve(&self, cache: &mut CudaKvCache, needed: usize) -> Result<()> {
         if needed <= cache.capacity && cache.layers.len() == self.config.num_layers {
