@@ -458,8 +458,8 @@ fn cli_subcommands_print_json_and_write_plots() {
         assert!(ok, "{args:?}: {err}");
         let j: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
         assert!(j.get(key).is_some(), "{args:?}: no `{key}` in {out}");
-        if args[0] == "screen" {
-            assert_eq!(j["device"], "cpu", "screen says which backend ran it");
+        if ["screen", "vocab", "compare-generate"].contains(&args[0]) {
+            assert_eq!(j["device"], "cpu", "{}: says which backend ran it", args[0]);
         }
         if let Some(p) = plot {
             let s = std::fs::read_to_string(&p).expect("plot written");

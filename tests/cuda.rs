@@ -856,6 +856,70 @@ fn research_runs_on_the_device() {
     assert_eq!(s["device"]["cascade"], "cpu");
 }
 
+/// `vocab`, `compare-generate` and `mc` with `--device cuda` (f32 weights) report what the
+/// CPU reports on the tiny fixture with an edit: the vocabulary KL within 1e-3, the same
+/// greedy tokens, multiple-choice log-probabilities within 1e-4; each JSON names its device.
+#[test]
+fn cli_analyses_run_on_the_device() {
+    if !gpu() {
+        return;
+    }
+    let llama = fixtures_root().join("tiny").join("llama");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("items.jsonl");
+    let items = [
+        r#"{"context": "The cat sat on the", "choices": ["mat", "moon"], "label": 0}"#,
+        r#"{"context": "One, two,", "choices": [" three", " blue sky"], "label": 0}"#,
+    ];
+    std::fs::write(&data, items.join("\n")).expect("write items");
+    let data = data.to_string_lossy().to_string();
+    let edit = ["--edit", "scale:0,3,5,40", "--gpu-dtype", "f32", "--json"];
+    let runs: [(&str, Vec<&str>); 3] = [
+        ("vocab", vec!["--samples", "2", "--context", "16"]),
+        ("compare-generate", vec!["--prompt", "Once upon", "--max-new-tokens", "4"]),
+        ("mc", vec!["--data", data.as_str()]),
+    ];
+    for (cmd, args) in &runs {
+        let more: Vec<&str> = args.iter().chain(&edit).copied().collect();
+        let got = swk_json(&["--device", "cuda", cmd], &llama, &more);
+        let want = swk_json(&["--device", "cpu", cmd], &llama, &more);
+        assert!(got["device"].as_str().unwrap_or_default().starts_with("cuda"), "{cmd}: {got}");
+        assert_eq!(want["device"], "cpu", "{cmd}");
+        match *cmd {
+            "vocab" => {
+                let kl = |r: &serde_json::Value| r["mean_kl"].as_f64().unwrap_or(f64::NAN);
+                let (a, b) = (kl(&got), kl(&want));
+                assert!(b > 0.0 && (a / b - 1.0).abs() <= 1e-3, "vocab KL {a} vs cpu {b}");
+            }
+            "compare-generate" => {
+                let toks = |r: &serde_json::Value| r["prompts"][0]["continuations"].to_string();
+                let strip = |v: &serde_json::Value| -> Vec<String> {
+                    let c = v["prompts"][0]["continuations"].as_array().cloned();
+                    c.unwrap_or_default().iter().map(|c| c["tokens"].to_string()).collect()
+                };
+                assert_eq!(strip(&got), strip(&want), "{} vs {}", toks(&got), toks(&want));
+            }
+            _ => {
+                for run in ["items_baseline", "items_edited"] {
+                    let lps = |r: &serde_json::Value| -> Vec<f64> {
+                        let items = r[run].as_array().cloned().unwrap_or_default();
+                        items
+                            .iter()
+                            .flat_map(|i| i["logprobs"].as_array().cloned().unwrap_or_default())
+                            .map(|x| x.as_f64().unwrap_or(f64::NAN))
+                            .collect()
+                    };
+                    let (a, b) = (lps(&got), lps(&want));
+                    assert_eq!(a.len(), 4, "{run}: {got}");
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{run}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Multiple-choice items the planted super weight decides (its likely tokens against
 /// unlikely ones), with multi-token continuations so the device's forked caches are used.
 fn planted_items(truth: &swk::synth::PlantTruth) -> Vec<swk::eval::choice::TokenItem> {

@@ -1,11 +1,16 @@
 //! What the analysis subcommands share: where the studied edits come from, the text to run.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use swk::analysis;
 use swk::detect::{self, DetectBackend, DetectInputs};
 use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
+use swk::model::LazyModel;
 use swk::{Error, Model, Result};
+
+use super::device::{Backend, GpuDtype};
 
 /// The edits an analysis studies: `--edit` specs and/or a detection report; by default, run
 /// detection and take what it confirms.
@@ -91,4 +96,101 @@ pub fn read_text(path: Option<&Path>) -> Result<String> {
 pub fn edits_line(edits: &[WeightEdit]) -> String {
     let v: Vec<String> = edits.iter().map(ToString::to_string).collect();
     v.join(", ")
+}
+
+/// A subcommand's work on whichever backend `--device` picks (see [`run_job`]).
+pub trait Job {
+    /// What it produces.
+    type Out;
+    /// Run on `backend`, studying `edits`.
+    fn run<B: DetectBackend + LogitsBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<Self::Out>;
+}
+
+/// Where [`run_job`] runs, and on what.
+pub struct Target {
+    /// The chosen backend.
+    pub backend: Backend,
+    /// Layers to stream to the device from the model's files (None: upload whole).
+    pub lazy: Option<Arc<LazyModel>>,
+    /// Weight storage on the device.
+    pub dtype: GpuDtype,
+    /// No progress bars or notes on stderr.
+    pub quiet: bool,
+}
+
+/// Run `job` on the CPU `model` or on CUDA device 0 (per `target`), studying the edits
+/// `source` gives or, when it gives none and `detect` is set, the super weights detection
+/// confirms on the same backend (else none). Returns the output and where it ran (`cpu`, or
+/// `cuda: NAME (DTYPE weights, ENGINE[, layers streamed])`).
+pub fn run_job<J: Job>(
+    model: &mut Model,
+    target: Target,
+    source: &EditSource,
+    detect: bool,
+    job: J,
+) -> Result<(J::Out, String)> {
+    let given = source.given(false)?;
+    // Tokenized on the host before any upload; detected on the backend that runs the job.
+    let inputs = match (&given, detect) {
+        (None, true) => Some(detect::detect_inputs(model, &analysis::detected_config(false))?),
+        _ => None,
+    };
+    let plan = EditPlan { given, inputs, quiet: target.quiet };
+    match target.backend {
+        Backend::Cpu => {
+            let edits = plan.resolve(model)?;
+            Ok((job.run(model, edits)?, "cpu".into()))
+        }
+        Backend::Cuda => cuda_job(model, target, plan, job),
+    }
+}
+
+/// The edits of a [`run_job`]: given, or to detect from `inputs`, or none.
+struct EditPlan {
+    given: Option<Vec<WeightEdit>>,
+    inputs: Option<DetectInputs>,
+    quiet: bool,
+}
+
+impl EditPlan {
+    fn resolve<B: DetectBackend>(self, backend: &mut B) -> Result<Vec<WeightEdit>> {
+        match (self.given, self.inputs) {
+            (Some(edits), _) => Ok(edits),
+            (None, Some(inputs)) => detect_edits(backend, &inputs, self.quiet, false),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn cuda_job<J: Job>(
+    model: &Model,
+    target: Target,
+    plan: EditPlan,
+    job: J,
+) -> Result<(J::Out, String)> {
+    let (mut gpu, what) = super::device::cuda_session(model, target.lazy, target.dtype)?;
+    let edits = plan.resolve(&mut gpu)?;
+    Ok((job.run(&mut gpu, edits)?, what))
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn cuda_job<J: Job>(_: &Model, target: Target, _: EditPlan, _: J) -> Result<(J::Out, String)> {
+    let _unused_without_cuda = (target.lazy, target.dtype);
+    Err(Error::Backend("built without the `cuda` feature".into()))
+}
+
+/// A report and the backend that produced it, as the JSON output of a command that runs on
+/// CUDA too.
+#[derive(serde::Serialize)]
+pub struct Described<'a, T: serde::Serialize> {
+    /// `cpu`, or `cuda: NAME (DTYPE weights, ENGINE[, layers streamed])`.
+    pub device: &'a str,
+    /// The report's own fields.
+    #[serde(flatten)]
+    pub report: &'a T,
 }

@@ -1,10 +1,16 @@
 //! `swk compare-generate MODEL [--prompt TEXT]... [--factor F]... [--max-new-tokens N]
-//! [--edit SPEC]... [--from-detect FILE] [--json]`.
+//! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f32]` (runs on `--device
+//! cuda` too).
 
 use swk::analysis::compare;
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
+use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
-use super::analysis::{edits_line, EditSource};
+use super::analysis::{edits_line, run_job, Described, EditSource, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Prompts used when none is given (the paper's "Summer is hot. Winter is" among them).
 const DEFAULT_PROMPTS: [&str; 4] = [
@@ -33,31 +39,60 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let mut model = super::load_model(&a.model, a.json)?;
-    let edits = a.edits.resolve(&mut model, a.json, false)?;
+/// The continuations on a backend, with a progress bar.
+struct Generate {
+    tok: Tokenizer,
+    prompts: Vec<Vec<u32>>,
+    cfg: compare::CompareConfig,
+    quiet: bool,
+}
+
+impl Job for Generate {
+    type Out = compare::CompareReport;
+    fn run<B: DetectBackend + LogitsBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<compare::CompareReport> {
+        let pb = super::bar(self.quiet, 1, "generating");
+        let (tok, prompts) = (Some(&self.tok), &self.prompts);
+        let r = compare::compare_generate_with(backend, tok, prompts, &edits, &self.cfg, {
+            |done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            }
+        })?;
+        pb.finish_and_clear();
+        Ok(r)
+    }
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let texts: Vec<String> = if a.prompt.is_empty() {
         DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
     } else {
         a.prompt.clone()
     };
-    let tok = model.tokenizer()?;
+    let tok = model.tokenizer()?.clone();
     let prompts = texts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
     let mut cfg = compare::CompareConfig { max_new_tokens: a.max_new_tokens, ..Default::default() };
     if !a.factor.is_empty() {
         cfg.factors = a.factor.clone();
     }
-    let pb = super::bar(a.json, 1, "generating");
-    let r = compare::compare_generate(&mut model, &prompts, &edits, &cfg, |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
-    pb.finish_and_clear();
+    let job = Generate { tok, prompts, cfg, quiet: a.json };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    let (r, device) = run_job(&mut model, target, &a.edits, true, job)?;
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device {device}");
     println!("edited weights: {} (scaled by each factor)", edits_line(&r.edits));
     for (text, p) in texts.iter().zip(&r.prompts) {
         println!("\nprompt: {text}");

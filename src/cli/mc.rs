@@ -1,12 +1,16 @@
 //! `swk mc MODEL (--task NAME | --data FILE) [--limit N] [--edit SPEC]... [--from-detect FILE]
-//! [--detect] [--json]`.
+//! [--detect] [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
 
 use std::path::PathBuf;
 
-use swk::eval::choice::{self, Task};
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::choice::{self, Task, TokenItem};
+use swk::eval::logits::LogitsBackend;
 use swk::{Error, Result};
 
-use super::analysis::{edits_line, EditSource};
+use super::analysis::{edits_line, run_job, Described, EditSource, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk mc`.
 #[derive(clap::Args)]
@@ -32,9 +36,36 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// The baseline and edited runs on a backend, with a progress bar.
+struct Choices {
+    name: String,
+    items: Vec<TokenItem>,
+    quiet: bool,
+}
+
+impl Job for Choices {
+    type Out = choice::ChoiceReport;
+    fn run<B: DetectBackend + LogitsBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<choice::ChoiceReport> {
+        let pb = super::bar(self.quiet, self.items.len() as u64, "multiple choice");
+        let r = choice::compare(backend, &self.name, &self.items, &edits, |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        })?;
+        pb.finish_and_clear();
+        Ok(r)
+    }
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let (name, items) = match (&a.task, &a.data) {
         (Some(t), _) => {
             let task = Task::parse(t)?;
@@ -43,20 +74,17 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(p)) => (p.display().to_string(), choice::read_items(p, a.limit)?),
         (None, None) => return Err(Error::Invalid("give --task NAME or --data FILE".into())),
     };
-    let mut model = super::load_model(&a.model, a.json)?;
-    let wants_edits = a.detect || !a.edits.edit.is_empty() || a.edits.from_detect.is_some();
-    let edits = if wants_edits { a.edits.resolve(&mut model, a.json, false)? } else { vec![] };
-    let tokenized =
-        items.iter().map(|it| choice::tokenize(&model, it)).collect::<Result<Vec<_>>>()?;
-    let pb = super::bar(a.json, tokenized.len() as u64, "multiple choice");
-    let r = choice::compare(&mut model, &name, &tokenized, &edits, |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
-    pb.finish_and_clear();
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let items = items.iter().map(|it| choice::tokenize(&model, it)).collect::<Result<Vec<_>>>()?;
+    let job = Choices { name, items, quiet: a.json };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    // Edits: those given, or with --detect the confirmed super weights; none: baseline only.
+    let (r, device) = run_job(&mut model, target, &a.edits, a.detect, job)?;
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device   {device}");
     println!("task     {} ({} items)", r.task, r.baseline.n);
     let se = |s: Option<f64>| s.map_or("-".into(), |x| format!("{x:.4}"));
     println!("{:<10} {:>8} {:>8} {:>9} {:>8}", "run", "acc", "stderr", "acc_norm", "stderr");

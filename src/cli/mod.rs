@@ -97,6 +97,9 @@ pub fn run() -> Result<()> {
             | Command::Experts(_)
             | Command::Screen(_)
             | Command::Research(_)
+            | Command::Vocab(_)
+            | Command::CompareGenerate(_)
+            | Command::Mc(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -110,15 +113,15 @@ pub fn run() -> Result<()> {
         Command::Generate(a) => generate::run(a, dev),
         Command::Detect(a) => detect::run(a, dev),
         Command::Catalog(a) => catalog::run(a),
-        Command::Vocab(a) => vocab::run(a),
+        Command::Vocab(a) => vocab::run(a, dev),
         Command::Cascade(a) => cascade::run(a),
         Command::Trace(a) => trace::run(a),
-        Command::CompareGenerate(a) => compare_generate::run(a),
+        Command::CompareGenerate(a) => compare_generate::run(a, dev),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a, dev),
         Command::Experts(a) => experts::run(a, dev),
         Command::Groups(a) => groups::run(a),
-        Command::Mc(a) => mc::run(a),
+        Command::Mc(a) => mc::run(a, dev),
         Command::Research(a) => research::run(a, dev),
         Command::Report(a) => report::run(a),
     }

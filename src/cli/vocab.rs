@@ -1,12 +1,18 @@
 //! `swk vocab MODEL [--text FILE] [--samples N] [--context N] [--top-k K] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--out PLOT.svg]`.
+//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f32]` (runs on `--device
+//! cuda` too).
 
 use std::path::PathBuf;
 
 use swk::analysis::{self, vocab};
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
+use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
-use super::analysis::{edits_line, read_text, EditSource};
+use super::analysis::{edits_line, read_text, run_job, Described, EditSource, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk vocab`.
 #[derive(clap::Args)]
@@ -39,22 +45,48 @@ pub struct Args {
     /// Also write the plot as PNG next to it (same name, .png).
     #[arg(long, requires = "out")]
     png: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// The vocabulary effects on a backend, with a progress bar.
+struct Effects {
+    tok: Option<Tokenizer>,
+    samples: Vec<Vec<u32>>,
+    cfg: vocab::VocabConfig,
+    quiet: bool,
+}
+
+impl Job for Effects {
+    type Out = vocab::VocabReport;
+    fn run<B: DetectBackend + LogitsBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<vocab::VocabReport> {
+        let pb = super::bar(self.quiet, self.samples.len() as u64, "vocabulary effects");
+        let (tok, samples) = (self.tok.as_ref(), &self.samples);
+        let r = vocab::vocab_effects_with(backend, tok, samples, &edits, &self.cfg, |done, _| {
+            pb.set_position(done as u64)
+        })?;
+        pb.finish_and_clear();
+        Ok(r)
+    }
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     if let Some(p) = &a.out {
         analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
-    let mut model = super::load_model(&a.model, a.json)?;
-    let edits = a.edits.resolve(&mut model, a.json, false)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let samples = analysis::text_samples(&model, &text, a.samples, a.context)?;
-    let pb = super::bar(a.json, samples.len() as u64, "vocabulary effects");
     let cfg = vocab::VocabConfig { top_k: a.top_k, include_all: a.all_tokens };
-    let r = vocab::vocab_effects(&mut model, &samples, &edits, &cfg, |done, _| {
-        pb.set_position(done as u64)
-    })?;
-    pb.finish_and_clear();
+    let job = Effects { tok: model.tokenizer.clone(), samples, cfg, quiet: a.json };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    let (r, device) = run_job(&mut model, target, &a.edits, true, job)?;
     if let Some(p) = &a.out {
         vocab::plot(&r, p)?;
         if a.png {
@@ -62,8 +94,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device             {device}");
     println!("edits              {}", edits_line(&r.edits));
     println!("samples            {} ({} positions)", r.samples, r.positions);
     println!("mean KL(base||ed)  {:.4} nats (max {:.4})", r.mean_kl, r.max_kl);
