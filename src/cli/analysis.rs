@@ -122,24 +122,37 @@ pub struct Target {
     pub quiet: bool,
 }
 
+/// What [`run_job`] studies when `--edit` and `--from-detect` give nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No edits.
+    Nothing,
+    /// The super weights detection confirms.
+    Confirmed,
+    /// Every raw candidate of detection, unconfirmed (a report's rejected spikes are taken
+    /// from `--from-detect` too).
+    Candidates,
+}
+
 /// Run `job` on the CPU `model` or on CUDA device 0 (per `target`), studying the edits
-/// `source` gives or, when it gives none and `detect` is set, the super weights detection
-/// confirms on the same backend (else none). Returns the output and where it ran (`cpu`, or
-/// `cuda: NAME (DTYPE weights, ENGINE[, layers streamed])`).
+/// `source` gives or, when it gives none, per `fallback`, detected on the same backend.
+/// Returns the output and where it ran (`cpu`, or `cuda: NAME (DTYPE weights, ENGINE[,
+/// layers streamed])`).
 pub fn run_job<J: Job>(
     model: &mut Model,
     target: Target,
     source: &EditSource,
-    detect: bool,
+    fallback: Fallback,
     job: J,
 ) -> Result<(J::Out, String)> {
-    let given = source.given(false)?;
+    let candidates = fallback == Fallback::Candidates;
+    let given = source.given(candidates)?;
     // Tokenized on the host before any upload; detected on the backend that runs the job.
-    let inputs = match (&given, detect) {
-        (None, true) => Some(detect::detect_inputs(model, &analysis::detected_config(false))?),
-        _ => None,
+    let inputs = match (&given, fallback) {
+        (None, Fallback::Nothing) | (Some(_), _) => None,
+        (None, _) => Some(detect::detect_inputs(model, &analysis::detected_config(candidates))?),
     };
-    let plan = EditPlan { given, inputs, quiet: target.quiet };
+    let plan = EditPlan { given, inputs, candidates, quiet: target.quiet };
     match target.backend {
         Backend::Cpu => {
             let edits = plan.resolve(model)?;
@@ -153,6 +166,7 @@ pub fn run_job<J: Job>(
 struct EditPlan {
     given: Option<Vec<WeightEdit>>,
     inputs: Option<DetectInputs>,
+    candidates: bool,
     quiet: bool,
 }
 
@@ -160,7 +174,7 @@ impl EditPlan {
     fn resolve<B: DetectBackend>(self, backend: &mut B) -> Result<Vec<WeightEdit>> {
         match (self.given, self.inputs) {
             (Some(edits), _) => Ok(edits),
-            (None, Some(inputs)) => detect_edits(backend, &inputs, self.quiet, false),
+            (None, Some(inputs)) => detect_edits(backend, &inputs, self.quiet, self.candidates),
             (None, None) => Ok(Vec::new()),
         }
     }

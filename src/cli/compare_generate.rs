@@ -9,7 +9,7 @@ use swk::eval::logits::LogitsBackend;
 use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
-use super::analysis::{edits_line, run_job, Described, EditSource, Job, Target};
+use super::analysis::{edits_line, run_job, Described, EditSource, Fallback, Job, Target};
 use super::device::{DeviceOpts, GpuDtype};
 
 /// Prompts used when none is given (the paper's "Summer is hot. Winter is" among them).
@@ -88,7 +88,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     }
     let job = Generate { tok, prompts, cfg, quiet: a.json };
     let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
-    let (r, device) = run_job(&mut model, target, &a.edits, true, job)?;
+    let (r, device) = run_job(&mut model, target, &a.edits, Fallback::Confirmed, job)?;
     if a.json {
         return super::print_json(&Described { device: &device, report: &r });
     }

@@ -9,7 +9,7 @@ use swk::eval::choice::{self, Task, TokenItem};
 use swk::eval::logits::LogitsBackend;
 use swk::{Error, Result};
 
-use super::analysis::{edits_line, run_job, Described, EditSource, Job, Target};
+use super::analysis::{edits_line, run_job, Described, EditSource, Fallback, Job, Target};
 use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk mc`.
@@ -80,7 +80,8 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let job = Choices { name, items, quiet: a.json };
     let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
     // Edits: those given, or with --detect the confirmed super weights; none: baseline only.
-    let (r, device) = run_job(&mut model, target, &a.edits, a.detect, job)?;
+    let fallback = if a.detect { Fallback::Confirmed } else { Fallback::Nothing };
+    let (r, device) = run_job(&mut model, target, &a.edits, fallback, job)?;
     if a.json {
         return super::print_json(&Described { device: &device, report: &r });
     }

@@ -3,18 +3,16 @@
 
 use std::borrow::Cow;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use swk::analysis;
 use swk::analysis::screen::{self, ScreenConfig, ScreenReport};
-use swk::detect::{self, DetectBackend, DetectInputs};
+use swk::detect::DetectBackend;
 use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
 use swk::eval::ppl;
-use swk::model::LazyModel;
 use swk::{Model, Result};
 
-use super::analysis::{read_text, EditSource};
-use super::device::{Backend, DeviceOpts, GpuDtype};
+use super::analysis::{read_text, run_job, Described, EditSource, Fallback, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk screen`.
 #[derive(clap::Args)]
@@ -42,22 +40,33 @@ pub struct Args {
     gpu_dtype: GpuDtype,
 }
 
-/// The JSON output: the report and the backend that produced it.
-#[derive(serde::Serialize)]
-struct Output<'a> {
-    /// `cpu`, or `cuda: NAME (DTYPE weights, ENGINE[, layers streamed])`.
-    device: &'a str,
-    #[serde(flatten)]
-    report: &'a ScreenReport,
-}
-
-/// What a screening run needs besides the backend.
-struct Job {
+/// The ranking on a backend, with a progress bar.
+struct Screening {
     windows: Vec<Vec<u32>>,
-    given: Option<Vec<WeightEdit>>,
     largest: Vec<WeightEdit>,
     cfg: ScreenConfig,
     quiet: bool,
+}
+
+impl Job for Screening {
+    type Out = ScreenReport;
+    fn run<B: DetectBackend + LogitsBackend>(
+        self,
+        backend: &mut B,
+        candidates: Vec<WeightEdit>,
+    ) -> Result<ScreenReport> {
+        let pb = super::bar(self.quiet, 1, "screen");
+        let (windows, largest) = (&self.windows, &self.largest);
+        let r = screen::screen_with(backend, windows, &candidates, largest, &self.cfg, {
+            |done, total, what| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+                pb.set_message(what.to_string());
+            }
+        })?;
+        pb.finish_and_clear();
+        Ok(r)
+    }
 }
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
@@ -72,28 +81,16 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
             Ok(Cow::Owned(lz.tensor(&Model::down_proj_name(l))?.data))
         })?,
     };
-    let job = Job {
+    let job = Screening {
         windows: ppl::windows(&model, &tokens, a.context)?,
-        given: a.edits.given(true)?,
         largest,
         cfg: ScreenConfig { top_largest: a.top_largest, context: a.context },
         quiet: a.json,
     };
-    // Without given candidates, detection's raw candidates (tokenized here, detected on the
-    // backend that screens them).
-    let inputs = match job.given {
-        Some(_) => None,
-        None => Some(detect::detect_inputs(&model, &analysis::detected_config(true))?),
-    };
-    let (r, device) = match backend {
-        Backend::Cpu => {
-            let candidates = candidates(&mut model, inputs.as_ref(), &job)?;
-            (screen_on(&mut model, &candidates, &job)?, "cpu".to_string())
-        }
-        Backend::Cuda => cuda_screen(&model, lazy, inputs.as_ref(), &job, a.gpu_dtype)?,
-    };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    let (r, device) = run_job(&mut model, target, &a.edits, Fallback::Candidates, job)?;
     if a.json {
-        return super::print_json(&Output { device: &device, report: &r });
+        return super::print_json(&Described { device: &device, report: &r });
     }
     println!("device {device}");
     println!(
@@ -122,65 +119,4 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The given candidates, or those detection finds on `backend` (from `inputs`).
-fn candidates<B: DetectBackend>(
-    backend: &mut B,
-    inputs: Option<&DetectInputs>,
-    job: &Job,
-) -> Result<Vec<WeightEdit>> {
-    match inputs {
-        Some(inputs) => super::analysis::detect_edits(backend, inputs, job.quiet, true),
-        None => Ok(job.given.clone().unwrap_or_default()),
-    }
-}
-
-/// [`screen::screen_with`] of `candidates` on `backend`, with a progress bar.
-fn screen_on<B: DetectBackend>(
-    backend: &mut B,
-    candidates: &[WeightEdit],
-    job: &Job,
-) -> Result<ScreenReport> {
-    let pb = super::bar(job.quiet, 1, "screen");
-    let r = screen::screen_with(
-        backend,
-        &job.windows,
-        candidates,
-        &job.largest,
-        &job.cfg,
-        |done, total, what| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-            pb.set_message(what.to_string());
-        },
-    )?;
-    pb.finish_and_clear();
-    Ok(r)
-}
-
-/// Screening on CUDA device 0 (detection too, when no candidates were given); returns the
-/// report and a description of the device.
-#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn cuda_screen(
-    model: &Model,
-    lazy: Option<Arc<LazyModel>>,
-    inputs: Option<&DetectInputs>,
-    job: &Job,
-    dtype: GpuDtype,
-) -> Result<(ScreenReport, String)> {
-    let (mut gpu, what) = super::device::cuda_session(model, lazy, dtype)?;
-    let candidates = candidates(&mut gpu, inputs, job)?;
-    Ok((screen_on(&mut gpu, &candidates, job)?, what))
-}
-
-#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn cuda_screen(
-    _: &Model,
-    _: Option<Arc<LazyModel>>,
-    _: Option<&DetectInputs>,
-    _: &Job,
-    _: GpuDtype,
-) -> Result<(ScreenReport, String)> {
-    Err(swk::Error::Backend("built without the `cuda` feature".into()))
 }

@@ -11,7 +11,9 @@ use swk::eval::logits::LogitsBackend;
 use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
-use super::analysis::{edits_line, read_text, run_job, Described, EditSource, Job, Target};
+use super::analysis::{
+    edits_line, read_text, run_job, Described, EditSource, Fallback, Job, Target,
+};
 use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk vocab`.
@@ -86,7 +88,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let cfg = vocab::VocabConfig { top_k: a.top_k, include_all: a.all_tokens };
     let job = Effects { tok: model.tokenizer.clone(), samples, cfg, quiet: a.json };
     let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
-    let (r, device) = run_job(&mut model, target, &a.edits, true, job)?;
+    let (r, device) = run_job(&mut model, target, &a.edits, Fallback::Confirmed, job)?;
     if let Some(p) = &a.out {
         vocab::plot(&r, p)?;
         if a.png {
