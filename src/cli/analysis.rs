@@ -79,7 +79,8 @@ pub fn detect_edits<B: DetectBackend>(
     }
     if !quiet {
         let list: Vec<String> = found.iter().map(ToString::to_string).collect();
-        eprintln!("studying detected super weights: {}", list.join(", "));
+        let what = if candidates { "detection's raw candidates" } else { "detected super weights" };
+        eprintln!("studying {what}: {}", list.join(", "));
     }
     Ok(found)
 }
