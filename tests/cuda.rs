@@ -920,6 +920,57 @@ fn cli_analyses_run_on_the_device() {
     }
 }
 
+/// Group screening with its ablations on the device (`groups_with`; activations captured on
+/// the CPU host) finds the planted three-member group as the CPU does: the same activations,
+/// members, verdicts and minimal subsets, every ratio within 1e-4 (f32 weights), the same
+/// number of perplexity runs, and every device weight restored.
+#[test]
+fn groups_match_cpu_on_a_planted_group() {
+    use swk::analysis::groups::{groups, groups_with, GroupsConfig, Verdict};
+    use swk::synth::{planted_group, PlantSite, SynthSpec};
+    if !gpu() {
+        return;
+    }
+    let spec = SynthSpec { layers: 5, ..SynthSpec::tiny() };
+    let (h, i) = (spec.hidden, spec.intermediate);
+    let row = h * 3 / 8 + 1;
+    let site = |layer, col| PlantSite { layer, row, col, activation: -300.0, weight: 1.5 };
+    let members = [site(1, i / 5 + 3), site(2, i / 2 + 1), site(3, i * 4 / 5 + 2)];
+    let (mut m, truth) = planted_group(&spec, 5, &members, 4).unwrap();
+    let cfg = GroupsConfig { context: truth.confirm.len(), ..Default::default() };
+    let prompts = std::slice::from_ref(&truth.prompt);
+    let want = groups(&mut m, prompts, &truth.confirm, &cfg, |_, _, _| {}).unwrap();
+    let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.context).unwrap();
+    let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+    let mut g = CudaModel::new(&m, &opts).unwrap();
+    let before = g.checksum().unwrap();
+    let got = groups_with(&m, &mut g, prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+    assert_eq!(g.checksum().unwrap(), before, "restored");
+    assert_eq!(got.groups, want.groups);
+    assert_eq!(got.perplexity_runs, want.perplexity_runs);
+    let rel = |a: f64, b: f64| (a / b - 1.0).abs();
+    assert!(rel(got.baseline_perplexity, want.baseline_perplexity) <= 1e-4);
+    assert_eq!(got.activations.len(), want.activations.len());
+    for (x, y) in got.activations.iter().zip(&want.activations) {
+        assert_eq!((x.activation.dim, x.verdict), (y.activation.dim, y.verdict));
+        let coords = |a: &swk::analysis::groups::ActivationGroup| -> Vec<_> {
+            a.members.iter().map(|m| (m.layer, m.row, m.col)).collect()
+        };
+        assert_eq!(coords(x), coords(y), "dim {}", x.activation.dim);
+        for (a, b) in x.members.iter().zip(&y.members) {
+            assert!(rel(a.single_ratio, b.single_ratio) <= 1e-4, "{a:?} vs {b:?}");
+        }
+        if let (Some(a), Some(b)) = (x.joint_ratio, y.joint_ratio) {
+            assert!(rel(a, b) <= 1e-4, "joint {a} vs cpu {b}");
+        }
+        let minimal = |a: &swk::analysis::groups::ActivationGroup| {
+            a.minimal.as_ref().map(|m| m.members.clone())
+        };
+        assert_eq!(minimal(x), minimal(y));
+    }
+    assert!(got.activations.iter().any(|a| a.activation.dim == row && a.verdict == Verdict::Group));
+}
+
 /// Multiple-choice items the planted super weight decides (its likely tokens against
 /// unlikely ones), with multi-token continuations so the device's forked caches are used.
 fn planted_items(truth: &swk::synth::PlantTruth) -> Vec<swk::eval::choice::TokenItem> {

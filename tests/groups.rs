@@ -97,3 +97,22 @@ fn smollm2_groups() {
     let sw = g.members.iter().find(|m| (m.layer, m.col) == (11, 1229)).expect("(11, 507, 1229)");
     assert!(sw.single_ratio > 2.0, "{}", sw.single_ratio);
 }
+
+/// `swk groups --json` on the tiny fixture: one JSON object naming the device that ran the
+/// ablations, with the baseline and the activations found (none need be massive there).
+#[test]
+fn cli_groups_json_names_its_device() {
+    let model = common::fixture("tiny/llama");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_swk"))
+        .args(["--device", "cpu", "groups"])
+        .arg(&model)
+        .args(["--context", "16", "--json"])
+        .output()
+        .expect("run swk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(j["device"], "cpu");
+    assert!(j["baseline_perplexity"].as_f64().is_some_and(|p| p > 1.0), "{j}");
+    assert!(j["activations"].is_array(), "{j}");
+}

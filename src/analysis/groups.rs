@@ -12,9 +12,10 @@
 //!    sign and reach `min_share · |a|`, then the `max_members` largest overall. (Contributions
 //!    are those of the down_proj output, before any post-MLP norm; MoE layers are skipped.)
 //! 3. Each writer is zeroed alone, then all of them together; perplexity of a text over the
-//!    unedited baseline gives each one's and the group's ratio ([`Confirmer`]: every run starts
-//!    at the first edited block from the stored residual stream and KV cache, and single
-//!    ratios are shared between activations). A *group* is decisive jointly (ratio above
+//!    unedited baseline gives each one's and the group's ratio (on the CPU through
+//!    [`Confirmer`](crate::confirm::Confirmer): every run starts at the first edited block
+//!    from the stored residual stream and KV cache; on a device through [`groups_with`];
+//!    single ratios are shared between activations). A *group* is decisive jointly (ratio above
 //!    `decisive_ratio`) while no member is alone. A group is then pruned greedily, weakest
 //!    contribution first, to a smaller set that stays decisive.
 
@@ -23,8 +24,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::confirm::Confirmer;
+use crate::detect::{ConfirmBaseline, DetectBackend};
 use crate::edit::{EditOp, WeightEdit};
+use crate::eval::ppl;
 use crate::hooks::{HookKind, HookPoint};
 use crate::{Error, Model, Result};
 
@@ -253,6 +255,36 @@ pub fn groups(
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<GroupsReport> {
     let start = Instant::now();
+    let found = massive_writers(model, prompts, cfg, &mut on_step)?;
+    let windows = ppl::windows(model, text, cfg.context)?;
+    judge(model, found, &windows, cfg, start, on_step)
+}
+
+/// [`groups`] with the ablations (every perplexity run) on `backend` (e.g. the CUDA backend's
+/// `CudaModel` holding `host`'s weights), the text already cut into perplexity windows (see
+/// [`ppl::windows`]). Massive activations and their writers are found on the CPU `host`,
+/// whose hooks capture the residual stream and the down_proj inputs.
+pub fn groups_with<B: DetectBackend>(
+    host: &Model,
+    backend: &mut B,
+    prompts: &[Vec<u32>],
+    windows: &[Vec<u32>],
+    cfg: &GroupsConfig,
+    mut on_step: impl FnMut(usize, usize, &str),
+) -> Result<GroupsReport> {
+    let start = Instant::now();
+    let found = massive_writers(host, prompts, cfg, &mut on_step)?;
+    judge(backend, found, windows, cfg, start, on_step)
+}
+
+/// Step 1 and 2 of the module docs on `model`: the massive activations over `prompts` (one per
+/// hidden dim, largest |value| first) and each one's down_proj writers.
+fn massive_writers(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GroupsConfig,
+    on_step: &mut impl FnMut(usize, usize, &str),
+) -> Result<Vec<(MassiveActivation, Vec<Member>)>> {
     let (n, h) = (model.config.num_layers, model.config.hidden_size);
     let mut found: BTreeMap<usize, (MassiveActivation, Vec<Member>)> = BTreeMap::new();
     for (pi, tokens) in prompts.iter().enumerate() {
@@ -283,9 +315,21 @@ pub fn groups(
     }
     let mut list: Vec<(MassiveActivation, Vec<Member>)> = found.into_values().collect();
     list.sort_by(|a, b| b.0.value.abs().total_cmp(&a.0.value.abs()));
+    Ok(list)
+}
 
+/// Step 3 of the module docs on `backend`: each writer zeroed alone, all together, and the
+/// groups pruned, by the perplexity of `windows`.
+fn judge<B: DetectBackend>(
+    model: &mut B,
+    list: Vec<(MassiveActivation, Vec<Member>)>,
+    windows: &[Vec<u32>],
+    cfg: &GroupsConfig,
+    start: Instant,
+    mut on_step: impl FnMut(usize, usize, &str),
+) -> Result<GroupsReport> {
     on_step(0, 1, "baseline perplexity");
-    let confirmer = Confirmer::new(model, text, cfg.context)?;
+    let confirmer = model.confirm_baseline(windows)?;
     let base = confirmer.baseline_perplexity();
     let mut runs = 0usize;
     let mut single: HashMap<(usize, usize, usize), f64> = HashMap::new();
@@ -309,7 +353,7 @@ pub fn groups(
                 Some(&r) => r,
                 None => {
                     runs += 1;
-                    let r = confirmer.perplexity_with(model, &[zero(m)])? / base;
+                    let r = model.confirm_with(&confirmer, &[zero(m)])? / base;
                     single.insert(key, r);
                     r
                 }
@@ -317,7 +361,7 @@ pub fn groups(
         }
         let all: Vec<WeightEdit> = members.iter().map(zero).collect();
         runs += 1;
-        let joint = confirmer.perplexity_with(model, &all)? / base;
+        let joint = model.confirm_with(&confirmer, &all)? / base;
         let verdict = if members.iter().any(|m| m.single_ratio > cfg.decisive_ratio) {
             Verdict::Single
         } else if joint > cfg.decisive_ratio {
@@ -339,7 +383,7 @@ pub fn groups(
                     continue;
                 }
                 runs += 1;
-                let r = confirmer.perplexity_with(model, &edits)? / base;
+                let r = model.confirm_with(&confirmer, &edits)? / base;
                 if r > cfg.decisive_ratio {
                     ratio = r;
                 } else {

@@ -1,13 +1,17 @@
 //! `swk groups MODEL [--prompt TEXT]... [--text FILE] [--context N] [--per-layer K]
-//! [--max-members N] [--decisive-ratio F] [--json]`.
+//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f32]` (with `--device
+//! cuda` the ablations run on the device; activations are captured on the CPU).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use swk::analysis::groups::{self, Verdict};
+use swk::analysis::groups::{self, GroupsConfig, GroupsReport, Verdict};
 use swk::eval::ppl;
-use swk::Result;
+use swk::model::LazyModel;
+use swk::{Model, Result};
 
-use super::analysis::read_text;
+use super::analysis::{read_text, Described};
+use super::device::{Backend, DeviceOpts, GpuDtype};
 
 /// Arguments of `swk groups`.
 #[derive(clap::Args)]
@@ -35,17 +39,22 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
+    let backend = super::device::choose(dev.device, a.json)?;
+    // The whole model on the host: its hooks find the massive activations and their writers.
     let mut model = super::load_model(&a.model, a.json)?;
     let prompts =
         if a.prompt.is_empty() { vec![swk::detect::DEFAULT_PROMPT.to_string()] } else { a.prompt };
     let tok = model.tokenizer()?;
     let prompts = prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
     let tokens = ppl::text_tokens(&model, &text)?;
-    let cfg = groups::GroupsConfig {
+    let cfg = GroupsConfig {
         context: a.context,
         per_layer: a.per_layer.max(1),
         max_members: a.max_members.max(1),
@@ -53,15 +62,27 @@ pub fn run(a: Args) -> Result<()> {
         ..Default::default()
     };
     let pb = super::bar(a.json, 1, "groups");
-    let r = groups::groups(&mut model, &prompts, &tokens, &cfg, |done, total, what| {
+    let progress = |done: usize, total: usize, what: &str| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         pb.set_message(what.to_string());
-    })?;
+    };
+    let (r, device) = match backend {
+        Backend::Cpu => {
+            (groups::groups(&mut model, &prompts, &tokens, &cfg, progress)?, "cpu".to_string())
+        }
+        Backend::Cuda => {
+            let windows = ppl::windows(&model, &tokens, a.context)?;
+            let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+            let lazy = super::device::stream_files(&a.model, dev.stream, bf16)?;
+            cuda_groups(&model, lazy, a.gpu_dtype, &prompts, &windows, &cfg, progress)?
+        }
+    };
     pb.finish_and_clear();
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device {device}");
     println!(
         "baseline perplexity {:.3} over {} tokens (windows of {}); {} massive activations, {} \
          groups; {} perplexity runs in {:.1} s",
@@ -98,4 +119,33 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The groups with the ablations on CUDA device 0 (the layers streamed from `lazy` when
+/// given); returns the report and a description of the device.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn cuda_groups(
+    model: &Model,
+    lazy: Option<Arc<LazyModel>>,
+    dtype: GpuDtype,
+    prompts: &[Vec<u32>],
+    windows: &[Vec<u32>],
+    cfg: &GroupsConfig,
+    progress: impl FnMut(usize, usize, &str),
+) -> Result<(GroupsReport, String)> {
+    let (mut gpu, what) = super::device::cuda_session(model, lazy, dtype)?;
+    Ok((groups::groups_with(model, &mut gpu, prompts, windows, cfg, progress)?, what))
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn cuda_groups(
+    _: &Model,
+    _: Option<Arc<LazyModel>>,
+    _: GpuDtype,
+    _: &[Vec<u32>],
+    _: &[Vec<u32>],
+    _: &GroupsConfig,
+    _: impl FnMut(usize, usize, &str),
+) -> Result<(GroupsReport, String)> {
+    Err(swk::Error::Backend("built without the `cuda` feature".into()))
 }

@@ -100,6 +100,7 @@ pub fn run() -> Result<()> {
             | Command::Vocab(_)
             | Command::CompareGenerate(_)
             | Command::Mc(_)
+            | Command::Groups(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -120,7 +121,7 @@ pub fn run() -> Result<()> {
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a, dev),
         Command::Experts(a) => experts::run(a, dev),
-        Command::Groups(a) => groups::run(a),
+        Command::Groups(a) => groups::run(a, dev),
         Command::Mc(a) => mc::run(a, dev),
         Command::Research(a) => research::run(a, dev),
         Command::Report(a) => report::run(a),
