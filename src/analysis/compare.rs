@@ -6,10 +6,9 @@ use serde::Serialize;
 
 use crate::analysis::log_sum_exp;
 use crate::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
-use crate::eval::generate::argmax;
+use crate::eval::generate::greedy_with;
 use crate::eval::logits::LogitsBackend;
 use crate::io::tokenizer::Tokenizer;
-use crate::model::arch::Logits;
 use crate::{Error, Model, Result};
 
 /// Settings of [`compare_generate`].
@@ -66,30 +65,6 @@ pub struct CompareReport {
     pub prompts: Vec<PromptComparison>,
 }
 
-/// Greedy continuation of `prompt` by up to `max_new` tokens (stopping after one of
-/// `stops`), with each chosen token's log-probability.
-fn greedy<B: LogitsBackend>(
-    model: &B,
-    stops: &[u32],
-    prompt: &[u32],
-    max_new: usize,
-) -> Result<(Vec<u32>, Vec<f64>)> {
-    let mut cache = model.new_cache()?;
-    let (mut out, mut logps) = (Vec::new(), Vec::new());
-    let mut input = prompt.to_vec();
-    for _ in 0..max_new {
-        let logits = model.logits_with(&input, &mut cache, Logits::Last)?;
-        let next = argmax(&logits);
-        logps.push(logits[next as usize] as f64 - log_sum_exp(&logits));
-        out.push(next);
-        if stops.contains(&next) {
-            break;
-        }
-        input = vec![next];
-    }
-    Ok((out, logps))
-}
-
 /// The edits with their operation replaced by scaling by `factor` (0: set to zero).
 pub fn scaled(edits: &[WeightEdit], factor: f32) -> Vec<WeightEdit> {
     let op = if factor == 0.0 { EditOp::Zero } else { EditOp::Scale(factor) };
@@ -142,7 +117,10 @@ pub fn compare_generate_with<B: LogitsBackend + EditTarget>(
                     format!("x{f}")
                 }
             };
-            let (tokens, logps) = greedy(&*g, &stops, p, cfg.max_new_tokens)?;
+            let mut logps = Vec::new();
+            let tokens = greedy_with(&*g, p, cfg.max_new_tokens, &stops, |next, logits| {
+                logps.push(logits[next as usize] as f64 - log_sum_exp(logits))
+            })?;
             continuations.push(Continuation {
                 label,
                 factor,

@@ -61,12 +61,14 @@ impl Job for Generate {
     ) -> Result<compare::CompareReport> {
         let pb = super::bar(self.quiet, 1, "generating");
         let (tok, prompts) = (Some(&self.tok), &self.prompts);
-        let r = compare::compare_generate_with(backend, tok, prompts, &edits, &self.cfg, {
-            |done, total| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            }
-        })?;
+        let r = compare::compare_generate_with(
+            backend,
+            tok,
+            prompts,
+            &edits,
+            &self.cfg,
+            super::steps(&pb),
+        )?;
         pb.finish_and_clear();
         Ok(r)
     }

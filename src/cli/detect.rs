@@ -61,11 +61,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     let bf16 = a.gpu_dtype == GpuDtype::Bf16;
     let (backend, mut m, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let pb = super::bar(a.json, 1, "detect");
-    let progress = |done: usize, total: usize, what: &str| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(what.to_string());
-    };
+    let progress = super::stages(&pb);
     let (d, device): (Detection, String) = match backend {
         super::device::Backend::Cpu => (detect::detect(&mut m, &cfg, progress)?, "cpu".into()),
         super::device::Backend::Cuda => cuda_detect(&m, lazy, &cfg, a.gpu_dtype, progress)?,

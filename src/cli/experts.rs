@@ -67,11 +67,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     };
     let cfg = ExpertsConfig { context: a.context, ablate: !a.no_ablate, ..Default::default() };
     let pb = super::bar(a.json, 1, "experts");
-    let progress = |done: usize, total: usize, what: &str| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(what.to_string());
-    };
+    let progress = super::stages(&pb);
     let (r, device) = match backend {
         Backend::Cpu => {
             (experts::experts_with(&mut model, &samples, &windows, &cfg, progress)?, "cpu".into())

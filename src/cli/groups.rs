@@ -62,11 +62,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         ..Default::default()
     };
     let pb = super::bar(a.json, 1, "groups");
-    let progress = |done: usize, total: usize, what: &str| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(what.to_string());
-    };
+    let progress = super::stages(&pb);
     let (r, device) = match backend {
         Backend::Cpu => {
             (groups::groups(&mut model, &prompts, &tokens, &cfg, progress)?, "cpu".to_string())

@@ -56,10 +56,7 @@ impl Job for Choices {
         edits: Vec<WeightEdit>,
     ) -> Result<choice::ChoiceReport> {
         let pb = super::bar(self.quiet, self.items.len() as u64, "multiple choice");
-        let r = choice::compare(backend, &self.name, &self.items, &edits, |done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        })?;
+        let r = choice::compare(backend, &self.name, &self.items, &edits, super::steps(&pb))?;
         pb.finish_and_clear();
         Ok(r)
     }

@@ -159,6 +159,23 @@ fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
     pb
 }
 
+/// A `(done, total)` progress callback that drives `pb`.
+fn steps(pb: &ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    }
+}
+
+/// A `(done, total, what)` progress callback that drives `pb`, `what` as its message.
+fn stages(pb: &ProgressBar) -> impl FnMut(usize, usize, &str) + '_ {
+    move |done, total, what| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(what.to_string());
+    }
+}
+
 /// Print a value as pretty JSON on stdout.
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     let s =

@@ -68,11 +68,7 @@ pub fn run(a: Args) -> Result<()> {
         cfg.block_sizes = a.block_size.clone();
     }
     let pb = super::bar(a.json, 1, "quantize");
-    let r = quantize::quantize_study(&mut model, &tokens, &held, &cfg, |done, total, what| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(what.to_string());
-    })?;
+    let r = quantize::quantize_study(&mut model, &tokens, &held, &cfg, super::stages(&pb))?;
     pb.finish_and_clear();
     if let Some(p) = &a.out {
         quantize::plot(&r, p)?;

@@ -57,13 +57,14 @@ impl Job for Screening {
     ) -> Result<ScreenReport> {
         let pb = super::bar(self.quiet, 1, "screen");
         let (windows, largest) = (&self.windows, &self.largest);
-        let r = screen::screen_with(backend, windows, &candidates, largest, &self.cfg, {
-            |done, total, what| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-                pb.set_message(what.to_string());
-            }
-        })?;
+        let r = screen::screen_with(
+            backend,
+            windows,
+            &candidates,
+            largest,
+            &self.cfg,
+            super::stages(&pb),
+        )?;
         pb.finish_and_clear();
         Ok(r)
     }

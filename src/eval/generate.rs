@@ -1,6 +1,7 @@
 //! Greedy generation with a KV cache.
 
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
+use crate::eval::logits::LogitsBackend;
+use crate::model::arch::Logits;
 use crate::{Model, Result};
 
 /// Index of the largest logit (first on ties).
@@ -24,18 +25,26 @@ pub fn greedy(
 ) -> Result<Vec<u32>> {
     let stops: Vec<u32> =
         model.tokenizer.as_ref().map(|t| t.eos_ids().to_vec()).unwrap_or_default();
-    let mut cache = KvCache::new(model);
+    greedy_with(model, prompt, max_new, &stops, |next, _| on_token(next))
+}
+
+/// [`greedy`] on any backend, stopping after any of `stops`; `on_token(next, logits)` sees
+/// each chosen token with the logits it was chosen from.
+pub fn greedy_with<B: LogitsBackend>(
+    model: &B,
+    prompt: &[u32],
+    max_new: usize,
+    stops: &[u32],
+    mut on_token: impl FnMut(u32, &[f32]),
+) -> Result<Vec<u32>> {
+    let mut cache = model.new_cache()?;
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
     for _ in 0..max_new {
-        let logits = model.forward(
-            &input,
-            &mut cache,
-            ForwardOptions { logits: Logits::Last, ..Default::default() },
-        )?;
+        let logits = model.logits_with(&input, &mut cache, Logits::Last)?;
         let next = argmax(&logits);
         out.push(next);
-        on_token(next);
+        on_token(next, &logits);
         if stops.contains(&next) {
             break;
         }

@@ -143,20 +143,7 @@ impl CudaModel {
         stops: &[u32],
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let mut cache = CudaKvCache::new(self);
-        let mut out = Vec::new();
-        let mut input = prompt.to_vec();
-        for _ in 0..max_new {
-            let logits = self.forward(&input, &mut cache, None, Logits::Last)?;
-            let next = crate::eval::generate::argmax(&logits);
-            out.push(next);
-            on_token(next);
-            if stops.contains(&next) {
-                break;
-            }
-            input = vec![next];
-        }
-        Ok(out)
+        crate::eval::generate::greedy_with(self, prompt, max_new, stops, |next, _| on_token(next))
     }
 }
 
