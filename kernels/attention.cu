@@ -10,13 +10,17 @@
 // Scores live in dynamic shared memory: (32 + head_dim + max_keys) floats, where max_keys is
 // the most keys any row of the launch sees (the host computes it and opts in to more than
 // 48 KiB of shared memory when the device allows).
+// With `pattern` non-null, the weights are also written there (the `attn.hook_pattern` hook
+// point): pattern[(t * n_heads + h) * (pos0 + rows) + j] for every key j < pos0 + rows, 0 for
+// the keys outside the causal (or sliding) window.
 #include "common.cuh"
 
 // q [rows, n_heads*hd] at positions pos0..pos0+rows; kc, vc the cache [>= pos0+rows, n_kv*hd];
-// out [rows, n_heads*hd]. Grid (n_heads, rows), block 128.
-extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out, int rows,
-                                         int pos0, int n_heads, int n_kv, int hd, int window, float scale,
-                                         float softcap) {
+// out [rows, n_heads*hd]; pattern null or [rows, n_heads, pos0+rows]. Grid (n_heads, rows),
+// block 128.
+extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out,
+                                         float* pattern, int rows, int pos0, int n_heads, int n_kv, int hd,
+                                         int window, float scale, float softcap) {
     SWK_DYNAMIC_SHARED(float, smem);
     float* red = smem;            // 32 floats of reduction scratch
     float* qs = smem + 32;        // this head's query
@@ -60,6 +64,14 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
         local_sum += e;
     }
     const float sum = block_reduce(local_sum, SumOp(), red);  // ends with __syncthreads: sc is visible
+
+    if (pattern != nullptr) {
+        const int kv_total = pos0 + rows;
+        float* row = pattern + ((size_t)t * n_heads + h) * kv_total;
+        for (int j = threadIdx.x; j < kv_total; j += blockDim.x) {
+            row[j] = (j >= first && j <= p) ? __fdiv_rn(sc[j - first], sum) : 0.0f;
+        }
+    }
 
     float* o = out + ((size_t)t * n_heads + h) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {

@@ -16,6 +16,8 @@
 //! * decode with the device KV cache equals prefill; perplexity scoring equals the CPU's;
 //! * edits: EditGuard on device memory, one by one and batched, restored bit-exactly (device
 //!   checksums);
+//! * captured activations (`CudaModel::capture`): every hook point of every fixture, the same
+//!   points as the CPU's hooks and values within 1e-4;
 //! * `timing_7b` (ignored; run with `--ignored`): a timing table at Llama-2-7B shapes.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
@@ -28,7 +30,7 @@ use swk::backend::cuda::{
 };
 use swk::detect::{detect_with, DetectConfig};
 use swk::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
-use swk::hooks::SpikeStats;
+use swk::hooks::{HookKind, HookPoint, SpikeStats};
 use swk::model::arch::{ForwardOptions, KvCache, Logits};
 use swk::synth::{planted, random_llama, Plant, SynthSpec};
 use swk::{Model, Result};
@@ -337,6 +339,55 @@ fn assert_channels_match(ctx: &str, a: &[swk::hooks::ChannelMax], b: &[swk::hook
 }
 
 /// Statistics accumulate over calls exactly as on the CPU (prefill then decode steps).
+/// Every hook point of every layer, in forward order.
+fn every_point(m: &Model) -> Vec<HookPoint> {
+    (0..m.config.num_layers)
+        .flat_map(|layer| HookKind::ALL.into_iter().map(move |kind| HookPoint { layer, kind }))
+        .collect()
+}
+
+#[test]
+fn captured_activations_match_cpu_hooks() {
+    if !gpu() {
+        return;
+    }
+    for name in FIXTURES {
+        let (m, tokens) = load(name);
+        let points = every_point(&m);
+        let want = swk::analysis::capture(&m, &tokens, &points).unwrap();
+        let g = CudaModel::new(&m, &CudaOptions { dtype: WeightDtype::F32, ..Default::default() })
+            .unwrap();
+        let got = g.capture(&tokens, &points).unwrap();
+        // The same points as the CPU's hooks (a family without a point lacks it on both).
+        let mut missing: Vec<String> =
+            want.keys().filter(|p| !got.contains_key(p)).map(|p| p.to_string()).collect();
+        let mut extra: Vec<String> =
+            got.keys().filter(|p| !want.contains_key(p)).map(|p| p.to_string()).collect();
+        missing.sort();
+        extra.sort();
+        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        assert!(
+            want.keys().any(|p| p.kind == HookKind::AttnPattern),
+            "{name}: the CPU hooks no attention pattern"
+        );
+        let mut worst = (0f32, String::new());
+        for (p, w) in &want {
+            let err = max_rel_err(&got[p], w, 1.0);
+            if err > worst.0 {
+                worst = (err, p.to_string());
+            }
+        }
+        eprintln!("{name}: {} points, max rel err {:.2e} at {}", want.len(), worst.0, worst.1);
+        assert!(worst.0 <= 1e-4, "{name}: {} differs by {} (> 1e-4)", worst.1, worst.0);
+    }
+    // A layer past the model is an error, not an empty map.
+    let (m, tokens) = load("llama");
+    let g = CudaModel::new(&m, &CudaOptions::default()).unwrap();
+    let past = HookPoint { layer: m.config.num_layers, kind: HookKind::ResidPost };
+    let e = g.capture(&tokens, &[past]).unwrap_err().to_string();
+    assert!(e.contains("past the model"), "{e}");
+}
+
 #[test]
 fn spike_stats_accumulate_over_calls() {
     if !gpu() {

@@ -169,14 +169,15 @@ impl CudaDevice {
     }
 
     /// Causal attention of `rows` queries at `pos0..` against the cache: scores q·k · `scale`,
-    /// soft-capped when `softcap` is set, within the sliding `window` when set.
+    /// soft-capped when `softcap` is set, within the sliding `window` when set; the weights
+    /// also into `pattern` (`[rows, n_heads, pos0 + rows]`) unless it is 0.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
         q: u64,
         kc: u64,
         vc: u64,
-        out: u64,
+        (out, pattern): (u64, u64),
         rows: usize,
         pos0: usize,
         n_heads: usize,
@@ -196,7 +197,7 @@ impl CudaDevice {
         );
         let w = int(window.unwrap_or(0), "sliding window")?;
         let cap = softcap.unwrap_or(0.0);
-        launch!(self, "swk_attention", l, q, kc, vc, out, r, p, nh, nkv, d, w, scale, cap)
+        launch!(self, "swk_attention", l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap)
     }
 
     /// out = act(gate) ⊙ up, or act(up) when `gate` is 0 (un-gated MLPs); with `keys != 0`,

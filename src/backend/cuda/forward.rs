@@ -30,7 +30,8 @@ use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
 use crate::backend::stream::stage_layer;
-use crate::hooks::SpikeStats;
+use super::taps::Taps;
+use crate::hooks::{HookKind, SpikeStats};
 use crate::model::arch::Logits;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -159,7 +160,22 @@ impl CudaModel {
         stats: Option<&mut SpikeStats>,
         logits: Logits,
     ) -> Result<Vec<DeviceLogits>> {
+        self.run_tapped(seqs, stats, logits, None)
+    }
+
+    /// [`Self::run_many`], copying activations out at the points of `taps` (one sequence
+    /// only: see taps.rs).
+    pub(crate) fn run_tapped(
+        &self,
+        seqs: &mut [(&[u32], &mut CudaKvCache)],
+        stats: Option<&mut SpikeStats>,
+        logits: Logits,
+        taps: Option<&Taps>,
+    ) -> Result<Vec<DeviceLogits>> {
         let c = &self.config;
+        if taps.is_some() && seqs.len() != 1 {
+            return Err(Error::Backend("activations are tapped from one sequence at a time".into()));
+        }
         for (tokens, cache) in seqs.iter() {
             self.check_tokens(tokens)?;
             if cache.model_id != self.id {
@@ -198,7 +214,7 @@ impl CudaModel {
             .zip(&xs)
             .map(|((tokens, cache), x)| Pass { t: tokens.len(), x: dev.ptr(x), cache })
             .collect();
-        self.layers(&passes, &acts, sc)?;
+        self.layers(&passes, &acts, sc, taps)?;
         drop(passes);
         for (tokens, cache) in seqs.iter_mut() {
             cache.len += tokens.len();
@@ -297,8 +313,15 @@ impl CudaModel {
     }
 
     /// Every block on every pass, layer-major (see [`Self::run_many`]); spike keys into
-    /// `acts.keys` when present. Each pass's cache must hold room for its tokens.
-    pub(crate) fn layers(&self, passes: &[Pass<'_>], acts: &Acts, sc: &mut Scratch) -> Result<()> {
+    /// `acts.keys` when present; activations copied out at the points of `taps`. Each pass's
+    /// cache must hold room for its tokens.
+    pub(crate) fn layers(
+        &self,
+        passes: &[Pass<'_>],
+        acts: &Acts,
+        sc: &mut Scratch,
+        taps: Option<&Taps>,
+    ) -> Result<()> {
         let c = &self.config;
         let dev = &self.dev;
         let h = c.hidden_size;
@@ -355,6 +378,12 @@ impl CudaModel {
                     let (k_new, v_new) =
                         (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
                     let cache = [kcp, vcp, k_new, v_new];
+                    // Copy out the activation `kind` (`t` rows of `width` at `at`), if tapped.
+                    let tap = |kind: HookKind, at: u64, width: usize| match taps {
+                        Some(tp) => tp.copy(dev, l, kind, at, t, width),
+                        None => Ok(()),
+                    };
+                    tap(HookKind::ResidPre, xp, h)?;
 
                     // What attention and the MLP read: x through the norm `name` (OLMo 2: x).
                     let pre_norm = |name: &str| -> Result<u64> {
@@ -365,7 +394,14 @@ impl CudaModel {
                     // Attention: x += attention(norm(x))·W_oᵀ (+b_o) (Gemma 2/3, OLMo 2: the
                     // product normed first).
                     let a_in = pre_norm("input_layernorm")?;
-                    let outs = [dev.ptr(&acts.q), dev.ptr(&acts.att), projp];
+                    let pattern = match taps {
+                        Some(tp) => {
+                            let width = c.num_heads * (pos0 + t);
+                            tp.slot(dev, l, HookKind::AttnPattern, t, width)?
+                        }
+                        None => 0,
+                    };
+                    let outs = [dev.ptr(&acts.q), dev.ptr(&acts.att), projp, pattern];
                     match acts.mla.as_ref() {
                         // DeepSeek's latent attention (mla.rs), o_proj included.
                         Some(ml) => {
@@ -380,9 +416,13 @@ impl CudaModel {
                         let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
                         dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
                     }
+                    tap(HookKind::AttnOut, projp, h)?;
                     // GPT-NeoX's parallel residual: the MLP reads the block input.
                     let parallel_in = if b.parallel { Some(pre_norm(b.mlp_norm)?) } else { None };
                     dev.add_residual(xp, projp, t, h, pos0, 0)?;
+                    if !b.parallel {
+                        tap(HookKind::ResidMid, xp, h)?;
+                    }
 
                     // MLP: x += mlp(m) on m the pre-norm of x, with the spike statistics fused
                     // into the activation (inputs) and into this add (outputs).
@@ -397,11 +437,14 @@ impl CudaModel {
                             dev.ptr(&ma.out)
                         }
                         None => {
-                            self.dense_mlp(&w, m_in, (t, pos0), acts, keys_at(l, false), sc)?;
+                            let keys = keys_at(l, false);
+                            self.dense_mlp(&w, m_in, (t, pos0), acts, keys, &tap, sc)?;
                             projp
                         }
                     };
+                    tap(HookKind::MlpOut, out, h)?;
                     dev.add_residual(xp, out, t, h, pos0, keys_at(l, true))?;
+                    tap(HookKind::ResidPost, xp, h)?;
                 }
             }
             Ok(())
@@ -411,7 +454,8 @@ impl CudaModel {
     /// Layer `l`'s attention over `t` tokens at `pos0` on `xn`, into `proj`: q = xn·W_qᵀ (+b)
     /// into `q`; k, v likewise straight into the cache rows (`cache` = the layer's key and
     /// value caches, then the addresses of their rows `pos0..`); the family's clamp and
-    /// QK-norm; RoPE; causal (or windowed) softmax attention into `att`; proj = att·W_oᵀ.
+    /// QK-norm; RoPE; causal (or windowed) softmax attention into `att` (its weights into
+    /// `pattern` unless 0); proj = att·W_oᵀ.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -420,7 +464,7 @@ impl CudaModel {
         xn: u64,
         (t, pos0): (usize, usize),
         [kc, vc, k_new, v_new]: [u64; 4],
-        [q, att, proj]: [u64; 3],
+        [q, att, proj, pattern]: [u64; 4],
         sc: &mut Scratch,
     ) -> Result<()> {
         let c = &self.config;
@@ -494,7 +538,8 @@ impl CudaModel {
             dev.rope(q, inv, t, nh, hd, self.rot_half, pos0)?;
             dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
         }
-        dev.attention(q, kc, vc, att, t, pos0, nh, nkv, hd, window, scale, b.attn_softcap)?;
+        let softcap = b.attn_softcap;
+        dev.attention(q, kc, vc, (att, pattern), t, pos0, nh, nkv, hd, window, scale, softcap)?;
         self.linear(att, &w("self_attn.o_proj.weight")?, proj, t, qd, h, sc)
     }
 
@@ -502,7 +547,9 @@ impl CudaModel {
     /// a = act(m·W_gateᵀ) ⊙ (m·W_upᵀ) (Phi-3: gate_up_proj's row blocks; GPT-2, GPT-NeoX
     /// un-gated: act(m·W_upᵀ + b)), its per-column maxima into the input keys at `keys`
     /// (0: none); proj = a·W_downᵀ (+b) (Gemma 2/3, OLMo 2: then normed, since the output
-    /// statistic is what the MLP writes).
+    /// statistic is what the MLP writes). `tap(kind, at, width)` copies out the MLP's hook
+    /// points (the pre-activations and a).
+    #[allow(clippy::too_many_arguments)]
     fn dense_mlp(
         &self,
         w: &dyn Fn(&str) -> Result<WeightRef>,
@@ -510,6 +557,7 @@ impl CudaModel {
         (t, pos0): (usize, usize),
         acts: &Acts,
         keys: u64,
+        tap: &dyn Fn(HookKind, u64, usize) -> Result<()>,
         sc: &mut Scratch,
     ) -> Result<()> {
         let c = &self.config;
@@ -520,7 +568,9 @@ impl CudaModel {
         if !b.gated {
             self.linear(m, &w("mlp.up_proj.weight")?, up, t, h, i, sc)?;
             dev.add_bias(up, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
+            tap(HookKind::MlpPre, up, i)?;
             dev.act_mul(0, up, act, t, i, (pos0, 0), keys, b.act)?;
+            tap(HookKind::MlpPost, act, i)?;
             self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
             return dev.add_bias(proj, w("mlp.down_proj.bias")?.f32_ptr()?, t, h);
         }
@@ -531,7 +581,10 @@ impl CudaModel {
             [(w("mlp.gate_proj.weight")?, gate, i), (w("mlp.up_proj.weight")?, up, i)]
         };
         self.linears(m, &outs, t, h, sc)?;
+        tap(HookKind::MlpPre, gate, i)?;
+        tap(HookKind::MlpPreLinear, up, i)?;
         dev.act_mul(gate, up, act, t, i, (pos0, 0), keys, b.act)?;
+        tap(HookKind::MlpPost, act, i)?;
         self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
         if b.post_norms {
             let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;

@@ -141,7 +141,7 @@ impl CudaModel {
                 dev.memset_zeros(k)?;
             }
             self.embed_into(dev.ptr(&tok), dev.ptr(&x), t, 0)?;
-            self.layers(&[Pass { t, x: dev.ptr(&x), cache: &cache }], acts, sc)?;
+            self.layers(&[Pass { t, x: dev.ptr(&x), cache: &cache }], acts, sc, None)?;
             if let (Some(r), Some(o)) = (&rows, &out) {
                 self.head_into(dev.ptr(&x), r.clone(), dev.ptr(o), sc)?;
             }

@@ -81,7 +81,8 @@ impl CudaModel {
     /// Layer `l`'s latent attention on `xn` (`[t, hidden]`, first token at `pos0`), weights
     /// from `w(suffix)`: writes the new keys and values into the cache (`[k, v, k_new,
     /// v_new]`: the layer's cache and its rows at pos0), the padded queries into `q`, the
-    /// attention into `att` and `o_proj`'s output into `proj` (`[q, att, proj]`).
+    /// attention into `att` (its weights into `pattern` unless 0) and `o_proj`'s output into
+    /// `proj` (`[q, att, proj, pattern]`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn mla_attention(
         &self,
@@ -90,7 +91,7 @@ impl CudaModel {
         xn: u64,
         (t, pos0): (usize, usize),
         [kc, vc, k_new, v_new]: [u64; 4],
-        [q, att, proj]: [u64; 3],
+        [q, att, proj, pattern]: [u64; 4],
         ma: &MlaActs,
         sc: &mut Scratch,
     ) -> Result<()> {
@@ -145,7 +146,7 @@ impl CudaModel {
         dev.copy_rows((kv + (nope * 4) as u64, nope + vd, 1), (v_new, hd), rows, vd, hd)?;
 
         let scale = c.attention_scale(l);
-        dev.attention(q, kc, vc, att, t, pos0, nh, nh, hd, None, scale, None)?;
+        dev.attention(q, kc, vc, (att, pattern), t, pos0, nh, nh, hd, None, scale, None)?;
         dev.copy_rows((att, hd, 1), (o_in, vd), rows, vd, vd)?;
         self.linear(o_in, &wt("o_proj")?, proj, t, nh * vd, h, sc)
     }

@@ -29,8 +29,11 @@
 //! # }
 //! ```
 //!
-//! Not supported on the device (use the CPU backend): hooks, and starting a pass from a
-//! residual stream (`Input::Residual`).
+//! * Hook points, read-only: [`CudaModel::capture`] copies the activations at chosen points
+//!   out of a pass, as the CPU's hooks see them.
+//!
+//! Not supported on the device (use the CPU backend): hooks that rewrite activations, and
+//! starting a pass from a residual stream (`Input::Residual`).
 
 mod detect;
 mod device;
@@ -51,6 +54,7 @@ mod mla;
 mod model;
 mod moe;
 mod streamed;
+mod taps;
 
 pub use detect::CudaBaseline;
 pub use driver::{cublas_present, cuda_available, device_info, driver_present, CudaDevice};
