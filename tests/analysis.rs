@@ -458,7 +458,7 @@ fn cli_subcommands_print_json_and_write_plots() {
         assert!(ok, "{args:?}: {err}");
         let j: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
         assert!(j.get(key).is_some(), "{args:?}: no `{key}` in {out}");
-        if ["screen", "vocab", "compare-generate"].contains(&args[0]) {
+        if ["screen", "vocab", "compare-generate", "cascade", "trace"].contains(&args[0]) {
             assert_eq!(j["device"], "cpu", "{}: says which backend ran it", args[0]);
         }
         if let Some(p) = plot {

@@ -365,7 +365,10 @@ fn captured_activations_match_cpu_hooks() {
             got.keys().filter(|p| !want.contains_key(p)).map(|p| p.to_string()).collect();
         missing.sort();
         extra.sort();
-        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: missing {missing:?}, extra {extra:?}"
+        );
         assert!(
             want.keys().any(|p| p.kind == HookKind::AttnPattern),
             "{name}: the CPU hooks no attention pattern"
@@ -793,11 +796,37 @@ fn screening_matches_cpu_on_a_planted_model() {
     }
 }
 
-/// A research session on the device (`research_on`: detection, screening, vocabulary
-/// effects, compare-generate and multiple choice there; cascade and trace on the CPU) records
-/// what the CPU session records: the same super weights, screening ranking (ratios within
-/// 1e-4), vocabulary KL (1e-3), greedy continuations, multiple-choice scores (1e-4) and
-/// trace, says where each analysis ran, and leaves every weight of both models restored.
+/// Asserts two JSON values are equal, but for numbers, which may differ by `tol` relative
+/// to max(|want|, 1) (`at`: where in the document, for the message).
+fn assert_json_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64, at: &str) {
+    use serde_json::Value;
+    match (got, want) {
+        (Value::Number(a), Value::Number(b)) => {
+            let (a, b) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+            assert!((a - b).abs() <= tol * b.abs().max(1.0), "{at}: {a} vs cpu {b}");
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{at}: lengths");
+            for (k, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_json_close(x, y, tol, &format!("{at}[{k}]"));
+            }
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            let (ka, kb): (Vec<&String>, Vec<&String>) = (a.keys().collect(), b.keys().collect());
+            assert_eq!(ka, kb, "{at}: keys");
+            for (k, x) in a {
+                assert_json_close(x, &b[k], tol, &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
+
+/// A research session on the device (`research_on`: every analysis but quantize-study there)
+/// records what the CPU session records: the same super weights, screening ranking (ratios
+/// within 1e-4), vocabulary KL (1e-3), cascade and trace (every number within 1e-4, the rest
+/// equal), greedy continuations and multiple-choice scores (1e-4), says where each analysis
+/// ran, and leaves every weight of both models restored.
 /// The `swk research --device cuda` CLI names the device in session.json too.
 #[test]
 fn research_runs_on_the_device() {
@@ -835,11 +864,7 @@ fn research_runs_on_the_device() {
     assert_eq!((g.checksum().unwrap(), m.weights.checksum()), (before, host_before), "restored");
     assert_eq!(got["errors"], serde_json::json!({}), "{}", got["errors"]);
     for (analysis, on) in got["device"].as_object().expect("device map") {
-        let want_on = if ["cascade", "trace", "quantize-study"].contains(&analysis.as_str()) {
-            "cpu"
-        } else {
-            "cuda: test"
-        };
+        let want_on = if analysis == "quantize-study" { "cpu" } else { "cuda: test" };
         assert_eq!(on, want_on, "{analysis}");
     }
     assert_eq!(got["detect"]["device"], "cuda: test");
@@ -890,7 +915,12 @@ fn research_runs_on_the_device() {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{run}: {a} vs cpu {b}");
         }
     }
-    assert_eq!(got["trace"], want["trace"], "the CPU analyses see the same model");
+    for analysis in ["trace", "cascade"] {
+        assert!(want[analysis].is_object(), "{analysis} ran on the CPU");
+        assert_json_close(&got[analysis], &want[analysis], 1e-4, analysis);
+    }
+    let massive = &got["cascade"]["summary"][0]["massive_layers_base"];
+    assert!(!massive.as_array().is_some_and(Vec::is_empty), "a massive activation: {massive}");
 
     // The CLI: `--device cuda` on the tiny fixture names the device in session.json.
     let llama = fixtures_root().join("tiny").join("llama");
@@ -904,12 +934,48 @@ fn research_runs_on_the_device() {
     let s: serde_json::Value = serde_json::from_str(&text).expect("json");
     let on = s["device"]["detect"].as_str().unwrap_or_default();
     assert!(on.starts_with("cuda"), "{}", s["device"]);
-    assert_eq!(s["device"]["cascade"], "cpu");
+    assert_eq!(s["device"]["cascade"], on, "cascade runs on the device too");
+    assert_eq!(s["device"]["quantize-study"], "cpu");
 }
 
-/// `vocab`, `compare-generate` and `mc` with `--device cuda` (f32 weights) report what the
-/// CPU reports on the tiny fixture with an edit: the vocabulary KL within 1e-3, the same
-/// greedy tokens, multiple-choice log-probabilities within 1e-4; each JSON names its device.
+/// Cascade and trace on a bf16 device equal the CPU's on the same bf16-rounded weights: the
+/// planted super weight's stored value exactly, the spike token and the layers where its
+/// massive activation lives, every number within 1e-2 (bf16 weights, f32 activations); the
+/// edited cascade leaves the device's weights restored.
+#[test]
+fn cascade_and_trace_match_cpu_with_bf16_weights() {
+    use swk::analysis::{cascade, token_label, trace};
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let (m, truth) = planted(&spec, 11, &Plant::standard(&spec)).expect("planted");
+    let mut rounded = rounded_to_bf16(&m);
+    let mut g = CudaModel::new(&m, &CudaOptions::default()).unwrap();
+    let before = g.checksum().unwrap();
+    let tokens = &truth.prompt;
+    let labels: Vec<String> = tokens.iter().map(|&t| token_label(&m, t)).collect();
+    let sw = truth.super_weights[0];
+    let edit = WeightEdit::down_proj(sw.layer, sw.row, sw.col, EditOp::Zero);
+    let cfg = cascade::CascadeConfig::default();
+    let want = cascade::cascade(&mut rounded, tokens, std::slice::from_ref(&edit), &cfg).unwrap();
+    let got = cascade::cascade_with(&mut g, tokens, &labels, &[edit], &cfg).unwrap();
+    assert_eq!(g.checksum().unwrap(), before, "restored");
+    assert!(!want.summary[0].massive_layers_base.is_empty(), "a massive activation");
+    let (gj, wj) = (serde_json::to_value(&got).unwrap(), serde_json::to_value(&want).unwrap());
+    assert_json_close(&gj, &wj, 1e-2, "cascade");
+    let want = trace::trace(&rounded, tokens, sw.layer, sw.row, sw.col).unwrap();
+    let got = trace::trace_with(&g, tokens, &labels, (sw.layer, sw.row, sw.col)).unwrap();
+    assert_eq!(got.weight.to_bits(), want.weight.to_bits(), "the stored bf16 value");
+    assert_eq!(got.spike_position, want.spike_position);
+    let (gj, wj) = (serde_json::to_value(&got).unwrap(), serde_json::to_value(&want).unwrap());
+    assert_json_close(&gj, &wj, 1e-2, "trace");
+}
+
+/// `vocab`, `compare-generate`, `mc`, `cascade` and `trace` with `--device cuda` (f32
+/// weights) report what the CPU reports on the tiny fixture with an edit: the vocabulary KL
+/// within 1e-3, the same greedy tokens, multiple-choice log-probabilities within 1e-4,
+/// cascade and trace reports equal but for numbers within 1e-4; each JSON names its device.
 #[test]
 fn cli_analyses_run_on_the_device() {
     if !gpu() {
@@ -925,10 +991,12 @@ fn cli_analyses_run_on_the_device() {
     std::fs::write(&data, items.join("\n")).expect("write items");
     let data = data.to_string_lossy().to_string();
     let edit = ["--edit", "scale:0,3,5,40", "--gpu-dtype", "f32", "--json"];
-    let runs: [(&str, Vec<&str>); 3] = [
+    let runs: [(&str, Vec<&str>); 5] = [
         ("vocab", vec!["--samples", "2", "--context", "16"]),
         ("compare-generate", vec!["--prompt", "Once upon", "--max-new-tokens", "4"]),
         ("mc", vec!["--data", data.as_str()]),
+        ("cascade", vec!["--prompt", "Once upon a time", "--min-abs", "0.5", "--min-ratio", "2"]),
+        ("trace", vec!["--prompt", "Once upon a time"]),
     ];
     for (cmd, args) in &runs {
         let more: Vec<&str> = args.iter().chain(&edit).copied().collect();
@@ -949,6 +1017,14 @@ fn cli_analyses_run_on_the_device() {
                     c.unwrap_or_default().iter().map(|c| c["tokens"].to_string()).collect()
                 };
                 assert_eq!(strip(&got), strip(&want), "{} vs {}", toks(&got), toks(&want));
+            }
+            "cascade" | "trace" => {
+                let report = |r: &serde_json::Value| {
+                    let mut r = r.clone();
+                    r.as_object_mut().map(|o| o.remove("device"));
+                    r
+                };
+                assert_json_close(&report(&got), &report(&want), 1e-4, cmd);
             }
             _ => {
                 for run in ["items_baseline", "items_edited"] {

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::analysis::plot::{self, Series};
-use crate::analysis::{capture, down_proj_coords, median_abs, token_label};
+use crate::analysis::{down_proj_coords, median_abs, token_label, CaptureBackend};
 use crate::edit::{EditGuard, WeightEdit};
 use crate::hooks::{HookKind, HookPoint};
 use crate::{Error, Model, Result};
@@ -119,8 +119,7 @@ pub struct CascadeReport {
     pub layers: Vec<CascadeLayer>,
 }
 
-fn massive(model: &Model, x: &[f32], tokens: &[u32], cfg: &CascadeConfig) -> LayerMassive {
-    let h = model.config.hidden_size;
+fn massive(h: usize, x: &[f32], labels: &[String], cfg: &CascadeConfig) -> LayerMassive {
     let median = median_abs(x);
     let limit = cfg.min_abs.max(cfg.min_ratio * median);
     let mut hits: Vec<(usize, f32)> =
@@ -132,7 +131,7 @@ fn massive(model: &Model, x: &[f32], tokens: &[u32], cfg: &CascadeConfig) -> Lay
         .take(cfg.top_massive)
         .map(|(i, value)| Massive {
             position: i / h,
-            token: token_label(model, tokens[i / h]),
+            token: labels[i / h].clone(),
             dim: i % h,
             value,
             ratio_to_median: if median > 0.0 { value.abs() / median } else { f32::INFINITY },
@@ -154,7 +153,28 @@ pub fn cascade(
     edits: &[WeightEdit],
     cfg: &CascadeConfig,
 ) -> Result<CascadeReport> {
-    let (n, h) = (model.config.num_layers, model.config.hidden_size);
+    let labels: Vec<String> = tokens.iter().map(|&t| token_label(model, t)).collect();
+    cascade_with(model, tokens, &labels, edits, cfg)
+}
+
+/// [`cascade`] on any backend that captures activations (the CPU [`Model`], or the CUDA
+/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_label`]).
+pub fn cascade_with<B: CaptureBackend>(
+    model: &mut B,
+    tokens: &[u32],
+    labels: &[String],
+    edits: &[WeightEdit],
+    cfg: &CascadeConfig,
+) -> Result<CascadeReport> {
+    let c = model.model_config();
+    let (n, h) = (c.num_layers, c.hidden_size);
+    if labels.len() != tokens.len() {
+        return Err(Error::Invalid(format!(
+            "{} token labels for {} tokens",
+            labels.len(),
+            tokens.len()
+        )));
+    }
     if tokens.is_empty() {
         return Err(Error::Invalid("the prompt tokenizes to nothing".into()));
     }
@@ -171,11 +191,11 @@ pub fn cascade(
     }
     let points: Vec<HookPoint> =
         (0..n).map(|layer| HookPoint { layer, kind: HookKind::ResidPost }).collect();
-    let base = capture(model, tokens, &points)?;
+    let base = model.capture(tokens, &points)?;
     let edited = {
         let mut g = EditGuard::new(&mut *model);
         g.apply_all(edits)?;
-        capture(&g, tokens, &points)?
+        g.capture(tokens, &points)?
     };
     let get = |m: &std::collections::HashMap<HookPoint, Vec<f32>>, p: &HookPoint| {
         m.get(p).cloned().ok_or_else(|| Error::Backend(format!("{p} was not captured")))
@@ -191,8 +211,8 @@ pub fn cascade(
                 .iter()
                 .map(|&row| RowValues { row, base: column(&xb, row), edited: column(&xe, row) })
                 .collect(),
-            base: massive(model, &xb, tokens, &cfg),
-            edited: massive(model, &xe, tokens, &cfg),
+            base: massive(h, &xb, labels, &cfg),
+            edited: massive(h, &xe, labels, &cfg),
         });
     }
     let summary = cfg
@@ -225,7 +245,7 @@ pub fn cascade(
     Ok(CascadeReport {
         edits: edits.to_vec(),
         token_ids: tokens.to_vec(),
-        tokens: tokens.iter().map(|&t| token_label(model, t)).collect(),
+        tokens: labels.to_vec(),
         config: cfg,
         summary,
         layers,

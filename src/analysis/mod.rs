@@ -128,6 +128,38 @@ pub fn text_samples(
     Ok(w)
 }
 
+/// A backend that copies activations out of a forward pass at hook points, read-only: the
+/// CPU [`Model`] (through its hooks) and the CUDA backend's `CudaModel`. What the analyses
+/// that look inside a pass (cascade, trace) run on.
+pub trait CaptureBackend: DetectBackend {
+    /// The activations at `points` of one forward pass over `tokens` from an empty cache:
+    /// `[tokens, width]` per point (see [`crate::hooks::HookKind`]); a point the family does
+    /// not have at that layer is absent.
+    fn capture(&self, tokens: &[u32], points: &[HookPoint])
+        -> Result<HashMap<HookPoint, Vec<f32>>>;
+}
+
+impl CaptureBackend for Model {
+    fn capture(
+        &self,
+        tokens: &[u32],
+        points: &[HookPoint],
+    ) -> Result<HashMap<HookPoint, Vec<f32>>> {
+        capture(self, tokens, points)
+    }
+}
+
+/// `len` values of `tensor` from flat offset `start`, read through `backend` as f32 (a bf16
+/// device's stored values, widened).
+pub fn read_values<B: crate::edit::EditTarget + ?Sized>(
+    backend: &B,
+    tensor: &str,
+    start: usize,
+    len: usize,
+) -> Result<Vec<f32>> {
+    Ok(backend.read_range(tensor, start, len)?.into_iter().map(f32::from_bits).collect())
+}
+
 /// Capture the activations at `points` for one forward pass over `tokens` (from an empty
 /// cache, no logits): `[tokens, width]` per point.
 pub fn capture(

@@ -15,7 +15,9 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::analysis::{cascade, compare, down_proj_coords, quantize, screen, trace, vocab};
+use crate::analysis::{
+    cascade, compare, down_proj_coords, quantize, screen, token_label, trace, vocab, CaptureBackend,
+};
 use crate::detect::{self, DetectBackend, DetectConfig};
 use crate::edit::{EditOp, WeightEdit};
 use crate::eval::logits::LogitsBackend;
@@ -193,15 +195,16 @@ pub struct Device<'a, B> {
     pub name: &'a str,
 }
 
-/// The analyses [`research_on`] runs on its device (the others need hooks or the CPU's
-/// tensor snapshots: cascade, trace, quantize-study).
-pub const ON_DEVICE: [&str; 5] = ["detect", "screen", "vocab", "compare-generate", "mc"];
+/// The analyses [`research_on`] runs on its device (quantize-study, which rewrites whole
+/// tensors from the CPU's snapshots, stays on the CPU).
+pub const ON_DEVICE: [&str; 7] =
+    ["detect", "screen", "vocab", "cascade", "trace", "compare-generate", "mc"];
 
 /// [`research_inputs`] with the analyses of [`ON_DEVICE`] (detection and its confirmation,
-/// screening, vocabulary effects, compare-generate, multiple choice) on `device` when given;
-/// the others run on the CPU `model`, which must hold the same weights. The session's
-/// `device` maps each analysis to where it ran.
-pub fn research_on<B: DetectBackend + LogitsBackend>(
+/// screening, vocabulary effects, cascade, trace, compare-generate, multiple choice) on
+/// `device` when given; the others run on the CPU `model`, which must hold the same weights.
+/// The session's `device` maps each analysis to where it ran.
+pub fn research_on<B: DetectBackend + LogitsBackend + CaptureBackend>(
     model: &mut Model,
     mut device: Option<Device<'_, B>>,
     spec: &str,
@@ -367,7 +370,14 @@ pub fn research_on<B: DetectBackend + LogitsBackend>(
                 Ok((to_json(&r)?, true))
             })(),
             "cascade" => (|| {
-                let r = cascade::cascade(model, prompt_tokens, &edits, &Default::default())?;
+                let cc = cascade::CascadeConfig::default();
+                let r = match device.as_mut() {
+                    Some(dev) => {
+                        let labels = labels(model, prompt_tokens);
+                        cascade::cascade_with(dev.backend, prompt_tokens, &labels, &edits, &cc)?
+                    }
+                    None => cascade::cascade(model, prompt_tokens, &edits, &cc)?,
+                };
                 for p in &plot_paths {
                     cascade::plot(&r, p)?;
                 }
@@ -376,7 +386,14 @@ pub fn research_on<B: DetectBackend + LogitsBackend>(
             "trace" => (|| {
                 let (l, r, c) = down_proj_coords(&edits[0])
                     .ok_or_else(|| Error::Invalid("the studied edit is not a down_proj".into()))?;
-                Ok((to_json(&trace::trace(model, prompt_tokens, l, r, c)?)?, false))
+                let t = match device.as_ref() {
+                    Some(dev) => {
+                        let labels = labels(model, prompt_tokens);
+                        trace::trace_with(&*dev.backend, prompt_tokens, &labels, (l, r, c))?
+                    }
+                    None => trace::trace(model, prompt_tokens, l, r, c)?,
+                };
+                Ok((to_json(&t)?, false))
             })(),
             "compare-generate" => (|| {
                 let cc = compare::CompareConfig {
@@ -435,4 +452,9 @@ pub fn research_on<B: DetectBackend + LogitsBackend>(
     session.insert("timings".into(), Value::Object(timings));
     session.insert("total_seconds".into(), json!(start.elapsed().as_secs_f64()));
     Ok(Value::Object(session))
+}
+
+/// Readable labels of `tokens` (see [`token_label`]).
+fn labels(model: &Model, tokens: &[u32]) -> Vec<String> {
+    tokens.iter().map(|&t| token_label(model, t)).collect()
 }

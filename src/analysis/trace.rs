@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use crate::analysis::{capture, median_abs, token_label};
+use crate::analysis::{median_abs, read_values, token_label, CaptureBackend};
 use crate::hooks::{HookKind, HookPoint};
 use crate::{Error, Model, Result};
 
@@ -164,8 +164,28 @@ pub fn trace(
     row: usize,
     col: usize,
 ) -> Result<TraceReport> {
-    let c = &model.config;
+    let labels: Vec<String> = tokens.iter().map(|&t| token_label(model, t)).collect();
+    trace_with(model, tokens, &labels, (layer, row, col))
+}
+
+/// [`trace`] on any backend that captures activations (the CPU [`Model`], or the CUDA
+/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_label`]). Weights
+/// are read through the backend: on a bf16 device, its stored values.
+pub fn trace_with<B: CaptureBackend>(
+    model: &B,
+    tokens: &[u32],
+    labels: &[String],
+    (layer, row, col): (usize, usize, usize),
+) -> Result<TraceReport> {
+    let c = model.model_config();
     let (n, h, inter, nh) = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads);
+    if labels.len() != tokens.len() {
+        return Err(Error::Invalid(format!(
+            "{} token labels for {} tokens",
+            labels.len(),
+            tokens.len()
+        )));
+    }
     if layer >= n || row >= h || col >= inter {
         return Err(Error::Invalid(format!(
             "({layer}, {row}, {col}) is outside the model ({n} layers, hidden {h}, intermediate {inter})"
@@ -188,7 +208,7 @@ pub fn trace(
     .map(at)
     .collect();
     points.extend((layer + 1..n).map(|l| HookPoint { layer: l, kind: HookKind::AttnPattern }));
-    let acts = capture(model, tokens, &points)?;
+    let acts = model.capture(tokens, &points)?;
     let get = |p: HookPoint| {
         acts.get(&p).map(Vec::as_slice).ok_or_else(|| Error::Backend(format!("{p} not captured")))
     };
@@ -206,7 +226,7 @@ pub fn trace(
             let g = gate[p * inter + col];
             PositionTrace {
                 position: p,
-                token: token_label(model, tokens[p]),
+                token: labels[p].clone(),
                 gate: g,
                 up: up[p * inter + col],
                 silu_gate: silu(g),
@@ -220,8 +240,7 @@ pub fn trace(
     let spike = &positions[s];
 
     // Row `row` of down_proj against the input at the spike token.
-    let w = model.weights.get(&Model::down_proj_name(layer))?;
-    let wrow = &w.data[row * inter..(row + 1) * inter];
+    let wrow = &model.down_proj_row(layer, row)?;
     let x = &post[s * inter..(s + 1) * inter];
     let weight = wrow[col];
     let product = weight * x[col];
@@ -229,13 +248,13 @@ pub fn trace(
     let row_output = product + rest as f32;
 
     // The normalized MLP input at the spike token.
-    let norm =
-        &model.weights.get(&format!("model.layers.{layer}.post_attention_layernorm.weight"))?;
+    let norm_name = format!("model.layers.{layer}.post_attention_layernorm.weight");
+    let norm = read_values(model, &norm_name, 0, h)?;
     let xm = &mid[s * h..(s + 1) * h];
     let resid_rms = rms(xm);
     let inv = 1.0 / ((resid_rms as f64).powi(2) + c.rms_norm_eps).sqrt();
     let xn: Vec<f32> =
-        xm.iter().zip(&norm.data).map(|(&v, &g)| (g as f64 * v as f64 * inv) as f32).collect();
+        xm.iter().zip(&norm).map(|(&v, &g)| (g as f64 * v as f64 * inv) as f32).collect();
     let normed_rms = rms(&xn);
     let (normed_max_dim, normed_max_abs) = xn
         .iter()
@@ -244,13 +263,22 @@ pub fn trace(
         .fold((0, 0f32), |best, cur| if cur.1 > best.1 { cur } else { best });
     let others: Vec<f32> = (0..t).filter(|&p| p != s).map(|p| positions[p].activation).collect();
     let median_other = median_abs(&others);
-    let row_norms = |name: &str| -> Result<(f32, f32)> {
-        let m = model.weights.get(&format!("model.layers.{layer}.mlp.{name}.weight"))?;
-        let norms: Vec<f32> = m.data.chunks(h).map(|r| rms(r) * (h as f32).sqrt()).collect();
-        Ok((norms[col], median_abs(&norms)))
+    // gate_proj and up_proj, whole ([intermediate, hidden]): their row norms, and row `col`.
+    let mlp_weight = |name: &str| -> Result<Vec<f32>> {
+        let name = format!("model.layers.{layer}.mlp.{name}.weight");
+        let shape = model.shape_of(&name)?;
+        if shape != [inter, h] {
+            return Err(Error::tensor(&name, format!("shape {shape:?}, not [{inter}, {h}]")));
+        }
+        read_values(model, &name, 0, inter * h)
     };
-    let (gate_row_norm, gate_row_norm_median) = row_norms("gate_proj")?;
-    let (up_row_norm, up_row_norm_median) = row_norms("up_proj")?;
+    let (wg, wu) = (mlp_weight("gate_proj")?, mlp_weight("up_proj")?);
+    let row_norms = |m: &[f32]| -> (f32, f32) {
+        let norms: Vec<f32> = m.chunks(h).map(|r| rms(r) * (h as f32).sqrt()).collect();
+        (norms[col], median_abs(&norms))
+    };
+    let (gate_row_norm, gate_row_norm_median) = row_norms(&wg);
+    let (up_row_norm, up_row_norm_median) = row_norms(&wu);
     let gain = |v: f32| if normed_rms > 0.0 { v.abs() / normed_rms } else { f32::INFINITY };
     let amplification = Amplification {
         resid_rms,
@@ -271,8 +299,6 @@ pub fn trace(
         up_row_norm,
         up_row_norm_median,
     };
-    let wg = &model.weights.get(&format!("model.layers.{layer}.mlp.gate_proj.weight"))?.data;
-    let wu = &model.weights.get(&format!("model.layers.{layer}.mlp.up_proj.weight"))?.data;
     let gate_contributors = contributors(&xn, &wg[col * h..(col + 1) * h], 5);
     let up_contributors = contributors(&xn, &wu[col * h..(col + 1) * h], 5);
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use swk::analysis;
+use swk::analysis::{self, CaptureBackend};
 use swk::detect::{self, DetectBackend, DetectInputs};
 use swk::edit::WeightEdit;
 use swk::eval::logits::LogitsBackend;
@@ -104,7 +104,7 @@ pub trait Job {
     /// What it produces.
     type Out;
     /// Run on `backend`, studying `edits`.
-    fn run<B: DetectBackend + LogitsBackend>(
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

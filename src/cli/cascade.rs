@@ -1,12 +1,17 @@
 //! `swk cascade MODEL [--prompt TEXT] [--row R]... [--top N] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--out PLOT.svg]`.
+//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f32]` (runs on `--device
+//! cuda` too).
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, cascade};
+use swk::analysis::{self, cascade, token_label, CaptureBackend};
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
 use swk::Result;
 
-use super::analysis::{edits_line, EditSource};
+use super::analysis::{edits_line, run_job, Described, EditSource, Fallback, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk cascade`.
 #[derive(clap::Args)]
@@ -39,24 +44,50 @@ pub struct Args {
     /// Also write the plot as PNG next to it (same name, .png).
     #[arg(long, requires = "out")]
     png: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// The cascade on a backend, with a spinner.
+struct Cascade {
+    tokens: Vec<u32>,
+    labels: Vec<String>,
+    cfg: cascade::CascadeConfig,
+    quiet: bool,
+}
+
+impl Job for Cascade {
+    type Out = cascade::CascadeReport;
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<cascade::CascadeReport> {
+        let sp = super::spinner(self.quiet, "cascade".into());
+        let r = cascade::cascade_with(backend, &self.tokens, &self.labels, &edits, &self.cfg);
+        sp.finish_and_clear();
+        r
+    }
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     if let Some(p) = &a.out {
         analysis::plot::check_path(p)?;
     }
-    let mut model = super::load_model(&a.model, a.json)?;
-    let edits = a.edits.resolve(&mut model, a.json, false)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
+    let labels = tokens.iter().map(|&t| token_label(&model, t)).collect();
     let cfg = cascade::CascadeConfig {
         rows: a.row.clone(),
         top_massive: a.top,
         min_abs: a.min_abs,
         min_ratio: a.min_ratio,
     };
-    let sp = super::spinner(a.json, "cascade".into());
-    let r = cascade::cascade(&mut model, &tokens, &edits, &cfg)?;
-    sp.finish_and_clear();
+    let job = Cascade { tokens, labels, cfg, quiet: a.json };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    let (r, device) = run_job(&mut model, target, &a.edits, Fallback::Confirmed, job)?;
     if let Some(p) = &a.out {
         cascade::plot(&r, p)?;
         if a.png {
@@ -64,8 +95,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device  {device}");
     println!("edits   {}", edits_line(&r.edits));
     println!("tokens  {}", r.tokens.join(" "));
     println!(

@@ -2,7 +2,7 @@
 //! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f32]` (runs on `--device
 //! cuda` too).
 
-use swk::analysis::compare;
+use swk::analysis::{compare, CaptureBackend};
 use swk::detect::DetectBackend;
 use swk::edit::WeightEdit;
 use swk::eval::logits::LogitsBackend;
@@ -54,7 +54,7 @@ struct Generate {
 
 impl Job for Generate {
     type Out = compare::CompareReport;
-    fn run<B: DetectBackend + LogitsBackend>(
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

@@ -70,7 +70,7 @@ pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
 pub fn require_cpu(arg: DeviceArg) -> Result<()> {
     if arg == DeviceArg::Cuda {
         return Err(Error::Backend(
-            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts, screen, research, vocab, compare-generate, mc, groups); use --device cpu".into(),
+            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts, screen, research, vocab, compare-generate, mc, groups, cascade, trace); use --device cpu".into(),
         ));
     }
     Ok(())

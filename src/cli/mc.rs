@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use swk::analysis::CaptureBackend;
 use swk::detect::DetectBackend;
 use swk::edit::WeightEdit;
 use swk::eval::choice::{self, Task, TokenItem};
@@ -50,7 +51,7 @@ struct Choices {
 
 impl Job for Choices {
     type Out = choice::ChoiceReport;
-    fn run<B: DetectBackend + LogitsBackend>(
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

@@ -101,6 +101,8 @@ pub fn run() -> Result<()> {
             | Command::CompareGenerate(_)
             | Command::Mc(_)
             | Command::Groups(_)
+            | Command::Cascade(_)
+            | Command::Trace(_)
             | Command::Info(_)
             | Command::Catalog(_)
     );
@@ -115,8 +117,8 @@ pub fn run() -> Result<()> {
         Command::Detect(a) => detect::run(a, dev),
         Command::Catalog(a) => catalog::run(a),
         Command::Vocab(a) => vocab::run(a, dev),
-        Command::Cascade(a) => cascade::run(a),
-        Command::Trace(a) => trace::run(a),
+        Command::Cascade(a) => cascade::run(a, dev),
+        Command::Trace(a) => trace::run(a, dev),
         Command::CompareGenerate(a) => compare_generate::run(a, dev),
         Command::QuantizeStudy(a) => quantize_study::run(a),
         Command::Screen(a) => screen::run(a, dev),

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 use swk::analysis::screen::{self, ScreenConfig, ScreenReport};
+use swk::analysis::CaptureBackend;
 use swk::detect::DetectBackend;
 use swk::edit::WeightEdit;
 use swk::eval::logits::LogitsBackend;
@@ -50,7 +51,7 @@ struct Screening {
 
 impl Job for Screening {
     type Out = ScreenReport;
-    fn run<B: DetectBackend + LogitsBackend>(
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
         self,
         backend: &mut B,
         candidates: Vec<WeightEdit>,

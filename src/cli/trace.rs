@@ -1,10 +1,14 @@
 //! `swk trace MODEL [--weight L,R,C] [--prompt TEXT] [--edit SPEC]... [--from-detect FILE]
-//! [--json]`.
+//! [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
 
-use swk::analysis::{down_proj_coords, trace};
+use swk::analysis::{down_proj_coords, token_label, trace, CaptureBackend};
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
 use swk::{Error, Result};
 
-use super::analysis::EditSource;
+use super::analysis::{run_job, Described, EditSource, Fallback, Job, Target};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk trace`.
 #[derive(clap::Args)]
@@ -23,6 +27,33 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
+}
+
+/// The trace on a backend: of `weight`, or else of the first down_proj edit studied.
+struct Trace {
+    weight: Option<(usize, usize, usize)>,
+    tokens: Vec<u32>,
+    labels: Vec<String>,
+}
+
+impl Job for Trace {
+    type Out = trace::TraceReport;
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+        self,
+        backend: &mut B,
+        edits: Vec<WeightEdit>,
+    ) -> Result<trace::TraceReport> {
+        let weight = match self.weight {
+            Some(w) => w,
+            None => edits.iter().find_map(down_proj_coords).ok_or_else(|| {
+                Error::Invalid("no down_proj weight to trace; pass --weight L,R,C".into())
+            })?,
+        };
+        trace::trace_with(backend, &self.tokens, &self.labels, weight)
+    }
 }
 
 fn parse_weight(s: &str) -> Result<(usize, usize, usize)> {
@@ -35,22 +66,21 @@ fn parse_weight(s: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let mut model = super::load_model(&a.model, a.json)?;
-    let (layer, row, col) = match &a.weight {
-        Some(w) => parse_weight(w)?,
-        None => {
-            let edits = a.edits.resolve(&mut model, a.json, false)?;
-            edits.iter().find_map(down_proj_coords).ok_or_else(|| {
-                Error::Invalid("no down_proj weight to trace; pass --weight L,R,C".into())
-            })?
-        }
-    };
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
+    let weight = a.weight.as_deref().map(parse_weight).transpose()?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
-    let r = trace::trace(&model, &tokens, layer, row, col)?;
+    let labels = tokens.iter().map(|&t| token_label(&model, t)).collect();
+    let job = Trace { weight, tokens, labels };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    // With --weight, nothing else to find; otherwise the edits name the weight.
+    let fallback = if weight.is_some() { Fallback::Nothing } else { Fallback::Confirmed };
+    let (r, device) = run_job(&mut model, target, &a.edits, fallback, job)?;
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device {device}");
     println!(
         "super weight: layer {} down_proj.weight[{}, {}] = {:.4}",
         r.layer, r.row, r.col, r.weight

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, vocab};
+use swk::analysis::{self, vocab, CaptureBackend};
 use swk::detect::DetectBackend;
 use swk::edit::WeightEdit;
 use swk::eval::logits::LogitsBackend;
@@ -62,7 +62,7 @@ struct Effects {
 
 impl Job for Effects {
     type Out = vocab::VocabReport;
-    fn run<B: DetectBackend + LogitsBackend>(
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

@@ -29,8 +29,8 @@ use super::linear::Scratch;
 use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
-use crate::backend::stream::stage_layer;
 use super::taps::Taps;
+use crate::backend::stream::stage_layer;
 use crate::hooks::{HookKind, SpikeStats};
 use crate::model::arch::Logits;
 use crate::model::ModelConfig;
@@ -174,7 +174,9 @@ impl CudaModel {
     ) -> Result<Vec<DeviceLogits>> {
         let c = &self.config;
         if taps.is_some() && seqs.len() != 1 {
-            return Err(Error::Backend("activations are tapped from one sequence at a time".into()));
+            return Err(Error::Backend(
+                "activations are tapped from one sequence at a time".into(),
+            ));
         }
         for (tokens, cache) in seqs.iter() {
             self.check_tokens(tokens)?;

@@ -108,3 +108,13 @@ impl CudaModel {
         taps.download(&self.dev, tokens.len())
     }
 }
+
+impl crate::analysis::CaptureBackend for CudaModel {
+    fn capture(
+        &self,
+        tokens: &[u32],
+        points: &[HookPoint],
+    ) -> Result<HashMap<HookPoint, Vec<f32>>> {
+        CudaModel::capture(self, tokens, points)
+    }
+}
