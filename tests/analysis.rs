@@ -250,7 +250,7 @@ fn quantization_holding_out_the_super_weight_wins_and_restores() {
     let sw = truth.super_weights[0];
     let before = model.weights.checksum();
     {
-        let mut snap = quantize::TensorSnapshot::new(&mut model);
+        let mut snap = quantize::Rewrite::new(&mut model);
         let spec = quantize::QuantSpec { bits: 4, block_size: 1 << 20, clip_z: None };
         let stats =
             quantize::quantize_linear(&mut snap, &spec, &[zero(&sw)], None).expect("quantize");

@@ -858,7 +858,7 @@ fn research_runs_on_the_device() {
     let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
     let mut g = CudaModel::new(&m, &opts).unwrap();
     let (before, host_before) = (g.checksum().unwrap(), m.weights.checksum());
-    let device = Device { backend: &mut g, name: "cuda: test" };
+    let device = Device { backend: &mut g, name: "cuda: test", streamed: false };
     let got = research_on(&mut m, Some(device), "planted", &cfg, &inputs, dir.path(), |_, _, _| {})
         .expect("device session");
     assert_eq!((g.checksum().unwrap(), m.weights.checksum()), (before, host_before), "restored");
@@ -972,10 +972,76 @@ fn cascade_and_trace_match_cpu_with_bf16_weights() {
     assert_json_close(&gj, &wj, 1e-2, "trace");
 }
 
-/// `vocab`, `compare-generate`, `mc`, `cascade` and `trace` with `--device cuda` (f32
-/// weights) report what the CPU reports on the tiny fixture with an edit: the vocabulary KL
-/// within 1e-3, the same greedy tokens, multiple-choice log-probabilities within 1e-4,
-/// cascade and trace reports equal but for numbers within 1e-4; each JSON names its device.
+/// The quantization study on the device (`quantize_study_with`: tensors read from the
+/// device, quantized on the host, written back whole) equals the CPU's: with f32 weights the
+/// same quantization statistics and perplexities and KLs within 1e-4; with bf16 weights the
+/// same statistics as the CPU on the bf16-rounded weights (the inputs are the stored values)
+/// and perplexities within 2e-2 (the quantized values are rounded to bf16 again as they are
+/// stored). Every device weight comes back, also when a variant fails halfway.
+#[test]
+fn quantize_study_matches_cpu() {
+    use swk::analysis::quantize::{
+        linear_tensors, quantize_study, quantize_study_with, StudyConfig,
+    };
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let (m, truth) = planted(&spec, 5, &Plant::standard(&spec)).expect("planted");
+    let sw = truth.super_weights[0];
+    let held = [WeightEdit::down_proj(sw.layer, sw.row, sw.col, EditOp::Zero)];
+    let cfg = StudyConfig {
+        bits: 3,
+        block_sizes: vec![64, 4096],
+        clip_z: Some(3.0),
+        context: 32,
+        only: None,
+        kl_positions: 16,
+    };
+    let tensors = linear_tensors(&m, None);
+    for (dtype, tol) in [(WeightDtype::F32, 1e-4), (WeightDtype::Bf16, 2e-2)] {
+        let mut host = if dtype == WeightDtype::F32 { copy(&m) } else { rounded_to_bf16(&m) };
+        let want = quantize_study(&mut host, &truth.confirm, &held, &cfg, |_, _, _| {}).unwrap();
+        let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
+        let before = g.checksum().unwrap();
+        let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.context).unwrap();
+        let got =
+            quantize_study_with(&mut g, &windows, &tensors, &held, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(g.checksum().unwrap(), before, "{dtype:?}: restored");
+        assert_eq!(got.tokens_scored, want.tokens_scored);
+        let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1.0);
+        assert!(close(got.baseline_perplexity, want.baseline_perplexity, tol));
+        for (gr, wr) in got.rows.iter().zip(&want.rows) {
+            for (gv, wv) in gr.variants.iter().zip(&wr.variants) {
+                let at = format!("{dtype:?} block {} {}", gr.block_size, gv.name);
+                let (gs, ws) = (&gv.stats, &wv.stats);
+                assert_eq!(
+                    (gs.tensors, gs.weights, gs.held_out, gs.clipped),
+                    (ws.tensors, ws.weights, ws.held_out, ws.clipped),
+                    "{at}"
+                );
+                assert!(close(gs.mse, ws.mse, 1e-9), "{at}: mse {} vs {}", gs.mse, ws.mse);
+                eprintln!("{at}: ppl {:.4} vs cpu {:.4}", gv.perplexity, wv.perplexity);
+                assert!(close(gv.perplexity, wv.perplexity, tol), "{at}");
+                let (gk, wk) = (gv.mean_kl.unwrap_or(f64::NAN), wv.mean_kl.unwrap_or(f64::NAN));
+                assert!((gk - wk).abs() <= tol.max(1e-3) * wk.max(1e-2), "{at}: KL {gk} vs {wk}");
+            }
+        }
+        // A tensor the device lacks, after real ones: the variant fails, every tensor comes
+        // back.
+        let mut bad = tensors.clone();
+        bad.push("model.layers.0.mlp.no_such.weight".into());
+        let e = quantize_study_with(&mut g, &windows, &bad, &held, &cfg, |_, _, _| {});
+        assert!(e.unwrap_err().to_string().contains("no_such"));
+        assert_eq!(g.checksum().unwrap(), before, "{dtype:?}: restored after an error");
+    }
+}
+
+/// `vocab`, `compare-generate`, `mc`, `cascade`, `trace` and `quantize-study` with `--device
+/// cuda` (f32 weights) report what the CPU reports on the tiny fixture with an edit: the
+/// vocabulary KL within 1e-3, the same greedy tokens, multiple-choice log-probabilities
+/// within 1e-4, cascade, trace and quantization reports equal but for numbers within 1e-4;
+/// each JSON names its device. quantize-study refuses streamed layers.
 #[test]
 fn cli_analyses_run_on_the_device() {
     if !gpu() {
@@ -991,12 +1057,13 @@ fn cli_analyses_run_on_the_device() {
     std::fs::write(&data, items.join("\n")).expect("write items");
     let data = data.to_string_lossy().to_string();
     let edit = ["--edit", "scale:0,3,5,40", "--gpu-dtype", "f32", "--json"];
-    let runs: [(&str, Vec<&str>); 5] = [
+    let runs: [(&str, Vec<&str>); 6] = [
         ("vocab", vec!["--samples", "2", "--context", "16"]),
         ("compare-generate", vec!["--prompt", "Once upon", "--max-new-tokens", "4"]),
         ("mc", vec!["--data", data.as_str()]),
         ("cascade", vec!["--prompt", "Once upon a time", "--min-abs", "0.5", "--min-ratio", "2"]),
         ("trace", vec!["--prompt", "Once upon a time"]),
+        ("quantize-study", vec!["--block-size", "64", "--block-size", "1024", "--context", "16"]),
     ];
     for (cmd, args) in &runs {
         let more: Vec<&str> = args.iter().chain(&edit).copied().collect();
@@ -1018,13 +1085,25 @@ fn cli_analyses_run_on_the_device() {
                 };
                 assert_eq!(strip(&got), strip(&want), "{} vs {}", toks(&got), toks(&want));
             }
-            "cascade" | "trace" => {
+            "cascade" | "trace" | "quantize-study" => {
                 let report = |r: &serde_json::Value| {
                     let mut r = r.clone();
                     r.as_object_mut().map(|o| o.remove("device"));
                     r
                 };
                 assert_json_close(&report(&got), &report(&want), 1e-4, cmd);
+                if *cmd == "quantize-study" {
+                    // It rewrites every linear tensor: layers streamed from the file would not do.
+                    let args = ["--device", "cuda", "--stream", "always", cmd];
+                    let o = std::process::Command::new(swk_bin())
+                        .args(args)
+                        .arg(&llama)
+                        .args(&more)
+                        .output()
+                        .expect("run swk");
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    assert!(!o.status.success() && err.contains("resident"), "{err}");
+                }
             }
             _ => {
                 for run in ["items_baseline", "items_edited"] {
@@ -1047,8 +1126,8 @@ fn cli_analyses_run_on_the_device() {
     }
 }
 
-/// Group screening with its ablations on the device (`groups_with`; activations captured on
-/// the CPU host) finds the planted three-member group as the CPU does: the same activations,
+/// Group screening on the device (`groups_with`: activations captured, writers read and
+/// ablations run there) finds the planted three-member group as the CPU does: the same activations,
 /// members, verdicts and minimal subsets, every ratio within 1e-4 (f32 weights), the same
 /// number of perplexity runs, and every device weight restored.
 #[test]
@@ -1071,7 +1150,7 @@ fn groups_match_cpu_on_a_planted_group() {
     let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
     let mut g = CudaModel::new(&m, &opts).unwrap();
     let before = g.checksum().unwrap();
-    let got = groups_with(&m, &mut g, prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+    let got = groups_with(&mut g, prompts, &windows, &cfg, |_, _, _| {}).unwrap();
     assert_eq!(g.checksum().unwrap(), before, "restored");
     assert_eq!(got.groups, want.groups);
     assert_eq!(got.perplexity_runs, want.perplexity_runs);
@@ -1554,11 +1633,15 @@ fn streamed_detection_matches_resident() {
 
 /// Run the `swk` binary ($SWK_BIN on the GPU machine: scripts/gpu-check.sh carries the binary
 /// built here) and parse its `--json` output.
-fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json::Value {
-    let bin = std::env::var_os("SWK_BIN")
+/// The `swk` binary: `$SWK_BIN` (on the GPU machine), else the one cargo built.
+fn swk_bin() -> PathBuf {
+    std::env::var_os("SWK_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_swk")));
-    let out = std::process::Command::new(&bin)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_swk")))
+}
+
+fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(swk_bin())
         .args(args)
         .arg(model)
         .args(more)

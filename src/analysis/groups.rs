@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::analysis::CaptureBackend;
 use crate::detect::{ConfirmBaseline, DetectBackend};
 use crate::edit::{EditOp, WeightEdit};
 use crate::eval::ppl;
@@ -197,8 +198,8 @@ fn massive(
 }
 
 /// The down_proj terms writing `m` (see the module docs), largest first.
-fn writers(
-    model: &Model,
+fn writers<B: CaptureBackend>(
+    model: &B,
     m: &MassiveActivation,
     post: &[Option<Vec<f32>>],
     cfg: &GroupsConfig,
@@ -206,17 +207,18 @@ fn writers(
     let sign = m.value.signum();
     let mut all = Vec::new();
     for (l, x) in post.iter().enumerate().take(m.peak_layer + 1) {
-        let (Some(x), true) = (x, model.weights.contains(&Model::down_proj_name(l))) else {
-            continue;
+        // A layer without a dense down_proj (a sparse layer) has no mlp.hook_post either.
+        let Some(x) = x else { continue };
+        let name = Model::down_proj_name(l);
+        let (rows, cols) = match model.shape_of(&name)?[..] {
+            [rows, cols] => (rows, cols),
+            _ => return Err(Error::tensor(name, "not a matrix")),
         };
-        let w = model.weights.get(&Model::down_proj_name(l))?;
-        let (rows, cols) =
-            w.dims2().ok_or_else(|| Error::tensor(Model::down_proj_name(l), "not a matrix"))?;
         if m.dim >= rows || x.len() < (m.position + 1) * cols {
             continue;
         }
         let xr = &x[m.position * cols..(m.position + 1) * cols];
-        let wr = &w.data[m.dim * cols..(m.dim + 1) * cols];
+        let wr = &model.down_proj_row(l, m.dim)?;
         let mut terms: Vec<(usize, f32)> =
             wr.iter().zip(xr).map(|(w, x)| w * x).enumerate().collect();
         terms.sort_by(|a, b| (b.1 * sign).total_cmp(&(a.1 * sign)));
@@ -260,12 +262,11 @@ pub fn groups(
     judge(model, found, &windows, cfg, start, on_step)
 }
 
-/// [`groups`] with the ablations (every perplexity run) on `backend` (e.g. the CUDA backend's
-/// `CudaModel` holding `host`'s weights), the text already cut into perplexity windows (see
-/// [`ppl::windows`]). Massive activations and their writers are found on the CPU `host`,
-/// whose hooks capture the residual stream and the down_proj inputs.
-pub fn groups_with<B: DetectBackend>(
-    host: &Model,
+/// [`groups`] on any backend that captures activations (the CPU [`Model`], or the CUDA
+/// backend's `CudaModel`), the text already cut into perplexity windows (see
+/// [`ppl::windows`]): the massive activations, their writers (weights read through the
+/// backend: on a bf16 device, its stored values) and every ablation.
+pub fn groups_with<B: CaptureBackend>(
     backend: &mut B,
     prompts: &[Vec<u32>],
     windows: &[Vec<u32>],
@@ -273,19 +274,20 @@ pub fn groups_with<B: DetectBackend>(
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<GroupsReport> {
     let start = Instant::now();
-    let found = massive_writers(host, prompts, cfg, &mut on_step)?;
+    let found = massive_writers(&*backend, prompts, cfg, &mut on_step)?;
     judge(backend, found, windows, cfg, start, on_step)
 }
 
 /// Step 1 and 2 of the module docs on `model`: the massive activations over `prompts` (one per
 /// hidden dim, largest |value| first) and each one's down_proj writers.
-fn massive_writers(
-    model: &Model,
+fn massive_writers<B: CaptureBackend>(
+    model: &B,
     prompts: &[Vec<u32>],
     cfg: &GroupsConfig,
     on_step: &mut impl FnMut(usize, usize, &str),
 ) -> Result<Vec<(MassiveActivation, Vec<Member>)>> {
-    let (n, h) = (model.config.num_layers, model.config.hidden_size);
+    let c = model.model_config();
+    let (n, h) = (c.num_layers, c.hidden_size);
     let mut found: BTreeMap<usize, (MassiveActivation, Vec<Member>)> = BTreeMap::new();
     for (pi, tokens) in prompts.iter().enumerate() {
         if tokens.is_empty() {
@@ -297,7 +299,7 @@ fn massive_writers(
             points.push(HookPoint { layer: l, kind: HookKind::ResidPost });
             points.push(HookPoint { layer: l, kind: HookKind::MlpPost });
         }
-        let mut cap = super::capture(model, tokens, &points)?;
+        let mut cap = model.capture(tokens, &points)?;
         let resid: Vec<Vec<f32>> = (0..n)
             .map(|l| {
                 cap.remove(&HookPoint { layer: l, kind: HookKind::ResidPost }).unwrap_or_default()

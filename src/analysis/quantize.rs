@@ -13,9 +13,10 @@
 //! 3. *Hold-out*: the held-out weights (the super weights) take no part in the block's
 //!    statistics and keep their full-precision value.
 //!
-//! The quantized weights live in a [`TensorSnapshot`], which keeps one full copy of each
-//! tensor it changed and writes it back when dropped (a per-element restore log would cost
-//! far more memory than the weights themselves).
+//! The quantized weights are written through a [`Rewrite`] of the backend (the CPU model or
+//! a device), which keeps one copy of each tensor's original bits in host memory and writes
+//! it back when dropped, on error and on panic too (a per-element restore log would cost far
+//! more memory than the weights themselves).
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -24,9 +25,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::analysis::log_sum_exp;
-use crate::edit::WeightEdit;
+use crate::edit::{EditTarget, WeightEdit};
+use crate::eval::logits::LogitsBackend;
 use crate::eval::ppl;
-use crate::model::arch::{ForwardOptions, KvCache, Logits};
 use crate::{Error, Model, Result};
 
 /// How to quantize.
@@ -55,51 +56,81 @@ pub struct QuantStats {
     pub mse: f64,
 }
 
-/// Full copies of tensors taken before they are overwritten, written back on drop (or
-/// [`TensorSnapshot::restore`]). Derefs to the model so it can run while changed.
-pub struct TensorSnapshot<'a> {
-    model: &'a mut Model,
-    saved: Vec<(String, Vec<f32>)>,
+/// Whole tensors of a backend overwritten for a while: each tensor's original bits are read
+/// once, before its first write, and written back by [`Rewrite::restore`] or on drop (also
+/// when an error or a panic unwinds through it). Derefs to the backend, so it can run while
+/// changed.
+pub struct Rewrite<'a, B: EditTarget> {
+    target: &'a mut B,
+    saved: Vec<(String, Vec<u32>)>,
 }
 
-impl<'a> TensorSnapshot<'a> {
-    /// Open a scope on `model`.
-    pub fn new(model: &'a mut Model) -> Self {
-        TensorSnapshot { model, saved: Vec::new() }
+impl<'a, B: EditTarget> Rewrite<'a, B> {
+    /// Open a scope on `target`.
+    pub fn new(target: &'a mut B) -> Self {
+        Rewrite { target, saved: Vec::new() }
     }
 
-    /// The data of `tensor`, to overwrite: a copy is kept first (once per tensor).
-    pub fn data_mut(&mut self, tensor: &str) -> Result<&mut [f32]> {
-        if !self.saved.iter().any(|(n, _)| n == tensor) {
-            let copy = self.model.weights.get(tensor)?.data.clone();
-            self.saved.push((tensor.to_string(), copy));
+    /// The original bits of `tensor`, read and kept on first use.
+    fn original(&mut self, tensor: &str) -> Result<&[u32]> {
+        let k = match self.saved.iter().position(|(n, _)| n == tensor) {
+            Some(k) => k,
+            None => {
+                let len = self.target.shape_of(tensor)?.iter().product();
+                let bits = self.target.read_range(tensor, 0, len)?;
+                self.saved.push((tensor.to_string(), bits));
+                self.saved.len() - 1
+            }
+        };
+        Ok(&self.saved[k].1)
+    }
+
+    /// The original values of `tensor` as f32 (a bf16 device's stored values, widened).
+    pub fn values(&mut self, tensor: &str) -> Result<Vec<f32>> {
+        Ok(self.original(tensor)?.iter().map(|&b| f32::from_bits(b)).collect())
+    }
+
+    /// Overwrite the whole of `tensor` with `values` (its original kept first).
+    pub fn write(&mut self, tensor: &str, values: &[f32]) -> Result<()> {
+        let len = self.original(tensor)?.len();
+        if values.len() != len {
+            return Err(Error::tensor(
+                tensor,
+                format!("{} values written over {len} elements", values.len()),
+            ));
         }
-        Ok(&mut self.model.weights.get_mut(tensor)?.data)
+        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        self.target.write_range(tensor, 0, &bits)
     }
 
-    /// Write every saved tensor back now (newest first). Returns how many were restored.
-    pub fn restore(&mut self) -> usize {
-        let mut n = 0;
-        while let Some((name, data)) = self.saved.pop() {
-            if let Ok(t) = self.model.weights.get_mut(&name) {
-                t.data = data;
-                n += 1;
+    /// Write every saved tensor back now (newest first); returns how many were restored.
+    /// Every tensor is tried; the first failure is returned after.
+    pub fn restore(&mut self) -> Result<usize> {
+        let (mut n, mut first_err) = (0, None);
+        while let Some((name, bits)) = self.saved.pop() {
+            match self.target.write_range(&name, 0, &bits) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        n
+        first_err.map_or(Ok(n), Err)
     }
 }
 
-impl Deref for TensorSnapshot<'_> {
-    type Target = Model;
-    fn deref(&self) -> &Model {
-        self.model
+impl<B: EditTarget> Deref for Rewrite<'_, B> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        self.target
     }
 }
 
-impl Drop for TensorSnapshot<'_> {
+impl<B: EditTarget> Drop for Rewrite<'_, B> {
     fn drop(&mut self) {
-        self.restore();
+        if let Err(e) = self.restore() {
+            eprintln!("swk: restoring quantized tensors failed: {e}");
+        }
     }
 }
 
@@ -168,14 +199,29 @@ pub fn quantize_block(
     (clipped, sq)
 }
 
-/// Quantize the linear tensors of the snapshot's model (see [`linear_tensors`]) with `spec`,
-/// holding out the weights `hold_out` points at (their `op` is ignored). The originals stay
-/// in the snapshot.
+/// Quantize the linear tensors of the model behind `rw` (see [`linear_tensors`]) with
+/// `spec`, holding out the weights `hold_out` points at (their `op` is ignored). The originals
+/// stay in `rw`.
 pub fn quantize_linear(
-    snap: &mut TensorSnapshot<'_>,
+    rw: &mut Rewrite<'_, Model>,
     spec: &QuantSpec,
     hold_out: &[WeightEdit],
     only: Option<&str>,
+) -> Result<QuantStats> {
+    let tensors = linear_tensors(rw, only);
+    if tensors.is_empty() {
+        return Err(Error::Invalid(format!("no linear tensor matches {only:?}")));
+    }
+    quantize_tensors(rw, &tensors, spec, hold_out)
+}
+
+/// Quantize `tensors` of any backend through `rw` with `spec` (read from the backend: on a
+/// bf16 device, its stored values), holding out the weights `hold_out` points at.
+pub fn quantize_tensors<B: EditTarget>(
+    rw: &mut Rewrite<'_, B>,
+    tensors: &[String],
+    spec: &QuantSpec,
+    hold_out: &[WeightEdit],
 ) -> Result<QuantStats> {
     if spec.bits == 0 || spec.bits > 16 || spec.block_size == 0 {
         return Err(Error::Invalid(format!(
@@ -185,19 +231,15 @@ pub fn quantize_linear(
     }
     let mut held: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for e in hold_out {
-        let shape = snap.weights.get(&e.tensor)?.shape.clone();
+        let shape = rw.shape_of(&e.tensor)?;
         held.entry(e.tensor.clone()).or_default().push(e.flat_index(&shape)?);
-    }
-    let tensors = linear_tensors(snap, only);
-    if tensors.is_empty() {
-        return Err(Error::Invalid(format!("no linear tensor matches {only:?}")));
     }
     let mut stats = QuantStats { tensors: tensors.len(), ..Default::default() };
     let mut sq_sum = 0f64;
-    for name in &tensors {
+    for name in tensors {
         let h = held.get(name).cloned().unwrap_or_default();
         let bs = spec.block_size;
-        let data = snap.data_mut(name)?;
+        let mut data = rw.values(name)?;
         stats.weights += data.len();
         stats.held_out += h.len();
         let (clipped, sq) = data
@@ -209,6 +251,7 @@ pub fn quantize_linear(
                 quantize_block(block, spec.bits, spec.clip_z, &local)
             })
             .reduce(|| (0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        rw.write(name, &data)?;
         stats.clipped += clipped;
         sq_sum += sq;
     }
@@ -301,18 +344,17 @@ struct Eval {
 /// Run the windows; score every token after the first. With `reference` empty, keep the
 /// log-softmax of the first `keep` scored positions there; otherwise measure
 /// KL(reference ‖ this run) at those positions.
-fn evaluate(
-    model: &Model,
+fn evaluate<B: LogitsBackend + ?Sized>(
+    model: &B,
     windows: &[Vec<u32>],
     reference: &mut Vec<Vec<f32>>,
     keep: usize,
 ) -> Result<Eval> {
-    let v = model.config.vocab_size;
+    let v = model.vocab();
     let filling = reference.is_empty();
     let (mut nll, mut scored, mut kl_sum, mut kl_n) = (0f64, 0usize, 0f64, 0usize);
     for fed in windows.iter().filter(|w| w.len() >= 2) {
-        let opts = ForwardOptions { logits: Logits::All, ..Default::default() };
-        let logits = model.forward(fed, &mut KvCache::new(model), opts)?;
+        let logits = model.all_logits(fed)?;
         for p in 0..fed.len() - 1 {
             let row = &logits[p * v..(p + 1) * v];
             let lse = log_sum_exp(row);
@@ -353,8 +395,30 @@ pub fn quantize_study(
     tokens: &[u32],
     hold_out: &[WeightEdit],
     cfg: &StudyConfig,
+    on_step: impl FnMut(usize, usize, &str),
+) -> Result<QuantStudy> {
+    let windows = ppl::windows(model, tokens, cfg.context)?;
+    let tensors = linear_tensors(model, cfg.only.as_deref());
+    quantize_study_with(model, &windows, &tensors, hold_out, cfg, on_step)
+}
+
+/// [`quantize_study`] on any backend (the CPU [`Model`], or the CUDA backend's `CudaModel`),
+/// with the text already cut into perplexity windows (see [`ppl::windows`]) and the tensors
+/// to quantize named (see [`linear_tensors`]; `cfg.only` is only recorded). The tensors are
+/// read from the backend, quantized on the host and written back whole; a bf16 device
+/// rounds the quantized values to bf16 as it stores them. Every tensor is restored after
+/// each variant.
+pub fn quantize_study_with<B: LogitsBackend + EditTarget>(
+    model: &mut B,
+    windows: &[Vec<u32>],
+    tensors: &[String],
+    hold_out: &[WeightEdit],
+    cfg: &StudyConfig,
     mut on_step: impl FnMut(usize, usize, &str),
 ) -> Result<QuantStudy> {
+    if tensors.is_empty() {
+        return Err(Error::Invalid(format!("no linear tensor matches {:?}", cfg.only)));
+    }
     let mut variants = vec![(false, None)];
     if cfg.clip_z.is_some() {
         variants.push((false, cfg.clip_z));
@@ -365,9 +429,8 @@ pub fn quantize_study(
     }
     let total = 1 + cfg.block_sizes.len() * variants.len();
     on_step(0, total, "baseline");
-    let windows = ppl::windows(model, tokens, cfg.context)?;
     let mut reference = Vec::new();
-    let base = evaluate(model, &windows, &mut reference, cfg.kl_positions)?;
+    let base = evaluate(model, windows, &mut reference, cfg.kl_positions)?;
     let mut rows = Vec::new();
     let mut done = 1;
     for &block_size in &cfg.block_sizes {
@@ -380,11 +443,11 @@ pub fn quantize_study(
             );
             on_step(done, total, &format!("block {block_size} {name}"));
             let spec = QuantSpec { bits: cfg.bits, block_size, clip_z };
-            let mut snap = TensorSnapshot::new(&mut *model);
+            let mut rw = Rewrite::new(&mut *model);
             let held = if hold { hold_out } else { &[] };
-            let stats = quantize_linear(&mut snap, &spec, held, cfg.only.as_deref())?;
-            let p = evaluate(&snap, &windows, &mut reference, cfg.kl_positions)?;
-            drop(snap);
+            let stats = quantize_tensors(&mut rw, tensors, &spec, held)?;
+            let p = evaluate(&*rw, windows, &mut reference, cfg.kl_positions)?;
+            rw.restore()?;
             out.push(VariantResult {
                 name,
                 hold_out: hold,

@@ -193,17 +193,15 @@ pub struct Device<'a, B> {
     pub backend: &'a mut B,
     /// What it is, e.g. `cuda: NVIDIA H100 (bf16 weights, cublas-split)`.
     pub name: &'a str,
+    /// Whether its layers are streamed from the model's files: quantize-study, which rewrites
+    /// every linear tensor, then runs on the CPU `model`.
+    pub streamed: bool,
 }
 
-/// The analyses [`research_on`] runs on its device (quantize-study, which rewrites whole
-/// tensors from the CPU's snapshots, stays on the CPU).
-pub const ON_DEVICE: [&str; 7] =
-    ["detect", "screen", "vocab", "cascade", "trace", "compare-generate", "mc"];
-
-/// [`research_inputs`] with the analyses of [`ON_DEVICE`] (detection and its confirmation,
-/// screening, vocabulary effects, cascade, trace, compare-generate, multiple choice) on
-/// `device` when given; the others run on the CPU `model`, which must hold the same weights.
-/// The session's `device` maps each analysis to where it ran.
+/// [`research_inputs`] with every analysis on `device` when given (but quantize-study when
+/// the device streams its layers: see [`Device::streamed`]); the CPU `model`, which must hold
+/// the same weights, tokenizes, names the tensors and runs what the device does not. The
+/// session's `device` maps each analysis to where it ran.
 pub fn research_on<B: DetectBackend + LogitsBackend + CaptureBackend>(
     model: &mut Model,
     mut device: Option<Device<'_, B>>,
@@ -248,10 +246,12 @@ pub fn research_on<B: DetectBackend + LogitsBackend + CaptureBackend>(
     );
     session.insert("inputs".into(), to_json(cfg)?);
     let device_name = device.as_ref().map_or("cpu", |d| d.name).to_string();
+    let streamed = device.as_ref().is_some_and(|d| d.streamed);
+    let on_cpu = |analysis: &str| device.is_none() || (streamed && analysis == "quantize-study");
     let ran_on: Map<String, Value> = std::iter::once("detect")
         .chain(ANALYSES)
         .map(|a| {
-            let on = if ON_DEVICE.contains(&a) { device_name.as_str() } else { "cpu" };
+            let on = if on_cpu(a) { "cpu" } else { device_name.as_str() };
             (a.to_string(), json!(on))
         })
         .collect();
@@ -422,9 +422,19 @@ pub fn research_on<B: DetectBackend + LogitsBackend + CaptureBackend>(
                 .and_then(|r| Ok((to_json(&r)?, false)))
             }
             _ => (|| {
-                let r = quantize::quantize_study(model, text_tokens, &edits, &cfg.quantize, {
-                    |_, _, w| on_stage(k + 1, total, &format!("quantize-study: {w}"))
-                })?;
+                let qc = &cfg.quantize;
+                let step = |_: usize, _: usize, w: &str| {
+                    on_stage(k + 1, total, &format!("quantize-study: {w}"))
+                };
+                let r = match device.as_mut().filter(|_| !streamed) {
+                    Some(dev) => {
+                        let windows = ppl::windows(model, text_tokens, qc.context)?;
+                        let tensors = quantize::linear_tensors(model, qc.only.as_deref());
+                        let (b, w, t) = (&mut *dev.backend, &windows, &tensors);
+                        quantize::quantize_study_with(b, w, t, &edits, qc, step)?
+                    }
+                    None => quantize::quantize_study(model, text_tokens, &edits, qc, step)?,
+                };
                 for p in &plot_paths {
                     quantize::plot(&r, p)?;
                 }

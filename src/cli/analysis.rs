@@ -26,24 +26,6 @@ pub struct EditSource {
 }
 
 impl EditSource {
-    /// The edits: `--edit` specs, then the report's; when neither is given, detection runs
-    /// (with a progress bar unless `quiet`). `candidates` takes every candidate (also the
-    /// report's rejected spikes; detection without confirmation) instead of the confirmed.
-    pub fn resolve(
-        &self,
-        model: &mut Model,
-        quiet: bool,
-        candidates: bool,
-    ) -> Result<Vec<WeightEdit>> {
-        match self.given(candidates)? {
-            Some(edits) => Ok(edits),
-            None => {
-                let inputs = detect::detect_inputs(model, &analysis::detected_config(candidates))?;
-                detect_edits(model, &inputs, quiet, candidates)
-            }
-        }
-    }
-
     /// The edits given by `--edit` and `--from-detect` (`candidates`: the report's rejected
     /// spikes too), or None when neither flag was given.
     pub fn given(&self, candidates: bool) -> Result<Option<Vec<WeightEdit>>> {

@@ -66,11 +66,13 @@ pub fn choose(arg: DeviceArg, quiet: bool) -> Result<Backend> {
     }
 }
 
-/// Commands that run on the CPU only say so when CUDA was asked for explicitly.
-pub fn require_cpu(arg: DeviceArg) -> Result<()> {
+/// `swk report` runs no model: it says so when CUDA was asked for explicitly.
+pub fn require_no_model(arg: DeviceArg) -> Result<()> {
     if arg == DeviceArg::Cuda {
-        return Err(Error::Backend(
-            "this command runs on the CPU backend only for now (CUDA: ppl, generate, detect, experts, screen, research, vocab, compare-generate, mc, groups, cascade, trace); use --device cpu".into(),
+        return Err(Error::Invalid(
+            "report renders a saved research session and runs no model, so --device cuda does \
+             not apply (every command that runs a model takes it)"
+                .into(),
         ));
     }
     Ok(())

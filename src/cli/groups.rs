@@ -1,6 +1,6 @@
 //! `swk groups MODEL [--prompt TEXT]... [--text FILE] [--context N] [--per-layer K]
-//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f32]` (with `--device
-//! cuda` the ablations run on the device; activations are captured on the CPU).
+//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f32]` (runs on
+//! `--device cuda` too: captures, writers and ablations).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,9 +46,8 @@ pub struct Args {
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
-    let backend = super::device::choose(dev.device, a.json)?;
-    // The whole model on the host: its hooks find the massive activations and their writers.
-    let mut model = super::load_model(&a.model, a.json)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let prompts =
         if a.prompt.is_empty() { vec![swk::detect::DEFAULT_PROMPT.to_string()] } else { a.prompt };
     let tok = model.tokenizer()?;
@@ -69,8 +68,6 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         }
         Backend::Cuda => {
             let windows = ppl::windows(&model, &tokens, a.context)?;
-            let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-            let lazy = super::device::stream_files(&a.model, dev.stream, bf16)?;
             cuda_groups(&model, lazy, a.gpu_dtype, &prompts, &windows, &cfg, progress)?
         }
     };
@@ -117,7 +114,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     Ok(())
 }
 
-/// The groups with the ablations on CUDA device 0 (the layers streamed from `lazy` when
+/// The groups (captures, writers and ablations) on CUDA device 0 (the layers streamed from `lazy` when
 /// given); returns the report and a description of the device.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_groups(
@@ -130,7 +127,7 @@ fn cuda_groups(
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<(GroupsReport, String)> {
     let (mut gpu, what) = super::device::cuda_session(model, lazy, dtype)?;
-    Ok((groups::groups_with(model, &mut gpu, prompts, windows, cfg, progress)?, what))
+    Ok((groups::groups_with(&mut gpu, prompts, windows, cfg, progress)?, what))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]

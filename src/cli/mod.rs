@@ -89,25 +89,8 @@ pub fn run() -> Result<()> {
             .build_global()
             .map_err(|e| swk::Error::Invalid(format!("--threads {n}: {e}")))?;
     }
-    let gpu_capable = matches!(
-        cli.command,
-        Command::Ppl(_)
-            | Command::Generate(_)
-            | Command::Detect(_)
-            | Command::Experts(_)
-            | Command::Screen(_)
-            | Command::Research(_)
-            | Command::Vocab(_)
-            | Command::CompareGenerate(_)
-            | Command::Mc(_)
-            | Command::Groups(_)
-            | Command::Cascade(_)
-            | Command::Trace(_)
-            | Command::Info(_)
-            | Command::Catalog(_)
-    );
-    if !gpu_capable {
-        device::require_cpu(cli.device)?;
+    if matches!(cli.command, Command::Report(_)) {
+        device::require_no_model(cli.device)?;
     }
     let dev = device::DeviceOpts { device: cli.device, stream: cli.stream };
     match cli.command {
@@ -120,7 +103,7 @@ pub fn run() -> Result<()> {
         Command::Cascade(a) => cascade::run(a, dev),
         Command::Trace(a) => trace::run(a, dev),
         Command::CompareGenerate(a) => compare_generate::run(a, dev),
-        Command::QuantizeStudy(a) => quantize_study::run(a),
+        Command::QuantizeStudy(a) => quantize_study::run(a, dev),
         Command::Screen(a) => screen::run(a, dev),
         Command::Experts(a) => experts::run(a, dev),
         Command::Groups(a) => groups::run(a, dev),

@@ -1,13 +1,20 @@
 //! `swk quantize-study MODEL [--text FILE] [--context N] [--bits B] [--block-size N]...
-//! [--clip-z Z | --no-clip] [--edit SPEC]... [--from-detect FILE] [--json] [--out PLOT.svg]`.
+//! [--clip-z Z | --no-clip] [--edit SPEC]... [--from-detect FILE] [--json] [--out PLOT.svg]
+//! [--gpu-dtype bf16|f32]` (runs on `--device cuda` too, with the model resident there).
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, quantize};
+use swk::analysis::{self, quantize, CaptureBackend};
+use swk::detect::DetectBackend;
+use swk::edit::WeightEdit;
+use swk::eval::logits::LogitsBackend;
 use swk::eval::ppl;
-use swk::Result;
+use swk::{Error, Result};
 
-use super::analysis::{edits_line, read_text, EditSource};
+use super::analysis::{
+    edits_line, read_text, run_job, Described, EditSource, Fallback, Job, Target,
+};
+use super::device::{DeviceOpts, GpuDtype};
 
 /// Arguments of `swk quantize-study`.
 #[derive(clap::Args)]
@@ -47,15 +54,48 @@ pub struct Args {
     /// Also write the plot as PNG next to it (same name, .png).
     #[arg(long, requires = "out")]
     png: bool,
+    /// Weight storage on a CUDA device (`--device cuda`); quantized values are stored so.
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// The study on a backend, with a progress bar.
+struct Study {
+    windows: Vec<Vec<u32>>,
+    tensors: Vec<String>,
+    cfg: quantize::StudyConfig,
+    quiet: bool,
+}
+
+impl Job for Study {
+    type Out = quantize::QuantStudy;
+    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+        self,
+        backend: &mut B,
+        held: Vec<WeightEdit>,
+    ) -> Result<quantize::QuantStudy> {
+        let pb = super::bar(self.quiet, 1, "quantize");
+        let (w, t) = (&self.windows, &self.tensors);
+        let r = quantize::quantize_study_with(backend, w, t, &held, &self.cfg, super::stages(&pb));
+        pb.finish_and_clear();
+        r
+    }
+}
+
+pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     if let Some(p) = &a.out {
         analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
-    let mut model = super::load_model(&a.model, a.json)?;
-    let held = a.edits.resolve(&mut model, a.json, false)?;
+    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    if lazy.is_some() {
+        return Err(Error::Invalid(
+            "quantize-study rewrites every linear weight, so it needs the model resident on the \
+             device; it does not run with layers streamed (use --stream never, or --device cpu)"
+                .into(),
+        ));
+    }
     let tokens = ppl::text_tokens(&model, &text)?;
     let mut cfg = quantize::StudyConfig {
         bits: a.bits,
@@ -67,9 +107,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.block_size.is_empty() {
         cfg.block_sizes = a.block_size.clone();
     }
-    let pb = super::bar(a.json, 1, "quantize");
-    let r = quantize::quantize_study(&mut model, &tokens, &held, &cfg, super::stages(&pb))?;
-    pb.finish_and_clear();
+    let windows = ppl::windows(&model, &tokens, cfg.context)?;
+    let tensors = quantize::linear_tensors(&model, cfg.only.as_deref());
+    let job = Study { windows, tensors, cfg, quiet: a.json };
+    let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
+    let (r, device) = run_job(&mut model, target, &a.edits, Fallback::Confirmed, job)?;
     if let Some(p) = &a.out {
         quantize::plot(&r, p)?;
         if a.png {
@@ -77,8 +119,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if a.json {
-        return super::print_json(&r);
+        return super::print_json(&Described { device: &device, report: &r });
     }
+    println!("device   {device}");
     println!("held out: {}", edits_line(&r.held_out));
     println!(
         "RTN asymmetric min-max, {} bits, {}; perplexity over {} tokens (windows of {})",

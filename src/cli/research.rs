@@ -284,8 +284,8 @@ fn finish(a: &Args, sessions: &[Value], dirs: &[PathBuf], cmp: Option<&Value>) -
     Ok(())
 }
 
-/// The session with detection and screening on CUDA device 0 (the layers streamed from
-/// `lazy` when given), the other analyses on the CPU `model`.
+/// The session on CUDA device 0 (the layers streamed from `lazy` when given; quantize-study
+/// then on the CPU `model`).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_research(
@@ -298,8 +298,9 @@ fn cuda_research(
     dir: &Path,
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<Value> {
+    let streamed = lazy.is_some();
     let (mut gpu, name) = super::device::cuda_session(model, lazy, dtype)?;
-    let device = research::Device { backend: &mut gpu, name: &name };
+    let device = research::Device { backend: &mut gpu, name: &name, streamed };
     research::research_on(model, Some(device), spec, cfg, inputs, dir, progress)
 }
 
