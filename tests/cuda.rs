@@ -1656,7 +1656,8 @@ fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json
 /// safetensors checkpoint whole (the streaming decision needs only its config; LazyModel
 /// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`;
 /// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts;
-/// `screen --device cuda` on a streamed GGUF ranks as the CPU does.
+/// `screen --device cuda` on a streamed GGUF ranks as the CPU does, and `trace` and `cascade`
+/// there report what the CPU reports.
 #[test]
 fn cli_detects_on_the_device() {
     if !gpu() {
@@ -1737,6 +1738,21 @@ fn cli_detects_on_the_device() {
     for (a, b) in g.iter().zip(&w) {
         assert_eq!((&a.0, &a.1), (&b.0, &b.1), "ranking");
         assert!((a.2 / b.2 - 1.0).abs() <= 1e-4, "perplexity {} vs cpu {}", a.2, b.2);
+    }
+
+    // `trace` and `cascade` on the streamed GGUF: activations captured from streamed layers,
+    // whole gate/up tensors read once from the file; the CPU's reports within 1e-4.
+    let prompt = ["--prompt", "Once upon a time", "--gpu-dtype", "f32", "--json"];
+    for (cmd, more) in
+        [("trace", vec!["--weight", "1,0,0"]), ("cascade", vec!["--edit", "zero:1,0,0"])]
+    {
+        let more: Vec<&str> = more.into_iter().chain(prompt).collect();
+        let mut got = swk_json(&["--device", "cuda", "--stream", "always", cmd], &qwen2, &more);
+        let mut want = swk_json(&["--device", "cpu", cmd], &qwen2, &more);
+        let device = got.as_object_mut().and_then(|o| o.remove("device")).unwrap_or_default();
+        assert!(device.as_str().unwrap_or_default().contains("layers streamed"), "{device}");
+        want.as_object_mut().map(|o| o.remove("device"));
+        assert_json_close(&got, &want, 1e-4, cmd);
     }
 }
 

@@ -109,8 +109,7 @@ impl CudaModel {
 }
 
 impl CudaModel {
-    /// Whether `tensor` belongs to a streamed layer (edited in the host overlay, one element
-    /// at a time).
+    /// Whether `tensor` belongs to a streamed layer (edited in the host overlay).
     fn in_stream(&self, tensor: &str) -> bool {
         self.stream.as_ref().is_some_and(|st| st.entry(tensor).is_some())
     }
@@ -168,10 +167,13 @@ impl EditTarget for CudaModel {
         self.dev.synchronize()
     }
 
-    /// One gather launch for the whole batch (a streamed layer's tensors: one by one, on the
-    /// host).
+    /// One gather launch for the whole batch (a streamed layer's tensors: read from the files
+    /// once, on the host).
     fn read_many(&self, tensor: &str, flats: &[usize]) -> Result<Vec<u32>> {
-        if self.in_stream(tensor) || flats.len() < 2 {
+        if let Some(st) = self.stream.as_ref().filter(|st| st.entry(tensor).is_some()) {
+            return st.read_many(tensor, flats);
+        }
+        if flats.len() < 2 {
             return flats.iter().map(|&f| self.read_bits(tensor, f)).collect();
         }
         self.dev.bind()?;
@@ -193,7 +195,10 @@ impl EditTarget for CudaModel {
         if flats.len() != bits.len() {
             return Err(Error::tensor(tensor, "write_many: flats and bits differ in length"));
         }
-        if self.in_stream(tensor) || flats.len() < 2 {
+        if let Some(st) = self.stream.as_mut().filter(|st| st.entry(tensor).is_some()) {
+            return st.write_many(tensor, flats, bits);
+        }
+        if flats.len() < 2 {
             return flats.iter().zip(bits).try_for_each(|(&f, &b)| self.write_bits(tensor, f, b));
         }
         self.dev.bind()?;
@@ -209,10 +214,11 @@ impl EditTarget for CudaModel {
         self.dev.synchronize()
     }
 
-    /// One download of the range (bf16 widened; streamed tensors: element by element).
+    /// One download of the range (bf16 widened; streamed tensors: read from the files once).
     fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
         if self.in_stream(tensor) {
-            return (start..start + len).map(|f| self.read_bits(tensor, f)).collect();
+            let v = self.download_range(tensor, start, len)?;
+            return Ok(v.into_iter().map(f32::to_bits).collect());
         }
         self.dev.bind()?;
         let t = self.tensor(tensor)?;
@@ -231,10 +237,8 @@ impl EditTarget for CudaModel {
     /// nearest even, as `write_bits` does).
     fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
         if self.in_stream(tensor) {
-            return bits
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, &b)| self.write_bits(tensor, start + i, b));
+            let flats: Vec<usize> = (start..start + bits.len()).collect();
+            return self.write_many(tensor, &flats, bits);
         }
         self.dev.bind()?;
         let t = self.tensors.get_mut(tensor).ok_or_else(|| {

@@ -53,6 +53,45 @@ impl Streamed {
         Ok(stored_bits(self.lazy.tensor(name)?.data[flat], e.bf16))
     }
 
+    /// Several elements' stored bits as f32 bits, the tensor read from the files once.
+    pub(crate) fn read_many(&self, name: &str, flats: &[usize]) -> Result<Vec<u32>> {
+        let v = self.values(name)?;
+        flats
+            .iter()
+            .map(|&f| {
+                check_index(name, f, v.len())?;
+                Ok(v[f].to_bits())
+            })
+            .collect()
+    }
+
+    /// Store `bits[i]` at element `flats[i]` (as [`Self::write_bits`]), the tensor read from
+    /// the files at most once (for the originals of first edits).
+    pub(crate) fn write_many(&mut self, name: &str, flats: &[usize], bits: &[u32]) -> Result<()> {
+        let e =
+            self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
+        let (len, bf16) = (e.len(), e.bf16);
+        if flats.len() != bits.len() {
+            return Err(Error::tensor(name, "write_many: flats and bits differ in length"));
+        }
+        let mut source: Option<Vec<f32>> = None;
+        let lazy = &self.lazy;
+        for (&flat, &b) in flats.iter().zip(bits) {
+            check_index(name, flat, len)?;
+            let stored = stored_bits(f32::from_bits(b), bf16);
+            self.overlay.set(name, flat, stored, || {
+                if source.is_none() {
+                    source = Some(lazy.tensor(name)?.data);
+                }
+                let v = source.as_deref().and_then(|d| d.get(flat)).ok_or_else(|| {
+                    Error::tensor(name, format!("element {flat} is not in the file's tensor"))
+                })?;
+                Ok(stored_bits(*v, bf16))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Store `bits` (f32 bits; rounded to bf16 for bf16 storage) at one element.
     pub(crate) fn write_bits(&mut self, name: &str, flat: usize, bits: u32) -> Result<()> {
         let e =
