@@ -20,6 +20,9 @@
 #          <= 1e-4, bf16 <= 1e-2), spike statistics, decode through the device KV cache,
 #          perplexity scoring, edits restored bit-exactly (device checksums),
 #        - detection on planted models: the same super weights as the CPU backend,
+#        - captured activations (every hook point of every fixture) and the analyses on the
+#          device (screen, vocab, cascade, trace, compare-generate, quantize-study, mc,
+#          groups, research) against the CPU's,
 #        - layer streaming (`--stream`): streamed logits, statistics, edits and detection
 #          equal the resident upload's,
 #        - the timing table at Llama-2-7B shapes (random weights filled on the device), with

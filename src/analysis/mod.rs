@@ -22,6 +22,7 @@ use std::collections::HashMap;
 
 use crate::detect::{self, DetectBackend, DetectConfig, DetectInputs};
 use crate::edit::{EditOp, WeightEdit};
+use crate::eval::logits::LogitsBackend;
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::arch::{ForwardOptions, KvCache, Logits};
 use crate::{Error, Model, Result};
@@ -138,6 +139,13 @@ pub trait CaptureBackend: DetectBackend {
     fn capture(&self, tokens: &[u32], points: &[HookPoint])
         -> Result<HashMap<HookPoint, Vec<f32>>>;
 }
+
+/// Everything the analyses ask of a backend: detection, edits and perplexity
+/// ([`DetectBackend`]), logits ([`LogitsBackend`]) and activations ([`CaptureBackend`]).
+/// Implemented for every type that has all three (the CPU [`Model`], `CudaModel`).
+pub trait AnalysisBackend: DetectBackend + LogitsBackend + CaptureBackend {}
+
+impl<T: DetectBackend + LogitsBackend + CaptureBackend> AnalysisBackend for T {}
 
 impl CaptureBackend for Model {
     fn capture(

@@ -16,11 +16,11 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::analysis::{
-    cascade, compare, down_proj_coords, quantize, screen, token_label, trace, vocab, CaptureBackend,
+    cascade, compare, down_proj_coords, quantize, screen, token_label, trace, vocab,
+    AnalysisBackend,
 };
-use crate::detect::{self, DetectBackend, DetectConfig};
+use crate::detect::{self, DetectConfig};
 use crate::edit::{EditOp, WeightEdit};
-use crate::eval::logits::LogitsBackend;
 use crate::eval::{choice, ppl};
 use crate::{Error, Model, Result};
 
@@ -202,7 +202,7 @@ pub struct Device<'a, B> {
 /// the device streams its layers: see [`Device::streamed`]); the CPU `model`, which must hold
 /// the same weights, tokenizes, names the tensors and runs what the device does not. The
 /// session's `device` maps each analysis to where it ran.
-pub fn research_on<B: DetectBackend + LogitsBackend + CaptureBackend>(
+pub fn research_on<B: AnalysisBackend>(
     model: &mut Model,
     mut device: Option<Device<'_, B>>,
     spec: &str,

@@ -3,10 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use swk::analysis::{self, CaptureBackend};
+use swk::analysis::{self, AnalysisBackend};
 use swk::detect::{self, DetectBackend, DetectInputs};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::model::LazyModel;
 use swk::{Error, Model, Result};
 
@@ -86,11 +85,7 @@ pub trait Job {
     /// What it produces.
     type Out;
     /// Run on `backend`, studying `edits`.
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
-        self,
-        backend: &mut B,
-        edits: Vec<WeightEdit>,
-    ) -> Result<Self::Out>;
+    fn run<B: AnalysisBackend>(self, backend: &mut B, edits: Vec<WeightEdit>) -> Result<Self::Out>;
 }
 
 /// Where [`run_job`] runs, and on what.

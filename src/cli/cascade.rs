@@ -4,10 +4,8 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, cascade, token_label, CaptureBackend};
-use swk::detect::DetectBackend;
+use swk::analysis::{self, cascade, token_label, AnalysisBackend};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::Result;
 
 use super::analysis::{edits_line, run_job, Described, EditSource, Fallback, Job, Target};
@@ -59,7 +57,7 @@ struct Cascade {
 
 impl Job for Cascade {
     type Out = cascade::CascadeReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

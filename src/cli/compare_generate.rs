@@ -2,10 +2,8 @@
 //! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f32]` (runs on `--device
 //! cuda` too).
 
-use swk::analysis::{compare, CaptureBackend};
-use swk::detect::DetectBackend;
+use swk::analysis::{compare, AnalysisBackend};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
@@ -54,7 +52,7 @@ struct Generate {
 
 impl Job for Generate {
     type Out = compare::CompareReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

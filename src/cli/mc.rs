@@ -3,11 +3,9 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::CaptureBackend;
-use swk::detect::DetectBackend;
+use swk::analysis::AnalysisBackend;
 use swk::edit::WeightEdit;
 use swk::eval::choice::{self, Task, TokenItem};
-use swk::eval::logits::LogitsBackend;
 use swk::{Error, Result};
 
 use super::analysis::{edits_line, run_job, Described, EditSource, Fallback, Job, Target};
@@ -51,7 +49,7 @@ struct Choices {
 
 impl Job for Choices {
     type Out = choice::ChoiceReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

@@ -4,10 +4,8 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, quantize, CaptureBackend};
-use swk::detect::DetectBackend;
+use swk::analysis::{self, quantize, AnalysisBackend};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::eval::ppl;
 use swk::{Error, Result};
 
@@ -69,7 +67,7 @@ struct Study {
 
 impl Job for Study {
     type Out = quantize::QuantStudy;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         held: Vec<WeightEdit>,

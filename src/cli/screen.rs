@@ -5,10 +5,8 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 use swk::analysis::screen::{self, ScreenConfig, ScreenReport};
-use swk::analysis::CaptureBackend;
-use swk::detect::DetectBackend;
+use swk::analysis::AnalysisBackend;
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::eval::ppl;
 use swk::{Model, Result};
 
@@ -51,7 +49,7 @@ struct Screening {
 
 impl Job for Screening {
     type Out = ScreenReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         candidates: Vec<WeightEdit>,

@@ -1,10 +1,8 @@
 //! `swk trace MODEL [--weight L,R,C] [--prompt TEXT] [--edit SPEC]... [--from-detect FILE]
 //! [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
 
-use swk::analysis::{down_proj_coords, token_label, trace, CaptureBackend};
-use swk::detect::DetectBackend;
+use swk::analysis::{down_proj_coords, token_label, trace, AnalysisBackend};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::{Error, Result};
 
 use super::analysis::{run_job, Described, EditSource, Fallback, Job, Target};
@@ -41,7 +39,7 @@ struct Trace {
 
 impl Job for Trace {
     type Out = trace::TraceReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,

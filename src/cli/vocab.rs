@@ -4,10 +4,8 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, vocab, CaptureBackend};
-use swk::detect::DetectBackend;
+use swk::analysis::{self, vocab, AnalysisBackend};
 use swk::edit::WeightEdit;
-use swk::eval::logits::LogitsBackend;
 use swk::io::tokenizer::Tokenizer;
 use swk::Result;
 
@@ -62,7 +60,7 @@ struct Effects {
 
 impl Job for Effects {
     type Out = vocab::VocabReport;
-    fn run<B: DetectBackend + LogitsBackend + CaptureBackend>(
+    fn run<B: AnalysisBackend>(
         self,
         backend: &mut B,
         edits: Vec<WeightEdit>,
