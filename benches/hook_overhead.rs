@@ -58,10 +58,12 @@ fn bench(c: &mut Criterion) {
 
 /// The same comparison on a CUDA device (feature `cuda`) at Llama-2-7B shapes with bf16
 /// weights generated on the device: a 9-token detection prompt and a 512-token window, with
-/// and without the fused statistics. Skips, saying why, without a device.
+/// and without the fused statistics, and the capture of every block's residual stream
+/// (`CudaModel::capture`, what cascade reads). Skips, saying why, without a device.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn bench_cuda(c: &mut Criterion) {
     use swk::backend::cuda::{cuda_available, CudaKvCache, CudaModel, CudaOptions, GemmEngine};
+    use swk::hooks::{HookKind, HookPoint};
     if !cuda_available() {
         eprintln!("SKIPPED cuda hook overhead: no CUDA device");
         return;
@@ -103,6 +105,13 @@ fn bench_cuda(c: &mut Criterion) {
                 stats.reset();
                 run(Some(&mut stats))
             })
+        });
+        // What `swk cascade` reads: the residual stream leaving every block, downloaded.
+        let points: Vec<HookPoint> = (0..config.num_layers)
+            .map(|layer| HookPoint { layer, kind: HookKind::ResidPost })
+            .collect();
+        group.bench_function(format!("{n}_tokens_capture_resid_post"), |b| {
+            b.iter(|| g.capture(&tokens, &points).map(|c| c.len()))
         });
     }
     group.finish();
