@@ -822,11 +822,11 @@ fn assert_json_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64
     }
 }
 
-/// A research session on the device (`research_on`: every analysis but quantize-study there)
-/// records what the CPU session records: the same super weights, screening ranking (ratios
-/// within 1e-4), vocabulary KL (1e-3), cascade and trace (every number within 1e-4, the rest
-/// equal), greedy continuations and multiple-choice scores (1e-4), says where each analysis
-/// ran, and leaves every weight of both models restored.
+/// A research session on the device (`research_on`: every analysis there) records what the
+/// CPU session records: the same super weights, screening ranking (ratios within 1e-4),
+/// vocabulary KL (1e-3), cascade, trace and the quantization study (every number within
+/// 1e-4, the rest equal), greedy continuations and multiple-choice scores (1e-4), says where
+/// each analysis ran, and leaves every weight of both models restored.
 /// The `swk research --device cuda` CLI names the device in session.json too.
 #[test]
 fn research_runs_on_the_device() {
@@ -840,7 +840,12 @@ fn research_runs_on_the_device() {
         top_largest: 3,
         screen_context: 16,
         max_new_tokens: 4,
-        skip: vec!["quantize-study".into()],
+        quantize: swk::analysis::quantize::StudyConfig {
+            block_sizes: vec![64, 4096],
+            context: 32,
+            kl_positions: 16,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let inputs = Inputs {
@@ -864,8 +869,7 @@ fn research_runs_on_the_device() {
     assert_eq!((g.checksum().unwrap(), m.weights.checksum()), (before, host_before), "restored");
     assert_eq!(got["errors"], serde_json::json!({}), "{}", got["errors"]);
     for (analysis, on) in got["device"].as_object().expect("device map") {
-        let want_on = if analysis == "quantize-study" { "cpu" } else { "cuda: test" };
-        assert_eq!(on, want_on, "{analysis}");
+        assert_eq!(on, "cuda: test", "{analysis}");
     }
     assert_eq!(got["detect"]["device"], "cuda: test");
     let coords = |s: &serde_json::Value, list: &str, key: &str| -> Vec<String> {
@@ -915,7 +919,7 @@ fn research_runs_on_the_device() {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{run}: {a} vs cpu {b}");
         }
     }
-    for analysis in ["trace", "cascade"] {
+    for analysis in ["trace", "cascade", "quantize_study"] {
         assert!(want[analysis].is_object(), "{analysis} ran on the CPU");
         assert_json_close(&got[analysis], &want[analysis], 1e-4, analysis);
     }
@@ -935,7 +939,7 @@ fn research_runs_on_the_device() {
     let on = s["device"]["detect"].as_str().unwrap_or_default();
     assert!(on.starts_with("cuda"), "{}", s["device"]);
     assert_eq!(s["device"]["cascade"], on, "cascade runs on the device too");
-    assert_eq!(s["device"]["quantize-study"], "cpu");
+    assert_eq!(s["device"]["quantize-study"], on, "layers resident: quantize-study too");
 }
 
 /// Cascade and trace on a bf16 device equal the CPU's on the same bf16-rounded weights: the
