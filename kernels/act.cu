@@ -30,9 +30,8 @@ __device__ __forceinline__ float gated_act(float g, int act) {
     return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
 }
 
-extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
-                                       int rows_per_block, int pos0, const u32* pos, u64* keys,
-                                       int act) {
+__device__ __forceinline__ void act_rows(const float* gate, const float* up, float* out, int rows, int n,
+                                         int rows_per_block, int pos0, const u32* pos, u64* keys, int act) {
     ColumnWalk w(rows, rows_per_block);
     if (w.col >= n) {
         return;
@@ -46,6 +45,25 @@ extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float
         }
     }
     w.commit(keys);
+}
+
+extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
+                                       int rows_per_block, int pos0, const u32* pos, u64* keys,
+                                       int act) {
+    act_rows(gate, up, out, rows, n, rows_per_block, pos0, pos, keys, act);
+}
+
+// swk_act_mul over the experts of a sparse MoE layer in one launch (gated): group g owns the
+// rows row0[g] .. row0[g] + rows[g] of gate, up and out (positions pos from its first row) and
+// its spike keys at keys + key_at[g] (keys null: no statistics). Grid (ceil(n / 256),
+// ceil(max rows / rows_per_block), groups), block 256.
+extern "C" __global__ void swk_act_mul_grouped(const float* gate, const float* up, float* out,
+                                               const u32* row0, const u32* rows, int n, int rows_per_block,
+                                               const u32* pos, u64* keys, const u32* key_at, int act) {
+    const u32 g = blockIdx.z;
+    const u64 o = (u64)row0[g] * n;
+    u64* k = keys != nullptr ? keys + key_at[g] : nullptr;
+    act_rows(gate + o, up + o, out + o, (int)rows[g], n, rows_per_block, 0, pos + row0[g], k, act);
 }
 
 // x = cap * tanh(x / cap) over n elements (Gemma 2's final logit soft-cap), as cpu::softcap.

@@ -133,3 +133,21 @@ extern "C" __global__ void swk_gemv_f32(const float* x, const float* w, float* y
 extern "C" __global__ void swk_gemv_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
     gemv_warp<u16>(x, w, y, rows, n, k);
 }
+
+// The experts of a sparse MoE layer in one launch (see moe.cu): group g multiplies the rows
+// row0[g] .. row0[g] + rows[g] of x by its own weight w[g] (a device address, `[n, k]`),
+// y[r] = x[r]·W_gᵀ, with the gemv above (rows[g] <= 8). Grid (ceil(n / 8), groups), block
+// 256.
+extern "C" __global__ void swk_gemv_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                float* y, int n, int k) {
+    const u32 g = blockIdx.y;
+    const u64 r0 = row0[g];
+    gemv_warp<float>(x + r0 * k, (const float*)w[g], y + r0 * n, (int)rows[g], n, k);
+}
+
+extern "C" __global__ void swk_gemv_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                 float* y, int n, int k) {
+    const u32 g = blockIdx.y;
+    const u64 r0 = row0[g];
+    gemv_warp<u16>(x + r0 * k, (const u16*)w[g], y + r0 * n, (int)rows[g], n, k);
+}

@@ -4,6 +4,9 @@
 // SwiGLU on its rows, and then:
 //   swk_column_max   folds an expert's down_proj output rows into its spike keys (per row the
 //                    token position it came from), before the routing weight;
+// When every expert has at most 8 rows (detection prompts, decoding), the experts run
+// together instead: swk_gemv_grouped_* (gemm.cu) for gate, up and down, swk_act_mul_grouped
+// (act.cu) and swk_column_max_grouped, one launch each for the whole layer.
 //   swk_moe_combine  writes each token's weighted sum of its experts' outputs, in the CPU's
 //                    order (experts ascending, `acc += y * w` from 0);
 //   swk_sigmoid_gate_add  adds Qwen2-MoE's shared expert scaled by sigmoid(its gate logit).
@@ -12,8 +15,8 @@
 // keys[col] = max over rows of spike_key(y[r, col], position of r), position pos[r] when pos
 // is not null, else pos0 + r. y [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)),
 // block 256, as swk_add_residual's statistics.
-extern "C" __global__ void swk_column_max(const float* y, int rows, int n, int rows_per_block, int pos0,
-                                          const u32* pos, u64* keys) {
+__device__ __forceinline__ void column_max_rows(const float* y, int rows, int n, int rows_per_block, int pos0,
+                                                const u32* pos, u64* keys) {
     ColumnWalk w(rows, rows_per_block);
     if (w.col >= n) {
         return;
@@ -22,6 +25,22 @@ extern "C" __global__ void swk_column_max(const float* y, int rows, int n, int r
         w.see(y[(size_t)r * n + w.col], ColumnWalk::position(pos, pos0, r));
     }
     w.commit(keys);
+}
+
+extern "C" __global__ void swk_column_max(const float* y, int rows, int n, int rows_per_block, int pos0,
+                                          const u32* pos, u64* keys) {
+    column_max_rows(y, rows, n, rows_per_block, pos0, pos, keys);
+}
+
+// swk_column_max over the experts of a sparse layer in one launch: group g folds the rows
+// row0[g] .. row0[g] + rows[g] of y (positions pos from its first row) into keys + key_at[g].
+// Grid (ceil(n / 256), ceil(max rows / rows_per_block), groups), block 256.
+extern "C" __global__ void swk_column_max_grouped(const float* y, const u32* row0, const u32* rows, int n,
+                                                  int rows_per_block, const u32* pos, u64* keys,
+                                                  const u32* key_at) {
+    const u32 g = blockIdx.z;
+    column_max_rows(y + (u64)row0[g] * n, (int)rows[g], n, rows_per_block, 0, pos + row0[g],
+                    keys + key_at[g]);
 }
 
 // out[t, c] = sum over j < k of ys[slot[t * k + j], c] * w[t * k + j], accumulated from 0 in j

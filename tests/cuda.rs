@@ -338,7 +338,6 @@ fn assert_channels_match(ctx: &str, a: &[swk::hooks::ChannelMax], b: &[swk::hook
     assert!(moved * 100 <= a.len().max(1), "{ctx}: {moved} positions differ");
 }
 
-/// Statistics accumulate over calls exactly as on the CPU (prefill then decode steps).
 /// Every hook point of every layer, in forward order.
 fn every_point(m: &Model) -> Vec<HookPoint> {
     (0..m.config.num_layers)
@@ -391,6 +390,84 @@ fn captured_activations_match_cpu_hooks() {
     assert!(e.contains("past the model"), "{e}");
 }
 
+/// The experts of a sparse layer run together (one launch per step for the layer, when each
+/// has at most 8 rows) give what they give one at a time: bit-identical logits and spike
+/// statistics with swk's kernels (the same gemv per expert); with cuBLAS, logits within 1e-4
+/// (f32 weights, statistics too) or 1e-2 (bf16; 5e-2 for cublas-bf16, which rounds
+/// activations); and the CPU's logits
+/// within 1e-4 (f32), on every mixture-of-experts
+/// fixture; a pass with more than 8 rows for an expert takes the one-by-one path.
+#[test]
+fn grouped_experts_equal_one_by_one() {
+    if !gpu() {
+        return;
+    }
+    let moe = ["deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
+    for name in moe {
+        let (m, tokens) = load(name);
+        let short = &tokens[..tokens.len().min(8)];
+        let want = cpu_logits(&m, short);
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            for gemm in engines(dtype) {
+                let at = format!("{name} {dtype:?} {}", gemm.name());
+                let mut g =
+                    CudaModel::new(&m, &CudaOptions { dtype, gemm, ..Default::default() }).unwrap();
+                let run = |g: &CudaModel| {
+                    let mut stats = SpikeStats::new(
+                        m.config.num_layers,
+                        m.config.intermediate_size,
+                        m.config.hidden_size,
+                    );
+                    let logits = g
+                        .forward(short, &mut CudaKvCache::new(g), Some(&mut stats), Logits::All)
+                        .unwrap();
+                    (logits, stats)
+                };
+                let (grouped, gs) = run(&g);
+                assert!(g.grouped_expert_layers() > 0, "{at}: the experts ran grouped");
+                g.set_grouped_experts(false);
+                let before = g.grouped_expert_layers();
+                let (single, ss) = run(&g);
+                assert_eq!(g.grouped_expert_layers(), before, "{at}: one by one");
+                if gemm == GemmEngine::Kernels {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert_eq!(bits(&grouped), bits(&single), "{at}: logits");
+                    assert_eq!(
+                        format!("{:?}", gs.layers),
+                        format!("{:?}", ss.layers),
+                        "{at}: statistics"
+                    );
+                } else {
+                    // cublas-bf16 also rounds the activations to bf16 (see the logits tests).
+                    let tol = match (dtype, gemm) {
+                        (WeightDtype::F32, _) => 1e-4,
+                        (_, GemmEngine::CublasBf16) => 5e-2,
+                        _ => 1e-2,
+                    };
+                    let err = max_rel_err(&grouped, &single, 1.0);
+                    assert!(err <= tol, "{at}: grouped vs one by one {err}");
+                    if dtype == WeightDtype::F32 {
+                        assert_stats_match(&at, &gs, &ss);
+                    }
+                }
+                if dtype == WeightDtype::F32 {
+                    let err = max_rel_err(&grouped, &want, 1.0);
+                    assert!(err <= 1e-4, "{at}: grouped vs cpu {err}");
+                }
+            }
+        }
+        // More than 8 rows for some expert: the one-by-one path, still the CPU's logits.
+        let long: Vec<u32> = tokens.iter().cycle().take(64).copied().collect();
+        let g = CudaModel::new(&m, &CudaOptions { dtype: WeightDtype::F32, ..Default::default() })
+            .unwrap();
+        let got = g.logits(&long).unwrap();
+        assert_eq!(g.grouped_expert_layers(), 0, "{name}: 64 tokens, one expert at a time");
+        let err = max_rel_err(&got, &cpu_logits(&m, &long), 1.0);
+        assert!(err <= 1e-4, "{name}: 64 tokens vs cpu {err}");
+    }
+}
+
+/// Statistics accumulate over calls exactly as on the CPU (prefill then decode steps).
 #[test]
 fn spike_stats_accumulate_over_calls() {
     if !gpu() {
@@ -2116,9 +2193,20 @@ fn timing_7b_moe() -> Result<()> {
         g.score(&prompt, &mut CudaKvCache::new(&g))?;
         ppl = ppl.min(ms(t));
     }
+    // The same detection forward with each expert's steps launched one expert at a time
+    // (the path for experts with more than 8 rows), against the grouped launches above.
+    let mut g = g;
+    g.set_grouped_experts(false);
+    let mut one_by_one = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(&mut new_stats()), Logits::None)?;
+        g.synchronize()?;
+        one_by_one = one_by_one.min(ms(t));
+    }
+    g.set_grouped_experts(true);
     // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
     // the restore log (one block edit: a download and an upload), then restored.
-    let mut g = g;
     let before = g.checksum()?;
     let t = Instant::now();
     let edits = swk::analysis::experts::ablation_edits(&g, 0, 0)?;
@@ -2142,10 +2230,10 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms | floor ms | × floor | ppl 512 ms | ppl tok/s | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
-        "|---|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | ppl 512 ms | ppl tok/s | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {ppl:.1} | {:.0} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {ppl:.1} | {:.0} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             512.0 / (ppl / 1e3),

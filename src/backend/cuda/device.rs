@@ -235,6 +235,79 @@ impl CudaDevice {
         launch!(self, "swk_column_max", l, y, r, n_i, per_i, p, at.1, keys)
     }
 
+    /// [`Self::act_mul`] (gated) for every group of rows `g` at once (the experts of a sparse
+    /// layer): positions from `pos` (u32 per row), group i's keys at `keys + key_at[i]` (u32
+    /// offsets in keys; `keys` 0: no statistics).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_mul_grouped(
+        &self,
+        gate: u64,
+        up: u64,
+        out: u64,
+        g: &RowGroups,
+        n: usize,
+        pos: u64,
+        (keys, key_at): (u64, u64),
+        act: kernels::Activation,
+    ) -> Result<()> {
+        let (l, per) = kernels::column_stats_grouped(g.max_rows, n, g.count)?;
+        let (n_i, per_i, act) = (int(n, "width")?, int(per, "rows per block")?, act as i32);
+        let (row0, rows) = (g.row0, g.rows);
+        launch!(
+            self,
+            "swk_act_mul_grouped",
+            l,
+            gate,
+            up,
+            out,
+            row0,
+            rows,
+            n_i,
+            per_i,
+            pos,
+            keys,
+            key_at,
+            act
+        )
+    }
+
+    /// [`Self::column_max`] for every group of rows `g` at once, as
+    /// [`Self::act_mul_grouped`] keys them.
+    pub(crate) fn column_max_grouped(
+        &self,
+        y: u64,
+        g: &RowGroups,
+        n: usize,
+        pos: u64,
+        (keys, key_at): (u64, u64),
+    ) -> Result<()> {
+        let (l, per) = kernels::column_stats_grouped(g.max_rows, n, g.count)?;
+        let (n_i, per_i) = (int(n, "width")?, int(per, "rows per block")?);
+        let (row0, rows) = (g.row0, g.rows);
+        launch!(self, "swk_column_max_grouped", l, y, row0, rows, n_i, per_i, pos, keys, key_at)
+    }
+
+    /// y = x·W_iᵀ for every group of rows i of `g` at once, W_i at the device address `w[i]`
+    /// (`w`: u64 per group; every W_i `[n, k]`, bf16 or f32 as `bf16` says); at most
+    /// [`kernels::GEMV_MAX_ROWS`] rows per group.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemv_grouped(
+        &self,
+        x: u64,
+        w: u64,
+        bf16: bool,
+        y: u64,
+        g: &RowGroups,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let l = kernels::gemv_grouped(g.max_rows, n, g.count)?;
+        let (n_i, k_i) = (int(n, "out features")?, int(k, "in features")?);
+        let name = if bf16 { "swk_gemv_grouped_bf16" } else { "swk_gemv_grouped_f32" };
+        let (row0, rows) = (g.row0, g.rows);
+        launch!(self, name, l, x, w, row0, rows, y, n_i, k_i)
+    }
+
     /// out `[tokens, n]`: each token's sum of `k` expert output rows of `ys` (`slot`, u32
     /// `[tokens, k]`) times their weights (`w`, f32 `[tokens, k]`), in slot order from 0.
     #[allow(clippy::too_many_arguments)]
@@ -505,6 +578,19 @@ impl CudaDevice {
 
 /// The launch of a fused statistics kernel over `rows` × `n` (see
 /// [`kernels::column_stats`]) and its int parameters: rows, width, rows per block, pos0.
+/// Groups of consecutive rows (the experts of a sparse layer), described on the device: u32
+/// arrays of each group's first row (`row0`) and row count (`rows`).
+pub(crate) struct RowGroups {
+    /// Device address of the first rows.
+    pub(crate) row0: u64,
+    /// Device address of the row counts.
+    pub(crate) rows: u64,
+    /// How many groups.
+    pub(crate) count: usize,
+    /// The largest row count.
+    pub(crate) max_rows: usize,
+}
+
 fn column_launch(rows: usize, n: usize, pos0: usize) -> Result<(Launch, i32, i32, i32, i32)> {
     let (l, per) = kernels::column_stats(rows, n)?;
     Ok((

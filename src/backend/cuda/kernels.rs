@@ -34,6 +34,7 @@ pub const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// this is exactly the set defined in `kernels/*.cu` and that each is in the fatbin.
 pub const KERNELS: &[&str] = &[
     "swk_act_mul",
+    "swk_act_mul_grouped",
     "swk_add_bias",
     "swk_add_halves",
     "swk_add_residual",
@@ -43,6 +44,7 @@ pub const KERNELS: &[&str] = &[
     "swk_checksum_u32",
     "swk_clamp",
     "swk_column_max",
+    "swk_column_max_grouped",
     "swk_copy_rows",
     "swk_edit_bf16",
     "swk_edit_f32",
@@ -57,6 +59,8 @@ pub const KERNELS: &[&str] = &[
     "swk_gemm_f32",
     "swk_gemv_bf16",
     "swk_gemv_f32",
+    "swk_gemv_grouped_bf16",
+    "swk_gemv_grouped_f32",
     "swk_layernorm",
     "swk_moe_combine",
     "swk_nll",
@@ -156,6 +160,14 @@ pub fn column_stats(rows: usize, n: usize) -> Result<(Launch, usize)> {
     Ok((l, per))
 }
 
+/// [`column_stats`] for `groups` groups of at most `max_rows` rows each (grid z: the group;
+/// `swk_act_mul_grouped`, `swk_column_max_grouped`).
+pub fn column_stats_grouped(max_rows: usize, n: usize, groups: usize) -> Result<(Launch, usize)> {
+    let (l, per) = column_stats(max_rows.max(1), n)?;
+    let l = Launch::new((l.grid.0 as u64, l.grid.1 as u64, groups as u64), BLOCK, 0)?;
+    Ok((l, per))
+}
+
 /// Most keys any of `rows` queries at `pos0..` sees, with an optional sliding window.
 pub fn attention_max_keys(rows: usize, pos0: usize, window: Option<usize>) -> usize {
     let last = pos0 + rows; // keys of the last query: positions < last
@@ -210,6 +222,13 @@ pub fn gemv(rows: usize, n: usize) -> Result<Launch> {
         )));
     }
     Launch::new(((n as u64).div_ceil(GEMV_WARPS as u64), 1, 1), (GEMV_WARPS * 32) as u32, 0)
+}
+
+/// `swk_gemv_grouped_*`: [`gemv`]'s grid once per group (grid y), every group at most
+/// [`GEMV_MAX_ROWS`] rows.
+pub fn gemv_grouped(max_rows: usize, n: usize, groups: usize) -> Result<Launch> {
+    let l = gemv(max_rows, n)?;
+    Launch::new((l.grid.0 as u64, groups as u64, 1), l.block.0, 0)
 }
 
 /// Split the `n_out` rows of a `[n_out, n_in]` weight into chunks of at most `cap` elements
@@ -314,6 +333,18 @@ mod tests {
             (1, 1, 1),
             "a zero-length checksum still launches once"
         );
+    }
+
+    #[test]
+    fn grouped_launches_put_the_experts_on_their_own_axis() {
+        // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 8 rows each.
+        let l = gemv_grouped(8, 1024, 45).unwrap();
+        assert_eq!((l.grid, l.block), ((1024 / GEMV_WARPS as u32, 45, 1), (256, 1, 1)));
+        assert!(gemv_grouped(9, 1024, 45).is_err(), "gemv takes at most 8 rows");
+        let (l, per) = column_stats_grouped(8, 1024, 45).unwrap();
+        assert_eq!((l.grid, per), ((4, 1, 45), STATS_ROWS_PER_BLOCK));
+        assert!(column_stats_grouped(8, 1024, 0).is_err(), "no experts: nothing to launch");
+        assert!(gemv_grouped(8, 1024, MAX_GRID_YZ as usize + 1).is_err());
     }
 
     #[test]

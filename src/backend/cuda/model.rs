@@ -191,6 +191,11 @@ pub struct CudaModel {
     pub(crate) scratch: Mutex<Scratch>,
     pub(crate) stream: Option<Streamed>,
     pub(crate) graphs: bool,
+    /// Whether a sparse layer whose experts have at most `GEMV_MAX_ROWS` rows each runs them
+    /// all in one launch per step (moe.rs; on by default).
+    pub(crate) grouped_experts: bool,
+    /// Sparse layers run with their experts grouped, since the upload.
+    pub(crate) grouped_layers: std::sync::atomic::AtomicU64,
     pub(crate) graph_cache: super::graph::GraphCache,
     pub(crate) graph_failure: Mutex<Option<String>>,
     pub(crate) id: u64,
@@ -530,6 +535,8 @@ impl CudaModel {
             scratch: Mutex::new(Scratch::default()),
             stream: None,
             graphs: false,
+            grouped_experts: true,
+            grouped_layers: Default::default(),
             graph_cache: Default::default(),
             graph_failure: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

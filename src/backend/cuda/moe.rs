@@ -16,12 +16,18 @@
 //! DeepSeek:  out += shared(m)
 //! ```
 //!
+//! When every expert has at most 8 rows (detection prompts, decoding), the per-expert steps
+//! run for all experts at once: one launch each for gate, up, the activation, down and the
+//! output keys (`swk_gemv_grouped_*`, `swk_act_mul_grouped`, `swk_column_max_grouped`), in
+//! place of about 4 to 10 launches per expert; [`CudaModel::set_grouped_experts`] turns it off.
+//!
 //! Routing on the host costs one small download (and a synchronization) per sparse layer,
 //! and makes passes of these models unfit for CUDA graphs. The per-expert statistics and the
 //! router counters land in the same [`SpikeStats`] fields as on the CPU.
 
 use std::sync::Mutex;
 
+use super::device::RowGroups;
 use super::driver::{CudaDevice, CudaSlice};
 use super::kernels::{self, Activation};
 use super::linear::Scratch;
@@ -270,6 +276,88 @@ impl Dispatch {
 }
 
 impl CudaModel {
+    /// Run the routed experts of a sparse layer together when each has at most
+    /// [`kernels::GEMV_MAX_ROWS`] rows (detection prompts, decoding: one launch per step for
+    /// the whole layer; on by default), or always one expert at a time (`false`). Both give
+    /// the same values within float rounding (bit-identical with [`GemmEngine::Kernels`]).
+    ///
+    /// [`GemmEngine::Kernels`]: super::GemmEngine::Kernels
+    pub fn set_grouped_experts(&mut self, on: bool) {
+        self.grouped_experts = on;
+    }
+
+    /// How many sparse layers, over all passes since the upload, ran their experts grouped
+    /// (see [`Self::set_grouped_experts`]): which path a timing measured.
+    pub fn grouped_expert_layers(&self) -> u64 {
+        self.grouped_layers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The routed experts of sparse layer `l` together (see moe.cu): one launch each for
+    /// gate, up, the activation (with its input keys), down and the output keys, when every
+    /// expert of `d` has at most [`kernels::GEMV_MAX_ROWS`] rows and all their weights share
+    /// one dtype. Returns false (having run nothing) otherwise.
+    fn experts_grouped(
+        &self,
+        l: usize,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        d: &Dispatch,
+        ma: &MoeActs,
+        position: &CudaSlice<u32>,
+        keys: u64,
+    ) -> Result<bool> {
+        let dev = &self.dev;
+        let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
+        let max_rows = d.experts.iter().map(|&(_, _, n)| n).max().unwrap_or(0);
+        if max_rows == 0 || max_rows > kernels::GEMV_MAX_ROWS {
+            return Ok(false);
+        }
+        // Per expert: its gate, up and down weights' addresses; its rows; its keys.
+        let g = d.experts.len();
+        let mut ptrs = vec![0u64; 3 * g];
+        let mut meta = vec![0u32; 4 * g];
+        let mut bf16 = None;
+        for (i, &(e, r0, n)) in d.experts.iter().enumerate() {
+            for (j, what) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
+                let wr = w(&format!("mlp.experts.{e}.{what}.weight"))?;
+                let want = if j == 2 { [h, ei] } else { [ei, h] };
+                if wr.shape != want {
+                    return Err(Error::tensor(
+                        &wr.name,
+                        format!("expected shape {want:?} on the device, found {:?}", wr.shape),
+                    ));
+                }
+                if *bf16.get_or_insert(wr.bf16) != wr.bf16 {
+                    return Ok(false);
+                }
+                ptrs[j * g + i] = wr.ptr;
+            }
+            let (ki, ko) = self.key_layout.expert(l, e);
+            let offset = |k: usize| {
+                u32::try_from(k).map_err(|_| Error::Backend(format!("spike key {k} past u32")))
+            };
+            meta[i] = r0 as u32;
+            meta[g + i] = n as u32;
+            (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
+        }
+        let bf16 = bf16.unwrap_or(false);
+        let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
+        let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
+        let groups = RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, max_rows };
+        let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
+        let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
+        let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
+        dev.gemv_grouped(xs, pp, bf16, gate, &groups, ei, h)?;
+        dev.gemv_grouped(xs, pp + (8 * g) as u64, bf16, up, &groups, ei, h)?;
+        let pos = dev.ptr(position);
+        dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
+        dev.gemv_grouped(act, pp + (16 * g) as u64, bf16, ys, &groups, h, ei)?;
+        if keys != 0 {
+            dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
+        }
+        self.grouped_layers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Layer `l`'s sparse MLP on `m` (`[t, hidden]`, first token at `pos0`) into `ma.out`,
     /// weights from `w(suffix)`; spike keys into the pass's key buffer at `keys` (0: none), laid
     /// out per [`KeyLayout`].
@@ -306,19 +394,23 @@ impl CudaModel {
         let (token, position) = (dev.upload(&d.token)?, dev.upload(&d.position)?);
         let (slot, weight) = (dev.upload(&d.slot)?, dev.upload(&d.weight)?);
 
-        // Each expert on its tokens' rows.
+        // Each expert on its tokens' rows: all at once when each has few rows, else one by one.
         dev.embed(m, false, dev.ptr(&token), dev.ptr(&ma.xs), t * k, h, 1.0)?;
-        for &(e, r0, n) in &d.experts {
-            let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
-            let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
-            let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
-            let at = (0, dev.ptr(&position) + (r0 * 4) as u64);
-            let (ki, ko) = self.key_layout.expert(l, e);
-            self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
-            dev.act_mul(g, u, a, n, ei, at, key(ki), Activation::Silu)?;
-            self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
-            if keys != 0 {
-                dev.column_max(ys, n, h, at, key(ko))?;
+        if self.grouped_experts && self.experts_grouped(l, w, &d, ma, &position, keys)? {
+            // done
+        } else {
+            for &(e, r0, n) in &d.experts {
+                let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
+                let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
+                let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
+                let at = (0, dev.ptr(&position) + (r0 * 4) as u64);
+                let (ki, ko) = self.key_layout.expert(l, e);
+                self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
+                dev.act_mul(g, u, a, n, ei, at, key(ki), Activation::Silu)?;
+                self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
+                if keys != 0 {
+                    dev.column_max(ys, n, h, at, key(ko))?;
+                }
             }
         }
         let out = dev.ptr(&ma.out);
