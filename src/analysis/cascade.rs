@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::analysis::plot::{self, Series};
-use crate::analysis::{down_proj_coords, median_abs, token_label, CaptureBackend};
+use crate::analysis::{down_proj_coords, median_abs, token_labels, CaptureBackend};
 use crate::edit::{EditGuard, WeightEdit};
 use crate::hooks::{HookKind, HookPoint};
 use crate::{Error, Model, Result};
@@ -153,12 +153,12 @@ pub fn cascade(
     edits: &[WeightEdit],
     cfg: &CascadeConfig,
 ) -> Result<CascadeReport> {
-    let labels: Vec<String> = tokens.iter().map(|&t| token_label(model, t)).collect();
+    let labels = token_labels(model, tokens);
     cascade_with(model, tokens, &labels, edits, cfg)
 }
 
 /// [`cascade`] on any backend that captures activations (the CPU [`Model`], or the CUDA
-/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_label`]).
+/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_labels`]).
 pub fn cascade_with<B: CaptureBackend>(
     model: &mut B,
     tokens: &[u32],

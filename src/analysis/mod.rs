@@ -198,6 +198,11 @@ pub fn token_label(model: &Model, id: u32) -> String {
     token_label_with(model.tokenizer.as_ref(), id)
 }
 
+/// [`token_label`] of every token of `tokens`.
+pub fn token_labels(model: &Model, tokens: &[u32]) -> Vec<String> {
+    tokens.iter().map(|&t| token_label(model, t)).collect()
+}
+
 /// [`token_label`] with `tok` (None: `#id`).
 pub fn token_label_with(tok: Option<&crate::io::tokenizer::Tokenizer>, id: u32) -> String {
     match tok.map(|t| t.decode(&[id], false)) {

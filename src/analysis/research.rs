@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::analysis::{
-    cascade, compare, down_proj_coords, quantize, screen, token_label, trace, vocab,
+    cascade, compare, down_proj_coords, quantize, screen, token_labels, trace, vocab,
     AnalysisBackend,
 };
 use crate::detect::{self, DetectConfig};
@@ -373,7 +373,7 @@ pub fn research_on<B: AnalysisBackend>(
                 let cc = cascade::CascadeConfig::default();
                 let r = match device.as_mut() {
                     Some(dev) => {
-                        let labels = labels(model, prompt_tokens);
+                        let labels = token_labels(model, prompt_tokens);
                         cascade::cascade_with(dev.backend, prompt_tokens, &labels, &edits, &cc)?
                     }
                     None => cascade::cascade(model, prompt_tokens, &edits, &cc)?,
@@ -388,7 +388,7 @@ pub fn research_on<B: AnalysisBackend>(
                     .ok_or_else(|| Error::Invalid("the studied edit is not a down_proj".into()))?;
                 let t = match device.as_ref() {
                     Some(dev) => {
-                        let labels = labels(model, prompt_tokens);
+                        let labels = token_labels(model, prompt_tokens);
                         trace::trace_with(&*dev.backend, prompt_tokens, &labels, (l, r, c))?
                     }
                     None => trace::trace(model, prompt_tokens, l, r, c)?,
@@ -462,9 +462,4 @@ pub fn research_on<B: AnalysisBackend>(
     session.insert("timings".into(), Value::Object(timings));
     session.insert("total_seconds".into(), json!(start.elapsed().as_secs_f64()));
     Ok(Value::Object(session))
-}
-
-/// Readable labels of `tokens` (see [`token_label`]).
-fn labels(model: &Model, tokens: &[u32]) -> Vec<String> {
-    tokens.iter().map(|&t| token_label(model, t)).collect()
 }

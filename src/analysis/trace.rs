@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use crate::analysis::{median_abs, read_values, token_label, CaptureBackend};
+use crate::analysis::{median_abs, read_values, token_labels, CaptureBackend};
 use crate::hooks::{HookKind, HookPoint};
 use crate::{Error, Model, Result};
 
@@ -164,12 +164,12 @@ pub fn trace(
     row: usize,
     col: usize,
 ) -> Result<TraceReport> {
-    let labels: Vec<String> = tokens.iter().map(|&t| token_label(model, t)).collect();
+    let labels = token_labels(model, tokens);
     trace_with(model, tokens, &labels, (layer, row, col))
 }
 
 /// [`trace`] on any backend that captures activations (the CPU [`Model`], or the CUDA
-/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_label`]). Weights
+/// backend's `CudaModel`), with the tokens' readable `labels` (see [`token_labels`]). Weights
 /// are read through the backend: on a bf16 device, its stored values.
 pub fn trace_with<B: CaptureBackend>(
     model: &B,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use swk::analysis::{self, cascade, token_label, AnalysisBackend};
+use swk::analysis::{self, cascade, token_labels, AnalysisBackend};
 use swk::edit::WeightEdit;
 use swk::Result;
 
@@ -76,7 +76,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let bf16 = a.gpu_dtype == GpuDtype::Bf16;
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
-    let labels = tokens.iter().map(|&t| token_label(&model, t)).collect();
+    let labels = token_labels(&model, &tokens);
     let cfg = cascade::CascadeConfig {
         rows: a.row.clone(),
         top_massive: a.top,

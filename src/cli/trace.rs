@@ -1,7 +1,7 @@
 //! `swk trace MODEL [--weight L,R,C] [--prompt TEXT] [--edit SPEC]... [--from-detect FILE]
 //! [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
 
-use swk::analysis::{down_proj_coords, token_label, trace, AnalysisBackend};
+use swk::analysis::{down_proj_coords, token_labels, trace, AnalysisBackend};
 use swk::edit::WeightEdit;
 use swk::{Error, Result};
 
@@ -69,7 +69,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let bf16 = a.gpu_dtype == GpuDtype::Bf16;
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
-    let labels = tokens.iter().map(|&t| token_label(&model, t)).collect();
+    let labels = token_labels(&model, &tokens);
     let job = Trace { weight, tokens, labels };
     let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };
     // With --weight, nothing else to find; otherwise the edits name the weight.

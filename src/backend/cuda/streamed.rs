@@ -94,14 +94,7 @@ impl Streamed {
 
     /// Store `bits` (f32 bits; rounded to bf16 for bf16 storage) at one element.
     pub(crate) fn write_bits(&mut self, name: &str, flat: usize, bits: u32) -> Result<()> {
-        let e =
-            self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
-        check_index(name, flat, e.len())?;
-        let bf16 = e.bf16;
-        let stored = stored_bits(f32::from_bits(bits), bf16);
-        let lazy = &self.lazy;
-        self.overlay
-            .set(name, flat, stored, || Ok(stored_bits(lazy.tensor(name)?.data[flat], bf16)))
+        self.write_many(name, &[flat], &[bits])
     }
 }
 
