@@ -16,15 +16,17 @@
 __device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
 __device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
 
+// The 64x64 tile (tile_o, tile_t) of y: columns tile_o * 64.., rows tile_t * 64...
 template <typename WT>
-__device__ __forceinline__ void gemm_tiled(const float* x, const WT* w, float* y, int rows, int n, int k) {
+__device__ __forceinline__ void gemm_tiled(const float* x, const WT* w, float* y, int rows, int n, int k,
+                                           int tile_o, int tile_t) {
     __shared__ float xs[GEMM_BK][GEMM_TILE + 1];
     __shared__ float ws[GEMM_BK][GEMM_TILE + 1];
     const int tid = threadIdx.x;
     const int tx = tid % 16;
     const int ty = tid / 16;
-    const int o0 = blockIdx.x * GEMM_TILE;
-    const int t0 = blockIdx.y * GEMM_TILE;
+    const int o0 = tile_o * GEMM_TILE;
+    const int t0 = tile_t * GEMM_TILE;
     float acc[4][4];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
@@ -84,10 +86,12 @@ __device__ __forceinline__ void gemm_tiled(const float* x, const WT* w, float* y
     }
 }
 
+// Block `block` of the gemv: its 8 warps compute the columns block * 8...
 template <typename WT>
-__device__ __forceinline__ void gemv_warp(const float* x, const WT* w, float* y, int rows, int n, int k) {
+__device__ __forceinline__ void gemv_warp(const float* x, const WT* w, float* y, int rows, int n, int k,
+                                          int block) {
     const int lane = threadIdx.x & 31;
-    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int o = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= n) {
         return;  // whole warp leaves together: o is uniform across the warp
     }
@@ -119,35 +123,54 @@ __device__ __forceinline__ void gemv_warp(const float* x, const WT* w, float* y,
 }
 
 extern "C" __global__ void swk_gemm_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
-    gemm_tiled<float>(x, w, y, rows, n, k);
+    gemm_tiled<float>(x, w, y, rows, n, k, blockIdx.x, blockIdx.y);
 }
 
 extern "C" __global__ void swk_gemm_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
-    gemm_tiled<u16>(x, w, y, rows, n, k);
+    gemm_tiled<u16>(x, w, y, rows, n, k, blockIdx.x, blockIdx.y);
 }
 
 extern "C" __global__ void swk_gemv_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
-    gemv_warp<float>(x, w, y, rows, n, k);
+    gemv_warp<float>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 extern "C" __global__ void swk_gemv_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
-    gemv_warp<u16>(x, w, y, rows, n, k);
+    gemv_warp<u16>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 // The experts of a sparse MoE layer in one launch (see moe.cu): group g multiplies the rows
 // row0[g] .. row0[g] + rows[g] of x by its own weight w[g] (a device address, `[n, k]`),
-// y[r] = x[r]·W_gᵀ, with the gemv above (rows[g] <= 8). Grid (ceil(n / 8), groups), block
-// 256.
-extern "C" __global__ void swk_gemv_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                float* y, int n, int k) {
+// y[r] = x[r]·W_gᵀ, each group with the kernel swk_gemm_* / swk_gemv_* would give it alone
+// (the gemv for at most 8 rows, else the 64x64 tiles, numbered column-major: tile b is
+// columns (b % tiles_o) * 64.., rows (b / tiles_o) * 64..), so that each group's values are
+// bit for bit those of its own launch. Grid (blocks of the largest group, groups), block 256;
+// a group's surplus blocks return at once.
+template <typename WT>
+__device__ __forceinline__ void gemm_group(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                           float* y, int n, int k) {
     const u32 g = blockIdx.y;
     const u64 r0 = row0[g];
-    gemv_warp<float>(x + r0 * k, (const float*)w[g], y + r0 * n, (int)rows[g], n, k);
+    const int r = (int)rows[g];
+    const WT* wg = (const WT*)w[g];
+    const int b = blockIdx.x;
+    if (r <= GEMV_MAX_ROWS) {
+        gemv_warp<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b);
+        return;
+    }
+    const int tiles_o = (n + GEMM_TILE - 1) / GEMM_TILE;
+    const int tiles_t = (r + GEMM_TILE - 1) / GEMM_TILE;
+    if (b >= tiles_o * tiles_t) {
+        return;  // the whole block: before any barrier
+    }
+    gemm_tiled<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b % tiles_o, b / tiles_o);
 }
 
-extern "C" __global__ void swk_gemv_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
+extern "C" __global__ void swk_gemm_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                float* y, int n, int k) {
+    gemm_group<float>(x, w, row0, rows, y, n, k);
+}
+
+extern "C" __global__ void swk_gemm_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
                                                  float* y, int n, int k) {
-    const u32 g = blockIdx.y;
-    const u64 r0 = row0[g];
-    gemv_warp<u16>(x + r0 * k, (const u16*)w[g], y + r0 * n, (int)rows[g], n, k);
+    gemm_group<u16>(x, w, row0, rows, y, n, k);
 }

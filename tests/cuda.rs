@@ -396,7 +396,8 @@ fn captured_activations_match_cpu_hooks() {
 /// (f32 weights, statistics too) or 1e-2 (bf16; 5e-2 for cublas-bf16, which rounds
 /// activations); and the CPU's logits
 /// within 1e-4 (f32), on every mixture-of-experts
-/// fixture; a pass with more than 8 rows for an expert takes the one-by-one path.
+/// fixture. A pass with more than 8 rows for an expert (64 tokens) is grouped too with swk's
+/// kernels (tiled, bit-identical to one by one) and one by one with cuBLAS.
 #[test]
 fn grouped_experts_equal_one_by_one() {
     if !gpu() {
@@ -456,14 +457,30 @@ fn grouped_experts_equal_one_by_one() {
                 }
             }
         }
-        // More than 8 rows for some expert: the one-by-one path, still the CPU's logits.
+        // More than 8 rows for some expert: swk's kernels still group the experts (tiled
+        // GEMMs, bit for bit the one-by-one values); cuBLAS takes them one at a time. Both
+        // give the CPU's logits.
         let long: Vec<u32> = tokens.iter().cycle().take(64).copied().collect();
-        let g = CudaModel::new(&m, &CudaOptions { dtype: WeightDtype::F32, ..Default::default() })
-            .unwrap();
-        let got = g.logits(&long).unwrap();
-        assert_eq!(g.grouped_expert_layers(), 0, "{name}: 64 tokens, one expert at a time");
-        let err = max_rel_err(&got, &cpu_logits(&m, &long), 1.0);
-        assert!(err <= 1e-4, "{name}: 64 tokens vs cpu {err}");
+        let want = cpu_logits(&m, &long);
+        for gemm in engines(WeightDtype::F32) {
+            let at = format!("{name} 64 tokens {}", gemm.name());
+            let opts = CudaOptions { dtype: WeightDtype::F32, gemm, ..Default::default() };
+            let mut g = CudaModel::new(&m, &opts).unwrap();
+            let got = g.logits(&long).unwrap();
+            let err = max_rel_err(&got, &want, 1.0);
+            assert!(err <= 1e-4, "{at} vs cpu {err}");
+            if gemm == GemmEngine::Kernels {
+                assert!(g.grouped_expert_layers() > 0, "{at}: the experts ran grouped");
+                g.set_grouped_experts(false);
+                let before = g.grouped_expert_layers();
+                let single = g.logits(&long).unwrap();
+                assert_eq!(g.grouped_expert_layers(), before, "{at}: one by one");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                assert_eq!(bits(&got), bits(&single), "{at}: grouped vs one by one");
+            } else {
+                assert_eq!(g.grouped_expert_layers(), 0, "{at}: one expert at a time");
+            }
+        }
     }
 }
 
@@ -2143,8 +2160,8 @@ fn append_timing(text: &str) -> Result<()> {
 /// of width 1024, top-8 routing, bf16 random weights made on the device): the detection
 /// forward (9 tokens, spike statistics; routed on the host, one download per layer) against
 /// the floor of the bytes it must read (every weight but the experts no token chose, over the
-/// measured copy rate), and one 512-token perplexity window. Appends to `$SWK_TIMING_OUT`.
-/// Measures only.
+/// measured copy rate), and one 512-token perplexity window (also with swk's own GEMM kernels,
+/// experts grouped and one by one). Appends to `$SWK_TIMING_OUT`. Measures only.
 #[test]
 #[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
 fn timing_7b_moe() -> Result<()> {
@@ -2204,6 +2221,20 @@ fn timing_7b_moe() -> Result<()> {
         g.synchronize()?;
         one_by_one = one_by_one.min(ms(t));
     }
+    // The 512-token window with swk's own GEMM kernels, which group the experts at any row
+    // count (tiled), and one expert at a time: what grouping saves in a prefill.
+    let engine = g.gemm();
+    g.set_gemm(GemmEngine::Kernels)?;
+    let mut kernels_ppl = [f64::INFINITY; 2];
+    for (i, grouped) in [true, false].into_iter().enumerate() {
+        g.set_grouped_experts(grouped);
+        for _ in 0..2 {
+            let t = Instant::now();
+            g.score(&prompt, &mut CudaKvCache::new(&g))?;
+            kernels_ppl[i] = kernels_ppl[i].min(ms(t));
+        }
+    }
+    g.set_gemm(engine)?;
     g.set_grouped_experts(true);
     // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
     // the restore log (one block edit: a download and an upload), then restored.
@@ -2230,13 +2261,15 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | ppl 512 ms | ppl tok/s | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
-        "|---|---|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {ppl:.1} | {:.0} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             512.0 / (ppl / 1e3),
+            kernels_ppl[0],
+            kernels_ppl[1],
             moe.expert_intermediate * c.hidden_size
         ),
     ]

@@ -288,10 +288,10 @@ impl CudaDevice {
     }
 
     /// y = x·W_iᵀ for every group of rows i of `g` at once, W_i at the device address `w[i]`
-    /// (`w`: u64 per group; every W_i `[n, k]`, bf16 or f32 as `bf16` says); at most
-    /// [`kernels::GEMV_MAX_ROWS`] rows per group.
+    /// (`w`: u64 per group; every W_i `[n, k]`, bf16 or f32 as `bf16` says); each group's
+    /// values are bit for bit those [`Self::gemm_kernel`] gives it alone.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemv_grouped(
+    pub(crate) fn gemm_grouped(
         &self,
         x: u64,
         w: u64,
@@ -301,9 +301,9 @@ impl CudaDevice {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let l = kernels::gemv_grouped(g.max_rows, n, g.count)?;
+        let l = kernels::gemm_grouped((g.min_rows, g.max_rows), n, g.count)?;
         let (n_i, k_i) = (int(n, "out features")?, int(k, "in features")?);
-        let name = if bf16 { "swk_gemv_grouped_bf16" } else { "swk_gemv_grouped_f32" };
+        let name = if bf16 { "swk_gemm_grouped_bf16" } else { "swk_gemm_grouped_f32" };
         let (row0, rows) = (g.row0, g.rows);
         launch!(self, name, l, x, w, row0, rows, y, n_i, k_i)
     }
@@ -576,8 +576,6 @@ impl CudaDevice {
     }
 }
 
-/// The launch of a fused statistics kernel over `rows` × `n` (see
-/// [`kernels::column_stats`]) and its int parameters: rows, width, rows per block, pos0.
 /// Groups of consecutive rows (the experts of a sparse layer), described on the device: u32
 /// arrays of each group's first row (`row0`) and row count (`rows`).
 pub(crate) struct RowGroups {
@@ -587,10 +585,14 @@ pub(crate) struct RowGroups {
     pub(crate) rows: u64,
     /// How many groups.
     pub(crate) count: usize,
+    /// The smallest row count.
+    pub(crate) min_rows: usize,
     /// The largest row count.
     pub(crate) max_rows: usize,
 }
 
+/// The launch of a fused statistics kernel over `rows` × `n` (see
+/// [`kernels::column_stats`]) and its int parameters: rows, width, rows per block, pos0.
 fn column_launch(rows: usize, n: usize, pos0: usize) -> Result<(Launch, i32, i32, i32, i32)> {
     let (l, per) = kernels::column_stats(rows, n)?;
     Ok((
@@ -600,4 +602,99 @@ fn column_launch(rows: usize, n: usize, pos0: usize) -> Result<(Launch, i32, i32
         int(per, "rows per block")?,
         int(pos0, "position")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::driver::{cuda_available, CudaDevice};
+    use super::*;
+
+    /// `swk_gemm_grouped_*` gives each group of rows, bit for bit, what its own
+    /// `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 8 rows next to groups of
+    /// several row and column tiles, in one launch), and each within 1e-5 (relative to the
+    /// row's largest |y|) of the f64 product; rows past the groups stay untouched.
+    #[test]
+    fn grouped_gemm_equals_each_groups_own_launch() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let (n, k) = (150, 37);
+        let rows = [3usize, 130, 8, 9, 70, 1];
+        let total: usize = rows.iter().sum();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let x: Vec<f32> = (0..(total + 2) * k).map(|_| next()).collect();
+        let ws: Vec<Vec<f32>> = rows.iter().map(|_| (0..n * k).map(|_| next()).collect()).collect();
+        let row0: Vec<u32> =
+            rows.iter().scan(0u32, |at, &r| Some(std::mem::replace(at, *at + r as u32))).collect();
+        let count: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let xd = dev.upload(&x).unwrap();
+        for bf16 in [false, true] {
+            let stored: Vec<Vec<f32>> = if bf16 {
+                ws.iter()
+                    .map(|w| w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect())
+                    .collect()
+            } else {
+                ws.clone()
+            };
+            let bits: Vec<Vec<u16>> = stored
+                .iter()
+                .map(|w| w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
+                .collect();
+            // Each group's weight in its own buffer, as the experts' are; the buffers outlive
+            // the launches.
+            let held16: Vec<_> = bits.iter().map(|b| dev.upload(b).unwrap()).collect();
+            let held32: Vec<_> = stored.iter().map(|w| dev.upload(w).unwrap()).collect();
+            let addrs: Vec<u64> = (0..rows.len())
+                .map(|g| if bf16 { dev.ptr(&held16[g]) } else { dev.ptr(&held32[g]) })
+                .collect();
+            let (ad, r0d, rd) = (
+                dev.upload(&addrs).unwrap(),
+                dev.upload(&row0).unwrap(),
+                dev.upload(&count).unwrap(),
+            );
+            let y = dev.zeros::<f32>((total + 2) * n).unwrap();
+            let groups = RowGroups {
+                row0: dev.ptr(&r0d),
+                rows: dev.ptr(&rd),
+                count: rows.len(),
+                min_rows: 1,
+                max_rows: 130,
+            };
+            dev.gemm_grouped(dev.ptr(&xd), dev.ptr(&ad), bf16, dev.ptr(&y), &groups, n, k).unwrap();
+            let got = dev.download(&y, 0, (total + 2) * n).unwrap();
+            assert!(got[total * n..].iter().all(|&v| v == 0.0), "rows past the groups written");
+            for (g, &r) in rows.iter().enumerate() {
+                let at = row0[g] as usize;
+                let alone = dev.zeros::<f32>(r * n).unwrap();
+                let xg = dev.ptr(&xd) + (at * k * 4) as u64;
+                dev.gemm_kernel(xg, addrs[g], bf16, dev.ptr(&alone), r, n, k).unwrap();
+                let alone = dev.download(&alone, 0, r * n).unwrap();
+                let mine = &got[at * n..(at + r) * n];
+                let same = mine.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "group {g} ({r} rows, bf16 {bf16}) differs from its own launch");
+                for t in 0..r {
+                    let xr = &x[(at + t) * k..(at + t + 1) * k];
+                    let want: Vec<f64> = (0..n)
+                        .map(|o| {
+                            let wr = &stored[g][o * k..(o + 1) * k];
+                            xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum()
+                        })
+                        .collect();
+                    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                    for (o, w) in want.iter().enumerate() {
+                        let err = (mine[t * n + o] as f64 - w).abs() / scale;
+                        assert!(err <= 1e-5, "group {g} row {t} col {o}: {err:.2e}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -57,10 +57,10 @@ pub const KERNELS: &[&str] = &[
     "swk_gather_f32",
     "swk_gemm_bf16",
     "swk_gemm_f32",
+    "swk_gemm_grouped_bf16",
+    "swk_gemm_grouped_f32",
     "swk_gemv_bf16",
     "swk_gemv_f32",
-    "swk_gemv_grouped_bf16",
-    "swk_gemv_grouped_f32",
     "swk_layernorm",
     "swk_moe_combine",
     "swk_nll",
@@ -224,11 +224,22 @@ pub fn gemv(rows: usize, n: usize) -> Result<Launch> {
     Launch::new(((n as u64).div_ceil(GEMV_WARPS as u64), 1, 1), (GEMV_WARPS * 32) as u32, 0)
 }
 
-/// `swk_gemv_grouped_*`: [`gemv`]'s grid once per group (grid y), every group at most
-/// [`GEMV_MAX_ROWS`] rows.
-pub fn gemv_grouped(max_rows: usize, n: usize, groups: usize) -> Result<Launch> {
-    let l = gemv(max_rows, n)?;
-    Launch::new((l.grid.0 as u64, groups as u64, 1), l.block.0, 0)
+/// `swk_gemm_grouped_*`: `groups` groups of `min_rows..=max_rows` rows each (grid y), each
+/// computed as its own [`gemv`] (at most [`GEMV_MAX_ROWS`] rows) or [`gemm_tiled`] launch
+/// would, the tiles of a group numbered along grid x; grid x is the most blocks a group
+/// needs.
+pub fn gemm_grouped(
+    (min_rows, max_rows): (usize, usize),
+    n: usize,
+    groups: usize,
+) -> Result<Launch> {
+    let gemv_blocks = (n as u64).div_ceil(GEMV_WARPS as u64);
+    let mut blocks = if min_rows <= GEMV_MAX_ROWS { gemv_blocks } else { 1 };
+    if max_rows > GEMV_MAX_ROWS {
+        let tiles = gemm_tiled(max_rows, n)?;
+        blocks = blocks.max(tiles.grid.0 as u64 * tiles.grid.1 as u64);
+    }
+    Launch::new((blocks, groups as u64, 1), (GEMV_WARPS * 32) as u32, 0)
 }
 
 /// Split the `n_out` rows of a `[n_out, n_in]` weight into chunks of at most `cap` elements
@@ -338,13 +349,18 @@ mod tests {
     #[test]
     fn grouped_launches_put_the_experts_on_their_own_axis() {
         // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 8 rows each.
-        let l = gemv_grouped(8, 1024, 45).unwrap();
+        let l = gemm_grouped((1, 8), 1024, 45).unwrap();
         assert_eq!((l.grid, l.block), ((1024 / GEMV_WARPS as u32, 45, 1), (256, 1, 1)));
-        assert!(gemv_grouped(9, 1024, 45).is_err(), "gemv takes at most 8 rows");
+        // Prefill: 9 to 200 rows per expert, 16 tiles of columns by 4 of rows.
+        let l = gemm_grouped((9, 200), 1024, 45).unwrap();
+        assert_eq!((l.grid, l.block), ((64, 45, 1), (256, 1, 1)));
+        // A group of at most 8 rows among them takes the gemv's 128 blocks.
+        assert_eq!(gemm_grouped((3, 200), 1024, 45).unwrap().grid, (128, 45, 1));
+        assert_eq!(gemm_grouped((9, 1000), 2048, 64).unwrap().grid, (32 * 16, 64, 1));
         let (l, per) = column_stats_grouped(8, 1024, 45).unwrap();
         assert_eq!((l.grid, per), ((4, 1, 45), STATS_ROWS_PER_BLOCK));
         assert!(column_stats_grouped(8, 1024, 0).is_err(), "no experts: nothing to launch");
-        assert!(gemv_grouped(8, 1024, MAX_GRID_YZ as usize + 1).is_err());
+        assert!(gemm_grouped((1, 8), 1024, MAX_GRID_YZ as usize + 1).is_err());
     }
 
     #[test]

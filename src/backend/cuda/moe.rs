@@ -16,10 +16,12 @@
 //! DeepSeek:  out += shared(m)
 //! ```
 //!
-//! When every expert has at most 8 rows (detection prompts, decoding), the per-expert steps
-//! run for all experts at once: one launch each for gate, up, the activation, down and the
-//! output keys (`swk_gemv_grouped_*`, `swk_act_mul_grouped`, `swk_column_max_grouped`), in
-//! place of about 4 to 10 launches per expert; [`CudaModel::set_grouped_experts`] turns it off.
+//! When every expert has at most 8 rows (detection prompts, decoding), or at any row count
+//! with swk's own GEMM kernels, the per-expert steps run for all experts at once: one launch
+//! each for gate, up, the activation, down and the output keys (`swk_gemm_grouped_*`,
+//! `swk_act_mul_grouped`, `swk_column_max_grouped`), in place of about 4 to 10 launches per
+//! expert; [`CudaModel::set_grouped_experts`] turns it off. With cuBLAS, experts with more
+//! rows (prefill, perplexity windows) are multiplied one at a time.
 //!
 //! Routing on the host costs one small download (and a synchronization) per sparse layer,
 //! and makes passes of these models unfit for CUDA graphs. The per-expert statistics and the
@@ -31,7 +33,7 @@ use super::device::RowGroups;
 use super::driver::{CudaDevice, CudaSlice};
 use super::kernels::{self, Activation};
 use super::linear::Scratch;
-use super::model::{CudaModel, WeightRef};
+use super::model::{CudaModel, GemmEngine, WeightRef};
 use crate::hooks::{ChannelMax, ExpertSpikes, LayerSpikes};
 use crate::model::arch::{deepseek, moe};
 use crate::model::config::MoeParams;
@@ -276,12 +278,11 @@ impl Dispatch {
 }
 
 impl CudaModel {
-    /// Run the routed experts of a sparse layer together when each has at most
-    /// [`kernels::GEMV_MAX_ROWS`] rows (detection prompts, decoding: one launch per step for
-    /// the whole layer; on by default), or always one expert at a time (`false`). Both give
-    /// the same values within float rounding (bit-identical with [`GemmEngine::Kernels`]).
-    ///
-    /// [`GemmEngine::Kernels`]: super::GemmEngine::Kernels
+    /// Run the routed experts of a sparse layer together (one launch per step for the whole
+    /// layer; on by default) when each has at most [`kernels::GEMV_MAX_ROWS`] rows (detection
+    /// prompts, decoding), or at any row count with [`GemmEngine::Kernels`]; or always one
+    /// expert at a time (`false`). Both give the same values within float rounding
+    /// (bit-identical with [`GemmEngine::Kernels`]).
     pub fn set_grouped_experts(&mut self, on: bool) {
         self.grouped_experts = on;
     }
@@ -293,9 +294,11 @@ impl CudaModel {
     }
 
     /// The routed experts of sparse layer `l` together (see moe.cu): one launch each for
-    /// gate, up, the activation (with its input keys), down and the output keys, when every
-    /// expert of `d` has at most [`kernels::GEMV_MAX_ROWS`] rows and all their weights share
-    /// one dtype. Returns false (having run nothing) otherwise.
+    /// gate, up, the activation (with its input keys), down and the output keys, when all
+    /// their weights share one dtype and either every expert of `d` has at most
+    /// [`kernels::GEMV_MAX_ROWS`] rows or the engine is swk's kernels (which group any row
+    /// count; cuBLAS multiplies longer prefills one expert at a time). Returns false (having
+    /// run nothing) otherwise.
     fn experts_grouped(
         &self,
         l: usize,
@@ -307,8 +310,10 @@ impl CudaModel {
     ) -> Result<bool> {
         let dev = &self.dev;
         let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
+        let min_rows = d.experts.iter().map(|&(_, _, n)| n).min().unwrap_or(0);
         let max_rows = d.experts.iter().map(|&(_, _, n)| n).max().unwrap_or(0);
-        if max_rows == 0 || max_rows > kernels::GEMV_MAX_ROWS {
+        let small = max_rows <= kernels::GEMV_MAX_ROWS;
+        if min_rows == 0 || !(small || self.gemm == GemmEngine::Kernels) {
             return Ok(false);
         }
         // Per expert: its gate, up and down weights' addresses; its rows; its keys.
@@ -342,15 +347,16 @@ impl CudaModel {
         let bf16 = bf16.unwrap_or(false);
         let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
         let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
-        let groups = RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, max_rows };
+        let groups =
+            RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
         let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
         let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
         let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
-        dev.gemv_grouped(xs, pp, bf16, gate, &groups, ei, h)?;
-        dev.gemv_grouped(xs, pp + (8 * g) as u64, bf16, up, &groups, ei, h)?;
+        dev.gemm_grouped(xs, pp, bf16, gate, &groups, ei, h)?;
+        dev.gemm_grouped(xs, pp + (8 * g) as u64, bf16, up, &groups, ei, h)?;
         let pos = dev.ptr(position);
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        dev.gemv_grouped(act, pp + (16 * g) as u64, bf16, ys, &groups, h, ei)?;
+        dev.gemm_grouped(act, pp + (16 * g) as u64, bf16, ys, &groups, h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
