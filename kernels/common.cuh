@@ -1,10 +1,11 @@
-// Shared device helpers for swk's kernels: integer types, bf16 bit conversions, the packed
+// Shared device helpers for swk's kernels: integer types, bf16 and f16 bit conversions, the packed
 // spike key, hashing, and block reductions.
 //
 // Conventions of every kernel in kernels/*.cu:
 // - extern "C", names prefixed `swk_`, so the host loads them by plain name.
 // - Activations are f32, row-major `[rows, width]`, rows are tokens.
-// - Weights are f32 or bf16 (stored as raw u16 bits), Hugging Face layout `[out, in]`.
+// - Weights are f32, bf16 or f16 (the 2-byte ones stored as raw u16 bits), Hugging Face
+//   layout `[out, in]`.
 // - Block sizes are multiples of 32 (the reductions below rely on whole warps).
 #pragma once
 
@@ -35,6 +36,60 @@ __device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
         return (u16)((x >> 16) + 1u);
     }
     return (u16)(x >> 16);
+}
+
+// f16 (IEEE half) -> f32 is exact. Written out (not cuda_fp16.h) so that swk's CPU emulator
+// compiles it too; mirrors half::f16::to_f32 (host: WeightDtype::decode in
+// src/backend/dtype.rs).
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    const u32 sign = ((u32)h & 0x8000u) << 16;
+    const u32 e = ((u32)h >> 10) & 0x1fu;
+    const u32 m = (u32)h & 0x3ffu;
+    if (e == 0x1fu) {
+        return __uint_as_float(sign | 0x7f800000u | (m << 13));  // inf, NaN (payload kept)
+    }
+    if (e != 0u) {
+        return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+    }
+    const float v = (float)m * 5.9604644775390625e-8f;  // subnormal or zero: m * 2^-24, exact
+    return sign != 0u ? -v : v;
+}
+
+// f32 -> f16, round to nearest even; a finite value from 65520 up becomes infinity; NaN stays a
+// quiet NaN. Mirrors half::f16::from_f32 (the device tests compare them).
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+    const u32 x = __float_as_uint(f);
+    const u32 sign = (x >> 16) & 0x8000u;
+    const u32 ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) {
+        return (u16)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+    }
+    if (ax >= 0x477ff000u) {
+        return (u16)(sign | 0x7c00u);  // 65520 and up (and infinity) round to infinity
+    }
+    if (ax >= 0x38800000u) {  // a normal f16: rebias the exponent, round 23 -> 10 mantissa bits
+        const u32 r = ax - 0x38000000u;
+        u32 h = r >> 13;
+        const u32 rem = r & 0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (h & 1u) != 0u)) {
+            h += 1u;  // a carry into the exponent is the right result
+        }
+        return (u16)(sign | h);
+    }
+    if (ax < 0x33000000u) {
+        return (u16)sign;  // below 2^-25: rounds to zero
+    }
+    // A subnormal f16: m = mantissa * 2^(e - 126), rounded to nearest even.
+    const u32 e = ax >> 23;
+    const u32 mant = (ax & 0x7fffffu) | 0x800000u;
+    const u32 shift = 126u - e;  // 14 ..= 24
+    u32 h = mant >> shift;
+    const u32 rem = mant & ((1u << shift) - 1u);
+    const u32 half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u) != 0u)) {
+        h += 1u;
+    }
+    return (u16)(sign | h);
 }
 
 // The packed spike key of one activation value at token position `pos`:

@@ -26,6 +26,32 @@ extern "C" __global__ void swk_embed_bf16(const u16* emb, const u32* tokens, flo
     x[i] = __fmul_rn(bf16_bits_to_f32(emb[(u64)tokens[t] * h + c]), scale);
 }
 
+// The same for f16 embeddings (raw u16 bits), widened exactly to f32.
+extern "C" __global__ void swk_embed_f16(const u16* emb, const u32* tokens, float* x, int rows, int h,
+                                         float scale) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * h) {
+        return;
+    }
+    const u64 t = i / h;
+    const u64 c = i % h;
+    x[i] = __fmul_rn(f16_bits_to_f32(emb[(u64)tokens[t] * h + c]), scale);
+}
+
+// out[i] = f32(in[i]) (exact) of f16 bits. Grid-stride loop.
+extern "C" __global__ void swk_f16_to_f32(const u16* in, float* out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = f16_bits_to_f32(in[i]);
+    }
+}
+
+// out[i] = f16(in[i]), round to nearest even. Grid-stride loop.
+extern "C" __global__ void swk_f32_to_f16(const float* in, u16* out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = f32_to_f16_bits(in[i]);
+    }
+}
+
 // out[i] = f32(in[i]) (exact). Grid-stride loop: any grid size covers n.
 extern "C" __global__ void swk_bf16_to_f32(const u16* in, float* out, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
@@ -60,5 +86,11 @@ extern "C" __global__ void swk_fill_normal_f32(float* out, u64 n, u64 seed, floa
 extern "C" __global__ void swk_fill_normal_bf16(u16* out, u64 n, u64 seed, float mean, float std) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         out[i] = f32_to_bf16_bits(mean + std * hash_normal(seed, i));
+    }
+}
+
+extern "C" __global__ void swk_fill_normal_f16(u16* out, u64 n, u64 seed, float mean, float std) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = f32_to_f16_bits(mean + std * hash_normal(seed, i));
     }
 }

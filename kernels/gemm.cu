@@ -1,6 +1,7 @@
 // swk's own matrix products, used when cuBLAS is not installed (or when asked for):
-//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32, W [n, k] f32 or bf16, y [rows, n]
-// f32 accumulation in both; bf16 weights are widened exactly as they are loaded.
+//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32, W [n, k] f32, bf16 or f16,
+//                                          y [rows, n]
+// f32 accumulation in all; bf16 and f16 weights are widened exactly as they are loaded.
 //
 // swk_gemm_*: 64x64 output tiles, k in steps of 16 through shared memory, 256 threads each
 //             computing a 4x4 sub-tile (rows ty + 16a, columns tx + 16b).
@@ -15,6 +16,11 @@
 
 __device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
 __device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
+// f16 weights: raw u16 bits under their own type, so the templates below tell them from bf16.
+struct f16w {
+    u16 bits;
+};
+__device__ __forceinline__ float load_w(const f16w* w, u64 i) { return f16_bits_to_f32(w[i].bits); }
 
 // The 64x64 tile (tile_o, tile_t) of y: columns tile_o * 64.., rows tile_t * 64...
 template <typename WT>
@@ -130,12 +136,20 @@ extern "C" __global__ void swk_gemm_bf16(const float* x, const u16* w, float* y,
     gemm_tiled<u16>(x, w, y, rows, n, k, blockIdx.x, blockIdx.y);
 }
 
+extern "C" __global__ void swk_gemm_f16(const float* x, const f16w* w, float* y, int rows, int n, int k) {
+    gemm_tiled<f16w>(x, w, y, rows, n, k, blockIdx.x, blockIdx.y);
+}
+
 extern "C" __global__ void swk_gemv_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
     gemv_warp<float>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 extern "C" __global__ void swk_gemv_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
     gemv_warp<u16>(x, w, y, rows, n, k, blockIdx.x);
+}
+
+extern "C" __global__ void swk_gemv_f16(const float* x, const f16w* w, float* y, int rows, int n, int k) {
+    gemv_warp<f16w>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 // The experts of a sparse MoE layer in one launch (see moe.cu): group g multiplies the rows
@@ -173,4 +187,9 @@ extern "C" __global__ void swk_gemm_grouped_f32(const float* x, const u64* w, co
 extern "C" __global__ void swk_gemm_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
                                                  float* y, int n, int k) {
     gemm_group<u16>(x, w, row0, rows, y, n, k);
+}
+
+extern "C" __global__ void swk_gemm_grouped_f16(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                float* y, int n, int k) {
+    gemm_group<f16w>(x, w, row0, rows, y, n, k);
 }

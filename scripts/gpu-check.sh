@@ -17,8 +17,9 @@
 #        - device info (nvidia-smi when present),
 #        - the CUDA unit tests of the library (backend::cuda),
 #        - the parity tests: CUDA vs CPU logits on every tiny fixture (f32 weights rel err
-#          <= 1e-4, bf16 <= 1e-2), spike statistics, decode through the device KV cache,
-#          perplexity scoring, edits restored bit-exactly (device checksums),
+#          <= 1e-4, bf16 <= 1e-2, f16 <= 1e-4 against the CPU on f16-rounded weights),
+#          spike statistics, decode through the device KV cache, perplexity scoring,
+#          edits restored bit-exactly (device checksums),
 #        - detection on planted models: the same super weights as the CPU backend,
 #        - captured activations (every hook point of every fixture) and the analyses on the
 #          device (screen, vocab, cascade, trace, compare-generate, quantize-study, mc,
@@ -32,7 +33,7 @@
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
 #          bytes its routed experts need, one 512-token perplexity window),
-#        - a smoke run of the swk binary (info; detect on cuda bf16/f32 and on cpu; detect
+#        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16 and on cpu; detect
 #          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
 #      only when every step passed.
@@ -46,7 +47,8 @@ ROOT=$PWD
 GPU_DIR=$ROOT/.gpu
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    # The header comment, up to the first line of code.
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     exit 2
 }
 
@@ -210,6 +212,7 @@ run() {
     step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$SWK_FIXTURES/tiny/llama' &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
+        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f16 &&
         '$GPU_DIR/bin/swk' --device cpu detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/phi3' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&

@@ -123,6 +123,11 @@ fn engines(dtype: WeightDtype) -> Vec<GemmEngine> {
 
 /// A copy of `m` whose matrices are rounded to bf16 as the device stores them.
 fn rounded_to_bf16(m: &Model) -> Model {
+    rounded_to(m, WeightDtype::Bf16)
+}
+
+/// A copy of `m` whose matrices are rounded to `dtype` as the device stores them.
+fn rounded_to(m: &Model, dtype: WeightDtype) -> Model {
     let mut w = m.weights.clone();
     let names: Vec<String> = w.names().map(str::to_string).collect();
     for n in names {
@@ -134,7 +139,7 @@ fn rounded_to_bf16(m: &Model) -> Model {
             || n.ends_with(".shared_expert_gate.weight");
         if t.shape.len() == 2 && !f32_kept {
             for v in t.data.iter_mut() {
-                *v = half::bf16::from_f32(*v).to_f32();
+                *v = f32::from_bits(dtype.stored_bits(*v).expect("within the dtype's range"));
             }
         }
     }
@@ -229,6 +234,88 @@ fn logits_match_cpu_bf16_weights() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// f16 weights: on every fixture, the device's logits equal the CPU's on the same
+/// f16-rounded weights within 1e-4 (both compute in f32), with swk's kernels (the default
+/// for f16) and with cuBLAS SGEMM on widened weights; the spike statistics too (swk's
+/// kernels). The engines that multiply bf16 inputs refuse f16 weights.
+#[test]
+fn logits_match_cpu_f16_weights() {
+    if !gpu() {
+        return;
+    }
+    for name in FIXTURES {
+        let (m, tokens) = load(name);
+        let rounded = rounded_to(&m, WeightDtype::F16);
+        let want = cpu_logits(&rounded, &tokens);
+        let mut gemms = vec![GemmEngine::Auto];
+        if cublas_present() {
+            gemms.push(GemmEngine::Cublas);
+        }
+        for gemm in gemms {
+            let opts = CudaOptions { dtype: WeightDtype::F16, gemm, ..Default::default() };
+            let g = CudaModel::new(&m, &opts).unwrap();
+            let c = &m.config;
+            let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+            let got = g
+                .forward(&tokens, &mut CudaKvCache::new(&g), Some(&mut stats), Logits::All)
+                .unwrap();
+            let err = max_rel_err(&got, &want, 1.0);
+            let at = format!("{name} f16 {}", g.gemm().name());
+            eprintln!("{at}: max rel err {err:.2e}");
+            assert!(err <= 1e-4, "{at}: max rel err {err} > 1e-4");
+            if gemm == GemmEngine::Auto {
+                assert_eq!(g.gemm(), GemmEngine::Kernels, "{name}: f16 runs on swk's kernels");
+                assert_stats_match(&at, &stats, &cpu_stats(&rounded, &tokens));
+            }
+        }
+    }
+    let (m, _) = load("llama");
+    for gemm in [GemmEngine::CublasBf16, GemmEngine::CublasSplit] {
+        let opts = CudaOptions { dtype: WeightDtype::F16, gemm, ..Default::default() };
+        let e = CudaModel::new(&m, &opts).err().expect("refused").to_string();
+        assert!(e.contains("needs bf16 weights"), "{e}");
+    }
+}
+
+/// A weight f16 cannot hold (beyond ±65504) refuses the f16 upload, naming the tensor; bf16
+/// and f32 take it.
+#[test]
+fn f16_upload_refuses_values_past_its_range() {
+    if !gpu() {
+        return;
+    }
+    let (mut m, _) = load("llama");
+    let name = "model.layers.1.mlp.down_proj.weight";
+    m.weights.get_mut(name).unwrap().data[7] = 98304.0; // 1.5 · 2^16: a bf16, not an f16
+    let opts = CudaOptions { dtype: WeightDtype::F16, ..Default::default() };
+    let e = CudaModel::new(&m, &opts).err().expect("refused").to_string();
+    assert!(e.contains(name) && e.contains("f16") && e.contains("65504"), "{e}");
+    for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+        let g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
+        assert_eq!(g.download(name).unwrap()[7], 98304.0, "{dtype:?}");
+    }
+}
+
+/// A random model in f16 holds the f16 rounding of the f32 model's values (same seed): the
+/// device's f32 → f16 conversion is the host's.
+#[test]
+fn random_f16_weights_are_the_f32_ones_rounded() {
+    if !gpu() {
+        return;
+    }
+    let c = swk::synth::SynthSpec::tiny().config().unwrap();
+    let opts = |dtype| CudaOptions { dtype, ..Default::default() };
+    let a = CudaModel::random(&c, 7, &opts(WeightDtype::F32)).unwrap();
+    let b = CudaModel::random(&c, 7, &opts(WeightDtype::F16)).unwrap();
+    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"] {
+        let (x, y) = (a.download(name).unwrap(), b.download(name).unwrap());
+        assert_eq!(x.len(), y.len());
+        for (i, (u, v)) in x.iter().zip(&y).enumerate() {
+            assert_eq!(half::f16::from_f32(*u).to_f32(), *v, "{name}[{i}]");
+        }
+    }
+}
+
 /// The upload is bit-exact: the device checksum equals the host's for the same bits.
 #[test]
 fn upload_is_bit_exact() {
@@ -236,7 +323,7 @@ fn upload_is_bit_exact() {
         return;
     }
     let (m, _) = load("llama");
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
         let g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
         assert_eq!(
             g.checksum().unwrap(),
@@ -250,6 +337,9 @@ fn upload_is_bit_exact() {
             WeightDtype::F32 => assert_eq!(&emb, host),
             WeightDtype::Bf16 => {
                 assert!(emb.iter().zip(host).all(|(d, h)| *d == half::bf16::from_f32(*h).to_f32()))
+            }
+            WeightDtype::F16 => {
+                assert!(emb.iter().zip(host).all(|(d, h)| *d == half::f16::from_f32(*h).to_f32()))
             }
         }
     }
@@ -642,8 +732,8 @@ fn device_edits_restore_bit_exactly() {
     let m = medium();
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 101 + 7) % 1000).collect();
     let edits = medium_edits();
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-        let host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+        let host = rounded_to(&m, dtype);
         let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
         let before = g.checksum().unwrap();
         assert_eq!(before, CudaModel::expected_checksum(&m, dtype).unwrap());
@@ -653,10 +743,10 @@ fn device_edits_restore_bit_exactly() {
             guard.apply_all(&edits).unwrap();
             for (r, e) in guard.log().iter().zip(&edits) {
                 let now = f32::from_bits(guard.read_bits(&e.tensor, r.flat).unwrap());
-                let stored = match dtype {
-                    WeightDtype::F32 => r.new,
-                    WeightDtype::Bf16 if e.tensor.ends_with("layernorm.weight") => r.new,
-                    WeightDtype::Bf16 => half::bf16::from_f32(r.new).to_f32(),
+                let stored = if e.tensor.ends_with("layernorm.weight") {
+                    r.new
+                } else {
+                    f32::from_bits(dtype.stored_bits(r.new).unwrap())
                 };
                 assert_eq!(now.to_bits(), stored.to_bits(), "{e}");
             }
@@ -720,8 +810,8 @@ fn batched_device_edits_match_the_cpu() {
         &[],
         EditOp::Zero,
     ));
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-        let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+        let mut host = rounded_to(&m, dtype);
         let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
         let before = g.checksum().unwrap();
         {
@@ -732,14 +822,14 @@ fn batched_device_edits_match_the_cpu() {
             let want = CudaModel::expected_checksum(&cpu, dtype).unwrap();
             assert_eq!(guard.checksum().unwrap(), want, "{}: edited weights", dtype.name());
             assert_eq!(guard.log().len(), cpu.log().len());
-            // The CPU keeps what it writes in f32, the device rounds bf16 matrices: compare
-            // the logs as the device stores them. (Scales by powers of two commute with that
-            // rounding, so repeated edits of one element agree too.)
+            // The CPU keeps what it writes in f32, the device rounds bf16 and f16 matrices:
+            // compare the logs as the device stores them. (Scales by powers of two commute
+            // with that rounding, so repeated edits of one element agree too.)
             let stored = |t: &str, b: u32| -> u32 {
-                if dtype == WeightDtype::Bf16 && !t.ends_with("layernorm.weight") {
-                    half::bf16::from_f32(f32::from_bits(b)).to_f32().to_bits()
-                } else {
+                if t.ends_with("layernorm.weight") {
                     b
+                } else {
+                    dtype.stored_bits(f32::from_bits(b)).unwrap()
                 }
             };
             for (a, b) in guard.log().iter().zip(cpu.log()) {
@@ -773,8 +863,8 @@ fn detection_matches_cpu_on_planted_models() {
         let prompts = [truth.prompt.clone()];
         let cfg = DetectConfig::default();
         let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.confirm_context).unwrap();
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            let mut host = rounded_to(&m, dtype);
             let want = detect_with(&mut host, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
             let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
             let before = g.checksum().unwrap();
@@ -855,7 +945,7 @@ fn screening_matches_cpu_on_a_planted_model() {
     assert!(detected_config(true).skip_confirmation, "raw candidates need no windows");
     let sw = truth.super_weights[0];
     for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-        let mut host = if dtype == WeightDtype::Bf16 { rounded_to_bf16(&m) } else { copy(&m) };
+        let mut host = rounded_to(&m, dtype);
         let cands = detected_edits_with(&mut host, &inputs, true, |_, _, _| {}).unwrap();
         let want = screen_with(&mut host, &windows, &cands, &largest, &cfg, |_, _, _| {}).unwrap();
         let mut g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
@@ -1601,8 +1691,11 @@ fn streamed_model_equals_resident_upload() {
         let lazy = std::sync::Arc::new(swk::model::LazyModel::open(&path).unwrap());
         let tokens: Vec<u32> =
             (0..24u32).map(|i| (i * 37 + 5) % m.config.vocab_size as u32).collect();
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            for gemm in engines(dtype) {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            // f16: its default engine (swk's kernels); the widening path is tested resident.
+            let gemms =
+                if dtype == WeightDtype::F16 { vec![GemmEngine::Auto] } else { engines(dtype) };
+            for gemm in gemms {
                 let opts = CudaOptions { dtype, gemm, ..Default::default() };
                 let resident = CudaModel::new(&m, &opts).unwrap();
                 let streamed = CudaModel::streamed(lazy.clone(), &opts).unwrap();
@@ -1664,7 +1757,7 @@ fn streamed_edits_restore_bit_exactly() {
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 101 + 7) % 1000).collect();
     let edits = medium_edits();
     let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
         let opts = CudaOptions { dtype, ..Default::default() };
         let mut resident = CudaModel::new(&m, &opts).unwrap();
         let mut s = CudaModel::streamed(lazy.clone(), &opts).unwrap();
@@ -1775,6 +1868,27 @@ fn cli_detects_on_the_device() {
         let device = r["device"].as_str().unwrap_or_default();
         assert!(device.starts_with("cuda"), "{}: device {device}", model.display());
         assert_eq!(device.contains("layers streamed"), *stream == "always", "{device}");
+    }
+    // f16 weights (swk's kernels), resident and streamed: the same candidates as f32 weights
+    // on the device (a low threshold, so that there are some).
+    let args = ["--threshold", "0.5", "--max-iterations", "2", "--json"];
+    let dense = root.join("qwen2_gguf").join("model.gguf");
+    let coords = |dtype: &str, stream: &str| {
+        let args: Vec<&str> = args.iter().copied().chain(["--gpu-dtype", dtype]).collect();
+        let r = swk_json(&["--device", "cuda", "--stream", stream, "detect"], &dense, &args);
+        let found: Vec<String> = ["super_weights", "rejected"]
+            .iter()
+            .flat_map(|k| r[k].as_array().cloned().unwrap_or_default())
+            .map(|w| format!("{} {} {}", w["layer"], w["row"], w["col"]))
+            .collect();
+        (r["device"].as_str().unwrap_or_default().to_string(), found)
+    };
+    let (_, want) = coords("f32", "never");
+    assert!(!want.is_empty(), "candidates at threshold 0.5");
+    for stream in ["never", "always"] {
+        let (device, got) = coords("f16", stream);
+        assert!(device.contains("f16 weights, kernels"), "{device}");
+        assert_eq!(got, want, "f16 vs f32 weights, --stream {stream}");
     }
 
     let more = ["--router-samples", "3", "--gpu-dtype", "f32", "--json"];
@@ -2129,8 +2243,7 @@ fn timing_7b_streamed() -> Result<()> {
         let resident = best(&CudaModel::new(&m, &opts)?)?;
         let s = CudaModel::streamed(lazy.clone(), &opts)?;
         let streamed = best(&s)?;
-        let layer_bytes =
-            swk::backend::stream::SlotLayout::new(&c, 0, dtype == WeightDtype::Bf16).bytes;
+        let layer_bytes = swk::backend::stream::SlotLayout::new(&c, 0, dtype).bytes;
         let rate = (layer_bytes * c.num_layers) as f64 / (streamed / 1e3) / 1e9;
         lines.push(format!(
             "| {} | {resident:.2} | {streamed:.2} | {:.2} | {:.1} MB | {rate:.2} |",

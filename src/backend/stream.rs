@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+use super::WeightDtype;
 use crate::model::config::{DeepseekParams, MoeParams};
 use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
@@ -199,8 +200,8 @@ pub struct SlotEntry {
     pub suffix: String,
     /// HF shape.
     pub shape: Vec<usize>,
-    /// Stored as 2-byte bf16 (`true`) or 4-byte f32.
-    pub bf16: bool,
+    /// How it is stored: f32 for vectors, the model's weight dtype for matrices.
+    pub dtype: WeightDtype,
     /// Byte offset in the slot (a multiple of [`SLOT_ALIGN`]).
     pub offset: usize,
 }
@@ -216,7 +217,7 @@ impl SlotEntry {
     }
     /// Bytes it takes in the slot (without padding).
     pub fn bytes(&self) -> usize {
-        self.len() * if self.bf16 { 2 } else { 4 }
+        self.len() * self.dtype.bytes()
     }
 }
 
@@ -230,13 +231,14 @@ pub struct SlotLayout {
 }
 
 impl SlotLayout {
-    /// The layout of `c`'s layer `l` with matrices in bf16 (`bf16`) or f32.
-    pub fn new(c: &ModelConfig, l: usize, bf16: bool) -> Self {
+    /// The layout of `c`'s layer `l` with matrices stored as `dtype` (vectors in f32).
+    pub fn new(c: &ModelConfig, l: usize, dtype: WeightDtype) -> Self {
         let mut offset = 0;
         let entries = layer_plan(c, l)
             .into_iter()
             .map(|(suffix, shape, matrix)| {
-                let e = SlotEntry { suffix, shape, bf16: matrix && bf16, offset };
+                let dtype = if matrix { dtype } else { WeightDtype::F32 };
+                let e = SlotEntry { suffix, shape, dtype, offset };
                 offset = (offset + e.bytes()).next_multiple_of(SLOT_ALIGN);
                 e
             })
@@ -327,18 +329,10 @@ impl Overlay {
     }
 }
 
-/// Round an f32 to bf16 bits, nearest even (NaN stays NaN).
-pub fn bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
-}
-
-/// An element's stored bits as f32 bits: bf16 storage rounds (and widens back, exactly).
-pub fn stored_bits(v: f32, bf16: bool) -> u32 {
-    if bf16 {
-        (bf16_bits(v) as u32) << 16
-    } else {
-        v.to_bits()
-    }
+/// An element of `name` as `dtype` stores it, as f32 bits (an error names the tensor when
+/// the value has no `dtype`: beyond f16's range).
+pub fn stored_bits(name: &str, v: f32, dtype: WeightDtype) -> Result<u32> {
+    dtype.encode_or_err(v, name).map(|raw| dtype.decode(raw))
 }
 
 /// Layer `layer`'s bytes as the slot holds them (`layout`), read from `lazy`, with the
@@ -363,16 +357,12 @@ pub fn stage_layer(
         }
         overlay.apply(name, &mut t.data)?;
         let dst = &mut out[e.offset..e.offset + e.bytes()];
-        if e.bf16 {
-            dst.par_chunks_mut(2).zip(t.data.par_iter()).for_each(|(d, &v)| {
-                d.copy_from_slice(&bf16_bits(v).to_le_bytes());
-            });
-        } else {
-            dst.par_chunks_mut(4).zip(t.data.par_iter()).for_each(|(d, &v)| {
-                d.copy_from_slice(&v.to_le_bytes());
-            });
-        }
-        Ok(())
+        let width = e.dtype.bytes();
+        dst.par_chunks_mut(width).zip(t.data.par_iter()).try_for_each(|(d, &v)| {
+            let raw = e.dtype.encode_or_err(v, name)?;
+            d.copy_from_slice(&raw.to_le_bytes()[..width]);
+            Ok(())
+        })
     })?;
     Ok(out)
 }
@@ -390,8 +380,8 @@ mod tests {
     #[test]
     fn layout_is_aligned_ordered_and_covers_every_tensor() {
         let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
-        for bf16 in [false, true] {
-            let l = SlotLayout::new(&c, 0, bf16);
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            let l = SlotLayout::new(&c, 0, dtype);
             assert_eq!(l.entries.len(), 9);
             let mut end = 0;
             for e in &l.entries {
@@ -402,11 +392,11 @@ mod tests {
             assert!(l.bytes >= end && l.bytes - end < SLOT_ALIGN);
             // 7B: 4·4096² + 3·4096·11008 matrix weights per layer, plus two f32 norms.
             let matrices = 4 * 4096 * 4096 + 3 * 4096 * 11008;
-            let want = matrices * if bf16 { 2 } else { 4 } + 2 * 4096 * 4;
+            let want = matrices * dtype.bytes() + 2 * 4096 * 4;
             assert!(l.bytes >= want && l.bytes < want + 9 * SLOT_ALIGN, "{} vs {want}", l.bytes);
             let down = l.entry("mlp.down_proj.weight").unwrap();
-            assert_eq!((down.shape.clone(), down.bf16), (vec![4096, 11008], bf16));
-            assert!(!l.entry("input_layernorm.weight").unwrap().bf16);
+            assert_eq!((down.shape.clone(), down.dtype), (vec![4096, 11008], dtype));
+            assert_eq!(l.entry("input_layernorm.weight").unwrap().dtype, WeightDtype::F32);
         }
     }
 
@@ -501,8 +491,8 @@ mod tests {
         {
             let lazy = LazyModel::open(&path).unwrap();
             let eager = crate::Model::load(&path).unwrap();
-            for bf16 in [false, true] {
-                let layout = SlotLayout::new(&lazy.config, 1, bf16);
+            for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+                let layout = SlotLayout::new(&lazy.config, 1, dtype);
                 // Edit the last down_proj of the layer (an expert's in a mixture).
                 let down = layout
                     .entries
@@ -514,7 +504,8 @@ mod tests {
                     .clone();
                 let mut overlay = Overlay::default();
                 let edited = format!("model.layers.1.{down}");
-                overlay.set(&edited, 5, stored_bits(-3.0, bf16), || Ok(0)).unwrap();
+                let minus3 = stored_bits(&edited, -3.0, dtype).unwrap();
+                overlay.set(&edited, 5, minus3, || Ok(0)).unwrap();
                 let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
                 assert_eq!(bytes.len(), layout.bytes);
                 for e in &layout.entries {
@@ -523,12 +514,13 @@ mod tests {
                     let at = &bytes[e.offset..e.offset + e.bytes()];
                     for (k, &w) in want.iter().enumerate() {
                         let w = if e.suffix == down && k == 5 { -3.0 } else { w };
-                        let got = if e.bf16 {
-                            (u16::from_le_bytes([at[2 * k], at[2 * k + 1]]) as u32) << 16
+                        let got = if e.dtype.is_half() {
+                            u16::from_le_bytes([at[2 * k], at[2 * k + 1]]) as u32
                         } else {
                             u32::from_le_bytes(at[4 * k..4 * k + 4].try_into().unwrap())
                         };
-                        assert_eq!(got, stored_bits(w, e.bf16), "{path} {} [{k}]", e.suffix);
+                        let want = e.dtype.stored_bits(w).unwrap();
+                        assert_eq!(e.dtype.decode(got), want, "{path} {} [{k}]", e.suffix);
                     }
                 }
             }
@@ -540,23 +532,24 @@ mod tests {
         let lazy = LazyModel::open(&fixture("llama")).unwrap();
         let mut c = lazy.config.clone();
         c.intermediate_size += 1;
-        let e = stage_layer(&lazy, 0, &SlotLayout::new(&c, 0, true), &Overlay::default())
-            .unwrap_err()
-            .to_string();
+        let e =
+            stage_layer(&lazy, 0, &SlotLayout::new(&c, 0, WeightDtype::Bf16), &Overlay::default())
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"), "{e}");
-        let e = stage_layer(&lazy, 7, &SlotLayout::new(&lazy.config, 7, true), &Overlay::default())
-            .unwrap_err()
-            .to_string();
+        let layout = SlotLayout::new(&lazy.config, 7, WeightDtype::Bf16);
+        let e = stage_layer(&lazy, 7, &layout, &Overlay::default()).unwrap_err().to_string();
         assert!(e.contains("model.layers.7."), "{e}");
     }
 
     #[test]
-    fn bf16_rounding_is_nearest_even() {
-        assert_eq!(bf16_bits(1.0), 0x3f80);
+    fn stored_bits_round_to_the_slot_dtype_and_refuse_what_f16_cannot_hold() {
         // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
-        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
-        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
-        assert!(f32::from_bits(stored_bits(f32::NAN, true)).is_nan());
-        assert_eq!(stored_bits(0.1, false), 0.1f32.to_bits());
+        assert_eq!(stored_bits("w", 1.0 + 1.0 / 256.0, WeightDtype::Bf16).unwrap(), 0x3f80_0000);
+        assert_eq!(stored_bits("w", 0.1, WeightDtype::F32).unwrap(), 0.1f32.to_bits());
+        assert!(f32::from_bits(stored_bits("w", f32::NAN, WeightDtype::Bf16).unwrap()).is_nan());
+        let e = stored_bits("model.layers.2.mlp.down_proj.weight", 7e4, WeightDtype::F16);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("model.layers.2.mlp.down_proj.weight") && e.contains("f16"), "{e}");
     }
 }

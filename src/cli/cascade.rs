@@ -1,5 +1,5 @@
 //! `swk cascade MODEL [--prompt TEXT] [--row R]... [--top N] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f32]` (runs on `--device
+//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f16|f32]` (runs on `--device
 //! cuda` too).
 
 use std::path::PathBuf;
@@ -73,8 +73,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     if let Some(p) = &a.out {
         analysis::plot::check_path(p)?;
     }
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
     let labels = token_labels(&model, &tokens);
     let cfg = cascade::CascadeConfig {

@@ -1,5 +1,5 @@
 //! `swk compare-generate MODEL [--prompt TEXT]... [--factor F]... [--max-new-tokens N]
-//! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f32]` (runs on `--device
+//! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device
 //! cuda` too).
 
 use swk::analysis::{compare, AnalysisBackend};
@@ -73,8 +73,7 @@ impl Job for Generate {
 }
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let texts: Vec<String> = if a.prompt.is_empty() {
         DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
     } else {

@@ -58,8 +58,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     if let Some(p) = &a.confirm_text {
         cfg.confirm_text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     }
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut m, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut m, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let pb = super::bar(a.json, 1, "detect");
     let progress = super::stages(&pb);
     let (d, device): (Detection, String) = match backend {

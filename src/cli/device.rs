@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use swk::backend::WeightDtype;
 use swk::model::LazyModel;
 use swk::{Error, Model, Result};
 
@@ -83,8 +84,21 @@ pub fn require_no_model(arg: DeviceArg) -> Result<()> {
 pub enum GpuDtype {
     /// bfloat16 matrices (norms stay f32).
     Bf16,
+    /// IEEE half matrices (norms stay f32): exact for models stored in f16; a weight beyond
+    /// ±65504 is refused.
+    F16,
     /// float32 everywhere.
     F32,
+}
+
+impl From<GpuDtype> for WeightDtype {
+    fn from(d: GpuDtype) -> Self {
+        match d {
+            GpuDtype::Bf16 => WeightDtype::Bf16,
+            GpuDtype::F16 => WeightDtype::F16,
+            GpuDtype::F32 => WeightDtype::F32,
+        }
+    }
 }
 
 /// The `--stream` flag: whether a CUDA run keeps the model's layers in its files.
@@ -118,10 +132,10 @@ pub fn load(
     spec: &str,
     quiet: bool,
     dev: DeviceOpts,
-    bf16: bool,
+    dtype: GpuDtype,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
     let backend = choose(dev.device, quiet)?;
-    if backend == Backend::Cpu || !streams(spec, dev.stream, bf16)? {
+    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.into())? {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
@@ -138,10 +152,10 @@ pub fn load(
 
 /// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights do not
 /// fit, decided from the config alone; checkpoints LazyModel cannot stream still load whole).
-fn streams(spec: &str, stream: StreamArg, bf16: bool) -> Result<bool> {
+fn streams(spec: &str, stream: StreamArg, dtype: WeightDtype) -> Result<bool> {
     Ok(match stream {
         StreamArg::Never => false,
-        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, bf16)?,
+        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, dtype)?,
         StreamArg::Always => true,
     })
 }
@@ -149,8 +163,12 @@ fn streams(spec: &str, stream: StreamArg, bf16: bool) -> Result<bool> {
 /// For a CUDA run that also keeps the whole model on the host (`swk research`, whose other
 /// analyses run on the CPU): `spec`'s files to stream the device's layers from, when
 /// `--stream` says to stream.
-pub fn stream_files(spec: &str, stream: StreamArg, bf16: bool) -> Result<Option<Arc<LazyModel>>> {
-    if streams(spec, stream, bf16)? {
+pub fn stream_files(
+    spec: &str,
+    stream: StreamArg,
+    dtype: GpuDtype,
+) -> Result<Option<Arc<LazyModel>>> {
+    if streams(spec, stream, dtype.into())? {
         Ok(Some(Arc::new(LazyModel::open(spec)?)))
     } else {
         Ok(None)
@@ -158,14 +176,13 @@ pub fn stream_files(spec: &str, stream: StreamArg, bf16: bool) -> Result<Option<
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn fits(config: &swk::model::ModelConfig, bf16: bool) -> Result<bool> {
-    use swk::backend::cuda::{CudaModel, CudaOptions, WeightDtype};
-    let dtype = if bf16 { WeightDtype::Bf16 } else { WeightDtype::F32 };
+fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype) -> Result<bool> {
+    use swk::backend::cuda::{CudaModel, CudaOptions};
     CudaModel::fits(config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn fits(_: &swk::model::ModelConfig, _: bool) -> Result<bool> {
+fn fits(_: &swk::model::ModelConfig, _: WeightDtype) -> Result<bool> {
     Ok(true)
 }
 
@@ -192,11 +209,8 @@ pub fn cuda_session(
     lazy: Option<Arc<LazyModel>>,
     dtype: GpuDtype,
 ) -> Result<(swk::backend::cuda::CudaModel, String)> {
-    use swk::backend::cuda::{CudaOptions, WeightDtype};
-    let dtype = match dtype {
-        GpuDtype::Bf16 => WeightDtype::Bf16,
-        GpuDtype::F32 => WeightDtype::F32,
-    };
+    use swk::backend::cuda::CudaOptions;
+    let dtype = WeightDtype::from(dtype);
     let gpu = cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
     let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
     let what = format!(

@@ -1,5 +1,5 @@
 //! `swk experts MODEL [--router-samples N] [--text FILE] [--sample-len N] [--context N]
-//! [--no-ablate] [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
+//! [--no-ablate] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
 
 use std::path::PathBuf;
 
@@ -55,8 +55,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         return Err(swk::Error::Invalid("--router-samples must be at least 1".into()));
     }
     let text = read_text(a.text.as_deref())?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     // Refuse a dense model before uploading it to a device.
     swk::model::arch::moe::params(&model.config)?;
     let samples = text_samples(&model, &text, a.router_samples, a.sample_len)?;

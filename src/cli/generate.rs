@@ -1,7 +1,8 @@
-//! `swk generate MODEL --prompt TEXT [--max-new-tokens N]`.
+//! `swk generate MODEL --prompt TEXT [--max-new-tokens N] [--gpu-dtype bf16|f16|f32]`.
 
 use std::io::Write;
 
+use super::device::GpuDtype;
 use swk::edit::EditGuard;
 use swk::eval::generate;
 use swk::Result;
@@ -24,11 +25,14 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     let edits = super::parse_edits(&a.edit)?;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, true)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
     let start = std::time::Instant::now();
@@ -55,7 +59,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             (generate::greedy(&m, &prompt, a.max_new_tokens, on_token)?, m.log().to_vec())
         }
         super::device::Backend::Cuda => {
-            cuda_greedy(&model, lazy, &prompt, a.max_new_tokens, &edits, on_token)?
+            cuda_greedy(&model, lazy, a.gpu_dtype, &prompt, a.max_new_tokens, &edits, on_token)?
         }
     };
     let text = tok.decode(&ids, true)?;
@@ -77,6 +81,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
 fn cuda_greedy(
     model: &swk::Model,
     lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    dtype: GpuDtype,
     prompt: &[u32],
     max_new: usize,
     edits: &[swk::edit::WeightEdit],
@@ -84,7 +89,8 @@ fn cuda_greedy(
 ) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
     use swk::backend::cuda::CudaOptions;
     let stops = model.tokenizer()?.eos_ids().to_vec();
-    let mut gpu = super::device::cuda_model(model, lazy, &CudaOptions::default())?;
+    let opts = CudaOptions { dtype: dtype.into(), ..Default::default() };
+    let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
     Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec()))
@@ -94,6 +100,7 @@ fn cuda_greedy(
 fn cuda_greedy(
     _: &swk::Model,
     _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: GpuDtype,
     _: &[u32],
     _: usize,
     _: &[swk::edit::WeightEdit],

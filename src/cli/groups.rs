@@ -1,5 +1,5 @@
 //! `swk groups MODEL [--prompt TEXT]... [--text FILE] [--context N] [--per-layer K]
-//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f32]` (runs on
+//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f16|f32]` (runs on
 //! `--device cuda` too: captures, writers and ablations).
 
 use std::path::PathBuf;
@@ -46,8 +46,7 @@ pub struct Args {
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let prompts =
         if a.prompt.is_empty() { vec![swk::detect::DEFAULT_PROMPT.to_string()] } else { a.prompt };
     let tok = model.tokenizer()?;

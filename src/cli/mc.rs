@@ -1,5 +1,5 @@
 //! `swk mc MODEL (--task NAME | --data FILE) [--limit N] [--edit SPEC]... [--from-detect FILE]
-//! [--detect] [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
+//! [--detect] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
 
 use std::path::PathBuf;
 
@@ -70,8 +70,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         (None, Some(p)) => (p.display().to_string(), choice::read_items(p, a.limit)?),
         (None, None) => return Err(Error::Invalid("give --task NAME or --data FILE".into())),
     };
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let items = items.iter().map(|it| choice::tokenize(&model, it)).collect::<Result<Vec<_>>>()?;
     let job = Choices { name, items, quiet: a.json };
     let target = Target { backend, lazy, dtype: a.gpu_dtype, quiet: a.json };

@@ -1,8 +1,9 @@
 //! `swk ppl MODEL (--text FILE | --dataset wikitext|FILE) [--context N] [--edit SPEC]...
-//! [--json]`.
+//! [--json] [--gpu-dtype bf16|f16|f32]`.
 
 use std::path::PathBuf;
 
+use super::device::GpuDtype;
 use swk::edit::EditGuard;
 use swk::eval::ppl;
 use swk::{Error, Result};
@@ -29,6 +30,9 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Weight storage on a CUDA device (`--device cuda`).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
@@ -38,7 +42,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         (None, None) => return Err(Error::Invalid("give --text FILE or --dataset NAME".into())),
     };
     let edits = super::parse_edits(&a.edit)?;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, true)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tokens = ppl::text_tokens(&model, &text)?;
     let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
     let progress = |done: usize, _: usize| pb.set_position(done as u64);
@@ -49,7 +53,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             (ppl::perplexity(&m, &tokens, a.context, progress)?, m.log().to_vec())
         }
         super::device::Backend::Cuda => {
-            cuda_perplexity(&model, lazy, &tokens, a.context, &edits, progress)?
+            cuda_perplexity(&model, lazy, a.gpu_dtype, &tokens, a.context, &edits, progress)?
         }
     };
     pb.finish_and_clear();
@@ -87,13 +91,15 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
 fn cuda_perplexity(
     model: &swk::Model,
     lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    dtype: GpuDtype,
     tokens: &[u32],
     context: usize,
     edits: &[swk::edit::WeightEdit],
     progress: impl FnMut(usize, usize),
 ) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
     use swk::backend::cuda::CudaOptions;
-    let mut gpu = super::device::cuda_model(model, lazy, &CudaOptions::default())?;
+    let opts = CudaOptions { dtype: dtype.into(), ..Default::default() };
+    let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
     let windows = ppl::windows(model, tokens, context)?;
@@ -104,6 +110,7 @@ fn cuda_perplexity(
 fn cuda_perplexity(
     _: &swk::Model,
     _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: GpuDtype,
     _: &[u32],
     _: usize,
     _: &[swk::edit::WeightEdit],

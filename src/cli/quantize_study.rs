@@ -1,6 +1,6 @@
 //! `swk quantize-study MODEL [--text FILE] [--context N] [--bits B] [--block-size N]...
 //! [--clip-z Z | --no-clip] [--edit SPEC]... [--from-detect FILE] [--json] [--out PLOT.svg]
-//! [--gpu-dtype bf16|f32]` (runs on `--device cuda` too, with the model resident there).
+//! [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too, with the model resident there).
 
 use std::path::PathBuf;
 
@@ -85,8 +85,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     if lazy.is_some() {
         return Err(Error::Invalid(
             "quantize-study rewrites every linear weight, so it needs the model resident on the \

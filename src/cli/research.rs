@@ -174,8 +174,7 @@ fn one(
     let mut session = match backend {
         Backend::Cpu => research::research_inputs(&mut model, spec, cfg, &inputs, dir, progress)?,
         Backend::Cuda => {
-            let lazy =
-                super::device::stream_files(spec, dev.stream, a.gpu_dtype == GpuDtype::Bf16)?;
+            let lazy = super::device::stream_files(spec, dev.stream, a.gpu_dtype)?;
             cuda_research(&mut model, lazy, a.gpu_dtype, spec, cfg, &inputs, dir, progress)?
         }
     };

@@ -1,5 +1,5 @@
 //! `swk screen MODEL [--text FILE] [--context N] [--top-largest K] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
+//! [--from-detect FILE] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -71,8 +71,7 @@ impl Job for Screening {
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tokens = ppl::text_tokens(&model, &text)?;
     let largest = match &lazy {
         None => screen::largest_down_proj(&model, a.top_largest)?,

@@ -1,5 +1,5 @@
 //! `swk trace MODEL [--weight L,R,C] [--prompt TEXT] [--edit SPEC]... [--from-detect FILE]
-//! [--json] [--gpu-dtype bf16|f32]` (runs on `--device cuda` too).
+//! [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
 
 use swk::analysis::{down_proj_coords, token_labels, trace, AnalysisBackend};
 use swk::edit::WeightEdit;
@@ -66,8 +66,7 @@ fn parse_weight(s: &str) -> Result<(usize, usize, usize)> {
 
 pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let weight = a.weight.as_deref().map(parse_weight).transpose()?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tokens = model.tokenizer()?.encode(&a.prompt, true)?;
     let labels = token_labels(&model, &tokens);
     let job = Trace { weight, tokens, labels };

@@ -1,5 +1,5 @@
 //! `swk vocab MODEL [--text FILE] [--samples N] [--context N] [--top-k K] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f32]` (runs on `--device
+//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f16|f32]` (runs on `--device
 //! cuda` too).
 
 use std::path::PathBuf;
@@ -80,8 +80,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
-    let bf16 = a.gpu_dtype == GpuDtype::Bf16;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, bf16)?;
+    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let samples = analysis::text_samples(&model, &text, a.samples, a.context)?;
     let cfg = vocab::VocabConfig { top_k: a.top_k, include_all: a.all_tokens };
     let job = Effects { tok: model.tokenizer.clone(), samples, cfg, quiet: a.json };

@@ -7,7 +7,6 @@
 //! costs milliseconds).
 
 use super::forward::CudaKvCache;
-use super::kernels;
 use super::model::{CudaModel, DevData};
 use crate::detect::{ConfirmBaseline, DetectBackend};
 use crate::edit::{EditGuard, WeightEdit};
@@ -59,11 +58,11 @@ impl CudaModel {
         }
         match &t.data {
             DevData::F32(d) => self.dev.download(d, start, len),
-            DevData::Bf16(d) => Ok(self
+            DevData::Half(d, dt) => Ok(self
                 .dev
                 .download(d, start, len)?
                 .into_iter()
-                .map(|b| f32::from_bits(kernels::bf16_bits_to_f32_bits(b)))
+                .map(|b| f32::from_bits(dt.decode(b as u32)))
                 .collect()),
         }
     }

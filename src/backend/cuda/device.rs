@@ -7,7 +7,8 @@
 use super::driver::CudaDevice;
 use super::kernels::{self, int, Launch};
 use super::{be, BlasGemm};
-use crate::Result;
+use crate::backend::WeightDtype;
+use crate::{Error, Result};
 
 /// Launch kernel `$name` on the device's stream with the listed arguments (each pushed by
 /// reference: addresses as u64, dimensions as i32/u64/f32/f64 values).
@@ -49,8 +50,8 @@ impl CudaDevice {
         let a = self.alloc::<u16>(n * n)?;
         let b = self.alloc::<u16>(n * n)?;
         let c = self.alloc::<f32>(n * n)?;
-        self.fill_normal(self.ptr(&a), true, n * n, 1, 0.0, 1.0)?;
-        self.fill_normal(self.ptr(&b), true, n * n, 2, 0.0, 1.0)?;
+        self.fill_normal(self.ptr(&a), WeightDtype::Bf16, n * n, 1, 0.0, 1.0)?;
+        self.fill_normal(self.ptr(&b), WeightDtype::Bf16, n * n, 2, 0.0, 1.0)?;
         let (pa, pb, pc) = (self.ptr(&a), self.ptr(&b), self.ptr(&c));
         self.gemm_bf16_inputs(pa, pb, pc, n, n, n)?;
         self.synchronize()?;
@@ -62,13 +63,13 @@ impl CudaDevice {
         Ok(2.0 * (n as f64).powi(3) * reps.max(1) as f64 / t.elapsed().as_secs_f64())
     }
 
-    /// x[t] = emb[tokens[t]] · scale for `rows` tokens, embedding width `h`; `bf16` picks the
-    /// kernel.
+    /// x[t] = emb[tokens[t]] · scale for `rows` tokens, embedding width `h`, the table stored
+    /// as `dtype`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn embed(
         &self,
         emb: u64,
-        bf16: bool,
+        dtype: WeightDtype,
         tokens: u64,
         x: u64,
         rows: usize,
@@ -76,7 +77,7 @@ impl CudaDevice {
         scale: f32,
     ) -> Result<()> {
         let (rows_i, h_i) = (int(rows, "rows")?, int(h, "hidden")?);
-        let name = if bf16 { "swk_embed_bf16" } else { "swk_embed_f32" };
+        let name = by_dtype(dtype, ["swk_embed_f32", "swk_embed_bf16", "swk_embed_f16"]);
         let l = kernels::elementwise((rows * h) as u64)?;
         launch!(self, name, l, emb, tokens, x, rows_i, h_i, scale)
     }
@@ -288,14 +289,14 @@ impl CudaDevice {
     }
 
     /// y = x·W_iᵀ for every group of rows i of `g` at once, W_i at the device address `w[i]`
-    /// (`w`: u64 per group; every W_i `[n, k]`, bf16 or f32 as `bf16` says); each group's
+    /// (`w`: u64 per group; every W_i `[n, k]`, stored as `dtype`); each group's
     /// values are bit for bit those [`Self::gemm_kernel`] gives it alone.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_grouped(
         &self,
         x: u64,
         w: u64,
-        bf16: bool,
+        dtype: WeightDtype,
         y: u64,
         g: &RowGroups,
         n: usize,
@@ -303,7 +304,10 @@ impl CudaDevice {
     ) -> Result<()> {
         let l = kernels::gemm_grouped((g.min_rows, g.max_rows), n, g.count)?;
         let (n_i, k_i) = (int(n, "out features")?, int(k, "in features")?);
-        let name = if bf16 { "swk_gemm_grouped_bf16" } else { "swk_gemm_grouped_f32" };
+        let name = by_dtype(
+            dtype,
+            ["swk_gemm_grouped_f32", "swk_gemm_grouped_bf16", "swk_gemm_grouped_f16"],
+        );
         let (row0, rows) = (g.row0, g.rows);
         launch!(self, name, l, x, w, row0, rows, y, n_i, k_i)
     }
@@ -429,39 +433,55 @@ impl CudaDevice {
         launch!(self, "swk_add_halves", kernels::grid_stride(n)?, y2, y, n)
     }
 
-    /// bf16 → f32 (exact) of `n` elements.
-    pub(crate) fn bf16_to_f32(&self, src: u64, dst: u64, n: usize) -> Result<()> {
+    /// bf16 or f16 (`dtype`) → f32 (exact) of `n` elements.
+    pub(crate) fn widen(&self, src: u64, dtype: WeightDtype, dst: u64, n: usize) -> Result<()> {
         let n = n as u64;
-        launch!(self, "swk_bf16_to_f32", kernels::grid_stride(n)?, src, dst, n)
+        let name = match dtype {
+            WeightDtype::Bf16 => "swk_bf16_to_f32",
+            WeightDtype::F16 => "swk_f16_to_f32",
+            WeightDtype::F32 => {
+                return Err(Error::Backend("widen: f32 weights need no widening".into()))
+            }
+        };
+        launch!(self, name, kernels::grid_stride(n)?, src, dst, n)
+    }
+
+    /// f32 → f16 (round to nearest even; beyond ±65 504 to infinity) of `n` elements (the
+    /// device conversion that `swk_fill_normal_f16` uses, tested against the host's).
+    #[cfg(test)]
+    pub(crate) fn f32_to_f16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
+        let n = n as u64;
+        launch!(self, "swk_f32_to_f16", kernels::grid_stride(n)?, src, dst, n)
     }
 
     /// Fill `n` elements with `mean + std · N(0, 1)` from a counter-based hash of `seed`.
     pub(crate) fn fill_normal(
         &self,
         dst: u64,
-        bf16: bool,
+        dtype: WeightDtype,
         n: usize,
         seed: u64,
         mean: f32,
         std: f32,
     ) -> Result<()> {
         let n = n as u64;
-        let name = if bf16 { "swk_fill_normal_bf16" } else { "swk_fill_normal_f32" };
+        let name =
+            by_dtype(dtype, ["swk_fill_normal_f32", "swk_fill_normal_bf16", "swk_fill_normal_f16"]);
         launch!(self, name, kernels::grid_stride(n)?, dst, n, seed, mean, std)
     }
 
     /// Swap element `idx` of a weight buffer for `new_bits` (u32 for f32 storage, the low 16
-    /// bits for bf16); the previous bits land in `old` (one u32 on the device).
+    /// bits for a 2-byte dtype); the previous bits land in `old` (one u32 on the device).
     pub(crate) fn edit(
         &self,
         w: u64,
-        bf16: bool,
+        dtype: WeightDtype,
         idx: usize,
         new_bits: u32,
         old: u64,
     ) -> Result<()> {
         let idx = idx as u64;
-        let name = if bf16 { "swk_edit_bf16" } else { "swk_edit_f32" };
+        let name = if dtype.is_half() { "swk_edit_u16" } else { "swk_edit_u32" };
         launch!(
             self,
             name,
@@ -473,19 +493,33 @@ impl CudaDevice {
         )
     }
 
-    /// `out[i] = w[idx[i]]` for `n` elements (u32 bits of f32 storage, or bf16's u16 bits
-    /// zero-extended).
-    pub(crate) fn gather(&self, w: u64, bf16: bool, idx: u64, out: u64, n: usize) -> Result<()> {
+    /// `out[i] = w[idx[i]]` for `n` elements (u32 bits of f32 storage, or a 2-byte dtype's
+    /// bits zero-extended).
+    pub(crate) fn gather(
+        &self,
+        w: u64,
+        dtype: WeightDtype,
+        idx: u64,
+        out: u64,
+        n: usize,
+    ) -> Result<()> {
         let n = n as u64;
-        let name = if bf16 { "swk_gather_bf16" } else { "swk_gather_f32" };
+        let name = if dtype.is_half() { "swk_gather_u16" } else { "swk_gather_u32" };
         launch!(self, name, kernels::grid_stride(n)?, w, idx, out, n)
     }
 
-    /// `w[idx[i]] = bits[i]` for `n` elements at distinct indices (bf16 storage: the low 16
-    /// bits).
-    pub(crate) fn scatter(&self, w: u64, bf16: bool, idx: u64, bits: u64, n: usize) -> Result<()> {
+    /// `w[idx[i]] = bits[i]` for `n` elements at distinct indices (a 2-byte dtype: the low
+    /// 16 bits).
+    pub(crate) fn scatter(
+        &self,
+        w: u64,
+        dtype: WeightDtype,
+        idx: u64,
+        bits: u64,
+        n: usize,
+    ) -> Result<()> {
         let n = n as u64;
-        let name = if bf16 { "swk_scatter_bf16" } else { "swk_scatter_f32" };
+        let name = if dtype.is_half() { "swk_scatter_u16" } else { "swk_scatter_u32" };
         launch!(self, name, kernels::grid_stride(n)?, w, idx, bits, n)
     }
 
@@ -502,18 +536,19 @@ impl CudaDevice {
         &self,
         x: u64,
         w: u64,
-        bf16: bool,
+        dtype: WeightDtype,
         y: u64,
         rows: usize,
         n: usize,
         k: usize,
     ) -> Result<()> {
         let (r, n_i, k_i) = (int(rows, "rows")?, int(n, "out features")?, int(k, "in features")?);
-        let (name, l) = match (rows <= kernels::GEMV_MAX_ROWS, bf16) {
-            (true, false) => ("swk_gemv_f32", kernels::gemv(rows, n)?),
-            (true, true) => ("swk_gemv_bf16", kernels::gemv(rows, n)?),
-            (false, false) => ("swk_gemm_f32", kernels::gemm_tiled(rows, n)?),
-            (false, true) => ("swk_gemm_bf16", kernels::gemm_tiled(rows, n)?),
+        let (name, l) = if rows <= kernels::GEMV_MAX_ROWS {
+            let name = by_dtype(dtype, ["swk_gemv_f32", "swk_gemv_bf16", "swk_gemv_f16"]);
+            (name, kernels::gemv(rows, n)?)
+        } else {
+            let name = by_dtype(dtype, ["swk_gemm_f32", "swk_gemm_bf16", "swk_gemm_f16"]);
+            (name, kernels::gemm_tiled(rows, n)?)
         };
         launch!(self, name, l, x, w, y, r, n_i, k_i)
     }
@@ -576,6 +611,15 @@ impl CudaDevice {
     }
 }
 
+/// The variant of a kernel for weights stored as `dtype`, of its `[f32, bf16, f16]` names.
+fn by_dtype(dtype: WeightDtype, [f32, bf16, f16]: [&'static str; 3]) -> &'static str {
+    match dtype {
+        WeightDtype::F32 => f32,
+        WeightDtype::Bf16 => bf16,
+        WeightDtype::F16 => f16,
+    }
+}
+
 /// Groups of consecutive rows (the experts of a sparse layer), described on the device: u32
 /// arrays of each group's first row (`row0`) and row count (`rows`).
 pub(crate) struct RowGroups {
@@ -612,7 +656,8 @@ mod tests {
     /// `swk_gemm_grouped_*` gives each group of rows, bit for bit, what its own
     /// `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 8 rows next to groups of
     /// several row and column tiles, in one launch), and each within 1e-5 (relative to the
-    /// row's largest |y|) of the f64 product; rows past the groups stay untouched.
+    /// row's largest |y|) of the f64 product of the stored (f32, bf16 or f16) weights; rows
+    /// past the groups stay untouched.
     #[test]
     fn grouped_gemm_equals_each_groups_own_launch() {
         if !cuda_available() {
@@ -636,24 +681,21 @@ mod tests {
             rows.iter().scan(0u32, |at, &r| Some(std::mem::replace(at, *at + r as u32))).collect();
         let count: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let xd = dev.upload(&x).unwrap();
-        for bf16 in [false, true] {
-            let stored: Vec<Vec<f32>> = if bf16 {
-                ws.iter()
-                    .map(|w| w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect())
-                    .collect()
-            } else {
-                ws.clone()
-            };
-            let bits: Vec<Vec<u16>> = stored
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            let stored: Vec<Vec<f32>> = ws
                 .iter()
-                .map(|w| w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
+                .map(|w| w.iter().map(|&v| f32::from_bits(dtype.stored_bits(v).unwrap())).collect())
+                .collect();
+            let raw: Vec<Vec<u16>> = stored
+                .iter()
+                .map(|w| w.iter().map(|&v| dtype.encode(v).unwrap() as u16).collect())
                 .collect();
             // Each group's weight in its own buffer, as the experts' are; the buffers outlive
             // the launches.
-            let held16: Vec<_> = bits.iter().map(|b| dev.upload(b).unwrap()).collect();
+            let held16: Vec<_> = raw.iter().map(|b| dev.upload(b).unwrap()).collect();
             let held32: Vec<_> = stored.iter().map(|w| dev.upload(w).unwrap()).collect();
             let addrs: Vec<u64> = (0..rows.len())
-                .map(|g| if bf16 { dev.ptr(&held16[g]) } else { dev.ptr(&held32[g]) })
+                .map(|g| if dtype.is_half() { dev.ptr(&held16[g]) } else { dev.ptr(&held32[g]) })
                 .collect();
             let (ad, r0d, rd) = (
                 dev.upload(&addrs).unwrap(),
@@ -668,18 +710,19 @@ mod tests {
                 min_rows: 1,
                 max_rows: 130,
             };
-            dev.gemm_grouped(dev.ptr(&xd), dev.ptr(&ad), bf16, dev.ptr(&y), &groups, n, k).unwrap();
+            dev.gemm_grouped(dev.ptr(&xd), dev.ptr(&ad), dtype, dev.ptr(&y), &groups, n, k)
+                .unwrap();
             let got = dev.download(&y, 0, (total + 2) * n).unwrap();
             assert!(got[total * n..].iter().all(|&v| v == 0.0), "rows past the groups written");
             for (g, &r) in rows.iter().enumerate() {
                 let at = row0[g] as usize;
                 let alone = dev.zeros::<f32>(r * n).unwrap();
                 let xg = dev.ptr(&xd) + (at * k * 4) as u64;
-                dev.gemm_kernel(xg, addrs[g], bf16, dev.ptr(&alone), r, n, k).unwrap();
+                dev.gemm_kernel(xg, addrs[g], dtype, dev.ptr(&alone), r, n, k).unwrap();
                 let alone = dev.download(&alone, 0, r * n).unwrap();
                 let mine = &got[at * n..(at + r) * n];
                 let same = mine.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "group {g} ({r} rows, bf16 {bf16}) differs from its own launch");
+                assert!(same, "group {g} ({r} rows, {dtype:?}) differs from its own launch");
                 for t in 0..r {
                     let xr = &x[(at + t) * k..(at + t + 1) * k];
                     let want: Vec<f64> = (0..n)
@@ -694,6 +737,73 @@ mod tests {
                         assert!(err <= 1e-5, "group {g} row {t} col {o}: {err:.2e}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The device's f32 → f16 and f32 → bf16 (`f32_to_f16_bits`, `f32_to_bf16_bits`: random
+    /// weights, `cublas-bf16`'s activations) and their widenings (which every f16 and bf16
+    /// kernel uses) are the host's (`half`, which uploads and edits use), bit for bit:
+    /// special values, the range edges and 200 000 random f32 bit patterns; every 16-bit
+    /// pattern widened. (NaN only as NaN.)
+    #[test]
+    fn device_half_conversions_are_the_hosts() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mut v: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            65504.0,
+            65519.996,
+            65520.0,
+            -65520.0,
+            1e6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            6.1035156e-5, // the smallest normal f16
+            6.1035152e-5, // just below: the largest subnormal after rounding
+            5.9604645e-8, // the smallest subnormal, 2^-24
+            2.9802322e-8, // 2^-25: a tie, to even (0)
+            2.9802326e-8, // just above 2^-25: rounds up to 2^-24
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        v.extend((0..200_000).map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            f32::from_bits((seed >> 32) as u32)
+        }));
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let (src, all_d) = (dev.upload(&v).unwrap(), dev.upload(&all).unwrap());
+        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+            let dst = dev.zeros::<u16>(v.len()).unwrap();
+            let (s, d) = (dev.ptr(&src), dev.ptr(&dst));
+            match dtype {
+                WeightDtype::F16 => dev.f32_to_f16(s, d, v.len()).unwrap(),
+                _ => dev.f32_to_bf16(s, d, v.len()).unwrap(),
+            }
+            let got = dev.download(&dst, 0, v.len()).unwrap();
+            for (x, g) in v.iter().zip(&got) {
+                let back = f32::from_bits(dtype.decode(*g as u32));
+                if x.is_nan() {
+                    assert!(back.is_nan(), "{dtype:?} of NaN");
+                } else {
+                    let want = dtype.encode(*x).unwrap_or(0x7c00 | (x.to_bits() >> 16 & 0x8000));
+                    assert_eq!(*g as u32, want, "{dtype:?} of {x:e} ({:#010x})", x.to_bits());
+                }
+            }
+            let wide = dev.zeros::<f32>(all.len()).unwrap();
+            dev.widen(dev.ptr(&all_d), dtype, dev.ptr(&wide), all.len()).unwrap();
+            for (h, w) in all.iter().zip(dev.download(&wide, 0, all.len()).unwrap()) {
+                let want = f32::from_bits(dtype.decode(*h as u32));
+                let same = w.to_bits() == want.to_bits() || (w.is_nan() && want.is_nan());
+                assert!(same, "{dtype:?} {h:#06x}");
             }
         }
     }

@@ -1,16 +1,16 @@
 //! In-place edits of device weights through the crate's [`EditTarget`] trait, and device
 //! checksums that prove bit-exact restoration.
 //!
-//! Element bits cross the trait as f32 bits. For bf16 storage (documented contract):
-//! * `read_bits` returns the stored bf16 bits widened to f32 bits (`bits << 16`, exact);
-//! * `write_bits` rounds the f32 value to bf16, nearest even (what the device can hold).
+//! Element bits cross the trait as f32 bits. For bf16 and f16 storage (documented contract):
+//! * `read_bits` returns the stored bits widened to f32 bits (exact);
+//! * `write_bits` rounds the f32 value to the dtype, nearest even (what the device can hold);
+//!   a value f16 cannot hold (beyond ±65 504) is an error, and nothing is written.
 //!
-//! So an edit's recorded `original_bits` are exactly representable in bf16 and
+//! So an edit's recorded `original_bits` are exactly representable in the dtype and
 //! [`EditGuard`](crate::edit::EditGuard)'s restore writes the stored bits back unchanged:
-//! restoration is bit-exact in both dtypes, and [`CudaModel::checksum`] shows it.
+//! restoration is bit-exact in every dtype, and [`CudaModel::checksum`] shows it.
 
-use super::kernels::{bf16_bits_to_f32_bits, f32_to_bf16_bits};
-use super::model::{CudaModel, DevData};
+use super::model::{CudaModel, DevData, WeightDtype};
 use crate::edit::EditTarget;
 use crate::model::weights::fnv1a;
 use crate::{Error, Result};
@@ -38,7 +38,7 @@ pub fn checksum_bits_u32(bits: &[u32]) -> u64 {
         .reduce(|| 0, u64::wrapping_add)
 }
 
-/// Host mirror of `swk_checksum_u16` for bf16 storage (bits zero-extended).
+/// Host mirror of `swk_checksum_u16` for bf16 and f16 storage (bits zero-extended).
 pub fn checksum_bits_u16(bits: &[u16]) -> u64 {
     use rayon::prelude::*;
     bits.par_iter()
@@ -64,7 +64,7 @@ impl CudaModel {
         let out = self.dev.zeros::<u64>(1)?;
         let (ptr, is_u16) = match &t.data {
             DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Bf16(d) => (self.dev.ptr(d), true),
+            DevData::Half(d, _) => (self.dev.ptr(d), true),
         };
         self.dev.checksum(ptr, is_u16, t.len(), self.dev.ptr(&out))?;
         Ok(self.dev.download(&out, 0, 1)?[0])
@@ -89,14 +89,18 @@ impl CudaModel {
 
     /// The checksum [`CudaModel::checksum`] must give right after uploading `model` in
     /// `dtype` (computed on the host): proves the upload itself was bit-exact.
-    pub fn expected_checksum(model: &crate::Model, dtype: super::WeightDtype) -> Result<u64> {
+    pub fn expected_checksum(model: &crate::Model, dtype: WeightDtype) -> Result<u64> {
         let probe = super::model::upload_plan(model);
         let mut per = Vec::with_capacity(probe.len());
         for (name, matrix) in &probe {
             let t = model.weights.get(name)?;
-            let c = if *matrix && dtype == super::WeightDtype::Bf16 {
+            let c = if *matrix && dtype.is_half() {
                 use rayon::prelude::*;
-                let bits: Vec<u16> = t.data.par_iter().map(|&v| f32_to_bf16_bits(v)).collect();
+                let bits = t
+                    .data
+                    .par_iter()
+                    .map(|&v| dtype.encode_or_err(v, name).map(|raw| raw as u16))
+                    .collect::<Result<Vec<u16>>>()?;
                 checksum_bits_u16(&bits)
             } else {
                 checksum_bits_u32(bytemuck::cast_slice(&t.data))
@@ -123,7 +127,7 @@ impl EditTarget for CudaModel {
         Ok(self.tensor(tensor)?.shape.clone())
     }
 
-    /// The element's bits as f32 bits (bf16 storage: widened, exact).
+    /// The element's bits as f32 bits (bf16 and f16 storage: widened, exact).
     fn read_bits(&self, tensor: &str, flat: usize) -> Result<u32> {
         if let Some(st) = self.stream.as_ref().filter(|st| st.entry(tensor).is_some()) {
             return st.read_bits(tensor, flat);
@@ -138,12 +142,12 @@ impl EditTarget for CudaModel {
         }
         match &t.data {
             DevData::F32(d) => Ok(self.dev.download(d, flat, 1)?[0].to_bits()),
-            DevData::Bf16(d) => Ok(bf16_bits_to_f32_bits(self.dev.download(d, flat, 1)?[0])),
+            DevData::Half(d, dt) => Ok(dt.decode(self.dev.download(d, flat, 1)?[0] as u32)),
         }
     }
 
-    /// Write f32 bits (bf16 storage: rounded to nearest even). Synchronizes, so a failed
-    /// write is reported here rather than by a later pass.
+    /// Write f32 bits (bf16 and f16 storage: rounded to nearest even; beyond f16's range an
+    /// error). Synchronizes, so a failed write is reported here rather than by a later pass.
     fn write_bits(&mut self, tensor: &str, flat: usize, bits: u32) -> Result<()> {
         if let Some(st) = self.stream.as_mut().filter(|st| st.entry(tensor).is_some()) {
             return st.write_bits(tensor, flat, bits);
@@ -158,10 +162,10 @@ impl EditTarget for CudaModel {
             ));
         }
         match &t.data {
-            DevData::F32(d) => self.dev.edit(self.dev.ptr(d), false, flat, bits, old)?,
-            DevData::Bf16(d) => {
-                let b = f32_to_bf16_bits(f32::from_bits(bits)) as u32;
-                self.dev.edit(self.dev.ptr(d), true, flat, b, old)?
+            DevData::F32(d) => self.dev.edit(self.dev.ptr(d), WeightDtype::F32, flat, bits, old)?,
+            DevData::Half(d, dt) => {
+                let raw = dt.encode_or_err(f32::from_bits(bits), tensor)?;
+                self.dev.edit(self.dev.ptr(d), *dt, flat, raw, old)?
             }
         }
         self.dev.synchronize()
@@ -180,17 +184,14 @@ impl EditTarget for CudaModel {
         let w = self.weight(tensor)?;
         let idx = self.dev.upload(&batch_indices(tensor, flats, w.len(), false)?)?;
         let out = self.dev.alloc::<u32>(flats.len())?;
-        self.dev.gather(w.ptr, w.bf16, self.dev.ptr(&idx), self.dev.ptr(&out), flats.len())?;
+        self.dev.gather(w.ptr, w.dtype, self.dev.ptr(&idx), self.dev.ptr(&out), flats.len())?;
         let bits = self.dev.download(&out, 0, flats.len())?;
-        Ok(if w.bf16 {
-            bits.into_iter().map(|b| bf16_bits_to_f32_bits(b as u16)).collect()
-        } else {
-            bits
-        })
+        Ok(bits.into_iter().map(|b| w.dtype.decode(b)).collect())
     }
 
     /// One scatter launch for the whole batch, then a synchronization (so a failed write is
-    /// reported here). bf16 storage: values rounded to nearest even, as `write_bits` does.
+    /// reported here). bf16 and f16 storage: values rounded as `write_bits` does; a value f16
+    /// cannot hold fails the whole batch before anything is written.
     fn write_many(&mut self, tensor: &str, flats: &[usize], bits: &[u32]) -> Result<()> {
         if flats.len() != bits.len() {
             return Err(Error::tensor(tensor, "write_many: flats and bits differ in length"));
@@ -204,17 +205,17 @@ impl EditTarget for CudaModel {
         self.dev.bind()?;
         let w = self.weight(tensor)?;
         let idx = self.dev.upload(&batch_indices(tensor, flats, w.len(), true)?)?;
-        let stored: Vec<u32> = if w.bf16 {
-            bits.iter().map(|&b| f32_to_bf16_bits(f32::from_bits(b)) as u32).collect()
-        } else {
-            bits.to_vec()
-        };
+        let stored = bits
+            .iter()
+            .map(|&b| w.dtype.encode_or_err(f32::from_bits(b), tensor))
+            .collect::<Result<Vec<u32>>>()?;
         let vals = self.dev.upload(&stored)?;
-        self.dev.scatter(w.ptr, w.bf16, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
+        self.dev.scatter(w.ptr, w.dtype, self.dev.ptr(&idx), self.dev.ptr(&vals), flats.len())?;
         self.dev.synchronize()
     }
 
-    /// One download of the range (bf16 widened; streamed tensors: read from the files once).
+    /// One download of the range (bf16 and f16 widened; streamed tensors: read from the files
+    /// once).
     fn read_range(&self, tensor: &str, start: usize, len: usize) -> Result<Vec<u32>> {
         if self.in_stream(tensor) {
             let v = self.download_range(tensor, start, len)?;
@@ -227,14 +228,14 @@ impl EditTarget for CudaModel {
             DevData::F32(d) => {
                 self.dev.download(d, start, len)?.iter().map(|v| v.to_bits()).collect()
             }
-            DevData::Bf16(d) => {
-                self.dev.download(d, start, len)?.into_iter().map(bf16_bits_to_f32_bits).collect()
+            DevData::Half(d, dt) => {
+                self.dev.download(d, start, len)?.into_iter().map(|b| dt.decode(b as u32)).collect()
             }
         })
     }
 
-    /// One upload into the range, then a synchronization (bf16 storage: values rounded to
-    /// nearest even, as `write_bits` does).
+    /// One upload into the range, then a synchronization (bf16 and f16 storage: values
+    /// rounded as `write_bits` does; a value f16 cannot hold fails before anything is written).
     fn write_range(&mut self, tensor: &str, start: usize, bits: &[u32]) -> Result<()> {
         if self.in_stream(tensor) {
             let flats: Vec<usize> = (start..start + bits.len()).collect();
@@ -250,9 +251,11 @@ impl EditTarget for CudaModel {
                 let v: &[f32] = bytemuck::cast_slice(bits);
                 self.dev.upload_at(v, d, start)?;
             }
-            DevData::Bf16(d) => {
-                let v: Vec<u16> =
-                    bits.iter().map(|&b| f32_to_bf16_bits(f32::from_bits(b))).collect();
+            DevData::Half(d, dt) => {
+                let v = bits
+                    .iter()
+                    .map(|&b| dt.encode_or_err(f32::from_bits(b), tensor).map(|raw| raw as u16))
+                    .collect::<Result<Vec<u16>>>()?;
                 self.dev.upload_at(&v, d, start)?;
             }
         }
@@ -342,15 +345,17 @@ mod tests {
         assert_eq!(a, combine_checksums([("a", 1), ("b", 2)]));
     }
 
-    /// An edit/restore cycle through the guard on bf16 storage is bit-exact: the recorded
-    /// original bits survive the f32 → bf16 rounding of the restore write.
+    /// An edit/restore cycle through the guard on bf16 or f16 storage is bit-exact: the
+    /// recorded original bits survive the f32 → dtype rounding of the restore write.
     #[test]
-    fn bf16_restore_bits_survive_rounding() {
+    fn half_restore_bits_survive_rounding() {
         let mut rng = crate::synth::SplitMix64::new(5);
-        for _ in 0..100_000 {
-            let stored = (rng.next_u64() as u16) & 0x7f7f; // finite bf16 values
-            let read = bf16_bits_to_f32_bits(stored);
-            assert_eq!(f32_to_bf16_bits(f32::from_bits(read)), stored);
+        for (dtype, finite) in [(WeightDtype::Bf16, 0x7f7f), (WeightDtype::F16, 0x7bff)] {
+            for _ in 0..100_000 {
+                let stored = (rng.next_u64() as u32) & finite; // finite values of the dtype
+                let read = dtype.decode(stored);
+                assert_eq!(dtype.encode(f32::from_bits(read)), Some(stored), "{dtype:?}");
+            }
         }
     }
 

@@ -299,7 +299,7 @@ impl CudaModel {
         let c = &self.config;
         let emb = self.weight("model.embed_tokens.weight")?;
         let h = c.hidden_size;
-        self.dev.embed(emb.ptr, emb.bf16, tok, x, t, h, self.block.embed_scale)?;
+        self.dev.embed(emb.ptr, emb.dtype, tok, x, t, h, self.block.embed_scale)?;
         if !self.block.positions {
             return Ok(());
         }

@@ -46,20 +46,27 @@ pub const KERNELS: &[&str] = &[
     "swk_column_max",
     "swk_column_max_grouped",
     "swk_copy_rows",
-    "swk_edit_bf16",
-    "swk_edit_f32",
+    "swk_edit_u16",
+    "swk_edit_u32",
     "swk_embed_bf16",
+    "swk_embed_f16",
     "swk_embed_f32",
+    "swk_f16_to_f32",
     "swk_f32_to_bf16",
+    "swk_f32_to_f16",
     "swk_fill_normal_bf16",
+    "swk_fill_normal_f16",
     "swk_fill_normal_f32",
-    "swk_gather_bf16",
-    "swk_gather_f32",
+    "swk_gather_u16",
+    "swk_gather_u32",
     "swk_gemm_bf16",
+    "swk_gemm_f16",
     "swk_gemm_f32",
     "swk_gemm_grouped_bf16",
+    "swk_gemm_grouped_f16",
     "swk_gemm_grouped_f32",
     "swk_gemv_bf16",
+    "swk_gemv_f16",
     "swk_gemv_f32",
     "swk_layernorm",
     "swk_moe_combine",
@@ -67,8 +74,8 @@ pub const KERNELS: &[&str] = &[
     "swk_rmsnorm",
     "swk_rope",
     "swk_rope_at",
-    "swk_scatter_bf16",
-    "swk_scatter_f32",
+    "swk_scatter_u16",
+    "swk_scatter_u32",
     "swk_sigmoid_gate_add",
     "swk_softcap",
     "swk_split_bf16",
@@ -290,26 +297,6 @@ pub fn merge_spike_keys(stats: &mut [ChannelMax], keys: &[u64]) {
     }
 }
 
-/// Host mirror of `f32_to_bf16_bits` in kernels/common.cuh (round to nearest even, NaN kept
-/// quiet): the rounding the device applies to edits of bf16 weights.
-pub fn f32_to_bf16_bits(f: f32) -> u16 {
-    let x = f.to_bits();
-    if x & 0x7fff_ffff > 0x7f80_0000 {
-        return ((x >> 16) | 0x0040) as u16;
-    }
-    let round_bit = 0x0000_8000u32;
-    if x & round_bit != 0 && x & (3 * round_bit - 1) != 0 {
-        ((x >> 16) + 1) as u16
-    } else {
-        (x >> 16) as u16
-    }
-}
-
-/// bf16 bits widened to f32 bits (exact).
-pub fn bf16_bits_to_f32_bits(b: u16) -> u32 {
-    (b as u32) << 16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,36 +502,5 @@ mod tests {
         merge_spike_keys(&mut s, &[spike_key(3.5, 9), 0]);
         assert_eq!(s[0].position, 9);
         assert_eq!(s[1].position, 4);
-    }
-
-    #[test]
-    fn bf16_rounding_matches_half() {
-        let mut rng = crate::synth::SplitMix64::new(11);
-        let specials = [
-            0.0f32,
-            -0.0,
-            1.0,
-            -1.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            1e-40,
-            3.0e38,
-        ];
-        let randoms = (0..200_000).map(|_| f32::from_bits(rng.next_u64() as u32));
-        for f in specials.into_iter().chain(randoms) {
-            let want = half::bf16::from_f32(f).to_bits();
-            let got = f32_to_bf16_bits(f);
-            if f.is_nan() {
-                assert!(half::bf16::from_bits(got).is_nan());
-            } else {
-                assert_eq!(got, want, "{f:e} ({:08x})", f.to_bits());
-            }
-        }
-        // Halfway cases round to even.
-        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
-        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
-        assert_eq!(bf16_bits_to_f32_bits(0x3f80), 1.0f32.to_bits());
     }
 }

@@ -4,7 +4,7 @@
 
 use super::driver::{CudaDevice, CudaSlice, PinnedHostSlice};
 use super::kernels;
-use super::model::{CudaModel, GemmEngine, WeightRef};
+use super::model::{CudaModel, GemmEngine, WeightDtype, WeightRef};
 use crate::{Error, Result};
 
 /// Elements of the f32 scratch used to widen bf16 weights for cuBLAS SGEMM (128 MiB).
@@ -68,17 +68,17 @@ impl CudaModel {
                 format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
             ));
         }
-        match (w.bf16, self.gemm) {
-            (bf16, GemmEngine::Kernels) => {
-                self.dev.gemm_kernel(x, w.ptr, bf16, y, rows, n_out, n_in)
+        match (w.dtype, self.gemm) {
+            (dtype, GemmEngine::Kernels) => {
+                self.dev.gemm_kernel(x, w.ptr, dtype, y, rows, n_out, n_in)
             }
-            (false, _) => self.dev.sgemm(x, w.ptr, y, rows, n_out, n_in, n_out),
-            (true, GemmEngine::CublasBf16) => {
+            (WeightDtype::F32, _) => self.dev.sgemm(x, w.ptr, y, rows, n_out, n_in, n_out),
+            (WeightDtype::Bf16, GemmEngine::CublasBf16) => {
                 let x16 = sc.x16(&self.dev, rows * n_in)?;
                 self.dev.f32_to_bf16(x, x16, rows * n_in)?;
                 self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
             }
-            (true, GemmEngine::CublasSplit) => {
+            (WeightDtype::Bf16, GemmEngine::CublasSplit) => {
                 let x16 = match split {
                     Some(x16) => x16,
                     None => {
@@ -91,11 +91,12 @@ impl CudaModel {
                 self.dev.gemm_bf16_inputs(x16, w.ptr, y2, 2 * rows, n_out, n_in)?;
                 self.dev.add_halves(y2, y, rows * n_out)
             }
-            (true, _) => {
+            (dtype, _) => {
                 // Widen a band of W's rows to f32, multiply into the matching band of y's columns.
                 let wide = sc.wide(&self.dev, n_out, n_in)?;
                 for (o0, oc) in kernels::widen_chunks(n_out, n_in, WIDEN_SCRATCH) {
-                    self.dev.bf16_to_f32(w.ptr + (o0 * n_in * 2) as u64, wide, oc * n_in)?;
+                    let band = w.ptr + (o0 * n_in * dtype.bytes()) as u64;
+                    self.dev.widen(band, dtype, wide, oc * n_in)?;
                     self.dev.sgemm(x, wide, y + (o0 * 4) as u64, rows, oc, n_in, n_out)?;
                 }
                 Ok(())

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use super::driver::{cuda_available, CudaDevice, CudaSlice};
 use super::family::Block;
-use super::kernels;
 use super::linear::Scratch;
 use super::mla::MlaRope;
 use super::moe::KeyLayout;
@@ -20,40 +19,16 @@ use crate::model::arch::{self, llama};
 use crate::model::{Architecture, LazyModel, Model, ModelConfig};
 use crate::{Error, Result};
 
-/// How weight matrices (projections, embedding, LM head) are stored on the device. Norm
-/// weights, biases and RoPE frequencies are always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightDtype {
-    /// 4 bytes per weight: the host's values exactly.
-    F32,
-    /// 2 bytes per weight, rounded to nearest even (exact for models stored in bf16).
-    Bf16,
-}
-
-impl WeightDtype {
-    /// Bytes per stored weight.
-    pub fn bytes(self) -> usize {
-        match self {
-            WeightDtype::F32 => 4,
-            WeightDtype::Bf16 => 2,
-        }
-    }
-    /// Lowercase name (`f32`, `bf16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightDtype::F32 => "f32",
-            WeightDtype::Bf16 => "bf16",
-        }
-    }
-}
+pub use crate::backend::dtype::WeightDtype;
 
 /// Who computes the matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmEngine {
-    /// cuBLAS when libcublas loads, else swk's kernels.
+    /// cuBLAS when libcublas loads (`cublas-split` for bf16 weights, `cublas` for f32), else
+    /// swk's kernels; swk's kernels for f16 weights.
     Auto,
-    /// cuBLAS SGEMM in f32 (bf16 weights are widened exactly to f32 chunk by chunk first):
-    /// the CPU backend's math.
+    /// cuBLAS SGEMM in f32 (bf16 and f16 weights are widened exactly to f32 chunk by chunk
+    /// first): the CPU backend's math.
     Cublas,
     /// cuBLAS GemmEx on bf16 inputs with f32 accumulation: activations are rounded to bf16
     /// before each product. Fastest, least exact. Needs [`WeightDtype::Bf16`].
@@ -62,7 +37,8 @@ pub enum GemmEngine {
     /// twice the rows, the two products summed in f32): about f32 accuracy, reading the bf16
     /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
     CublasSplit,
-    /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 weights widened as loaded).
+    /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 and f16 weights widened as
+    /// loaded). The default for f16 weights.
     Kernels,
 }
 
@@ -100,7 +76,8 @@ impl Default for CudaOptions {
 /// Device storage of one tensor.
 pub(crate) enum DevData {
     F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+    /// A 2-byte dtype's raw bits ([`WeightDtype::Bf16`] or [`WeightDtype::F16`]).
+    Half(CudaSlice<u16>, WeightDtype),
 }
 
 /// A tensor on the device: HF shape and storage.
@@ -120,7 +97,7 @@ pub(crate) struct WeightRef {
     pub(crate) name: String,
     pub(crate) shape: Vec<usize>,
     pub(crate) ptr: u64,
-    pub(crate) bf16: bool,
+    pub(crate) dtype: WeightDtype,
 }
 
 impl WeightRef {
@@ -144,18 +121,18 @@ impl WeightRef {
                 format!("rows {start}..{} of a [{total}, {cols}] matrix", start + n),
             ));
         }
-        let elem = if self.bf16 { 2 } else { 4 };
+        let elem = self.dtype.bytes();
         Ok(WeightRef {
             name: format!("{}[{start}..{}]", self.name, start + n),
             shape: if self.shape.len() == 1 { vec![n] } else { vec![n, cols] },
             ptr: self.ptr + (start * cols * elem) as u64,
-            bf16: self.bf16,
+            dtype: self.dtype,
         })
     }
 
     /// The address of an f32 tensor (norms and biases).
     pub(crate) fn f32_ptr(&self) -> Result<u64> {
-        if self.bf16 {
+        if self.dtype != WeightDtype::F32 {
             return Err(Error::Backend(format!("{} is expected in f32 on the device", self.name)));
         }
         Ok(self.ptr)
@@ -293,17 +270,23 @@ fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> 
     Ok(())
 }
 
-/// One host tensor on the device: matrices in `dtype`, everything else f32.
+/// One host tensor (`name`) on the device: matrices in `dtype`, everything else f32. A value
+/// `dtype` cannot hold (f16's range) is an error naming the tensor.
 fn upload_tensor(
     dev: &CudaDevice,
+    name: &str,
     t: &crate::model::Tensor,
     matrix: bool,
     dtype: WeightDtype,
 ) -> Result<DevTensor> {
-    let data = if matrix && dtype == WeightDtype::Bf16 {
+    let data = if matrix && dtype.is_half() {
         use rayon::prelude::*;
-        let bits: Vec<u16> = t.data.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect();
-        DevData::Bf16(dev.upload(&bits)?)
+        let bits = t
+            .data
+            .par_iter()
+            .map(|&v| dtype.encode_or_err(v, name).map(|raw| raw as u16))
+            .collect::<Result<Vec<u16>>>()?;
+        DevData::Half(dev.upload(&bits)?, dtype)
     } else {
         DevData::F32(dev.upload(&t.data)?)
     };
@@ -323,6 +306,8 @@ fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Resul
         GemmEngine::Auto if dev.has_cublas() && dtype == WeightDtype::Bf16 => {
             GemmEngine::CublasSplit
         }
+        // cuBLAS has no f16 × f32 product: its SGEMM would need every weight widened first.
+        GemmEngine::Auto if dtype == WeightDtype::F16 => GemmEngine::Kernels,
         GemmEngine::Auto if dev.has_cublas() => GemmEngine::Cublas,
         GemmEngine::Auto => GemmEngine::Kernels,
         g => g,
@@ -361,7 +346,8 @@ impl CudaModel {
         let mut tensors = BTreeMap::new();
         for (name, matrix) in upload_plan(model) {
             let t = model.weights.get(&name)?;
-            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
+            let d = upload_tensor(&dev, &name, t, matrix, opts.dtype)?;
+            tensors.insert(name, d);
         }
         let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&model.config, freqs);
@@ -388,9 +374,8 @@ impl CudaModel {
     /// of another shape (checked here, before any pass).
     pub fn streamed(lazy: Arc<LazyModel>, opts: &CudaOptions) -> Result<Self> {
         let c = lazy.config.clone();
-        let layouts: Vec<SlotLayout> = (0..c.num_layers)
-            .map(|l| SlotLayout::new(&c, l, opts.dtype == WeightDtype::Bf16))
-            .collect();
+        let layouts: Vec<SlotLayout> =
+            (0..c.num_layers).map(|l| SlotLayout::new(&c, l, opts.dtype)).collect();
         let slot_bytes = layouts.iter().map(|s| s.bytes).max().unwrap_or(0);
         for (l, layout) in layouts.iter().enumerate() {
             for e in &layout.entries {
@@ -419,7 +404,8 @@ impl CudaModel {
             upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none())
         {
             let t = resident.weights.get(&name)?;
-            tensors.insert(name, upload_tensor(&dev, t, matrix, opts.dtype)?);
+            let d = upload_tensor(&dev, &name, t, matrix, opts.dtype)?;
+            tensors.insert(name, d);
         }
         let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&c, freqs);
@@ -470,13 +456,13 @@ impl CudaModel {
             let norm = !matrix && name.contains("norm");
             let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
             let s = crate::synth::mix(seed, k as u64);
-            let data = if matrix && opts.dtype == WeightDtype::Bf16 {
+            let data = if matrix && opts.dtype.is_half() {
                 let d = dev.alloc::<u16>(n)?;
-                dev.fill_normal(dev.ptr(&d), true, n, s, mean, std)?;
-                DevData::Bf16(d)
+                dev.fill_normal(dev.ptr(&d), opts.dtype, n, s, mean, std)?;
+                DevData::Half(d, opts.dtype)
             } else {
                 let d = dev.alloc::<f32>(n)?;
-                dev.fill_normal(dev.ptr(&d), false, n, s, mean, std)?;
+                dev.fill_normal(dev.ptr(&d), WeightDtype::F32, n, s, mean, std)?;
                 DevData::F32(d)
             };
             tensors.insert(name, DevTensor { shape, data });
@@ -578,17 +564,17 @@ impl CudaModel {
         self.dev.synchronize()
     }
 
-    /// A tensor's values as f32 on the host (bf16 widened exactly).
+    /// A tensor's values as f32 on the host (bf16 and f16 widened exactly).
     pub fn download(&self, name: &str) -> Result<Vec<f32>> {
         self.dev.bind()?;
         let t = self.tensor(name)?;
         match &t.data {
             DevData::F32(d) => self.dev.download(d, 0, t.len()),
-            DevData::Bf16(d) => Ok(self
+            DevData::Half(d, dt) => Ok(self
                 .dev
                 .download(d, 0, t.len())?
                 .into_iter()
-                .map(|b| f32::from_bits(kernels::bf16_bits_to_f32_bits(b)))
+                .map(|b| f32::from_bits(dt.decode(b as u32)))
                 .collect()),
         }
     }
@@ -602,11 +588,11 @@ impl CudaModel {
     /// A resident tensor as the forward pass reads it.
     pub(crate) fn weight(&self, name: &str) -> Result<WeightRef> {
         let t = self.tensor(name)?;
-        let (ptr, bf16) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Bf16(d) => (self.dev.ptr(d), true),
+        let (ptr, dtype) = match &t.data {
+            DevData::F32(d) => (self.dev.ptr(d), WeightDtype::F32),
+            DevData::Half(d, dt) => (self.dev.ptr(d), *dt),
         };
-        Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, bf16 })
+        Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, dtype })
     }
 
     /// Tensor `suffix` of layer `layer`: from the slot at `slot` when the layer is streamed
@@ -629,7 +615,7 @@ impl CudaModel {
                     name,
                     shape: e.shape.clone(),
                     ptr: base + e.offset as u64,
-                    bf16: e.bf16,
+                    dtype: e.dtype,
                 })
             }
             _ => self.weight(&name),
@@ -652,7 +638,7 @@ mod tests {
             return;
         }
         let m = tiny();
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
             let opts = CudaOptions { dtype, ..Default::default() };
             let e = CudaModel::new(&m, &opts).err().expect("no device here").to_string();
             assert!(e.starts_with("backend: "), "{e}");

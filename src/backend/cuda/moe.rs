@@ -320,7 +320,7 @@ impl CudaModel {
         let g = d.experts.len();
         let mut ptrs = vec![0u64; 3 * g];
         let mut meta = vec![0u32; 4 * g];
-        let mut bf16 = None;
+        let mut dtype = None;
         for (i, &(e, r0, n)) in d.experts.iter().enumerate() {
             for (j, what) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
                 let wr = w(&format!("mlp.experts.{e}.{what}.weight"))?;
@@ -331,7 +331,7 @@ impl CudaModel {
                         format!("expected shape {want:?} on the device, found {:?}", wr.shape),
                     ));
                 }
-                if *bf16.get_or_insert(wr.bf16) != wr.bf16 {
+                if *dtype.get_or_insert(wr.dtype) != wr.dtype {
                     return Ok(false);
                 }
                 ptrs[j * g + i] = wr.ptr;
@@ -344,7 +344,7 @@ impl CudaModel {
             meta[g + i] = n as u32;
             (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
         }
-        let bf16 = bf16.unwrap_or(false);
+        let dtype = dtype.unwrap_or(super::WeightDtype::F32);
         let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
         let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
         let groups =
@@ -352,11 +352,11 @@ impl CudaModel {
         let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
         let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
         let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
-        dev.gemm_grouped(xs, pp, bf16, gate, &groups, ei, h)?;
-        dev.gemm_grouped(xs, pp + (8 * g) as u64, bf16, up, &groups, ei, h)?;
+        dev.gemm_grouped(xs, pp, dtype, gate, &groups, ei, h)?;
+        dev.gemm_grouped(xs, pp + (8 * g) as u64, dtype, up, &groups, ei, h)?;
         let pos = dev.ptr(position);
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        dev.gemm_grouped(act, pp + (16 * g) as u64, bf16, ys, &groups, h, ei)?;
+        dev.gemm_grouped(act, pp + (16 * g) as u64, dtype, ys, &groups, h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
@@ -401,7 +401,7 @@ impl CudaModel {
         let (slot, weight) = (dev.upload(&d.slot)?, dev.upload(&d.weight)?);
 
         // Each expert on its tokens' rows: all at once when each has few rows, else one by one.
-        dev.embed(m, false, dev.ptr(&token), dev.ptr(&ma.xs), t * k, h, 1.0)?;
+        dev.embed(m, super::WeightDtype::F32, dev.ptr(&token), dev.ptr(&ma.xs), t * k, h, 1.0)?;
         if self.grouped_experts && self.experts_grouped(l, w, &d, ma, &position, keys)? {
             // done
         } else {

@@ -37,7 +37,9 @@ impl Streamed {
         let e =
             self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
         let mut data = self.lazy.tensor(name)?.data;
-        data.iter_mut().for_each(|v| *v = f32::from_bits(stored_bits(*v, e.bf16)));
+        for v in data.iter_mut() {
+            *v = f32::from_bits(stored_bits(name, *v, e.dtype)?);
+        }
         self.overlay.apply(name, &mut data)?;
         Ok(data)
     }
@@ -50,7 +52,7 @@ impl Streamed {
         if let Some(b) = self.overlay.get(name, flat) {
             return Ok(b);
         }
-        Ok(stored_bits(self.lazy.tensor(name)?.data[flat], e.bf16))
+        stored_bits(name, self.lazy.tensor(name)?.data[flat], e.dtype)
     }
 
     /// Several elements' stored bits as f32 bits, the tensor read from the files once.
@@ -70,7 +72,7 @@ impl Streamed {
     pub(crate) fn write_many(&mut self, name: &str, flats: &[usize], bits: &[u32]) -> Result<()> {
         let e =
             self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
-        let (len, bf16) = (e.len(), e.bf16);
+        let (len, dtype) = (e.len(), e.dtype);
         if flats.len() != bits.len() {
             return Err(Error::tensor(name, "write_many: flats and bits differ in length"));
         }
@@ -78,7 +80,7 @@ impl Streamed {
         let lazy = &self.lazy;
         for (&flat, &b) in flats.iter().zip(bits) {
             check_index(name, flat, len)?;
-            let stored = stored_bits(f32::from_bits(b), bf16);
+            let stored = stored_bits(name, f32::from_bits(b), dtype)?;
             self.overlay.set(name, flat, stored, || {
                 if source.is_none() {
                     source = Some(lazy.tensor(name)?.data);
@@ -86,13 +88,13 @@ impl Streamed {
                 let v = source.as_deref().and_then(|d| d.get(flat)).ok_or_else(|| {
                     Error::tensor(name, format!("element {flat} is not in the file's tensor"))
                 })?;
-                Ok(stored_bits(*v, bf16))
+                stored_bits(name, *v, dtype)
             })?;
         }
         Ok(())
     }
 
-    /// Store `bits` (f32 bits; rounded to bf16 for bf16 storage) at one element.
+    /// Store `bits` (f32 bits; rounded to the slot's dtype) at one element.
     pub(crate) fn write_bits(&mut self, name: &str, flat: usize, bits: u32) -> Result<()> {
         self.write_many(name, &[flat], &[bits])
     }

@@ -1,0 +1,127 @@
+//! How a device stores weight matrices (projections, embedding, LM head), and the host's
+//! mirror of its rounding: what a value becomes once stored, and back.
+
+use crate::{Error, Result};
+
+/// How weight matrices are stored on a device. Norm weights, biases and RoPE frequencies are
+/// always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// 4 bytes per weight: the host's values exactly.
+    F32,
+    /// 2 bytes per weight, rounded to nearest even (exact for models stored in bf16).
+    Bf16,
+    /// 2 bytes per weight, IEEE half, rounded to nearest even (exact for models stored in
+    /// f16; a finite value beyond ±65 504 has no f16 and is refused).
+    F16,
+}
+
+/// The largest finite f16.
+pub const F16_MAX: f32 = 65504.0;
+
+impl WeightDtype {
+    /// Bytes per stored weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        }
+    }
+
+    /// Lowercase name (`f32`, `bf16`, `f16`), also the suffix of its kernels' names.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F16 => "f16",
+        }
+    }
+
+    /// Whether an element takes 2 bytes (bf16 or f16).
+    pub fn is_half(self) -> bool {
+        self.bytes() == 2
+    }
+
+    /// The raw bits `v` is stored as (a 2-byte type's in the low 16 bits), or `None` for a
+    /// finite value the type cannot hold (beyond f16's range). Infinities and NaN are kept.
+    pub fn encode(self, v: f32) -> Option<u32> {
+        match self {
+            WeightDtype::F32 => Some(v.to_bits()),
+            WeightDtype::Bf16 => Some(half::bf16::from_f32(v).to_bits() as u32),
+            WeightDtype::F16 => {
+                let h = half::f16::from_f32(v);
+                (h.is_finite() || !v.is_finite()).then_some(h.to_bits() as u32)
+            }
+        }
+    }
+
+    /// The f32 bits of stored raw bits (exact: every bf16 and f16 is an f32).
+    pub fn decode(self, raw: u32) -> u32 {
+        match self {
+            WeightDtype::F32 => raw,
+            WeightDtype::Bf16 => raw << 16,
+            WeightDtype::F16 => half::f16::from_bits(raw as u16).to_f32().to_bits(),
+        }
+    }
+
+    /// [`Self::encode`], with an error naming `what` (a tensor, an edit) when the value does
+    /// not fit.
+    pub fn encode_or_err(self, v: f32, what: &str) -> Result<u32> {
+        self.encode(v).ok_or_else(|| {
+            Error::tensor(
+                what,
+                format!(
+                    "value {v} is outside the range of {} storage (±{F16_MAX}); store the \
+                     weights as bf16 or f32 (--gpu-dtype)",
+                    self.name()
+                ),
+            )
+        })
+    }
+
+    /// The f32 bits `v` has once stored: rounded to the type and widened back, or `None`
+    /// where [`Self::encode`] refuses it.
+    pub fn stored_bits(self, v: f32) -> Option<u32> {
+        self.encode(v).map(|raw| self.decode(raw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_type_rounds_to_nearest_even_and_widens_exactly() {
+        // 1 + 2^-9 is a tie for bf16 (8 mantissa bits: rounds down to 1) but exact in f16.
+        let v = 1.0 + 1.0 / 512.0;
+        assert_eq!(WeightDtype::Bf16.stored_bits(v), Some(1.0f32.to_bits()));
+        assert_eq!(WeightDtype::F16.stored_bits(v), Some(v.to_bits()));
+        assert_eq!(WeightDtype::F32.stored_bits(v), Some(v.to_bits()));
+        // 1 + 2^-11 is a tie for f16 (10 mantissa bits): down to even.
+        assert_eq!(WeightDtype::F16.stored_bits(1.0 + 1.0 / 2048.0), Some(1.0f32.to_bits()));
+        assert_eq!(WeightDtype::F16.encode(1.0), Some(0x3c00));
+        assert_eq!(WeightDtype::Bf16.encode(1.0), Some(0x3f80));
+        // Every f16 round-trips through decode and encode.
+        for raw in 0..=u16::MAX as u32 {
+            let f = f32::from_bits(WeightDtype::F16.decode(raw));
+            if !f.is_nan() {
+                assert_eq!(WeightDtype::F16.encode(f), Some(raw), "{raw:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_refuses_finite_values_past_its_range() {
+        let f16 = WeightDtype::F16;
+        assert_eq!(f16.encode(F16_MAX), Some(0x7bff));
+        assert_eq!(f16.encode(65519.0), Some(0x7bff), "rounds down to the largest f16");
+        assert_eq!(f16.encode(65520.0), None, "rounds to infinity: refused");
+        assert_eq!(f16.encode(-1e6), None);
+        assert_eq!(f16.encode(f32::INFINITY), Some(0x7c00), "infinity is kept");
+        assert!(f16.encode(f32::NAN).is_some());
+        assert!(WeightDtype::Bf16.encode(1e30).is_some(), "bf16 has f32's range");
+        let e = f16.encode_or_err(1e5, "model.layers.0.mlp.down_proj.weight").unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("down_proj") && e.contains("f16") && e.contains("65504"), "{e}");
+    }
+}
