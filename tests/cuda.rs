@@ -278,7 +278,8 @@ fn logits_match_cpu_f16_weights() {
 }
 
 /// A weight f16 cannot hold (beyond ±65504) refuses the f16 upload, naming the tensor; bf16
-/// and f32 take it.
+/// and f32 take it. An edit that would write one fails the same way, and the guard restores
+/// every weight (device checksum unchanged), resident and streamed.
 #[test]
 fn f16_upload_refuses_values_past_its_range() {
     if !gpu() {
@@ -293,6 +294,32 @@ fn f16_upload_refuses_values_past_its_range() {
     for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
         let g = CudaModel::new(&m, &CudaOptions { dtype, ..Default::default() }).unwrap();
         assert_eq!(g.download(name).unwrap()[7], 98304.0, "{dtype:?}");
+    }
+
+    // An edit that would write such a value fails, and every weight comes back: one element,
+    // a batch, a block; resident and streamed (the host overlay).
+    let (m, _) = load("llama");
+    let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
+    let fine = WeightEdit::down_proj(1, 0, 0, EditOp::Scale(2.0));
+    let failing = [
+        vec![fine.clone(), WeightEdit::down_proj(1, 0, 1, EditOp::Set(1e6))],
+        (0..4).map(|c| WeightEdit::down_proj(1, 2, c, EditOp::Set(-7e4))).collect(),
+        vec![fine, WeightEdit::block(name, &[], EditOp::Scale(1e9))],
+    ];
+    for streamed in [false, true] {
+        let mut g = if streamed {
+            CudaModel::streamed(lazy.clone(), &opts).unwrap()
+        } else {
+            CudaModel::new(&m, &opts).unwrap()
+        };
+        let before = g.checksum().unwrap();
+        for edits in &failing {
+            let mut guard = EditGuard::new(&mut g);
+            let e = guard.apply_all(edits).err().expect("refused").to_string();
+            assert!(e.contains(name) && e.contains("f16"), "streamed {streamed}: {e}");
+            drop(guard);
+            assert_eq!(g.checksum().unwrap(), before, "streamed {streamed}: restored");
+        }
     }
 }
 
