@@ -315,7 +315,7 @@ fn f16_upload_refuses_values_past_its_range() {
         let before = g.checksum().unwrap();
         for edits in &failing {
             let mut guard = EditGuard::new(&mut g);
-            let e = guard.apply_all(edits).err().expect("refused").to_string();
+            let e = guard.apply_all(edits).expect_err("refused").to_string();
             assert!(e.contains(name) && e.contains("f16"), "streamed {streamed}: {e}");
             drop(guard);
             assert_eq!(g.checksum().unwrap(), before, "streamed {streamed}: restored");
@@ -2072,9 +2072,9 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Timing at Llama-2-7B shapes (random weights generated on the device). Writes a Markdown
-/// table to stderr and, row by row (so a partial run still leaves its rows), to
-/// `$SWK_TIMING_OUT` when set. Accuracy between engines is reported, never asserted: this
+/// Timing at Llama-2-7B shapes (random weights generated on the device; bf16, f32, then f16
+/// with swk's kernels). Writes a Markdown table to stderr and, row by row (so a partial run
+/// still leaves its rows), to `$SWK_TIMING_OUT` when set. Accuracy between engines is reported, never asserted: this
 /// test measures; the parity tests above judge.
 #[test]
 #[ignore = "GPU timing at 7B shapes: run with --ignored on a GPU machine"]
@@ -2114,7 +2114,7 @@ fn timing_7b() -> Result<()> {
         + 3 * c.hidden_size * c.intermediate_size;
     let linear_flops = 2.0 * (per_layer * c.num_layers + c.hidden_size * c.vocab_size) as f64;
     let mut roofline = Vec::new();
-    for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+    for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::F16] {
         let t0 = Instant::now();
         let mut g =
             match CudaModel::random(&config, 1, &CudaOptions { dtype, ..Default::default() }) {
@@ -2127,7 +2127,10 @@ fn timing_7b() -> Result<()> {
         let fill = t0.elapsed().as_secs_f64();
         let floor_ms = g.weight_bytes() as f64 / copy_rate * 1e3;
         let mut reference: Option<Vec<f32>> = None;
-        for gemm in engines(dtype) {
+        // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass).
+        let gemms =
+            if dtype == WeightDtype::F16 { vec![GemmEngine::Kernels] } else { engines(dtype) };
+        for gemm in gemms {
             g.set_gemm(gemm)?;
             let mut cache = CudaKvCache::new(&g);
             g.forward(&prompt[..16], &mut cache, None, Logits::Last)?; // warm-up
