@@ -92,6 +92,16 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
     return (u16)(sign | h);
 }
 
+// A stored weight widened to f32 (exact), by storage type: f32; bf16 as raw u16 bits; f16 as
+// raw u16 bits under their own type `f16w`, so that templates over the storage tell the two
+// 2-byte types apart.
+struct f16w {
+    u16 bits;
+};
+__device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
+__device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
+__device__ __forceinline__ float load_w(const f16w* w, u64 i) { return f16_bits_to_f32(w[i].bits); }
+
 // The packed spike key of one activation value at token position `pos`:
 //
 //   bits 63..33  |v| as f32 bits (31 bits: the sign bit is always 0 for |v|)

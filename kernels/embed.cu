@@ -1,61 +1,56 @@
 // Embedding gather and dtype conversions.
 #include "common.cuh"
 
-// x[t, :] = emb[tokens[t], :] * scale (sqrt(hidden) for Gemma, else 1) for f32 embeddings
-// [vocab, h]. One thread per output element.
+// x[t, :] = emb[tokens[t], :] * scale (sqrt(hidden) for Gemma, else 1) for embeddings
+// [vocab, h] stored as WT (f32, bf16 or f16; see load_w), widened exactly. One thread per
+// output element.
+template <typename WT>
+__device__ __forceinline__ void embed_rows(const WT* emb, const u32* tokens, float* x, int rows, int h,
+                                           float scale) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * h) {
+        return;
+    }
+    const u64 t = i / h;
+    const u64 c = i % h;
+    x[i] = __fmul_rn(load_w(emb, (u64)tokens[t] * h + c), scale);
+}
+
 extern "C" __global__ void swk_embed_f32(const float* emb, const u32* tokens, float* x, int rows, int h,
                                          float scale) {
-    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)rows * h) {
-        return;
-    }
-    const u64 t = i / h;
-    const u64 c = i % h;
-    x[i] = __fmul_rn(emb[(u64)tokens[t] * h + c], scale);
+    embed_rows<float>(emb, tokens, x, rows, h, scale);
 }
 
-// The same for bf16 embeddings (raw u16 bits), widened exactly to f32.
 extern "C" __global__ void swk_embed_bf16(const u16* emb, const u32* tokens, float* x, int rows, int h,
                                           float scale) {
-    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)rows * h) {
-        return;
-    }
-    const u64 t = i / h;
-    const u64 c = i % h;
-    x[i] = __fmul_rn(bf16_bits_to_f32(emb[(u64)tokens[t] * h + c]), scale);
+    embed_rows<u16>(emb, tokens, x, rows, h, scale);
 }
 
-// The same for f16 embeddings (raw u16 bits), widened exactly to f32.
-extern "C" __global__ void swk_embed_f16(const u16* emb, const u32* tokens, float* x, int rows, int h,
+extern "C" __global__ void swk_embed_f16(const f16w* emb, const u32* tokens, float* x, int rows, int h,
                                          float scale) {
-    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)rows * h) {
-        return;
-    }
-    const u64 t = i / h;
-    const u64 c = i % h;
-    x[i] = __fmul_rn(f16_bits_to_f32(emb[(u64)tokens[t] * h + c]), scale);
+    embed_rows<f16w>(emb, tokens, x, rows, h, scale);
 }
 
-// out[i] = f32(in[i]) (exact) of f16 bits. Grid-stride loop.
-extern "C" __global__ void swk_f16_to_f32(const u16* in, float* out, u64 n) {
+// out[i] = f32(in[i]) (exact) of n 2-byte values. Grid-stride loop: any grid size covers n.
+template <typename WT>
+__device__ __forceinline__ void widen_all(const WT* in, float* out, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        out[i] = f16_bits_to_f32(in[i]);
+        out[i] = load_w(in, i);
     }
+}
+
+extern "C" __global__ void swk_bf16_to_f32(const u16* in, float* out, u64 n) {
+    widen_all<u16>(in, out, n);
+}
+
+extern "C" __global__ void swk_f16_to_f32(const f16w* in, float* out, u64 n) {
+    widen_all<f16w>(in, out, n);
 }
 
 // out[i] = f16(in[i]), round to nearest even. Grid-stride loop.
 extern "C" __global__ void swk_f32_to_f16(const float* in, u16* out, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         out[i] = f32_to_f16_bits(in[i]);
-    }
-}
-
-// out[i] = f32(in[i]) (exact). Grid-stride loop: any grid size covers n.
-extern "C" __global__ void swk_bf16_to_f32(const u16* in, float* out, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        out[i] = bf16_bits_to_f32(in[i]);
     }
 }
 

@@ -14,13 +14,6 @@
 #define GEMM_BK 16
 #define GEMV_MAX_ROWS 8
 
-__device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
-__device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
-// f16 weights: raw u16 bits under their own type, so the templates below tell them from bf16.
-struct f16w {
-    u16 bits;
-};
-__device__ __forceinline__ float load_w(const f16w* w, u64 i) { return f16_bits_to_f32(w[i].bits); }
 
 // The 64x64 tile (tile_o, tile_t) of y: columns tile_o * 64.., rows tile_t * 64...
 template <typename WT>
