@@ -1875,7 +1875,8 @@ fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json
 /// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`;
 /// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts;
 /// `screen --device cuda` on a streamed GGUF ranks as the CPU does, and `trace` and `cascade`
-/// there report what the CPU reports.
+/// there report what the CPU reports. `--gpu-dtype f16` finds the f32 run's candidates, and
+/// the default `auto` keeps an f16 checkpoint's weights exact.
 #[test]
 fn cli_detects_on_the_device() {
     if !gpu() {
@@ -1916,6 +1917,31 @@ fn cli_detects_on_the_device() {
         let (device, got) = coords("f16", stream);
         assert!(device.contains("f16 weights, kernels"), "{device}");
         assert_eq!(got, want, "f16 vs f32 weights, --stream {stream}");
+    }
+    // The default `--gpu-dtype auto` keeps a checkpoint's own 16-bit storage: an f16
+    // checkpoint's candidates carry exactly the CPU's (the file's) weight values, resident
+    // and streamed; bf16 and f32 checkpoints are stored as bf16.
+    let report = |device: &[&str], model: &PathBuf| {
+        let args = ["--threshold", "0.5", "--max-iterations", "2", "--json"];
+        let r = swk_json(&[device, &["detect"]].concat(), model, &args);
+        let found: Vec<String> = ["super_weights", "rejected"]
+            .iter()
+            .flat_map(|k| r[k].as_array().cloned().unwrap_or_default())
+            .map(|w| format!("{} {} {} {}", w["layer"], w["row"], w["col"], w["value"]))
+            .collect();
+        (r["device"].as_str().unwrap_or_default().to_string(), found)
+    };
+    let f16 = root.join("llama_f16");
+    let (_, cpu) = report(&["--device", "cpu"], &f16);
+    assert!(!cpu.is_empty(), "candidates at threshold 0.5");
+    for stream in ["never", "always"] {
+        let (device, got) = report(&["--device", "cuda", "--stream", stream], &f16);
+        assert!(device.contains("(f16 weights"), "auto on an f16 checkpoint: {device}");
+        assert_eq!(got, cpu, "auto on an f16 checkpoint, --stream {stream}: exact values");
+    }
+    for name in ["llama_bf16", "llama"] {
+        let (device, _) = report(&["--device", "cuda"], &root.join(name));
+        assert!(device.contains("(bf16 weights"), "auto on {name}: {device}");
     }
 
     let more = ["--router-samples", "3", "--gpu-dtype", "f32", "--json"];

@@ -79,6 +79,24 @@ impl WeightDtype {
         })
     }
 
+    /// The 2-byte storage that keeps a checkpoint's matrices as they are on disk: f16 when
+    /// every matrix (2-D tensor) of `weights` was stored as F16, bf16 when every one was BF16;
+    /// otherwise (f32 or quantized matrices, or a mix) bf16.
+    pub fn matching(weights: &crate::model::Weights) -> WeightDtype {
+        let mut kinds = weights.iter().filter(|(_, t)| t.shape.len() == 2).map(|(_, t)| {
+            match t.source_dtype.as_str() {
+                "F16" => Some(WeightDtype::F16),
+                "BF16" => Some(WeightDtype::Bf16),
+                _ => None,
+            }
+        });
+        let first = kinds.next().flatten();
+        match first {
+            Some(d) if kinds.all(|k| k == Some(d)) => d,
+            _ => WeightDtype::Bf16,
+        }
+    }
+
     /// The f32 bits `v` has once stored: rounded to the type and widened back, or `None`
     /// where [`Self::encode`] refuses it.
     pub fn stored_bits(self, v: f32) -> Option<u32> {
@@ -108,6 +126,29 @@ mod tests {
                 assert_eq!(WeightDtype::F16.encode(f), Some(raw), "{raw:#06x}");
             }
         }
+    }
+
+    #[test]
+    fn matching_keeps_a_checkpoints_own_16_bit_storage() {
+        use crate::model::{Tensor, Weights};
+        let weights = |dtypes: &[&str]| {
+            let mut w = Weights::default();
+            for (i, d) in dtypes.iter().enumerate() {
+                w.insert(
+                    format!("m{i}.weight"),
+                    Tensor::new("m", vec![2, 2], vec![0.0; 4], d).unwrap(),
+                );
+            }
+            // Vectors (norms) do not count.
+            w.insert("norm.weight", Tensor::new("norm", vec![2], vec![1.0; 2], "F32").unwrap());
+            w
+        };
+        assert_eq!(WeightDtype::matching(&weights(&["F16", "F16"])), WeightDtype::F16);
+        assert_eq!(WeightDtype::matching(&weights(&["BF16"])), WeightDtype::Bf16);
+        assert_eq!(WeightDtype::matching(&weights(&["F16", "BF16"])), WeightDtype::Bf16);
+        assert_eq!(WeightDtype::matching(&weights(&["F16", "Q4_1"])), WeightDtype::Bf16);
+        assert_eq!(WeightDtype::matching(&weights(&["F32"])), WeightDtype::Bf16);
+        assert_eq!(WeightDtype::matching(&weights(&[])), WeightDtype::Bf16);
     }
 
     #[test]

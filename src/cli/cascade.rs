@@ -1,5 +1,5 @@
 //! `swk cascade MODEL [--prompt TEXT] [--row R]... [--top N] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype bf16|f16|f32]` (runs on `--device
+//! [--from-detect FILE] [--json] [--out PLOT.svg] [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device
 //! cuda` too).
 
 use std::path::PathBuf;
@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, requires = "out")]
     png: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

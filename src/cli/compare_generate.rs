@@ -1,5 +1,5 @@
 //! `swk compare-generate MODEL [--prompt TEXT]... [--factor F]... [--max-new-tokens N]
-//! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device
+//! [--edit SPEC]... [--from-detect FILE] [--json] [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device
 //! cuda` too).
 
 use swk::analysis::{compare, AnalysisBackend};
@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

@@ -38,9 +38,10 @@ pub struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Weight storage on a CUDA device (`--device cuda`): bf16 halves memory; f32 matches the
-    /// CPU backend's numbers most closely.
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    /// Weight storage on a CUDA device (`--device cuda`): auto keeps an f16 or bf16
+    /// checkpoint's values exact (else bf16, half of f32's memory); f32 matches the CPU
+    /// backend's numbers most closely.
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

@@ -82,6 +82,10 @@ pub fn require_no_model(arg: DeviceArg) -> Result<()> {
 /// Weight storage on the device (`--gpu-dtype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuDtype {
+    /// The checkpoint's own 16-bit storage when all its matrices share one (f16 or bf16:
+    /// their values exact), else bf16. For streamed layers, judged on the tensors loaded
+    /// whole (embedding, LM head).
+    Auto,
     /// bfloat16 matrices (norms stay f32).
     Bf16,
     /// IEEE half matrices (norms stay f32): exact for models stored in f16; a weight beyond
@@ -91,12 +95,25 @@ pub enum GpuDtype {
     F32,
 }
 
-impl From<GpuDtype> for WeightDtype {
-    fn from(d: GpuDtype) -> Self {
-        match d {
+impl GpuDtype {
+    /// The storage for `model` (see [`GpuDtype::Auto`]).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub fn resolve(self, model: &Model) -> WeightDtype {
+        match self {
+            GpuDtype::Auto => WeightDtype::matching(&model.weights),
             GpuDtype::Bf16 => WeightDtype::Bf16,
             GpuDtype::F16 => WeightDtype::F16,
             GpuDtype::F32 => WeightDtype::F32,
+        }
+    }
+
+    /// The storage whose size decides whether the weights fit (before any is read: `auto`
+    /// is 2 bytes a weight whichever it picks).
+    fn sized(self) -> WeightDtype {
+        if self == GpuDtype::F32 {
+            WeightDtype::F32
+        } else {
+            WeightDtype::Bf16
         }
     }
 }
@@ -135,7 +152,7 @@ pub fn load(
     dtype: GpuDtype,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
     let backend = choose(dev.device, quiet)?;
-    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.into())? {
+    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.sized())? {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
@@ -168,7 +185,7 @@ pub fn stream_files(
     stream: StreamArg,
     dtype: GpuDtype,
 ) -> Result<Option<Arc<LazyModel>>> {
-    if streams(spec, stream, dtype.into())? {
+    if streams(spec, stream, dtype.sized())? {
         Ok(Some(Arc::new(LazyModel::open(spec)?)))
     } else {
         Ok(None)
@@ -210,7 +227,7 @@ pub fn cuda_session(
     dtype: GpuDtype,
 ) -> Result<(swk::backend::cuda::CudaModel, String)> {
     use swk::backend::cuda::CudaOptions;
-    let dtype = WeightDtype::from(dtype);
+    let dtype = dtype.resolve(model);
     let gpu = cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
     let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
     let what = format!(

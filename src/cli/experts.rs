@@ -1,5 +1,5 @@
 //! `swk experts MODEL [--router-samples N] [--text FILE] [--sample-len N] [--context N]
-//! [--no-ablate] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
+//! [--no-ablate] [--json] [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device cuda` too).
 
 use std::path::PathBuf;
 
@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

@@ -1,4 +1,4 @@
-//! `swk generate MODEL --prompt TEXT [--max-new-tokens N] [--gpu-dtype bf16|f16|f32]`.
+//! `swk generate MODEL --prompt TEXT [--max-new-tokens N] [--gpu-dtype auto|bf16|f16|f32]`.
 
 use std::io::Write;
 
@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 
@@ -89,7 +89,7 @@ fn cuda_greedy(
 ) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
     use swk::backend::cuda::CudaOptions;
     let stops = model.tokenizer()?.eos_ids().to_vec();
-    let opts = CudaOptions { dtype: dtype.into(), ..Default::default() };
+    let opts = CudaOptions { dtype: dtype.resolve(model), ..Default::default() };
     let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;

@@ -1,5 +1,5 @@
 //! `swk groups MODEL [--prompt TEXT]... [--text FILE] [--context N] [--per-layer K]
-//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype bf16|f16|f32]` (runs on
+//! [--max-members N] [--decisive-ratio F] [--json] [--gpu-dtype auto|bf16|f16|f32]` (runs on
 //! `--device cuda` too: captures, writers and ablations).
 
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

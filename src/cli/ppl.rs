@@ -1,5 +1,5 @@
 //! `swk ppl MODEL (--text FILE | --dataset wikitext|FILE) [--context N] [--edit SPEC]...
-//! [--json] [--gpu-dtype bf16|f16|f32]`.
+//! [--json] [--gpu-dtype auto|bf16|f16|f32]`.
 
 use std::path::PathBuf;
 
@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 
@@ -98,7 +98,7 @@ fn cuda_perplexity(
     progress: impl FnMut(usize, usize),
 ) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
     use swk::backend::cuda::CudaOptions;
-    let opts = CudaOptions { dtype: dtype.into(), ..Default::default() };
+    let opts = CudaOptions { dtype: dtype.resolve(model), ..Default::default() };
     let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;

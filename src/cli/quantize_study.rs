@@ -1,6 +1,6 @@
 //! `swk quantize-study MODEL [--text FILE] [--context N] [--bits B] [--block-size N]...
 //! [--clip-z Z | --no-clip] [--edit SPEC]... [--from-detect FILE] [--json] [--out PLOT.svg]
-//! [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too, with the model resident there).
+//! [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device cuda` too, with the model resident there).
 
 use std::path::PathBuf;
 
@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, requires = "out")]
     png: bool,
     /// Weight storage on a CUDA device (`--device cuda`); quantized values are stored so.
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

@@ -78,9 +78,9 @@ pub struct Args {
     /// Print what was written as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Weight storage on a CUDA device (`--device cuda`: detection and screening run there,
-    /// the other analyses on the CPU).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    /// Weight storage on a CUDA device (`--device cuda`: every analysis runs there, except
+    /// quantize-study when the layers are streamed).
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

@@ -1,5 +1,5 @@
 //! `swk screen MODEL [--text FILE] [--context N] [--top-largest K] [--edit SPEC]...
-//! [--from-detect FILE] [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
+//! [--from-detect FILE] [--json] [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device cuda` too).
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 

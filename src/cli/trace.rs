@@ -1,5 +1,5 @@
 //! `swk trace MODEL [--weight L,R,C] [--prompt TEXT] [--edit SPEC]... [--from-detect FILE]
-//! [--json] [--gpu-dtype bf16|f16|f32]` (runs on `--device cuda` too).
+//! [--json] [--gpu-dtype auto|bf16|f16|f32]` (runs on `--device cuda` too).
 
 use swk::analysis::{down_proj_coords, token_labels, trace, AnalysisBackend};
 use swk::edit::WeightEdit;
@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Weight storage on a CUDA device (`--device cuda`).
-    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    #[arg(long, value_enum, default_value_t = GpuDtype::Auto)]
     gpu_dtype: GpuDtype,
 }
 
