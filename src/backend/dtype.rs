@@ -102,6 +102,11 @@ impl WeightDtype {
     pub fn stored_bits(self, v: f32) -> Option<u32> {
         self.encode(v).map(|raw| self.decode(raw))
     }
+
+    /// [`Self::stored_bits`], with [`Self::encode_or_err`]'s error naming `what`.
+    pub fn stored_bits_or_err(self, v: f32, what: &str) -> Result<u32> {
+        self.encode_or_err(v, what).map(|raw| self.decode(raw))
+    }
 }
 
 #[cfg(test)]
@@ -164,5 +169,21 @@ mod tests {
         let e = f16.encode_or_err(1e5, "model.layers.0.mlp.down_proj.weight").unwrap_err();
         let e = e.to_string();
         assert!(e.contains("down_proj") && e.contains("f16") && e.contains("65504"), "{e}");
+    }
+
+    #[test]
+    fn stored_bits_round_to_the_slot_dtype_and_refuse_what_f16_cannot_hold() {
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(
+            WeightDtype::Bf16.stored_bits_or_err(1.0 + 1.0 / 256.0, "w").unwrap(),
+            0x3f80_0000
+        );
+        assert_eq!(WeightDtype::F32.stored_bits_or_err(0.1, "w").unwrap(), 0.1f32.to_bits());
+        assert!(
+            f32::from_bits(WeightDtype::Bf16.stored_bits_or_err(f32::NAN, "w").unwrap()).is_nan()
+        );
+        let e = WeightDtype::F16.stored_bits_or_err(7e4, "model.layers.2.mlp.down_proj.weight");
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("model.layers.2.mlp.down_proj.weight") && e.contains("f16"), "{e}");
     }
 }

@@ -329,12 +329,6 @@ impl Overlay {
     }
 }
 
-/// An element of `name` as `dtype` stores it, as f32 bits (an error names the tensor when
-/// the value has no `dtype`: beyond f16's range).
-pub fn stored_bits(name: &str, v: f32, dtype: WeightDtype) -> Result<u32> {
-    dtype.encode_or_err(v, name).map(|raw| dtype.decode(raw))
-}
-
 /// Layer `layer`'s bytes as the slot holds them (`layout`), read from `lazy`, with the
 /// overlay's edits applied. Errors name a tensor that is missing or of another shape.
 pub fn stage_layer(
@@ -504,7 +498,7 @@ mod tests {
                     .clone();
                 let mut overlay = Overlay::default();
                 let edited = format!("model.layers.1.{down}");
-                let minus3 = stored_bits(&edited, -3.0, dtype).unwrap();
+                let minus3 = dtype.stored_bits_or_err(-3.0, &edited).unwrap();
                 overlay.set(&edited, 5, minus3, || Ok(0)).unwrap();
                 let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
                 assert_eq!(bytes.len(), layout.bytes);
@@ -540,16 +534,5 @@ mod tests {
         let layout = SlotLayout::new(&lazy.config, 7, WeightDtype::Bf16);
         let e = stage_layer(&lazy, 7, &layout, &Overlay::default()).unwrap_err().to_string();
         assert!(e.contains("model.layers.7."), "{e}");
-    }
-
-    #[test]
-    fn stored_bits_round_to_the_slot_dtype_and_refuse_what_f16_cannot_hold() {
-        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
-        assert_eq!(stored_bits("w", 1.0 + 1.0 / 256.0, WeightDtype::Bf16).unwrap(), 0x3f80_0000);
-        assert_eq!(stored_bits("w", 0.1, WeightDtype::F32).unwrap(), 0.1f32.to_bits());
-        assert!(f32::from_bits(stored_bits("w", f32::NAN, WeightDtype::Bf16).unwrap()).is_nan());
-        let e = stored_bits("model.layers.2.mlp.down_proj.weight", 7e4, WeightDtype::F16);
-        let e = e.unwrap_err().to_string();
-        assert!(e.contains("model.layers.2.mlp.down_proj.weight") && e.contains("f16"), "{e}");
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::driver::CudaSlice;
 
-use crate::backend::stream::{split_layer_name, stored_bits, Overlay, SlotEntry, SlotLayout};
+use crate::backend::stream::{split_layer_name, Overlay, SlotEntry, SlotLayout};
 use crate::model::LazyModel;
 use crate::{Error, Result};
 
@@ -38,7 +38,7 @@ impl Streamed {
             self.entry(name).ok_or_else(|| Error::tensor(name, "not a streamed layer tensor"))?;
         let mut data = self.lazy.tensor(name)?.data;
         for v in data.iter_mut() {
-            *v = f32::from_bits(stored_bits(name, *v, e.dtype)?);
+            *v = f32::from_bits(e.dtype.stored_bits_or_err(*v, name)?);
         }
         self.overlay.apply(name, &mut data)?;
         Ok(data)
@@ -52,7 +52,7 @@ impl Streamed {
         if let Some(b) = self.overlay.get(name, flat) {
             return Ok(b);
         }
-        stored_bits(name, self.lazy.tensor(name)?.data[flat], e.dtype)
+        e.dtype.stored_bits_or_err(self.lazy.tensor(name)?.data[flat], name)
     }
 
     /// Several elements' stored bits as f32 bits, the tensor read from the files once.
@@ -80,7 +80,7 @@ impl Streamed {
         let lazy = &self.lazy;
         for (&flat, &b) in flats.iter().zip(bits) {
             check_index(name, flat, len)?;
-            let stored = stored_bits(name, f32::from_bits(b), dtype)?;
+            let stored = dtype.stored_bits_or_err(f32::from_bits(b), name)?;
             self.overlay.set(name, flat, stored, || {
                 if source.is_none() {
                     source = Some(lazy.tensor(name)?.data);
@@ -88,7 +88,7 @@ impl Streamed {
                 let v = source.as_deref().and_then(|d| d.get(flat)).ok_or_else(|| {
                     Error::tensor(name, format!("element {flat} is not in the file's tensor"))
                 })?;
-                stored_bits(name, *v, dtype)
+                dtype.stored_bits_or_err(*v, name)
             })?;
         }
         Ok(())
