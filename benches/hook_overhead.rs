@@ -75,11 +75,9 @@ fn bench_cuda(c: &mut Criterion) {
             return;
         }
     };
-    let gemm = if swk::backend::cuda::cublas_present() {
-        GemmEngine::CublasSplit
-    } else {
-        GemmEngine::Kernels
-    };
+    // The default engine, what `swk` runs (`cublas-split` for bf16 weights with libcublas,
+    // else swk's kernels).
+    let gemm = GemmEngine::Auto;
     let g = match CudaModel::random(&config, 1, &CudaOptions { gemm, ..Default::default() }) {
         Ok(g) => g,
         Err(e) => {
@@ -87,6 +85,7 @@ fn bench_cuda(c: &mut Criterion) {
             return;
         }
     };
+    eprintln!("cuda hook overhead: GEMM engine {}", g.gemm().name());
     let mut group = c.benchmark_group(format!("cuda_7b_bf16_{}_hook_overhead", gemm.name()));
     group.sample_size(20);
     group.measurement_time(std::time::Duration::from_secs(3));

@@ -6,7 +6,8 @@
 // A straightforward kernel, one block per (head, query row), mirroring cpu::attention:
 //   1. each thread scores whole keys (sequential f32 dot over head_dim, times 1/sqrt(hd));
 //   2. block max, exp(s - max), block sum;
-//   3. each thread owns output dims d and sums w_j * v_j[d] over keys in order.
+//   3. the weights w_j = e_j / sum, then each thread owns output dims d and sums
+//      w_j * v_j[d] over keys in order.
 // Scores live in dynamic shared memory: (32 + head_dim + max_keys) floats, where max_keys is
 // the most keys any row of the launch sees (the host computes it and opts in to more than
 // 48 KiB of shared memory when the device allows).
@@ -65,11 +66,18 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
     }
     const float sum = block_reduce(local_sum, SumOp(), red);  // ends with __syncthreads: sc is visible
 
+    // The weights e_j / sum, each divided once here rather than in every thread's loop below
+    // (the same divisions, so the same values).
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        sc[j] = __fdiv_rn(sc[j], sum);
+    }
+    __syncthreads();
+
     if (pattern != nullptr) {
         const int kv_total = pos0 + rows;
         float* row = pattern + ((size_t)t * n_heads + h) * kv_total;
         for (int j = threadIdx.x; j < kv_total; j += blockDim.x) {
-            row[j] = (j >= first && j <= p) ? __fdiv_rn(sc[j - first], sum) : 0.0f;
+            row[j] = (j >= first && j <= p) ? sc[j - first] : 0.0f;
         }
     }
 
@@ -77,9 +85,9 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.0f;
         const float* vd = vc + (size_t)first * kv_w + (size_t)kvh * hd + d;
+#pragma unroll 8
         for (int j = 0; j < nk; ++j) {
-            const float w = __fdiv_rn(sc[j], sum);
-            acc = __fadd_rn(acc, __fmul_rn(w, vd[(size_t)j * kv_w]));
+            acc = __fadd_rn(acc, __fmul_rn(sc[j], vd[(size_t)j * kv_w]));
         }
         o[d] = acc;
     }

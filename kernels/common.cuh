@@ -42,6 +42,15 @@ __device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
 // compiles it too; mirrors half::f16::to_f32 (host: WeightDtype::decode in
 // src/backend/dtype.rs).
 __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+#if defined(__CUDA_ARCH__)
+    // The hardware's widening (exact) for every finite value; inf and NaN take the path
+    // below, which keeps a NaN's payload as the host does.
+    if (((u32)h & 0x7c00u) != 0x7c00u) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+        return f;
+    }
+#endif
     const u32 sign = ((u32)h & 0x8000u) << 16;
     const u32 e = ((u32)h >> 10) & 0x1fu;
     const u32 m = (u32)h & 0x3ffu;
@@ -101,6 +110,35 @@ struct f16w {
 __device__ __forceinline__ float load_w(const float* w, u64 i) { return w[i]; }
 __device__ __forceinline__ float load_w(const u16* w, u64 i) { return bf16_bits_to_f32(w[i]); }
 __device__ __forceinline__ float load_w(const f16w* w, u64 i) { return f16_bits_to_f32(w[i].bits); }
+
+// 16 bytes loaded as one vector (one 128-bit load on the device when 16-byte aligned).
+struct alignas(16) v16 {
+    u32 u[4];
+};
+
+// The weights of one 16-byte vector widened to f32, in address order (4 f32, or 8 bf16 or
+// f16: the element at the lower address is the low half of each 32-bit word). The pointer
+// argument only selects the storage type.
+__device__ __forceinline__ void widen_v16(const v16& v, float* out, const float*) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        out[j] = __uint_as_float(v.u[j]);
+    }
+}
+__device__ __forceinline__ void widen_v16(const v16& v, float* out, const u16*) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        out[2 * j] = __uint_as_float(v.u[j] << 16);
+        out[2 * j + 1] = __uint_as_float(v.u[j] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void widen_v16(const v16& v, float* out, const f16w*) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        out[2 * j] = f16_bits_to_f32((u16)(v.u[j] & 0xffffu));
+        out[2 * j + 1] = f16_bits_to_f32((u16)(v.u[j] >> 16));
+    }
+}
 
 // The packed spike key of one activation value at token position `pos`:
 //

@@ -6,13 +6,20 @@
 // swk_gemm_*: 64x64 output tiles, k in steps of 16 through shared memory, 256 threads each
 //             computing a 4x4 sub-tile (rows ty + 16a, columns tx + 16b).
 //             Grid (ceil(n / 64), ceil(rows / 64)), block 256.
-// swk_gemv_*: for rows <= 8 (decode): one warp per output column o, lanes stride over k so
-//             the weight row is read once, coalesced. Grid ceil(n / 8), block 256 (8 warps).
+// swk_gemv_*: for rows <= 16 (decode, detection prompts): a block computes 32 output
+//             columns, one per lane, for every row; its 8 warps split k in steps of 128
+//             bytes of weights per lane (16-byte loads), and x is read warp-uniformly (one
+//             broadcast load for all lanes). Each weight is read once; the 8 warps' partial
+//             sums are added in warp order through shared memory, so a row's value does not
+//             depend on how many rows are computed with it. Grid ceil(n / 32), block 256.
 #include "common.cuh"
 
 #define GEMM_TILE 64
 #define GEMM_BK 16
-#define GEMV_MAX_ROWS 8
+#define GEMV_MAX_ROWS 16
+#define GEMV_COLS 32
+#define GEMV_WARPS 8
+#define GEMV_LANE_BYTES 128
 
 
 // The 64x64 tile (tile_o, tile_t) of y: columns tile_o * 64.., rows tile_t * 64...
@@ -85,38 +92,90 @@ __device__ __forceinline__ void gemm_tiled(const float* x, const WT* w, float* y
     }
 }
 
-// Block `block` of the gemv: its 8 warps compute the columns block * 8...
+// Block `block` of the gemv: the columns block * 32 + lane, lane < 32, for all `rows` rows.
+// Lane sums run over k in ascending order within each warp's steps (the 16-byte vector path
+// and the element-wise path for unaligned or ragged k add in the same order).
 template <typename WT>
-__device__ __forceinline__ void gemv_warp(const float* x, const WT* w, float* y, int rows, int n, int k,
+__device__ __forceinline__ void gemv_cols(const float* x, const WT* w, float* y, int rows, int n, int k,
                                           int block) {
-    const int lane = threadIdx.x & 31;
-    const int o = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (o >= n) {
-        return;  // whole warp leaves together: o is uniform across the warp
+    constexpr int E = 16 / (int)sizeof(WT);        // weights per 16-byte vector
+    constexpr int V = GEMV_LANE_BYTES / 16;        // vectors per lane per step
+    constexpr int STEP = E * V;                    // weights per lane per step
+    __shared__ float part[GEMV_WARPS][GEMV_MAX_ROWS][GEMV_COLS];
+    if (block * GEMV_COLS >= n) {
+        return;  // the whole block (a group's surplus block): before the barrier
     }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int o = block * GEMV_COLS + lane;
     float acc[GEMV_MAX_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
         acc[r] = 0.0f;
     }
-    const WT* wr = w + (u64)o * k;
-    for (int i = lane; i < k; i += 32) {
-        const float wv = load_w(wr, (u64)i);
+    if (o < n) {
+        const WT* wr = w + (u64)o * k;
+        // 16-byte loads need every row of W and x to start 16-byte aligned.
+        const bool vec = (k % E) == 0 && (k % 4) == 0 && ((u64)w % 16) == 0 && ((u64)x % 16) == 0;
+        for (int c = warp * STEP; c < k; c += GEMV_WARPS * STEP) {
+            if (vec && c + STEP <= k) {
+                v16 pk[V];
+                const v16* src = (const v16*)(wr + c);
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-            if (r < rows) {
-                acc[r] = fmaf(x[(u64)r * k + i], wv, acc[r]);
+                for (int q = 0; q < V; ++q) {
+                    pk[q] = src[q];
+                }
+#pragma unroll
+                for (int q = 0; q < V; ++q) {
+                    float wv[E];
+                    widen_v16(pk[q], wv, w);
+#pragma unroll
+                    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+                        if (r < rows) {
+                            const v16* xs = (const v16*)(x + (u64)r * k + c + q * E);
+#pragma unroll
+                            for (int h = 0; h < E / 4; ++h) {
+                                const v16 xv = xs[h];
+#pragma unroll
+                                for (int j = 0; j < 4; ++j) {
+                                    acc[r] = fmaf(__uint_as_float(xv.u[j]), wv[4 * h + j], acc[r]);
+                                }
+                            }
+                        }
+                    }
+                }
+            } else {
+                const int end = min(c + STEP, k);
+                for (int i = c; i < end; ++i) {
+                    const float wv = load_w(wr, (u64)i);
+#pragma unroll
+                    for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+                        if (r < rows) {
+                            acc[r] = fmaf(x[(u64)r * k + i], wv, acc[r]);
+                        }
+                    }
+                }
             }
         }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-        float v = acc[r];
-        for (int off = 16; off > 0; off >>= 1) {
-            v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (r < rows) {
+            part[warp][r][lane] = acc[r];
         }
-        if (lane == 0 && r < rows) {
-            y[(u64)r * n + o] = v;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * GEMV_COLS; i += blockDim.x) {
+        const int r = i / GEMV_COLS;
+        const int col = i % GEMV_COLS;
+        const int oc = block * GEMV_COLS + col;
+        if (oc < n) {
+            float s = part[0][r][col];
+#pragma unroll
+            for (int wp = 1; wp < GEMV_WARPS; ++wp) {
+                s += part[wp][r][col];
+            }
+            y[(u64)r * n + oc] = s;
         }
     }
 }
@@ -134,21 +193,21 @@ extern "C" __global__ void swk_gemm_f16(const float* x, const f16w* w, float* y,
 }
 
 extern "C" __global__ void swk_gemv_f32(const float* x, const float* w, float* y, int rows, int n, int k) {
-    gemv_warp<float>(x, w, y, rows, n, k, blockIdx.x);
+    gemv_cols<float>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 extern "C" __global__ void swk_gemv_bf16(const float* x, const u16* w, float* y, int rows, int n, int k) {
-    gemv_warp<u16>(x, w, y, rows, n, k, blockIdx.x);
+    gemv_cols<u16>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 extern "C" __global__ void swk_gemv_f16(const float* x, const f16w* w, float* y, int rows, int n, int k) {
-    gemv_warp<f16w>(x, w, y, rows, n, k, blockIdx.x);
+    gemv_cols<f16w>(x, w, y, rows, n, k, blockIdx.x);
 }
 
 // The experts of a sparse MoE layer in one launch (see moe.cu): group g multiplies the rows
 // row0[g] .. row0[g] + rows[g] of x by its own weight w[g] (a device address, `[n, k]`),
 // y[r] = x[r]·W_gᵀ, each group with the kernel swk_gemm_* / swk_gemv_* would give it alone
-// (the gemv for at most 8 rows, else the 64x64 tiles, numbered column-major: tile b is
+// (the gemv for at most 16 rows, else the 64x64 tiles, numbered column-major: tile b is
 // columns (b % tiles_o) * 64.., rows (b / tiles_o) * 64..), so that each group's values are
 // bit for bit those of its own launch. Grid (blocks of the largest group, groups), block 256;
 // a group's surplus blocks return at once.
@@ -161,7 +220,7 @@ __device__ __forceinline__ void gemm_group(const float* x, const u64* w, const u
     const WT* wg = (const WT*)w[g];
     const int b = blockIdx.x;
     if (r <= GEMV_MAX_ROWS) {
-        gemv_warp<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b);
+        gemv_cols<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b);
         return;
     }
     const int tiles_o = (n + GEMM_TILE - 1) / GEMM_TILE;

@@ -6,14 +6,16 @@
 #          scripts/gpu-check.sh build
 #      installs the pinned nvcc (scripts/install-cuda.sh), builds with
 #      `--features cuda --release` the `swk` binary, the library's unit tests and the GPU
-#      parity tests (tests/cuda.rs), and copies them, stripped, into .gpu/ (gitignored;
-#      about 46 MB; the device tool carries at most 64 MiB, so a larger .gpu/ is an error).
+#      parity tests (tests/cuda.rs), and packs them, stripped and compressed, into
+#      .gpu/bin.tar.xz (gitignored; about 13 MB: the device tool carries at most 64 MiB with
+#      the working tree, so more is an error).
 #      The tiny fixtures are tracked files: they travel with the working tree, and the run
 #      reads them from tests/fixtures. It prints the command for step 2.
 #
 #   2. There (the GPU machine, in a copy of this repository with .gpu/ carried along):
-#          scripts/gpu-check.sh run
-#      runs, each under a time limit:
+#          scripts/gpu-check.sh run [STEP...]
+#      runs the steps named (unit, parity, smoke, timing, bench; all when none), each under a
+#      time limit:
 #        - device info (nvidia-smi when present),
 #        - the CUDA unit tests of the library (backend::cuda),
 #        - the parity tests: CUDA vs CPU logits on every tiny fixture (f32 weights rel err
@@ -28,7 +30,8 @@
 #          equal the resident upload's,
 #        - the timing table at Llama-2-7B shapes (random weights filled on the device), with
 #          the detection forward against the bandwidth floor and perplexity throughput
-#          against the measured bf16 GEMM rate,
+#          against the measured bf16 GEMM rate, and swk's gemv alone at those shapes for 1
+#          to 16 rows beside cuBLAS (GB/s, GFMA/s),
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
@@ -116,12 +119,17 @@ build() {
         echo "nvcc: $("$NVCC" --version | grep release)"
         (cd "$GPU_DIR" && sha256sum bin/*)
     } >"$GPU_DIR/MANIFEST"
-    local size
-    size=$(du -sm "$GPU_DIR" | cut -f1)
+    # The device tool carries at most 64 MiB with the working tree: the binaries travel
+    # compressed (about a quarter of their size) and `run` unpacks them.
+    tar -C "$GPU_DIR" -cJf "$GPU_DIR/bin.tar.xz" bin
+    rm -rf "$GPU_DIR/bin"
     cat "$GPU_DIR/MANIFEST" >&2
-    echo "== .gpu/ is ${size} MB" >&2
-    if [ "$(du -sk "$GPU_DIR" | cut -f1)" -gt $((64 * 1024)) ]; then
-        echo "error: .gpu/ is over the 64 MiB the device tool carries" >&2
+    local gpu_kb tree_kb
+    gpu_kb=$(du -sk "$GPU_DIR" | cut -f1)
+    tree_kb=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -n 1 | cut -f1)
+    echo "== .gpu/ is $((gpu_kb / 1024)) MB; with the tracked files $(((gpu_kb + tree_kb) / 1024)) MB" >&2
+    if [ $((gpu_kb + tree_kb)) -gt $((64 * 1024)) ]; then
+        echo "error: .gpu/ and the working tree are over the 64 MiB the device tool carries" >&2
         exit 1
     fi
     cat <<EOF
@@ -130,9 +138,10 @@ Next, on the GPU machine (repository root, with .gpu/ carried along):
 
     scripts/gpu-check.sh run
 
-e.g. with the device tool: command "scripts/gpu-check.sh run", carry [".gpu"], timeout_s 580
-(the steps are capped at 60 + 180 + 240 + 90 + 30 s, plus up to 30 s looking for libcublas;
-set UNIT_S, PARITY_S, TIMING_S, BENCH_S, SMOKE_S to change them).
+e.g. with the device tool: command "scripts/gpu-check.sh run", carry [".gpu"], timeout_s 590
+(the steps unit, parity, smoke, timing and bench are capped at 60 + 180 + 30 + 240 + 90 s,
+plus up to 30 s looking for libcublas; set UNIT_S, PARITY_S, SMOKE_S, TIMING_S, BENCH_S to
+change them, or name the steps to run: "scripts/gpu-check.sh run unit parity").
 Results (logs, timing.md, summary.txt) land in \$OUT.
 EOF
 }
@@ -167,7 +176,29 @@ find_cublas() {
     echo "libcublas directories: ${dirs[*]:-none found}"
 }
 
+# Add the driver's directory to LD_LIBRARY_PATH when libcuda is not in the loader's cache
+# (cudarc opens libcuda.so.1 by name).
+find_libcuda() {
+    if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so'; then
+        echo "libcuda: in the loader cache"
+        return
+    fi
+    local d
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
+        if ls "$d"/libcuda.so* >/dev/null 2>&1; then
+            LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            export LD_LIBRARY_PATH
+            echo "libcuda: $d"
+            return
+        fi
+    done
+    echo "libcuda: not found"
+}
+
 run() {
+    if [ ! -x "$GPU_DIR/bin/swk-cuda-tests" ] && [ -f "$GPU_DIR/bin.tar.xz" ]; then
+        tar -C "$GPU_DIR" -xJf "$GPU_DIR/bin.tar.xz"
+    fi
     if [ ! -x "$GPU_DIR/bin/swk-cuda-tests" ]; then
         echo "error: $GPU_DIR/bin/swk-cuda-tests is missing: run 'scripts/gpu-check.sh build' on a build machine and carry .gpu/ here" >&2
         exit 2
@@ -201,15 +232,19 @@ run() {
     {
         cat "$GPU_DIR/MANIFEST" 2>/dev/null
         nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-        find_cublas
     } >"$out/device.log" 2>&1
+    find_libcuda >>"$out/device.log" 2>&1
+    find_cublas >>"$out/device.log" 2>&1
     cat "$out/device.log"
-    # Step limits in seconds; override with UNIT_S, PARITY_S, TIMING_S, BENCH_S, SMOKE_S.
-    step unit "${UNIT_S:-60}" "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
-    step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" --test-threads=1 --nocapture
-    step timing "${TIMING_S:-240}" "$GPU_DIR/bin/swk-cuda-tests" timing_7b --ignored --nocapture --test-threads=1
-    step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
-    step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$SWK_FIXTURES/tiny/llama' &&
+    # The steps named on the command line (all when none), in this order: the correctness
+    # checks first, so a run cut short by its time limit loses timings, not verdicts.
+    local wanted=" ${*:-unit parity smoke timing bench} "
+    wants() { [[ $wanted == *" $1 "* ]]; }
+    # Step limits in seconds; override with UNIT_S, PARITY_S, SMOKE_S, TIMING_S, BENCH_S.
+    # PARITY_FILTER narrows the parity step to the tests whose names contain it.
+    wants unit && step unit "${UNIT_S:-60}" "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
+    wants parity && step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" ${PARITY_FILTER:+"$PARITY_FILTER"} --test-threads=1 --nocapture
+    wants smoke && step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$SWK_FIXTURES/tiny/llama' &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f16 &&
@@ -219,6 +254,10 @@ run() {
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$SWK_FIXTURES/tiny/llama' --text '$SWK_FIXTURES/tiny/llama/config.json' --context 16"
+    # The gemv table after the 7B tables: timing_7b rewrites timing.md as it goes.
+    wants timing && step timing "${TIMING_S:-240}" sh -c "'$GPU_DIR/bin/swk-cuda-tests' timing_7b --ignored --nocapture --test-threads=1 &&
+        '$GPU_DIR/bin/swk-unit-tests' gemv_rates --ignored --nocapture --test-threads=1"
+    wants bench && step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
     if [ -f "$out/timing.md" ]; then
         echo "== timing.md"
         cat "$out/timing.md"
@@ -230,6 +269,9 @@ run() {
 
 case "${1:-}" in
     build) build ;;
-    run) run ;;
+    run)
+        shift
+        run "$@"
+        ;;
     *) usage ;;
 esac

@@ -402,7 +402,10 @@ fn spike_stats_match_cpu() {
 /// expert and shared expert of a mixture of experts) the same peak channels and positions,
 /// every channel's signed maximum within 1e-4 (relative, floor 1) at the same position
 /// unless a near tie (rounding may pick another; at most 1% of channels), the same routed
-/// token counts, and router entropies and weight sums within 1e-6.
+/// token counts, and router entropies and weight sums within 1e-4 (relative, floor 1: sums
+/// of f32 softmax weights whose router logits differ in the last bits between summation
+/// orders; seen on an H200: 1.0e-6 for an OLMoE expert's weight sum, swk's kernels). A
+/// misrouted token moves a weight sum by its whole weight, orders of magnitude more.
 fn assert_stats_match(ctx: &str, a: &SpikeStats, b: &SpikeStats) {
     assert_eq!(a.layers.len(), b.layers.len(), "{ctx}: layers");
     for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
@@ -410,7 +413,7 @@ fn assert_stats_match(ctx: &str, a: &SpikeStats, b: &SpikeStats) {
         assert_channels_match(&format!("{ctx} input"), &x.input, &y.input);
         assert_channels_match(&format!("{ctx} output"), &x.output, &y.output);
         assert_eq!(x.routed_tokens, y.routed_tokens, "{ctx}: routed tokens");
-        let close = |u: f64, v: f64| (u - v).abs() <= 1e-6 * v.abs().max(1.0);
+        let close = |u: f64, v: f64| (u - v).abs() <= 1e-4 * v.abs().max(1.0);
         assert!(close(x.router_entropy_sum, y.router_entropy_sum), "{ctx}: router entropy");
         assert_eq!(x.experts.len(), y.experts.len(), "{ctx}: experts");
         let shared = x.shared.iter().zip(&y.shared).map(|(u, v)| ("shared".to_string(), u, v));
@@ -508,12 +511,12 @@ fn captured_activations_match_cpu_hooks() {
 }
 
 /// The experts of a sparse layer run together (one launch per step for the layer, when each
-/// has at most 8 rows) give what they give one at a time: bit-identical logits and spike
+/// has at most 16 rows) give what they give one at a time: bit-identical logits and spike
 /// statistics with swk's kernels (the same gemv per expert); with cuBLAS, logits within 1e-4
 /// (f32 weights, statistics too) or 1e-2 (bf16; 5e-2 for cublas-bf16, which rounds
 /// activations); and the CPU's logits
 /// within 1e-4 (f32), on every mixture-of-experts
-/// fixture. A pass with more than 8 rows for an expert (64 tokens) is grouped too with swk's
+/// fixture. A pass with more than 16 rows for an expert (64 tokens) is grouped too with swk's
 /// kernels (tiled, bit-identical to one by one) and one by one with cuBLAS.
 #[test]
 fn grouped_experts_equal_one_by_one() {
@@ -574,7 +577,7 @@ fn grouped_experts_equal_one_by_one() {
                 }
             }
         }
-        // More than 8 rows for some expert: swk's kernels still group the experts (tiled
+        // More than 16 rows for some expert: swk's kernels still group the experts (tiled
         // GEMMs, bit for bit the one-by-one values); cuBLAS takes them one at a time. Both
         // give the CPU's logits.
         let long: Vec<u32> = tokens.iter().cycle().take(64).copied().collect();
@@ -2236,7 +2239,7 @@ fn timing_7b() -> Result<()> {
                 gemm.name(),
                 512.0 / (prefill / 1e3)
             ))?;
-            roofline.push(format!(
+            let row = format!(
                 "| {} | {} | {:.2} | {det:.2} | {det_plain:.2} | {:+.1} % | {floor_ms:.2} | {:.2} | {graph_note} | {:.0} | {ppl_ms:.1} | {:.0} | {:.1} | {:.0} % |",
                 dtype.name(),
                 gemm.name(),
@@ -2247,7 +2250,10 @@ fn timing_7b() -> Result<()> {
                 512.0 / (ppl_ms / 1e3),
                 linear_flops * 512.0 / (ppl_ms / 1e3) / 1e12,
                 if gemm_rate > 0.0 { linear_flops * 512.0 / (ppl_ms / 1e3) / gemm_rate * 100.0 } else { 0.0 },
-            ));
+            );
+            // Printed now too, so a run cut off by its time limit still shows it in the log.
+            eprintln!("roofline row: {row}");
+            roofline.push(row);
         }
     }
     emit(String::new())?;
@@ -2280,8 +2286,8 @@ fn timing_7b_streamed() -> Result<()> {
         String::new(),
         format!("Streaming, Llama-2-7B layer shapes, {} layers (host fill {fill:.1} s):", c.num_layers),
         String::new(),
-        "| weights | resident pass ms | streamed pass ms | streamed ms/layer | layer bytes | streamed GB/s |".into(),
-        "|---|---|---|---|---|---|".into(),
+        "| weights | resident pass ms | streamed pass ms | streamed ms/layer | host staging ms/layer (of it reading the tensors) | layer bytes | streamed GB/s |".into(),
+        "|---|---|---|---|---|---|---|".into(),
     ];
     let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
     for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
@@ -2299,10 +2305,26 @@ fn timing_7b_streamed() -> Result<()> {
         let resident = best(&CudaModel::new(&m, &opts)?)?;
         let s = CudaModel::streamed(lazy.clone(), &opts)?;
         let streamed = best(&s)?;
-        let layer_bytes = swk::backend::stream::SlotLayout::new(&c, 0, dtype).bytes;
+        let layout = swk::backend::stream::SlotLayout::new(&c, 0, dtype);
+        let layer_bytes = layout.bytes;
         let rate = (layer_bytes * c.num_layers) as f64 / (streamed / 1e3) / 1e9;
+        // The host's part alone (read, convert, edits): what the streaming thread does per
+        // layer while the device runs the previous one.
+        let overlay = swk::backend::stream::Overlay::default();
+        let mut staging = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let bytes = swk::backend::stream::stage_layer(&lazy, 0, &layout, &overlay)?;
+            staging = staging.min(ms(t));
+            assert_eq!(bytes.len(), layer_bytes);
+        }
+        let t = Instant::now();
+        for e in &layout.entries {
+            lazy.tensor(&format!("model.layers.0.{}", e.suffix))?;
+        }
+        let reading = ms(t);
         lines.push(format!(
-            "| {} | {resident:.2} | {streamed:.2} | {:.2} | {:.1} MB | {rate:.2} |",
+            "| {} | {resident:.2} | {streamed:.2} | {:.2} | {staging:.2} ({reading:.2}) | {:.1} MB | {rate:.2} |",
             dtype.name(),
             streamed / c.num_layers as f64,
             layer_bytes as f64 / 1e6
@@ -2380,7 +2402,7 @@ fn timing_7b_moe() -> Result<()> {
         ppl = ppl.min(ms(t));
     }
     // The same detection forward with each expert's steps launched one expert at a time
-    // (the path for experts with more than 8 rows), against the grouped launches above.
+    // (the path for experts with more than 16 rows), against the grouped launches above.
     let mut g = g;
     g.set_grouped_experts(false);
     let mut one_by_one = f64::INFINITY;

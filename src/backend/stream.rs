@@ -352,9 +352,19 @@ pub fn stage_layer(
         overlay.apply(name, &mut t.data)?;
         let dst = &mut out[e.offset..e.offset + e.bytes()];
         let width = e.dtype.bytes();
-        dst.par_chunks_mut(width).zip(t.data.par_iter()).try_for_each(|(d, &v)| {
-            let raw = e.dtype.encode_or_err(v, name)?;
-            d.copy_from_slice(&raw.to_le_bytes()[..width]);
+        // Chunks of 64 Ki elements per task; each element written at its fixed width.
+        const CHUNK: usize = 1 << 16;
+        dst.par_chunks_mut(CHUNK * width).zip(t.data.par_chunks(CHUNK)).try_for_each(|(d, src)| {
+            if width == 2 {
+                for (d, &v) in d.chunks_exact_mut(2).zip(src) {
+                    let raw = e.dtype.encode_or_err(v, name)? as u16;
+                    d.copy_from_slice(&raw.to_le_bytes());
+                }
+            } else {
+                for (d, &v) in d.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&e.dtype.encode_or_err(v, name)?.to_le_bytes());
+                }
+            }
             Ok(())
         })
     })?;

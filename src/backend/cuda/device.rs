@@ -654,7 +654,7 @@ mod tests {
     use super::*;
 
     /// `swk_gemm_grouped_*` gives each group of rows, bit for bit, what its own
-    /// `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 8 rows next to groups of
+    /// `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 16 rows next to groups of
     /// several row and column tiles, in one launch), and each within 1e-5 (relative to the
     /// row's largest |y|) of the f64 product of the stored (f32, bf16 or f16) weights; rows
     /// past the groups stay untouched.
@@ -665,8 +665,15 @@ mod tests {
             return;
         }
         let dev = CudaDevice::new(0).unwrap();
-        let (n, k) = (150, 37);
-        let rows = [3usize, 130, 8, 9, 70, 1];
+        // k = 37: the gemv's element-wise path (rows not 16-byte aligned); k = 200: its
+        // 16-byte vector steps and a ragged last step.
+        for k in [37usize, 200] {
+            grouped_gemm_case(&dev, 150, k);
+        }
+    }
+
+    fn grouped_gemm_case(dev: &CudaDevice, n: usize, k: usize) {
+        let rows = [3usize, 130, 8, 9, 70, 1, 16, 17];
         let total: usize = rows.iter().sum();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
@@ -722,7 +729,19 @@ mod tests {
                 let alone = dev.download(&alone, 0, r * n).unwrap();
                 let mine = &got[at * n..(at + r) * n];
                 let same = mine.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "group {g} ({r} rows, {dtype:?}) differs from its own launch");
+                assert!(same, "group {g} ({r} rows, {dtype:?}, k {k}) differs from its own launch");
+                if r <= kernels::GEMV_MAX_ROWS {
+                    // The gemv's value for a row does not depend on the rows beside it.
+                    let last = dev.zeros::<f32>(n).unwrap();
+                    let xl = xg + ((r - 1) * k * 4) as u64;
+                    dev.gemm_kernel(xl, addrs[g], dtype, dev.ptr(&last), 1, n, k).unwrap();
+                    let last = dev.download(&last, 0, n).unwrap();
+                    let same = mine[(r - 1) * n..]
+                        .iter()
+                        .zip(&last)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "group {g}: its last row alone differs ({dtype:?}, k {k})");
+                }
                 for t in 0..r {
                     let xr = &x[(at + t) * k..(at + t + 1) * k];
                     let want: Vec<f64> = (0..n)
@@ -734,7 +753,7 @@ mod tests {
                     let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
                     for (o, w) in want.iter().enumerate() {
                         let err = (mine[t * n + o] as f64 - w).abs() / scale;
-                        assert!(err <= 1e-5, "group {g} row {t} col {o}: {err:.2e}");
+                        assert!(err <= 1e-5, "group {g} row {t} col {o} (k {k}): {err:.2e}");
                     }
                 }
             }
@@ -805,6 +824,80 @@ mod tests {
                 let same = w.to_bits() == want.to_bits() || (w.is_nan() && want.is_nan());
                 assert!(same, "{dtype:?} {h:#06x}");
             }
+        }
+    }
+
+    /// Timing, measures only (run with `--ignored` on a GPU machine): swk's gemv at
+    /// Llama-2-7B shapes for 1 to 16 rows, in GB/s of weights read and f32 GFMA/s, beside
+    /// cuBLAS's bf16-input product of twice the rows (what `cublas-split` runs for bf16
+    /// weights). Each the mean of 20 back-to-back launches after one warm-up. Appended to
+    /// `$SWK_TIMING_OUT` when set.
+    #[test]
+    #[ignore = "GPU timing: run with --ignored on a GPU machine"]
+    fn gemv_rates() {
+        if !cuda_available() || super::super::EMULATED {
+            eprintln!("skipped: needs a real CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mean_us = |f: &dyn Fn()| -> f64 {
+            f();
+            dev.synchronize().unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            dev.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e6 / 20.0
+        };
+        let mut lines = vec![
+            String::new(),
+            "swk_gemv_* at Llama-2-7B shapes (mean of 20 launches; GB/s of weights read, f32 GFMA/s), \
+             beside cuBLAS bf16 GemmEx on twice the rows (cublas-split's product):"
+                .to_string(),
+            String::new(),
+            "| weights | n × k | rows | gemv µs | GB/s | GFMA/s | cuBLAS bf16, 2 × rows: µs | GB/s |".into(),
+            "|---|---|---|---|---|---|---|---|".into(),
+        ];
+        let (max_rows, max_dim) = (kernels::GEMV_MAX_ROWS, 11008 * 4096);
+        let x = dev.alloc::<f32>(max_rows * 11008).unwrap();
+        let x16 = dev.alloc::<u16>(2 * max_rows * 11008).unwrap();
+        let y = dev.alloc::<f32>(2 * max_rows * 11008).unwrap();
+        dev.fill_normal(dev.ptr(&x), WeightDtype::F32, max_rows * 11008, 3, 0.0, 1.0).unwrap();
+        dev.fill_normal(dev.ptr(&x16), WeightDtype::Bf16, 2 * max_rows * 11008, 4, 0.0, 1.0)
+            .unwrap();
+        for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::F16] {
+            let w = dev.alloc::<u8>(max_dim * dtype.bytes()).unwrap();
+            dev.fill_normal(dev.ptr(&w), dtype, max_dim, 5, 0.0, 0.02).unwrap();
+            for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
+                for rows in [1usize, 4, 9, 16] {
+                    let (px, pw, py) = (dev.ptr(&x), dev.ptr(&w), dev.ptr(&y));
+                    let us = mean_us(&|| dev.gemm_kernel(px, pw, dtype, py, rows, n, k).unwrap());
+                    let bytes = (n * k * dtype.bytes()) as f64;
+                    let fma = (rows * n * k) as f64;
+                    let blas = if dtype == WeightDtype::Bf16 && dev.has_cublas() {
+                        let p16 = dev.ptr(&x16);
+                        let b =
+                            mean_us(&|| dev.gemm_bf16_inputs(p16, pw, py, 2 * rows, n, k).unwrap());
+                        format!("{b:.1} | {:.0}", bytes / b / 1e3)
+                    } else {
+                        "- | -".to_string()
+                    };
+                    lines.push(format!(
+                        "| {} | {n} × {k} | {rows} | {us:.1} | {:.0} | {:.0} | {blas} |",
+                        dtype.name(),
+                        bytes / us / 1e3,
+                        fma / us / 1e3
+                    ));
+                }
+            }
+        }
+        let text = lines.join("\n") + "\n";
+        eprint!("{text}");
+        if let Some(p) = std::env::var_os("SWK_TIMING_OUT") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
         }
     }
 }

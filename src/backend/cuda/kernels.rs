@@ -16,10 +16,11 @@ pub const ATTENTION_BLOCK: u32 = 128;
 pub const STATS_ROWS_PER_BLOCK: usize = 16;
 /// Output tile edge of `swk_gemm_*`.
 pub const GEMM_TILE: usize = 64;
-/// Largest row count `swk_gemv_*` handles (decode); larger products use `swk_gemm_*`.
-pub const GEMV_MAX_ROWS: usize = 8;
-/// Warps (output columns) per block of `swk_gemv_*`.
-pub const GEMV_WARPS: usize = 8;
+/// Largest row count `swk_gemv_*` handles (decode, detection prompts); larger products use
+/// `swk_gemm_*`.
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Output columns per block of `swk_gemv_*` (one per lane; its 8 warps split k).
+pub const GEMV_COLS: usize = 32;
 /// Largest grid y/z dimension CUDA allows.
 pub const MAX_GRID_YZ: u64 = 65_535;
 /// Largest grid x dimension CUDA allows.
@@ -220,15 +221,15 @@ pub fn gemm_tiled(rows: usize, n: usize) -> Result<Launch> {
     )
 }
 
-/// `swk_gemv_*`: one warp per output column, [`GEMV_WARPS`] per block; `rows` must be at most
-/// [`GEMV_MAX_ROWS`].
+/// `swk_gemv_*`: [`GEMV_COLS`] output columns per block of 256 threads; `rows` must be at
+/// most [`GEMV_MAX_ROWS`].
 pub fn gemv(rows: usize, n: usize) -> Result<Launch> {
     if rows > GEMV_MAX_ROWS {
         return Err(Error::Backend(format!(
             "gemv handles at most {GEMV_MAX_ROWS} rows, got {rows}"
         )));
     }
-    Launch::new(((n as u64).div_ceil(GEMV_WARPS as u64), 1, 1), (GEMV_WARPS * 32) as u32, 0)
+    Launch::new(((n as u64).div_ceil(GEMV_COLS as u64), 1, 1), BLOCK, 0)
 }
 
 /// `swk_gemm_grouped_*`: `groups` groups of `min_rows..=max_rows` rows each (grid y), each
@@ -240,13 +241,13 @@ pub fn gemm_grouped(
     n: usize,
     groups: usize,
 ) -> Result<Launch> {
-    let gemv_blocks = (n as u64).div_ceil(GEMV_WARPS as u64);
+    let gemv_blocks = (n as u64).div_ceil(GEMV_COLS as u64);
     let mut blocks = if min_rows <= GEMV_MAX_ROWS { gemv_blocks } else { 1 };
     if max_rows > GEMV_MAX_ROWS {
         let tiles = gemm_tiled(max_rows, n)?;
         blocks = blocks.max(tiles.grid.0 as u64 * tiles.grid.1 as u64);
     }
-    Launch::new((blocks, groups as u64, 1), (GEMV_WARPS * 32) as u32, 0)
+    Launch::new((blocks, groups as u64, 1), BLOCK, 0)
 }
 
 /// Split the `n_out` rows of a `[n_out, n_in]` weight into chunks of at most `cap` elements
@@ -335,15 +336,16 @@ mod tests {
 
     #[test]
     fn grouped_launches_put_the_experts_on_their_own_axis() {
-        // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 8 rows each.
-        let l = gemm_grouped((1, 8), 1024, 45).unwrap();
-        assert_eq!((l.grid, l.block), ((1024 / GEMV_WARPS as u32, 45, 1), (256, 1, 1)));
-        // Prefill: 9 to 200 rows per expert, 16 tiles of columns by 4 of rows.
-        let l = gemm_grouped((9, 200), 1024, 45).unwrap();
+        // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 16 rows each.
+        let l = gemm_grouped((1, 16), 1024, 45).unwrap();
+        assert_eq!((l.grid, l.block), ((1024 / GEMV_COLS as u32, 45, 1), (256, 1, 1)));
+        // Prefill: 17 to 200 rows per expert, 16 tiles of columns by 4 of rows.
+        let l = gemm_grouped((17, 200), 1024, 45).unwrap();
         assert_eq!((l.grid, l.block), ((64, 45, 1), (256, 1, 1)));
-        // A group of at most 8 rows among them takes the gemv's 128 blocks.
-        assert_eq!(gemm_grouped((3, 200), 1024, 45).unwrap().grid, (128, 45, 1));
-        assert_eq!(gemm_grouped((9, 1000), 2048, 64).unwrap().grid, (32 * 16, 64, 1));
+        // A group of at most 16 rows among them takes the gemv's blocks where they are more.
+        assert_eq!(gemm_grouped((9, 200), 1024, 45).unwrap().grid, (64, 45, 1));
+        assert_eq!(gemm_grouped((3, 20), 4096, 45).unwrap().grid, (128, 45, 1));
+        assert_eq!(gemm_grouped((17, 1000), 2048, 64).unwrap().grid, (32 * 16, 64, 1));
         let (l, per) = column_stats_grouped(8, 1024, 45).unwrap();
         assert_eq!((l.grid, per), ((4, 1, 45), STATS_ROWS_PER_BLOCK));
         assert!(column_stats_grouped(8, 1024, 0).is_err(), "no experts: nothing to launch");
@@ -394,9 +396,9 @@ mod tests {
         assert_eq!(gemm_tiled(512, 11008).unwrap().grid, (172, 8, 1));
         assert_eq!(gemm_tiled(65, 65).unwrap().grid, (2, 2, 1));
         let l = gemv(1, 32000).unwrap();
-        assert_eq!((l.grid, l.block), ((4000, 1, 1), (256, 1, 1)));
-        assert_eq!(gemv(8, 9).unwrap().grid, (2, 1, 1));
-        assert!(gemv(9, 9).is_err());
+        assert_eq!((l.grid, l.block), ((1000, 1, 1), (256, 1, 1)));
+        assert_eq!(gemv(16, 33).unwrap().grid, (2, 1, 1));
+        assert!(gemv(17, 9).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! DeepSeek:  out += shared(m)
 //! ```
 //!
-//! When every expert has at most 8 rows (detection prompts, decoding), or at any row count
+//! When every expert has at most 16 rows (detection prompts, decoding), or at any row count
 //! with swk's own GEMM kernels, the per-expert steps run for all experts at once: one launch
 //! each for gate, up, the activation, down and the output keys (`swk_gemm_grouped_*`,
 //! `swk_act_mul_grouped`, `swk_column_max_grouped`), in place of about 4 to 10 launches per
