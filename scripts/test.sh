@@ -11,5 +11,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } \
         >/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will skip" >&2
 fi
+# Build first, then run: the two take minutes each, and CI's log times them apart.
+cargo test --all-targets --no-run "$@"
 cargo test --all-targets "$@"
 cargo test --doc
