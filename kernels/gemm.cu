@@ -116,7 +116,7 @@ __device__ __forceinline__ void gemv_cols(const float* x, const WT* w, float* y,
     if (o < n) {
         const WT* wr = w + (u64)o * k;
         // 16-byte loads need every row of W and x to start 16-byte aligned.
-        const bool vec = (k % E) == 0 && (k % 4) == 0 && ((u64)w % 16) == 0 && ((u64)x % 16) == 0;
+        const bool vec = (k % E) == 0 && ((u64)w % 16) == 0 && ((u64)x % 16) == 0;
         for (int c = warp * STEP; c < k; c += GEMV_WARPS * STEP) {
             if (vec && c + STEP <= k) {
                 v16 pk[V];
@@ -204,31 +204,59 @@ extern "C" __global__ void swk_gemv_f16(const float* x, const f16w* w, float* y,
     gemv_cols<f16w>(x, w, y, rows, n, k, blockIdx.x);
 }
 
-// The experts of a sparse MoE layer in one launch (see moe.cu): group g multiplies the rows
-// row0[g] .. row0[g] + rows[g] of x by its own weight w[g] (a device address, `[n, k]`),
-// y[r] = x[r]·W_gᵀ, each group with the kernel swk_gemm_* / swk_gemv_* would give it alone
-// (the gemv for at most 16 rows, else the 64x64 tiles, numbered column-major: tile b is
-// columns (b % tiles_o) * 64.., rows (b / tiles_o) * 64..), so that each group's values are
-// bit for bit those of its own launch. Grid (blocks of the largest group, groups), block 256;
-// a group's surplus blocks return at once.
+// The experts of a sparse MoE layer (see moe.cu): group g multiplies the rows row0[g] ..
+// row0[g] + rows[g] of x by its own weight w[g] (a device address, `[n, k]`), y[r] = x[r]·W_gᵀ,
+// each group with the kernel swk_gemm_* / swk_gemv_* would give it alone, so that each group's
+// values are bit for bit those of its own launch. Two kernels, each skipping the other's
+// groups at once: swk_gemv_grouped_* takes the groups of at most 16 rows, swk_gemm_grouped_*
+// the larger ones in 64x64 tiles (numbered column-major: tile b is columns (b % tiles_o) * 64..,
+// rows (b / tiles_o) * 64..). Apart, each keeps its own register count: one kernel holding
+// both paths took the gemv's (150 to 168 registers against the tiles' 53 to 60 on sm_90), which
+// cut the tiles' occupancy four-fold. Grid (blocks of the largest group, groups), block 256; a
+// group's surplus blocks return at once, before any barrier.
+template <typename WT>
+__device__ __forceinline__ void gemv_group(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                           float* y, int n, int k) {
+    const u32 g = blockIdx.y;
+    const int r = (int)rows[g];
+    if (r > GEMV_MAX_ROWS) {
+        return;
+    }
+    const u64 r0 = row0[g];
+    gemv_cols<WT>(x + r0 * k, (const WT*)w[g], y + r0 * n, r, n, k, blockIdx.x);
+}
+
 template <typename WT>
 __device__ __forceinline__ void gemm_group(const float* x, const u64* w, const u32* row0, const u32* rows,
                                            float* y, int n, int k) {
     const u32 g = blockIdx.y;
-    const u64 r0 = row0[g];
     const int r = (int)rows[g];
-    const WT* wg = (const WT*)w[g];
-    const int b = blockIdx.x;
     if (r <= GEMV_MAX_ROWS) {
-        gemv_cols<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b);
         return;
     }
+    const u64 r0 = row0[g];
+    const int b = blockIdx.x;
     const int tiles_o = (n + GEMM_TILE - 1) / GEMM_TILE;
     const int tiles_t = (r + GEMM_TILE - 1) / GEMM_TILE;
     if (b >= tiles_o * tiles_t) {
-        return;  // the whole block: before any barrier
+        return;
     }
-    gemm_tiled<WT>(x + r0 * k, wg, y + r0 * n, r, n, k, b % tiles_o, b / tiles_o);
+    gemm_tiled<WT>(x + r0 * k, (const WT*)w[g], y + r0 * n, r, n, k, b % tiles_o, b / tiles_o);
+}
+
+extern "C" __global__ void swk_gemv_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                float* y, int n, int k) {
+    gemv_group<float>(x, w, row0, rows, y, n, k);
+}
+
+extern "C" __global__ void swk_gemv_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                 float* y, int n, int k) {
+    gemv_group<u16>(x, w, row0, rows, y, n, k);
+}
+
+extern "C" __global__ void swk_gemv_grouped_f16(const float* x, const u64* w, const u32* row0, const u32* rows,
+                                                float* y, int n, int k) {
+    gemv_group<f16w>(x, w, row0, rows, y, n, k);
 }
 
 extern "C" __global__ void swk_gemm_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,

@@ -8,10 +8,14 @@
 //! tensors and chunks) and yields the same bits for any number of threads.
 //!
 //! [`planted`] (plant.rs) builds small Llamas with planted super weights whose coordinates
-//! are known, [`families::plant_arch`] the same in the other dense families.
+//! are known, [`families::plant_arch`] the same in the other dense families; [`save_llama`]
+//! writes a Llama as a Hugging Face directory.
 
 pub mod families;
 pub mod plant;
+pub mod save;
+
+pub use save::save_llama;
 
 pub use plant::{
     planted, planted_group, planted_moe, Plant, PlantSite, PlantTruth, PlantedWeight,

@@ -79,17 +79,25 @@ impl WeightDtype {
         })
     }
 
+    /// The storage whose bits are those of a file's dtype (`F32`, `F16`, `BF16`, as a
+    /// tensor's `source_dtype` names it), if any.
+    pub fn of_stored(source_dtype: &str) -> Option<WeightDtype> {
+        match source_dtype {
+            "F32" => Some(WeightDtype::F32),
+            "F16" => Some(WeightDtype::F16),
+            "BF16" => Some(WeightDtype::Bf16),
+            _ => None,
+        }
+    }
+
     /// The 2-byte storage that keeps a checkpoint's matrices as they are on disk: f16 when
     /// every matrix (2-D tensor) of `weights` was stored as F16, bf16 when every one was BF16;
     /// otherwise (f32 or quantized matrices, or a mix) bf16.
     pub fn matching(weights: &crate::model::Weights) -> WeightDtype {
-        let mut kinds = weights.iter().filter(|(_, t)| t.shape.len() == 2).map(|(_, t)| {
-            match t.source_dtype.as_str() {
-                "F16" => Some(WeightDtype::F16),
-                "BF16" => Some(WeightDtype::Bf16),
-                _ => None,
-            }
-        });
+        let mut kinds = weights
+            .iter()
+            .filter(|(_, t)| t.shape.len() == 2)
+            .map(|(_, t)| WeightDtype::of_stored(&t.source_dtype).filter(|d| d.is_half()));
         let first = kinds.next().flatten();
         match first {
             Some(d) if kinds.all(|k| k == Some(d)) => d,

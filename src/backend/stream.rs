@@ -2,7 +2,8 @@
 //! once (the CUDA backend's streamed mode): which tensors a Llama-family layer has
 //! ([`layer_plan`]), where each lies in one device slot ([`SlotLayout`]), the weight edits
 //! that must survive every re-upload ([`Overlay`]), and one layer's bytes ready to copy
-//! ([`stage_layer`]), read from a [`LazyModel`]'s mapped files.
+//! ([`stage_layer`]), read from a [`LazyModel`]'s mapped files: copied as they are when the
+//! file stores a tensor in the slot's dtype, else converted from f32.
 //!
 //! Everything here is plain host code, tested without a GPU.
 
@@ -302,17 +303,31 @@ impl Overlay {
     pub fn len(&self) -> usize {
         self.edits.len()
     }
+    /// The edits of `tensor`: (flat index, stored bits as f32 bits), by index.
+    fn edits_of<'a>(&'a self, tensor: &'a str) -> impl Iterator<Item = (usize, u32)> + 'a {
+        self.edits
+            .range((tensor.to_string(), 0)..)
+            .take_while(move |((name, _), _)| name == tensor)
+            .map(|((_, flat), &(bits, _))| (*flat, bits))
+    }
+
     /// Write the edits of `tensor` into its values (f32, the tensor's flat layout).
     pub fn apply(&self, tensor: &str, data: &mut [f32]) -> Result<()> {
-        let lo = (tensor.to_string(), 0);
-        for ((name, flat), &(bits, _)) in self.edits.range(lo..) {
-            if name != tensor {
-                break;
-            }
-            let v = data.get_mut(*flat).ok_or_else(|| {
-                Error::tensor(tensor, format!("edited element {flat} is out of range"))
-            })?;
+        for (flat, bits) in self.edits_of(tensor) {
+            let v = data.get_mut(flat).ok_or_else(|| out_of_range(tensor, flat))?;
             *v = f32::from_bits(bits);
+        }
+        Ok(())
+    }
+
+    /// Write the edits of `tensor` into its stored bytes (`dtype`, little-endian, the
+    /// tensor's flat layout).
+    pub fn apply_stored(&self, tensor: &str, dtype: WeightDtype, bytes: &mut [u8]) -> Result<()> {
+        let width = dtype.bytes();
+        for (flat, bits) in self.edits_of(tensor) {
+            let raw = dtype.encode_or_err(f32::from_bits(bits), tensor)?.to_le_bytes();
+            let at = flat.checked_mul(width).and_then(|a| bytes.get_mut(a..a + width));
+            at.ok_or_else(|| out_of_range(tensor, flat))?.copy_from_slice(&raw[..width]);
         }
         Ok(())
     }
@@ -329,19 +344,64 @@ impl Overlay {
     }
 }
 
+/// The error of an edit past the end of its tensor.
+fn out_of_range(tensor: &str, flat: usize) -> Error {
+    Error::tensor(tensor, format!("edited element {flat} is out of range"))
+}
+
+/// One layer staged for upload: its slot bytes, and how they were made.
+#[derive(Debug)]
+pub struct StagedLayer {
+    /// The slot's bytes ([`SlotLayout::bytes`] of them).
+    pub bytes: Vec<u8>,
+    /// Tensors copied as their file stores them (a safetensors checkpoint whose dtype is the
+    /// slot's): no conversion through f32.
+    pub copied: usize,
+    /// Tensors read as f32 (GGUF dequantized) and converted to the slot's dtype.
+    pub converted: usize,
+}
+
+/// Chunk of elements per rayon task when staging a tensor.
+const STAGE_CHUNK: usize = 1 << 16;
+
 /// Layer `layer`'s bytes as the slot holds them (`layout`), read from `lazy`, with the
-/// overlay's edits applied. Errors name a tensor that is missing or of another shape.
+/// overlay's edits applied. A tensor that its safetensors file stores in the slot's dtype is
+/// copied byte for byte (the same bits the f32 round trip gives, but for NaN payloads, which
+/// the copy keeps); the others are read as f32 and converted. Errors name a tensor that is
+/// missing or of another shape.
 pub fn stage_layer(
     lazy: &LazyModel,
     layer: usize,
     layout: &SlotLayout,
     overlay: &Overlay,
-) -> Result<Vec<u8>> {
+) -> Result<StagedLayer> {
     let mut out = vec![0u8; layout.bytes];
     let names: Vec<String> =
         layout.entries.iter().map(|e| format!("model.layers.{layer}.{}", e.suffix)).collect();
+    let mut rest = Vec::new();
+    for (k, (e, name)) in layout.entries.iter().zip(&names).enumerate() {
+        let stored = lazy.stored(name)?.filter(|t| {
+            cfg!(target_endian = "little")
+                && WeightDtype::of_stored(t.dtype) == Some(e.dtype)
+                && t.shape == e.shape.as_slice()
+                && t.bytes.len() == e.bytes()
+        });
+        let Some(t) = stored else {
+            rest.push(k);
+            continue;
+        };
+        let dst = &mut out[e.offset..e.offset + e.bytes()];
+        let chunk = STAGE_CHUNK * e.dtype.bytes();
+        dst.par_chunks_mut(chunk).zip(t.bytes.par_chunks(chunk)).for_each(|(d, s)| {
+            d.copy_from_slice(s);
+        });
+        overlay.apply_stored(name, e.dtype, dst)?;
+    }
+    let copied = layout.entries.len() - rest.len();
+    let rest_names: Vec<String> = rest.iter().map(|&k| names[k].clone()).collect();
     // Grouped by GGUF source: a layer's experts come from one dequantization of each stack.
-    lazy.read_grouped(&names, |k, mut t| {
+    lazy.read_grouped(&rest_names, |j, mut t| {
+        let k = rest[j];
         let (e, name) = (&layout.entries[k], &names[k]);
         if t.shape != e.shape {
             return Err(Error::tensor(
@@ -352,23 +412,24 @@ pub fn stage_layer(
         overlay.apply(name, &mut t.data)?;
         let dst = &mut out[e.offset..e.offset + e.bytes()];
         let width = e.dtype.bytes();
-        // Chunks of 64 Ki elements per task; each element written at its fixed width.
-        const CHUNK: usize = 1 << 16;
-        dst.par_chunks_mut(CHUNK * width).zip(t.data.par_chunks(CHUNK)).try_for_each(|(d, src)| {
-            if width == 2 {
-                for (d, &v) in d.chunks_exact_mut(2).zip(src) {
-                    let raw = e.dtype.encode_or_err(v, name)? as u16;
-                    d.copy_from_slice(&raw.to_le_bytes());
+        // Each element written at its fixed width.
+        dst.par_chunks_mut(STAGE_CHUNK * width).zip(t.data.par_chunks(STAGE_CHUNK)).try_for_each(
+            |(d, src)| {
+                if width == 2 {
+                    for (d, &v) in d.chunks_exact_mut(2).zip(src) {
+                        let raw = e.dtype.encode_or_err(v, name)? as u16;
+                        d.copy_from_slice(&raw.to_le_bytes());
+                    }
+                } else {
+                    for (d, &v) in d.chunks_exact_mut(4).zip(src) {
+                        d.copy_from_slice(&e.dtype.encode_or_err(v, name)?.to_le_bytes());
+                    }
                 }
-            } else {
-                for (d, &v) in d.chunks_exact_mut(4).zip(src) {
-                    d.copy_from_slice(&e.dtype.encode_or_err(v, name)?.to_le_bytes());
-                }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     })?;
-    Ok(out)
+    Ok(StagedLayer { bytes: out, copied, converted: rest.len() })
 }
 
 #[cfg(test)]
@@ -477,6 +538,19 @@ mod tests {
         let mut b = vec![1f32; 1];
         o.apply("b", &mut b).unwrap();
         assert_eq!(b, [4.0]);
+        // The same edits on stored bytes: bf16 2.5 is 0x4020, f32 4.0 is 0x40800000.
+        let mut a16 = vec![0xffu8; 6];
+        o.apply_stored("a", WeightDtype::Bf16, &mut a16).unwrap();
+        assert_eq!(a16, [0xff, 0xff, 0x20, 0x40, 0xff, 0xff]);
+        let mut b32 = vec![0u8; 4];
+        o.apply_stored("b", WeightDtype::F32, &mut b32).unwrap();
+        assert_eq!(b32, 4f32.to_le_bytes());
+        let e = o.apply_stored("a", WeightDtype::F16, &mut [0u8; 2]).unwrap_err().to_string();
+        assert!(e.contains("out of range") && e.contains('a'), "{e}");
+        let mut big = Overlay::default();
+        big.set("w", 0, 1e6f32.to_bits(), || Ok(0)).unwrap();
+        let e = big.apply_stored("w", WeightDtype::F16, &mut [0u8; 2]).unwrap_err().to_string();
+        assert!(e.contains("f16"), "{e}");
         let mut short = vec![0f32; 1];
         let e = o.apply("a", &mut short).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
@@ -485,8 +559,13 @@ mod tests {
     #[test]
     fn staged_layer_holds_the_models_bits_and_the_edits() {
         // GGUF mixtures of experts: each expert comes out of its llama.cpp stack.
+        // Safetensors in f32, bf16 and f16: a tensor stored in the slot's dtype is copied
+        // as it is (all of an f32 checkpoint's into f32 slots, its norms otherwise; a 2-byte
+        // checkpoint's 7 matrices into slots of its own dtype), the rest converted.
         for path in [
             "llama",
+            "llama_bf16",
+            "llama_f16",
             "mixtral_gguf/model.gguf",
             "qwen2_moe_gguf/model.gguf",
             "deepseek_v2_gguf/model.gguf",
@@ -496,6 +575,12 @@ mod tests {
             let lazy = LazyModel::open(&path).unwrap();
             let eager = crate::Model::load(&path).unwrap();
             for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+                let want_copied = match (path.rsplit('/').next().unwrap(), dtype) {
+                    ("llama", WeightDtype::F32) => 9,
+                    ("llama", _) => 2,
+                    ("llama_bf16", WeightDtype::Bf16) | ("llama_f16", WeightDtype::F16) => 7,
+                    _ => 0,
+                };
                 let layout = SlotLayout::new(&lazy.config, 1, dtype);
                 // Edit the last down_proj of the layer (an expert's in a mixture).
                 let down = layout
@@ -510,7 +595,13 @@ mod tests {
                 let edited = format!("model.layers.1.{down}");
                 let minus3 = dtype.stored_bits_or_err(-3.0, &edited).unwrap();
                 overlay.set(&edited, 5, minus3, || Ok(0)).unwrap();
-                let bytes = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
+                let staged = stage_layer(&lazy, 1, &layout, &overlay).unwrap();
+                assert_eq!(
+                    (staged.copied, staged.converted),
+                    (want_copied, layout.entries.len() - want_copied),
+                    "{path} {dtype:?}"
+                );
+                let bytes = staged.bytes;
                 assert_eq!(bytes.len(), layout.bytes);
                 for e in &layout.entries {
                     let want =

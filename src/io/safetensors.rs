@@ -67,6 +67,19 @@ struct Located {
     shape: Vec<usize>,
 }
 
+/// One tensor's bytes as a safetensors file stores them (little-endian), borrowed from the
+/// file's map.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredTensor<'a> {
+    /// The stored dtype's name as safetensors spells it (`F32`, `F16`, `BF16`, `F64`), the
+    /// `source_dtype` of what [`MappedCheckpoint::read`] gives; `other` for the rest.
+    pub dtype: &'static str,
+    /// The HF shape.
+    pub shape: &'a [usize],
+    /// The data: the shape's product times the dtype's width.
+    pub bytes: &'a [u8],
+}
+
 /// A safetensors checkpoint (one file or shards), memory-mapped, whose tensors are converted
 /// to f32 one at a time, on demand. Opening validates every header (offsets inside the file,
 /// sizes matching shapes) without reading any tensor data.
@@ -133,15 +146,35 @@ impl MappedCheckpoint {
 
     /// Read one tensor, converted to f32. Errors name the file and tensor.
     pub fn read(&self, name: &str) -> Result<Tensor> {
+        let (t, path, bytes) = self.locate(name)?;
+        let data = to_f32(t.dtype, bytes)
+            .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
+        Tensor::new(name, t.shape.clone(), data, &format!("{:?}", t.dtype))
+    }
+
+    /// Tensor `name`'s bytes as stored, without conversion (for copying a checkpoint's own
+    /// weights as they are). Errors as [`Self::read`].
+    pub fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
+        let (t, _, bytes) = self.locate(name)?;
+        let dtype = match t.dtype {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::F64 => "F64",
+            _ => "other",
+        };
+        Ok(StoredTensor { dtype, shape: &t.shape, bytes })
+    }
+
+    /// A tensor's entry, file and bytes in the map.
+    fn locate(&self, name: &str) -> Result<(&Located, &Path, &[u8])> {
         let t =
             self.tensors.get(name).ok_or_else(|| Error::tensor(name, "not in the checkpoint"))?;
         let (path, mmap) = &self.files[t.file];
         let bytes = mmap
             .get(t.start..t.end)
             .ok_or_else(|| Error::format(path, format!("tensor `{name}` lies outside the file")))?;
-        let data = to_f32(t.dtype, bytes)
-            .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
-        Tensor::new(name, t.shape.clone(), data, &format!("{:?}", t.dtype))
+        Ok((t, path, bytes))
     }
 }
 

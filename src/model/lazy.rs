@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::io::gguf::GgufFile;
-use crate::io::safetensors::{self, MappedCheckpoint};
+use crate::io::safetensors::{self, MappedCheckpoint, StoredTensor};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::load::{
     gguf_layout_to_hf, gguf_source, gguf_targets, hf_source, hf_tokenizer, split_kv_b_part,
@@ -177,6 +177,17 @@ impl LazyModel {
             (Files::Gguf(g), None) => {
                 Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")))
             }
+        }
+    }
+
+    /// Tensor `name`'s bytes as its file stores them, when they are exactly what
+    /// [`Self::tensor`] reads as f32 (a safetensors checkpoint's f32, f16 or bf16 tensor, which
+    /// loading neither renames nor reshapes); `None` for GGUF files and models in memory.
+    pub fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        self.entry(name)?;
+        match &self.files {
+            Files::Safetensors(ckpt) => ckpt.stored(name).map(Some),
+            Files::Gguf(_) | Files::Memory(_) => Ok(None),
         }
     }
 

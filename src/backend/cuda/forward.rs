@@ -350,7 +350,8 @@ impl CudaModel {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
                 scope.spawn(move || {
                     for l in 0..c.num_layers {
-                        let bytes = stage_layer(&st.lazy, l, &st.layouts[l], &st.overlay);
+                        let bytes =
+                            stage_layer(&st.lazy, l, &st.layouts[l], &st.overlay).map(|s| s.bytes);
                         let failed = bytes.is_err();
                         if tx.send(bytes).is_err() || failed {
                             break;

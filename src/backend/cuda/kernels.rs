@@ -69,6 +69,9 @@ pub const KERNELS: &[&str] = &[
     "swk_gemv_bf16",
     "swk_gemv_f16",
     "swk_gemv_f32",
+    "swk_gemv_grouped_bf16",
+    "swk_gemv_grouped_f16",
+    "swk_gemv_grouped_f32",
     "swk_layernorm",
     "swk_moe_combine",
     "swk_nll",
@@ -232,22 +235,35 @@ pub fn gemv(rows: usize, n: usize) -> Result<Launch> {
     Launch::new(((n as u64).div_ceil(GEMV_COLS as u64), 1, 1), BLOCK, 0)
 }
 
-/// `swk_gemm_grouped_*`: `groups` groups of `min_rows..=max_rows` rows each (grid y), each
-/// computed as its own [`gemv`] (at most [`GEMV_MAX_ROWS`] rows) or [`gemm_tiled`] launch
-/// would, the tiles of a group numbered along grid x; grid x is the most blocks a group
-/// needs.
+/// The launches of one grouped product over `groups` groups of rows (grid y: the group),
+/// each group computed as its own [`gemv`] or [`gemm_tiled`] launch would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupedLaunches {
+    /// `swk_gemv_grouped_*`, for the groups of at most [`GEMV_MAX_ROWS`] rows (none when
+    /// every group is larger).
+    pub gemv: Option<Launch>,
+    /// `swk_gemm_grouped_*`, the larger groups in 64×64 tiles numbered along grid x, as many
+    /// blocks as the largest group needs (none when no group is larger).
+    pub tiles: Option<Launch>,
+}
+
+/// The launches for `groups` groups of `min_rows..=max_rows` rows each, `n` columns wide
+/// (see [`GroupedLaunches`]).
 pub fn gemm_grouped(
     (min_rows, max_rows): (usize, usize),
     n: usize,
     groups: usize,
-) -> Result<Launch> {
-    let gemv_blocks = (n as u64).div_ceil(GEMV_COLS as u64);
-    let mut blocks = if min_rows <= GEMV_MAX_ROWS { gemv_blocks } else { 1 };
-    if max_rows > GEMV_MAX_ROWS {
-        let tiles = gemm_tiled(max_rows, n)?;
-        blocks = blocks.max(tiles.grid.0 as u64 * tiles.grid.1 as u64);
-    }
-    Launch::new((blocks, groups as u64, 1), BLOCK, 0)
+) -> Result<GroupedLaunches> {
+    let gemv = (min_rows <= GEMV_MAX_ROWS)
+        .then(|| Launch::new(((n as u64).div_ceil(GEMV_COLS as u64), groups as u64, 1), BLOCK, 0))
+        .transpose()?;
+    let tiles = (max_rows > GEMV_MAX_ROWS)
+        .then(|| {
+            let t = gemm_tiled(max_rows, n)?;
+            Launch::new((t.grid.0 as u64 * t.grid.1 as u64, groups as u64, 1), BLOCK, 0)
+        })
+        .transpose()?;
+    Ok(GroupedLaunches { gemv, tiles })
 }
 
 /// Split the `n_out` rows of a `[n_out, n_in]` weight into chunks of at most `cap` elements
@@ -336,20 +352,27 @@ mod tests {
 
     #[test]
     fn grouped_launches_put_the_experts_on_their_own_axis() {
-        // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 16 rows each.
+        let launch = |grid| Some(Launch { grid, block: (256, 1, 1), shared_bytes: 0 });
+        // 45 experts of OLMoE (expert width 1024, hidden 2048), at most 16 rows each: the
+        // gemv's blocks only.
         let l = gemm_grouped((1, 16), 1024, 45).unwrap();
-        assert_eq!((l.grid, l.block), ((1024 / GEMV_COLS as u32, 45, 1), (256, 1, 1)));
-        // Prefill: 17 to 200 rows per expert, 16 tiles of columns by 4 of rows.
+        assert_eq!(
+            l,
+            GroupedLaunches { gemv: launch((1024 / GEMV_COLS as u32, 45, 1)), tiles: None }
+        );
+        // Prefill: 17 to 200 rows per expert, 16 tiles of columns by 4 of rows; tiles only.
         let l = gemm_grouped((17, 200), 1024, 45).unwrap();
-        assert_eq!((l.grid, l.block), ((64, 45, 1), (256, 1, 1)));
-        // A group of at most 16 rows among them takes the gemv's blocks where they are more.
-        assert_eq!(gemm_grouped((9, 200), 1024, 45).unwrap().grid, (64, 45, 1));
-        assert_eq!(gemm_grouped((3, 20), 4096, 45).unwrap().grid, (128, 45, 1));
-        assert_eq!(gemm_grouped((17, 1000), 2048, 64).unwrap().grid, (32 * 16, 64, 1));
+        assert_eq!(l, GroupedLaunches { gemv: None, tiles: launch((64, 45, 1)) });
+        // Both kinds of group: both launches, each sized for its own kind.
+        let l = gemm_grouped((9, 200), 2048, 45).unwrap();
+        assert_eq!(l, GroupedLaunches { gemv: launch((64, 45, 1)), tiles: launch((128, 45, 1)) });
+        let l = gemm_grouped((17, 1000), 2048, 64).unwrap();
+        assert_eq!(l.tiles.unwrap().grid, (32 * 16, 64, 1));
         let (l, per) = column_stats_grouped(8, 1024, 45).unwrap();
         assert_eq!((l.grid, per), ((4, 1, 45), STATS_ROWS_PER_BLOCK));
         assert!(column_stats_grouped(8, 1024, 0).is_err(), "no experts: nothing to launch");
         assert!(gemm_grouped((1, 8), 1024, MAX_GRID_YZ as usize + 1).is_err());
+        assert!(gemm_grouped((20, 30), 1024, MAX_GRID_YZ as usize + 1).is_err());
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!
 //! When every expert has at most 16 rows (detection prompts, decoding), or at any row count
 //! with swk's own GEMM kernels, the per-expert steps run for all experts at once: one launch
-//! each for gate, up, the activation, down and the output keys (`swk_gemm_grouped_*`,
+//! each for gate, up, the activation, down and the output keys (`swk_gemv_grouped_*` for
+//! experts of at most 16 rows, plus `swk_gemm_grouped_*` when some have more;
 //! `swk_act_mul_grouped`, `swk_column_max_grouped`), in place of about 4 to 10 launches per
 //! expert; [`CudaModel::set_grouped_experts`] turns it off. With cuBLAS, experts with more
 //! rows (prefill, perplexity windows) are multiplied one at a time.
