@@ -16,8 +16,10 @@
 //! double spaces. The named tasks resolve through the hf-hub cache ([`Task::hub_file`]):
 //! `Rowan/hellaswag` `data/validation-00000-of-00001.parquet`, `allenai/ai2_arc`
 //! `ARC-Easy/test-00000-of-00001.parquet` and `ARC-Challenge/test-00000-of-00001.parquet`,
-//! `baber/piqa` `data/validation-00000-of-00001.parquet` (the splits lm-eval scores). A local
-//! file of any schema can be given instead.
+//! `baber/piqa` `data/validation-00000-of-00001.parquet` (the splits lm-eval scores; the
+//! HellaSwag and ARC paths are those public scripts fetch; when a path is not in the cache nor
+//! on the hub, the repository's parquet file of the split is taken instead: `baber/piqa`'s
+//! layout is unverified). A local file of any schema can be given instead.
 //!
 //! # Scoring
 //!
@@ -83,7 +85,16 @@ impl Task {
         })
     }
 
-    /// The hub file holding the split lm-eval scores.
+    /// The split lm-eval scores: `validation` (HellaSwag, PIQA) or `test` (ARC).
+    pub fn split(self) -> &'static str {
+        match self {
+            Task::Hellaswag | Task::Piqa => "validation",
+            Task::ArcEasy | Task::ArcChallenge => "test",
+        }
+    }
+
+    /// The hub file holding the split lm-eval scores (where the mirror may lay it out
+    /// otherwise, as `baber/piqa` may, [`task_items_in`] takes its parquet file of the split).
     pub fn hub_file(self) -> HubFile {
         match self {
             Task::Hellaswag => {
@@ -243,7 +254,9 @@ pub fn task_items_in(
     allow_download: bool,
 ) -> Result<Vec<Item>> {
     let hub = task.hub_file();
-    let p = crate::io::hub::dataset_file_in(cache, hub.repo, hub.file, allow_download)?;
+    let split = task.split();
+    let p =
+        crate::io::hub::dataset_split_file_in(cache, hub.repo, hub.file, split, allow_download)?;
     read_items(&p, limit)
 }
 
