@@ -79,6 +79,27 @@ impl WeightDtype {
         })
     }
 
+    /// Write `values` into `out` as this storage's little-endian bits (`values.len()` times
+    /// [`Self::bytes`] bytes), in parallel chunks, each element at its fixed width; the error
+    /// names `what` for a value the type cannot hold.
+    pub fn encode_slice(self, values: &[f32], out: &mut [u8], what: &str) -> Result<()> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let width = self.bytes();
+        out.par_chunks_mut(CHUNK * width).zip(values.par_chunks(CHUNK)).try_for_each(|(d, src)| {
+            if width == 2 {
+                for (d, &v) in d.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&(self.encode_or_err(v, what)? as u16).to_le_bytes());
+                }
+            } else {
+                for (d, &v) in d.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&self.encode_or_err(v, what)?.to_le_bytes());
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The storage whose bits are those of a file's dtype (`F32`, `F16`, `BF16`, as a
     /// tensor's `source_dtype` names it), if any.
     pub fn of_stored(source_dtype: &str) -> Option<WeightDtype> {

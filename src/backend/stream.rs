@@ -410,24 +410,7 @@ pub fn stage_layer(
             ));
         }
         overlay.apply(name, &mut t.data)?;
-        let dst = &mut out[e.offset..e.offset + e.bytes()];
-        let width = e.dtype.bytes();
-        // Each element written at its fixed width.
-        dst.par_chunks_mut(STAGE_CHUNK * width).zip(t.data.par_chunks(STAGE_CHUNK)).try_for_each(
-            |(d, src)| {
-                if width == 2 {
-                    for (d, &v) in d.chunks_exact_mut(2).zip(src) {
-                        let raw = e.dtype.encode_or_err(v, name)? as u16;
-                        d.copy_from_slice(&raw.to_le_bytes());
-                    }
-                } else {
-                    for (d, &v) in d.chunks_exact_mut(4).zip(src) {
-                        d.copy_from_slice(&e.dtype.encode_or_err(v, name)?.to_le_bytes());
-                    }
-                }
-                Ok(())
-            },
-        )
+        e.dtype.encode_slice(&t.data, &mut out[e.offset..e.offset + e.bytes()], name)
     })?;
     Ok(StagedLayer { bytes: out, copied, converted: rest.len() })
 }

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -68,15 +67,7 @@ pub fn save_llama(model: &Model, dir: &Path, dtype: WeightDtype) -> Result<()> {
         .iter()
         .map(|(name, t)| {
             let mut bytes = vec![0u8; t.data.len() * width];
-            bytes.par_chunks_mut(width << 16).zip(t.data.par_chunks(1 << 16)).try_for_each(
-                |(d, s)| {
-                    for (d, &v) in d.chunks_exact_mut(width).zip(s) {
-                        let raw = dtype.encode_or_err(v, name)?.to_le_bytes();
-                        d.copy_from_slice(&raw[..width]);
-                    }
-                    Ok::<_, Error>(())
-                },
-            )?;
+            dtype.encode_slice(&t.data, &mut bytes, name)?;
             Ok((name, t.shape.as_slice(), bytes))
         })
         .collect::<Result<_>>()?;
