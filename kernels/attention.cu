@@ -13,7 +13,9 @@
 // 48 KiB of shared memory when the device allows).
 // With `pattern` non-null, the weights are also written there (the `attn.hook_pattern` hook
 // point): pattern[(t * n_heads + h) * (pos0 + rows) + j] for every key j < pos0 + rows, 0 for
-// the keys outside the causal (or sliding) window.
+// the keys outside the causal (or sliding) window. With `split` not null, out's two bf16 terms
+// also go there ([2 * rows * n_heads * hd], write_split): the o_proj's input under the
+// `cublas-split` engine.
 #include "common.cuh"
 
 // q [rows, n_heads*hd] at positions pos0..pos0+rows; kc, vc the cache [>= pos0+rows, n_kv*hd];
@@ -21,7 +23,7 @@
 // block 128.
 extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out,
                                          float* pattern, int rows, int pos0, int n_heads, int n_kv, int hd,
-                                         int window, float scale, float softcap) {
+                                         int window, float scale, float softcap, u16* split) {
     SWK_DYNAMIC_SHARED(float, smem);
     float* red = smem;            // 32 floats of reduction scratch
     float* qs = smem + 32;        // this head's query
@@ -90,5 +92,9 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
             acc = __fadd_rn(acc, __fmul_rn(sc[j], vd[(size_t)j * kv_w]));
         }
         o[d] = acc;
+        if (split != nullptr) {
+            const u64 n = (u64)rows * n_heads * hd;
+            write_split(split, n, ((u64)t * n_heads + h) * hd + d, acc);
+        }
     }
 }

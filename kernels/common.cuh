@@ -38,6 +38,21 @@ __device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
     return (u16)(x >> 16);
 }
 
+// The `cublas-split` engine's two bf16 terms of v (see split.cu), written at split[i] (hi)
+// and split[n + i] (lo) of a [2n] bf16 buffer. Kernels that produce a product's input write
+// them beside their f32 output, so the engine needs no split launch of its own.
+__device__ __forceinline__ void write_split(u16* split, u64 n, u64 i, float v) {
+    const u16 hi = f32_to_bf16_bits(v);
+    split[i] = hi;
+    split[n + i] = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(hi)));
+}
+
+// A product's value at i: y[i], or y[i] + lo[i] when the `cublas-split` engine left its two
+// terms for this kernel to add (lo not null), the sum swk_add_halves would have written.
+__device__ __forceinline__ float product_at(const float* y, const float* lo, u64 i) {
+    return lo != nullptr ? __fadd_rn(y[i], lo[i]) : y[i];
+}
+
 // f16 (IEEE half) -> f32 is exact. Written out (not cuda_fp16.h) so that swk's CPU emulator
 // compiles it too; mirrors half::f16::to_f32 (host: WeightDtype::decode in
 // src/backend/dtype.rs).

@@ -9,16 +9,13 @@
 // x [n] f32 -> out [2n] bf16 bits: out[i] = hi(x[i]), out[n + i] = lo(x[i]). Grid-stride loop.
 extern "C" __global__ void swk_split_bf16(const float* x, u16* out, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float v = x[i];
-        const u16 hi = f32_to_bf16_bits(v);
-        out[i] = hi;
-        out[n + i] = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(hi)));
+        write_split(out, n, i, x[i]);
     }
 }
 
 // y[i] = y2[i] + y2[n + i] for i < n (W·hi + W·lo). Grid-stride loop.
 extern "C" __global__ void swk_add_halves(const float* y2, float* y, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        y[i] = __fadd_rn(y2[i], y2[n + i]);
+        y[i] = product_at(y2, y2 + n, i);
     }
 }

@@ -245,6 +245,46 @@ fn logits_match_cpu_bf16_weights() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// cublas-split's splitting and summing fused into the kernels around each product
+/// ([`CudaModel::set_fused_split`], the default) give the bits of the unfused launches on
+/// every fixture: the logits of a prefill and of a decode step after it (RoPE at a later
+/// position), and the spike statistics of both. (Phi-3's partial RoPE goes through the fused
+/// q/k/v launch; the families with q/k/v biases, clamps or QK-norms through the unfused one.)
+#[test]
+fn fused_split_equals_unfused_launches() {
+    if !gpu() {
+        return;
+    }
+    if !cublas_present() {
+        eprintln!("skipped: no cuBLAS, so no cublas-split engine");
+        return;
+    }
+    for name in FIXTURES {
+        let (m, tokens) = load(name);
+        let opts = CudaOptions {
+            dtype: WeightDtype::Bf16,
+            gemm: GemmEngine::CublasSplit,
+            ..Default::default()
+        };
+        let mut g = CudaModel::new(&m, &opts).unwrap();
+        let run = |g: &CudaModel| {
+            let c = g.config();
+            let mut s = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+            let (head, last) = tokens.split_at(tokens.len() - 1);
+            let mut cache = CudaKvCache::new(g);
+            let mut logits = g.forward(head, &mut cache, Some(&mut s), Logits::All).unwrap();
+            logits.extend(g.forward(last, &mut cache, Some(&mut s), Logits::All).unwrap());
+            let bits: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
+            (bits, format!("{s:?}"))
+        };
+        let fused = run(&g);
+        g.set_fused_split(false);
+        let plain = run(&g);
+        assert!(fused.0 == plain.0, "{name}: the fused launches change the logits");
+        assert!(fused.1 == plain.1, "{name}: the fused launches change the spike statistics");
+    }
+}
+
 /// f16 weights: on every fixture, the device's logits equal the CPU's on the same
 /// f16-rounded weights within 1e-4 (both compute in f32), with swk's kernels (the default
 /// for f16) and with cuBLAS SGEMM on widened weights; the spike statistics too (swk's

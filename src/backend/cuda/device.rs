@@ -6,6 +6,7 @@
 
 use super::driver::CudaDevice;
 use super::kernels::{self, int, Launch};
+use super::linear::Product;
 use super::{be, BlasGemm};
 use crate::backend::WeightDtype;
 use crate::{Error, Result};
@@ -83,20 +84,21 @@ impl CudaDevice {
     }
 
     /// out = rmsnorm(x) ⊙ w per row of width `n` (⊙ (1 + w) with `plus_one`, Gemma); `out`
-    /// may be `x`.
+    /// may be `x`. With `split != 0`, out's two bf16 terms also go there (`2 · rows · n`
+    /// values: the `cublas-split` input of the next product).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rmsnorm(
         &self,
         x: u64,
         w: u64,
-        out: u64,
+        (out, split): (u64, u64),
         rows: usize,
         n: usize,
         eps: f64,
         plus_one: bool,
     ) -> Result<()> {
         let (n_i, p1) = (int(n, "width")?, plus_one as i32);
-        launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps, p1)
+        launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps, p1, split)
     }
 
     /// out = (x - mean) / sqrt(var + eps) · w + b per row of width `n` (LayerNorm; `w` and
@@ -169,16 +171,70 @@ impl CudaDevice {
         )
     }
 
+    /// q, k, v (`rows` rows of `n_heads`, `n_kv`, `n_kv` heads) out of their products (whole
+    /// or `cublas-split` terms) into `q`, `k`, `v`, with q and k rotated as [`Self::rope`]
+    /// rotates them, first row at `pos0`: one launch for what add_halves and rope do in five.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn qkv_rope(
+        &self,
+        from: [Product; 3],
+        [q, k, v]: [u64; 3],
+        inv_freq: u64,
+        rows: usize,
+        (n_heads, n_kv, head_dim): (usize, usize, usize),
+        rot_half: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        if rot_half == 0 || 2 * rot_half > head_dim {
+            return Err(Error::Backend(format!(
+                "RoPE over {} of {head_dim} dims per head",
+                2 * rot_half
+            )));
+        }
+        let l = kernels::qkv_rope(rows, n_heads, n_kv, head_dim, rot_half)?;
+        let [(qh, ql), (kh, kl), (vh, vl)] = from.map(Product::parts);
+        let (r, nh, nkv, d, rh, p) = (
+            int(rows, "rows")?,
+            int(n_heads, "heads")?,
+            int(n_kv, "kv heads")?,
+            int(head_dim, "head_dim")?,
+            int(rot_half, "rotary dims")?,
+            int(pos0, "position")?,
+        );
+        launch!(
+            self,
+            "swk_qkv_rope",
+            l,
+            qh,
+            ql,
+            kh,
+            kl,
+            vh,
+            vl,
+            q,
+            k,
+            v,
+            inv_freq,
+            r,
+            nh,
+            nkv,
+            d,
+            rh,
+            p
+        )
+    }
+
     /// Causal attention of `rows` queries at `pos0..` against the cache: scores q·k · `scale`,
     /// soft-capped when `softcap` is set, within the sliding `window` when set; the weights
-    /// also into `pattern` (`[rows, n_heads, pos0 + rows]`) unless it is 0.
+    /// also into `pattern` (`[rows, n_heads, pos0 + rows]`) unless it is 0, and out's two bf16
+    /// terms into `split` unless it is 0 (the `cublas-split` input of o_proj).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
         q: u64,
         kc: u64,
         vc: u64,
-        (out, pattern): (u64, u64),
+        (out, pattern, split): (u64, u64, u64),
         rows: usize,
         pos0: usize,
         n_heads: usize,
@@ -198,19 +254,38 @@ impl CudaDevice {
         );
         let w = int(window.unwrap_or(0), "sliding window")?;
         let cap = softcap.unwrap_or(0.0);
-        launch!(self, "swk_attention", l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap)
+        launch!(
+            self,
+            "swk_attention",
+            l,
+            q,
+            kc,
+            vc,
+            out,
+            pattern,
+            r,
+            p,
+            nh,
+            nkv,
+            d,
+            w,
+            scale,
+            cap,
+            split
+        )
     }
 
-    /// out = act(gate) ⊙ up, or act(up) when `gate` is 0 (un-gated MLPs); with `keys != 0`,
-    /// per-column spike keys of out, the rows' positions `at`: (pos0, 0) for rows pos0,
-    /// pos0 + 1, …; (_, pos) for the positions in the device array `pos` (`u32` per row: an
-    /// expert's gathered tokens).
+    /// out = act(gate) ⊙ up, or act(up) when `gate` is None (un-gated MLPs), the products
+    /// whole or as the `cublas-split` terms; out's two bf16 terms also into `split` unless it
+    /// is 0 (the down_proj's input). With `keys != 0`, per-column spike keys of out, the rows'
+    /// positions `at`: (pos0, 0) for rows pos0, pos0 + 1, …; (_, pos) for the positions in the
+    /// device array `pos` (`u32` per row: an expert's gathered tokens).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_mul(
         &self,
-        gate: u64,
-        up: u64,
-        out: u64,
+        gate: Option<Product>,
+        up: Product,
+        (out, split): (u64, u64),
         rows: usize,
         n: usize,
         at: (usize, u64),
@@ -219,7 +294,25 @@ impl CudaDevice {
     ) -> Result<()> {
         let (l, r, n_i, per_i, p) = column_launch(rows, n, at.0)?;
         let (pos, act) = (at.1, act as i32);
-        launch!(self, "swk_act_mul", l, gate, up, out, r, n_i, per_i, p, pos, keys, act)
+        let ((g, g_lo), (u, u_lo)) = (gate.map_or((0, 0), Product::parts), up.parts());
+        launch!(
+            self,
+            "swk_act_mul",
+            l,
+            g,
+            u,
+            out,
+            r,
+            n_i,
+            per_i,
+            p,
+            pos,
+            keys,
+            act,
+            g_lo,
+            u_lo,
+            split
+        )
     }
 
     /// Per-column spike keys of y `[rows, n]` into `keys`, the rows' positions `at` as in
@@ -387,18 +480,20 @@ impl CudaDevice {
         launch!(self, "swk_sigmoid_gate_add", l, out, y, z, r, n_i)
     }
 
-    /// x += y; with `keys != 0`, per-column spike keys of y.
+    /// x += y (whole, or the `cublas-split` terms); with `keys != 0`, per-column spike keys
+    /// of y.
     pub(crate) fn add_residual(
         &self,
         x: u64,
-        y: u64,
+        y: Product,
         rows: usize,
         n: usize,
         pos0: usize,
         keys: u64,
     ) -> Result<()> {
         let (l, r, n_i, per_i, p) = column_launch(rows, n, pos0)?;
-        launch!(self, "swk_add_residual", l, x, y, r, n_i, per_i, p, keys)
+        let (y, lo) = y.parts();
+        launch!(self, "swk_add_residual", l, x, y, r, n_i, per_i, p, keys, lo)
     }
 
     /// y[t, o] += bias[o].

@@ -233,6 +233,8 @@ pub struct CudaDevice {
     used: Arc<AtomicUsize>,
     /// The operations of a capture in progress.
     recording: Mutex<Option<Vec<Op>>>,
+    /// Kernel launches and products queued so far (see [`Self::launches`]).
+    launches: AtomicUsize,
 }
 
 impl CudaDevice {
@@ -245,6 +247,7 @@ impl CudaDevice {
             shared_limit: kernels::DEFAULT_SHARED_BYTES,
             used: Arc::new(AtomicUsize::new(0)),
             recording: Mutex::new(None),
+            launches: AtomicUsize::new(0),
         })
     }
 
@@ -282,8 +285,18 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Kernel launches and cuBLAS products queued on this device so far (a GPU would run
+    /// each as one kernel or more): what the fused paths save is counted with it.
+    #[cfg(test)]
+    pub(crate) fn launches(&self) -> usize {
+        self.launches.load(Ordering::Relaxed)
+    }
+
     /// Queue `op`: recorded during a capture, else run now.
     fn queue(&self, op: Op) -> Result<()> {
+        if matches!(op, Op::Kernel { .. } | Op::Gemm(_)) {
+            self.launches.fetch_add(1, Ordering::Relaxed);
+        }
         let mut rec = self.recording.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ops) = rec.as_mut() {
             ops.push(op);

@@ -25,7 +25,7 @@
 
 use super::driver::{CudaDevice, CudaSlice};
 use super::family::{Norm, QkNorm};
-use super::linear::Scratch;
+use super::linear::{Input, Product, Scratch};
 use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
@@ -269,28 +269,30 @@ impl CudaModel {
     }
 
     /// `rows` rows of x (at `x`, width hidden) through `norm` into `out`, its weight and bias
-    /// addresses from `param("weight" | "bias")`; returns where the result is (`x` itself
-    /// for [`Norm::Identity`]).
+    /// addresses from `param("weight" | "bias")`, an RMSNorm also writing the two-term split
+    /// to `split` unless it is 0; returns the product input it made (`x` itself for
+    /// [`Norm::Identity`]).
     fn norm_into(
         &self,
         norm: Norm,
         param: impl Fn(&str) -> Result<u64>,
         x: u64,
-        out: u64,
+        (out, split): (u64, u64),
         rows: usize,
-    ) -> Result<u64> {
+    ) -> Result<Input> {
         let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
         match norm {
-            Norm::Identity => return Ok(x),
+            Norm::Identity => return Ok(Input::new(x, 0)),
             Norm::Rms { plus_one } => {
-                self.dev.rmsnorm(x, param("weight")?, out, rows, h, eps, plus_one)?
+                self.dev.rmsnorm(x, param("weight")?, (out, split), rows, h, eps, plus_one)?;
+                return Ok(Input::new(out, split));
             }
             Norm::Layer { affine: false } => self.dev.layernorm(x, 0, 0, out, rows, h, eps)?,
             Norm::Layer { affine: true } => {
                 self.dev.layernorm(x, param("weight")?, param("bias")?, out, rows, h, eps)?
             }
         }
-        Ok(out)
+        Ok(Input::new(out, 0))
     }
 
     /// x `[t, hidden]` = E[tok] · scale (device token ids at `tok`, the first at position
@@ -311,7 +313,7 @@ impl CudaModel {
             )));
         }
         let wpe = self.weight("model.embed_positions.weight")?.f32_ptr()?;
-        self.dev.add_residual(x, wpe + (pos0 * h * 4) as u64, t, h, pos0, 0)
+        self.dev.add_residual(x, Product::Whole(wpe + (pos0 * h * 4) as u64), t, h, pos0, 0)
     }
 
     /// Every block on every pass, layer-major (see [`Self::run_many`]); spike keys into
@@ -339,6 +341,9 @@ impl CudaModel {
         // The family's switches (see family.rs); p1: Gemma's `1 + w` RMSNorm weights.
         let b = &self.block;
         let p1 = b.norm == Norm::Rms { plus_one: true };
+        // Products may leave cublas-split's halves for the kernel after them when nothing
+        // reads the product in between (no tapped activations).
+        let lean = self.fuses_split() && taps.is_none();
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -388,15 +393,20 @@ impl CudaModel {
                     };
                     tap(HookKind::ResidPre, xp, h)?;
 
-                    // What attention and the MLP read: x through the norm `name` (OLMo 2: x).
-                    let pre_norm = |name: &str| -> Result<u64> {
+                    // What attention and the MLP read: x through the norm `name` (OLMo 2: x),
+                    // its two-term split into `split` unless 0.
+                    let pre_norm = |name: &str, split: u64| -> Result<Input> {
                         let p = |kind: &str| w(&format!("{name}.{kind}"))?.f32_ptr();
-                        self.norm_into(b.norm, p, xp, xnp, t)
+                        self.norm_into(b.norm, p, xp, (xnp, split), t)
                     };
 
                     // Attention: x += attention(norm(x))·W_oᵀ (+b_o) (Gemma 2/3, OLMo 2: the
                     // product normed first).
-                    let a_in = pre_norm("input_layernorm")?;
+                    let split = match acts.mla {
+                        Some(_) => 0,
+                        None => self.split_target(sc, t * h)?,
+                    };
+                    let a_in = pre_norm("input_layernorm", split)?;
                     let pattern = match taps {
                         Some(tp) => {
                             let width = c.num_heads * (pos0 + t);
@@ -405,24 +415,28 @@ impl CudaModel {
                         None => 0,
                     };
                     let outs = [dev.ptr(&acts.q), dev.ptr(&acts.att), projp, pattern];
-                    match acts.mla.as_ref() {
+                    let proj = match acts.mla.as_ref() {
                         // DeepSeek's latent attention (mla.rs), o_proj included.
                         Some(ml) => {
-                            self.mla_attention(l, &w, a_in, (t, pos0), cache, outs, ml, sc)?
+                            self.mla_attention(l, &w, a_in.x, (t, pos0), cache, outs, ml, sc)?;
+                            Product::Whole(projp)
                         }
-                        None => self.attention(l, &w, a_in, (t, pos0), cache, outs, sc)?,
-                    }
+                        None => self.attention(l, &w, a_in, (t, pos0), cache, outs, lean, sc)?,
+                    };
                     if b.o_bias {
                         dev.add_bias(projp, w("self_attn.o_proj.bias")?.f32_ptr()?, t, h)?;
                     }
                     if b.post_norms {
                         let norm = w("post_attention_layernorm.weight")?.f32_ptr()?;
-                        dev.rmsnorm(projp, norm, projp, t, h, c.rms_norm_eps, p1)?;
+                        dev.rmsnorm(projp, norm, (projp, 0), t, h, c.rms_norm_eps, p1)?;
                     }
                     tap(HookKind::AttnOut, projp, h)?;
                     // GPT-NeoX's parallel residual: the MLP reads the block input.
-                    let parallel_in = if b.parallel { Some(pre_norm(b.mlp_norm)?) } else { None };
-                    dev.add_residual(xp, projp, t, h, pos0, 0)?;
+                    let sparse = acts.moe.is_some() && self.key_layout.is_sparse(l);
+                    let split = if sparse { 0 } else { self.split_target(sc, t * h)? };
+                    let parallel_in =
+                        if b.parallel { Some(pre_norm(b.mlp_norm, split)?) } else { None };
+                    dev.add_residual(xp, proj, t, h, pos0, 0)?;
                     if !b.parallel {
                         tap(HookKind::ResidMid, xp, h)?;
                     }
@@ -431,21 +445,22 @@ impl CudaModel {
                     // into the activation (inputs) and into this add (outputs).
                     let m_in = match parallel_in {
                         Some(m) => m,
-                        None => pre_norm(b.mlp_norm)?,
+                        None => pre_norm(b.mlp_norm, split)?,
                     };
-                    let out = match acts.moe.as_ref().filter(|_| self.key_layout.is_sparse(l)) {
+                    let out = match acts.moe.as_ref().filter(|_| sparse) {
                         Some(ma) => {
                             // A mixture of experts: Σ_e w_e · expert_e(m) (+ shared expert).
-                            self.sparse_mlp(l, &w, m_in, (t, pos0), ma, all_keys, sc)?;
-                            dev.ptr(&ma.out)
+                            self.sparse_mlp(l, &w, m_in.x, (t, pos0), ma, all_keys, sc)?;
+                            Product::Whole(dev.ptr(&ma.out))
                         }
                         None => {
                             let keys = keys_at(l, false);
-                            self.dense_mlp(&w, m_in, (t, pos0), acts, keys, &tap, sc)?;
-                            projp
+                            self.dense_mlp(&w, m_in, (t, pos0), acts, keys, &tap, lean, sc)?
                         }
                     };
-                    tap(HookKind::MlpOut, out, h)?;
+                    if let Product::Whole(out) = out {
+                        tap(HookKind::MlpOut, out, h)?;
+                    }
                     dev.add_residual(xp, out, t, h, pos0, keys_at(l, true))?;
                     tap(HookKind::ResidPost, xp, h)?;
                 }
@@ -458,26 +473,27 @@ impl CudaModel {
     /// into `q`; k, v likewise straight into the cache rows (`cache` = the layer's key and
     /// value caches, then the addresses of their rows `pos0..`); the family's clamp and
     /// QK-norm; RoPE; causal (or windowed) softmax attention into `att` (its weights into
-    /// `pattern` unless 0); proj = att·W_oᵀ.
+    /// `pattern` unless 0); proj = att·W_oᵀ, returned (as cublas-split's halves when `lean`
+    /// and nothing is added to it here).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: usize,
         w: &dyn Fn(&str) -> Result<WeightRef>,
-        xn: u64,
+        xn: Input,
         (t, pos0): (usize, usize),
         [kc, vc, k_new, v_new]: [u64; 4],
         [q, att, proj, pattern]: [u64; 4],
+        lean: bool,
         sc: &mut Scratch,
-    ) -> Result<()> {
+    ) -> Result<Product> {
         let c = &self.config;
         let (dev, b) = (&self.dev, &self.block);
         let h = c.hidden_size;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
-        let p1 = b.norm == Norm::Rms { plus_one: true };
 
-        // q, k, v = xn·Wᵀ (Phi-3: the row blocks of qkv_proj), plus their biases.
+        // q, k, v = xn·Wᵀ (Phi-3: the row blocks of qkv_proj).
         let qkv = [("q_proj", q, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
         let outs = if b.fused_qkv {
             let f = w("self_attn.qkv_proj.weight")?;
@@ -491,7 +507,45 @@ impl CudaModel {
                 .map(|&(n, out, width)| Ok((w(&format!("self_attn.{n}.weight"))?, out, width)))
                 .collect::<Result<Vec<_>>>()?
         };
-        self.linears(xn, &outs, t, h, sc)?;
+        // RoPE's frequencies (Gemma 3's sliding layers rotate with the local base).
+        let (window, scale) = (c.layer_window(l), c.attention_scale(l));
+        let inv = match (&self.inv_local, window) {
+            (Some(local), Some(_)) => dev.ptr(local),
+            _ => dev.ptr(&self.inv_freq),
+        };
+        // Nothing between the products and RoPE: one launch adds cublas-split's halves and
+        // rotates.
+        let plain = b.rope && !b.qkv_bias && b.clip_qkv.is_none() && b.qk_norm == QkNorm::None;
+        let ps = self.products(xn, &outs, t, h, sc, plain && self.fuses_split())?;
+        if let [pq @ Product::Halves(..), pk, pv] = ps[..] {
+            let dims = (nh, nkv, hd);
+            dev.qkv_rope([pq, pk, pv], [q, k_new, v_new], inv, t, dims, self.rot_half, pos0)?;
+        } else {
+            self.qkv_finish(w, (t, pos0), [q, k_new, v_new], inv)?;
+        }
+        let (split, softcap) = (self.split_target(sc, t * qd)?, b.attn_softcap);
+        let out = (att, pattern, split);
+        dev.attention(q, kc, vc, out, t, pos0, nh, nkv, hd, window, scale, softcap)?;
+        let o = w("self_attn.o_proj.weight")?;
+        let halves = lean && !b.o_bias && !b.post_norms;
+        self.product(Input::new(att, split), o, proj, t, (qd, h), sc, halves)
+    }
+
+    /// What happens to q, k and v (written whole at `q`, `k_new`, `v_new`) between their
+    /// products and attention: biases, OLMo's clamp, QK-norm, RoPE (frequencies `inv`).
+    fn qkv_finish(
+        &self,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        (t, pos0): (usize, usize),
+        [q, k_new, v_new]: [u64; 3],
+        inv: u64,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (dev, b) = (&self.dev, &self.block);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let p1 = b.norm == Norm::Rms { plus_one: true };
+        let qkv = [("q_proj", q, qd), ("k_proj", k_new, kvd), ("v_proj", v_new, kvd)];
         if b.qkv_bias {
             let fused_bias = if b.fused_qkv { Some(w("self_attn.qkv_proj.bias")?) } else { None };
             let mut start = 0;
@@ -525,25 +579,16 @@ impl CudaModel {
         };
         if let Some(((qr, qw), (kr, kw))) = qk_rows {
             let qn = w("self_attn.q_norm.weight")?.f32_ptr()?;
-            dev.rmsnorm(q, qn, q, qr, qw, c.rms_norm_eps, p1)?;
+            dev.rmsnorm(q, qn, (q, 0), qr, qw, c.rms_norm_eps, p1)?;
             let kn = w("self_attn.k_norm.weight")?.f32_ptr()?;
-            dev.rmsnorm(k_new, kn, k_new, kr, kw, c.rms_norm_eps, p1)?;
+            dev.rmsnorm(k_new, kn, (k_new, 0), kr, kw, c.rms_norm_eps, p1)?;
         }
         clip(true)?;
-
-        // RoPE (Gemma 3's sliding layers rotate with the local base), then attention.
-        let (window, scale) = (c.layer_window(l), c.attention_scale(l));
         if b.rope {
-            let inv = match (&self.inv_local, window) {
-                (Some(local), Some(_)) => dev.ptr(local),
-                _ => dev.ptr(&self.inv_freq),
-            };
             dev.rope(q, inv, t, nh, hd, self.rot_half, pos0)?;
             dev.rope(k_new, inv, t, nkv, hd, self.rot_half, pos0)?;
         }
-        let softcap = b.attn_softcap;
-        dev.attention(q, kc, vc, (att, pattern), t, pos0, nh, nkv, hd, window, scale, softcap)?;
-        self.linear(att, &w("self_attn.o_proj.weight")?, proj, t, qd, h, sc)
+        Ok(())
     }
 
     /// The dense MLP on m (`t` rows at `m`, positions from `pos0`), into `acts.proj`:
@@ -551,31 +596,41 @@ impl CudaModel {
     /// un-gated: act(m·W_upᵀ + b)), its per-column maxima into the input keys at `keys`
     /// (0: none); proj = a·W_downᵀ (+b) (Gemma 2/3, OLMo 2: then normed, since the output
     /// statistic is what the MLP writes). `tap(kind, at, width)` copies out the MLP's hook
-    /// points (the pre-activations and a).
+    /// points (the pre-activations and a). Returns proj, as cublas-split's halves when
+    /// `lean` (nothing taps the products) and nothing is applied to it here; with `lean`
+    /// the gate and up products are added where the activation reads them.
     #[allow(clippy::too_many_arguments)]
     fn dense_mlp(
         &self,
         w: &dyn Fn(&str) -> Result<WeightRef>,
-        m: u64,
+        m: Input,
         (t, pos0): (usize, usize),
         acts: &Acts,
         keys: u64,
         tap: &dyn Fn(HookKind, u64, usize) -> Result<()>,
+        lean: bool,
         sc: &mut Scratch,
-    ) -> Result<()> {
+    ) -> Result<Product> {
         let c = &self.config;
         let (dev, b) = (&self.dev, &self.block);
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (gate, up, act) = (dev.ptr(&acts.gate), dev.ptr(&acts.up), dev.ptr(&acts.act));
         let proj = dev.ptr(&acts.proj);
+        let down = w("mlp.down_proj.weight")?;
         if !b.gated {
-            self.linear(m, &w("mlp.up_proj.weight")?, up, t, h, i, sc)?;
+            let up = self.product(m, w("mlp.up_proj.weight")?, up, t, (h, i), sc, false)?;
+            let Product::Whole(up) = up else {
+                return Err(Error::Backend("the un-gated up_proj was not written whole".into()));
+            };
             dev.add_bias(up, w("mlp.up_proj.bias")?.f32_ptr()?, t, i)?;
             tap(HookKind::MlpPre, up, i)?;
-            dev.act_mul(0, up, act, t, i, (pos0, 0), keys, b.act)?;
+            let split = self.split_target(sc, t * i)?;
+            let at = (pos0, 0);
+            dev.act_mul(None, Product::Whole(up), (act, split), t, i, at, keys, b.act)?;
             tap(HookKind::MlpPost, act, i)?;
-            self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
-            return dev.add_bias(proj, w("mlp.down_proj.bias")?.f32_ptr()?, t, h);
+            self.product(Input::new(act, split), down, proj, t, (i, h), sc, false)?;
+            dev.add_bias(proj, w("mlp.down_proj.bias")?.f32_ptr()?, t, h)?;
+            return Ok(Product::Whole(proj));
         }
         let outs = if b.fused_gate_up {
             let f = w("mlp.gate_up_proj.weight")?;
@@ -583,25 +638,24 @@ impl CudaModel {
         } else {
             [(w("mlp.gate_proj.weight")?, gate, i), (w("mlp.up_proj.weight")?, up, i)]
         };
-        self.linears(m, &outs, t, h, sc)?;
-        tap(HookKind::MlpPre, gate, i)?;
-        tap(HookKind::MlpPreLinear, up, i)?;
-        dev.act_mul(gate, up, act, t, i, (pos0, 0), keys, b.act)?;
-        tap(HookKind::MlpPost, act, i)?;
-        self.linear(act, &w("mlp.down_proj.weight")?, proj, t, i, h, sc)?;
-        if b.post_norms {
-            let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
-            dev.rmsnorm(
-                proj,
-                norm,
-                proj,
-                t,
-                h,
-                c.rms_norm_eps,
-                b.norm == Norm::Rms { plus_one: true },
-            )?;
+        let [g, u] = self.products(m, &outs, t, h, sc, lean)?[..] else {
+            return Err(Error::Backend("gate and up: two products expected".into()));
+        };
+        if !lean {
+            tap(HookKind::MlpPre, gate, i)?;
+            tap(HookKind::MlpPreLinear, up, i)?;
         }
-        Ok(())
+        let split = self.split_target(sc, t * i)?;
+        dev.act_mul(Some(g), u, (act, split), t, i, (pos0, 0), keys, b.act)?;
+        tap(HookKind::MlpPost, act, i)?;
+        let proj =
+            self.product(Input::new(act, split), down, proj, t, (i, h), sc, lean && !b.post_norms)?;
+        if let (true, Product::Whole(proj)) = (b.post_norms, proj) {
+            let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
+            let p1 = b.norm == Norm::Rms { plus_one: true };
+            dev.rmsnorm(proj, norm, (proj, 0), t, h, c.rms_norm_eps, p1)?;
+        }
+        Ok(proj)
     }
 
     /// Download the spike keys of a pass (pinned) and merge them, and a mixture of experts'
@@ -638,8 +692,10 @@ impl CudaModel {
         let xf = sc.xf(&self.dev, n * h)?;
         let first = x + (rows.start * h * 4) as u64;
         let p = |kind: &str| self.weight(&format!("model.norm.{kind}"))?.f32_ptr();
-        let xf = self.norm_into(self.block.final_norm, p, first, xf, n)?;
-        self.linear(xf, &self.weight(&self.head)?, out, n, h, c.vocab_size, sc)?;
+        let split = self.split_target(sc, n * h)?;
+        let xf = self.norm_into(self.block.final_norm, p, first, (xf, split), n)?;
+        let head = self.weight(&self.head)?;
+        self.product(xf, head, out, n, (h, c.vocab_size), sc, false)?;
         match self.block.final_softcap {
             Some(cap) => self.dev.softcap(out, n * c.vocab_size, cap),
             None => Ok(()),
@@ -703,5 +759,52 @@ pub(crate) fn logit_rows(logits: Logits, t: usize) -> Option<std::ops::Range<usi
         Logits::None => None,
         Logits::All => Some(0..t),
         Logits::Last => Some(t - 1..t),
+    }
+}
+
+#[cfg(all(test, feature = "cuda-emu", not(feature = "cuda")))]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::{CudaOptions, GemmEngine, WeightDtype};
+    use crate::model::Model;
+
+    /// Launches a pass of `tokens` queues (no logits), and its last row's logits as bits.
+    fn pass(g: &CudaModel, tokens: &[u32], stats: bool) -> (usize, Vec<u32>) {
+        let c = &g.config;
+        let mut s = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        let before = g.dev.launches();
+        let stats = if stats { Some(&mut s) } else { None };
+        g.forward(tokens, &mut CudaKvCache::new(g), stats, Logits::None).expect("pass");
+        let n = g.dev.launches() - before;
+        let logits = g.forward(tokens, &mut CudaKvCache::new(g), None, Logits::Last);
+        (n, logits.expect("logits").iter().map(|v| v.to_bits()).collect())
+    }
+
+    /// With cublas-split's split and sum fused into the kernels around the products, a Llama
+    /// block queues 14 launches instead of 26: its 7 products and 7 other kernels (two
+    /// RMSNorms, q/k/v with RoPE, attention, the activation, two residual adds), where the
+    /// unfused block adds 4 splits, 7 sums of halves and RoPE's second launch. The logits
+    /// keep their bits, with and without spike statistics.
+    #[test]
+    fn fused_split_halves_the_launches_of_a_llama_block() {
+        let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
+        let opts = CudaOptions {
+            dtype: WeightDtype::Bf16,
+            gemm: GemmEngine::CublasSplit,
+            ..Default::default()
+        };
+        let mut g = CudaModel::new(&m, &opts).expect("upload");
+        let tokens = [1, 5, 9, 2, 7];
+        let layers = m.config.num_layers;
+        for stats in [false, true] {
+            let fused = pass(&g, &tokens, stats);
+            g.set_fused_split(false);
+            let plain = pass(&g, &tokens, stats);
+            g.set_fused_split(true);
+            // One embedding gather, then the blocks.
+            assert_eq!(fused.0, 1 + 14 * layers, "fused, stats {stats}");
+            assert_eq!(plain.0, 1 + 26 * layers, "unfused, stats {stats}");
+            assert!(fused.1 == plain.1, "the fused launches change the logits (stats {stats})");
+        }
     }
 }

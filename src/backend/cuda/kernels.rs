@@ -75,6 +75,7 @@ pub const KERNELS: &[&str] = &[
     "swk_layernorm",
     "swk_moe_combine",
     "swk_nll",
+    "swk_qkv_rope",
     "swk_rmsnorm",
     "swk_rope",
     "swk_rope_at",
@@ -154,6 +155,19 @@ pub fn elementwise(n: u64) -> Result<Launch> {
 /// A grid-stride loop over `n` elements: at most [`GRID_STRIDE_BLOCKS`] blocks.
 pub fn grid_stride(n: u64) -> Result<Launch> {
     Launch::new((n.div_ceil(BLOCK as u64).clamp(1, GRID_STRIDE_BLOCKS), 1, 1), BLOCK, 0)
+}
+
+/// `swk_qkv_rope`: grid y = 3 (q, k, v), x covering one thread per (row, head, dim pair or
+/// unrotated dim) of the larger of q (`n_heads`) and k, v (`n_kv`).
+pub fn qkv_rope(
+    rows: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    rot_half: usize,
+) -> Result<Launch> {
+    let per = (rows * n_heads.max(n_kv) * (head_dim - rot_half.min(head_dim))) as u64;
+    Launch::new((per.div_ceil(BLOCK as u64), 3, 1), BLOCK, 0)
 }
 
 /// One block of [`BLOCK`] per row (RMSNorm, NLL).

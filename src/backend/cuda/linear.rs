@@ -1,6 +1,13 @@
 //! The matrix products of the forward pass, `y = x·Wᵀ`, with the model's [`GemmEngine`]
 //! (cuBLAS in f32, bf16 or two-term bf16, or swk's own kernels), and the scratch buffers
 //! they and the pass keep between calls.
+//!
+//! The two-term engine (`cublas-split`) splits its input into bf16 hi and lo terms, multiplies
+//! the stacked `[hi; lo]` rows once, and adds the two halves of the result. When the model
+//! fuses them ([`CudaModel::set_fused_split`], on by default), the kernels on either side do
+//! that work: the norm, attention or activation before a product writes the terms beside its
+//! f32 output ([`CudaModel::split_target`]), and the kernel after it adds the halves as it
+//! reads them ([`Product::Halves`]). The values are the same bits; the launches are fewer.
 
 use super::driver::{CudaDevice, CudaSlice, PinnedHostSlice};
 use super::kernels;
@@ -36,17 +43,87 @@ impl CudaModel {
         n_in: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
-        let split = if self.gemm == GemmEngine::CublasSplit {
-            let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
-            self.dev.split_bf16(x, x16, rows * n_in)?;
-            Some(x16)
-        } else {
-            None
+        self.products(Input { x, split: None }, outs, rows, n_in, sc, false).map(drop)
+    }
+
+    /// [`Self::linears`] from `input`, returning where each result lies: with `halves` and
+    /// the two-term engine on a bf16 weight, the halves are left in the two-term scratch
+    /// (one region per product, all live until the next products) for the kernel that reads
+    /// them to add; otherwise each product is written whole at its `y`.
+    pub(crate) fn products(
+        &self,
+        input: Input,
+        outs: &[(WeightRef, u64, usize)],
+        rows: usize,
+        n_in: usize,
+        sc: &mut Scratch,
+        halves: bool,
+    ) -> Result<Vec<Product>> {
+        let two_term = self.gemm == GemmEngine::CublasSplit;
+        let split = match input.split {
+            Some(s) => Some(s),
+            None if two_term => {
+                let x16 = sc.x16(&self.dev, 2 * rows * n_in)?;
+                self.dev.split_bf16(input.x, x16, rows * n_in)?;
+                Some(x16)
+            }
+            None => None,
         };
+        let kept = |w: &WeightRef| halves && two_term && w.dtype == WeightDtype::Bf16;
+        // The regions of the halves kept, reserved at once so that none moves; each starts
+        // 256-byte aligned, as a fresh buffer does (cuBLAS may choose its kernel by alignment).
+        let region = |n_out: usize| (2 * rows * n_out).next_multiple_of(64);
+        let total: usize = outs.iter().filter(|(w, _, _)| kept(w)).map(|o| region(o.2)).sum();
+        let y2 = if total > 0 { sc.y2(&self.dev, total)? } else { 0 };
+        let mut at = y2;
+        let mut out = Vec::with_capacity(outs.len());
         for (w, y, n_out) in outs {
-            self.linear_from(x, split, w, *y, rows, n_in, *n_out, sc)?;
+            if !kept(w) {
+                self.linear_from(input.x, split, w, *y, rows, n_in, *n_out, sc)?;
+                out.push(Product::Whole(*y));
+                continue;
+            }
+            check_shape(w, n_in, *n_out)?;
+            let x16 = split.ok_or_else(|| Error::Backend("no two-term input".into()))?;
+            self.dev.gemm_bf16_inputs(x16, w.ptr, at, 2 * rows, *n_out, n_in)?;
+            let half = (rows * n_out * 4) as u64;
+            out.push(Product::Halves(at, at + half));
+            at += (region(*n_out) * 4) as u64;
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// [`Self::products`] of one weight.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product(
+        &self,
+        input: Input,
+        w: WeightRef,
+        y: u64,
+        rows: usize,
+        (n_in, n_out): (usize, usize),
+        sc: &mut Scratch,
+        halves: bool,
+    ) -> Result<Product> {
+        let mut p = self.products(input, &[(w, y, n_out)], rows, n_in, sc, halves)?;
+        p.pop().ok_or_else(|| Error::Backend("a product went missing".into()))
+    }
+
+    /// Where the kernel producing the next product's input (`n` values) writes its two-term
+    /// split when the split is fused ([`Self::set_fused_split`] and `cublas-split`): the
+    /// two-term input scratch; 0 (write none) otherwise.
+    pub(crate) fn split_target(&self, sc: &mut Scratch, n: usize) -> Result<u64> {
+        if self.fuses_split() {
+            sc.x16(&self.dev, 2 * n)
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// Whether the norms, attention and activations write the two-term split and the kernels
+    /// after the products add its halves (see the module's documentation).
+    pub(crate) fn fuses_split(&self) -> bool {
+        self.fused_split && self.gemm == GemmEngine::CublasSplit
     }
 
     /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.
@@ -62,12 +139,7 @@ impl CudaModel {
         n_out: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
-        if w.shape != [n_out, n_in] {
-            return Err(Error::tensor(
-                &w.name,
-                format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
-            ));
-        }
+        check_shape(w, n_in, n_out)?;
         match (w.dtype, self.gemm) {
             (dtype, GemmEngine::Kernels) => {
                 self.dev.gemm_kernel(x, w.ptr, dtype, y, rows, n_out, n_in)
@@ -102,6 +174,52 @@ impl CudaModel {
                 Ok(())
             }
         }
+    }
+}
+
+/// Error unless `w` is `[n_out, n_in]`.
+fn check_shape(w: &WeightRef, n_in: usize, n_out: usize) -> Result<()> {
+    if w.shape != [n_out, n_in] {
+        return Err(Error::tensor(
+            &w.name,
+            format!("expected shape [{n_out}, {n_in}] on the device, found {:?}", w.shape),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a product's result lies on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Product {
+    /// Written whole at this address.
+    Whole(u64),
+    /// The two-term engine's halves W·hi and W·lo at these addresses, for the kernel that
+    /// reads the product to add.
+    Halves(u64, u64),
+}
+
+impl Product {
+    /// (the result or its hi half, the lo half or 0): the kernels' `y, y_lo` arguments.
+    pub(crate) fn parts(self) -> (u64, u64) {
+        match self {
+            Product::Whole(y) => (y, 0),
+            Product::Halves(hi, lo) => (hi, lo),
+        }
+    }
+}
+
+/// A product's input: f32 rows at `x`, and their two-term split when a kernel already wrote
+/// it beside them (see [`CudaModel::split_target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Input {
+    pub(crate) x: u64,
+    pub(crate) split: Option<u64>,
+}
+
+impl Input {
+    /// `x`, with the split at `split` unless it is 0.
+    pub(crate) fn new(x: u64, split: u64) -> Self {
+        Input { x, split: (split != 0).then_some(split) }
     }
 }
 

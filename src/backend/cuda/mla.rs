@@ -121,14 +121,14 @@ impl CudaModel {
             (Some(r), Some(qa)) => {
                 let qa = dev.ptr(qa);
                 self.linear(xn, &wt("q_a_proj")?, qa, t, h, r, sc)?;
-                dev.rmsnorm(qa, wt("q_a_layernorm")?.f32_ptr()?, qa, t, r, eps, false)?;
+                dev.rmsnorm(qa, wt("q_a_layernorm")?.f32_ptr()?, (qa, 0), t, r, eps, false)?;
                 self.linear(qa, &wt("q_b_proj")?, qr, t, r, nh * qk, sc)?;
             }
             _ => self.linear(xn, &wt("q_proj")?, qr, t, h, nh * qk, sc)?,
         }
         self.linear(xn, &wt("kv_a_proj_with_mqa")?, ckv, t, h, kvr + rd, sc)?;
         dev.copy_rows((ckv, kvr + rd, 1), (latent, kvr), t, kvr, kvr)?;
-        dev.rmsnorm(latent, wt("kv_a_layernorm")?.f32_ptr()?, latent, t, kvr, eps, false)?;
+        dev.rmsnorm(latent, wt("kv_a_layernorm")?.f32_ptr()?, (latent, 0), t, kvr, eps, false)?;
         self.linear(latent, &wt("kv_b_proj")?, kv, t, kvr, nh * (nope + vd), sc)?;
 
         // RoPE on q's rope dims (per head) and on the rope key (one per token).
@@ -146,7 +146,7 @@ impl CudaModel {
         dev.copy_rows((kv + (nope * 4) as u64, nope + vd, 1), (v_new, hd), rows, vd, hd)?;
 
         let scale = c.attention_scale(l);
-        dev.attention(q, kc, vc, (att, pattern), t, pos0, nh, nh, hd, None, scale, None)?;
+        dev.attention(q, kc, vc, (att, pattern, 0), t, pos0, nh, nh, hd, None, scale, None)?;
         dev.copy_rows((att, hd, 1), (o_in, vd), rows, vd, vd)?;
         self.linear(o_in, &wt("o_proj")?, proj, t, nh * vd, h, sc)
     }

@@ -168,6 +168,9 @@ pub struct CudaModel {
     pub(crate) scratch: Mutex<Scratch>,
     pub(crate) stream: Option<Streamed>,
     pub(crate) graphs: bool,
+    /// Whether the two-term split and sum of `cublas-split` are fused into the kernels
+    /// around each product (linear.rs; on by default).
+    pub(crate) fused_split: bool,
     /// Whether a sparse layer whose experts have at most `GEMV_MAX_ROWS` rows each runs them
     /// all in one launch per step (moe.rs; on by default).
     pub(crate) grouped_experts: bool,
@@ -521,6 +524,7 @@ impl CudaModel {
             scratch: Mutex::new(Scratch::default()),
             stream: None,
             graphs: false,
+            fused_split: true,
             grouped_experts: true,
             grouped_layers: Default::default(),
             graph_cache: Default::default(),
@@ -550,6 +554,13 @@ impl CudaModel {
     pub fn set_gemm(&mut self, gemm: GemmEngine) -> Result<()> {
         self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
         Ok(())
+    }
+    /// Fuse `cublas-split`'s splitting of each product's input into the kernel that writes
+    /// the input, and the sum of its two halves into the kernel that reads the result (on by
+    /// default: about half the launches of a pass, the same bits). Off: a launch per step,
+    /// the baseline the timing tests compare with.
+    pub fn set_fused_split(&mut self, on: bool) {
+        self.fused_split = on;
     }
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {

@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use super::device::RowGroups;
 use super::driver::{CudaDevice, CudaSlice};
 use super::kernels::{self, Activation};
-use super::linear::Scratch;
+use super::linear::{Product, Scratch};
 use super::model::{CudaModel, GemmEngine, WeightRef};
 use crate::hooks::{ChannelMax, ExpertSpikes, LayerSpikes};
 use crate::model::arch::{deepseek, moe};
@@ -413,7 +413,16 @@ impl CudaModel {
                 let at = (0, dev.ptr(&position) + (r0 * 4) as u64);
                 let (ki, ko) = self.key_layout.expert(l, e);
                 self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
-                dev.act_mul(g, u, a, n, ei, at, key(ki), Activation::Silu)?;
+                dev.act_mul(
+                    Some(Product::Whole(g)),
+                    Product::Whole(u),
+                    (a, 0),
+                    n,
+                    ei,
+                    at,
+                    key(ki),
+                    Activation::Silu,
+                )?;
                 self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
                 if keys != 0 {
                     dev.column_max(ys, n, h, at, key(ko))?;
@@ -432,13 +441,22 @@ impl CudaModel {
             let (g, u, a, y, z) = (dev.ptr(g), dev.ptr(u), dev.ptr(a), dev.ptr(y), dev.ptr(z));
             let (ki, ko) = self.key_layout.shared(l);
             self.linears(m, &[(wt("gate_proj")?, g, si), (wt("up_proj")?, u, si)], t, h, sc)?;
-            dev.act_mul(g, u, a, t, si, (pos0, 0), key(ki), Activation::Silu)?;
+            dev.act_mul(
+                Some(Product::Whole(g)),
+                Product::Whole(u),
+                (a, 0),
+                t,
+                si,
+                (pos0, 0),
+                key(ki),
+                Activation::Silu,
+            )?;
             self.linear(a, &wt("down_proj")?, y, t, si, h, sc)?;
             if keys != 0 {
                 dev.column_max(y, t, h, (pos0, 0), key(ko))?;
             }
             if ds {
-                dev.add_residual(out, y, t, h, pos0, 0)?;
+                dev.add_residual(out, Product::Whole(y), t, h, pos0, 0)?;
             } else {
                 self.linear(m, &w("mlp.shared_expert_gate.weight")?, z, t, h, 1, sc)?;
                 dev.sigmoid_gate_add(out, y, z, t, h)?;
