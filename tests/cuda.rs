@@ -2170,7 +2170,7 @@ fn ms(t: Instant) -> f64 {
 }
 
 /// Timing at Llama-2-7B shapes (random weights generated on the device; bf16, f32, then f16
-/// with swk's kernels). Writes a Markdown table to stderr and, row by row (so a partial run
+/// with swk's kernels; `cublas-split` with its split and sum fused, then unfused). Writes a Markdown table to stderr and, row by row (so a partial run
 /// still leaves its rows), to `$SWK_TIMING_OUT` when set. Accuracy between engines is reported, never asserted: this
 /// test measures; the parity tests above judge.
 #[test]
@@ -2227,8 +2227,16 @@ fn timing_7b() -> Result<()> {
         // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass).
         let gemms =
             if dtype == WeightDtype::F16 { vec![GemmEngine::Kernels] } else { engines(dtype) };
-        for gemm in gemms {
+        // cublas-split also with its split and sum unfused (a launch per step), the baseline
+        // of the fused launches.
+        let runs = gemms.into_iter().flat_map(|gemm| {
+            let unfused = (gemm == GemmEngine::CublasSplit).then_some((gemm, false));
+            std::iter::once((gemm, true)).chain(unfused)
+        });
+        for (gemm, fused) in runs {
             g.set_gemm(gemm)?;
+            g.set_fused_split(fused);
+            let engine = format!("{}{}", gemm.name(), if fused { "" } else { " unfused" });
             let mut cache = CudaKvCache::new(&g);
             g.forward(&prompt[..16], &mut cache, None, Logits::Last)?; // warm-up
             cache.clear();
@@ -2302,15 +2310,13 @@ fn timing_7b() -> Result<()> {
             let edit = ms(t);
             let restored = if g.checksum()? == sum { "" } else { " RESTORE MISMATCH" };
             emit(format!(
-                "| {} | {} | {fill:.1} | {prefill:.1} | {:.0} | {with_stats:.1} | {decode:.2} | {checksum:.1} | {edit:.2}{restored} | {agree} |",
+                "| {} | {engine} | {fill:.1} | {prefill:.1} | {:.0} | {with_stats:.1} | {decode:.2} | {checksum:.1} | {edit:.2}{restored} | {agree} |",
                 dtype.name(),
-                gemm.name(),
                 512.0 / (prefill / 1e3)
             ))?;
             let row = format!(
-                "| {} | {} | {:.2} | {det:.2} | {det_plain:.2} | {:+.1} % | {floor_ms:.2} | {:.2} | {graph_note} | {:.0} | {ppl_ms:.1} | {:.0} | {:.1} | {:.0} % |",
+                "| {} | {engine} | {:.2} | {det:.2} | {det_plain:.2} | {:+.1} % | {floor_ms:.2} | {:.2} | {graph_note} | {:.0} | {ppl_ms:.1} | {:.0} | {:.1} | {:.0} % |",
                 dtype.name(),
-                gemm.name(),
                 g.weight_bytes() as f64 / 1e9,
                 (det / det_plain - 1.0) * 100.0,
                 det / floor_ms,
