@@ -14,7 +14,9 @@
 // r's position is pos[r] (an expert's gathered tokens) instead of pos0 + r.
 // The `cublas-split` engine's terms (swk_act_mul only): with gate_lo / up_lo not null, gate and
 // up are the sums gate + gate_lo and up + up_lo (product_at); with split not null, out's two
-// bf16 terms also go there ([2 * rows * n], write_split), the down_proj's input.
+// bf16 terms also go there ([2 * rows * n], write_split), the down_proj's input. Rows of gate
+// and up (and of their lo terms) are `ld` elements apart: n, or 2n when gate and up are the
+// two halves of one [rows, 2n] product.
 #include "common.cuh"
 
 // gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
@@ -35,15 +37,16 @@ __device__ __forceinline__ float gated_act(float g, int act) {
 
 __device__ __forceinline__ void act_rows(const float* gate, const float* up, float* out, int rows, int n,
                                          int rows_per_block, int pos0, const u32* pos, u64* keys, int act,
-                                         const float* gate_lo, const float* up_lo, u16* split) {
+                                         const float* gate_lo, const float* up_lo, u16* split, int ld) {
     ColumnWalk w(rows, rows_per_block);
     if (w.col >= n) {
         return;
     }
     for (int r = w.r0; r < w.r1; ++r) {
         const size_t i = (size_t)r * n + w.col;
-        const float u = product_at(up, up_lo, i);
-        const float v = gate != nullptr ? __fmul_rn(gated_act(product_at(gate, gate_lo, i), act), u)
+        const size_t at = (size_t)r * ld + w.col;
+        const float u = product_at(up, up_lo, at);
+        const float v = gate != nullptr ? __fmul_rn(gated_act(product_at(gate, gate_lo, at), act), u)
                                         : gated_act(u, act);
         out[i] = v;
         if (split != nullptr) {
@@ -58,8 +61,9 @@ __device__ __forceinline__ void act_rows(const float* gate, const float* up, flo
 
 extern "C" __global__ void swk_act_mul(const float* gate, const float* up, float* out, int rows, int n,
                                        int rows_per_block, int pos0, const u32* pos, u64* keys,
-                                       int act, const float* gate_lo, const float* up_lo, u16* split) {
-    act_rows(gate, up, out, rows, n, rows_per_block, pos0, pos, keys, act, gate_lo, up_lo, split);
+                                       int act, const float* gate_lo, const float* up_lo, u16* split,
+                                       int ld) {
+    act_rows(gate, up, out, rows, n, rows_per_block, pos0, pos, keys, act, gate_lo, up_lo, split, ld);
 }
 
 // swk_act_mul over the experts of a sparse MoE layer in one launch (gated): group g owns the
@@ -73,7 +77,7 @@ extern "C" __global__ void swk_act_mul_grouped(const float* gate, const float* u
     const u64 o = (u64)row0[g] * n;
     u64* k = keys != nullptr ? keys + key_at[g] : nullptr;
     act_rows(gate + o, up + o, out + o, (int)rows[g], n, rows_per_block, 0, pos + row0[g], k, act, nullptr, nullptr,
-             nullptr);
+             nullptr, n);
 }
 
 // x = cap * tanh(x / cap) over n elements (Gemma 2's final logit soft-cap), as cpu::softcap.

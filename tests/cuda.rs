@@ -250,6 +250,10 @@ fn logits_match_cpu_bf16_weights() {
 /// every fixture: the logits of a prefill and of a decode step after it (RoPE at a later
 /// position), and the spike statistics of both. (Phi-3's partial RoPE goes through the fused
 /// q/k/v launch; the families with q/k/v biases, clamps or QK-norms through the unfused one.)
+/// With q/k/v and gate/up each one product ([`CudaModel::set_grouped_products`], the
+/// default): the same bits on the emulator, whose products are exact; on a GPU, where cuBLAS
+/// may pick another kernel (and summation order) for the wider product, logits within 1e-4
+/// (relative, floor 1) and statistics as [`assert_stats_match`] allows.
 #[test]
 fn fused_split_equals_unfused_launches() {
     if !gpu() {
@@ -274,14 +278,26 @@ fn fused_split_equals_unfused_launches() {
             let mut cache = CudaKvCache::new(g);
             let mut logits = g.forward(head, &mut cache, Some(&mut s), Logits::All).unwrap();
             logits.extend(g.forward(last, &mut cache, Some(&mut s), Logits::All).unwrap());
-            let bits: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
-            (bits, format!("{s:?}"))
+            (logits, s)
         };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let grouped = run(&g);
+        g.set_grouped_products(false);
         let fused = run(&g);
         g.set_fused_split(false);
         let plain = run(&g);
-        assert!(fused.0 == plain.0, "{name}: the fused launches change the logits");
-        assert!(fused.1 == plain.1, "{name}: the fused launches change the spike statistics");
+        let same = |a: &SpikeStats, b: &SpikeStats| format!("{a:?}") == format!("{b:?}");
+        assert!(bits(&fused.0) == bits(&plain.0), "{name}: the fused launches change the logits");
+        assert!(same(&fused.1, &plain.1), "{name}: the fused launches change the statistics");
+        if emulated() {
+            assert!(bits(&grouped.0) == bits(&plain.0), "{name}: grouping changes the logits");
+            assert!(same(&grouped.1, &plain.1), "{name}: grouping changes the statistics");
+        } else {
+            let err = max_rel_err(&grouped.0, &plain.0, 1.0);
+            eprintln!("{name}: grouped products' logits vs one product per weight: {err:.2e}");
+            assert!(err <= 1e-4, "{name}: grouped products' logits differ by {err}");
+            assert_stats_match(&format!("{name} grouped"), &grouped.1, &plain.1);
+        }
     }
 }
 
@@ -2170,7 +2186,8 @@ fn ms(t: Instant) -> f64 {
 }
 
 /// Timing at Llama-2-7B shapes (random weights generated on the device; bf16, f32, then f16
-/// with swk's kernels; `cublas-split` with its split and sum fused, then unfused). Writes a Markdown table to stderr and, row by row (so a partial run
+/// with swk's kernels; `cublas-split` as it runs (split and sum fused, q/k/v and gate/up
+/// grouped), then ungrouped, then unfused). Writes a Markdown table to stderr and, row by row (so a partial run
 /// still leaves its rows), to `$SWK_TIMING_OUT` when set. Accuracy between engines is reported, never asserted: this
 /// test measures; the parity tests above judge.
 #[test]
@@ -2227,16 +2244,19 @@ fn timing_7b() -> Result<()> {
         // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass).
         let gemms =
             if dtype == WeightDtype::F16 { vec![GemmEngine::Kernels] } else { engines(dtype) };
-        // cublas-split also with its split and sum unfused (a launch per step), the baseline
-        // of the fused launches.
+        // cublas-split also with a product per weight, and with its split and sum unfused (a
+        // launch per step): the baselines of the grouped products and the fused launches.
+        // (fused split, grouped products, label)
+        let split_runs = [(true, false, " ungrouped"), (false, false, " unfused")];
         let runs = gemms.into_iter().flat_map(|gemm| {
-            let unfused = (gemm == GemmEngine::CublasSplit).then_some((gemm, false));
-            std::iter::once((gemm, true)).chain(unfused)
+            let more = if gemm == GemmEngine::CublasSplit { &split_runs[..] } else { &[] };
+            std::iter::once((gemm, (true, true, ""))).chain(more.iter().map(move |r| (gemm, *r)))
         });
-        for (gemm, fused) in runs {
+        for (gemm, (fused, grouped, label)) in runs {
             g.set_gemm(gemm)?;
             g.set_fused_split(fused);
-            let engine = format!("{}{}", gemm.name(), if fused { "" } else { " unfused" });
+            g.set_grouped_products(grouped);
+            let engine = format!("{}{label}", gemm.name());
             let mut cache = CudaKvCache::new(&g);
             g.forward(&prompt[..16], &mut cache, None, Logits::Last)?; // warm-up
             cache.clear();

@@ -49,18 +49,19 @@ impl CudaModel {
                 });
         }
         self.dev.bind()?;
-        let t = self.tensor(name)?;
+        let (t, data) = self.storage(name)?;
         if start.checked_add(len).is_none_or(|end| end > t.len()) {
             return Err(Error::tensor(
                 name,
                 format!("elements {start}..{} out of range ({} elements)", start + len, t.len()),
             ));
         }
-        match &t.data {
-            DevData::F32(d) => self.dev.download(d, start, len),
+        let at = t.offset + start;
+        match data {
+            DevData::F32(d) => self.dev.download(d, at, len),
             DevData::Half(d, dt) => Ok(self
                 .dev
-                .download(d, start, len)?
+                .download(d, at, len)?
                 .into_iter()
                 .map(|b| f32::from_bits(dt.decode(b as u32)))
                 .collect()),

@@ -193,6 +193,9 @@ impl CudaDevice {
         }
         let l = kernels::qkv_rope(rows, n_heads, n_kv, head_dim, rot_half)?;
         let [(qh, ql), (kh, kl), (vh, vl)] = from.map(Product::parts);
+        let [q_ld, k_ld, v_ld] = [(from[0], n_heads), (from[1], n_kv), (from[2], n_kv)]
+            .map(|(p, heads)| int(p.row_stride(heads * head_dim), "row stride"));
+        let (q_ld, k_ld, v_ld) = (q_ld?, k_ld?, v_ld?);
         let (r, nh, nkv, d, rh, p) = (
             int(rows, "rows")?,
             int(n_heads, "heads")?,
@@ -220,7 +223,10 @@ impl CudaDevice {
             nkv,
             d,
             rh,
-            p
+            p,
+            q_ld,
+            k_ld,
+            v_ld
         )
     }
 
@@ -295,6 +301,11 @@ impl CudaDevice {
         let (l, r, n_i, per_i, p) = column_launch(rows, n, at.0)?;
         let (pos, act) = (at.1, act as i32);
         let ((g, g_lo), (u, u_lo)) = (gate.map_or((0, 0), Product::parts), up.parts());
+        let ld = up.row_stride(n);
+        if gate.is_some_and(|g| g.row_stride(n) != ld) {
+            return Err(Error::Backend("gate and up products with different row strides".into()));
+        }
+        let ld = int(ld, "row stride")?;
         launch!(
             self,
             "swk_act_mul",
@@ -311,7 +322,8 @@ impl CudaDevice {
             act,
             g_lo,
             u_lo,
-            split
+            split,
+            ld
         )
     }
 
@@ -491,6 +503,9 @@ impl CudaDevice {
         pos0: usize,
         keys: u64,
     ) -> Result<()> {
+        if y.row_stride(n) != n {
+            return Err(Error::Backend("a residual add of a product with wider rows".into()));
+        }
         let (l, r, n_i, per_i, p) = column_launch(rows, n, pos0)?;
         let (y, lo) = y.parts();
         launch!(self, "swk_add_residual", l, x, y, r, n_i, per_i, p, keys, lo)

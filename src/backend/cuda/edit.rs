@@ -60,12 +60,9 @@ impl CudaModel {
     /// Checksum of one device tensor's stored bits (see [`checksum_bits_u32`]).
     pub fn tensor_checksum(&self, name: &str) -> Result<u64> {
         self.dev.bind()?;
-        let t = self.tensor(name)?;
+        let (t, data) = self.storage(name)?;
         let out = self.dev.zeros::<u64>(1)?;
-        let (ptr, is_u16) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), false),
-            DevData::Half(d, _) => (self.dev.ptr(d), true),
-        };
+        let (ptr, is_u16) = (data.ptr_at(&self.dev, t.offset), data.dtype().is_half());
         self.dev.checksum(ptr, is_u16, t.len(), self.dev.ptr(&out))?;
         Ok(self.dev.download(&out, 0, 1)?[0])
     }
@@ -133,16 +130,18 @@ impl EditTarget for CudaModel {
             return st.read_bits(tensor, flat);
         }
         self.dev.bind()?;
-        let t = self.tensor(tensor)?;
+        let (t, data) = self.storage(tensor)?;
         if flat >= t.len() {
             return Err(Error::tensor(
                 tensor,
                 format!("index {flat} out of range ({} elements)", t.len()),
             ));
         }
-        match &t.data {
-            DevData::F32(d) => Ok(self.dev.download(d, flat, 1)?[0].to_bits()),
-            DevData::Half(d, dt) => Ok(dt.decode(self.dev.download(d, flat, 1)?[0] as u32)),
+        match data {
+            DevData::F32(d) => Ok(self.dev.download(d, t.offset + flat, 1)?[0].to_bits()),
+            DevData::Half(d, dt) => {
+                Ok(dt.decode(self.dev.download(d, t.offset + flat, 1)?[0] as u32))
+            }
         }
     }
 
@@ -154,18 +153,19 @@ impl EditTarget for CudaModel {
         }
         self.dev.bind()?;
         let old = self.dev.ptr(&self.edit_scratch);
-        let t = self.tensor(tensor)?;
+        let (t, data) = self.storage(tensor)?;
         if flat >= t.len() {
             return Err(Error::tensor(
                 tensor,
                 format!("index {flat} out of range ({} elements)", t.len()),
             ));
         }
-        match &t.data {
-            DevData::F32(d) => self.dev.edit(self.dev.ptr(d), WeightDtype::F32, flat, bits, old)?,
-            DevData::Half(d, dt) => {
+        let ptr = data.ptr_at(&self.dev, t.offset);
+        match data {
+            DevData::F32(_) => self.dev.edit(ptr, WeightDtype::F32, flat, bits, old)?,
+            DevData::Half(_, dt) => {
                 let raw = dt.encode_or_err(f32::from_bits(bits), tensor)?;
-                self.dev.edit(self.dev.ptr(d), *dt, flat, raw, old)?
+                self.dev.edit(ptr, *dt, flat, raw, old)?
             }
         }
         self.dev.synchronize()
@@ -222,14 +222,13 @@ impl EditTarget for CudaModel {
             return Ok(v.into_iter().map(f32::to_bits).collect());
         }
         self.dev.bind()?;
-        let t = self.tensor(tensor)?;
+        let (t, data) = self.storage(tensor)?;
         check_range(tensor, start, len, t.len())?;
-        Ok(match &t.data {
-            DevData::F32(d) => {
-                self.dev.download(d, start, len)?.iter().map(|v| v.to_bits()).collect()
-            }
+        let at = t.offset + start;
+        Ok(match data {
+            DevData::F32(d) => self.dev.download(d, at, len)?.iter().map(|v| v.to_bits()).collect(),
             DevData::Half(d, dt) => {
-                self.dev.download(d, start, len)?.into_iter().map(|b| dt.decode(b as u32)).collect()
+                self.dev.download(d, at, len)?.into_iter().map(|b| dt.decode(b as u32)).collect()
             }
         })
     }
@@ -242,21 +241,24 @@ impl EditTarget for CudaModel {
             return self.write_many(tensor, &flats, bits);
         }
         self.dev.bind()?;
-        let t = self.tensors.get_mut(tensor).ok_or_else(|| {
-            Error::tensor(tensor, "not on the device (the forward pass does not read it)")
-        })?;
+        let t = self.tensor(tensor)?;
         check_range(tensor, start, bits.len(), t.len())?;
-        match &mut t.data {
+        let (buffer, at) = (t.buffer, t.offset + start);
+        let data = self
+            .buffers
+            .get_mut(buffer)
+            .ok_or_else(|| Error::tensor(tensor, "its device buffer is missing"))?;
+        match data {
             DevData::F32(d) => {
                 let v: &[f32] = bytemuck::cast_slice(bits);
-                self.dev.upload_at(v, d, start)?;
+                self.dev.upload_at(v, d, at)?;
             }
             DevData::Half(d, dt) => {
                 let v = bits
                     .iter()
                     .map(|&b| dt.encode_or_err(f32::from_bits(b), tensor).map(|raw| raw as u16))
                     .collect::<Result<Vec<u16>>>()?;
-                self.dev.upload_at(&v, d, start)?;
+                self.dev.upload_at(&v, d, at)?;
             }
         }
         self.dev.synchronize()

@@ -783,10 +783,12 @@ mod tests {
     /// With cublas-split's split and sum fused into the kernels around the products, a Llama
     /// block queues 14 launches instead of 26: its 7 products and 7 other kernels (two
     /// RMSNorms, q/k/v with RoPE, attention, the activation, two residual adds), where the
-    /// unfused block adds 4 splits, 7 sums of halves and RoPE's second launch. The logits
-    /// keep their bits, with and without spike statistics.
+    /// unfused block adds 4 splits, 7 sums of halves and RoPE's second launch. With q/k/v
+    /// and gate/up as one product each, 11. The logits keep their bits (the emulator's
+    /// products are exact sums, so grouping cannot change them here), with and without
+    /// spike statistics.
     #[test]
-    fn fused_split_halves_the_launches_of_a_llama_block() {
+    fn fused_split_more_than_halves_the_launches_of_a_llama_block() {
         let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
         let opts = CudaOptions {
             dtype: WeightDtype::Bf16,
@@ -797,14 +799,19 @@ mod tests {
         let tokens = [1, 5, 9, 2, 7];
         let layers = m.config.num_layers;
         for stats in [false, true] {
+            let grouped = pass(&g, &tokens, stats);
+            g.set_grouped_products(false);
             let fused = pass(&g, &tokens, stats);
             g.set_fused_split(false);
             let plain = pass(&g, &tokens, stats);
             g.set_fused_split(true);
+            g.set_grouped_products(true);
             // One embedding gather, then the blocks.
+            assert_eq!(grouped.0, 1 + 11 * layers, "fused and grouped, stats {stats}");
             assert_eq!(fused.0, 1 + 14 * layers, "fused, stats {stats}");
             assert_eq!(plain.0, 1 + 26 * layers, "unfused, stats {stats}");
             assert!(fused.1 == plain.1, "the fused launches change the logits (stats {stats})");
+            assert!(grouped.1 == plain.1, "grouped products change the logits (stats {stats})");
         }
     }
 }

@@ -70,6 +70,22 @@ impl CudaModel {
             None => None,
         };
         let kept = |w: &WeightRef| halves && two_term && w.dtype == WeightDtype::Bf16;
+        // Weights back to back on the device (a layer's q/k/v or gate/up, see
+        // model::buffer_groups; Phi-3's fused projections): one product for all.
+        let grouped = self.grouped_products && outs.iter().all(|(w, _, _)| kept(w));
+        if let Some(n_all) = adjacent(outs, n_in).filter(|_| grouped && outs.len() > 1) {
+            let x16 = split.ok_or_else(|| Error::Backend("no two-term input".into()))?;
+            let y2 = sc.y2(&self.dev, 2 * rows * n_all)?;
+            self.dev.gemm_bf16_inputs(x16, outs[0].0.ptr, y2, 2 * rows, n_all, n_in)?;
+            let lo = y2 + (rows * n_all * 4) as u64;
+            let mut col = 0u64;
+            let mut out = Vec::with_capacity(outs.len());
+            for (_, _, n_out) in outs {
+                out.push(Product::Halves(y2 + 4 * col, lo + 4 * col, n_all));
+                col += *n_out as u64;
+            }
+            return Ok(out);
+        }
         // The regions of the halves kept, reserved at once so that none moves; each starts
         // 256-byte aligned, as a fresh buffer does (cuBLAS may choose its kernel by alignment).
         let region = |n_out: usize| (2 * rows * n_out).next_multiple_of(64);
@@ -87,7 +103,7 @@ impl CudaModel {
             let x16 = split.ok_or_else(|| Error::Backend("no two-term input".into()))?;
             self.dev.gemm_bf16_inputs(x16, w.ptr, at, 2 * rows, *n_out, n_in)?;
             let half = (rows * n_out * 4) as u64;
-            out.push(Product::Halves(at, at + half));
+            out.push(Product::Halves(at, at + half, *n_out));
             at += (region(*n_out) * 4) as u64;
         }
         Ok(out)
@@ -188,14 +204,29 @@ fn check_shape(w: &WeightRef, n_in: usize, n_out: usize) -> Result<()> {
     Ok(())
 }
 
+/// The summed width of `outs` when their weights lie back to back on the device, in order,
+/// each `[n_out, n_in]` in one dtype: one matrix of that many rows.
+fn adjacent(outs: &[(WeightRef, u64, usize)], n_in: usize) -> Option<usize> {
+    let (first, _, _) = outs.first()?;
+    let mut end = first.ptr;
+    for (w, _, n_out) in outs {
+        if w.ptr != end || w.dtype != first.dtype || w.shape != [*n_out, n_in] {
+            return None;
+        }
+        end += (n_out * n_in * w.dtype.bytes()) as u64;
+    }
+    Some(outs.iter().map(|o| o.2).sum())
+}
+
 /// Where a product's result lies on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Product {
-    /// Written whole at this address.
+    /// Written whole at this address (rows of its width).
     Whole(u64),
     /// The two-term engine's halves W·hi and W·lo at these addresses, for the kernel that
-    /// reads the product to add.
-    Halves(u64, u64),
+    /// reads the product to add; rows `ld` elements apart (wider than the product when it is
+    /// one of a group computed as one product).
+    Halves(u64, u64, usize),
 }
 
 impl Product {
@@ -203,7 +234,14 @@ impl Product {
     pub(crate) fn parts(self) -> (u64, u64) {
         match self {
             Product::Whole(y) => (y, 0),
-            Product::Halves(hi, lo) => (hi, lo),
+            Product::Halves(hi, lo, _) => (hi, lo),
+        }
+    }
+    /// Elements from one row to the next, for a product `width` wide.
+    pub(crate) fn row_stride(self, width: usize) -> usize {
+        match self {
+            Product::Whole(_) => width,
+            Product::Halves(_, _, ld) => ld,
         }
     }
 }

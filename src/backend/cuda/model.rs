@@ -80,10 +80,31 @@ pub(crate) enum DevData {
     Half(CudaSlice<u16>, WeightDtype),
 }
 
-/// A tensor on the device: HF shape and storage.
+impl DevData {
+    /// The device address of element `i`.
+    pub(crate) fn ptr_at(&self, dev: &CudaDevice, i: usize) -> u64 {
+        match self {
+            DevData::F32(d) => dev.ptr(d) + (4 * i) as u64,
+            DevData::Half(d, _) => dev.ptr(d) + (2 * i) as u64,
+        }
+    }
+    /// How the elements are stored.
+    pub(crate) fn dtype(&self) -> WeightDtype {
+        match self {
+            DevData::F32(_) => WeightDtype::F32,
+            DevData::Half(_, dt) => *dt,
+        }
+    }
+}
+
+/// A tensor on the device: HF shape, and where its elements lie: from element `offset` of the
+/// model's buffer number `buffer`. A layer's q, k and v projections share one buffer, back to
+/// back, and its gate and up projections another ([`buffer_groups`]), so that each group is
+/// one matrix product; every other tensor has a buffer of its own.
 pub(crate) struct DevTensor {
     pub(crate) shape: Vec<usize>,
-    pub(crate) data: DevData,
+    pub(crate) buffer: usize,
+    pub(crate) offset: usize,
 }
 
 impl DevTensor {
@@ -147,6 +168,8 @@ pub struct CudaModel {
     pub(crate) dev: CudaDevice,
     pub(crate) config: ModelConfig,
     pub(crate) tensors: BTreeMap<String, DevTensor>,
+    /// The device buffers the tensors lie in.
+    pub(crate) buffers: Vec<DevData>,
     pub(crate) inv_freq: CudaSlice<f32>,
     /// RoPE pairs per head (`head_dim / 2` unless RoPE is partial).
     pub(crate) rot_half: usize,
@@ -171,6 +194,9 @@ pub struct CudaModel {
     /// Whether the two-term split and sum of `cublas-split` are fused into the kernels
     /// around each product (linear.rs; on by default).
     pub(crate) fused_split: bool,
+    /// Whether products of one input whose weights lie back to back (a layer's q/k/v and
+    /// gate/up) run as one product when their halves are fused (linear.rs; on by default).
+    pub(crate) grouped_products: bool,
     /// Whether a sparse layer whose experts have at most `GEMV_MAX_ROWS` rows each runs them
     /// all in one launch per step (moe.rs; on by default).
     pub(crate) grouped_experts: bool,
@@ -188,6 +214,19 @@ pub(crate) fn upload_plan(model: &Model) -> Vec<(String, bool)> {
         .into_iter()
         .filter(|(n, _, _)| n != "lm_head.weight" || model.weights.contains(n))
         .map(|(n, _, matrix)| (n, matrix))
+        .collect()
+}
+
+/// `plan` (name, whether a matrix) with each tensor's shape in `host`.
+fn with_shapes(
+    plan: Vec<(String, bool)>,
+    host: &crate::model::Weights,
+) -> Result<Vec<(String, Vec<usize>, bool)>> {
+    plan.into_iter()
+        .map(|(name, matrix)| {
+            let shape = host.get(&name)?.shape.clone();
+            Ok((name, shape, matrix))
+        })
         .collect()
 }
 
@@ -273,27 +312,94 @@ fn check_fits(dev: &CudaDevice, need: usize, dtype: WeightDtype, what: &str) -> 
     Ok(())
 }
 
-/// One host tensor (`name`) on the device: matrices in `dtype`, everything else f32. A value
-/// `dtype` cannot hold (f16's range) is an error naming the tensor.
-fn upload_tensor(
+/// The tensors of `plan` (name, shape, whether a matrix stored in the weight dtype) as device
+/// buffers: the indices of each buffer's tensors, in order. A layer's q/k/v projections
+/// share one buffer, as do its gate/up projections, when all of the group are matrices of one
+/// width; every other tensor has its own.
+pub(crate) fn buffer_groups(plan: &[(String, Vec<usize>, bool)]) -> Vec<Vec<usize>> {
+    const GROUPS: [&[&str]; 2] = [
+        &[".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"],
+        &[".mlp.gate_proj.weight", ".mlp.up_proj.weight"],
+    ];
+    let index: BTreeMap<&str, usize> =
+        plan.iter().enumerate().map(|(i, (n, _, _))| (n.as_str(), i)).collect();
+    let mut taken = vec![false; plan.len()];
+    let mut groups = Vec::with_capacity(plan.len());
+    for (i, (name, shape, _)) in plan.iter().enumerate() {
+        if taken[i] {
+            continue;
+        }
+        let siblings = GROUPS.iter().find_map(|g| {
+            let stem = name.strip_suffix(g[0])?;
+            let members: Option<Vec<usize>> =
+                g.iter().map(|s| index.get(format!("{stem}{s}").as_str()).copied()).collect();
+            members.filter(|m| {
+                m.iter().all(|&j| !taken[j] && plan[j].2 && plan[j].1.len() == 2)
+                    && m.iter().all(|&j| plan[j].1[1] == shape[1])
+            })
+        });
+        let members = siblings.unwrap_or_else(|| vec![i]);
+        for &j in &members {
+            taken[j] = true;
+        }
+        groups.push(members);
+    }
+    groups
+}
+
+/// Host tensors `(name, tensor, whether a matrix)` on the device in one buffer, back to back:
+/// matrices in `dtype`, everything else f32. A value `dtype` cannot hold (f16's range) is an
+/// error naming the tensor.
+fn upload_group(
     dev: &CudaDevice,
-    name: &str,
-    t: &crate::model::Tensor,
-    matrix: bool,
+    members: &[(&str, &crate::model::Tensor, bool)],
     dtype: WeightDtype,
-) -> Result<DevTensor> {
-    let data = if matrix && dtype.is_half() {
-        use rayon::prelude::*;
-        let bits = t
-            .data
-            .par_iter()
-            .map(|&v| dtype.encode_or_err(v, name).map(|raw| raw as u16))
-            .collect::<Result<Vec<u16>>>()?;
-        DevData::Half(dev.upload(&bits)?, dtype)
-    } else {
-        DevData::F32(dev.upload(&t.data)?)
-    };
-    Ok(DevTensor { shape: t.shape.clone(), data })
+) -> Result<DevData> {
+    use rayon::prelude::*;
+    if members.iter().all(|&(_, _, matrix)| matrix && dtype.is_half()) {
+        let mut bits = Vec::with_capacity(members.iter().map(|(_, t, _)| t.data.len()).sum());
+        for (name, t, _) in members {
+            let part = t
+                .data
+                .par_iter()
+                .map(|&v| dtype.encode_or_err(v, name).map(|raw| raw as u16))
+                .collect::<Result<Vec<u16>>>()?;
+            bits.extend_from_slice(&part);
+        }
+        return Ok(DevData::Half(dev.upload(&bits)?, dtype));
+    }
+    match members {
+        [(_, t, _)] => Ok(DevData::F32(dev.upload(&t.data)?)),
+        _ => {
+            let data: Vec<f32> =
+                members.iter().flat_map(|(_, t, _)| t.data.iter().copied()).collect();
+            Ok(DevData::F32(dev.upload(&data)?))
+        }
+    }
+}
+
+/// The tensors of `plan` from `host` on the device, in the buffers of [`buffer_groups`].
+fn upload_all(
+    dev: &CudaDevice,
+    plan: &[(String, Vec<usize>, bool)],
+    host: &crate::model::Weights,
+    dtype: WeightDtype,
+) -> Result<(BTreeMap<String, DevTensor>, Vec<DevData>)> {
+    let (mut tensors, mut buffers) = (BTreeMap::new(), Vec::new());
+    for group in buffer_groups(plan) {
+        let members = group
+            .iter()
+            .map(|&i| Ok((plan[i].0.as_str(), host.get(&plan[i].0)?, plan[i].2)))
+            .collect::<Result<Vec<_>>>()?;
+        buffers.push(upload_group(dev, &members, dtype)?);
+        let mut offset = 0;
+        for (name, t, _) in members {
+            let buffer = buffers.len() - 1;
+            tensors.insert(name.to_string(), DevTensor { shape: t.shape.clone(), buffer, offset });
+            offset += t.data.len();
+        }
+    }
+    Ok((tensors, buffers))
 }
 
 /// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
@@ -346,12 +452,8 @@ impl CudaModel {
         let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
         Self::check_memory(&dev, &model.config, opts.dtype)?;
         dev.bind()?;
-        let mut tensors = BTreeMap::new();
-        for (name, matrix) in upload_plan(model) {
-            let t = model.weights.get(&name)?;
-            let d = upload_tensor(&dev, &name, t, matrix, opts.dtype)?;
-            tensors.insert(name, d);
-        }
+        let plan = with_shapes(upload_plan(model), &model.weights)?;
+        let (tensors, buffers) = upload_all(&dev, &plan, &model.weights, opts.dtype)?;
         let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&model.config, freqs);
         let head = if model.weights.contains("lm_head.weight") {
@@ -359,7 +461,8 @@ impl CudaModel {
         } else {
             "model.embed_tokens.weight"
         };
-        let mut m = Self::finish(dev, model.config.clone(), tensors, &inv, head, opts.dtype, gemm)?;
+        let stored = (tensors, buffers);
+        let mut m = Self::finish(dev, model.config.clone(), stored, &inv, head, opts.dtype, gemm)?;
         let w = &model.weights;
         m.router_bias = router_biases(&model.config, |n| {
             w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
@@ -402,14 +505,10 @@ impl CudaModel {
         let need = resident_bytes(&c, opts.dtype) + slot_bytes;
         check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
         dev.bind()?;
-        let mut tensors = BTreeMap::new();
-        for (name, matrix) in
-            upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none())
-        {
-            let t = resident.weights.get(&name)?;
-            let d = upload_tensor(&dev, &name, t, matrix, opts.dtype)?;
-            tensors.insert(name, d);
-        }
+        let plan =
+            upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none());
+        let plan = with_shapes(plan.collect(), &resident.weights)?;
+        let stored = upload_all(&dev, &plan, &resident.weights, opts.dtype)?;
         let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&c, freqs);
         let head = if resident.weights.contains("lm_head.weight") {
@@ -418,7 +517,7 @@ impl CudaModel {
             "model.embed_tokens.weight"
         };
         let slot = dev.alloc::<u8>(slot_bytes)?;
-        let mut m = Self::finish(dev, c, tensors, &inv, head, opts.dtype, gemm)?;
+        let mut m = Self::finish(dev, c, stored, &inv, head, opts.dtype, gemm)?;
         m.router_bias = router_biases(&m.config, |n| {
             lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
         })?;
@@ -453,28 +552,35 @@ impl CudaModel {
         let dev = CudaDevice::new(opts.device)?;
         let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
         Self::check_memory(&dev, config, opts.dtype)?;
-        let mut tensors = BTreeMap::new();
-        for (k, (name, shape, matrix)) in plan_shapes(config).into_iter().enumerate() {
-            let n: usize = shape.iter().product();
-            let norm = !matrix && name.contains("norm");
-            let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
-            let s = crate::synth::mix(seed, k as u64);
-            let data = if matrix && opts.dtype.is_half() {
-                let d = dev.alloc::<u16>(n)?;
-                dev.fill_normal(dev.ptr(&d), opts.dtype, n, s, mean, std)?;
-                DevData::Half(d, opts.dtype)
+        let (mut tensors, mut buffers) = (BTreeMap::new(), Vec::new());
+        let plan = plan_shapes(config);
+        for group in buffer_groups(&plan) {
+            let len = |k: usize| plan[k].1.iter().product::<usize>();
+            let n: usize = group.iter().map(|&k| len(k)).sum();
+            let data = if plan[group[0]].2 && opts.dtype.is_half() {
+                DevData::Half(dev.alloc::<u16>(n)?, opts.dtype)
             } else {
-                let d = dev.alloc::<f32>(n)?;
-                dev.fill_normal(dev.ptr(&d), WeightDtype::F32, n, s, mean, std)?;
-                DevData::F32(d)
+                DevData::F32(dev.alloc::<f32>(n)?)
             };
-            tensors.insert(name, DevTensor { shape, data });
+            let mut offset = 0;
+            for &k in &group {
+                let (name, shape, matrix) = &plan[k];
+                let norm = !matrix && name.contains("norm");
+                let (mean, std) = if norm { (1.0, 0.02) } else { (0.0, 0.02) };
+                let s = crate::synth::mix(seed, k as u64);
+                dev.fill_normal(data.ptr_at(&dev, offset), data.dtype(), len(k), s, mean, std)?;
+                let t = DevTensor { shape: shape.clone(), buffer: buffers.len(), offset };
+                tensors.insert(name.clone(), t);
+                offset += len(k);
+            }
+            buffers.push(data);
         }
         dev.synchronize()?;
+        let stored = (tensors, buffers);
         let inv = llama::inv_freq(config, None);
         let head =
             if config.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        Self::finish(dev, config.clone(), tensors, &inv, head, opts.dtype, gemm)
+        Self::finish(dev, config.clone(), stored, &inv, head, opts.dtype, gemm)
     }
 
     fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
@@ -484,7 +590,7 @@ impl CudaModel {
     fn finish(
         dev: CudaDevice,
         config: ModelConfig,
-        tensors: BTreeMap<String, DevTensor>,
+        (tensors, buffers): (BTreeMap<String, DevTensor>, Vec<DevData>),
         inv: &[f32],
         head: &str,
         dtype: WeightDtype,
@@ -510,6 +616,7 @@ impl CudaModel {
             dev,
             config,
             tensors,
+            buffers,
             inv_freq,
             rot_half,
             inv_local,
@@ -525,6 +632,7 @@ impl CudaModel {
             stream: None,
             graphs: false,
             fused_split: true,
+            grouped_products: true,
             grouped_experts: true,
             grouped_layers: Default::default(),
             graph_cache: Default::default(),
@@ -562,6 +670,13 @@ impl CudaModel {
     pub fn set_fused_split(&mut self, on: bool) {
         self.fused_split = on;
     }
+    /// With the split fused ([`Self::set_fused_split`]), run the q/k/v products of a layer as
+    /// one product, and its gate/up products as one (their weights lie back to back on the
+    /// device; on by default; the values are those of the separate products to cuBLAS's
+    /// rounding). Off: a product per weight, the baseline the timing tests compare with.
+    pub fn set_grouped_products(&mut self, on: bool) {
+        self.grouped_products = on;
+    }
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {
         weight_bytes(&self.config, self.dtype)
@@ -578,16 +693,26 @@ impl CudaModel {
     /// A tensor's values as f32 on the host (bf16 and f16 widened exactly).
     pub fn download(&self, name: &str) -> Result<Vec<f32>> {
         self.dev.bind()?;
-        let t = self.tensor(name)?;
-        match &t.data {
-            DevData::F32(d) => self.dev.download(d, 0, t.len()),
+        let (t, data) = self.storage(name)?;
+        match data {
+            DevData::F32(d) => self.dev.download(d, t.offset, t.len()),
             DevData::Half(d, dt) => Ok(self
                 .dev
-                .download(d, 0, t.len())?
+                .download(d, t.offset, t.len())?
                 .into_iter()
                 .map(|b| f32::from_bits(dt.decode(b as u32)))
                 .collect()),
         }
+    }
+
+    /// A resident tensor and the buffer it lies in (from element `offset`).
+    pub(crate) fn storage(&self, name: &str) -> Result<(&DevTensor, &DevData)> {
+        let t = self.tensor(name)?;
+        let data = self
+            .buffers
+            .get(t.buffer)
+            .ok_or_else(|| Error::tensor(name, "its device buffer is missing"))?;
+        Ok((t, data))
     }
 
     pub(crate) fn tensor(&self, name: &str) -> Result<&DevTensor> {
@@ -598,11 +723,8 @@ impl CudaModel {
 
     /// A resident tensor as the forward pass reads it.
     pub(crate) fn weight(&self, name: &str) -> Result<WeightRef> {
-        let t = self.tensor(name)?;
-        let (ptr, dtype) = match &t.data {
-            DevData::F32(d) => (self.dev.ptr(d), WeightDtype::F32),
-            DevData::Half(d, dt) => (self.dev.ptr(d), *dt),
-        };
+        let (t, data) = self.storage(name)?;
+        let (ptr, dtype) = (data.ptr_at(&self.dev, t.offset), data.dtype());
         Ok(WeightRef { name: name.to_string(), shape: t.shape.clone(), ptr, dtype })
     }
 
