@@ -5,10 +5,11 @@
 // the input of a `cublas-split` product.
 #include "common.cuh"
 
-// One block per row. Grid (rows), block 256 (any multiple of 32).
-extern "C" __global__ void swk_rmsnorm(const float* x, const float* w, float* out, int n, double eps,
-                                       int plus_one, u16* split) {
-    __shared__ double scratch[32];
+// Row blockIdx.x of x (width n) through RMSNorm into the same row of out, its two-term split
+// into split ([2 * gridDim.x * n]) unless null. `scratch`: 32 doubles of shared memory. Each
+// thread reads the elements i = threadIdx.x + k * blockDim.x of the row.
+__device__ __forceinline__ void rmsnorm_row(const float* x, const float* w, float* out, int n, double eps,
+                                            int plus_one, u16* split, double* scratch) {
     const float* xr = x + (size_t)blockIdx.x * n;
     float* o = out + (size_t)blockIdx.x * n;
     double s = 0.0;
@@ -26,4 +27,26 @@ extern "C" __global__ void swk_rmsnorm(const float* x, const float* w, float* ou
             write_split(split, (u64)gridDim.x * n, (u64)blockIdx.x * n + i, v);
         }
     }
+}
+
+// One block per row. Grid (rows), block 256 (any multiple of 32).
+extern "C" __global__ void swk_rmsnorm(const float* x, const float* w, float* out, int n, double eps,
+                                       int plus_one, u16* split) {
+    __shared__ double scratch[32];
+    rmsnorm_row(x, w, out, n, eps, plus_one, split, scratch);
+}
+
+// x += y, then out = rmsnorm(x) as swk_rmsnorm computes it: the residual add of attention's
+// output (no statistics; y whole, or the `cublas-split` terms y + y_lo, product_at) and the
+// MLP's norm in one launch, the same values as swk_add_residual then swk_rmsnorm. Each thread
+// adds the elements it then reads, so the row needs no barrier in between.
+// One block per row. Grid (rows), block 256 (any multiple of 32).
+extern "C" __global__ void swk_add_rmsnorm(float* x, const float* y, const float* y_lo, const float* w, float* out,
+                                           int n, double eps, int plus_one, u16* split) {
+    __shared__ double scratch[32];
+    const u64 row = (u64)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        x[row + i] = __fadd_rn(x[row + i], product_at(y, y_lo, row + i));
+    }
+    rmsnorm_row(x, w, out, n, eps, plus_one, split, scratch);
 }

@@ -246,7 +246,7 @@ fn logits_match_cpu_bf16_weights() {
 }
 
 /// cublas-split's splitting and summing fused into the kernels around each product
-/// ([`CudaModel::set_fused_split`], the default) give the bits of the unfused launches on
+/// ([`CudaModel::set_fused_launches`], the default) give the bits of the unfused launches on
 /// every fixture: the logits of a prefill and of a decode step after it (RoPE at a later
 /// position), and the spike statistics of both. (Phi-3's partial RoPE goes through the fused
 /// q/k/v launch; the families with q/k/v biases, clamps or QK-norms through the unfused one.)
@@ -255,7 +255,7 @@ fn logits_match_cpu_bf16_weights() {
 /// may pick another kernel (and summation order) for the wider product, logits within 1e-4
 /// (relative, floor 1) and statistics as [`assert_stats_match`] allows.
 #[test]
-fn fused_split_equals_unfused_launches() {
+fn fused_launches_equal_unfused_ones() {
     if !gpu() {
         return;
     }
@@ -284,7 +284,7 @@ fn fused_split_equals_unfused_launches() {
         let grouped = run(&g);
         g.set_grouped_products(false);
         let fused = run(&g);
-        g.set_fused_split(false);
+        g.set_fused_launches(false);
         let plain = run(&g);
         let same = |a: &SpikeStats, b: &SpikeStats| format!("{a:?}") == format!("{b:?}");
         assert!(bits(&fused.0) == bits(&plain.0), "{name}: the fused launches change the logits");
@@ -2254,7 +2254,7 @@ fn timing_7b() -> Result<()> {
         });
         for (gemm, (fused, grouped, label)) in runs {
             g.set_gemm(gemm)?;
-            g.set_fused_split(fused);
+            g.set_fused_launches(fused);
             g.set_grouped_products(grouped);
             let engine = format!("{}{label}", gemm.name());
             let mut cache = CudaKvCache::new(&g);

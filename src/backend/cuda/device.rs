@@ -101,6 +101,29 @@ impl CudaDevice {
         launch!(self, "swk_rmsnorm", kernels::per_row(rows)?, x, w, out, n_i, eps, p1, split)
     }
 
+    /// x += y (whole, or the `cublas-split` terms), then [`Self::rmsnorm`] of x into `out`
+    /// (and its split): one launch for a residual add without statistics and the next norm.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_rmsnorm(
+        &self,
+        x: u64,
+        y: Product,
+        w: u64,
+        (out, split): (u64, u64),
+        rows: usize,
+        n: usize,
+        eps: f64,
+        plus_one: bool,
+    ) -> Result<()> {
+        if y.row_stride(n) != n {
+            return Err(Error::Backend("a residual add of a product with wider rows".into()));
+        }
+        let (n_i, p1) = (int(n, "width")?, plus_one as i32);
+        let (y, lo) = y.parts();
+        let l = kernels::per_row(rows)?;
+        launch!(self, "swk_add_rmsnorm", l, x, y, lo, w, out, n_i, eps, p1, split)
+    }
+
     /// out = (x - mean) / sqrt(var + eps) · w + b per row of width `n` (LayerNorm; `w` and
     /// `b` are device addresses, 0 for none: OLMo has neither); `out` may be `x`.
     #[allow(clippy::too_many_arguments)]

@@ -39,6 +39,7 @@ pub const KERNELS: &[&str] = &[
     "swk_add_bias",
     "swk_add_halves",
     "swk_add_residual",
+    "swk_add_rmsnorm",
     "swk_attention",
     "swk_bf16_to_f32",
     "swk_checksum_u16",

@@ -4,7 +4,7 @@
 //!
 //! The two-term engine (`cublas-split`) splits its input into bf16 hi and lo terms, multiplies
 //! the stacked `[hi; lo]` rows once, and adds the two halves of the result. When the model
-//! fuses them ([`CudaModel::set_fused_split`], on by default), the kernels on either side do
+//! fuses them ([`CudaModel::set_fused_launches`], on by default), the kernels on either side do
 //! that work: the norm, attention or activation before a product writes the terms beside its
 //! f32 output ([`CudaModel::split_target`]), and the kernel after it adds the halves as it
 //! reads them ([`Product::Halves`]). The values are the same bits; the launches are fewer.
@@ -126,7 +126,7 @@ impl CudaModel {
     }
 
     /// Where the kernel producing the next product's input (`n` values) writes its two-term
-    /// split when the split is fused ([`Self::set_fused_split`] and `cublas-split`): the
+    /// split when the split is fused ([`Self::set_fused_launches`] and `cublas-split`): the
     /// two-term input scratch; 0 (write none) otherwise.
     pub(crate) fn split_target(&self, sc: &mut Scratch, n: usize) -> Result<u64> {
         if self.fuses_split() {
@@ -139,7 +139,7 @@ impl CudaModel {
     /// Whether the norms, attention and activations write the two-term split and the kernels
     /// after the products add its halves (see the module's documentation).
     pub(crate) fn fuses_split(&self) -> bool {
-        self.fused_split && self.gemm == GemmEngine::CublasSplit
+        self.fused_launches && self.gemm == GemmEngine::CublasSplit
     }
 
     /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.

@@ -191,9 +191,10 @@ pub struct CudaModel {
     pub(crate) scratch: Mutex<Scratch>,
     pub(crate) stream: Option<Streamed>,
     pub(crate) graphs: bool,
-    /// Whether the two-term split and sum of `cublas-split` are fused into the kernels
-    /// around each product (linear.rs; on by default).
-    pub(crate) fused_split: bool,
+    /// Whether neighbouring launches are fused: `cublas-split`'s split and sum into the
+    /// kernels around each product (linear.rs), attention's residual add into the MLP's
+    /// norm (forward.rs; on by default).
+    pub(crate) fused_launches: bool,
     /// Whether products of one input whose weights lie back to back (a layer's q/k/v and
     /// gate/up) run as one product when their halves are fused (linear.rs; on by default).
     pub(crate) grouped_products: bool,
@@ -631,7 +632,7 @@ impl CudaModel {
             scratch: Mutex::new(Scratch::default()),
             stream: None,
             graphs: false,
-            fused_split: true,
+            fused_launches: true,
             grouped_products: true,
             grouped_experts: true,
             grouped_layers: Default::default(),
@@ -663,15 +664,16 @@ impl CudaModel {
         self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
         Ok(())
     }
-    /// Fuse `cublas-split`'s splitting of each product's input into the kernel that writes
-    /// the input, and the sum of its two halves into the kernel that reads the result (on by
-    /// default: about half the launches of a pass, the same bits). Off: a launch per step,
-    /// the baseline the timing tests compare with.
-    pub fn set_fused_split(&mut self, on: bool) {
-        self.fused_split = on;
+    /// Fuse neighbouring launches of a pass (on by default; the same bits, fewer launches):
+    /// `cublas-split`'s splitting of each product's input into the kernel that writes the
+    /// input, and the sum of its two halves into the kernel that reads the result; q, k and
+    /// v made and rotated in one launch; attention's residual add and the MLP's RMSNorm in
+    /// one. Off: a launch per step, the baseline the timing tests compare with.
+    pub fn set_fused_launches(&mut self, on: bool) {
+        self.fused_launches = on;
     }
-    /// With the split fused ([`Self::set_fused_split`]), run the q/k/v products of a layer as
-    /// one product, and its gate/up products as one (their weights lie back to back on the
+    /// With the launches fused ([`Self::set_fused_launches`]) and `cublas-split`, run the
+    /// q/k/v products of a layer as one product, and its gate/up products as one (their weights lie back to back on the
     /// device; on by default; the values are those of the separate products to cuBLAS's
     /// rounding). Off: a product per weight, the baseline the timing tests compare with.
     pub fn set_grouped_products(&mut self, on: bool) {
