@@ -167,19 +167,8 @@ impl CudaDevice {
         rot_half: usize,
         pos0: usize,
     ) -> Result<()> {
-        if rot_half == 0 || 2 * rot_half > head_dim {
-            return Err(crate::Error::Backend(format!(
-                "RoPE over {} of {head_dim} dims per head",
-                2 * rot_half
-            )));
-        }
-        let (r, h, d, rh, p) = (
-            int(rows, "rows")?,
-            int(n_heads, "heads")?,
-            int(head_dim, "head_dim")?,
-            int(rot_half, "rotary dims")?,
-            int(pos0, "position")?,
-        );
+        let [r, d, rh, p] = rope_args(rows, head_dim, rot_half, pos0)?;
+        let h = int(n_heads, "heads")?;
         launch!(
             self,
             "swk_rope",
@@ -208,25 +197,13 @@ impl CudaDevice {
         rot_half: usize,
         pos0: usize,
     ) -> Result<()> {
-        if rot_half == 0 || 2 * rot_half > head_dim {
-            return Err(Error::Backend(format!(
-                "RoPE over {} of {head_dim} dims per head",
-                2 * rot_half
-            )));
-        }
+        let [r, d, rh, p] = rope_args(rows, head_dim, rot_half, pos0)?;
         let l = kernels::qkv_rope(rows, n_heads, n_kv, head_dim, rot_half)?;
         let [(qh, ql), (kh, kl), (vh, vl)] = from.map(Product::parts);
         let [q_ld, k_ld, v_ld] = [(from[0], n_heads), (from[1], n_kv), (from[2], n_kv)]
             .map(|(p, heads)| int(p.row_stride(heads * head_dim), "row stride"));
         let (q_ld, k_ld, v_ld) = (q_ld?, k_ld?, v_ld?);
-        let (r, nh, nkv, d, rh, p) = (
-            int(rows, "rows")?,
-            int(n_heads, "heads")?,
-            int(n_kv, "kv heads")?,
-            int(head_dim, "head_dim")?,
-            int(rot_half, "rotary dims")?,
-            int(pos0, "position")?,
-        );
+        let (nh, nkv) = (int(n_heads, "heads")?, int(n_kv, "kv heads")?);
         launch!(
             self,
             "swk_qkv_rope",
@@ -775,6 +752,23 @@ pub(crate) struct RowGroups {
 
 /// The launch of a fused statistics kernel over `rows` × `n` (see
 /// [`kernels::column_stats`]) and its int parameters: rows, width, rows per block, pos0.
+/// RoPE's kernel arguments `[rows, head_dim, rot_half, pos0]`; an error unless the rotated
+/// pairs fit the head.
+fn rope_args(rows: usize, head_dim: usize, rot_half: usize, pos0: usize) -> Result<[i32; 4]> {
+    if rot_half == 0 || 2 * rot_half > head_dim {
+        return Err(Error::Backend(format!(
+            "RoPE over {} of {head_dim} dims per head",
+            2 * rot_half
+        )));
+    }
+    Ok([
+        int(rows, "rows")?,
+        int(head_dim, "head_dim")?,
+        int(rot_half, "rotary dims")?,
+        int(pos0, "position")?,
+    ])
+}
+
 fn column_launch(rows: usize, n: usize, pos0: usize) -> Result<(Launch, i32, i32, i32, i32)> {
     let (l, per) = kernels::column_stats(rows, n)?;
     Ok((
