@@ -882,8 +882,9 @@ fn device_edits_restore_bit_exactly() {
 /// Batched edits (`apply_all`: one gather and one scatter launch per run of one tensor; one
 /// download and one upload per block edit) leave the device weights exactly as the same edits
 /// leave the CPU's: a whole down_proj zeroed element by element, scales that hit elements
-/// repeatedly, a norm weight, a row and whole tensors as block edits. The logs agree bit for
-/// bit (as stored), and restore is bit-exact.
+/// repeatedly, a norm weight, a row and whole tensors as block edits, and elements of
+/// tensors that share a device buffer. The logs agree bit for bit (as stored), and restore
+/// is bit-exact.
 #[test]
 fn batched_device_edits_match_the_cpu() {
     if !gpu() {
@@ -906,6 +907,17 @@ fn batched_device_edits_match_the_cpu() {
         "model.layers.0.post_attention_layernorm.weight",
         &[],
         EditOp::Zero,
+    ));
+    // Tensors that share a device buffer with others (a layer's q/k/v, gate/up), at an
+    // offset into it: a batch of element edits, and a single one.
+    let k_proj = "model.layers.1.self_attn.k_proj.weight";
+    edits.extend(
+        (0..40).map(|k| WeightEdit::new(k_proj, &[k % 9, (k * 7) % 50], EditOp::Scale(-2.0))),
+    );
+    edits.push(WeightEdit::new(
+        "model.layers.2.self_attn.v_proj.weight",
+        &[1, 2],
+        EditOp::Set(3.5),
     ));
     for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
         let mut host = rounded_to(&m, dtype);

@@ -812,6 +812,38 @@ mod tests {
         }
     }
 
+    /// A layer's q/k/v and gate/up share a buffer each, in that order; every other tensor
+    /// has its own; a group whose widths differ, or with a member missing or not a matrix in
+    /// the weight dtype, is not formed.
+    #[test]
+    fn buffer_groups_join_qkv_and_gate_up() {
+        let m = tiny();
+        let plan = with_shapes(upload_plan(&m), &m.weights).unwrap();
+        let names = |g: &[usize]| -> Vec<&str> { g.iter().map(|&i| plan[i].0.as_str()).collect() };
+        let groups = buffer_groups(&plan);
+        let layers = m.config.num_layers;
+        assert_eq!(groups.len(), plan.len() - 3 * layers, "5 tensors in 2 buffers per layer");
+        let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..plan.len()).collect::<Vec<_>>(), "each tensor once");
+        for l in 0..layers {
+            let p = format!("model.layers.{l}.");
+            let qkv = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}self_attn.{n}.weight"));
+            let gu = ["gate_proj", "up_proj"].map(|n| format!("{p}mlp.{n}.weight"));
+            assert!(groups.iter().any(|g| names(g) == qkv), "layer {l} q/k/v");
+            assert!(groups.iter().any(|g| names(g) == gu), "layer {l} gate/up");
+        }
+        // Another width, or a member kept in f32 (not a matrix of the weight dtype): alone.
+        let mut odd = plan.clone();
+        let k = odd.iter().position(|(n, _, _)| n.ends_with("0.self_attn.k_proj.weight")).unwrap();
+        odd[k].1[1] += 1;
+        let u = odd.iter().position(|(n, _, _)| n.ends_with("1.mlp.up_proj.weight")).unwrap();
+        odd[u].2 = false;
+        let groups = buffer_groups(&odd);
+        assert_eq!(groups.len(), plan.len() - 3 * layers + 2 + 1);
+        assert!(groups.iter().any(|g| g == &[k]) && groups.iter().any(|g| g == &[u]));
+    }
+
     #[test]
     fn weight_bytes_of_7b() {
         let c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
