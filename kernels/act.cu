@@ -16,7 +16,7 @@
 // up are the sums gate + gate_lo and up + up_lo (product_at); with split not null, out's two
 // bf16 terms also go there ([2 * rows * n], write_split), the down_proj's input. Rows of gate
 // and up (and of their lo terms) are `ld` elements apart: n, or 2n when gate and up are the
-// two halves of one [rows, 2n] product.
+// two column blocks of one [rows, 2n] product.
 #include "common.cuh"
 
 // gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
