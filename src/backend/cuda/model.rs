@@ -358,14 +358,16 @@ fn upload_group(
 ) -> Result<DevData> {
     use rayon::prelude::*;
     if members.iter().all(|&(_, _, matrix)| matrix && dtype.is_half()) {
-        let mut bits = Vec::with_capacity(members.iter().map(|(_, t, _)| t.data.len()).sum());
+        // Each member encoded straight into its place in the buffer's bits.
+        let mut bits = vec![0u16; members.iter().map(|(_, t, _)| t.data.len()).sum()];
+        let mut rest = bits.as_mut_slice();
         for (name, t, _) in members {
-            let part = t
-                .data
-                .par_iter()
-                .map(|&v| dtype.encode_or_err(v, name).map(|raw| raw as u16))
-                .collect::<Result<Vec<u16>>>()?;
-            bits.extend_from_slice(&part);
+            let (part, tail) = rest.split_at_mut(t.data.len());
+            part.par_iter_mut().zip(t.data.par_iter()).try_for_each(|(b, &v)| {
+                *b = dtype.encode_or_err(v, name)? as u16;
+                Ok::<(), Error>(())
+            })?;
+            rest = tail;
         }
         return Ok(DevData::Half(dev.upload(&bits)?, dtype));
     }
