@@ -43,9 +43,16 @@ namespace swk_emu {
 void barrier_block();
 // Exchange `size` bytes with lane (own lane ^ lane_mask) of the same warp.
 void shuffle_xor(const void* in, void* out, std::size_t size, int lane_mask);
+// Every lane of the warp deposits `size` bytes (at most 32); each receives all 32 lanes'
+// deposits at `all`, in lane order.
+void warp_all(const void* in, void* all, std::size_t size);
 // The launch's dynamic shared memory.
 void* dynamic_shared();
 }  // namespace swk_emu
+
+// Marks the emulator's build for the kernels (which then use the emulated warp-collective
+// instructions below in place of inline PTX).
+#define SWK_CUDA_EMU 1
 
 inline void __syncthreads() { swk_emu::barrier_block(); }
 
@@ -86,4 +93,52 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
     const unsigned long long old = *p;
     *p = old + v;
     return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+// One block runs at a time and memory is the host's: fences have nothing to order.
+inline void __threadfence() {}
+// A load that bypasses L1 on the device: a plain load here.
+template <typename T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A·B + D, emulated across the warp
+// with the PTX ISA's fragment layout (lane = 4 · group + t, group = lane / 4, t = lane % 4):
+// - A (16 × 16, row-major) word r of a lane: row group + 8 · (r % 2), k 2t + 8 · (r / 2)
+//   (low 16 bits) and the k after it (high 16 bits);
+// - B (16 × 8) word r: column group, k 2t + 8r and the k after it;
+// - D (16 × 8) element r: row group + 8 · (r / 2), column 2t + r % 2.
+// bf16 products are exact in f32; this adds them to D's element in k order with an fma. The
+// tensor cores' own order and rounding of the sum may differ in the last bits.
+inline void swk_emu_mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    struct Frag {
+        unsigned a[4];
+        unsigned b[2];
+    };
+    Frag mine;
+    std::memcpy(mine.a, a, sizeof mine.a);
+    std::memcpy(mine.b, b, sizeof mine.b);
+    Frag all[32];
+    swk_emu::warp_all(&mine, all, sizeof(Frag));
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned group = lane >> 2;
+    const unsigned t = lane & 3u;
+    auto term = [](unsigned word, unsigned k) { return __uint_as_float(k % 2 == 0 ? word << 16 : word & 0xffff0000u); };
+    for (unsigned r = 0; r < 4; ++r) {
+        const unsigned row = group + 8 * (r / 2);
+        const unsigned col = 2 * t + r % 2;
+        float acc = d[r];
+        for (unsigned k = 0; k < 16; ++k) {
+            const unsigned owner = (k % 8) / 2;  // t of the lanes holding this k
+            const float av = term(all[(row % 8) * 4 + owner].a[row / 8 + 2 * (k / 8)], k);
+            const float bv = term(all[col * 4 + owner].b[k / 8], k);
+            acc = std::fma(av, bv, acc);
+        }
+        d[r] = acc;
+    }
 }

@@ -136,6 +136,9 @@ unsigned g_cur = 0;      // the fiber running now
 std::atomic<bool> g_reverse{false};  // run threads and blocks in reverse order
 const std::function<void()>* g_body = nullptr;
 unsigned long long g_slots[2][kMaxThreads];  // two banks, alternating per shuffle
+// The banks of swk_emu::warp_all, alternating with the same count as the shuffles'.
+constexpr std::size_t kGatherBytes = 32;
+unsigned char g_gather[2][kMaxThreads][kGatherBytes];
 std::vector<unsigned char> g_dynamic;
 std::string g_error;
 
@@ -296,6 +299,35 @@ void shuffle_xor(const void* in, void* out, std::size_t size, int lane_mask) {
         std::memcpy(out, in, size);
     } else {
         std::memcpy(out, &g_slots[bank][src], size);
+    }
+}
+
+// A warp-wide exchange: every lane of the warp deposits `size` bytes and receives all 32
+// lanes' deposits, in lane order. Banks alternate as the shuffles' do (the same count), and
+// every lane of the warp must take part (a warp-collective instruction such as mma.sync
+// needs the whole warp).
+void warp_all(const void* in, void* all, std::size_t size) {
+    const unsigned me = g_cur;
+    const unsigned first = me & ~31u;
+    const unsigned count = ++g_fibers[me].shuffles;
+    const unsigned bank = count & 1u;
+    if (size > kGatherBytes) {
+        fail("a warp-wide exchange of " + std::to_string(size) + " bytes per lane (at most " +
+             std::to_string(kGatherBytes) + ")");
+        size = kGatherBytes;
+    }
+    std::memcpy(g_gather[bank][me], in, size);
+    wait_at(State::AtWarp);
+    auto* out = static_cast<unsigned char*>(all);
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned src = first + lane;
+        if (src >= g_threads || g_fibers[src].shuffles < count) {
+            fail("a warp-wide exchange without lane " + std::to_string(lane) +
+                 ", which has returned or does not exist");
+            std::memcpy(out + lane * size, in, size);
+        } else {
+            std::memcpy(out + lane * size, g_gather[bank][src], size);
+        }
     }
 }
 

@@ -668,6 +668,53 @@ impl CudaDevice {
         launch!(self, name, l, x, w, y, r, n_i, k_i)
     }
 
+    /// How the `mma` engine's tensor-core product covers `rows` × `n` × `k` on this device
+    /// (see [`kernels::mma`]: about two blocks per multiprocessor).
+    pub(crate) fn mma_plan(&self, rows: usize, n: usize, k: usize) -> Result<kernels::MmaPlan> {
+        kernels::mma(rows, n, k, 2 * self.sm_count())
+    }
+
+    /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16`): y (rows `ldy` apart) =
+    /// x `[rows, k]` · Wᵀ for bf16 W `[n, k]` (16-byte aligned), as `plan` covers it; with
+    /// more than one slab, `partial` holds `slabs × rows × n` f32 and `counters` one zeroed
+    /// u32 per column range (the kernel leaves them zero).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_mma(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        (rows, n, k): (usize, usize, usize),
+        plan: &kernels::MmaPlan,
+        (partial, counters): (u64, u64),
+    ) -> Result<()> {
+        if w % 16 != 0 || ldy < n || (plan.slabs > 1 && (partial == 0 || counters == 0)) {
+            return Err(Error::Backend(format!(
+                "the tensor-core product needs 16-byte aligned weights, rows at least n apart and, \
+                 over {} slabs, partial sums and counters",
+                plan.slabs
+            )));
+        }
+        let (r, n_i, k_i) = (int(rows, "rows")?, int(n, "out features")?, int(k, "in features")?);
+        let (ld, slab) = (int(ldy, "row stride")?, int(plan.slab, "slab")?);
+        launch!(
+            self,
+            "swk_gemm_mma_bf16",
+            plan.launch,
+            x,
+            w,
+            y,
+            partial,
+            counters,
+            r,
+            n_i,
+            k_i,
+            ld,
+            slab
+        )
+    }
+
     /// cuBLAS: y[t, o0 + j] = Σ_i x[t, i] · W[j, i] for j < n (W f32 `[n, k]`), row stride of
     /// y `ldy` (so a chunk of W's rows fills a band of y's columns).
     #[allow(clippy::too_many_arguments)]
@@ -889,6 +936,84 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `swk_gemm_mma_bf16` (the `mma` engine) against the f64 product of the stored bf16
+    /// weights, within 1e-5 of Σ|x·w| per value (x's two bf16 terms hold about 16 of its
+    /// bits; an outlier of 1500 sits among values of about 1): 1, 8, 9 and 16 rows (one and
+    /// two tiles of 8), n not a multiple of 16, k a multiple of 8 but not of 32, one slab and
+    /// several (a ragged last one), y rows wider than n (the gaps untouched). A second launch
+    /// gives the same bits (the counters were left at zero); on the emulator, so does the
+    /// reversed order of threads and blocks (the last block to finish adds the slabs).
+    #[test]
+    fn mma_product_matches_f64() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mut seed = 0x853c_49e6_748f_ea9b_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let ranges = |rows: usize, n: usize, k: usize| {
+            let p = dev.mma_plan(rows, n, k).unwrap();
+            (p.slabs, p.launch.grid.0 as usize)
+        };
+        for (rows, n, k) in [
+            (1, 150, 200),
+            (8, 150, 64),
+            (9, 150, 200),
+            (16, 40, 1000),
+            (9, 1500, 1504),
+            (3, 520, 200),
+        ] {
+            let ldy = n + 3;
+            let x: Vec<f32> = (0..rows * k).map(|i| if i == 3 { 1500.0 } else { next() }).collect();
+            let w: Vec<u16> =
+                (0..n * k).map(|_| half::bf16::from_f32(next() * 0.1).to_bits()).collect();
+            let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+            let (slabs, cols) = ranges(rows, n, k);
+            let partial = dev.alloc::<f32>(slabs * rows * n).unwrap();
+            let counters = dev.zeros::<u32>(cols).unwrap();
+            let run = || {
+                let y = dev.upload(&vec![f32::NAN; rows * ldy]).unwrap();
+                let plan = dev.mma_plan(rows, n, k).unwrap();
+                let ws = (dev.ptr(&partial), dev.ptr(&counters));
+                dev.gemm_mma(dev.ptr(&xd), dev.ptr(&wd), dev.ptr(&y), ldy, (rows, n, k), &plan, ws)
+                    .unwrap();
+                dev.download(&y, 0, rows * ldy).unwrap()
+            };
+            let got = run();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&run()), bits(&got), "a second launch ({rows} × {n} × {k})");
+            if super::super::emulate_in_reverse(true) {
+                let reversed = run();
+                super::super::emulate_in_reverse(false);
+                assert_eq!(bits(&reversed), bits(&got), "reversed order ({rows} × {n} × {k})");
+            }
+            assert_eq!(dev.download(&counters, 0, cols).unwrap(), vec![0; cols]);
+            for t in 0..rows {
+                assert!(got[t * ldy + n..(t + 1) * ldy].iter().all(|v| v.is_nan()), "gap written");
+                for o in 0..n {
+                    let (mut want, mut size) = (0f64, 0f64);
+                    for i in 0..k {
+                        let p = x[t * k + i] as f64 * half::bf16::from_bits(w[o * k + i]).to_f64();
+                        want += p;
+                        size += p.abs();
+                    }
+                    let err = (got[t * ldy + o] as f64 - want).abs() / size.max(1e-30);
+                    assert!(
+                        err <= 1e-5,
+                        "{rows} × {n} × {k}, {slabs} slabs: y[{t}, {o}] off by {err:.2e}"
+                    );
+                }
+            }
+            eprintln!("mma {rows} × {n} × {k}: {slabs} slabs over {cols} column ranges");
         }
     }
 

@@ -99,6 +99,7 @@ pub struct CudaDevice {
     name: String,
     capability: (i32, i32),
     pub(super) shared_limit: usize,
+    sm_count: usize,
 }
 
 impl CudaDevice {
@@ -156,13 +157,27 @@ impl CudaDevice {
         } else {
             shared_limit
         };
+        let sm_count = ctx
+            .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(be("multiprocessor count"))?
+            .max(1) as usize;
         keep_freed_memory(&ctx);
         let blas = if cublas_present() {
             Some(CudaBlas::new(stream.clone()).map_err(be("creating a cuBLAS handle"))?)
         } else {
             None
         };
-        Ok(CudaDevice { ctx, stream, _module: module, funcs, blas, name, capability, shared_limit })
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            _module: module,
+            funcs,
+            blas,
+            name,
+            capability,
+            shared_limit,
+            sm_count,
+        })
     }
 
     /// The device's name (e.g. "NVIDIA H100 80GB HBM3").
@@ -173,6 +188,11 @@ impl CudaDevice {
     /// Compute capability `(major, minor)`.
     pub fn capability(&self) -> (i32, i32) {
         self.capability
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     /// Whether a cuBLAS handle is available.

@@ -261,6 +261,12 @@ impl CudaDevice {
         (8, 0)
     }
 
+    /// Reported as 2, so that products are cut into several k ranges even at the tiny
+    /// fixtures' shapes (see `kernels::mma`).
+    pub fn sm_count(&self) -> usize {
+        2
+    }
+
     /// Always true (the reference GEMM).
     pub fn has_cublas(&self) -> bool {
         true

@@ -534,7 +534,7 @@ impl CudaModel {
         // rotates.
         let plain = b.rope && !b.qkv_bias && b.clip_qkv.is_none() && b.qk_norm == QkNorm::None;
         let ps = self.products(xn, &outs, t, h, sc, plain && self.fuses_split())?;
-        if let [pq @ Product::Halves(..), pk, pv] = ps[..] {
+        if let [pq @ (Product::Halves(..) | Product::Rows(..)), pk, pv] = ps[..] {
             let dims = (nh, nkv, hd);
             dev.qkv_rope([pq, pk, pv], [q, k_new, v_new], inv, t, dims, self.rot_half, pos0)?;
         } else {
@@ -804,7 +804,7 @@ mod tests {
     /// sums of halves, RoPE's second launch and a launch between add and norm. With q/k/v and
     /// gate/up as one product each, 10. The logits keep their bits (the emulator's
     /// products are exact sums, so grouping cannot change them here), with and without
-    /// spike statistics.
+    /// spike statistics. The `mma` engine's block is 10 launches too.
     #[test]
     fn fused_launches_more_than_halve_a_llama_block() {
         let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
@@ -830,6 +830,11 @@ mod tests {
             assert_eq!(plain.0, 1 + 26 * layers, "unfused, stats {stats}");
             assert!(fused.1 == plain.1, "the fused launches change the logits (stats {stats})");
             assert!(grouped.1 == plain.1, "grouped products change the logits (stats {stats})");
+        }
+        // The tensor-core engine: its products are whole (no halves to add), grouped alike.
+        g.set_gemm(GemmEngine::Mma).expect("mma engine");
+        for stats in [false, true] {
+            assert_eq!(pass(&g, &tokens, stats).0, 1 + 10 * layers, "mma, stats {stats}");
         }
     }
 }

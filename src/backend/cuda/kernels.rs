@@ -67,6 +67,7 @@ pub const KERNELS: &[&str] = &[
     "swk_gemm_grouped_bf16",
     "swk_gemm_grouped_f16",
     "swk_gemm_grouped_f32",
+    "swk_gemm_mma_bf16",
     "swk_gemv_bf16",
     "swk_gemv_f16",
     "swk_gemv_f32",
@@ -192,6 +193,59 @@ pub fn column_stats_grouped(max_rows: usize, n: usize, groups: usize) -> Result<
     let (l, per) = column_stats(max_rows.max(1), n)?;
     let l = Launch::new((l.grid.0 as u64, l.grid.1 as u64, groups as u64), BLOCK, 0)?;
     Ok((l, per))
+}
+
+/// Rows of x that `swk_gemm_mma_bf16` (the `mma` engine's tensor-core product) takes at most.
+pub const MMA_MAX_ROWS: usize = 16;
+/// Weight rows of one `swk_gemm_mma_bf16` block: 8 warps of 16.
+pub const MMA_COLS: usize = 128;
+/// Largest k range (slab) of one `swk_gemm_mma_bf16` block: its staged terms then fit in the
+/// 48 KiB of shared memory every device grants (2 terms × 16 rows × 736 padded × 2 bytes).
+pub const MMA_MAX_SLAB: usize = 704;
+
+/// Elements from one staged row of x's terms to the next in `swk_gemm_mma_bf16` for a
+/// `slab` (a multiple of 32): padded so that a quarter warp's two rows fall on different
+/// shared-memory banks (mirrors the kernel's `mma_stage_row`).
+pub fn mma_stage_row(slab: usize) -> usize {
+    if slab % 64 == 0 {
+        slab + 32
+    } else {
+        slab
+    }
+}
+
+/// How `swk_gemm_mma_bf16` covers a product: its launch, the k range of a block (`slab`, a
+/// multiple of 32) and the number of ranges (`slabs`, grid y; more than one needs partial
+/// sums, `slabs × rows × n` f32, and a zeroed counter per column range, grid x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaPlan {
+    /// The launch: grid (column ranges, slabs), 256 threads, the staged terms' shared memory.
+    pub launch: Launch,
+    /// k per slab.
+    pub slab: usize,
+    /// Slabs (grid y).
+    pub slabs: usize,
+}
+
+/// The plan of `swk_gemm_mma_bf16` for `rows` (1..=[`MMA_MAX_ROWS`]) rows of x, `n` weight
+/// rows and `k` (a multiple of 8): k is cut into slabs until the grid has about
+/// `target_blocks` blocks (each slab at most [`MMA_MAX_SLAB`], so long rows are cut anyway),
+/// since a product of few column ranges alone would leave most of the device idle.
+pub fn mma(rows: usize, n: usize, k: usize, target_blocks: usize) -> Result<MmaPlan> {
+    if rows == 0 || rows > MMA_MAX_ROWS || n == 0 || k == 0 || k % 8 != 0 {
+        return Err(Error::Backend(format!(
+            "the tensor-core product takes 1 to {MMA_MAX_ROWS} rows and k a multiple of 8 \
+             (rows {rows}, n {n}, k {k})"
+        )));
+    }
+    let cols = n.div_ceil(MMA_COLS);
+    let chunks = k.div_ceil(32);
+    let wanted = target_blocks.div_ceil(cols).clamp(1, chunks);
+    let slab = (chunks.div_ceil(wanted) * 32).min(MMA_MAX_SLAB);
+    let slabs = k.div_ceil(slab);
+    let shared = 2 * MMA_MAX_ROWS * mma_stage_row(slab) * 2;
+    let launch = Launch::new((cols as u64, slabs as u64, 1), 256, shared)?;
+    Ok(MmaPlan { launch, slab, slabs })
 }
 
 /// Most keys any of `rows` queries at `pos0..` sees, with an optional sliding window.

@@ -59,7 +59,10 @@ impl CudaModel {
         sc: &mut Scratch,
         halves: bool,
     ) -> Result<Vec<Product>> {
-        let two_term = self.gemm == GemmEngine::CublasSplit;
+        if outs.iter().all(|(w, _, n_out)| self.mma_fits(w, rows, n_in, *n_out)) {
+            return self.mma_products(input.x, outs, rows, n_in, sc, halves);
+        }
+        let two_term = matches!(self.gemm, GemmEngine::CublasSplit | GemmEngine::Mma);
         let split = match input.split {
             Some(s) => Some(s),
             None if two_term => {
@@ -109,6 +112,68 @@ impl CudaModel {
         Ok(out)
     }
 
+    /// Whether the tensor-core product takes `w` at `rows` rows: the `mma` engine, a bf16
+    /// weight `[n_out, n_in]` (n_in a multiple of 8, 16-byte aligned), at most
+    /// [`kernels::MMA_MAX_ROWS`] rows.
+    fn mma_fits(&self, w: &WeightRef, rows: usize, n_in: usize, n_out: usize) -> bool {
+        self.gemm == GemmEngine::Mma
+            && w.dtype == WeightDtype::Bf16
+            && (1..=kernels::MMA_MAX_ROWS).contains(&rows)
+            && n_in % 8 == 0
+            && w.ptr % 16 == 0
+            && w.shape == [n_out, n_in]
+    }
+
+    /// [`Self::products`] on the tensor cores: each written whole at its `y`, or, when `keep`
+    /// allows and the weights lie back to back (grouped products), all in one launch into the
+    /// product scratch, their rows side by side.
+    fn mma_products(
+        &self,
+        x: u64,
+        outs: &[(WeightRef, u64, usize)],
+        rows: usize,
+        n_in: usize,
+        sc: &mut Scratch,
+        keep: bool,
+    ) -> Result<Vec<Product>> {
+        let grouped = self.grouped_products && keep && outs.len() > 1;
+        if let Some(n_all) = adjacent(outs, n_in).filter(|_| grouped) {
+            let y = sc.y2(&self.dev, rows * n_all)?;
+            self.mma(x, outs[0].0.ptr, (y, n_all), (rows, n_all, n_in), sc)?;
+            let mut col = 0u64;
+            let mut out = Vec::with_capacity(outs.len());
+            for (_, _, n_out) in outs {
+                out.push(Product::Rows(y + 4 * col, n_all));
+                col += *n_out as u64;
+            }
+            return Ok(out);
+        }
+        let mut out = Vec::with_capacity(outs.len());
+        for (w, y, n_out) in outs {
+            self.mma(x, w.ptr, (*y, *n_out), (rows, *n_out, n_in), sc)?;
+            out.push(Product::Whole(*y));
+        }
+        Ok(out)
+    }
+
+    /// One tensor-core product into y (rows `ldy` apart), with its partial sums and counters
+    /// from the scratch.
+    fn mma(
+        &self,
+        x: u64,
+        w: u64,
+        (y, ldy): (u64, usize),
+        (rows, n, k): (usize, usize, usize),
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let plan = self.dev.mma_plan(rows, n, k)?;
+        let ws = match plan.slabs {
+            1 => (0, 0),
+            s => sc.mma(&self.dev, s * rows * n, plan.launch.grid.0 as usize)?,
+        };
+        self.dev.gemm_mma(x, w, y, ldy, (rows, n, k), &plan, ws)
+    }
+
     /// [`Self::products`] of one weight.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn product(
@@ -139,7 +204,7 @@ impl CudaModel {
     /// Whether the norms, attention and activations write the two-term split and the kernels
     /// after the products add its halves (see the module's documentation).
     pub(crate) fn fuses_split(&self) -> bool {
-        self.fused_launches && self.gemm == GemmEngine::CublasSplit
+        self.fused_launches && matches!(self.gemm, GemmEngine::CublasSplit | GemmEngine::Mma)
     }
 
     /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.
@@ -166,7 +231,10 @@ impl CudaModel {
                 self.dev.f32_to_bf16(x, x16, rows * n_in)?;
                 self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
             }
-            (WeightDtype::Bf16, GemmEngine::CublasSplit) => {
+            (WeightDtype::Bf16, GemmEngine::Mma) if self.mma_fits(w, rows, n_in, n_out) => {
+                self.mma(x, w.ptr, (y, n_out), (rows, n_out, n_in), sc)
+            }
+            (WeightDtype::Bf16, GemmEngine::CublasSplit | GemmEngine::Mma) => {
                 let x16 = match split {
                     Some(x16) => x16,
                     None => {
@@ -223,6 +291,9 @@ fn adjacent(outs: &[(WeightRef, u64, usize)], n_in: usize) -> Option<usize> {
 pub(crate) enum Product {
     /// Written whole at this address (rows of its width).
     Whole(u64),
+    /// Written whole at this address, rows `ld` elements apart (one of a group computed as
+    /// one product).
+    Rows(u64, usize),
     /// The two-term engine's halves W·hi and W·lo at these addresses, for the kernel that
     /// reads the product to add; rows `ld` elements apart (wider than the product when it is
     /// one of a group computed as one product).
@@ -233,7 +304,7 @@ impl Product {
     /// (the result or its hi half, the lo half or 0): the kernels' `y, y_lo` arguments.
     pub(crate) fn parts(self) -> (u64, u64) {
         match self {
-            Product::Whole(y) => (y, 0),
+            Product::Whole(y) | Product::Rows(y, _) => (y, 0),
             Product::Halves(hi, lo, _) => (hi, lo),
         }
     }
@@ -241,7 +312,7 @@ impl Product {
     pub(crate) fn row_stride(self, width: usize) -> usize {
         match self {
             Product::Whole(_) => width,
-            Product::Halves(_, _, ld) => ld,
+            Product::Rows(_, ld) | Product::Halves(_, _, ld) => ld,
         }
     }
 }
@@ -268,6 +339,8 @@ pub(crate) struct Scratch {
     xf: Option<CudaSlice<f32>>,
     x16: Option<CudaSlice<u16>>,
     y2: Option<CudaSlice<f32>>,
+    partial: Option<CudaSlice<f32>>,
+    counters: Option<CudaSlice<u32>>,
     pub(crate) keys: Option<PinnedHostSlice<u64>>,
 }
 
@@ -295,6 +368,18 @@ impl Scratch {
             self.y2 = Some(dev.alloc::<f32>(want)?);
         }
         Ok(self.y2.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
+    /// The tensor-core product's partial sums (at least `sums` f32) and its counters (at
+    /// least `ranges`, zero: each launch leaves them as it found them).
+    fn mma(&mut self, dev: &CudaDevice, sums: usize, ranges: usize) -> Result<(u64, u64)> {
+        if self.partial.as_ref().is_none_or(|b| b.len() < sums) {
+            self.partial = Some(dev.alloc::<f32>(sums)?);
+        }
+        if self.counters.as_ref().is_none_or(|b| b.len() < ranges) {
+            self.counters = Some(dev.zeros::<u32>(ranges)?);
+        }
+        let partial = self.partial.as_ref().map_or(0, |b| dev.ptr(b));
+        Ok((partial, self.counters.as_ref().map_or(0, |b| dev.ptr(b))))
     }
     /// The bf16 activation scratch of at least `want` elements.
     fn x16(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {

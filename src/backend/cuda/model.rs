@@ -37,6 +37,11 @@ pub enum GemmEngine {
     /// twice the rows, the two products summed in f32): about f32 accuracy, reading the bf16
     /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
     CublasSplit,
+    /// swk's tensor-core product (`kernels/mma.cu`) for products of at most 16 rows
+    /// (detection prompts, decoding): bf16 weights read once against x's two bf16 terms, as
+    /// `cublas-split` computes them, with f32 accumulation; `cublas-split` for longer
+    /// products. Needs [`WeightDtype::Bf16`] and cuBLAS.
+    Mma,
     /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 and f16 weights widened as
     /// loaded). The default for f16 weights.
     Kernels,
@@ -50,6 +55,7 @@ impl GemmEngine {
             GemmEngine::Cublas => "cublas",
             GemmEngine::CublasBf16 => "cublas-bf16",
             GemmEngine::CublasSplit => "cublas-split",
+            GemmEngine::Mma => "mma",
             GemmEngine::Kernels => "kernels",
         }
     }
@@ -424,7 +430,8 @@ fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Resul
         GemmEngine::Auto => GemmEngine::Kernels,
         g => g,
     };
-    if matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
+    let two_term = matches!(gemm, GemmEngine::CublasSplit | GemmEngine::Mma);
+    if (two_term || matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16))
         && !dev.has_cublas()
     {
         return Err(Error::Backend(format!(
@@ -433,9 +440,7 @@ fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Resul
             gemm.name()
         )));
     }
-    if matches!(gemm, GemmEngine::CublasBf16 | GemmEngine::CublasSplit)
-        && dtype != WeightDtype::Bf16
-    {
+    if (two_term || gemm == GemmEngine::CublasBf16) && dtype != WeightDtype::Bf16 {
         return Err(Error::Invalid(format!("GEMM engine `{}` needs bf16 weights", gemm.name())));
     }
     Ok(gemm)

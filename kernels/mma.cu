@@ -1,0 +1,185 @@
+// swk's tensor-core product for a few rows (the `mma` GEMM engine: detection prompts,
+// decoding), reading each bf16 weight once:
+//
+//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32 (rows <= 16), W [n, k] bf16,
+//                                          y rows ldy apart
+//
+// x is split as the `cublas-split` engine splits it, x = hi + lo with hi = bf16(x) and
+// lo = bf16(x - hi), and W·hi + W·lo accumulate in f32 on the tensor cores
+// (mma.sync m16n8k16: 16 weight rows × 16 k against 16 k × 8 rows of x's terms).
+//
+// Grid (ceil(n / 128), slabs), 256 threads: block (b, s) covers the weight rows b·128..,
+// 16 per warp, over the k range of slab s, [s·slab, min(k, (s + 1)·slab)). The block first
+// stages that range of x's two terms in shared memory; then each lane reads its two weight
+// rows (group and group + 8 of its warp's 16) 16 bytes at a time straight from global memory.
+// A sum does not care in which order its k come, so a lane's 16-byte run of a weight row
+// (8 consecutive k) fills the k slots the fragment layout gives the lane in the two mma's of
+// a 32-k chunk, and its 16-byte run of x's terms the same slots (see mma_bf16_16816).
+//
+// With one slab the warps write y. With several, each block writes its partial sums
+// (`partial`, [slab][row][column]); the last block of a column range to finish (a counter
+// per range in `counters`, which that block sets back to 0) adds them in slab order, so the
+// result does not depend on which block finishes last.
+//
+// Needs k % 8 == 0 and W 16-byte aligned (the host checks, and otherwise uses another path);
+// x has no alignment requirement.
+#include "common.cuh"
+
+#define MMA_MAX_ROWS 16
+#define MMA_WARPS 8
+#define MMA_COLS (16 * MMA_WARPS)
+#define MMA_UNROLL 4
+
+// D += A·B, one warp-wide mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Fragments
+// (lane = 4 · group + t): A's words a0..a3 hold rows group, group + 8, group, group + 8 at
+// k slots (2t, 2t + 1), (2t, 2t + 1), (2t + 8, 2t + 9), (2t + 8, 2t + 9); B's words b0, b1
+// hold column group at slots (2t, 2t + 1), (2t + 8, 2t + 9); D's d0..d3 are rows group,
+// group, group + 8, group + 8 at columns 2t, 2t + 1, 2t, 2t + 1. Under swk's CPU emulator
+// the warp's lanes exchange their fragments and each computes its own four sums.
+__device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if defined(SWK_CUDA_EMU)
+    const u32 a[4] = {a0, a1, a2, a3};
+    const u32 b[2] = {b0, b1};
+    swk_emu_mma_bf16_16816(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Elements from one staged row of x's terms to the next: the slab, padded so that the rows
+// read by one quarter of a warp (two rows, 64 bytes each) fall on different banks. The host
+// mirror is kernels::mma_stage_row.
+__device__ __forceinline__ int mma_stage_row(int slab) {
+    return (slab & 63) == 0 ? slab + 32 : slab;
+}
+
+// The 32-k chunk c of the slab, for the lane's runs of its two weight rows (wa, wb) and the
+// staged terms (hi, lo, rows srow apart): both
+// terms of x's row tiles (8 rows each) into acc.
+__device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u16* hi, const u16* lo, int srow,
+                                          int c, int tiles, float acc[2][4]) {
+    const int lane = threadIdx.x & 31;
+    const int group = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+        if (tile >= tiles) {
+            break;
+        }
+        const int at = (tile * 8 + group) * srow + c * 32 + t * 8;
+#pragma unroll
+        for (int term = 0; term < 2; ++term) {
+            const v16 xv = *(const v16*)((term == 0 ? hi : lo) + at);
+            // k = c·32 + 8t + 0..3 in the first mma's slots, 8t + 4..7 in the second's.
+            mma_bf16_16816(acc[tile], wa.u[0], wb.u[0], wa.u[1], wb.u[1], xv.u[0], xv.u[1]);
+            mma_bf16_16816(acc[tile], wa.u[2], wb.u[2], wa.u[3], wb.u[3], xv.u[2], xv.u[3]);
+        }
+    }
+}
+
+extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
+                                             int rows, int n, int k, int ldy, int slab) {
+    SWK_DYNAMIC_SHARED(u16, staged);
+    const int srow = mma_stage_row(slab);
+    u16* hi = staged;
+    u16* lo = staged + MMA_MAX_ROWS * srow;
+    const int tiles = rows > 8 ? 2 : 1;
+    const int k0 = blockIdx.y * slab;
+    const int kend = min(k, k0 + slab);
+
+    // Stage x's two terms for k0..kend (zeros past the rows and past kend).
+    for (int e = threadIdx.x; e < tiles * 8 * slab; e += blockDim.x) {
+        const int r = e / slab;
+        const int kk = e - r * slab;
+        const float v = (r < rows && k0 + kk < kend) ? x[(u64)r * k + k0 + kk] : 0.0f;
+        const u16 h = f32_to_bf16_bits(v);
+        hi[r * srow + kk] = h;
+        lo[r * srow + kk] = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(h)));
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int group = lane >> 2;
+    const int t = lane & 3;
+    const int o0 = blockIdx.x * MMA_COLS + warp * 16;
+    const int ra = o0 + group;
+    const int rb = ra + 8;
+    const u16* wa = w + (u64)(ra < n ? ra : 0) * k + k0 + t * 8;
+    const u16* wb = w + (u64)(rb < n ? rb : 0) * k + k0 + t * 8;
+    const int chunks = (kend - k0 + 31) / 32;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const v16 zero = {{0u, 0u, 0u, 0u}};
+    for (int c = 0; c < chunks; c += MMA_UNROLL) {
+        // Every load of MMA_UNROLL chunks first, then their products: 8 loads in flight a lane.
+        v16 va[MMA_UNROLL];
+        v16 vb[MMA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            // k % 8 == 0: a lane's run of 8 k lies wholly inside the slab or wholly past it.
+            const bool in = c + u < chunks && k0 + (c + u) * 32 + t * 8 < kend;
+            va[u] = (in && ra < n) ? *(const v16*)(wa + (c + u) * 32) : zero;
+            vb[u] = (in && rb < n) ? *(const v16*)(wb + (c + u) * 32) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            if (c + u < chunks) {
+                mma_chunk(va[u], vb[u], hi, lo, srow, c + u, tiles, acc);
+            }
+        }
+    }
+
+    // Element r of a tile: weight row group + 8·(r / 2), x row tile·8 + 2t + r % 2.
+    const bool split = gridDim.y > 1;
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int o = o0 + group + 8 * (r / 2);
+            const int row = tile * 8 + 2 * t + r % 2;
+            if (tile < tiles && o < n && row < rows) {
+                if (split) {
+                    partial[((u64)blockIdx.y * rows + row) * n + o] = acc[tile][r];
+                } else {
+                    y[(u64)row * ldy + o] = acc[tile][r];
+                }
+            }
+        }
+    }
+    if (!split) {
+        return;
+    }
+
+    // The last block of this column range adds the slabs' partial sums, in slab order.
+    __shared__ int last;
+    __threadfence();  // this block's partial sums, visible to whichever block adds them
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1 ? 1 : 0;
+    }
+    __syncthreads();
+    if (last == 0) {
+        return;
+    }
+    __threadfence();
+    const int col0 = blockIdx.x * MMA_COLS;
+    for (int e = threadIdx.x; e < rows * MMA_COLS; e += blockDim.x) {
+        const int row = e / MMA_COLS;
+        const int o = col0 + (e - row * MMA_COLS);
+        if (o >= n) {
+            continue;
+        }
+        float s = __ldcg(partial + (u64)row * n + o);
+        for (int sl = 1; sl < (int)gridDim.y; ++sl) {
+            s = __fadd_rn(s, __ldcg(partial + ((u64)sl * rows + row) * n + o));
+        }
+        y[(u64)row * ldy + o] = s;
+    }
+    if (threadIdx.x == 0) {
+        counters[blockIdx.x] = 0u;
+    }
+}
