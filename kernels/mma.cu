@@ -91,17 +91,6 @@ extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float
     const int k0 = blockIdx.y * slab;
     const int kend = min(k, k0 + slab);
 
-    // Stage x's two terms for k0..kend (zeros past the rows and past kend).
-    for (int e = threadIdx.x; e < tiles * 8 * slab; e += blockDim.x) {
-        const int r = e / slab;
-        const int kk = e - r * slab;
-        const float v = (r < rows && k0 + kk < kend) ? x[(u64)r * k + k0 + kk] : 0.0f;
-        const u16 h = f32_to_bf16_bits(v);
-        hi[r * srow + kk] = h;
-        lo[r * srow + kk] = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(h)));
-    }
-    __syncthreads();
-
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int group = lane >> 2;
@@ -112,18 +101,53 @@ extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float
     const u16* wa = w + (u64)(ra < n ? ra : 0) * k + k0 + t * 8;
     const u16* wb = w + (u64)(rb < n ? rb : 0) * k + k0 + t * 8;
     const int chunks = (kend - k0 + 31) / 32;
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const v16 zero = {{0u, 0u, 0u, 0u}};
-    for (int c = 0; c < chunks; c += MMA_UNROLL) {
-        // Every load of MMA_UNROLL chunks first, then their products: 8 loads in flight a lane.
-        v16 va[MMA_UNROLL];
-        v16 vb[MMA_UNROLL];
+    // The weights of MMA_UNROLL chunks from chunk c: 8 loads in flight a lane. k % 8 == 0, so
+    // a lane's run of 8 k lies wholly inside the slab or wholly past it.
+    v16 va[MMA_UNROLL];
+    v16 vb[MMA_UNROLL];
+    auto load = [&](int c) {
 #pragma unroll
         for (int u = 0; u < MMA_UNROLL; ++u) {
-            // k % 8 == 0: a lane's run of 8 k lies wholly inside the slab or wholly past it.
             const bool in = c + u < chunks && k0 + (c + u) * 32 + t * 8 < kend;
             va[u] = (in && ra < n) ? *(const v16*)(wa + (c + u) * 32) : zero;
             vb[u] = (in && rb < n) ? *(const v16*)(wb + (c + u) * 32) : zero;
+        }
+    };
+    // The first chunks' weights are on their way while the block stages x.
+    load(0);
+
+    // Stage x's two terms for k0..kend, 8 k a thread at a time (zeros past the rows and past
+    // kend, which is a multiple of 8 too).
+    const int runs = slab / 8;
+    for (int e = threadIdx.x; e < tiles * 8 * runs; e += blockDim.x) {
+        const int r = e / runs;
+        const int kk = (e - r * runs) * 8;
+        v16 h = zero;
+        v16 l = zero;
+        if (r < rows && k0 + kk < kend) {
+            const float* src = x + (u64)r * k + k0 + kk;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float v0 = src[2 * j];
+                const float v1 = src[2 * j + 1];
+                const u16 h0 = f32_to_bf16_bits(v0);
+                const u16 h1 = f32_to_bf16_bits(v1);
+                const u16 l0 = f32_to_bf16_bits(__fsub_rn(v0, bf16_bits_to_f32(h0)));
+                const u16 l1 = f32_to_bf16_bits(__fsub_rn(v1, bf16_bits_to_f32(h1)));
+                h.u[j] = (u32)h0 | ((u32)h1 << 16);
+                l.u[j] = (u32)l0 | ((u32)l1 << 16);
+            }
+        }
+        *(v16*)(hi + r * srow + kk) = h;
+        *(v16*)(lo + r * srow + kk) = l;
+    }
+    __syncthreads();
+
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int c = 0; c < chunks; c += MMA_UNROLL) {
+        if (c > 0) {
+            load(c);
         }
 #pragma unroll
         for (int u = 0; u < MMA_UNROLL; ++u) {

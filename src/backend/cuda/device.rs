@@ -1087,7 +1087,8 @@ mod tests {
     /// Timing, measures only (run with `--ignored` on a GPU machine): swk's gemv at
     /// Llama-2-7B shapes for 1 to 16 rows, in GB/s of weights read and f32 GFMA/s, beside
     /// cuBLAS's bf16-input product of twice the rows (what `cublas-split` runs for bf16
-    /// weights). Each the mean of 20 back-to-back launches after one warm-up. Appended to
+    /// weights), and the `mma` engine's tensor-core product (bf16). Each the mean of 20
+    /// back-to-back launches after one warm-up. Appended to
     /// `$SWK_TIMING_OUT` when set.
     #[test]
     #[ignore = "GPU timing: run with --ignored on a GPU machine"]
@@ -1113,8 +1114,8 @@ mod tests {
              beside cuBLAS bf16 GemmEx on twice the rows (cublas-split's product):"
                 .to_string(),
             String::new(),
-            "| weights | n × k | rows | gemv µs | GB/s | GFMA/s | cuBLAS bf16, 2 × rows: µs | GB/s |".into(),
-            "|---|---|---|---|---|---|---|---|".into(),
+            "| weights | n × k | rows | gemv µs | GB/s | GFMA/s | cuBLAS bf16, 2 × rows: µs | GB/s | mma µs | GB/s |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         // The products of a 7B layer, and q/k/v and gate/up fused into one product each.
         let shapes =
@@ -1124,6 +1125,11 @@ mod tests {
         let x16 = dev.alloc::<u16>(2 * max_rows * 11008).unwrap();
         let y = dev.alloc::<f32>(2 * max_rows * 22016).unwrap();
         let mut blas9 = std::collections::BTreeMap::new();
+        let mut mma9 = std::collections::BTreeMap::new();
+        // The tensor-core product's partial sums and counters, for the largest plan here.
+        let partial = dev.alloc::<f32>(kernels::MMA_MAX_ROWS * 16 * 22016).unwrap();
+        let counters = dev.zeros::<u32>(22016usize.div_ceil(kernels::MMA_COLS)).unwrap();
+        let ws = (dev.ptr(&partial), dev.ptr(&counters));
         dev.fill_normal(dev.ptr(&x), WeightDtype::F32, max_rows * 11008, 3, 0.0, 1.0).unwrap();
         dev.fill_normal(dev.ptr(&x16), WeightDtype::Bf16, 2 * max_rows * 11008, 4, 0.0, 1.0)
             .unwrap();
@@ -1147,8 +1153,21 @@ mod tests {
                     } else {
                         "- | -".to_string()
                     };
+                    let mma = if dtype == WeightDtype::Bf16 {
+                        let plan = dev.mma_plan(rows, n, k).unwrap();
+                        assert!(plan.slabs * rows * n <= partial.len(), "partial sums too small");
+                        let m = mean_us(&|| {
+                            dev.gemm_mma(px, pw, py, n, (rows, n, k), &plan, ws).unwrap()
+                        });
+                        if rows == 9 {
+                            mma9.insert((n, k), m);
+                        }
+                        format!("{m:.1} | {:.0}", bytes / m / 1e3)
+                    } else {
+                        "- | -".to_string()
+                    };
                     lines.push(format!(
-                        "| {} | {n} × {k} | {rows} | {us:.1} | {:.0} | {:.0} | {blas} |",
+                        "| {} | {n} × {k} | {rows} | {us:.1} | {:.0} | {:.0} | {blas} | {mma} |",
                         dtype.name(),
                         bytes / us / 1e3,
                         fma / us / 1e3
@@ -1170,6 +1189,17 @@ mod tests {
                  {:.2} ms as 7 products per layer, {:.2} ms with q/k/v and gate/up fused (4).",
                 apart / 1e3,
                 fused / 1e3
+            ));
+        }
+        if mma9.len() == shapes.len() {
+            let t = |n: usize, k: usize| mma9[&(n, k)];
+            let fused = 32.0 * (t(12288, 4096) + t(4096, 4096) + t(22016, 4096) + t(4096, 11008));
+            let bytes = 32.0 * 2.0 * 4096.0 * (12288.0 + 4096.0 + 22016.0 + 11008.0);
+            lines.push(format!(
+                "mma products of the same pass (q/k/v and gate/up grouped, 9 rows): {:.2} ms, \
+                 {:.0} GB/s of weights.",
+                fused / 1e3,
+                bytes / fused / 1e3
             ));
         }
         let text = lines.join("\n") + "\n";

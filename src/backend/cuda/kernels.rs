@@ -387,6 +387,37 @@ pub fn merge_spike_keys(stats: &mut [ChannelMax], keys: &[u64]) {
 mod tests {
     use super::*;
 
+    /// The tensor-core product's plans: slabs of whole 32-k chunks that cover k exactly
+    /// (none empty), staged terms within the 48 KiB every device grants, about the target
+    /// number of blocks when k allows (two per multiprocessor of an H100 here), and errors
+    /// outside 1..=16 rows or for k not a multiple of 8.
+    #[test]
+    fn mma_plans_cover_k_within_shared_memory() {
+        let shapes = [(4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096)];
+        for (n, k) in shapes.into_iter().chain([(64, 64), (150, 200), (40, 1000), (8, 8)]) {
+            for rows in [1, 9, 16] {
+                let p = mma(rows, n, k, 264).unwrap();
+                assert_eq!(p.slab % 32, 0, "{n} × {k}");
+                assert!(p.slab * p.slabs >= k && (p.slabs - 1) * p.slab < k, "{n} × {k}: {p:?}");
+                assert!(p.launch.shared_bytes as usize <= DEFAULT_SHARED_BYTES, "{n} × {k}");
+                assert_eq!(p.launch.grid, (n.div_ceil(MMA_COLS) as u32, p.slabs as u32, 1));
+                if k >= 32 * 264 / n.div_ceil(MMA_COLS) {
+                    assert!(p.launch.grid.0 as usize * p.slabs >= 264, "{n} × {k}: {p:?}");
+                }
+            }
+        }
+        // At 7B shapes: o_proj's 32 column ranges are cut into 9 slabs (288 blocks); down_proj's
+        // k of 11008 needs 16 slabs of at most 704.
+        assert_eq!(mma(9, 4096, 4096, 264).unwrap().slabs, 9);
+        assert_eq!(mma(9, 4096, 11008, 264).unwrap().slabs, 16);
+        assert_eq!(mma(9, 32000, 4096, 264).unwrap().slabs, 6);
+        assert_eq!(mma_stage_row(704), 736);
+        assert_eq!(mma_stage_row(480), 480);
+        for (rows, k) in [(0, 64), (17, 64), (4, 60)] {
+            assert!(mma(rows, 64, k, 4).is_err(), "rows {rows}, k {k}");
+        }
+    }
+
     #[test]
     fn kernel_list_is_sorted_and_unique() {
         let mut v = KERNELS.to_vec();
