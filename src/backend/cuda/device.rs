@@ -1191,6 +1191,33 @@ mod tests {
                 fused / 1e3
             ));
         }
+        if dev.has_cublas() {
+            // The mma plan's blocks per multiprocessor (the engine uses 2), at 9 rows.
+            lines.push(String::new());
+            lines.push(format!(
+                "mma at 9 rows by target blocks per multiprocessor ({} SMs): µs (slabs)",
+                dev.sm_count()
+            ));
+            lines.push(String::new());
+            lines.push("| n × k | 1 | 2 | 4 | 8 |".into());
+            lines.push("|---|---|---|---|---|".into());
+            let w = dev.alloc::<u16>(max_dim).unwrap();
+            dev.fill_normal(dev.ptr(&w), WeightDtype::Bf16, max_dim, 5, 0.0, 0.02).unwrap();
+            let (px, pw, py) = (dev.ptr(&x), dev.ptr(&w), dev.ptr(&y));
+            for (n, k) in shapes {
+                let cells: Vec<String> = [1usize, 2, 4, 8]
+                    .iter()
+                    .map(|per| {
+                        let plan = kernels::mma(9, n, k, per * dev.sm_count()).unwrap();
+                        assert!(plan.slabs * 9 * n <= partial.len(), "partial sums too small");
+                        let m =
+                            mean_us(&|| dev.gemm_mma(px, pw, py, n, (9, n, k), &plan, ws).unwrap());
+                        format!("{m:.1} ({})", plan.slabs)
+                    })
+                    .collect();
+                lines.push(format!("| {n} × {k} | {} |", cells.join(" | ")));
+            }
+        }
         if mma9.len() == shapes.len() {
             let t = |n: usize, k: usize| mma9[&(n, k)];
             let fused = 32.0 * (t(12288, 4096) + t(4096, 4096) + t(22016, 4096) + t(4096, 11008));
