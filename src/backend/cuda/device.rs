@@ -832,6 +832,16 @@ mod tests {
     use super::super::driver::{cuda_available, CudaDevice};
     use super::*;
 
+    /// Uniform values in [-1, 1) from an xorshift generator seeded with `seed`.
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
     /// `swk_gemv_grouped_*` and `swk_gemm_grouped_*` give each group of rows, bit for bit,
     /// what its own `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 16 rows next to
     /// groups of several row and column tiles), and each within 1e-5 (relative to the
@@ -854,13 +864,7 @@ mod tests {
     fn grouped_gemm_case(dev: &CudaDevice, n: usize, k: usize) {
         let rows = [3usize, 130, 8, 9, 70, 1, 16, 17];
         let total: usize = rows.iter().sum();
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
         let x: Vec<f32> = (0..(total + 2) * k).map(|_| next()).collect();
         let ws: Vec<Vec<f32>> = rows.iter().map(|_| (0..n * k).map(|_| next()).collect()).collect();
         let row0: Vec<u32> =
@@ -953,13 +957,7 @@ mod tests {
             return;
         }
         let dev = CudaDevice::new(0).unwrap();
-        let mut seed = 0x853c_49e6_748f_ea9b_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut next = uniform(0x853c_49e6_748f_ea9b);
         let ranges = |rows: usize, n: usize, k: usize| {
             let p = dev.mma_plan(rows, n, k).unwrap();
             (p.slabs, p.launch.grid.0 as usize)

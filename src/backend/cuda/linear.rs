@@ -81,13 +81,8 @@ impl CudaModel {
             let y2 = sc.y2(&self.dev, 2 * rows * n_all)?;
             self.dev.gemm_bf16_inputs(x16, outs[0].0.ptr, y2, 2 * rows, n_all, n_in)?;
             let lo = y2 + (rows * n_all * 4) as u64;
-            let mut col = 0u64;
-            let mut out = Vec::with_capacity(outs.len());
-            for (_, _, n_out) in outs {
-                out.push(Product::Halves(y2 + 4 * col, lo + 4 * col, n_all));
-                col += *n_out as u64;
-            }
-            return Ok(out);
+            let halves = |at: u64| Product::Halves(y2 + at, lo + at, n_all);
+            return Ok(column_offsets(outs).map(halves).collect());
         }
         // The regions of the halves kept, reserved at once so that none moves; each starts
         // 256-byte aligned, as a fresh buffer does (cuBLAS may choose its kernel by alignment).
@@ -140,13 +135,7 @@ impl CudaModel {
         if let Some(n_all) = adjacent(outs, n_in).filter(|_| grouped) {
             let y = sc.y2(&self.dev, rows * n_all)?;
             self.mma(x, outs[0].0.ptr, (y, n_all), (rows, n_all, n_in), sc)?;
-            let mut col = 0u64;
-            let mut out = Vec::with_capacity(outs.len());
-            for (_, _, n_out) in outs {
-                out.push(Product::Rows(y + 4 * col, n_all));
-                col += *n_out as u64;
-            }
-            return Ok(out);
+            return Ok(column_offsets(outs).map(|at| Product::Rows(y + at, n_all)).collect());
         }
         let mut out = Vec::with_capacity(outs.len());
         for (w, y, n_out) in outs {
@@ -284,6 +273,16 @@ fn adjacent(outs: &[(WeightRef, u64, usize)], n_in: usize) -> Option<usize> {
         end += (n_out * n_in * w.dtype.bytes()) as u64;
     }
     Some(outs.iter().map(|o| o.2).sum())
+}
+
+/// Byte offsets of each of `outs`' columns in a row of their group's product (one f32 per
+/// column, the members side by side in order).
+fn column_offsets(outs: &[(WeightRef, u64, usize)]) -> impl Iterator<Item = u64> + '_ {
+    outs.iter().scan(0u64, |col, (_, _, n_out)| {
+        let at = *col;
+        *col += 4 * *n_out as u64;
+        Some(at)
+    })
 }
 
 /// Where a product's result lies on the device.
