@@ -31,12 +31,14 @@
 #        - the timing table at Llama-2-7B shapes (random weights filled on the device), with
 #          the detection forward against the bandwidth floor and perplexity throughput
 #          against the measured bf16 GEMM rate, and swk's gemv alone at those shapes for 1
-#          to 16 rows beside cuBLAS (GB/s, GFMA/s),
+#          to 16 rows beside cuBLAS and the mma engine (GB/s, GFMA/s; mma also by blocks
+#          per multiprocessor),
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
 #          bytes its routed experts need, one 512-token perplexity window),
-#        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16 and on cpu; detect
+#        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16, with the mma
+#          engine, and on cpu; detect
 #          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
 #      only when every step passed.
@@ -248,6 +250,7 @@ run() {
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f16 &&
+        '$GPU_DIR/bin/swk' --device cuda --gpu-gemm mma detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cpu detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/phi3' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&

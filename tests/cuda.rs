@@ -1975,7 +1975,7 @@ fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json
 /// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts;
 /// `screen --device cuda` on a streamed GGUF ranks as the CPU does, and `trace` and `cascade`
 /// there report what the CPU reports. `--gpu-dtype f16` finds the f32 run's candidates, and
-/// the default `auto` keeps an f16 checkpoint's weights exact.
+/// the default `auto` keeps an f16 checkpoint's weights exact. `--gpu-gemm` picks the engine.
 #[test]
 fn cli_detects_on_the_device() {
     if !gpu() {
@@ -2019,6 +2019,31 @@ fn cli_detects_on_the_device() {
         assert!(device.contains("f16 weights, kernels"), "{device}");
         assert_eq!(got, want, "f16 vs f32 weights, --stream {stream}");
     }
+    // `--gpu-gemm`: the tensor-core engine finds cublas-split's candidates on bf16 weights,
+    // and the report names the engine; an engine of bf16 products refuses f32 weights.
+    let engine = |gemm: &str| {
+        let args: Vec<&str> = args.iter().copied().chain(["--gpu-dtype", "bf16"]).collect();
+        let r = swk_json(&["--device", "cuda", "--gpu-gemm", gemm, "detect"], &dense, &args);
+        let device = r["device"].as_str().unwrap_or_default().to_string();
+        assert!(device.contains(&format!("(bf16 weights, {gemm})")), "{device}");
+        ["super_weights", "rejected"]
+            .iter()
+            .flat_map(|k| r[k].as_array().cloned().unwrap_or_default())
+            .map(|w| format!("{} {} {}", w["layer"], w["row"], w["col"]))
+            .collect::<Vec<_>>()
+    };
+    let split = engine("cublas-split");
+    assert!(!split.is_empty(), "candidates at threshold 0.5");
+    assert_eq!(engine("mma"), split, "--gpu-gemm mma vs cublas-split");
+    let out = std::process::Command::new(swk_bin())
+        .args(["--device", "cuda", "--gpu-gemm", "mma", "detect"])
+        .arg(&dense)
+        .args(["--gpu-dtype", "f32", "--no-confirm"])
+        .output()
+        .expect("run swk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mma on f32 weights ran");
+    assert!(stderr.contains("GEMM engine `mma` needs bf16 weights"), "{stderr}");
     // The default `--gpu-dtype auto` keeps a checkpoint's own 16-bit storage: an f16
     // checkpoint's candidates carry exactly the CPU's (the file's) weight values, resident
     // and streamed; bf16 and f32 checkpoints are stored as bf16.

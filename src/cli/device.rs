@@ -118,6 +118,49 @@ impl GpuDtype {
     }
 }
 
+/// Who multiplies the matrices on CUDA (`--gpu-gemm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuGemm {
+    /// cublas-split for bf16 weights, cublas for f32, swk's kernels for f16 (and wherever
+    /// libcublas is not found).
+    #[default]
+    Auto,
+    /// cuBLAS in f32 (2-byte weights widened first): the CPU backend's math.
+    Cublas,
+    /// cuBLAS on bf16 activations: fastest, least exact (bf16 weights).
+    CublasBf16,
+    /// cuBLAS on the activations' two bf16 terms: about f32 accuracy (bf16 weights).
+    CublasSplit,
+    /// swk's tensor-core product on the two bf16 terms for products of at most 16 rows,
+    /// cublas-split for longer ones (bf16 weights).
+    Mma,
+    /// swk's own GEMM kernels (f32 math).
+    Kernels,
+}
+
+/// `--gpu-gemm` for this run, set once by the command line (as `--threads` sets rayon's pool).
+static GEMM: std::sync::OnceLock<GpuGemm> = std::sync::OnceLock::new();
+
+/// Record `--gpu-gemm` (the first call wins).
+pub fn set_gemm(gemm: GpuGemm) {
+    let _ = GEMM.set(gemm);
+}
+
+/// The CUDA options of this run: `dtype` weights on device 0, the `--gpu-gemm` engine.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+pub fn cuda_options(dtype: WeightDtype) -> swk::backend::cuda::CudaOptions {
+    use swk::backend::cuda::GemmEngine;
+    let gemm = match GEMM.get().copied().unwrap_or_default() {
+        GpuGemm::Auto => GemmEngine::Auto,
+        GpuGemm::Cublas => GemmEngine::Cublas,
+        GpuGemm::CublasBf16 => GemmEngine::CublasBf16,
+        GpuGemm::CublasSplit => GemmEngine::CublasSplit,
+        GpuGemm::Mma => GemmEngine::Mma,
+        GpuGemm::Kernels => GemmEngine::Kernels,
+    };
+    swk::backend::cuda::CudaOptions { dtype, gemm, ..Default::default() }
+}
+
 /// The `--stream` flag: whether a CUDA run keeps the model's layers in its files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StreamArg {
@@ -194,8 +237,8 @@ pub fn stream_files(
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype) -> Result<bool> {
-    use swk::backend::cuda::{CudaModel, CudaOptions};
-    CudaModel::fits(config, &CudaOptions { dtype, ..Default::default() }, HEADROOM)
+    use swk::backend::cuda::CudaModel;
+    CudaModel::fits(config, &cuda_options(dtype), HEADROOM)
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
@@ -226,9 +269,8 @@ pub fn cuda_session(
     lazy: Option<Arc<LazyModel>>,
     dtype: GpuDtype,
 ) -> Result<(swk::backend::cuda::CudaModel, String)> {
-    use swk::backend::cuda::CudaOptions;
     let dtype = dtype.resolve(model);
-    let gpu = cuda_model(model, lazy, &CudaOptions { dtype, ..Default::default() })?;
+    let gpu = cuda_model(model, lazy, &cuda_options(dtype))?;
     let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
     let what = format!(
         "cuda: {} ({} weights, {}{streamed})",

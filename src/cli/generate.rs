@@ -87,9 +87,8 @@ fn cuda_greedy(
     edits: &[swk::edit::WeightEdit],
     on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
-    use swk::backend::cuda::CudaOptions;
     let stops = model.tokenizer()?.eos_ids().to_vec();
-    let opts = CudaOptions { dtype: dtype.resolve(model), ..Default::default() };
+    let opts = super::device::cuda_options(dtype.resolve(model));
     let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;

@@ -39,6 +39,9 @@ struct Cli {
     /// the weights do not fit (auto), always, or never.
     #[arg(long, global = true, value_enum, default_value_t = device::StreamArg::Auto)]
     stream: device::StreamArg,
+    /// On CUDA: who multiplies the matrices.
+    #[arg(long, global = true, value_enum, default_value_t = device::GpuGemm::Auto)]
+    gpu_gemm: device::GpuGemm,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,6 +95,7 @@ pub fn run() -> Result<()> {
     if matches!(cli.command, Command::Report(_)) {
         device::require_no_model(cli.device)?;
     }
+    device::set_gemm(cli.gpu_gemm);
     let dev = device::DeviceOpts { device: cli.device, stream: cli.stream };
     match cli.command {
         Command::Info(a) => info::run(a),

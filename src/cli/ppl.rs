@@ -97,8 +97,7 @@ fn cuda_perplexity(
     edits: &[swk::edit::WeightEdit],
     progress: impl FnMut(usize, usize),
 ) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
-    use swk::backend::cuda::CudaOptions;
-    let opts = CudaOptions { dtype: dtype.resolve(model), ..Default::default() };
+    let opts = super::device::cuda_options(dtype.resolve(model));
     let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
