@@ -81,102 +81,119 @@ __device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u1
     }
 }
 
-extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
-                                             int rows, int n, int k, int ldy, int slab) {
-    SWK_DYNAMIC_SHARED(u16, staged);
-    const int srow = mma_stage_row(slab);
+// acc += this block's products over k0..kend (its warps' weight rows from blockIdx.x · 128),
+// x's terms staged in `staged` `stage` k at a time (a multiple of 32, at most the shared
+// memory the launch gave: 2 terms × 16 rows × mma_stage_row(stage)).
+__device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows, int n, int k, int k0, int kend,
+                                          int stage, u16* staged, float acc[2][4]) {
+    const int srow = mma_stage_row(stage);
     u16* hi = staged;
     u16* lo = staged + MMA_MAX_ROWS * srow;
     const int tiles = rows > 8 ? 2 : 1;
-    const int k0 = blockIdx.y * slab;
-    const int kend = min(k, k0 + slab);
-
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int group = lane >> 2;
     const int t = lane & 3;
-    const int o0 = blockIdx.x * MMA_COLS + warp * 16;
-    const int ra = o0 + group;
+    const int ra = blockIdx.x * MMA_COLS + warp * 16 + group;
     const int rb = ra + 8;
-    const u16* wa = w + (u64)(ra < n ? ra : 0) * k + k0 + t * 8;
-    const u16* wb = w + (u64)(rb < n ? rb : 0) * k + k0 + t * 8;
-    const int chunks = (kend - k0 + 31) / 32;
     const v16 zero = {{0u, 0u, 0u, 0u}};
-    // The weights of MMA_UNROLL chunks from chunk c: 8 loads in flight a lane. k % 8 == 0, so
-    // a lane's run of 8 k lies wholly inside the slab or wholly past it.
-    v16 va[MMA_UNROLL];
-    v16 vb[MMA_UNROLL];
-    auto load = [&](int c) {
+    for (int s0 = k0; s0 < kend; s0 += stage) {
+        const int s1 = min(kend, s0 + stage);
+        const u16* wa = w + (u64)(ra < n ? ra : 0) * k + s0 + t * 8;
+        const u16* wb = w + (u64)(rb < n ? rb : 0) * k + s0 + t * 8;
+        const int chunks = (s1 - s0 + 31) / 32;
+        // The weights of MMA_UNROLL chunks from chunk c: 8 loads in flight a lane. k % 8 == 0,
+        // so a lane's run of 8 k lies wholly inside the stage or wholly past it.
+        v16 va[MMA_UNROLL];
+        v16 vb[MMA_UNROLL];
+        auto load = [&](int c) {
 #pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
-            const bool in = c + u < chunks && k0 + (c + u) * 32 + t * 8 < kend;
-            va[u] = (in && ra < n) ? *(const v16*)(wa + (c + u) * 32) : zero;
-            vb[u] = (in && rb < n) ? *(const v16*)(wb + (c + u) * 32) : zero;
+            for (int u = 0; u < MMA_UNROLL; ++u) {
+                const bool in = c + u < chunks && s0 + (c + u) * 32 + t * 8 < s1;
+                va[u] = (in && ra < n) ? *(const v16*)(wa + (c + u) * 32) : zero;
+                vb[u] = (in && rb < n) ? *(const v16*)(wb + (c + u) * 32) : zero;
+            }
+        };
+        // The first chunks' weights are on their way while the block stages x.
+        load(0);
+        if (s0 > k0) {
+            __syncthreads();  // every warp is done with the previous stage's terms
         }
-    };
-    // The first chunks' weights are on their way while the block stages x.
-    load(0);
 
-    // Stage x's two terms for k0..kend, 8 k a thread at a time (zeros past the rows and past
-    // kend, which is a multiple of 8 too).
-    const int runs = slab / 8;
-    for (int e = threadIdx.x; e < tiles * 8 * runs; e += blockDim.x) {
-        const int r = e / runs;
-        const int kk = (e - r * runs) * 8;
-        v16 h = zero;
-        v16 l = zero;
-        if (r < rows && k0 + kk < kend) {
-            const float* src = x + (u64)r * k + k0 + kk;
+        // Stage x's two terms for s0..s1, 8 k a thread at a time (zeros past the rows and
+        // past s1, which is a multiple of 8 too).
+        const int runs = stage / 8;
+        for (int e = threadIdx.x; e < tiles * 8 * runs; e += blockDim.x) {
+            const int r = e / runs;
+            const int kk = (e - r * runs) * 8;
+            v16 h = zero;
+            v16 l = zero;
+            if (r < rows && s0 + kk < s1) {
+                const float* src = x + (u64)r * k + s0 + kk;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float v0 = src[2 * j];
-                const float v1 = src[2 * j + 1];
-                const u16 h0 = f32_to_bf16_bits(v0);
-                const u16 h1 = f32_to_bf16_bits(v1);
-                const u16 l0 = f32_to_bf16_bits(__fsub_rn(v0, bf16_bits_to_f32(h0)));
-                const u16 l1 = f32_to_bf16_bits(__fsub_rn(v1, bf16_bits_to_f32(h1)));
-                h.u[j] = (u32)h0 | ((u32)h1 << 16);
-                l.u[j] = (u32)l0 | ((u32)l1 << 16);
+                for (int j = 0; j < 4; ++j) {
+                    const float v0 = src[2 * j];
+                    const float v1 = src[2 * j + 1];
+                    const u16 h0 = f32_to_bf16_bits(v0);
+                    const u16 h1 = f32_to_bf16_bits(v1);
+                    const u16 l0 = f32_to_bf16_bits(__fsub_rn(v0, bf16_bits_to_f32(h0)));
+                    const u16 l1 = f32_to_bf16_bits(__fsub_rn(v1, bf16_bits_to_f32(h1)));
+                    h.u[j] = (u32)h0 | ((u32)h1 << 16);
+                    l.u[j] = (u32)l0 | ((u32)l1 << 16);
+                }
+            }
+            *(v16*)(hi + r * srow + kk) = h;
+            *(v16*)(lo + r * srow + kk) = l;
+        }
+        __syncthreads();
+
+        for (int c = 0; c < chunks; c += MMA_UNROLL) {
+            if (c > 0) {
+                load(c);
+            }
+#pragma unroll
+            for (int u = 0; u < MMA_UNROLL; ++u) {
+                if (c + u < chunks) {
+                    mma_chunk(va[u], vb[u], hi, lo, srow, c + u, tiles, acc);
+                }
             }
         }
-        *(v16*)(hi + r * srow + kk) = h;
-        *(v16*)(lo + r * srow + kk) = l;
     }
-    __syncthreads();
+}
 
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    for (int c = 0; c < chunks; c += MMA_UNROLL) {
-        if (c > 0) {
-            load(c);
-        }
-#pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
-            if (c + u < chunks) {
-                mma_chunk(va[u], vb[u], hi, lo, srow, c + u, tiles, acc);
-            }
-        }
-    }
-
-    // Element r of a tile: weight row group + 8·(r / 2), x row tile·8 + 2t + r % 2.
-    const bool split = gridDim.y > 1;
+// Element r of tile `tile` of a warp's sums: weight row (column of y) o0 + group + 8·(r / 2),
+// x row tile·8 + 2t + r % 2; out(row, o, value) writes it when both are in range.
+template <typename Out>
+__device__ __forceinline__ void mma_each(const float acc[2][4], int rows, int n, Out out) {
+    const int lane = threadIdx.x & 31;
+    const int group = lane >> 2;
+    const int t = lane & 3;
+    const int o0 = blockIdx.x * MMA_COLS + (threadIdx.x >> 5) * 16;
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int o = o0 + group + 8 * (r / 2);
             const int row = tile * 8 + 2 * t + r % 2;
-            if (tile < tiles && o < n && row < rows) {
-                if (split) {
-                    partial[((u64)blockIdx.y * rows + row) * n + o] = acc[tile][r];
-                } else {
-                    y[(u64)row * ldy + o] = acc[tile][r];
-                }
+            if (o < n && row < rows) {
+                out(row, o, acc[tile][r]);
             }
         }
     }
-    if (!split) {
+}
+
+extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
+                                             int rows, int n, int k, int ldy, int slab) {
+    SWK_DYNAMIC_SHARED(u16, staged);
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const int k0 = blockIdx.y * slab;
+    mma_range(x, w, rows, n, k, k0, min(k, k0 + slab), slab, staged, acc);
+
+    if (gridDim.y == 1) {
+        mma_each(acc, rows, n, [&](int row, int o, float v) { y[(u64)row * ldy + o] = v; });
         return;
     }
+    mma_each(acc, rows, n, [&](int row, int o, float v) { partial[((u64)blockIdx.y * rows + row) * n + o] = v; });
 
     // The last block of this column range adds the slabs' partial sums, in slab order.
     __shared__ int last;
@@ -206,4 +223,24 @@ extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float
     if (threadIdx.x == 0) {
         counters[blockIdx.x] = 0u;
     }
+}
+
+// The grouped product of a mixture of experts' layer (swk_gemm_grouped_* with the `mma`
+// engine): group g = blockIdx.z multiplies its rows row0[g].. (rows[g] of them, at most 16)
+// of x by its own bf16 weight ws[g] into the same rows of y (`[.., n]`), over all of k,
+// staged `stage` k at a time (one block covers its columns' whole k range: the groups give
+// the grid its breadth, so no partial sums). Grid (ceil(n / 128), 1, groups).
+extern "C" __global__ void swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0,
+                                                     const u32* rows, int n, int k, int stage) {
+    SWK_DYNAMIC_SHARED(u16, staged);
+    const int g = blockIdx.z;
+    const int count = (int)rows[g];
+    if (count == 0) {
+        return;  // the whole block: before any barrier
+    }
+    const float* xg = x + (u64)row0[g] * k;
+    float* yg = y + (u64)row0[g] * n;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    mma_range(xg, (const u16*)ws[g], count, n, k, 0, k, stage, staged, acc);
+    mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
 }

@@ -2496,8 +2496,9 @@ fn append_timing(text: &str) -> Result<()> {
 /// of width 1024, top-8 routing, bf16 random weights made on the device): the detection
 /// forward (9 tokens, spike statistics; routed on the host, one download per layer) against
 /// the floor of the bytes it must read (every weight but the experts no token chose, over the
-/// measured copy rate), and one 512-token perplexity window (also with swk's own GEMM kernels,
-/// experts grouped and one by one). Appends to `$SWK_TIMING_OUT`. Measures only.
+/// measured copy rate), also with the `mma` engine, and one 512-token perplexity window (also
+/// with swk's own GEMM kernels, experts grouped and one by one). Appends to
+/// `$SWK_TIMING_OUT`. Measures only.
 #[test]
 #[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
 fn timing_7b_moe() -> Result<()> {
@@ -2570,8 +2571,18 @@ fn timing_7b_moe() -> Result<()> {
             kernels_ppl[i] = kernels_ppl[i].min(ms(t));
         }
     }
-    g.set_gemm(engine)?;
+    // The detection forward with the `mma` engine: the dense products and the experts'
+    // grouped products on the tensor cores.
     g.set_grouped_experts(true);
+    g.set_gemm(GemmEngine::Mma)?;
+    let mut mma_det = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(&mut new_stats()), Logits::None)?;
+        g.synchronize()?;
+        mma_det = mma_det.min(ms(t));
+    }
+    g.set_gemm(engine)?;
     // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
     // the restore log (one block edit: a download and an upload), then restored.
     let before = g.checksum()?;
@@ -2597,12 +2608,13 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
-        "|---|---|---|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
+            mma_det / floor,
             512.0 / (ppl / 1e3),
             kernels_ppl[0],
             kernels_ppl[1],

@@ -9,10 +9,12 @@
 // turn on this OS thread (a few instructions of hand-written context switch on x86-64,
 // ucontext elsewhere). A fiber runs until it finishes or reaches a
 // barrier: __syncthreads waits for every live thread of the block, a warp shuffle for every
-// live thread of its warp (warps are 32 consecutive threads). When no fiber can run, the
-// scheduler releases the warps whose live threads all wait at a shuffle, else the block if
-// all its live threads wait at __syncthreads; anything else is a deadlock, reported as an
-// error. A shuffle that reads a lane which has already returned is reported too.
+// live thread of its warp (warps are 32 consecutive threads; mma.sync's warp-wide exchange
+// likewise). When no fiber can run, the scheduler releases the first warp (in run order)
+// whose live threads all wait at a shuffle, so that warp runs ahead of the others as far as
+// it can, the schedule that exposes a missing __syncthreads; else the block if all its live
+// threads wait at __syncthreads; anything else is a deadlock, reported as an error. A
+// shuffle that reads a lane which has already returned is reported too.
 //
 // What is checked beyond the kernel's arithmetic: the parameter count and each parameter's
 // size against the kernel's C++ signature, block shape and dynamic shared memory limits.
@@ -197,9 +199,14 @@ bool run_block() {
                 switch_context(g_sched, g_fibers[i].ctx);
             }
         }
+        // Release one warp whose live lanes all wait at a warp-collective: the first in run
+        // order. So that warp runs ahead of the others as far as it can (to its next
+        // __syncthreads, or its end), the schedule that exposes a missing block barrier.
         bool any_live = false;
         bool released = false;
-        for (unsigned w = 0; w < n; w += 32) {
+        const unsigned warps = (n + 31) / 32;
+        for (unsigned wi = 0; wi < warps; ++wi) {
+            const unsigned w = 32 * (reverse ? warps - 1 - wi : wi);
             const unsigned end = w + 32 < n ? w + 32 : n;
             bool live = false;
             bool all_warp = true;
@@ -211,7 +218,7 @@ bool run_block() {
                 }
             }
             any_live = any_live || live;
-            if (live && all_warp) {
+            if (live && all_warp && !released) {
                 for (unsigned i = w; i < end; ++i) {
                     if (g_fibers[i].state == State::AtWarp) {
                         g_fibers[i].state = State::Runnable;

@@ -422,6 +422,32 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// [`Self::gemm_grouped`] on the tensor cores (the `mma` engine): every W_i bf16 `[n, k]`
+    /// (16-byte aligned, k a multiple of 8), every group of at most
+    /// [`kernels::MMA_MAX_ROWS`] rows; each group's values within float rounding of
+    /// [`Self::gemm_mma`]'s (its sum is cut into other ranges of k).
+    pub(crate) fn gemm_mma_grouped(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        g: &RowGroups,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if g.max_rows > kernels::MMA_MAX_ROWS {
+            return Err(Error::Backend(format!(
+                "the grouped tensor-core product takes groups of at most {} rows, not {}",
+                kernels::MMA_MAX_ROWS,
+                g.max_rows
+            )));
+        }
+        let (l, stage) = kernels::mma_grouped(n, k, g.count)?;
+        let (n_i, k_i, s) = (int(n, "out features")?, int(k, "in features")?, int(stage, "stage")?);
+        let (row0, rows) = (g.row0, g.rows);
+        launch!(self, "swk_gemm_mma_grouped_bf16", l, x, w, y, row0, rows, n_i, k_i, s)
+    }
+
     /// out `[tokens, n]`: each token's sum of `k` expert output rows of `ys` (`slot`, u32
     /// `[tokens, k]`) times their weights (`w`, f32 `[tokens, k]`), in slot order from 0.
     #[allow(clippy::too_many_arguments)]
@@ -1013,6 +1039,63 @@ mod tests {
             }
             eprintln!("mma {rows} × {n} × {k}: {slabs} slabs over {cols} column ranges");
         }
+    }
+
+    /// `swk_gemm_mma_grouped_bf16`: each group of rows (16, 3, 0, 1 and 9 rows, each with its
+    /// own weight) within 1e-5 of Σ|x·w| of its f64 product, k staged in two rounds and a
+    /// ragged n; rows past the groups untouched.
+    #[test]
+    fn mma_grouped_product_matches_f64() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mut next = uniform(0x6a09_e667_f3bc_c908);
+        let (n, k) = (150usize, 1000usize);
+        let rows = [16usize, 3, 0, 1, 9];
+        let total: usize = rows.iter().sum();
+        let row0: Vec<u32> =
+            rows.iter().scan(0u32, |at, &r| Some(std::mem::replace(at, *at + r as u32))).collect();
+        let x: Vec<f32> = (0..total * k).map(|i| if i == 7 { -900.0 } else { next() }).collect();
+        let ws: Vec<Vec<u16>> = rows
+            .iter()
+            .map(|_| (0..n * k).map(|_| half::bf16::from_f32(next() * 0.1).to_bits()).collect())
+            .collect();
+        let held: Vec<_> = ws.iter().map(|w| dev.upload(w).unwrap()).collect();
+        let addrs: Vec<u64> = held.iter().map(|b| dev.ptr(b)).collect();
+        let count: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let (xd, ad) = (dev.upload(&x).unwrap(), dev.upload(&addrs).unwrap());
+        let (r0d, rd) = (dev.upload(&row0).unwrap(), dev.upload(&count).unwrap());
+        let y = dev.upload(&vec![f32::NAN; (total + 1) * n]).unwrap();
+        let groups = RowGroups {
+            row0: dev.ptr(&r0d),
+            rows: dev.ptr(&rd),
+            count: rows.len(),
+            min_rows: 0,
+            max_rows: 16,
+        };
+        dev.gemm_mma_grouped(dev.ptr(&xd), dev.ptr(&ad), dev.ptr(&y), &groups, n, k).unwrap();
+        let got = dev.download(&y, 0, (total + 1) * n).unwrap();
+        assert!(got[total * n..].iter().all(|v| v.is_nan()), "a row past the groups written");
+        for (g, &r) in rows.iter().enumerate() {
+            for t in row0[g] as usize..row0[g] as usize + r {
+                for o in 0..n {
+                    let (mut want, mut size) = (0f64, 0f64);
+                    for i in 0..k {
+                        let wv = half::bf16::from_bits(ws[g][o * k + i]).to_f64();
+                        want += x[t * k + i] as f64 * wv;
+                        size += (x[t * k + i] as f64 * wv).abs();
+                    }
+                    let err = (got[t * n + o] as f64 - want).abs() / size.max(1e-30);
+                    assert!(err <= 1e-5, "group {g}: y[{t}, {o}] off by {err:.2e}");
+                }
+            }
+        }
+        let too_many = RowGroups { max_rows: 17, ..groups };
+        assert!(dev
+            .gemm_mma_grouped(dev.ptr(&xd), dev.ptr(&ad), dev.ptr(&y), &too_many, n, k)
+            .is_err());
     }
 
     /// The device's f32 → f16 and f32 → bf16 (`f32_to_f16_bits`, `f32_to_bf16_bits`: random

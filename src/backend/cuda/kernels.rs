@@ -68,6 +68,7 @@ pub const KERNELS: &[&str] = &[
     "swk_gemm_grouped_f16",
     "swk_gemm_grouped_f32",
     "swk_gemm_mma_bf16",
+    "swk_gemm_mma_grouped_bf16",
     "swk_gemv_bf16",
     "swk_gemv_f16",
     "swk_gemv_f32",
@@ -248,6 +249,21 @@ pub fn mma(rows: usize, n: usize, k: usize, target_blocks: usize) -> Result<MmaP
     Ok(MmaPlan { launch, slab, slabs })
 }
 
+/// `swk_gemm_mma_grouped_bf16` over `groups` groups of at most [`MMA_MAX_ROWS`] rows, `n`
+/// weight rows and `k` (a multiple of 8): its launch (grid (column ranges, 1, groups)) and
+/// the k staged at a time (each block covers the whole of k, stage by stage).
+pub fn mma_grouped(n: usize, k: usize, groups: usize) -> Result<(Launch, usize)> {
+    if n == 0 || k == 0 || k % 8 != 0 || groups == 0 {
+        return Err(Error::Backend(format!(
+            "the grouped tensor-core product takes k a multiple of 8 (n {n}, k {k}, {groups} groups)"
+        )));
+    }
+    let stage = (k.div_ceil(32) * 32).min(MMA_MAX_SLAB);
+    let shared = 2 * MMA_MAX_ROWS * mma_stage_row(stage) * 2;
+    let launch = Launch::new((n.div_ceil(MMA_COLS) as u64, 1, groups as u64), 256, shared)?;
+    Ok((launch, stage))
+}
+
 /// Most keys any of `rows` queries at `pos0..` sees, with an optional sliding window.
 pub fn attention_max_keys(rows: usize, pos0: usize, window: Option<usize>) -> usize {
     let last = pos0 + rows; // keys of the last query: positions < last
@@ -416,6 +432,12 @@ mod tests {
         for (rows, k) in [(0, 64), (17, 64), (4, 60)] {
             assert!(mma(rows, 64, k, 4).is_err(), "rows {rows}, k {k}");
         }
+        // The grouped product stages all of k, at most 704 at a time.
+        let (l, stage) = mma_grouped(1024, 2048, 40).unwrap();
+        assert_eq!((l.grid, stage), ((8, 1, 40), 704));
+        assert!(l.shared_bytes as usize <= DEFAULT_SHARED_BYTES);
+        assert_eq!(mma_grouped(150, 200, 3).unwrap().1, 224);
+        assert!(mma_grouped(64, 60, 3).is_err());
     }
 
     #[test]

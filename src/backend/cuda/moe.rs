@@ -294,7 +294,8 @@ impl CudaModel {
         self.grouped_layers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The routed experts of sparse layer `l` together (see moe.cu): one launch each for
+    /// The routed experts of sparse layer `l` together (see moe.cu; with the `mma` engine,
+    /// mma.cu's grouped product): one launch each for
     /// gate, up, the activation (with its input keys), down and the output keys, when all
     /// their weights share one dtype and either every expert of `d` has at most
     /// [`kernels::GEMV_MAX_ROWS`] rows or the engine is swk's kernels (which group any row
@@ -346,18 +347,33 @@ impl CudaModel {
             (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
         }
         let dtype = dtype.unwrap_or(super::WeightDtype::F32);
-        let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
+        let ptrs_host = ptrs;
+        let (ptrs, meta) = (dev.upload(&ptrs_host)?, dev.upload(&meta)?);
         let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
         let groups =
             RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
         let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
         let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
         let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
-        dev.gemm_grouped(xs, pp, dtype, gate, &groups, ei, h)?;
-        dev.gemm_grouped(xs, pp + (8 * g) as u64, dtype, up, &groups, ei, h)?;
+        // The `mma` engine's tensor-core product where it applies, else swk's kernels.
+        let mma = self.gemm == GemmEngine::Mma
+            && dtype == super::WeightDtype::Bf16
+            && small
+            && h % 8 == 0
+            && ei % 8 == 0
+            && ptrs_host.iter().all(|p| p % 16 == 0);
+        let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
+            if mma {
+                dev.gemm_mma_grouped(x, w, y, &groups, n, k)
+            } else {
+                dev.gemm_grouped(x, w, dtype, y, &groups, n, k)
+            }
+        };
+        product(xs, pp, gate, ei, h)?;
+        product(xs, pp + (8 * g) as u64, up, ei, h)?;
         let pos = dev.ptr(position);
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        dev.gemm_grouped(act, pp + (16 * g) as u64, dtype, ys, &groups, h, ei)?;
+        product(act, pp + (16 * g) as u64, ys, h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
