@@ -189,13 +189,17 @@ fn build_fatbin(manifest: &Path, kernel_dir: &Path, out: &Path, units: &[PathBuf
     println!("cargo:rustc-env=SWK_CUBIN_ARCHS=sm_{}", CUBIN_ARCHS.join(",sm_"));
 }
 
-/// Names of `extern "C" __global__ void NAME(` kernels in a source file.
+/// Names of `extern "C" __global__ void NAME(` kernels in a source file (also with
+/// `__launch_bounds__(..)` before NAME).
 fn kernel_names(src: &str) -> Vec<String> {
     let mut v = Vec::new();
     let mut rest = src;
     let pat = "extern \"C\" __global__ void ";
     while let Some(i) = rest.find(pat) {
         rest = &rest[i + pat.len()..];
+        if let Some(bounds) = rest.strip_prefix("__launch_bounds__(") {
+            rest = bounds.split_once(')').map_or("", |(_, after)| after.trim_start());
+        }
         let name: String =
             rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         if !name.is_empty() {

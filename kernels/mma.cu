@@ -30,24 +30,63 @@
 #define MMA_COLS (16 * MMA_WARPS)
 #define MMA_UNROLL 4
 
-// D += A·B, one warp-wide mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Fragments
-// (lane = 4 · group + t): A's words a0..a3 hold rows group, group + 8, group, group + 8 at
-// k slots (2t, 2t + 1), (2t, 2t + 1), (2t + 8, 2t + 9), (2t + 8, 2t + 9); B's words b0, b1
-// hold column group at slots (2t, 2t + 1), (2t + 8, 2t + 9); D's d0..d3 are rows group,
-// group, group + 8, group + 8 at columns 2t, 2t + 1, 2t, 2t + 1. Under swk's CPU emulator
-// the warp's lanes exchange their fragments and each computes its own four sums.
-__device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+// D += A·B, one warp-wide mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32
+// (F16: IEEE half inputs, else bf16). Fragments (lane = 4 · group + t): A's words a0..a3
+// hold rows group, group + 8, group, group + 8 at k slots (2t, 2t + 1), (2t, 2t + 1),
+// (2t + 8, 2t + 9), (2t + 8, 2t + 9); B's words b0, b1 hold column group at slots
+// (2t, 2t + 1), (2t + 8, 2t + 9); D's d0..d3 are rows group, group, group + 8, group + 8 at
+// columns 2t, 2t + 1, 2t, 2t + 1. Under swk's CPU emulator the warp's lanes exchange their
+// fragments and each computes its own four sums.
+template <bool F16>
+__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if defined(SWK_CUDA_EMU)
     const u32 a[4] = {a0, a1, a2, a3};
     const u32 b[2] = {b0, b1};
-    swk_emu_mma_bf16_16816(d, a, b);
+    swk_emu_mma_16816(d, a, b, F16);
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
 #endif
+}
+
+// x's two terms in the weights' 16-bit type, packed two k per word: bf16 hi = bf16(v),
+// lo = bf16(v - hi); f16 the same of v · inv (inv a power of two that keeps the row's values
+// within f16's range: see mma_row_scale).
+template <bool F16>
+__device__ __forceinline__ void mma_terms(float v, float inv, u16& hi, u16& lo) {
+    if (F16) {
+        const float u = __fmul_rn(v, inv);
+        hi = f32_to_f16_bits(u);
+        lo = f32_to_f16_bits(__fsub_rn(u, f16_bits_to_f32(hi)));
+    } else {
+        hi = f32_to_bf16_bits(v);
+        lo = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(hi)));
+    }
+}
+
+// The power of two s by which a row of x whose largest |value| is `m` is divided before its
+// f16 terms are taken (and its products multiplied back): m / s in [2^14, 2^15), so the
+// terms stay finite and hold 22 bits of each value; 1 for a row of zeros, infinities or NaN
+// (which then reach the sums as they are).
+__device__ __forceinline__ float mma_row_scale(float m) {
+    const u32 bits = __float_as_uint(m);
+    if (m == 0.0f || bits >= 0x7f800000u) {
+        return 1.0f;
+    }
+    int e = (int)(bits >> 23) - 127 - 14;
+    e = e < -126 ? -126 : e;
+    return __uint_as_float((u32)(e + 127) << 23);
 }
 
 // Elements from one staged row of x's terms to the next: the slab, padded so that the rows
@@ -60,6 +99,7 @@ __device__ __forceinline__ int mma_stage_row(int slab) {
 // The 32-k chunk c of the slab, for the lane's runs of its two weight rows (wa, wb) and the
 // staged terms (hi, lo, rows srow apart): both
 // terms of x's row tiles (8 rows each) into acc.
+template <bool F16>
 __device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u16* hi, const u16* lo, int srow,
                                           int c, int tiles, float acc[2][4]) {
     const int lane = threadIdx.x & 31;
@@ -75,17 +115,20 @@ __device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u1
         for (int term = 0; term < 2; ++term) {
             const v16 xv = *(const v16*)((term == 0 ? hi : lo) + at);
             // k = c·32 + 8t + 0..3 in the first mma's slots, 8t + 4..7 in the second's.
-            mma_bf16_16816(acc[tile], wa.u[0], wb.u[0], wa.u[1], wb.u[1], xv.u[0], xv.u[1]);
-            mma_bf16_16816(acc[tile], wa.u[2], wb.u[2], wa.u[3], wb.u[3], xv.u[2], xv.u[3]);
+            mma_16816<F16>(acc[tile], wa.u[0], wb.u[0], wa.u[1], wb.u[1], xv.u[0], xv.u[1]);
+            mma_16816<F16>(acc[tile], wa.u[2], wb.u[2], wa.u[3], wb.u[3], xv.u[2], xv.u[3]);
         }
     }
 }
 
 // acc += this block's products over k0..kend (its warps' weight rows from blockIdx.x · 128),
 // x's terms staged in `staged` `stage` k at a time (a multiple of 32, at most the shared
-// memory the launch gave: 2 terms × 16 rows × mma_stage_row(stage)).
+// memory the launch gave: 2 terms × 16 rows × mma_stage_row(stage)). Each stage's sums are
+// added to acc (f16: multiplied back by the stage's row scales first).
+template <bool F16>
 __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows, int n, int k, int k0, int kend,
                                           int stage, u16* staged, float acc[2][4]) {
+    __shared__ float scale[MMA_MAX_ROWS];
     const int srow = mma_stage_row(stage);
     u16* hi = staged;
     u16* lo = staged + MMA_MAX_ROWS * srow;
@@ -117,7 +160,25 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
         // The first chunks' weights are on their way while the block stages x.
         load(0);
         if (s0 > k0) {
-            __syncthreads();  // every warp is done with the previous stage's terms
+            __syncthreads();  // every warp is done with the previous stage's terms and scales
+        }
+        if (F16) {
+            // Each row's scale from its largest |x| over the stage: warp w takes rows 2w, 2w + 1.
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = 2 * warp + i;
+                float m = 0.0f;
+                for (int kk = s0 + lane; r < rows && kk < s1; kk += 32) {
+                    m = fmaxf(m, fabsf(x[(u64)r * k + kk]));
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+                }
+                if (lane == 0 && r < MMA_MAX_ROWS) {
+                    scale[r] = mma_row_scale(m);
+                }
+            }
+            __syncthreads();
         }
 
         // Stage x's two terms for s0..s1, 8 k a thread at a time (zeros past the rows and
@@ -130,14 +191,12 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
             v16 l = zero;
             if (r < rows && s0 + kk < s1) {
                 const float* src = x + (u64)r * k + s0 + kk;
+                const float inv = F16 ? 1.0f / scale[r] : 1.0f;  // a power of two: exact
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const float v0 = src[2 * j];
-                    const float v1 = src[2 * j + 1];
-                    const u16 h0 = f32_to_bf16_bits(v0);
-                    const u16 h1 = f32_to_bf16_bits(v1);
-                    const u16 l0 = f32_to_bf16_bits(__fsub_rn(v0, bf16_bits_to_f32(h0)));
-                    const u16 l1 = f32_to_bf16_bits(__fsub_rn(v1, bf16_bits_to_f32(h1)));
+                    u16 h0, l0, h1, l1;
+                    mma_terms<F16>(src[2 * j], inv, h0, l0);
+                    mma_terms<F16>(src[2 * j + 1], inv, h1, l1);
                     h.u[j] = (u32)h0 | ((u32)h1 << 16);
                     l.u[j] = (u32)l0 | ((u32)l1 << 16);
                 }
@@ -147,6 +206,7 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
         }
         __syncthreads();
 
+        float sums[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
         for (int c = 0; c < chunks; c += MMA_UNROLL) {
             if (c > 0) {
                 load(c);
@@ -154,8 +214,18 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
 #pragma unroll
             for (int u = 0; u < MMA_UNROLL; ++u) {
                 if (c + u < chunks) {
-                    mma_chunk(va[u], vb[u], hi, lo, srow, c + u, tiles, acc);
+                    mma_chunk<F16>(va[u], vb[u], hi, lo, srow, c + u, tiles, sums);
                 }
+            }
+        }
+        // Element r of a tile is x row tile·8 + 2t + r % 2 (see mma_each).
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = tile * 8 + 2 * t + r % 2;
+                const float v = F16 && row < rows ? __fmul_rn(sums[tile][r], scale[row]) : sums[tile][r];
+                acc[tile][r] = __fadd_rn(acc[tile][r], v);
             }
         }
     }
@@ -182,12 +252,13 @@ __device__ __forceinline__ void mma_each(const float acc[2][4], int rows, int n,
     }
 }
 
-extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
-                                             int rows, int n, int k, int ldy, int slab) {
+template <bool F16>
+__device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows,
+                                         int n, int k, int ldy, int slab) {
     SWK_DYNAMIC_SHARED(u16, staged);
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const int k0 = blockIdx.y * slab;
-    mma_range(x, w, rows, n, k, k0, min(k, k0 + slab), slab, staged, acc);
+    mma_range<F16>(x, w, rows, n, k, k0, min(k, k0 + slab), slab, staged, acc);
 
     if (gridDim.y == 1) {
         mma_each(acc, rows, n, [&](int row, int o, float v) { y[(u64)row * ldy + o] = v; });
@@ -225,13 +296,24 @@ extern "C" __global__ void swk_gemm_mma_bf16(const float* x, const u16* w, float
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
+                                             int rows, int n, int k, int ldy, int slab) {
+    mma_gemm<false>(x, w, y, partial, counters, rows, n, k, ldy, slab);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_f16(const float* x, const u16* w, float* y, float* partial, u32* counters,
+                                            int rows, int n, int k, int ldy, int slab) {
+    mma_gemm<true>(x, w, y, partial, counters, rows, n, k, ldy, slab);
+}
+
 // The grouped product of a mixture of experts' layer (swk_gemm_grouped_* with the `mma`
 // engine): group g = blockIdx.z multiplies its rows row0[g].. (rows[g] of them, at most 16)
-// of x by its own bf16 weight ws[g] into the same rows of y (`[.., n]`), over all of k,
-// staged `stage` k at a time (one block covers its columns' whole k range: the groups give
-// the grid its breadth, so no partial sums). Grid (ceil(n / 128), 1, groups).
-extern "C" __global__ void swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0,
-                                                     const u32* rows, int n, int k, int stage) {
+// of x by its own weight ws[g] into the same rows of y (`[.., n]`), over all of k, staged
+// `stage` k at a time (one block covers its columns' whole k range: the groups give the grid
+// its breadth, so no partial sums). Grid (ceil(n / 128), 1, groups).
+template <bool F16>
+__device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float* y, const u32* row0,
+                                            const u32* rows, int n, int k, int stage) {
     SWK_DYNAMIC_SHARED(u16, staged);
     const int g = blockIdx.z;
     const int count = (int)rows[g];
@@ -241,6 +323,16 @@ extern "C" __global__ void swk_gemm_mma_grouped_bf16(const float* x, const u64* 
     const float* xg = x + (u64)row0[g] * k;
     float* yg = y + (u64)row0[g] * n;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    mma_range(xg, (const u16*)ws[g], count, n, k, 0, k, stage, staged, acc);
+    mma_range<F16>(xg, (const u16*)ws[g], count, n, k, 0, k, stage, staged, acc);
     mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0,
+                                                     const u32* rows, int n, int k, int stage) {
+    mma_grouped<false>(x, ws, y, row0, rows, n, k, stage);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_grouped_f16(const float* x, const u64* ws, float* y, const u32* row0,
+                                                    const u32* rows, int n, int k, int stage) {
+    mma_grouped<true>(x, ws, y, row0, rows, n, k, stage);
 }

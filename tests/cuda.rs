@@ -305,8 +305,9 @@ fn fused_launches_equal_unfused_ones() {
 
 /// f16 weights: on every fixture, the device's logits equal the CPU's on the same
 /// f16-rounded weights within 1e-4 (both compute in f32), with swk's kernels (the default
-/// for f16) and with cuBLAS SGEMM on widened weights; the spike statistics too (swk's
-/// kernels). The engines that multiply bf16 inputs refuse f16 weights.
+/// for f16), the `mma` engine (f16 tensor cores on x's scaled two-term split) and cuBLAS
+/// SGEMM on widened weights; the spike statistics too (swk's kernels, mma). The engines that
+/// multiply bf16 inputs refuse f16 weights.
 #[test]
 fn logits_match_cpu_f16_weights() {
     if !gpu() {
@@ -316,7 +317,7 @@ fn logits_match_cpu_f16_weights() {
         let (m, tokens) = load(name);
         let rounded = rounded_to(&m, WeightDtype::F16);
         let want = cpu_logits(&rounded, &tokens);
-        let mut gemms = vec![GemmEngine::Auto];
+        let mut gemms = vec![GemmEngine::Auto, GemmEngine::Mma];
         if cublas_present() {
             gemms.push(GemmEngine::Cublas);
         }
@@ -334,6 +335,8 @@ fn logits_match_cpu_f16_weights() {
             assert!(err <= 1e-4, "{at}: max rel err {err} > 1e-4");
             if gemm == GemmEngine::Auto {
                 assert_eq!(g.gemm(), GemmEngine::Kernels, "{name}: f16 runs on swk's kernels");
+            }
+            if gemm != GemmEngine::Cublas {
                 assert_stats_match(&at, &stats, &cpu_stats(&rounded, &tokens));
             }
         }
@@ -2020,7 +2023,7 @@ fn cli_detects_on_the_device() {
         assert_eq!(got, want, "f16 vs f32 weights, --stream {stream}");
     }
     // `--gpu-gemm`: the tensor-core engine finds cublas-split's candidates on bf16 weights,
-    // and the report names the engine; an engine of bf16 products refuses f32 weights.
+    // and the report names the engine; it refuses f32 weights.
     let engine = |gemm: &str| {
         let args: Vec<&str> = args.iter().copied().chain(["--gpu-dtype", "bf16"]).collect();
         let r = swk_json(&["--device", "cuda", "--gpu-gemm", gemm, "detect"], &dense, &args);
@@ -2043,7 +2046,7 @@ fn cli_detects_on_the_device() {
         .expect("run swk");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "mma on f32 weights ran");
-    assert!(stderr.contains("GEMM engine `mma` needs bf16 weights"), "{stderr}");
+    assert!(stderr.contains("GEMM engine `mma` needs bf16 or f16 weights"), "{stderr}");
     // The default `--gpu-dtype auto` keeps a checkpoint's own 16-bit storage: an f16
     // checkpoint's candidates carry exactly the CPU's (the file's) weight values, resident
     // and streamed; bf16 and f32 checkpoints are stored as bf16.
@@ -2218,6 +2221,12 @@ fn bad_input_is_an_error() {
         assert!(f.set_gemm(GemmEngine::CublasBf16).is_err(), "cublas-bf16 needs bf16 weights");
         assert!(f.set_gemm(GemmEngine::CublasSplit).is_err(), "cublas-split needs bf16 weights");
     }
+    let e = CudaModel::new(
+        &m,
+        &CudaOptions { dtype: WeightDtype::F32, gemm: GemmEngine::Mma, ..Default::default() },
+    );
+    let e = e.err().expect("mma refuses f32 weights").to_string();
+    assert!(e.contains("`mma` needs bf16 or f16 weights"), "{e}");
 }
 
 fn ms(t: Instant) -> f64 {
@@ -2280,9 +2289,13 @@ fn timing_7b() -> Result<()> {
         let fill = t0.elapsed().as_secs_f64();
         let floor_ms = g.weight_bytes() as f64 / copy_rate * 1e3;
         let mut reference: Option<Vec<f32>> = None;
-        // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass).
-        let gemms =
-            if dtype == WeightDtype::F16 { vec![GemmEngine::Kernels] } else { engines(dtype) };
+        // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass), and
+        // the tensor-core engine.
+        let gemms = if dtype == WeightDtype::F16 {
+            vec![GemmEngine::Kernels, GemmEngine::Mma]
+        } else {
+            engines(dtype)
+        };
         // cublas-split also with a product per weight, and with its split and sum unfused (a
         // launch per step): the baselines of the grouped products and the fused launches.
         // (fused split, grouped products, label)

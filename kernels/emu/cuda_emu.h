@@ -23,6 +23,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 #define SWK_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(swk_emu::dynamic_shared())
 
@@ -107,15 +108,32 @@ inline T __ldcg(const T* p) {
     return *p;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, D = A·B + D, emulated across the warp
-// with the PTX ISA's fragment layout (lane = 4 · group + t, group = lane / 4, t = lane % 4):
+// An IEEE half's bits as f32 (exact), for the emulated f16 mma below.
+inline float swk_emu_f16_to_f32(unsigned h) {
+    const unsigned sign = (h & 0x8000u) << 16;
+    const unsigned e = (h >> 10) & 0x1fu;
+    const unsigned m = h & 0x3ffu;
+    if (e == 0x1fu) {
+        return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    }
+    if (e != 0u) {
+        return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+    }
+    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign != 0u ? -v : v;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (f16: IEEE half inputs),
+// D = A·B + D, emulated across the warp with the PTX ISA's fragment layout
+// (lane = 4 · group + t, group = lane / 4, t = lane % 4):
 // - A (16 × 16, row-major) word r of a lane: row group + 8 · (r % 2), k 2t + 8 · (r / 2)
 //   (low 16 bits) and the k after it (high 16 bits);
 // - B (16 × 8) word r: column group, k 2t + 8r and the k after it;
 // - D (16 × 8) element r: row group + 8 · (r / 2), column 2t + r % 2.
-// bf16 products are exact in f32; this adds them to D's element in k order with an fma. The
-// tensor cores' own order and rounding of the sum may differ in the last bits.
-inline void swk_emu_mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+// Products of bf16 or f16 values are exact in f32; this adds them to D's element in k order
+// with an fma. The tensor cores' own order and rounding of the sum may differ in the last
+// bits.
+inline void swk_emu_mma_16816(float* d, const unsigned* a, const unsigned* b, bool f16) {
     struct Frag {
         unsigned a[4];
         unsigned b[2];
@@ -128,7 +146,10 @@ inline void swk_emu_mma_bf16_16816(float* d, const unsigned* a, const unsigned* 
     const unsigned lane = threadIdx.x & 31u;
     const unsigned group = lane >> 2;
     const unsigned t = lane & 3u;
-    auto term = [](unsigned word, unsigned k) { return __uint_as_float(k % 2 == 0 ? word << 16 : word & 0xffff0000u); };
+    auto term = [f16](unsigned word, unsigned k) {
+        const unsigned bits = k % 2 == 0 ? word & 0xffffu : word >> 16;
+        return f16 ? swk_emu_f16_to_f32(bits) : __uint_as_float(bits << 16);
+    };
     for (unsigned r = 0; r < 4; ++r) {
         const unsigned row = group + 8 * (r / 2);
         const unsigned col = 2 * t + r % 2;

@@ -422,14 +422,15 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// [`Self::gemm_grouped`] on the tensor cores (the `mma` engine): every W_i bf16 `[n, k]`
-    /// (16-byte aligned, k a multiple of 8), every group of at most
+    /// [`Self::gemm_grouped`] on the tensor cores (the `mma` engine): every W_i `[n, k]` bf16
+    /// or f16 as `dtype` says (16-byte aligned, k a multiple of 8), every group of at most
     /// [`kernels::MMA_MAX_ROWS`] rows; each group's values within float rounding of
     /// [`Self::gemm_mma`]'s (its sum is cut into other ranges of k).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_mma_grouped(
         &self,
         x: u64,
-        w: u64,
+        (w, dtype): (u64, WeightDtype),
         y: u64,
         g: &RowGroups,
         n: usize,
@@ -445,7 +446,8 @@ impl CudaDevice {
         let (l, stage) = kernels::mma_grouped(n, k, g.count)?;
         let (n_i, k_i, s) = (int(n, "out features")?, int(k, "in features")?, int(stage, "stage")?);
         let (row0, rows) = (g.row0, g.rows);
-        launch!(self, "swk_gemm_mma_grouped_bf16", l, x, w, y, row0, rows, n_i, k_i, s)
+        let name = mma_kernel(dtype, ["swk_gemm_mma_grouped_bf16", "swk_gemm_mma_grouped_f16"])?;
+        launch!(self, name, l, x, w, y, row0, rows, n_i, k_i, s)
     }
 
     /// out `[tokens, n]`: each token's sum of `k` expert output rows of `ys` (`slot`, u32
@@ -700,15 +702,15 @@ impl CudaDevice {
         kernels::mma(rows, n, k, 2 * self.sm_count())
     }
 
-    /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16`): y (rows `ldy` apart) =
-    /// x `[rows, k]` · Wᵀ for bf16 W `[n, k]` (16-byte aligned), as `plan` covers it; with
-    /// more than one slab, `partial` holds `slabs × rows × n` f32 and `counters` one zeroed
-    /// u32 per column range (the kernel leaves them zero).
+    /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16` / `_f16`): y (rows `ldy`
+    /// apart) = x `[rows, k]` · Wᵀ for a bf16 or f16 W `[n, k]` (16-byte aligned), as `plan`
+    /// covers it; with more than one slab, `partial` holds `slabs × rows × n` f32 and
+    /// `counters` one zeroed u32 per column range (the kernel leaves them zero).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_mma(
         &self,
         x: u64,
-        w: u64,
+        (w, dtype): (u64, WeightDtype),
         y: u64,
         ldy: usize,
         (rows, n, k): (usize, usize, usize),
@@ -726,7 +728,7 @@ impl CudaDevice {
         let (ld, slab) = (int(ldy, "row stride")?, int(plan.slab, "slab")?);
         launch!(
             self,
-            "swk_gemm_mma_bf16",
+            mma_kernel(dtype, ["swk_gemm_mma_bf16", "swk_gemm_mma_f16"])?,
             plan.launch,
             x,
             w,
@@ -800,6 +802,17 @@ impl CudaDevice {
 }
 
 /// The variant of a kernel for weights stored as `dtype`, of its `[f32, bf16, f16]` names.
+/// The tensor-core kernel for `dtype` of `[bf16, f16]`; an error for f32 weights.
+fn mma_kernel(dtype: WeightDtype, [bf16, f16]: [&'static str; 2]) -> Result<&'static str> {
+    match dtype {
+        WeightDtype::Bf16 => Ok(bf16),
+        WeightDtype::F16 => Ok(f16),
+        WeightDtype::F32 => {
+            Err(Error::Backend("the tensor-core product takes bf16 or f16 weights".into()))
+        }
+    }
+}
+
 fn by_dtype(dtype: WeightDtype, [f32, bf16, f16]: [&'static str; 3]) -> &'static str {
     match dtype {
         WeightDtype::F32 => f32,
@@ -969,99 +982,132 @@ mod tests {
         }
     }
 
-    /// `swk_gemm_mma_bf16` (the `mma` engine) against the f64 product of the stored bf16
-    /// weights, within 1e-5 of Σ|x·w| per value (x's two bf16 terms hold about 16 of its
-    /// bits; an outlier of 1500 sits among values of about 1): 1, 8, 9 and 16 rows (one and
-    /// two tiles of 8), n not a multiple of 16, k a multiple of 8 but not of 32, one slab and
-    /// several (a ragged last one), y rows wider than n (the gaps untouched). A second launch
-    /// gives the same bits (the counters were left at zero); on the emulator, so does the
-    /// reversed order of threads and blocks (the last block to finish adds the slabs).
+    /// `swk_gemm_mma_bf16` and `_f16` (the `mma` engine) against the f64 product of the
+    /// stored weights, within 1e-5 of Σ|x·w| per value (x's two bf16 terms hold about 16 of
+    /// its bits, its two f16 terms 22 after the row's scaling; among values of about 1, an
+    /// outlier of 1500 and one of -2e5, beyond f16's range, and a row of values near 1e-6):
+    /// 1, 8, 9 and 16 rows (one and two tiles of 8), n not a multiple of 16, k a multiple of 8
+    /// but not of 32, one slab and several (a ragged last one), y rows wider than n (the gaps
+    /// untouched). A second launch gives the same bits (the counters were left at zero); on
+    /// the emulator, so does the reversed order of threads and blocks (the last block to
+    /// finish adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9,
+    /// each with its own weight, k staged in two rounds) within the same bound, rows past
+    /// the groups untouched.
     #[test]
-    fn mma_product_matches_f64() {
+    fn mma_products_match_f64() {
         if !cuda_available() {
             eprintln!("skipped: no CUDA device");
             return;
         }
         let dev = CudaDevice::new(0).unwrap();
         let mut next = uniform(0x853c_49e6_748f_ea9b);
-        let ranges = |rows: usize, n: usize, k: usize| {
-            let p = dev.mma_plan(rows, n, k).unwrap();
-            (p.slabs, p.launch.grid.0 as usize)
-        };
-        for (rows, n, k) in [
+        let shapes = [
             (1, 150, 200),
             (8, 150, 64),
             (9, 150, 200),
             (16, 40, 1000),
             (9, 1500, 1504),
             (3, 520, 200),
-        ] {
-            let ldy = n + 3;
-            let x: Vec<f32> = (0..rows * k).map(|i| if i == 3 { 1500.0 } else { next() }).collect();
-            let w: Vec<u16> =
-                (0..n * k).map(|_| half::bf16::from_f32(next() * 0.1).to_bits()).collect();
-            let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
-            let (slabs, cols) = ranges(rows, n, k);
-            let partial = dev.alloc::<f32>(slabs * rows * n).unwrap();
-            let counters = dev.zeros::<u32>(cols).unwrap();
-            let run = || {
-                let y = dev.upload(&vec![f32::NAN; rows * ldy]).unwrap();
-                let plan = dev.mma_plan(rows, n, k).unwrap();
-                let ws = (dev.ptr(&partial), dev.ptr(&counters));
-                dev.gemm_mma(dev.ptr(&xd), dev.ptr(&wd), dev.ptr(&y), ldy, (rows, n, k), &plan, ws)
-                    .unwrap();
-                dev.download(&y, 0, rows * ldy).unwrap()
-            };
-            let got = run();
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&run()), bits(&got), "a second launch ({rows} × {n} × {k})");
-            if super::super::emulate_in_reverse(true) {
-                let reversed = run();
-                super::super::emulate_in_reverse(false);
-                assert_eq!(bits(&reversed), bits(&got), "reversed order ({rows} × {n} × {k})");
+        ];
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+            for (rows, n, k) in shapes {
+                let x = mma_input(rows, k, &mut next);
+                let w = mma_weights(dtype, n * k, &mut next);
+                mma_case(&dev, dtype, &x, &w, (rows, n, k));
             }
-            assert_eq!(dev.download(&counters, 0, cols).unwrap(), vec![0; cols]);
-            for t in 0..rows {
-                assert!(got[t * ldy + n..(t + 1) * ldy].iter().all(|v| v.is_nan()), "gap written");
-                for o in 0..n {
-                    let (mut want, mut size) = (0f64, 0f64);
-                    for i in 0..k {
-                        let p = x[t * k + i] as f64 * half::bf16::from_bits(w[o * k + i]).to_f64();
-                        want += p;
-                        size += p.abs();
-                    }
-                    let err = (got[t * ldy + o] as f64 - want).abs() / size.max(1e-30);
-                    assert!(
-                        err <= 1e-5,
-                        "{rows} × {n} × {k}, {slabs} slabs: y[{t}, {o}] off by {err:.2e}"
-                    );
-                }
-            }
-            eprintln!("mma {rows} × {n} × {k}: {slabs} slabs over {cols} column ranges");
+            mma_grouped_case(&dev, dtype, &mut next);
         }
     }
 
-    /// `swk_gemm_mma_grouped_bf16`: each group of rows (16, 3, 0, 1 and 9 rows, each with its
-    /// own weight) within 1e-5 of Σ|x·w| of its f64 product, k staged in two rounds and a
-    /// ragged n; rows past the groups untouched.
-    #[test]
-    fn mma_grouped_product_matches_f64() {
-        if !cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
+    /// `rows` × `k` inputs of about 1, with outliers (1500, -2e5) and, in row 1, values near
+    /// 1e-6.
+    fn mma_input(rows: usize, k: usize, next: &mut impl FnMut() -> f32) -> Vec<f32> {
+        (0..rows * k)
+            .map(|i| match i {
+                3 => 1500.0,
+                5 => -2e5,
+                _ if i / k == 1 => next() * 1e-6,
+                _ => next(),
+            })
+            .collect()
+    }
+
+    /// `count` weights of about 0.1 stored as `dtype`, as raw 16-bit patterns.
+    fn mma_weights(dtype: WeightDtype, count: usize, next: &mut impl FnMut() -> f32) -> Vec<u16> {
+        (0..count).map(|_| dtype.encode(next() * 0.1).unwrap() as u16).collect()
+    }
+
+    /// Assert `got[t * ldy + o]` is within 1e-5 of Σ|x·w| of the f64 product of rows `t` of
+    /// x (`[.., k]`) and `w` (`dtype` bits, `[n, k]`), for t in `rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn assert_mma_rows(
+        got: &[f32],
+        ldy: usize,
+        x: &[f32],
+        w: &[u16],
+        dtype: WeightDtype,
+        rows: std::ops::Range<usize>,
+        (n, k): (usize, usize),
+        what: &str,
+    ) {
+        for t in rows {
+            for o in 0..n {
+                let (mut want, mut size) = (0f64, 0f64);
+                for i in 0..k {
+                    let wv = f32::from_bits(dtype.decode(w[o * k + i] as u32)) as f64;
+                    want += x[t * k + i] as f64 * wv;
+                    size += (x[t * k + i] as f64 * wv).abs();
+                }
+                let err = (got[t * ldy + o] as f64 - want).abs() / size.max(1e-30);
+                assert!(err <= 1e-5, "{what} {dtype:?}: y[{t}, {o}] off by {err:.2e}");
+            }
         }
-        let dev = CudaDevice::new(0).unwrap();
-        let mut next = uniform(0x6a09_e667_f3bc_c908);
+    }
+
+    fn mma_case(
+        dev: &CudaDevice,
+        dtype: WeightDtype,
+        x: &[f32],
+        w: &[u16],
+        (rows, n, k): (usize, usize, usize),
+    ) {
+        let ldy = n + 3;
+        let (xd, wd) = (dev.upload(x).unwrap(), dev.upload(w).unwrap());
+        let plan = dev.mma_plan(rows, n, k).unwrap();
+        let (slabs, cols) = (plan.slabs, plan.launch.grid.0 as usize);
+        let partial = dev.alloc::<f32>(slabs * rows * n).unwrap();
+        let counters = dev.zeros::<u32>(cols).unwrap();
+        let run = || {
+            let y = dev.upload(&vec![f32::NAN; rows * ldy]).unwrap();
+            let ws = (dev.ptr(&partial), dev.ptr(&counters));
+            let w = (dev.ptr(&wd), dtype);
+            dev.gemm_mma(dev.ptr(&xd), w, dev.ptr(&y), ldy, (rows, n, k), &plan, ws).unwrap();
+            dev.download(&y, 0, rows * ldy).unwrap()
+        };
+        let got = run();
+        let at = format!("{rows} × {n} × {k}, {slabs} slabs");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&run()), bits(&got), "a second launch ({at}, {dtype:?})");
+        if super::super::emulate_in_reverse(true) {
+            let reversed = run();
+            super::super::emulate_in_reverse(false);
+            assert_eq!(bits(&reversed), bits(&got), "reversed order ({at}, {dtype:?})");
+        }
+        assert_eq!(dev.download(&counters, 0, cols).unwrap(), vec![0; cols]);
+        for t in 0..rows {
+            assert!(got[t * ldy + n..(t + 1) * ldy].iter().all(|v| v.is_nan()), "gap written");
+        }
+        assert_mma_rows(&got, ldy, x, w, dtype, 0..rows, (n, k), &at);
+    }
+
+    fn mma_grouped_case(dev: &CudaDevice, dtype: WeightDtype, next: &mut impl FnMut() -> f32) {
         let (n, k) = (150usize, 1000usize);
         let rows = [16usize, 3, 0, 1, 9];
         let total: usize = rows.iter().sum();
         let row0: Vec<u32> =
             rows.iter().scan(0u32, |at, &r| Some(std::mem::replace(at, *at + r as u32))).collect();
-        let x: Vec<f32> = (0..total * k).map(|i| if i == 7 { -900.0 } else { next() }).collect();
-        let ws: Vec<Vec<u16>> = rows
-            .iter()
-            .map(|_| (0..n * k).map(|_| half::bf16::from_f32(next() * 0.1).to_bits()).collect())
-            .collect();
+        let x = mma_input(total, k, next);
+        let ws: Vec<Vec<u16>> = rows.iter().map(|_| mma_weights(dtype, n * k, next)).collect();
         let held: Vec<_> = ws.iter().map(|w| dev.upload(w).unwrap()).collect();
         let addrs: Vec<u64> = held.iter().map(|b| dev.ptr(b)).collect();
         let count: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
@@ -1075,27 +1121,19 @@ mod tests {
             min_rows: 0,
             max_rows: 16,
         };
-        dev.gemm_mma_grouped(dev.ptr(&xd), dev.ptr(&ad), dev.ptr(&y), &groups, n, k).unwrap();
+        let (px, pa, py) = (dev.ptr(&xd), (dev.ptr(&ad), dtype), dev.ptr(&y));
+        dev.gemm_mma_grouped(px, pa, py, &groups, n, k).unwrap();
         let got = dev.download(&y, 0, (total + 1) * n).unwrap();
         assert!(got[total * n..].iter().all(|v| v.is_nan()), "a row past the groups written");
         for (g, &r) in rows.iter().enumerate() {
-            for t in row0[g] as usize..row0[g] as usize + r {
-                for o in 0..n {
-                    let (mut want, mut size) = (0f64, 0f64);
-                    for i in 0..k {
-                        let wv = half::bf16::from_bits(ws[g][o * k + i]).to_f64();
-                        want += x[t * k + i] as f64 * wv;
-                        size += (x[t * k + i] as f64 * wv).abs();
-                    }
-                    let err = (got[t * n + o] as f64 - want).abs() / size.max(1e-30);
-                    assert!(err <= 1e-5, "group {g}: y[{t}, {o}] off by {err:.2e}");
-                }
-            }
+            let at = row0[g] as usize;
+            // Group g's rows against its own weight.
+            let mine = &got[at * n..(at + r) * n];
+            let xg = &x[at * k..(at + r) * k];
+            assert_mma_rows(mine, n, xg, &ws[g], dtype, 0..r, (n, k), &format!("group {g}"));
         }
         let too_many = RowGroups { max_rows: 17, ..groups };
-        assert!(dev
-            .gemm_mma_grouped(dev.ptr(&xd), dev.ptr(&ad), dev.ptr(&y), &too_many, n, k)
-            .is_err());
+        assert!(dev.gemm_mma_grouped(px, pa, py, &too_many, n, k).is_err());
     }
 
     /// The device's f32 → f16 and f32 → bf16 (`f32_to_f16_bits`, `f32_to_bf16_bits`: random
@@ -1238,7 +1276,7 @@ mod tests {
                         let plan = dev.mma_plan(rows, n, k).unwrap();
                         assert!(plan.slabs * rows * n <= partial.len(), "partial sums too small");
                         let m = mean_us(&|| {
-                            dev.gemm_mma(px, pw, py, n, (rows, n, k), &plan, ws).unwrap()
+                            dev.gemm_mma(px, (pw, dtype), py, n, (rows, n, k), &plan, ws).unwrap()
                         });
                         if rows == 9 {
                             mma9.insert((n, k), m);
@@ -1291,8 +1329,10 @@ mod tests {
                     .map(|per| {
                         let plan = kernels::mma(9, n, k, per * dev.sm_count()).unwrap();
                         assert!(plan.slabs * 9 * n <= partial.len(), "partial sums too small");
-                        let m =
-                            mean_us(&|| dev.gemm_mma(px, pw, py, n, (9, n, k), &plan, ws).unwrap());
+                        let m = mean_us(&|| {
+                            dev.gemm_mma(px, (pw, WeightDtype::Bf16), py, n, (9, n, k), &plan, ws)
+                                .unwrap()
+                        });
                         format!("{m:.1} ({})", plan.slabs)
                     })
                     .collect();

@@ -349,7 +349,7 @@ impl CudaModel {
         let p1 = b.norm == Norm::Rms { plus_one: true };
         // Products may leave cublas-split's halves for the kernel after them when nothing
         // reads the product in between (no tapped activations).
-        let lean = self.fuses_split() && taps.is_none();
+        let lean = self.keeps_products() && taps.is_none();
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -533,7 +533,7 @@ impl CudaModel {
         // Nothing between the products and RoPE: one launch adds cublas-split's halves and
         // rotates.
         let plain = b.rope && !b.qkv_bias && b.clip_qkv.is_none() && b.qk_norm == QkNorm::None;
-        let ps = self.products(xn, &outs, t, h, sc, plain && self.fuses_split())?;
+        let ps = self.products(xn, &outs, t, h, sc, plain && self.keeps_products())?;
         if let [pq @ (Product::Halves(..) | Product::Rows(..)), pk, pv] = ps[..] {
             let dims = (nh, nkv, hd);
             dev.qkv_rope([pq, pk, pv], [q, k_new, v_new], inv, t, dims, self.rot_half, pos0)?;

@@ -62,7 +62,7 @@ impl CudaModel {
         if outs.iter().all(|(w, _, n_out)| self.mma_fits(w, rows, n_in, *n_out)) {
             return self.mma_products(input.x, outs, rows, n_in, sc, halves);
         }
-        let two_term = matches!(self.gemm, GemmEngine::CublasSplit | GemmEngine::Mma);
+        let two_term = self.two_term();
         let split = match input.split {
             Some(s) => Some(s),
             None if two_term => {
@@ -107,12 +107,12 @@ impl CudaModel {
         Ok(out)
     }
 
-    /// Whether the tensor-core product takes `w` at `rows` rows: the `mma` engine, a bf16
-    /// weight `[n_out, n_in]` (n_in a multiple of 8, 16-byte aligned), at most
+    /// Whether the tensor-core product takes `w` at `rows` rows: the `mma` engine, a bf16 or
+    /// f16 weight `[n_out, n_in]` (n_in a multiple of 8, 16-byte aligned), at most
     /// [`kernels::MMA_MAX_ROWS`] rows.
     fn mma_fits(&self, w: &WeightRef, rows: usize, n_in: usize, n_out: usize) -> bool {
         self.gemm == GemmEngine::Mma
-            && w.dtype == WeightDtype::Bf16
+            && w.dtype.is_half()
             && (1..=kernels::MMA_MAX_ROWS).contains(&rows)
             && n_in % 8 == 0
             && w.ptr % 16 == 0
@@ -134,12 +134,12 @@ impl CudaModel {
         let grouped = self.grouped_products && keep && outs.len() > 1;
         if let Some(n_all) = adjacent(outs, n_in).filter(|_| grouped) {
             let y = sc.y2(&self.dev, rows * n_all)?;
-            self.mma(x, outs[0].0.ptr, (y, n_all), (rows, n_all, n_in), sc)?;
+            self.mma(x, &outs[0].0, (y, n_all), (rows, n_all, n_in), sc)?;
             return Ok(column_offsets(outs).map(|at| Product::Rows(y + at, n_all)).collect());
         }
         let mut out = Vec::with_capacity(outs.len());
         for (w, y, n_out) in outs {
-            self.mma(x, w.ptr, (*y, *n_out), (rows, *n_out, n_in), sc)?;
+            self.mma(x, w, (*y, *n_out), (rows, *n_out, n_in), sc)?;
             out.push(Product::Whole(*y));
         }
         Ok(out)
@@ -150,7 +150,7 @@ impl CudaModel {
     fn mma(
         &self,
         x: u64,
-        w: u64,
+        w: &WeightRef,
         (y, ldy): (u64, usize),
         (rows, n, k): (usize, usize, usize),
         sc: &mut Scratch,
@@ -160,7 +160,7 @@ impl CudaModel {
             1 => (0, 0),
             s => sc.mma(&self.dev, s * rows * n, plan.launch.grid.0 as usize)?,
         };
-        self.dev.gemm_mma(x, w, y, ldy, (rows, n, k), &plan, ws)
+        self.dev.gemm_mma(x, (w.ptr, w.dtype), y, ldy, (rows, n, k), &plan, ws)
     }
 
     /// [`Self::products`] of one weight.
@@ -193,7 +193,25 @@ impl CudaModel {
     /// Whether the norms, attention and activations write the two-term split and the kernels
     /// after the products add its halves (see the module's documentation).
     pub(crate) fn fuses_split(&self) -> bool {
-        self.fused_launches && matches!(self.gemm, GemmEngine::CublasSplit | GemmEngine::Mma)
+        self.fused_launches && self.two_term()
+    }
+
+    /// Whether products may be left where the engine puts them for the kernel after them to
+    /// read (cublas-split's halves; a group's shared rows with it or with `mma`), when no
+    /// hook point reads them in between (see [`Self::set_fused_launches`]).
+    pub(crate) fn keeps_products(&self) -> bool {
+        self.fused_launches && (self.two_term() || self.gemm == GemmEngine::Mma)
+    }
+
+    /// Whether the products the tensor cores do not take use the two-term engine:
+    /// `cublas-split`, and `mma` on bf16 weights (on f16 weights, its longer products are
+    /// swk's kernels').
+    fn two_term(&self) -> bool {
+        match self.gemm {
+            GemmEngine::CublasSplit => true,
+            GemmEngine::Mma => self.dtype() == WeightDtype::Bf16,
+            _ => false,
+        }
     }
 
     /// [`Self::linear`], reusing `split` (x already split into bf16 hi/lo terms) when given.
@@ -220,8 +238,12 @@ impl CudaModel {
                 self.dev.f32_to_bf16(x, x16, rows * n_in)?;
                 self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
             }
-            (WeightDtype::Bf16, GemmEngine::Mma) if self.mma_fits(w, rows, n_in, n_out) => {
-                self.mma(x, w.ptr, (y, n_out), (rows, n_out, n_in), sc)
+            (_, GemmEngine::Mma) if self.mma_fits(w, rows, n_in, n_out) => {
+                self.mma(x, w, (y, n_out), (rows, n_out, n_in), sc)
+            }
+            // f16 weights past the tensor-core product's rows: swk's kernels, f16's default.
+            (WeightDtype::F16, GemmEngine::Mma) => {
+                self.dev.gemm_kernel(x, w.ptr, w.dtype, y, rows, n_out, n_in)
             }
             (WeightDtype::Bf16, GemmEngine::CublasSplit | GemmEngine::Mma) => {
                 let x16 = match split {

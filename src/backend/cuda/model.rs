@@ -38,9 +38,11 @@ pub enum GemmEngine {
     /// weights once. The default for bf16 weights. Needs [`WeightDtype::Bf16`].
     CublasSplit,
     /// swk's tensor-core product (`kernels/mma.cu`) for products of at most 16 rows
-    /// (detection prompts, decoding): bf16 weights read once against x's two bf16 terms, as
-    /// `cublas-split` computes them, with f32 accumulation; `cublas-split` for longer
-    /// products. Needs [`WeightDtype::Bf16`] and cuBLAS.
+    /// (detection prompts, decoding), reading each weight once, with f32 accumulation: bf16
+    /// weights against x's two bf16 terms, as `cublas-split` computes them (`cublas-split`
+    /// for longer products, so cuBLAS is needed); f16 weights against two f16 terms of x
+    /// scaled per row by a power of two (22 bits of each value; swk's kernels for longer
+    /// products). Needs [`WeightDtype::Bf16`] or [`WeightDtype::F16`].
     Mma,
     /// swk's own tiled GEMM / warp GEMV kernels (f32 math; bf16 and f16 weights widened as
     /// loaded). The default for f16 weights.
@@ -430,18 +432,21 @@ fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Resul
         GemmEngine::Auto => GemmEngine::Kernels,
         g => g,
     };
-    let two_term = matches!(gemm, GemmEngine::CublasSplit | GemmEngine::Mma);
-    if (two_term || matches!(gemm, GemmEngine::Cublas | GemmEngine::CublasBf16))
-        && !dev.has_cublas()
-    {
+    // mma's longer products take cublas-split's path for bf16 weights, swk's kernels for f16.
+    let mma_blas = gemm == GemmEngine::Mma && dtype == WeightDtype::Bf16;
+    let bf16_blas = matches!(gemm, GemmEngine::CublasSplit | GemmEngine::CublasBf16);
+    if (mma_blas || bf16_blas || gemm == GemmEngine::Cublas) && !dev.has_cublas() {
         return Err(Error::Backend(format!(
             "GEMM engine `{}` needs cuBLAS, and libcublas.so could not be loaded (add its directory to \
              LD_LIBRARY_PATH, or use the `kernels` engine)",
             gemm.name()
         )));
     }
-    if (two_term || gemm == GemmEngine::CublasBf16) && dtype != WeightDtype::Bf16 {
+    if bf16_blas && dtype != WeightDtype::Bf16 {
         return Err(Error::Invalid(format!("GEMM engine `{}` needs bf16 weights", gemm.name())));
+    }
+    if gemm == GemmEngine::Mma && !dtype.is_half() {
+        return Err(Error::Invalid("GEMM engine `mma` needs bf16 or f16 weights".into()));
     }
     Ok(gemm)
 }

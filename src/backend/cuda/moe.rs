@@ -357,14 +357,14 @@ impl CudaModel {
         let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
         // The `mma` engine's tensor-core product where it applies, else swk's kernels.
         let mma = self.gemm == GemmEngine::Mma
-            && dtype == super::WeightDtype::Bf16
+            && dtype.is_half()
             && small
             && h % 8 == 0
             && ei % 8 == 0
             && ptrs_host.iter().all(|p| p % 16 == 0);
         let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
             if mma {
-                dev.gemm_mma_grouped(x, w, y, &groups, n, k)
+                dev.gemm_mma_grouped(x, (w, dtype), y, &groups, n, k)
             } else {
                 dev.gemm_grouped(x, w, dtype, y, &groups, n, k)
             }
