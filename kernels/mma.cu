@@ -1,25 +1,30 @@
-// swk's tensor-core product for a few rows (the `mma` GEMM engine: detection prompts,
-// decoding), reading each bf16 weight once:
+// swk's tensor-core products for a few rows (the `mma` GEMM engine: detection prompts,
+// decoding), reading each bf16 or f16 weight once:
 //
-//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32 (rows <= 16), W [n, k] bf16,
-//                                          y rows ldy apart
+//   y[t, o] = sum_i x[t, i] * W[o, i]      x [rows, k] f32 (rows <= 16), W [n, k] bf16 or
+//                                          f16, y rows ldy apart
 //
-// x is split as the `cublas-split` engine splits it, x = hi + lo with hi = bf16(x) and
-// lo = bf16(x - hi), and W·hi + W·lo accumulate in f32 on the tensor cores
-// (mma.sync m16n8k16: 16 weight rows × 16 k against 16 k × 8 rows of x's terms).
+// x enters as two terms in the weights' type, both multiplied and accumulated in f32 on the
+// tensor cores (mma.sync m16n8k16: 16 weight rows × 16 k against 16 k × 8 rows of x's
+// terms). bf16: hi = bf16(x), lo = bf16(x - hi), as the `cublas-split` engine splits it.
+// f16: the same in f16 of x / s, s a power of two per row (and per slab) that puts the row's
+// largest |x| in [2^14, 2^15), the sums multiplied back by s: 22 bits of each value, and no
+// value past f16's range.
 //
-// Grid (ceil(n / 128), slabs), 256 threads: block (b, s) covers the weight rows b·128..,
-// 16 per warp, over the k range of slab s, [s·slab, min(k, (s + 1)·slab)). The block first
-// stages that range of x's two terms in shared memory; then each lane reads its two weight
-// rows (group and group + 8 of its warp's 16) 16 bytes at a time straight from global memory.
-// A sum does not care in which order its k come, so a lane's 16-byte run of a weight row
-// (8 consecutive k) fills the k slots the fragment layout gives the lane in the two mma's of
-// a 32-k chunk, and its 16-byte run of x's terms the same slots (see mma_bf16_16816).
+// swk_gemm_mma_*: grid (ceil(n / 128), slabs), 256 threads. Block (b, s) covers the weight
+// rows b·128.., 16 per warp, over the k range of slab s, [s·slab, min(k, (s + 1)·slab)). The
+// block first stages that range of x's two terms in shared memory; then each lane reads its
+// two weight rows (group and group + 8 of its warp's 16) 16 bytes at a time straight from
+// global memory. A sum does not care in which order its k come, so a lane's 16-byte run of a
+// weight row (8 consecutive k) fills the k slots the fragment layout gives the lane in the
+// two mma's of a 32-k chunk, and its 16-byte run of x's terms the same slots (see
+// mma_16816). With one slab the warps write y. With several, each block writes its partial
+// sums (`partial`, [slab][row][column]); the last block of a column range to finish (a
+// counter per range in `counters`, which that block sets back to 0) adds them in slab order,
+// so the result does not depend on which block finishes last.
 //
-// With one slab the warps write y. With several, each block writes its partial sums
-// (`partial`, [slab][row][column]); the last block of a column range to finish (a counter
-// per range in `counters`, which that block sets back to 0) adds them in slab order, so the
-// result does not depend on which block finishes last.
+// swk_gemm_mma_grouped_*: a mixture of experts' products, one weight per group of rows
+// (grid z); a block covers its columns' whole k, stage by stage.
 //
 // Needs k % 8 == 0 and W 16-byte aligned (the host checks, and otherwise uses another path);
 // x has no alignment requirement.
@@ -296,13 +301,16 @@ __device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters,
-                                             int rows, int n, int k, int ldy, int slab) {
+// At most 80 registers a thread, so that three blocks share a multiprocessor.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
+                      int ldy, int slab) {
     mma_gemm<false>(x, w, y, partial, counters, rows, n, k, ldy, slab);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_f16(const float* x, const u16* w, float* y, float* partial, u32* counters,
-                                            int rows, int n, int k, int ldy, int slab) {
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_f16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
+                     int ldy, int slab) {
     mma_gemm<true>(x, w, y, partial, counters, rows, n, k, ldy, slab);
 }
 
@@ -327,12 +335,14 @@ __device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float
     mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0,
-                                                     const u32* rows, int n, int k, int stage) {
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
+                              int stage) {
     mma_grouped<false>(x, ws, y, row0, rows, n, k, stage);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) swk_gemm_mma_grouped_f16(const float* x, const u64* ws, float* y, const u32* row0,
-                                                    const u32* rows, int n, int k, int stage) {
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_grouped_f16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
+                             int stage) {
     mma_grouped<true>(x, ws, y, row0, rows, n, k, stage);
 }

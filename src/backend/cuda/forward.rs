@@ -347,8 +347,9 @@ impl CudaModel {
         // The family's switches (see family.rs); p1: Gemma's `1 + w` RMSNorm weights.
         let b = &self.block;
         let p1 = b.norm == Norm::Rms { plus_one: true };
-        // Products may leave cublas-split's halves for the kernel after them when nothing
-        // reads the product in between (no tapped activations).
+        // Products may be left where the engine puts them (cublas-split's halves, a group's
+        // shared rows) for the kernel after them when nothing reads the product in between
+        // (no tapped activations).
         let lean = self.keeps_products() && taps.is_none();
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
