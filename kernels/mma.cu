@@ -13,9 +13,9 @@
 //
 // swk_gemm_mma_*: grid (ceil(n / 128), slabs), 256 threads. Block (b, s) covers the weight
 // rows b·128.., 16 per warp, over the k range of slab s, [s·slab, min(k, (s + 1)·slab)). The
-// block first stages that range of x's two terms in shared memory; then each lane reads its
-// two weight rows (group and group + 8 of its warp's 16) 16 bytes at a time straight from
-// global memory. A sum does not care in which order its k come, so a lane's 16-byte run of a
+// block stages that range of x's two terms in shared memory, `stage` k at a time (in rounds
+// when the slab is longer). Against each round, each lane reads its two weight rows (group
+// and group + 8 of its warp's 16) 16 bytes at a time straight from global memory. A sum does not care in which order its k come, so a lane's 16-byte run of a
 // weight row (8 consecutive k) fills the k slots the fragment layout gives the lane in the
 // two mma's of a 32-k chunk, and its 16-byte run of x's terms the same slots (see
 // mma_16816). With one slab the warps write y. With several, each block writes its partial
@@ -259,11 +259,11 @@ __device__ __forceinline__ void mma_each(const float acc[2][4], int rows, int n,
 
 template <bool F16>
 __device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows,
-                                         int n, int k, int ldy, int slab) {
+                                         int n, int k, int ldy, int slab, int stage) {
     SWK_DYNAMIC_SHARED(u16, staged);
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const int k0 = blockIdx.y * slab;
-    mma_range<F16>(x, w, rows, n, k, k0, min(k, k0 + slab), slab, staged, acc);
+    mma_range<F16>(x, w, rows, n, k, k0, min(k, k0 + slab), stage, staged, acc);
 
     if (gridDim.y == 1) {
         mma_each(acc, rows, n, [&](int row, int o, float v) { y[(u64)row * ldy + o] = v; });
@@ -290,9 +290,25 @@ __device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y,
         if (o >= n) {
             continue;
         }
-        float s = __ldcg(partial + (u64)row * n + o);
-        for (int sl = 1; sl < (int)gridDim.y; ++sl) {
-            s = __fadd_rn(s, __ldcg(partial + ((u64)sl * rows + row) * n + o));
+        // Eight slabs' loads in flight at a time; the sum in slab order all the same.
+        const float* p = partial + (u64)row * n + o;
+        const u64 step = (u64)rows * n;
+        const int slabs = (int)gridDim.y;
+        float s = __ldcg(p);
+        int sl = 1;
+        for (; sl + 8 <= slabs; sl += 8) {
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                v[j] = __ldcg(p + (u64)(sl + j) * step);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s = __fadd_rn(s, v[j]);
+            }
+        }
+        for (; sl < slabs; ++sl) {
+            s = __fadd_rn(s, __ldcg(p + (u64)sl * step));
         }
         y[(u64)row * ldy + o] = s;
     }
@@ -304,14 +320,14 @@ __device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y,
 // At most 80 registers a thread, so that three blocks share a multiprocessor.
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
-                      int ldy, int slab) {
-    mma_gemm<false>(x, w, y, partial, counters, rows, n, k, ldy, slab);
+                      int ldy, int slab, int stage) {
+    mma_gemm<false>(x, w, y, partial, counters, rows, n, k, ldy, slab, stage);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_f16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
-                     int ldy, int slab) {
-    mma_gemm<true>(x, w, y, partial, counters, rows, n, k, ldy, slab);
+                     int ldy, int slab, int stage) {
+    mma_gemm<true>(x, w, y, partial, counters, rows, n, k, ldy, slab, stage);
 }
 
 // The grouped product of a mixture of experts' layer (swk_gemm_grouped_* with the `mma`

@@ -726,6 +726,7 @@ impl CudaDevice {
         }
         let (r, n_i, k_i) = (int(rows, "rows")?, int(n, "out features")?, int(k, "in features")?);
         let (ld, slab) = (int(ldy, "row stride")?, int(plan.slab, "slab")?);
+        let stage = int(plan.stage, "stage")?;
         launch!(
             self,
             mma_kernel(dtype, ["swk_gemm_mma_bf16", "swk_gemm_mma_f16"])?,
@@ -739,7 +740,8 @@ impl CudaDevice {
             n_i,
             k_i,
             ld,
-            slab
+            slab,
+            stage
         )
     }
 
@@ -987,8 +989,8 @@ mod tests {
     /// its bits, its two f16 terms 22 after the row's scaling; among values of about 1, an
     /// outlier of 1500 and one of -2e5, beyond f16's range, and a row of values near 1e-6):
     /// 1, 8, 9 and 16 rows (one and two tiles of 8), n not a multiple of 16, k a multiple of 8
-    /// but not of 32, one slab and several (a ragged last one), y rows wider than n (the gaps
-    /// untouched). A second launch gives the same bits (the counters were left at zero); on
+    /// but not of 32, one slab and several (a ragged last one), slabs staged in one round and
+    /// in several, y rows wider than n (the gaps untouched). A second launch gives the same bits (the counters were left at zero); on
     /// the emulator, so does the reversed order of threads and blocks (the last block to
     /// finish adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9,
     /// each with its own weight, k staged in two rounds) within the same bound, rows past
@@ -1008,7 +1010,18 @@ mod tests {
             (16, 40, 1000),
             (9, 1500, 1504),
             (3, 520, 200),
+            (5, 100, 3000),
         ];
+        if super::super::EMULATED {
+            // The emulator's 2 multiprocessors: one slab staged in one round and in several,
+            // several slabs each staged in one round and in several.
+            let plans: Vec<_> =
+                shapes.iter().map(|&(r, n, k)| dev.mma_plan(r, n, k).unwrap()).collect();
+            for (slabs, rounds) in [(false, false), (false, true), (true, false), (true, true)] {
+                let seen = plans.iter().any(|p| (p.slabs > 1, p.slab > p.stage) == (slabs, rounds));
+                assert!(seen, "no plan with several slabs {slabs}, several rounds {rounds}");
+            }
+        }
         for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
             for (rows, n, k) in shapes {
                 let x = mma_input(rows, k, &mut next);

@@ -202,38 +202,42 @@ pub fn column_stats_grouped(max_rows: usize, n: usize, groups: usize) -> Result<
 pub const MMA_MAX_ROWS: usize = 16;
 /// Weight rows of one `swk_gemm_mma_bf16` block: 8 warps of 16.
 pub const MMA_COLS: usize = 128;
-/// Largest k range (slab) of one `swk_gemm_mma_bf16` block: its staged terms then fit in the
-/// 48 KiB of shared memory every device grants (2 terms × 16 rows × 736 padded × 2 bytes).
-pub const MMA_MAX_SLAB: usize = 704;
+/// Most k of x's terms a `swk_gemm_mma_*` block stages at a time (a block covering more
+/// stages them in rounds): they then fit in the 48 KiB of shared memory every device grants
+/// (2 terms × 16 rows × 736 padded × 2 bytes).
+pub const MMA_MAX_STAGE: usize = 704;
 
-/// Elements from one staged row of x's terms to the next in `swk_gemm_mma_bf16` for a
-/// `slab` (a multiple of 32): padded so that a quarter warp's two rows fall on different
+/// Elements from one staged row of x's terms to the next in `swk_gemm_mma_*` for a `stage`
+/// (a multiple of 32): padded so that a quarter warp's two rows fall on different
 /// shared-memory banks (mirrors the kernel's `mma_stage_row`).
-pub fn mma_stage_row(slab: usize) -> usize {
-    if slab % 64 == 0 {
-        slab + 32
+pub fn mma_stage_row(stage: usize) -> usize {
+    if stage % 64 == 0 {
+        stage + 32
     } else {
-        slab
+        stage
     }
 }
 
-/// How `swk_gemm_mma_bf16` covers a product: its launch, the k range of a block (`slab`, a
-/// multiple of 32) and the number of ranges (`slabs`, grid y; more than one needs partial
-/// sums, `slabs × rows × n` f32, and a zeroed counter per column range, grid x).
+/// How `swk_gemm_mma_*` covers a product: its launch, the k range of a block (`slab`, a
+/// multiple of 32, staged `stage` k at a time) and the number of ranges (`slabs`, grid y;
+/// more than one needs partial sums, `slabs × rows × n` f32, and a zeroed counter per column
+/// range, grid x).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaPlan {
     /// The launch: grid (column ranges, slabs), 256 threads, the staged terms' shared memory.
     pub launch: Launch,
     /// k per slab.
     pub slab: usize,
+    /// k staged at a time (at most [`MMA_MAX_STAGE`]).
+    pub stage: usize,
     /// Slabs (grid y).
     pub slabs: usize,
 }
 
-/// The plan of `swk_gemm_mma_bf16` for `rows` (1..=[`MMA_MAX_ROWS`]) rows of x, `n` weight
-/// rows and `k` (a multiple of 8): k is cut into slabs until the grid has about
-/// `target_blocks` blocks (each slab at most [`MMA_MAX_SLAB`], so long rows are cut anyway),
-/// since a product of few column ranges alone would leave most of the device idle.
+/// The plan of `swk_gemm_mma_*` for `rows` (1..=[`MMA_MAX_ROWS`]) rows of x, `n` weight rows
+/// and `k` (a multiple of 8): k is cut into slabs until the grid has about `target_blocks`
+/// blocks, since a product of few column ranges alone would leave most of the device idle;
+/// no more, since each slab's partial sums are written and added again.
 pub fn mma(rows: usize, n: usize, k: usize, target_blocks: usize) -> Result<MmaPlan> {
     if rows == 0 || rows > MMA_MAX_ROWS || n == 0 || k == 0 || k % 8 != 0 {
         return Err(Error::Backend(format!(
@@ -244,11 +248,12 @@ pub fn mma(rows: usize, n: usize, k: usize, target_blocks: usize) -> Result<MmaP
     let cols = n.div_ceil(MMA_COLS);
     let chunks = k.div_ceil(32);
     let wanted = target_blocks.div_ceil(cols).clamp(1, chunks);
-    let slab = (chunks.div_ceil(wanted) * 32).min(MMA_MAX_SLAB);
+    let slab = chunks.div_ceil(wanted) * 32;
     let slabs = k.div_ceil(slab);
-    let shared = 2 * MMA_MAX_ROWS * mma_stage_row(slab) * 2;
+    let stage = slab.min(MMA_MAX_STAGE);
+    let shared = 2 * MMA_MAX_ROWS * mma_stage_row(stage) * 2;
     let launch = Launch::new((cols as u64, slabs as u64, 1), 256, shared)?;
-    Ok(MmaPlan { launch, slab, slabs })
+    Ok(MmaPlan { launch, slab, stage, slabs })
 }
 
 /// `swk_gemm_mma_grouped_bf16` over `groups` groups of at most [`MMA_MAX_ROWS`] rows, `n`
@@ -260,7 +265,7 @@ pub fn mma_grouped(n: usize, k: usize, groups: usize) -> Result<(Launch, usize)>
             "the grouped tensor-core product takes k a multiple of 8 (n {n}, k {k}, {groups} groups)"
         )));
     }
-    let stage = (k.div_ceil(32) * 32).min(MMA_MAX_SLAB);
+    let stage = (k.div_ceil(32) * 32).min(MMA_MAX_STAGE);
     let shared = 2 * MMA_MAX_ROWS * mma_stage_row(stage) * 2;
     let launch = Launch::new((n.div_ceil(MMA_COLS) as u64, 1, groups as u64), 256, shared)?;
     Ok((launch, stage))
@@ -406,29 +411,39 @@ mod tests {
     use super::*;
 
     /// The tensor-core product's plans: slabs of whole 32-k chunks that cover k exactly
-    /// (none empty), staged terms within the 48 KiB every device grants, about the target
-    /// number of blocks when k allows (two per multiprocessor of an H100 here), and errors
-    /// outside 1..=16 rows or for k not a multiple of 8.
+    /// (none empty), staged in rounds that fit the 48 KiB every device grants, about the
+    /// target number of blocks when k allows (two per multiprocessor of an H100 here), and
+    /// errors outside 1..=16 rows or for k not a multiple of 8.
     #[test]
     fn mma_plans_cover_k_within_shared_memory() {
         let shapes = [(4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096)];
         for (n, k) in shapes.into_iter().chain([(64, 64), (150, 200), (40, 1000), (8, 8)]) {
             for rows in [1, 9, 16] {
                 let p = mma(rows, n, k, 264).unwrap();
-                assert_eq!(p.slab % 32, 0, "{n} × {k}");
+                assert_eq!((p.slab % 32, p.stage % 32), (0, 0), "{n} × {k}");
                 assert!(p.slab * p.slabs >= k && (p.slabs - 1) * p.slab < k, "{n} × {k}: {p:?}");
+                assert_eq!(p.stage, p.slab.min(MMA_MAX_STAGE), "{n} × {k}");
                 assert!(p.launch.shared_bytes as usize <= DEFAULT_SHARED_BYTES, "{n} × {k}");
                 assert_eq!(p.launch.grid, (n.div_ceil(MMA_COLS) as u32, p.slabs as u32, 1));
+                let blocks = p.launch.grid.0 as usize * p.slabs;
                 if k >= 32 * 264 / n.div_ceil(MMA_COLS) {
-                    assert!(p.launch.grid.0 as usize * p.slabs >= 264, "{n} × {k}: {p:?}");
+                    assert!(blocks >= 264, "{n} × {k}: {p:?}");
                 }
+                assert!(p.slabs == 1 || blocks < 2 * 264, "{n} × {k}: {p:?}");
             }
         }
-        // At 7B shapes: o_proj's 32 column ranges are cut into 9 slabs (288 blocks); down_proj's
-        // k of 11008 needs 16 slabs of at most 704.
-        assert_eq!(mma(9, 4096, 4096, 264).unwrap().slabs, 9);
-        assert_eq!(mma(9, 4096, 11008, 264).unwrap().slabs, 16);
-        assert_eq!(mma(9, 32000, 4096, 264).unwrap().slabs, 6);
+        // At 7B shapes: o_proj's and down_proj's 32 column ranges are cut into 9 slabs (288
+        // blocks; down_proj's slabs of 1248 staged in two rounds); q/k/v's 96 into 3, gate/up's
+        // 172 and the LM head's 250 into 2.
+        let slabs = |n: usize, k: usize| {
+            let p = mma(9, n, k, 264).unwrap();
+            (p.slabs, p.slab, p.stage)
+        };
+        assert_eq!(slabs(4096, 4096), (9, 480, 480));
+        assert_eq!(slabs(4096, 11008), (9, 1248, 704));
+        assert_eq!(slabs(12288, 4096), (3, 1376, 704));
+        assert_eq!(slabs(22016, 4096), (2, 2048, 704));
+        assert_eq!(slabs(32000, 4096), (2, 2048, 704));
         assert_eq!(mma_stage_row(704), 736);
         assert_eq!(mma_stage_row(480), 480);
         for (rows, k) in [(0, 64), (17, 64), (4, 60)] {
