@@ -131,8 +131,8 @@ pub enum GpuGemm {
     CublasBf16,
     /// cuBLAS on the activations' two bf16 terms: about f32 accuracy (bf16 weights).
     CublasSplit,
-    /// swk's tensor-core product on the two bf16 terms for products of at most 16 rows,
-    /// cublas-split for longer ones (bf16 weights).
+    /// swk's tensor-core product for products of at most 16 rows, about f32 accuracy (bf16
+    /// or f16 weights); cublas-split (bf16) or swk's kernels (f16) for longer ones.
     Mma,
     /// swk's own GEMM kernels (f32 math).
     Kernels,

@@ -295,12 +295,11 @@ impl CudaModel {
     }
 
     /// The routed experts of sparse layer `l` together (see moe.cu; with the `mma` engine,
-    /// mma.cu's grouped product): one launch each for
-    /// gate, up, the activation (with its input keys), down and the output keys, when all
-    /// their weights share one dtype and either every expert of `d` has at most
-    /// [`kernels::GEMV_MAX_ROWS`] rows or the engine is swk's kernels (which group any row
-    /// count; cuBLAS multiplies longer prefills one expert at a time). Returns false (having
-    /// run nothing) otherwise.
+    /// mma.cu's grouped product): one launch each for gate, up, the activation (with its
+    /// input keys), down and the output keys, when all their weights share one dtype and
+    /// either every expert of `d` has at most [`kernels::GEMV_MAX_ROWS`] rows or the engine
+    /// is swk's kernels (which group any row count; cuBLAS multiplies longer prefills one
+    /// expert at a time). Returns false (having run nothing) otherwise.
     fn experts_grouped(
         &self,
         l: usize,
