@@ -2537,16 +2537,19 @@ fn timing_7b_moe() -> Result<()> {
         CudaModel::random(&c, 1, &CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() })?;
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 50304).collect();
     let new_stats = || SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
-    let detect = |stats: &mut SpikeStats| -> Result<f64> {
+    // One detection forward (9 tokens, statistics into `stats`), and the best of five.
+    let detect = |g: &CudaModel, stats: &mut SpikeStats| -> Result<f64> {
         let t = Instant::now();
-        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(stats), Logits::None)?;
+        g.forward(&prompt[..9], &mut CudaKvCache::new(g), Some(stats), Logits::None)?;
         g.synchronize()?;
         Ok(ms(t))
     };
+    let best_detect = |g: &CudaModel| -> Result<f64> {
+        (0..5).try_fold(f64::INFINITY, |best, _| Ok(best.min(detect(g, &mut new_stats())?)))
+    };
     let mut first = new_stats();
-    detect(&mut first)?; // warm-up, and the experts the prompt reaches
-    let det = (0..5).map(|_| detect(&mut new_stats())).collect::<Result<Vec<f64>>>()?;
-    let det = det.into_iter().fold(f64::INFINITY, f64::min);
+    detect(&g, &mut first)?; // warm-up, and the experts the prompt reaches
+    let det = best_detect(&g)?;
     let moe = c.family.moe.clone().ok_or_else(|| swk::Error::Invalid("not a MoE".into()))?;
     let expert_bytes = 3 * moe.expert_intermediate * c.hidden_size * 2;
     let chosen: usize =
@@ -2564,13 +2567,7 @@ fn timing_7b_moe() -> Result<()> {
     // (the path for experts with more than 16 rows), against the grouped launches above.
     let mut g = g;
     g.set_grouped_experts(false);
-    let mut one_by_one = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(&mut new_stats()), Logits::None)?;
-        g.synchronize()?;
-        one_by_one = one_by_one.min(ms(t));
-    }
+    let one_by_one = best_detect(&g)?;
     // The 512-token window with swk's own GEMM kernels, which group the experts at any row
     // count (tiled), and one expert at a time: what grouping saves in a prefill.
     let engine = g.gemm();
@@ -2588,13 +2585,7 @@ fn timing_7b_moe() -> Result<()> {
     // grouped products on the tensor cores.
     g.set_grouped_experts(true);
     g.set_gemm(GemmEngine::Mma)?;
-    let mut mma_det = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        g.forward(&prompt[..9], &mut CudaKvCache::new(&g), Some(&mut new_stats()), Logits::None)?;
-        g.synchronize()?;
-        mma_det = mma_det.min(ms(t));
-    }
+    let mma_det = best_detect(&g)?;
     g.set_gemm(engine)?;
     // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
     // the restore log (one block edit: a download and an upload), then restored.

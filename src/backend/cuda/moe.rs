@@ -346,8 +346,8 @@ impl CudaModel {
             (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
         }
         let dtype = dtype.unwrap_or(super::WeightDtype::F32);
-        let ptrs_host = ptrs;
-        let (ptrs, meta) = (dev.upload(&ptrs_host)?, dev.upload(&meta)?);
+        let aligned = ptrs.iter().all(|p| p % 16 == 0);
+        let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
         let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
         let groups =
             RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
@@ -360,7 +360,7 @@ impl CudaModel {
             && small
             && h % 8 == 0
             && ei % 8 == 0
-            && ptrs_host.iter().all(|p| p % 16 == 0);
+            && aligned;
         let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
             if mma {
                 dev.gemm_mma_grouped(x, (w, dtype), y, &groups, n, k)
