@@ -36,17 +36,29 @@ extern "C" __global__ void swk_rmsnorm(const float* x, const float* w, float* ou
     rmsnorm_row(x, w, out, n, eps, plus_one, split, scratch);
 }
 
-// x += y, then out = rmsnorm(x) as swk_rmsnorm computes it: the residual add of attention's
-// output (no statistics; y whole, or the `cublas-split` terms y + y_lo, product_at) and the
-// MLP's norm in one launch, the same values as swk_add_residual then swk_rmsnorm. Each thread
-// adds the elements it then reads, so the row needs no barrier in between.
+// x += y, then out = rmsnorm(x) as swk_rmsnorm computes it: a residual add (y whole, or the
+// `cublas-split` terms y + y_lo, product_at) and the norm after it in one launch, the same
+// values as swk_add_residual then swk_rmsnorm. Each thread adds the elements it then reads,
+// so the row needs no barrier in between. With `keys` not null, each y's spike key (position
+// pos0 + row) is also folded into keys[column] as swk_add_residual folds it: one atomicMax
+// an element, the same maxima (a key holds its position, so order does not matter). Used for
+// attention's add with the MLP's norm, and the MLP's add (its output statistics) with the
+// next layer's input norm.
 // One block per row. Grid (rows), block 256 (any multiple of 32).
 extern "C" __global__ void swk_add_rmsnorm(float* x, const float* y, const float* y_lo, const float* w, float* out,
-                                           int n, double eps, int plus_one, u16* split) {
+                                           int n, double eps, int plus_one, u16* split, int pos0, u64* keys) {
     __shared__ double scratch[32];
     const u64 row = (u64)blockIdx.x * n;
+    const u32 pos = (u32)(pos0 + (int)blockIdx.x);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        x[row + i] = __fadd_rn(x[row + i], product_at(y, y_lo, row + i));
+        const float v = product_at(y, y_lo, row + i);
+        x[row + i] = __fadd_rn(x[row + i], v);
+        if (keys != nullptr) {
+            const u64 key = spike_key(v, pos);
+            if (key != 0ull) {
+                atomicMax(keys + i, key);
+            }
+        }
     }
     rmsnorm_row(x, w, out, n, eps, plus_one, split, scratch);
 }

@@ -102,7 +102,9 @@ impl CudaDevice {
     }
 
     /// x += y (whole, or the `cublas-split` terms), then [`Self::rmsnorm`] of x into `out`
-    /// (and its split): one launch for a residual add without statistics and the next norm.
+    /// (and its split): one launch for a residual add and the norm after it. With `keys` not
+    /// 0, y's spike statistics (rows at positions `pos0`..) go there as
+    /// [`Self::add_residual`] reduces them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn add_rmsnorm(
         &self,
@@ -114,14 +116,15 @@ impl CudaDevice {
         n: usize,
         eps: f64,
         plus_one: bool,
+        (pos0, keys): (usize, u64),
     ) -> Result<()> {
         if y.row_stride(n) != n {
             return Err(Error::Backend("a residual add of a product with wider rows".into()));
         }
-        let (n_i, p1) = (int(n, "width")?, plus_one as i32);
+        let (n_i, p1, p) = (int(n, "width")?, plus_one as i32, int(pos0, "position")?);
         let (y, lo) = y.parts();
         let l = kernels::per_row(rows)?;
-        launch!(self, "swk_add_rmsnorm", l, x, y, lo, w, out, n_i, eps, p1, split)
+        launch!(self, "swk_add_rmsnorm", l, x, y, lo, w, out, n_i, eps, p1, split, p, keys)
     }
 
     /// out = (x - mean) / sqrt(var + eps) · w + b per row of width `n` (LayerNorm; `w` and

@@ -351,6 +351,24 @@ impl CudaModel {
         // shared rows) for the kernel after them when nothing reads the product in between
         // (no tapped activations).
         let lean = self.keeps_products() && taps.is_none();
+        // With one sequence and the layers resident, the residual add that ends a layer also
+        // writes the next layer's input norm (RMSNorm) and its split: one launch fewer a layer.
+        // Several sequences share xn, and a streamed layer's norm arrives with its layer, so
+        // they keep the two launches.
+        let live = passes.iter().filter(|p| p.t > 0).count();
+        let norm_next = match b.norm {
+            Norm::Rms { plus_one } if self.fused_launches && !b.parallel => {
+                (live == 1 && self.stream.is_none()).then_some(plus_one)
+            }
+            _ => None,
+        };
+        // What attention's products read: its input's split (none for latent attention).
+        let attn_split = |sc: &mut Scratch, t: usize| match acts.mla {
+            Some(_) => Ok(0),
+            None => self.split_target(sc, t * h),
+        };
+        // Layer l's attention input when the previous layer's last add made it.
+        let mut normed: Option<Input> = None;
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
@@ -409,11 +427,10 @@ impl CudaModel {
 
                     // Attention: x += attention(norm(x))·W_oᵀ (+b_o) (Gemma 2/3, OLMo 2: the
                     // product normed first).
-                    let split = match acts.mla {
-                        Some(_) => 0,
-                        None => self.split_target(sc, t * h)?,
+                    let a_in = match normed.take() {
+                        Some(a_in) => a_in,
+                        None => pre_norm("input_layernorm", attn_split(sc, t)?)?,
                     };
-                    let a_in = pre_norm("input_layernorm", split)?;
                     let pattern = match taps {
                         Some(tp) => {
                             let width = c.num_heads * (pos0 + t);
@@ -452,7 +469,7 @@ impl CudaModel {
                         Norm::Rms { plus_one } if self.fused_launches => {
                             let nw = w(&format!("{}.weight", b.mlp_norm))?.f32_ptr()?;
                             let (out, eps) = ((xnp, split), c.rms_norm_eps);
-                            dev.add_rmsnorm(xp, proj, nw, out, t, h, eps, plus_one)?;
+                            dev.add_rmsnorm(xp, proj, nw, out, t, h, eps, plus_one, (pos0, 0))?;
                             tap(HookKind::ResidMid, xp, h)?;
                             Input::new(xnp, split)
                         }
@@ -479,7 +496,19 @@ impl CudaModel {
                     if let Product::Whole(out) = out {
                         tap(HookKind::MlpOut, out, h)?;
                     }
-                    dev.add_residual(xp, out, t, h, pos0, keys_at(l, true))?;
+                    // x += out with its spike statistics (and the next layer's input norm).
+                    let keys = keys_at(l, true);
+                    match norm_next.filter(|_| l + 1 < c.num_layers) {
+                        Some(plus_one) => {
+                            let nw = self.layer_weight(l + 1, "input_layernorm.weight", None)?;
+                            let split = attn_split(sc, t)?;
+                            let (nw, eps) = (nw.f32_ptr()?, c.rms_norm_eps);
+                            let at = (pos0, keys);
+                            dev.add_rmsnorm(xp, out, nw, (xnp, split), t, h, eps, plus_one, at)?;
+                            normed = Some(Input::new(xnp, split));
+                        }
+                        None => dev.add_residual(xp, out, t, h, pos0, keys)?,
+                    }
                     tap(HookKind::ResidPost, xp, h)?;
                 }
             }
@@ -799,13 +828,14 @@ mod tests {
     }
 
     /// With cublas-split's split and sum fused into the kernels around the products, a Llama
-    /// block queues 13 launches instead of 26: its 7 products and 6 other kernels (RMSNorm,
-    /// q/k/v with RoPE, attention, the residual add with the MLP's RMSNorm, the activation,
-    /// the residual add with the spike statistics), where the unfused block adds 4 splits, 7
-    /// sums of halves, RoPE's second launch and a launch between add and norm. With q/k/v and
-    /// gate/up as one product each, 10. The logits keep their bits (the emulator's
-    /// products are exact sums, so grouping cannot change them here), with and without
-    /// spike statistics. The `mma` engine's block is 10 launches too.
+    /// block queues 12 launches instead of 26: its 7 products and 5 other kernels (q/k/v with
+    /// RoPE, attention, the residual add with the MLP's RMSNorm, the activation, the residual
+    /// add with the spike statistics and the next block's RMSNorm; the first block adds its
+    /// own RMSNorm), where the unfused block adds 4 splits, 7 sums of halves, RoPE's second
+    /// launch and two launches between adds and norms. With q/k/v and gate/up as one product
+    /// each, 9. The logits keep their bits (the emulator's products are exact sums, so
+    /// grouping cannot change them here), with and without spike statistics. The `mma`
+    /// engine's block is 9 launches too.
     #[test]
     fn fused_launches_more_than_halve_a_llama_block() {
         let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
@@ -825,9 +855,9 @@ mod tests {
             let plain = pass(&g, &tokens, stats);
             g.set_fused_launches(true);
             g.set_grouped_products(true);
-            // One embedding gather, then the blocks.
-            assert_eq!(grouped.0, 1 + 10 * layers, "fused and grouped, stats {stats}");
-            assert_eq!(fused.0, 1 + 13 * layers, "fused, stats {stats}");
+            // One embedding gather and the first block's norm, then the blocks.
+            assert_eq!(grouped.0, 2 + 9 * layers, "fused and grouped, stats {stats}");
+            assert_eq!(fused.0, 2 + 12 * layers, "fused, stats {stats}");
             assert_eq!(plain.0, 1 + 26 * layers, "unfused, stats {stats}");
             assert!(fused.1 == plain.1, "the fused launches change the logits (stats {stats})");
             assert!(grouped.1 == plain.1, "grouped products change the logits (stats {stats})");
@@ -835,7 +865,7 @@ mod tests {
         // The tensor-core engine: its products are whole (no halves to add), grouped alike.
         g.set_gemm(GemmEngine::Mma).expect("mma engine");
         for stats in [false, true] {
-            assert_eq!(pass(&g, &tokens, stats).0, 1 + 10 * layers, "mma, stats {stats}");
+            assert_eq!(pass(&g, &tokens, stats).0, 2 + 9 * layers, "mma, stats {stats}");
         }
     }
 }
