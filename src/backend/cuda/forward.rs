@@ -42,6 +42,12 @@ use crate::model::arch::Logits;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
 
+/// The most rows a pass with spike statistics may have for a block's last residual add to
+/// also write the next block's input norm: that launch folds each element's statistic with
+/// its own atomic (one a row per column, where `swk_add_residual` issues one a column per
+/// group of rows), so longer passes keep the two launches. Detection prompts are shorter.
+const NORM_NEXT_KEY_ROWS: usize = 64;
+
 /// Device logits `[rows, vocab]` and their row count, when a pass asked for any.
 pub(crate) type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
@@ -496,9 +502,12 @@ impl CudaModel {
                     if let Product::Whole(out) = out {
                         tap(HookKind::MlpOut, out, h)?;
                     }
-                    // x += out with its spike statistics (and the next layer's input norm).
+                    // x += out with its spike statistics (and the next layer's input norm:
+                    // its launch folds each element's key with an atomic, so only short
+                    // passes take it with statistics).
                     let keys = keys_at(l, true);
-                    match norm_next.filter(|_| l + 1 < c.num_layers) {
+                    let short = keys == 0 || t <= NORM_NEXT_KEY_ROWS;
+                    match norm_next.filter(|_| l + 1 < c.num_layers && short) {
                         Some(plus_one) => {
                             let nw = self.layer_weight(l + 1, "input_layernorm.weight", None)?;
                             let split = attn_split(sc, t)?;
@@ -867,5 +876,11 @@ mod tests {
         for stats in [false, true] {
             assert_eq!(pass(&g, &tokens, stats).0, 2 + 9 * layers, "mma, stats {stats}");
         }
+        // A pass too long to fold its statistics into the next norm's launch: with statistics,
+        // each block has its own norm (10 launches); without, 9 as before.
+        let long: Vec<u32> =
+            (0..NORM_NEXT_KEY_ROWS as u32 + 1).map(|i| (i * 7 + 3) % 320).collect();
+        assert_eq!(pass(&g, &long, true).0, 1 + 10 * layers, "a long pass with statistics");
+        assert_eq!(pass(&g, &long, false).0, 2 + 9 * layers, "a long pass without");
     }
 }
