@@ -1,10 +1,7 @@
 // Gated activation with fused spike statistics of the down_proj input.
 //
-// out = act(gate) * up, row by row, mirroring cpu::silu_mul / cpu::gelu_tanh_mul:
-//   act 0: silu(g) = g / (1 + exp(-g));
-//   act 1: gelu_tanh(g) = (0.5 g) (1 + tanh(0.7978846 (g + ((0.044715 g) g) g))) (Gemma,
-//          GPT-2);
-//   act 2: gelu(g) = 0.5 g (1 + erf(g / sqrt 2)) in f64 (GPT-NeoX).
+// out = act(gate) * up, row by row, mirroring cpu::silu_mul / cpu::gelu_tanh_mul, with act
+// (gated_act in common.cuh) 0: silu; 1: gelu_tanh (Gemma, GPT-2); 2: gelu (GPT-NeoX).
 // With gate null the MLP is un-gated (GPT-2, GPT-NeoX): out = act(up), as cpu::activate.
 // When `keys` is not null, each column's max |out| over the rows of this launch is reduced
 // into keys[col] as a packed spike key (see spike_key in common.cuh): largest |value| wins,
@@ -22,19 +19,6 @@
 // gate, up, out [rows, n]. Grid (ceil(n / 256), ceil(rows / rows_per_block)), block 256:
 // each thread walks `rows_per_block` rows of one column (coalesced across the warp) and
 // issues at most one atomicMax.
-__device__ __forceinline__ float gated_act(float g, int act) {
-    if (act == 1) {
-        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g);
-        const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(g, cube)));
-        return __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, t));
-    }
-    if (act == 2) {
-        const double x = (double)g;
-        return (float)(0.5 * x * (1.0 + erf(x / 1.41421356237309504880)));
-    }
-    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-}
-
 __device__ __forceinline__ void act_rows(const float* gate, const float* up, float* out, int rows, int n,
                                          int rows_per_block, int pos0, const u32* pos, u64* keys, int act,
                                          const float* gate_lo, const float* up_lo, u16* split, int ld) {

@@ -174,6 +174,24 @@ __device__ __forceinline__ u64 spike_key(float v, u32 pos) {
     return ((u64)abs_bits << 33) | ((u64)(~pos) << 1) | (u64)(bits >> 31);
 }
 
+// The MLP's activation of g (swk_act_mul, and the `mma` product that makes its input as it
+// stages it), mirroring cpu::silu_mul / cpu::gelu_tanh_mul / cpu::activate:
+//   act 0: silu(g) = g / (1 + exp(-g));
+//   act 1: gelu_tanh(g) = (0.5 g) (1 + tanh(0.7978846 (g + ((0.044715 g) g) g)));
+//   act 2: gelu(g) = 0.5 g (1 + erf(g / sqrt 2)) in f64.
+__device__ __forceinline__ float gated_act(float g, int act) {
+    if (act == 1) {
+        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g);
+        const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(g, cube)));
+        return __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, t));
+    }
+    if (act == 2) {
+        const double x = (double)g;
+        return (float)(0.5 * x * (1.0 + erf(x / 1.41421356237309504880)));
+    }
+    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+}
+
 // SplitMix64's finalizer: a bijection on 64-bit values.
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;

@@ -15,13 +15,16 @@
 // rows b·128.., 16 per warp, over the k range of slab s, [s·slab, min(k, (s + 1)·slab)). The
 // block stages that range of x's two terms in shared memory, `stage` k at a time (in rounds
 // when the slab is longer). Against each round, each lane reads its two weight rows (group
-// and group + 8 of its warp's 16) 16 bytes at a time straight from global memory. A sum does not care in which order its k come, so a lane's 16-byte run of a
-// weight row (8 consecutive k) fills the k slots the fragment layout gives the lane in the
+// and group + 8 of its warp's 16) 16 bytes at a time straight from global memory. A sum
+// does not care in which order its k come, so a lane's 16-byte run of a weight row (8 consecutive k) fills the k slots the fragment layout gives the lane in the
 // two mma's of a 32-k chunk, and its 16-byte run of x's terms the same slots (see
 // mma_16816). With one slab the warps write y. With several, each block writes its partial
 // sums (`partial`, [slab][row][column]); the last block of a column range to finish (a
 // counter per range in `counters`, which that block sets back to 0) adds them in slab order,
 // so the result does not depend on which block finishes last.
+//
+// The down projection's x can be the MLP's activation, made from the gate and up products as
+// it is staged, with its spike statistics (MmaX): no activation launch, no activation buffer.
 //
 // swk_gemm_mma_grouped_*: a mixture of experts' products, one weight per group of rows
 // (grid z); a block covers its columns' whole k, stage by stage.
@@ -34,6 +37,24 @@
 #define MMA_WARPS 8
 #define MMA_COLS (16 * MMA_WARPS)
 #define MMA_UNROLL 4
+
+// What a product reads as x: row r's element i, rows `ld` apart. With ACT it is the MLP's
+// activation `act`, made as it is read exactly as swk_act_mul makes it: act(gate) · up (x
+// holds up), or act(up) without gate.
+template <bool ACT>
+struct MmaX {
+    const float* x;
+    const float* gate;
+    int ld;
+    int act;
+    __device__ __forceinline__ float at(int r, int i) const {
+        const u64 j = (u64)r * ld + i;
+        if (!ACT) {
+            return x[j];
+        }
+        return gate != nullptr ? __fmul_rn(gated_act(gate[j], act), x[j]) : gated_act(x[j], act);
+    }
+};
 
 // D += A·B, one warp-wide mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32
 // (F16: IEEE half inputs, else bf16). Fragments (lane = 4 · group + t): A's words a0..a3
@@ -77,6 +98,14 @@ __device__ __forceinline__ void mma_terms(float v, float inv, u16& hi, u16& lo) 
     } else {
         hi = f32_to_bf16_bits(v);
         lo = f32_to_bf16_bits(__fsub_rn(v, bf16_bits_to_f32(hi)));
+    }
+}
+
+// Fold v's spike key (position pos) into *key.
+__device__ __forceinline__ void mma_key(u64* key, float v, u32 pos) {
+    const u64 k = spike_key(v, pos);
+    if (k != 0ull) {
+        atomicMax(key, k);
     }
 }
 
@@ -129,10 +158,12 @@ __device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u1
 // acc += this block's products over k0..kend (its warps' weight rows from blockIdx.x · 128),
 // x's terms staged in `staged` `stage` k at a time (a multiple of 32, at most the shared
 // memory the launch gave: 2 terms × 16 rows × mma_stage_row(stage)). Each stage's sums are
-// added to acc (f16: multiplied back by the stage's row scales first).
-template <bool F16>
-__device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows, int n, int k, int k0, int kend,
-                                          int stage, u16* staged, float acc[2][4]) {
+// added to acc (f16: multiplied back by the stage's row scales first). With ACT and `keys`
+// not null, each staged x's spike key (row r at position pos0 + r) is folded into keys[its
+// k] (so only one block of each k range may pass keys).
+template <bool F16, bool ACT>
+__device__ __forceinline__ void mma_range(const MmaX<ACT>& x, const u16* w, int rows, int n, int k, int k0, int kend,
+                                          int stage, u16* staged, u64* keys, int pos0, float acc[2][4]) {
     __shared__ float scale[MMA_MAX_ROWS];
     const int srow = mma_stage_row(stage);
     u16* hi = staged;
@@ -162,8 +193,11 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
                 vb[u] = (in && rb < n) ? *(const v16*)(wb + (c + u) * 32) : zero;
             }
         };
-        // The first chunks' weights are on their way while the block stages x.
-        load(0);
+        // The first chunks' weights are on their way while the block stages x (not while it
+        // makes an activation: that needs their registers).
+        if (!ACT) {
+            load(0);
+        }
         if (s0 > k0) {
             __syncthreads();  // every warp is done with the previous stage's terms and scales
         }
@@ -174,7 +208,7 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
                 const int r = 2 * warp + i;
                 float m = 0.0f;
                 for (int kk = s0 + lane; r < rows && kk < s1; kk += 32) {
-                    m = fmaxf(m, fabsf(x[(u64)r * k + kk]));
+                    m = fmaxf(m, fabsf(x.at(r, kk)));
                 }
                 for (int o = 16; o > 0; o >>= 1) {
                     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -195,13 +229,20 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
             v16 h = zero;
             v16 l = zero;
             if (r < rows && s0 + kk < s1) {
-                const float* src = x + (u64)r * k + s0 + kk;
                 const float inv = F16 ? 1.0f / scale[r] : 1.0f;  // a power of two: exact
+                // Two values at a time (the first weights' loads hold registers meanwhile).
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
+                    const int i = s0 + kk + 2 * j;
+                    const float v0 = x.at(r, i);
+                    const float v1 = x.at(r, i + 1);
+                    if (ACT && keys != nullptr) {
+                        mma_key(keys + i, v0, (u32)(pos0 + r));
+                        mma_key(keys + i + 1, v1, (u32)(pos0 + r));
+                    }
                     u16 h0, l0, h1, l1;
-                    mma_terms<F16>(src[2 * j], inv, h0, l0);
-                    mma_terms<F16>(src[2 * j + 1], inv, h1, l1);
+                    mma_terms<F16>(v0, inv, h0, l0);
+                    mma_terms<F16>(v1, inv, h1, l1);
                     h.u[j] = (u32)h0 | ((u32)h1 << 16);
                     l.u[j] = (u32)l0 | ((u32)l1 << 16);
                 }
@@ -210,6 +251,9 @@ __device__ __forceinline__ void mma_range(const float* x, const u16* w, int rows
             *(v16*)(lo + r * srow + kk) = l;
         }
         __syncthreads();
+        if (ACT) {
+            load(0);
+        }
 
         float sums[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
         for (int c = 0; c < chunks; c += MMA_UNROLL) {
@@ -257,13 +301,15 @@ __device__ __forceinline__ void mma_each(const float acc[2][4], int rows, int n,
     }
 }
 
-template <bool F16>
-__device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows,
-                                         int n, int k, int ldy, int slab, int stage) {
+template <bool F16, bool ACT>
+__device__ __forceinline__ void mma_gemm(const MmaX<ACT>& x, const u16* w, float* y, float* partial, u32* counters, int rows,
+                                         int n, int k, int ldy, int slab, int stage, int pos0, u64* keys) {
     SWK_DYNAMIC_SHARED(u16, staged);
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const int k0 = blockIdx.y * slab;
-    mma_range<F16>(x, w, rows, n, k, k0, min(k, k0 + slab), stage, staged, acc);
+    // The first column range's blocks fold x's statistics: each k once.
+    u64* my_keys = blockIdx.x == 0 ? keys : nullptr;
+    mma_range<F16, ACT>(x, w, rows, n, k, k0, min(k, k0 + slab), stage, staged, my_keys, pos0, acc);
 
     if (gridDim.y == 1) {
         mma_each(acc, rows, n, [&](int row, int o, float v) { y[(u64)row * ldy + o] = v; });
@@ -321,13 +367,31 @@ __device__ __forceinline__ void mma_gemm(const float* x, const u16* w, float* y,
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_bf16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
                       int ldy, int slab, int stage) {
-    mma_gemm<false>(x, w, y, partial, counters, rows, n, k, ldy, slab, stage);
+    const MmaX<false> in = {x, nullptr, k, -1};
+    mma_gemm<false>(in, w, y, partial, counters, rows, n, k, ldy, slab, stage, 0, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_f16(const float* x, const u16* w, float* y, float* partial, u32* counters, int rows, int n, int k,
                      int ldy, int slab, int stage) {
-    mma_gemm<true>(x, w, y, partial, counters, rows, n, k, ldy, slab, stage);
+    const MmaX<false> in = {x, nullptr, k, -1};
+    mma_gemm<true>(in, w, y, partial, counters, rows, n, k, ldy, slab, stage, 0, nullptr);
+}
+
+// swk_gemm_mma_* of the MLP's activation act(gate) · up (or act(up) without gate; rows ld
+// apart; see MmaX), its spike keys (positions pos0..) into keys unless null.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_act_bf16(const float* up, const float* gate, int ld, int act, const u16* w, float* y, float* partial,
+                          u32* counters, int rows, int n, int k, int ldy, int slab, int stage, int pos0, u64* keys) {
+    const MmaX<true> in = {up, gate, ld, act};
+    mma_gemm<false>(in, w, y, partial, counters, rows, n, k, ldy, slab, stage, pos0, keys);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_act_f16(const float* up, const float* gate, int ld, int act, const u16* w, float* y, float* partial,
+                         u32* counters, int rows, int n, int k, int ldy, int slab, int stage, int pos0, u64* keys) {
+    const MmaX<true> in = {up, gate, ld, act};
+    mma_gemm<true>(in, w, y, partial, counters, rows, n, k, ldy, slab, stage, pos0, keys);
 }
 
 // The grouped product of a mixture of experts' layer (swk_gemm_grouped_* with the `mma`
@@ -344,10 +408,10 @@ __device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float
     if (count == 0) {
         return;  // the whole block: before any barrier
     }
-    const float* xg = x + (u64)row0[g] * k;
     float* yg = y + (u64)row0[g] * n;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    mma_range<F16>(xg, (const u16*)ws[g], count, n, k, 0, k, stage, staged, acc);
+    const MmaX<false> in = {x + (u64)row0[g] * k, nullptr, k, -1};
+    mma_range<F16, false>(in, (const u16*)ws[g], count, n, k, 0, k, stage, staged, nullptr, 0, acc);
     mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
 }
 

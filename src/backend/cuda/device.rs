@@ -707,12 +707,12 @@ impl CudaDevice {
 
     /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16` / `_f16`): y (rows `ldy`
     /// apart) = x `[rows, k]` · Wᵀ for a bf16 or f16 W `[n, k]` (16-byte aligned), as `plan`
-    /// covers it; with more than one slab, `partial` holds `slabs × rows × n` f32 and
+    /// covers it, x as [`kernels::MmaInput`] describes it (its activation's spike keys too); with more than one slab, `partial` holds `slabs × rows × n` f32 and
     /// `counters` one zeroed u32 per column range (the kernel leaves them zero).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_mma(
         &self,
-        x: u64,
+        x: kernels::MmaInput,
         (w, dtype): (u64, WeightDtype),
         y: u64,
         ldy: usize,
@@ -727,14 +727,32 @@ impl CudaDevice {
                 plan.slabs
             )));
         }
+        if x.ld < k {
+            return Err(Error::Backend(format!("x's rows are {} apart, under k = {k}", x.ld)));
+        }
         let (r, n_i, k_i) = (int(rows, "rows")?, int(n, "out features")?, int(k, "in features")?);
         let (ld, slab) = (int(ldy, "row stride")?, int(plan.slab, "slab")?);
         let stage = int(plan.stage, "stage")?;
+        let Some(act) = x.act else {
+            if x.ld != k {
+                return Err(Error::Backend(format!("x's rows are {} apart, not k = {k}", x.ld)));
+            }
+            let kernel = mma_kernel(dtype, ["swk_gemm_mma_bf16", "swk_gemm_mma_f16"])?;
+            let (xv, l) = (x.x, plan.launch);
+            return launch!(
+                self, kernel, l, xv, w, y, partial, counters, r, n_i, k_i, ld, slab, stage
+            );
+        };
+        let (up, gate, ldx, act) = (x.x, x.gate, int(x.ld, "x's row stride")?, act as i32);
+        let (pos0, keys) = (int(x.keys.0, "position")?, x.keys.1);
         launch!(
             self,
-            mma_kernel(dtype, ["swk_gemm_mma_bf16", "swk_gemm_mma_f16"])?,
+            mma_kernel(dtype, ["swk_gemm_mma_act_bf16", "swk_gemm_mma_act_f16"])?,
             plan.launch,
-            x,
+            up,
+            gate,
+            ldx,
+            act,
             w,
             y,
             partial,
@@ -744,7 +762,9 @@ impl CudaDevice {
             k_i,
             ld,
             slab,
-            stage
+            stage,
+            pos0,
+            keys
         )
     }
 
@@ -1035,6 +1055,86 @@ mod tests {
         }
     }
 
+    /// `swk_gemm_mma_act_*` (the down product making the MLP's activation as it stages it)
+    /// against `swk_act_mul` then `swk_gemm_mma_*`: the same bits in y and the same spike keys,
+    /// for SiLU, GELU-tanh and GELU, gated (gate and up side by side, rows 2k apart) and not,
+    /// bf16 and f16 weights, one slab and several, several column ranges (only the first
+    /// range's blocks fold the keys), rows at positions from 5.
+    #[test]
+    fn mma_activation_equals_act_then_product() {
+        use super::super::linear::Product;
+        use kernels::Activation;
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
+        let cases = [
+            (9, 300, 200, Activation::Silu, true),
+            (16, 150, 1504, Activation::GeluTanh, true),
+            (3, 200, 96, Activation::Gelu, true),
+            (1, 130, 520, Activation::Silu, false),
+        ];
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+            for (rows, n, k, act, gated) in cases {
+                let ld = if gated { 2 * k } else { k };
+                // Pre-activations of about 4, one outlier, and a repeated value (a tie).
+                let pre: Vec<f32> = (0..rows * ld)
+                    .map(|i| match i % 97 {
+                        0 => 60.0,
+                        1 | 2 => 2.5,
+                        _ => next() * 4.0,
+                    })
+                    .collect();
+                let w = mma_weights(dtype, n * k, &mut next);
+                let (pd, wd) = (dev.upload(&pre).unwrap(), dev.upload(&w).unwrap());
+                let (gate, up) = match gated {
+                    true => (dev.ptr(&pd), dev.ptr(&pd) + (k * 4) as u64),
+                    false => (0, dev.ptr(&pd)),
+                };
+                let plan = dev.mma_plan(rows, n, k).unwrap();
+                let (slabs, cols) = (plan.slabs, plan.launch.grid.0 as usize);
+                let partial = dev.alloc::<f32>(slabs * rows * n).unwrap();
+                let counters = dev.zeros::<u32>(cols).unwrap();
+                let ws = (dev.ptr(&partial), dev.ptr(&counters));
+                let wt = (dev.ptr(&wd), dtype);
+                let pos0 = 5;
+                // The activation launch, then the product of what it wrote.
+                let a = dev.alloc::<f32>(rows * k).unwrap();
+                let (keys_a, keys_b) = (dev.zeros::<u64>(k).unwrap(), dev.zeros::<u64>(k).unwrap());
+                let (ya, yb) =
+                    (dev.alloc::<f32>(rows * n).unwrap(), dev.alloc::<f32>(rows * n).unwrap());
+                let g = gated.then_some(Product::Rows(gate, ld));
+                let at = (pos0, 0);
+                let u = Product::Rows(up, ld);
+                dev.act_mul(g, u, (dev.ptr(&a), 0), rows, k, at, dev.ptr(&keys_a), act).unwrap();
+                let x = kernels::MmaInput::rows(dev.ptr(&a), k);
+                dev.gemm_mma(x, wt, dev.ptr(&ya), n, (rows, n, k), &plan, ws).unwrap();
+                // The one launch.
+                let keys = (pos0, dev.ptr(&keys_b));
+                let x = kernels::MmaInput { x: up, gate, ld, act: Some(act), keys };
+                dev.gemm_mma(x, wt, dev.ptr(&yb), n, (rows, n, k), &plan, ws).unwrap();
+                let what =
+                    format!("{dtype:?} {act:?} gated {gated}, {rows} × {n} × {k}, {slabs} slabs");
+                let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let (ya, yb) = (
+                    dev.download(&ya, 0, rows * n).unwrap(),
+                    dev.download(&yb, 0, rows * n).unwrap(),
+                );
+                assert!(ya.iter().all(|v| v.is_finite()), "{what}: y not finite");
+                let (ya, yb) = (bits(ya), bits(yb));
+                let at = ya.iter().zip(&yb).position(|(a, b)| a != b);
+                assert_eq!(at, None, "{what}: y differs at this index");
+                let (ka, kb) =
+                    (dev.download(&keys_a, 0, k).unwrap(), dev.download(&keys_b, 0, k).unwrap());
+                assert!(ka.iter().all(|&key| key != 0), "{what}: a column without a key");
+                let at = ka.iter().zip(&kb).position(|(a, b)| a != b);
+                assert_eq!(at, None, "{what}: spike keys differ at this column");
+            }
+        }
+    }
+
     /// `rows` × `k` inputs of about 1, with outliers (1500, -2e5) and, in row 1, values near
     /// 1e-6.
     fn mma_input(rows: usize, k: usize, next: &mut impl FnMut() -> f32) -> Vec<f32> {
@@ -1097,7 +1197,16 @@ mod tests {
             let y = dev.upload(&vec![f32::NAN; rows * ldy]).unwrap();
             let ws = (dev.ptr(&partial), dev.ptr(&counters));
             let w = (dev.ptr(&wd), dtype);
-            dev.gemm_mma(dev.ptr(&xd), w, dev.ptr(&y), ldy, (rows, n, k), &plan, ws).unwrap();
+            dev.gemm_mma(
+                kernels::MmaInput::rows(dev.ptr(&xd), k),
+                w,
+                dev.ptr(&y),
+                ldy,
+                (rows, n, k),
+                &plan,
+                ws,
+            )
+            .unwrap();
             dev.download(&y, 0, rows * ldy).unwrap()
         };
         let got = run();
@@ -1292,7 +1401,16 @@ mod tests {
                         let plan = dev.mma_plan(rows, n, k).unwrap();
                         assert!(plan.slabs * rows * n <= partial.len(), "partial sums too small");
                         let m = mean_us(&|| {
-                            dev.gemm_mma(px, (pw, dtype), py, n, (rows, n, k), &plan, ws).unwrap()
+                            dev.gemm_mma(
+                                kernels::MmaInput::rows(px, k),
+                                (pw, dtype),
+                                py,
+                                n,
+                                (rows, n, k),
+                                &plan,
+                                ws,
+                            )
+                            .unwrap()
                         });
                         if rows == 9 {
                             mma9.insert((n, k), m);
@@ -1346,8 +1464,16 @@ mod tests {
                         let plan = kernels::mma(9, n, k, per * dev.sm_count()).unwrap();
                         assert!(plan.slabs * 9 * n <= partial.len(), "partial sums too small");
                         let m = mean_us(&|| {
-                            dev.gemm_mma(px, (pw, WeightDtype::Bf16), py, n, (9, n, k), &plan, ws)
-                                .unwrap()
+                            dev.gemm_mma(
+                                kernels::MmaInput::rows(px, k),
+                                (pw, WeightDtype::Bf16),
+                                py,
+                                n,
+                                (9, n, k),
+                                &plan,
+                                ws,
+                            )
+                            .unwrap()
                         });
                         format!("{m:.1} ({})", plan.slabs)
                     })

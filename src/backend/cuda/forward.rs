@@ -654,7 +654,8 @@ impl CudaModel {
     /// statistic is what the MLP writes). `tap(kind, at, width)` copies out the MLP's hook
     /// points (the pre-activations and a). Returns proj, as cublas-split's halves when
     /// `lean` (nothing taps the products) and nothing is applied to it here; with `lean`
-    /// the gate and up products are added where the activation reads them.
+    /// the gate and up products are added where the activation reads them, and the `mma`
+    /// engine's down product makes a (and its statistics) as it reads it.
     #[allow(clippy::too_many_arguments)]
     fn dense_mlp(
         &self,
@@ -701,11 +702,18 @@ impl CudaModel {
             tap(HookKind::MlpPre, gate, i)?;
             tap(HookKind::MlpPreLinear, up, i)?;
         }
-        let split = self.split_target(sc, t * i)?;
-        dev.act_mul(Some(g), u, (act, split), t, i, (pos0, 0), keys, b.act)?;
-        tap(HookKind::MlpPost, act, i)?;
-        let proj =
-            self.product(Input::new(act, split), down, proj, t, (i, h), sc, lean && !b.post_norms)?;
+        // The tensor cores' down product makes the activation as it reads it, when nothing
+        // taps it; otherwise the activation is a launch (and a buffer) of its own.
+        let at = (pos0, keys);
+        let proj = if lean && self.mma_activated((g, u), b.act, &down, proj, t, (i, h), at, sc)? {
+            Product::Whole(proj)
+        } else {
+            let split = self.split_target(sc, t * i)?;
+            dev.act_mul(Some(g), u, (act, split), t, i, (pos0, 0), keys, b.act)?;
+            tap(HookKind::MlpPost, act, i)?;
+            let keep = lean && !b.post_norms;
+            self.product(Input::new(act, split), down, proj, t, (i, h), sc, keep)?
+        };
         if let (true, Product::Whole(proj)) = (b.post_norms, proj) {
             let norm = w("post_feedforward_layernorm.weight")?.f32_ptr()?;
             let p1 = b.norm == Norm::Rms { plus_one: true };
@@ -844,7 +852,7 @@ mod tests {
     /// launch and two launches between adds and norms. With q/k/v and gate/up as one product
     /// each, 9. The logits keep their bits (the emulator's products are exact sums, so
     /// grouping cannot change them here), with and without spike statistics. The `mma`
-    /// engine's block is 9 launches too.
+    /// engine's block is 8: its down product makes the activation as it reads it.
     #[test]
     fn fused_launches_more_than_halve_a_llama_block() {
         let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
@@ -871,10 +879,16 @@ mod tests {
             assert!(fused.1 == plain.1, "the fused launches change the logits (stats {stats})");
             assert!(grouped.1 == plain.1, "grouped products change the logits (stats {stats})");
         }
-        // The tensor-core engine: its products are whole (no halves to add), grouped alike.
+        // The tensor-core engine: its products are whole (no halves to add), grouped alike,
+        // and the down product makes its input; unfused, the same bits.
         g.set_gemm(GemmEngine::Mma).expect("mma engine");
         for stats in [false, true] {
-            assert_eq!(pass(&g, &tokens, stats).0, 2 + 9 * layers, "mma, stats {stats}");
+            let fused = pass(&g, &tokens, stats);
+            g.set_fused_launches(false);
+            let plain = pass(&g, &tokens, stats);
+            g.set_fused_launches(true);
+            assert_eq!(fused.0, 2 + 8 * layers, "mma, stats {stats}");
+            assert!(fused.1 == plain.1, "mma: the fused launches change the logits");
         }
         // A pass too long to fold its statistics into the next norm's launch: with statistics,
         // each block has its own norm (10 launches); without, 9 as before.

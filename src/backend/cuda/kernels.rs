@@ -67,6 +67,8 @@ pub const KERNELS: &[&str] = &[
     "swk_gemm_grouped_bf16",
     "swk_gemm_grouped_f16",
     "swk_gemm_grouped_f32",
+    "swk_gemm_mma_act_bf16",
+    "swk_gemm_mma_act_f16",
     "swk_gemm_mma_bf16",
     "swk_gemm_mma_f16",
     "swk_gemm_mma_grouped_bf16",
@@ -232,6 +234,30 @@ pub struct MmaPlan {
     pub stage: usize,
     /// Slabs (grid y).
     pub slabs: usize,
+}
+
+/// What `swk_gemm_mma_*` reads as x (`MmaX` in kernels/mma.cu): f32 rows `ld` elements apart,
+/// or the MLP's activation, made from the gate and up products as the product reads it, as
+/// `swk_act_mul` makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaInput {
+    /// x, or the up product.
+    pub x: u64,
+    /// The gate product (0: none, an un-gated activation of `x`).
+    pub gate: u64,
+    /// Elements from one row to the next.
+    pub ld: usize,
+    /// The activation; None: x as it is.
+    pub act: Option<Activation>,
+    /// The first row's position, and where the activation's spike keys go (0: nowhere).
+    pub keys: (usize, u64),
+}
+
+impl MmaInput {
+    /// f32 rows at `x`, `ld` elements apart.
+    pub fn rows(x: u64, ld: usize) -> Self {
+        MmaInput { x, gate: 0, ld, act: None, keys: (0, 0) }
+    }
 }
 
 /// The plan of `swk_gemm_mma_*` for `rows` (1..=[`MMA_MAX_ROWS`]) rows of x, `n` weight rows

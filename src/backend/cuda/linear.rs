@@ -10,7 +10,7 @@
 //! reads them ([`Product::Halves`]). The values are the same bits; the launches are fewer.
 
 use super::driver::{CudaDevice, CudaSlice, PinnedHostSlice};
-use super::kernels;
+use super::kernels::{self, MmaInput};
 use super::model::{CudaModel, GemmEngine, WeightDtype, WeightRef};
 use crate::{Error, Result};
 
@@ -134,22 +134,54 @@ impl CudaModel {
         let grouped = self.grouped_products && keep && outs.len() > 1;
         if let Some(n_all) = adjacent(outs, n_in).filter(|_| grouped) {
             let y = sc.y2(&self.dev, rows * n_all)?;
+            let x = MmaInput::rows(x, n_in);
             self.mma(x, &outs[0].0, (y, n_all), (rows, n_all, n_in), sc)?;
             return Ok(column_offsets(outs).map(|at| Product::Rows(y + at, n_all)).collect());
         }
         let mut out = Vec::with_capacity(outs.len());
         for (w, y, n_out) in outs {
-            self.mma(x, w, (*y, *n_out), (rows, *n_out, n_in), sc)?;
+            self.mma(MmaInput::rows(x, n_in), w, (*y, *n_out), (rows, *n_out, n_in), sc)?;
             out.push(Product::Whole(*y));
         }
         Ok(out)
+    }
+
+    /// The MLP's down projection `[rows, n_out]` into y on the tensor cores, its input, the
+    /// activation `act` of the gate and up products (rows `n_in` wide), made as the product
+    /// reads it, and its spike keys into `keys` (rows at positions from `pos0`; 0: none):
+    /// one launch instead of the activation's and the product's. False, launching nothing,
+    /// when the product is not the tensor cores' or a product is left in halves; the caller
+    /// then makes the activation itself.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mma_activated(
+        &self,
+        (gate, up): (Product, Product),
+        act: kernels::Activation,
+        w: &WeightRef,
+        y: u64,
+        rows: usize,
+        (n_in, n_out): (usize, usize),
+        (pos0, keys): (usize, u64),
+        sc: &mut Scratch,
+    ) -> Result<bool> {
+        let ((g, g_lo), (u, u_lo)) = (gate.parts(), up.parts());
+        let ld = up.row_stride(n_in);
+        if !self.mma_fits(w, rows, n_in, n_out) || g_lo != 0 || u_lo != 0 {
+            return Ok(false);
+        }
+        if gate.row_stride(n_in) != ld {
+            return Err(Error::Backend("gate and up products with different row strides".into()));
+        }
+        let x = MmaInput { x: u, gate: g, ld, act: Some(act), keys: (pos0, keys) };
+        self.mma(x, w, (y, n_out), (rows, n_out, n_in), sc)?;
+        Ok(true)
     }
 
     /// One tensor-core product into y (rows `ldy` apart), with its partial sums and counters
     /// from the scratch.
     fn mma(
         &self,
-        x: u64,
+        x: MmaInput,
         w: &WeightRef,
         (y, ldy): (u64, usize),
         (rows, n, k): (usize, usize, usize),
@@ -239,7 +271,7 @@ impl CudaModel {
                 self.dev.gemm_bf16_inputs(x16, w.ptr, y, rows, n_out, n_in)
             }
             (_, GemmEngine::Mma) if self.mma_fits(w, rows, n_in, n_out) => {
-                self.mma(x, w, (y, n_out), (rows, n_out, n_in), sc)
+                self.mma(MmaInput::rows(x, n_in), w, (y, n_out), (rows, n_out, n_in), sc)
             }
             // f16 weights past the tensor-core product's rows: swk's kernels, f16's default.
             (WeightDtype::F16, GemmEngine::Mma) => {
