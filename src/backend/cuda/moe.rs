@@ -25,7 +25,8 @@
 //! rows (prefill, perplexity windows) are multiplied one at a time.
 //!
 //! Routing on the host costs one small download (and a synchronization) per sparse layer,
-//! and makes passes of these models unfit for CUDA graphs. The per-expert statistics and the
+//! then one upload of the dispatch (and the grouped experts' addresses), and makes passes of
+//! these models unfit for CUDA graphs. The per-expert statistics and the
 //! router counters land in the same [`SpikeStats`] fields as on the CPU.
 
 use std::sync::Mutex;
@@ -40,6 +41,36 @@ use crate::model::arch::{deepseek, moe};
 use crate::model::config::MoeParams;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
+
+/// The grouped experts of a sparse layer, host side ([`CudaModel::grouped_plan`]).
+struct GroupedExperts {
+    /// The experts' gate, then up, then down weights' device addresses (`[3, experts]`).
+    ptrs: Vec<u64>,
+    /// The experts' first rows, row counts, input keys and output keys (`[4, experts]`).
+    meta: Vec<u32>,
+    /// The weights' dtype.
+    dtype: super::WeightDtype,
+    /// The smallest and largest row count.
+    rows: (usize, usize),
+    /// Whether the `mma` engine's grouped product takes them.
+    mma: bool,
+}
+
+/// Host arrays packed for one upload, each at an 8-byte aligned byte offset.
+#[derive(Default)]
+struct Packed {
+    bytes: Vec<u8>,
+}
+
+impl Packed {
+    /// Append `v`; returns its byte offset.
+    fn push<T: bytemuck::Pod>(&mut self, v: &[T]) -> u64 {
+        let at = self.bytes.len().next_multiple_of(8);
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(bytemuck::cast_slice(v));
+        at as u64
+    }
+}
 
 /// Where each layer's spike keys lie in a pass's key buffer: the dense MLP's (or, in a sparse
 /// layer, what the block writes) `[intermediate]` inputs then `[hidden]` outputs; in a sparse
@@ -294,28 +325,23 @@ impl CudaModel {
         self.grouped_layers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The routed experts of sparse layer `l` together (see moe.cu; with the `mma` engine,
-    /// mma.cu's grouped product): one launch each for gate, up, the activation (with its
-    /// input keys), down and the output keys, when all their weights share one dtype and
-    /// either every expert of `d` has at most [`kernels::GEMV_MAX_ROWS`] rows or the engine
-    /// is swk's kernels (which group any row count; cuBLAS multiplies longer prefills one
-    /// expert at a time). Returns false (having run nothing) otherwise.
-    fn experts_grouped(
+    /// The host side of running the routed experts of sparse layer `l` together (see
+    /// [`Self::experts_grouped`]): each expert's weights' addresses and its rows' metadata,
+    /// when all their weights share one dtype and either every expert of `d` has at most
+    /// [`kernels::GEMV_MAX_ROWS`] rows or the engine is swk's kernels (which group any row
+    /// count; cuBLAS multiplies longer prefills one expert at a time). None otherwise.
+    fn grouped_plan(
         &self,
         l: usize,
         w: &dyn Fn(&str) -> Result<WeightRef>,
         d: &Dispatch,
-        ma: &MoeActs,
-        position: &CudaSlice<u32>,
-        keys: u64,
-    ) -> Result<bool> {
-        let dev = &self.dev;
+    ) -> Result<Option<GroupedExperts>> {
         let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
         let min_rows = d.experts.iter().map(|&(_, _, n)| n).min().unwrap_or(0);
         let max_rows = d.experts.iter().map(|&(_, _, n)| n).max().unwrap_or(0);
         let small = max_rows <= kernels::GEMV_MAX_ROWS;
         if min_rows == 0 || !(small || self.gemm == GemmEngine::Kernels) {
-            return Ok(false);
+            return Ok(None);
         }
         // Per expert: its gate, up and down weights' addresses; its rows; its keys.
         let g = d.experts.len();
@@ -333,7 +359,7 @@ impl CudaModel {
                     ));
                 }
                 if *dtype.get_or_insert(wr.dtype) != wr.dtype {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 ptrs[j * g + i] = wr.ptr;
             }
@@ -346,23 +372,40 @@ impl CudaModel {
             (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
         }
         let dtype = dtype.unwrap_or(super::WeightDtype::F32);
-        let aligned = ptrs.iter().all(|p| p % 16 == 0);
-        let (ptrs, meta) = (dev.upload(&ptrs)?, dev.upload(&meta)?);
-        let (pp, mp) = (dev.ptr(&ptrs), dev.ptr(&meta));
-        let groups =
-            RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
-        let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
-        let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
-        let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
         // The `mma` engine's tensor-core product where it applies, else swk's kernels.
+        let aligned = ptrs.iter().all(|p| p % 16 == 0);
         let mma = self.gemm == GemmEngine::Mma
             && dtype.is_half()
             && small
             && h % 8 == 0
             && ei % 8 == 0
             && aligned;
+        Ok(Some(GroupedExperts { ptrs, meta, dtype, rows: (min_rows, max_rows), mma }))
+    }
+
+    /// The routed experts of a sparse layer together, as `plan` lays them out (see moe.cu;
+    /// with the `mma` engine, mma.cu's grouped product): one launch each for gate, up, the
+    /// activation (with its input keys), down and the output keys. `at`: the device addresses
+    /// of the plan's weight addresses and metadata; `pos`: of the rows' positions.
+    fn experts_grouped(
+        &self,
+        plan: &GroupedExperts,
+        (pp, mp): (u64, u64),
+        ma: &MoeActs,
+        pos: u64,
+        keys: u64,
+    ) -> Result<()> {
+        let dev = &self.dev;
+        let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
+        let (g, dtype) = (plan.ptrs.len() / 3, plan.dtype);
+        let (min_rows, max_rows) = plan.rows;
+        let groups =
+            RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
+        let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
+        let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
+        let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
         let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
-            if mma {
+            if plan.mma {
                 dev.gemm_mma_grouped(x, (w, dtype), y, &groups, n, k)
             } else {
                 dev.gemm_grouped(x, w, dtype, y, &groups, n, k)
@@ -370,14 +413,13 @@ impl CudaModel {
         };
         product(xs, pp, gate, ei, h)?;
         product(xs, pp + (8 * g) as u64, up, ei, h)?;
-        let pos = dev.ptr(position);
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
         product(act, pp + (16 * g) as u64, ys, h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
         self.grouped_layers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+        Ok(())
     }
 
     /// Layer `l`'s sparse MLP on `m` (`[t, hidden]`, first token at `pos0`) into `ma.out`,
@@ -413,19 +455,29 @@ impl CudaModel {
             None => z.chunks(ne).map(|z| moe::route(z, k, p.norm_topk_prob)).collect(),
         };
         let d = Dispatch::new(&routes, ne, k, pos0)?;
-        let (token, position) = (dev.upload(&d.token)?, dev.upload(&d.position)?);
-        let (slot, weight) = (dev.upload(&d.slot)?, dev.upload(&d.weight)?);
+        let grouped = match self.grouped_experts {
+            true => self.grouped_plan(l, w, &d)?,
+            false => None,
+        };
+        // One upload: the dispatch's indices and weights, and the grouped experts' plan.
+        let mut up = Packed::default();
+        let (token, position) = (up.push(&d.token), up.push(&d.position));
+        let (slot, weight) = (up.push(&d.slot), up.push(&d.weight));
+        let plan_at = grouped.as_ref().map(|g| (up.push(&g.ptrs), up.push(&g.meta)));
+        let packed = dev.upload(&up.bytes)?;
+        let base = dev.ptr(&packed);
+        let position = base + position;
 
         // Each expert on its tokens' rows: all at once when each has few rows, else one by one.
-        dev.embed(m, super::WeightDtype::F32, dev.ptr(&token), dev.ptr(&ma.xs), t * k, h, 1.0)?;
-        if self.grouped_experts && self.experts_grouped(l, w, &d, ma, &position, keys)? {
-            // done
+        dev.embed(m, super::WeightDtype::F32, base + token, dev.ptr(&ma.xs), t * k, h, 1.0)?;
+        if let (Some(g), Some((pp, mp))) = (&grouped, plan_at) {
+            self.experts_grouped(g, (base + pp, base + mp), ma, position, keys)?;
         } else {
             for &(e, r0, n) in &d.experts {
                 let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
                 let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
                 let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
-                let at = (0, dev.ptr(&position) + (r0 * 4) as u64);
+                let at = (0, position + (r0 * 4) as u64);
                 let (ki, ko) = self.key_layout.expert(l, e);
                 self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
                 dev.act_mul(
@@ -445,7 +497,7 @@ impl CudaModel {
             }
         }
         let out = dev.ptr(&ma.out);
-        dev.moe_combine(dev.ptr(&ma.ys), dev.ptr(&slot), dev.ptr(&weight), out, t, k, h)?;
+        dev.moe_combine(dev.ptr(&ma.ys), base + slot, base + weight, out, t, k, h)?;
 
         // The shared expert on every token: DeepSeek's added as it is, Qwen2-MoE's gated by
         // sigmoid(m·w_gateᵀ).
