@@ -1013,9 +1013,9 @@ mod tests {
     /// outlier of 1500 and one of -2e5, beyond f16's range, and a row of values near 1e-6):
     /// 1, 8, 9 and 16 rows (one and two tiles of 8), n not a multiple of 16, k a multiple of 8
     /// but not of 32, one slab and several (a ragged last one), slabs staged in one round and
-    /// in several, y rows wider than n (the gaps untouched). A second launch gives the same bits (the counters were left at zero); on
-    /// the emulator, so does the reversed order of threads and blocks (the last block to
-    /// finish adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9,
+    /// in several, y rows wider than n (the gaps untouched). A second launch gives the same
+    /// bits (the counters were left at zero); on the emulator, so does the reversed order of
+    /// threads and blocks (the last block to finish adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9,
     /// each with its own weight, k staged in two rounds) within the same bound, rows past
     /// the groups untouched.
     #[test]
