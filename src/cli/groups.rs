@@ -113,8 +113,8 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     Ok(())
 }
 
-/// The groups (captures, writers and ablations) on CUDA device 0 (the layers streamed from `lazy` when
-/// given); returns the report and a description of the device.
+/// The groups (captures, writers and ablations) on CUDA device 0 (the layers streamed from `lazy`
+/// when given); returns the report and a description of the device.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_groups(
     model: &Model,

@@ -235,9 +235,9 @@ impl GgmlType {
     }
 }
 
-/// Dequantize `dst.len()` elements stored as `ty` in `src` into `dst`.
-/// Errors (as a human-readable String, the caller adds the file/tensor name) when `ty` is unsupported,
-/// when dst.len() is not a multiple of the block size, or when src.len() != bytes_for(dst.len()).
+/// Dequantize `dst.len()` elements stored as `ty` in `src` into `dst`. Errors (as a human-readable
+/// String, the caller adds the file/tensor name) when `ty` is unsupported, when dst.len() is not a
+/// multiple of the block size, or when src.len() != bytes_for(dst.len()).
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), String> {
     if !ty.can_dequantize() {
         return Err(format!("dequantization of {} tensors is not supported", ty.name()));

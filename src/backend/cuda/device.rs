@@ -705,10 +705,11 @@ impl CudaDevice {
         kernels::mma(rows, n, k, 2 * self.sm_count())
     }
 
-    /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16` / `_f16`): y (rows `ldy`
-    /// apart) = x `[rows, k]` · Wᵀ for a bf16 or f16 W `[n, k]` (16-byte aligned), as `plan`
-    /// covers it, x as [`kernels::MmaInput`] describes it (its activation's spike keys too); with more than one slab, `partial` holds `slabs × rows × n` f32 and
-    /// `counters` one zeroed u32 per column range (the kernel leaves them zero).
+    /// The `mma` engine's tensor-core product (`swk_gemm_mma_bf16` / `_f16`): y (rows `ldy` apart)
+    /// = x `[rows, k]` · Wᵀ for a bf16 or f16 W `[n, k]` (16-byte aligned), as `plan` covers it, x
+    /// as [`kernels::MmaInput`] describes it (its activation's spike keys too); with more than one
+    /// slab, `partial` holds `slabs × rows × n` f32 and `counters` one zeroed u32 per column range
+    /// (the kernel leaves them zero).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_mma(
         &self,
@@ -1007,17 +1008,16 @@ mod tests {
         }
     }
 
-    /// `swk_gemm_mma_bf16` and `_f16` (the `mma` engine) against the f64 product of the
-    /// stored weights, within 1e-5 of Σ|x·w| per value (x's two bf16 terms hold about 16 of
-    /// its bits, its two f16 terms 22 after the row's scaling; among values of about 1, an
-    /// outlier of 1500 and one of -2e5, beyond f16's range, and a row of values near 1e-6):
-    /// 1, 8, 9 and 16 rows (one and two tiles of 8), n not a multiple of 16, k a multiple of 8
-    /// but not of 32, one slab and several (a ragged last one), slabs staged in one round and
-    /// in several, y rows wider than n (the gaps untouched). A second launch gives the same
-    /// bits (the counters were left at zero); on the emulator, so does the reversed order of
-    /// threads and blocks (the last block to finish adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9,
-    /// each with its own weight, k staged in two rounds) within the same bound, rows past
-    /// the groups untouched.
+    /// `swk_gemm_mma_bf16` and `_f16` (the `mma` engine) against the f64 product of the stored
+    /// weights, within 1e-5 of Σ|x·w| per value (x's two bf16 terms hold about 16 of its bits, its
+    /// two f16 terms 22 after the row's scaling; among values of about 1, an outlier of 1500 and
+    /// one of -2e5, beyond f16's range, and a row of values near 1e-6): 1, 8, 9 and 16 rows (one
+    /// and two tiles of 8), n not a multiple of 16, k a multiple of 8 but not of 32, one slab and
+    /// several (a ragged last one), slabs staged in one round and in several, y rows wider than n
+    /// (the gaps untouched). A second launch gives the same bits (the counters were left at zero);
+    /// on the emulator, so does the reversed order of threads and blocks (the last block to finish
+    /// adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9, each with its
+    /// own weight, k staged in two rounds) within the same bound, rows past the groups untouched.
     #[test]
     fn mma_products_match_f64() {
         if !cuda_available() {

@@ -684,10 +684,10 @@ impl CudaModel {
     pub fn set_fused_launches(&mut self, on: bool) {
         self.fused_launches = on;
     }
-    /// With the launches fused ([`Self::set_fused_launches`]) and `cublas-split`, run the
-    /// q/k/v products of a layer as one product, and its gate/up products as one (their weights lie back to back on the
-    /// device; on by default; the values are those of the separate products to cuBLAS's
-    /// rounding). Off: a product per weight, the baseline the timing tests compare with.
+    /// With the launches fused ([`Self::set_fused_launches`]) and `cublas-split`, run the q/k/v
+    /// products of a layer as one product, and its gate/up products as one (their weights lie back
+    /// to back on the device; on by default; the values are those of the separate products to
+    /// cuBLAS's rounding). Off: a product per weight, the baseline the timing tests compare with.
     pub fn set_grouped_products(&mut self, on: bool) {
         self.grouped_products = on;
     }
