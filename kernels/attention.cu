@@ -1,7 +1,8 @@
 // Causal attention of `rows` new queries against the KV cache, for prefill (rows > 1) and
 // decode (rows == 1) alike. Scores are q·k times `scale`, soft-capped to
-// softcap · tanh(s / softcap) when softcap > 0 (Gemma 2). GQA: query head h reads kv head h / (n_heads / n_kv). Optional
-// sliding window: a query at position p sees keys p - window < j <= p (window 0 = none).
+// softcap · tanh(s / softcap) when softcap > 0 (Gemma 2). GQA: query head h reads kv head
+// h / (n_heads / n_kv). Optional sliding window: a query at position p sees keys
+// p - window < j <= p (window 0 = none).
 //
 // A straightforward kernel, one block per (head, query row), mirroring cpu::attention:
 //   1. each thread scores whole keys (sequential f32 dot over head_dim, times 1/sqrt(hd));

@@ -16,9 +16,9 @@
 // block stages that range of x's two terms in shared memory, `stage` k at a time (in rounds
 // when the slab is longer). Against each round, each lane reads its two weight rows (group
 // and group + 8 of its warp's 16) 16 bytes at a time straight from global memory. A sum
-// does not care in which order its k come, so a lane's 16-byte run of a weight row (8 consecutive k) fills the k slots the fragment layout gives the lane in the
-// two mma's of a 32-k chunk, and its 16-byte run of x's terms the same slots (see
-// mma_16816). With one slab the warps write y. With several, each block writes its partial
+// does not care in which order its k come, so a lane's 16-byte run of a weight row (8
+// consecutive k) fills the k slots the fragment layout gives the lane in the two mma's of a
+// 32-k chunk, and its 16-byte run of x's terms the same slots (see mma_16816). With one slab the warps write y. With several, each block writes its partial
 // sums (`partial`, [slab][row][column]); the last block of a column range to finish (a
 // counter per range in `counters`, which that block sets back to 0) adds them in slab order,
 // so the result does not depend on which block finishes last.
