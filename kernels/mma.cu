@@ -18,10 +18,11 @@
 // and group + 8 of its warp's 16) 16 bytes at a time straight from global memory. A sum
 // does not care in which order its k come, so a lane's 16-byte run of a weight row (8
 // consecutive k) fills the k slots the fragment layout gives the lane in the two mma's of a
-// 32-k chunk, and its 16-byte run of x's terms the same slots (see mma_16816). With one slab the warps write y. With several, each block writes its partial
-// sums (`partial`, [slab][row][column]); the last block of a column range to finish (a
-// counter per range in `counters`, which that block sets back to 0) adds them in slab order,
-// so the result does not depend on which block finishes last.
+// 32-k chunk, and its 16-byte run of x's terms the same slots (see mma_16816). With one
+// slab the warps write y. With several, each block writes its partial sums (`partial`,
+// [slab][row][column]); the last block of a column range to finish (a counter per range in
+// `counters`, which that block sets back to 0) adds them in slab order, so the result does
+// not depend on which block finishes last.
 //
 // The down projection's x can be the MLP's activation, made from the gate and up products as
 // it is staged, with its spike statistics (MmaX): no activation launch, no activation buffer.
