@@ -204,6 +204,7 @@ __device__ __forceinline__ void mma_range(const MmaX<ACT>& x, const u16* w, int 
         }
         if (F16) {
             // Each row's scale from its largest |x| over the stage: warp w takes rows 2w, 2w + 1.
+            // (With ACT the activation is made here and again when it is staged.)
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const int r = 2 * warp + i;

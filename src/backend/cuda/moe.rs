@@ -26,8 +26,8 @@
 //!
 //! Routing on the host costs one small download (and a synchronization) per sparse layer,
 //! then one upload of the dispatch (and the grouped experts' addresses), and makes passes of
-//! these models unfit for CUDA graphs. The per-expert statistics and the
-//! router counters land in the same [`SpikeStats`] fields as on the CPU.
+//! these models unfit for CUDA graphs. The per-expert statistics and the router counters
+//! land in the same [`SpikeStats`] fields as on the CPU.
 
 use std::sync::Mutex;
 
@@ -385,8 +385,8 @@ impl CudaModel {
 
     /// The routed experts of a sparse layer together, as `plan` lays them out (see moe.cu;
     /// with the `mma` engine, mma.cu's grouped product): one launch each for gate, up, the
-    /// activation (with its input keys), down and the output keys. `at`: the device addresses
-    /// of the plan's weight addresses and metadata; `pos`: of the rows' positions.
+    /// activation (with its input keys), down and the output keys. `pp`, `mp`: the device
+    /// addresses of the plan's weight addresses and metadata; `pos`: of the rows' positions.
     fn experts_grouped(
         &self,
         plan: &GroupedExperts,
@@ -455,22 +455,23 @@ impl CudaModel {
             None => z.chunks(ne).map(|z| moe::route(z, k, p.norm_topk_prob)).collect(),
         };
         let d = Dispatch::new(&routes, ne, k, pos0)?;
-        let grouped = match self.grouped_experts {
-            true => self.grouped_plan(l, w, &d)?,
-            false => None,
-        };
-        // One upload: the dispatch's indices and weights, and the grouped experts' plan.
+        let grouped = if self.grouped_experts { self.grouped_plan(l, w, &d)? } else { None };
+        // One upload: the dispatch's indices and weights, and the grouped experts' plan (with
+        // where its arrays lie in the upload).
         let mut up = Packed::default();
         let (token, position) = (up.push(&d.token), up.push(&d.position));
         let (slot, weight) = (up.push(&d.slot), up.push(&d.weight));
-        let plan_at = grouped.as_ref().map(|g| (up.push(&g.ptrs), up.push(&g.meta)));
+        let grouped = grouped.map(|g| {
+            let at = (up.push(&g.ptrs), up.push(&g.meta));
+            (g, at)
+        });
         let packed = dev.upload(&up.bytes)?;
         let base = dev.ptr(&packed);
         let position = base + position;
 
         // Each expert on its tokens' rows: all at once when each has few rows, else one by one.
         dev.embed(m, super::WeightDtype::F32, base + token, dev.ptr(&ma.xs), t * k, h, 1.0)?;
-        if let (Some(g), Some((pp, mp))) = (&grouped, plan_at) {
+        if let Some((g, (pp, mp))) = &grouped {
             self.experts_grouped(g, (base + pp, base + mp), ma, position, keys)?;
         } else {
             for &(e, r0, n) in &d.experts {
