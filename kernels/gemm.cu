@@ -219,8 +219,8 @@ __device__ __forceinline__ void gemv_group(const float* x, const u64* w, const u
                                            float* y, int n, int k) {
     const u32 g = blockIdx.y;
     const int r = (int)rows[g];
-    if (r > GEMV_MAX_ROWS) {
-        return;
+    if (r == 0 || r > GEMV_MAX_ROWS) {
+        return;  // the other kernel's group, or an expert no token chose: its weight unread
     }
     const u64 r0 = row0[g];
     gemv_cols<WT>(x + r0 * k, (const WT*)w[g], y + r0 * n, r, n, k, blockIdx.x);

@@ -605,6 +605,9 @@ fn grouped_experts_equal_one_by_one() {
                 let at = format!("{name} {dtype:?} {}", gemm.name());
                 let mut g =
                     CudaModel::new(&m, &CudaOptions { dtype, gemm, ..Default::default() }).unwrap();
+                // Both ways route on the host, so that the products alone differ (device routing
+                // against host routing: `device_routing_equals_host_routing`).
+                g.set_device_routing(false);
                 let run = |g: &CudaModel| {
                     let mut stats = SpikeStats::new(
                         m.config.num_layers,
@@ -671,6 +674,90 @@ fn grouped_experts_equal_one_by_one() {
                 assert_eq!(bits(&got), bits(&single), "{at}: grouped vs one by one");
             } else {
                 assert_eq!(g.grouped_expert_layers(), 0, "{at}: one expert at a time");
+            }
+        }
+    }
+}
+
+/// A mixture of experts' sparse layers route on the device in passes of at most 16 tokens
+/// ([`CudaModel::set_device_routing`], kernels/route.cu): the same logits and spike statistics
+/// (router counters included) as routing on the host, for a prefill and decode steps, on
+/// every MoE fixture and engine: bit for bit on the emulator, within rounding on a GPU (whose
+/// `expf` and `log` may differ from the host's in the last bit). Such passes are CUDA graphs:
+/// their replays give the same statistics.
+#[test]
+fn device_routing_equals_host_routing() {
+    if !gpu() {
+        return;
+    }
+    let emulated = swk::backend::cuda::EMULATED;
+    let moe = [
+        "deepseek_v2",
+        "deepseek_v2_greedy",
+        "deepseek_v3",
+        "mixtral",
+        "olmoe",
+        "qwen2_moe",
+        "qwen3_moe",
+    ];
+    for name in moe {
+        let (m, tokens) = load(name);
+        let prompt = &tokens[..tokens.len().min(9)];
+        let c = &m.config;
+        let new_stats = || SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        // A 5-token prefill, then one token at a time.
+        let run = |g: &CudaModel| {
+            let (mut s, mut cache) = (new_stats(), CudaKvCache::new(g));
+            let mut logits =
+                g.forward(&prompt[..5], &mut cache, Some(&mut s), Logits::All).unwrap();
+            for &t in &prompt[5..] {
+                logits.extend(g.forward(&[t], &mut cache, Some(&mut s), Logits::All).unwrap());
+            }
+            (logits, s)
+        };
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let mut gemms = engines_brief(dtype);
+            if dtype == WeightDtype::Bf16 && cublas_present() && !gemms.contains(&GemmEngine::Mma) {
+                gemms.push(GemmEngine::Mma);
+            }
+            for gemm in gemms {
+                let at = format!("{name} {dtype:?} {}", gemm.name());
+                let mut g =
+                    CudaModel::new(&m, &CudaOptions { dtype, gemm, ..Default::default() }).unwrap();
+                let before = g.device_routed_layers();
+                let (dl, ds) = run(&g);
+                assert!(g.device_routed_layers() > before, "{at}: routed on the device");
+                g.set_device_routing(false);
+                let before = g.device_routed_layers();
+                let (hl, hs) = run(&g);
+                assert_eq!(g.device_routed_layers(), before, "{at}: routed on the host");
+                if emulated {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert_eq!(bits(&dl), bits(&hl), "{at}: logits");
+                    assert_eq!(format!("{:?}", ds.layers), format!("{:?}", hs.layers), "{at}");
+                } else {
+                    let err = max_rel_err(&dl, &hl, 1.0);
+                    assert!(err <= 1e-4, "{at}: device vs host routing {err}");
+                    assert_stats_match(&at, &ds, &hs);
+                }
+                // The prompt's statistics from a graph, captured then replayed.
+                use swk::detect::DetectBackend;
+                g.set_device_routing(true);
+                let mut plain = new_stats();
+                g.spike_stats(prompt, &mut plain).unwrap();
+                g.set_graphs(true);
+                let mut graphed = new_stats();
+                for _ in 0..2 {
+                    g.spike_stats(prompt, &mut graphed).unwrap();
+                }
+                assert_eq!(g.graph_error(), None, "{at}");
+                assert_eq!(g.graphs_held(), 1, "{at}: the pass is a graph");
+                if emulated {
+                    let (a, b) = (format!("{:?}", graphed.layers), format!("{:?}", plain.layers));
+                    assert_eq!(a, b, "{at}: graph replay");
+                } else {
+                    assert_stats_match(&format!("{at} graph"), &graphed, &plain);
+                }
             }
         }
     }

@@ -7,9 +7,9 @@
 //   shared memory); dynamic shared memory is the launch's buffer (SWK_DYNAMIC_SHARED).
 // - threadIdx / blockIdx / blockDim / gridDim are globals the scheduler sets before it resumes
 //   each emulated thread.
-// - __syncthreads and the warp shuffles are barriers of the scheduler: every thread of the
-//   block (or of the warp) runs until it reaches them, then all go on.
-// - The `_rn` arithmetic intrinsics are plain IEEE f32 operations (compiled with
+// - __syncthreads, __syncwarp and the warp shuffles are barriers of the scheduler: every
+//   thread of the block (or of the warp) runs until it reaches them, then all go on.
+// - The `_rn` arithmetic intrinsics are plain IEEE f32 and f64 operations (compiled with
 //   -ffp-contract=off, so nothing is fused behind the kernel's back); fmaf is a true fma.
 //   expf/exp/log/sin/cos come from the host's libm and may differ from CUDA's in the last
 //   bits: the emulator checks logic, not the GPU's exact rounding of transcendentals.
@@ -64,6 +64,12 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
     return out;
 }
 
+// __syncwarp: a warp barrier (a shuffle of nothing with one's own lane).
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+    char in = 0, out = 0;
+    swk_emu::shuffle_xor(&in, &out, 1, 0);
+}
+
 inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, sizeof f);
@@ -78,6 +84,19 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __longlong_as_double(long long u) {
+    double d;
+    std::memcpy(&d, &u, sizeof d);
+    return d;
+}
+inline long long __double_as_longlong(double d) {
+    long long u;
+    std::memcpy(&u, &d, sizeof u);
+    return u;
+}
 inline double cospi(double x) { return std::cos(3.14159265358979323846 * x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

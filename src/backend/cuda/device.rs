@@ -453,6 +453,53 @@ impl CudaDevice {
         launch!(self, name, l, x, w, y, row0, rows, n_i, k_i, s)
     }
 
+    /// Route `tokens` tokens (router logits `z` `[tokens, ne]`, the first at position `pos0`)
+    /// to `k` of `ne` experts by `rule` (`bias`: V3's selection bias `[ne]`, 0: none), on the
+    /// device (swk_moe_route, route.cu): the dispatch into `out`, the router counters added
+    /// at `tally` (0: none), `work` for the kernel's own arrays (layouts: moe.rs's
+    /// `RouteLayout`). Expert e's spike keys: `first + e·stride` and `width` after that.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn moe_route(
+        &self,
+        z: u64,
+        bias: u64,
+        (tokens, ne, k, pos0): (usize, usize, usize, usize),
+        rule: &kernels::RouteRule,
+        (first, stride, width): (u32, u32, u32),
+        (work, out, tally): (u64, u64, u64),
+    ) -> Result<()> {
+        let l = kernels::moe_route(tokens)?;
+        let (t, ne_i, k_i, p) =
+            (int(tokens, "tokens")?, int(ne, "experts")?, int(k, "top-k")?, int(pos0, "position")?);
+        let (groups, keep) =
+            (int(rule.n_group, "expert groups")?, int(rule.topk_group, "groups kept")?);
+        let (scoring, renorm) = (rule.scoring as i32, rule.renorm as i32);
+        launch!(
+            self,
+            "swk_moe_route",
+            l,
+            z,
+            bias,
+            t,
+            ne_i,
+            k_i,
+            p,
+            scoring,
+            groups,
+            keep,
+            rule.group_score,
+            renorm,
+            rule.eps,
+            rule.scale,
+            first,
+            stride,
+            width,
+            work,
+            out,
+            tally
+        )
+    }
+
     /// out `[tokens, n]`: each token's sum of `k` expert output rows of `ys` (`slot`, u32
     /// `[tokens, k]`) times their weights (`w`, f32 `[tokens, k]`), in slot order from 0.
     #[allow(clippy::too_many_arguments)]

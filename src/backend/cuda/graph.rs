@@ -49,21 +49,34 @@ fn key(t: usize, stats: bool, logits: Logits) -> GraphKey {
 impl CudaModel {
     /// Capture and replay CUDA graphs for repeated detection passes and perplexity windows
     /// (one graph per pass shape, its inputs refreshed before each replay; see graph.rs).
-    /// Streamed models and mixtures of experts (routed on the host) never use graphs.
+    /// Streamed models never use graphs; mixtures of experts only for passes whose sparse
+    /// layers route on the device ([`CudaModel::set_device_routing`]: at most 16 tokens).
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
-            self.graph_cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.forget_graphs();
         }
     }
 
-    /// Whether graphs are in use.
+    /// Whether graphs are in use (for a mixture of experts: for its short passes).
     pub fn graphs(&self) -> bool {
-        // A mixture of experts routes on the host between its kernels: no graph holds that.
-        self.graphs
-            && self.graph_error().is_none()
-            && !self.is_streamed()
-            && self.config.family.moe.is_none()
+        self.graphs && self.graph_error().is_none() && !self.is_streamed()
+    }
+
+    /// Whether a pass of `t` tokens can be a graph: a mixture of experts routed on the host
+    /// stops between its kernels for the router's download, which no graph holds.
+    fn graphable(&self, t: usize) -> bool {
+        self.graphs() && (self.config.family.moe.is_none() || self.routes_on_device(t))
+    }
+
+    /// How many captured passes are held for replay.
+    pub fn graphs_held(&self) -> usize {
+        self.graph_cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drop the captured passes (after a switch that changes what a pass launches).
+    pub(crate) fn forget_graphs(&self) {
+        self.graph_cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Why graph capture failed, if it did (graphs are then off for this model).
@@ -81,7 +94,7 @@ impl CudaModel {
         logits: Logits,
         then: impl FnOnce(Option<&CudaSlice<f32>>) -> Result<R>,
     ) -> Result<Option<R>> {
-        if !self.graphs() || tokens.is_empty() {
+        if tokens.is_empty() || !self.graphable(tokens.len()) {
             return Ok(None);
         }
         self.check_tokens(tokens)?;

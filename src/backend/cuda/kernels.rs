@@ -81,6 +81,7 @@ pub const KERNELS: &[&str] = &[
     "swk_gemv_grouped_f32",
     "swk_layernorm",
     "swk_moe_combine",
+    "swk_moe_route",
     "swk_nll",
     "swk_qkv_rope",
     "swk_rmsnorm",
@@ -92,6 +93,47 @@ pub const KERNELS: &[&str] = &[
     "swk_softcap",
     "swk_split_bf16",
 ];
+
+/// Warps of `swk_moe_route`'s one block: one per token, at most this many.
+pub const ROUTE_MAX_WARPS: usize = 16;
+
+/// How `swk_moe_route` scores a token's experts (its `scoring` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum RouteScoring {
+    /// `moe::route`: softmax; the entropy of the f32 probabilities.
+    Softmax = 0,
+    /// `deepseek::route` with softmax scores (V2).
+    DeepseekSoftmax = 1,
+    /// `deepseek::route` with sigmoid scores (V3).
+    DeepseekSigmoid = 2,
+}
+
+/// A mixture of experts' routing rule as `swk_moe_route` takes it (see kernels/route.cu).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteRule {
+    /// How scores are made.
+    pub scoring: RouteScoring,
+    /// Expert groups (`n_group`; 1 without groups).
+    pub n_group: usize,
+    /// Groups kept per token.
+    pub topk_group: usize,
+    /// How a group is scored: 0 no groups, 1 its best expert, 2 the sum of its best two.
+    pub group_score: i32,
+    /// Whether the k weights are renormalized to sum to one.
+    pub renorm: bool,
+    /// Added to the renormalization's sum (DeepSeek: 1e-20).
+    pub eps: f32,
+    /// Factor on the weights (DeepSeek's `routed_scaling_factor`, else 1).
+    pub scale: f32,
+}
+
+/// The launch of `swk_moe_route` for `tokens` tokens: one block, a warp per token up to
+/// [`ROUTE_MAX_WARPS`] (each warp then routes every W-th token).
+pub fn moe_route(tokens: usize) -> Result<Launch> {
+    let warps = tokens.clamp(1, ROUTE_MAX_WARPS) as u32;
+    Launch::new((1, 1, 1), 32 * warps, 0)
+}
 
 /// The MLP activation of `swk_act_mul` (its `act` parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use super::driver::{cuda_available, CudaDevice, CudaSlice};
 use super::family::Block;
 use super::linear::Scratch;
 use super::mla::MlaRope;
-use super::moe::KeyLayout;
+use super::moe::{DeviceRouter, KeyLayout};
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, Overlay, SlotLayout};
 use crate::model::arch::{self, llama};
@@ -211,6 +211,12 @@ pub struct CudaModel {
     pub(crate) grouped_experts: bool,
     /// Sparse layers run with their experts grouped, since the upload.
     pub(crate) grouped_layers: std::sync::atomic::AtomicU64,
+    /// A resident mixture of experts' router on the device (moe.rs, route.cu).
+    pub(crate) device_router: Option<super::moe::DeviceRouter>,
+    /// Whether short passes route on the device (on by default).
+    pub(crate) device_routing: bool,
+    /// Sparse layers routed on the device, since the upload.
+    pub(crate) device_routed: std::sync::atomic::AtomicU64,
     pub(crate) graph_cache: super::graph::GraphCache,
     pub(crate) graph_failure: Mutex<Option<String>>,
     pub(crate) id: u64,
@@ -480,6 +486,7 @@ impl CudaModel {
         m.router_bias = router_biases(&model.config, |n| {
             w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
         })?;
+        m.device_router = DeviceRouter::build(&m)?;
         Ok(m)
     }
 
@@ -593,7 +600,9 @@ impl CudaModel {
         let inv = llama::inv_freq(config, None);
         let head =
             if config.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        Self::finish(dev, config.clone(), stored, &inv, head, opts.dtype, gemm)
+        let mut m = Self::finish(dev, config.clone(), stored, &inv, head, opts.dtype, gemm)?;
+        m.device_router = DeviceRouter::build(&m)?;
+        Ok(m)
     }
 
     fn check_memory(dev: &CudaDevice, c: &ModelConfig, dtype: WeightDtype) -> Result<()> {
@@ -648,6 +657,9 @@ impl CudaModel {
             grouped_products: true,
             grouped_experts: true,
             grouped_layers: Default::default(),
+            device_router: None,
+            device_routing: true,
+            device_routed: Default::default(),
             graph_cache: Default::default(),
             graph_failure: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -674,6 +686,7 @@ impl CudaModel {
     /// engine needs cuBLAS and it is absent, or `cublas-bf16` is asked with f32 weights.
     pub fn set_gemm(&mut self, gemm: GemmEngine) -> Result<()> {
         self.gemm = check_engine(&self.dev, self.dtype, gemm)?;
+        self.forget_graphs();
         Ok(())
     }
     /// Fuse neighbouring launches of a pass (on by default; the same bits, fewer launches):
@@ -683,6 +696,7 @@ impl CudaModel {
     /// one. Off: a launch per step, the baseline the timing tests compare with.
     pub fn set_fused_launches(&mut self, on: bool) {
         self.fused_launches = on;
+        self.forget_graphs();
     }
     /// With the launches fused ([`Self::set_fused_launches`]) and `cublas-split`, run the q/k/v
     /// products of a layer as one product, and its gate/up products as one (their weights lie back
@@ -690,6 +704,7 @@ impl CudaModel {
     /// cuBLAS's rounding). Off: a product per weight, the baseline the timing tests compare with.
     pub fn set_grouped_products(&mut self, on: bool) {
         self.grouped_products = on;
+        self.forget_graphs();
     }
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {

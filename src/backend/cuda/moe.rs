@@ -3,11 +3,11 @@
 //! `model::arch::deepseek::sparse_mlp`:
 //!
 //! ```text
-//! z = m·W_routerᵀ                                   (device; downloaded, [t, experts])
-//! routes = moe::route(z) per token                  (host: softmax, top-k, renormalize;
+//! z = m·W_routerᵀ                                   (device, [t, experts])
+//! routes = moe::route(z) per token                  (softmax, top-k, renormalize;
 //!                                                    DeepSeek: deepseek::route, its groups,
 //!                                                    sigmoid scores and selection bias)
-//! rows = each expert's tokens, experts ascending    (host; uploaded as indices)
+//! rows = each expert's tokens, experts ascending    (the dispatch)
 //! xs = m[rows]                                      (gather)
 //! per expert e with tokens: a = silu(xs·W_gateᵀ) ⊙ (xs·W_upᵀ)   (+ its input keys)
 //!                           y_e = a·W_downᵀ                      (+ its output keys)
@@ -16,18 +16,26 @@
 //! DeepSeek:  out += shared(m)
 //! ```
 //!
-//! When every expert has at most 16 rows (detection prompts, decoding), or at any row count
-//! with swk's own GEMM kernels, the per-expert steps run for all experts at once: one launch
-//! each for gate, up, the activation, down and the output keys (`swk_gemv_grouped_*` for
-//! experts of at most 16 rows, plus `swk_gemm_grouped_*` when some have more;
-//! `swk_act_mul_grouped`, `swk_column_max_grouped`), in place of about 4 to 10 launches per
-//! expert; [`CudaModel::set_grouped_experts`] turns it off. With cuBLAS, experts with more
-//! rows (prefill, perplexity windows) are multiplied one at a time.
+//! Routing, two ways with the same results:
+//! - **On the device** (`swk_moe_route`, kernels/route.cu; [`CudaModel::set_device_routing`])
+//!   for passes of at most 16 tokens (detection prompts, decoding) of a resident model: one
+//!   launch writes the dispatch (rows, slots, weights, each expert's rows and keys) and adds
+//!   the router counters to the pass's key buffer. Every expert then runs grouped, those no
+//!   token chose on no rows (their weights unread). Nothing stops the device between the
+//!   layer's kernels, so such passes can be CUDA graphs.
+//! - **On the host** otherwise: one small download of z (a synchronization) per sparse layer,
+//!   routing as the CPU does, then one upload of the dispatch (and the grouped experts'
+//!   addresses); the counters in [`MoeActs`]'s tally.
 //!
-//! Routing on the host costs one small download (and a synchronization) per sparse layer,
-//! then one upload of the dispatch (and the grouped experts' addresses), and makes passes of
-//! these models unfit for CUDA graphs. The per-expert statistics and the router counters
-//! land in the same [`SpikeStats`] fields as on the CPU.
+//! When every expert has at most 16 rows, or at any row count with swk's own GEMM kernels,
+//! the per-expert steps run for all experts at once: one launch each for gate, up, the
+//! activation, down and the output keys (`swk_gemv_grouped_*` for experts of at most 16
+//! rows, plus `swk_gemm_grouped_*` when some have more; `swk_act_mul_grouped`,
+//! `swk_column_max_grouped`), in place of about 4 to 10 launches per expert;
+//! [`CudaModel::set_grouped_experts`] turns it off (and routing on the device with it). With
+//! cuBLAS, experts with more rows (prefill, perplexity windows) are multiplied one at a
+//! time. The per-expert statistics and the router counters land in the same [`SpikeStats`]
+//! fields as on the CPU.
 
 use std::sync::Mutex;
 
@@ -56,6 +64,41 @@ struct GroupedExperts {
     mma: bool,
 }
 
+/// Grouped experts as their launches read them ([`CudaModel::experts_grouped`]).
+struct GroupedLaunch {
+    /// How many experts (groups of rows; an expert no token chose has none).
+    count: usize,
+    /// Device address of the weights' addresses, `[3, count]` (gate, up, down).
+    ptrs: u64,
+    /// Device address of the u32 metadata `[4, count]`: first rows, row counts, input keys,
+    /// output keys.
+    meta: u64,
+    /// The weights' dtype.
+    dtype: super::WeightDtype,
+    /// Bounds of the row counts (smallest, largest).
+    rows: (usize, usize),
+    /// Whether the `mma` engine's grouped product takes them.
+    mma: bool,
+}
+
+/// How a sparse layer's experts run: grouped, or one at a time as (expert, first row, rows).
+enum Experts {
+    Grouped(GroupedLaunch),
+    OneByOne(Vec<(usize, usize, usize)>),
+}
+
+/// A sparse layer's routes as its launches read them: the device addresses of the
+/// dispatch's arrays (see [`Dispatch`]) and how the experts run.
+struct Routed {
+    token: u64,
+    position: u64,
+    slot: u64,
+    weight: u64,
+    experts: Experts,
+    /// The upload holding the host's dispatch, kept until the layer's launches are queued.
+    _upload: Option<CudaSlice<u8>>,
+}
+
 /// Host arrays packed for one upload, each at an 8-byte aligned byte offset.
 #[derive(Default)]
 struct Packed {
@@ -74,8 +117,9 @@ impl Packed {
 
 /// Where each layer's spike keys lie in a pass's key buffer: the dense MLP's (or, in a sparse
 /// layer, what the block writes) `[intermediate]` inputs then `[hidden]` outputs; in a sparse
-/// layer then each expert's `[expert_intermediate]` inputs and `[hidden]` outputs, then the
-/// shared expert's `[shared_intermediate]` and `[hidden]`.
+/// layer then each expert's `[expert_intermediate]` inputs and `[hidden]` outputs, the
+/// shared expert's `[shared_intermediate]` and `[hidden]`, and the device router's counter
+/// words `[2 + 2·experts]` (route.cu's `tally`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct KeyLayout {
     /// Per layer, its first key.
@@ -99,6 +143,8 @@ impl KeyLayout {
         let per_sparse = moe.map_or(0, |m| {
             m.num_experts * (m.expert_intermediate + h)
                 + m.shared_expert_intermediate.map_or(0, |si| si + h)
+                + 2
+                + 2 * m.num_experts
         });
         let mut base = Vec::with_capacity(c.num_layers);
         let mut total = 0;
@@ -135,7 +181,15 @@ impl KeyLayout {
         (first, first + si.unwrap_or(0))
     }
 
-    /// Merge one pass's keys (`keys`, this layout) and router tallies into `stats`.
+    /// Index of the first of sparse layer `l`'s router counter words (after its experts' and
+    /// shared expert's keys).
+    fn tally(&self, l: usize) -> usize {
+        let (ne, ei, si) = self.moe.map_or((0, 0, None), |m| m);
+        self.base[l] + self.i + self.h + ne * (ei + self.h) + si.map_or(0, |si| si + self.h)
+    }
+
+    /// Merge one pass's keys (`keys`, this layout, the device router's counters included) and
+    /// the host router's tallies into `stats`.
     pub(crate) fn merge(&self, keys: &[u64], tally: &[LayerTally], stats: &mut [LayerSpikes]) {
         use rayon::prelude::*;
         let h = self.h;
@@ -144,7 +198,12 @@ impl KeyLayout {
             kernels::merge_spike_keys(&mut s.input, &keys[di..dout]);
             kernels::merge_spike_keys(&mut s.output, &keys[dout..dout + h]);
             let (Some((ne, ei, si)), true) = (self.moe, self.sparse[l]) else { return };
-            let Some(t) = tally.get(l).filter(|t| t.routed_tokens > 0) else { return };
+            let mut t = tally.get(l).cloned().unwrap_or_default();
+            let words = self.tally(l);
+            t.absorb(&LayerTally::from_words(&keys[words..words + 2 + 2 * ne], ne));
+            if t.routed_tokens == 0 {
+                return;
+            }
             if s.experts.len() != ne {
                 s.experts = (0..ne).map(|_| empty_spikes(ei, h)).collect();
             }
@@ -190,6 +249,158 @@ pub(crate) struct LayerTally {
     pub(crate) weight_sum: Vec<f64>,
 }
 
+impl LayerTally {
+    /// Count one call's `routes` (dispatched as `d`) over `ne` experts, as
+    /// `moe::routed_experts` keeps its counters.
+    fn add(&mut self, routes: &[moe::Route], d: &Dispatch, ne: usize) {
+        if self.selected.len() != ne {
+            (self.selected, self.weight_sum) = (vec![0; ne], vec![0.0; ne]);
+        }
+        self.routed_tokens += routes.len() as u64;
+        self.entropy_sum += routes.iter().map(|r| r.entropy).sum::<f64>();
+        for &(e, r0, n) in &d.experts {
+            self.selected[e] += n as u64;
+            self.weight_sum[e] += d.row_weight[r0..r0 + n].iter().map(|&w| w as f64).sum::<f64>();
+        }
+    }
+
+    /// The device router's counter words of one layer over `ne` experts (route.cu's `tally`).
+    fn from_words(w: &[u64], ne: usize) -> Self {
+        LayerTally {
+            routed_tokens: w[0],
+            entropy_sum: f64::from_bits(w[1]),
+            selected: w[2..2 + ne].to_vec(),
+            weight_sum: w[2 + ne..2 + 2 * ne].iter().map(|&b| f64::from_bits(b)).collect(),
+        }
+    }
+
+    /// Add `o`'s counters (none when it routed no token).
+    fn absorb(&mut self, o: &LayerTally) {
+        if o.routed_tokens == 0 {
+            return;
+        }
+        if self.routed_tokens == 0 {
+            *self = o.clone();
+            return;
+        }
+        self.routed_tokens += o.routed_tokens;
+        self.entropy_sum += o.entropy_sum;
+        self.selected.iter_mut().zip(&o.selected).for_each(|(a, b)| *a += b);
+        self.weight_sum.iter_mut().zip(&o.weight_sum).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Where `swk_moe_route`'s arrays lie (route.cu) for `t` tokens, `ne` experts, top-`k` and
+/// `groups` expert groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RouteLayout {
+    t: usize,
+    ne: usize,
+    k: usize,
+    groups: usize,
+}
+
+impl RouteLayout {
+    /// u32 words of the dispatch: token, position, slot and weight `[t·k]` each, then the
+    /// experts' first rows, row counts, input keys and output keys `[ne]` each.
+    fn out_words(&self) -> usize {
+        4 * self.t * self.k + 4 * self.ne
+    }
+
+    /// Byte offset of the dispatch's array `i` (0 token, 1 position, 2 slot, 3 weight; 4 the
+    /// experts' metadata).
+    fn at(&self, i: usize) -> u64 {
+        (i * self.t * self.k * 4) as u64
+    }
+
+    /// 8-byte words of the kernel's work arrays: per token its entropy (f64); per token and
+    /// expert an entropy term (f64), a score and a choice value (f32); per token and group a
+    /// group score (f32); per token its k picks (u32) and weights (f32).
+    fn work_words(&self) -> usize {
+        let (t, ne, k, g) = (self.t, self.ne, self.k, self.groups);
+        (8 * t + 8 * t * ne + 8 * t * ne + 4 * t * g + 8 * t * k).div_ceil(8)
+    }
+}
+
+/// `c`'s routing rule as `swk_moe_route` takes it: `moe::route`'s, or DeepSeek's.
+fn route_rule(c: &ModelConfig, p: &MoeParams) -> kernels::RouteRule {
+    use crate::model::config::GroupScore;
+    use kernels::{RouteRule, RouteScoring};
+    match &c.family.deepseek {
+        Some(d) => RouteRule {
+            scoring: if d.sigmoid {
+                RouteScoring::DeepseekSigmoid
+            } else {
+                RouteScoring::DeepseekSoftmax
+            },
+            n_group: d.n_group.max(1),
+            topk_group: d.topk_group,
+            group_score: match d.group_score {
+                GroupScore::None => 0,
+                GroupScore::Max => 1,
+                GroupScore::Top2Sum => 2,
+            },
+            renorm: p.norm_topk_prob,
+            eps: 1e-20,
+            scale: d.routed_scaling_factor as f32,
+        },
+        None => RouteRule {
+            scoring: RouteScoring::Softmax,
+            n_group: 1,
+            topk_group: 1,
+            group_score: 0,
+            renorm: p.norm_topk_prob,
+            eps: 0.0,
+            scale: 1.0,
+        },
+    }
+}
+
+/// What routing on the device needs of a resident mixture of experts, built once at upload:
+/// per sparse layer its experts' gate, up and down weights' device addresses (`[3, experts]`,
+/// what the grouped products read) and V3's selection bias.
+pub(crate) struct DeviceRouter {
+    layers: std::collections::BTreeMap<usize, (CudaSlice<u64>, Option<CudaSlice<f32>>)>,
+    rule: kernels::RouteRule,
+    dtype: super::WeightDtype,
+    /// Whether every expert weight is 16-byte aligned (the `mma` grouped product's need).
+    aligned: bool,
+}
+
+impl DeviceRouter {
+    /// `m`'s router on the device. None for a dense or streamed model (a streamed layer's
+    /// weights move into the slot each pass), or when its experts' weights differ in dtype.
+    pub(crate) fn build(m: &CudaModel) -> Result<Option<Self>> {
+        let c = &m.config;
+        let Some(p) = c.family.moe.as_ref() else { return Ok(None) };
+        if m.is_streamed() {
+            return Ok(None);
+        }
+        let ne = p.num_experts;
+        let (mut layers, mut dtype, mut aligned) = (std::collections::BTreeMap::new(), None, true);
+        for l in (0..c.num_layers).filter(|&l| p.is_sparse(l)) {
+            let mut ptrs = vec![0u64; 3 * ne];
+            for e in 0..ne {
+                let w = |suffix: &str| m.layer_weight(l, suffix, None);
+                for (j, wr) in m.expert_weights(&w, e)?.iter().enumerate() {
+                    if *dtype.get_or_insert(wr.dtype) != wr.dtype {
+                        return Ok(None);
+                    }
+                    aligned &= wr.ptr % 16 == 0;
+                    ptrs[j * ne + e] = wr.ptr;
+                }
+            }
+            let bias = match m.router_bias.get(&l) {
+                Some(b) => Some(m.dev.upload(b)?),
+                None => None,
+            };
+            layers.insert(l, (m.dev.upload(&ptrs)?, bias));
+        }
+        let dtype = dtype.unwrap_or(super::WeightDtype::F32);
+        Ok(Some(DeviceRouter { layers, rule: route_rule(c, p), dtype, aligned }))
+    }
+}
+
 /// The activation buffers of the sparse layers for up to `t` tokens.
 pub(crate) struct MoeActs {
     /// Router logits `[t, experts]`.
@@ -207,8 +418,11 @@ pub(crate) struct MoeActs {
     /// The shared expert's gate, up and activation `[t, shared]`, output `[t, hidden]` and
     /// gate logit `[t]` (Qwen2-MoE).
     shared: Option<[CudaSlice<f32>; 5]>,
-    /// Per layer, the counters of the pass (when statistics are gathered).
+    /// Per layer, the host router's counters of the pass (when statistics are gathered).
     pub(crate) tally: Option<Mutex<Vec<LayerTally>>>,
+    /// The device router's dispatch (u32 words) and work arrays, for passes of at most
+    /// [`kernels::GEMV_MAX_ROWS`] tokens.
+    route: Option<(CudaSlice<u32>, CudaSlice<u64>)>,
 }
 
 impl MoeActs {
@@ -232,6 +446,14 @@ impl MoeActs {
             ]),
             None => None,
         };
+        let route = match t <= kernels::GEMV_MAX_ROWS {
+            true => {
+                let groups = route_rule(c, m).n_group;
+                let at = RouteLayout { t, ne: m.num_experts, k: m.top_k, groups };
+                Some((dev.alloc::<u32>(at.out_words())?, dev.alloc::<u64>(at.work_words())?))
+            }
+            false => None,
+        };
         Ok(MoeActs {
             router: dev.alloc::<f32>(t * m.num_experts)?,
             xs: dev.alloc::<f32>(rows * h)?,
@@ -242,6 +464,7 @@ impl MoeActs {
             out: dev.alloc::<f32>(t * h)?,
             shared,
             tally: stats.then(|| Mutex::new(vec![LayerTally::default(); c.num_layers])),
+            route,
         })
     }
 }
@@ -317,12 +540,74 @@ impl CudaModel {
     /// (bit-identical with [`GemmEngine::Kernels`]).
     pub fn set_grouped_experts(&mut self, on: bool) {
         self.grouped_experts = on;
+        self.forget_graphs();
     }
 
     /// How many sparse layers, over all passes since the upload, ran their experts grouped
     /// (see [`Self::set_grouped_experts`]): which path a timing measured.
     pub fn grouped_expert_layers(&self) -> u64 {
         self.grouped_layers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Route a sparse layer on the device when every expert gets at most
+    /// [`kernels::GEMV_MAX_ROWS`] rows (passes of at most that many tokens; on by default;
+    /// see route.cu), for a resident model with its experts grouped
+    /// ([`Self::set_grouped_experts`]): no download of the router logits, no synchronization
+    /// and no upload per sparse layer, so CUDA graphs can hold such passes. Off, or for longer
+    /// passes: the host routes from the downloaded logits, as the CPU does. Both give the same
+    /// routes, values and counters (bit for bit on the emulator; a GPU's `expf` may differ
+    /// from the host's in the last bit).
+    pub fn set_device_routing(&mut self, on: bool) {
+        self.device_routing = on;
+        self.forget_graphs();
+    }
+
+    /// How many sparse layers, over all passes since the upload, routed on the device (see
+    /// [`Self::set_device_routing`]; a replayed graph's layers are counted once, at capture).
+    pub fn device_routed_layers(&self) -> u64 {
+        self.device_routed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the sparse layers of a pass of `t` tokens route on the device (see
+    /// [`Self::set_device_routing`]).
+    pub(crate) fn routes_on_device(&self, t: usize) -> bool {
+        self.device_routing
+            && self.grouped_experts
+            && self.device_router.is_some()
+            && (1..=kernels::GEMV_MAX_ROWS).contains(&t)
+    }
+
+    /// Expert `e`'s gate, up and down weights of the layer `w` reads, their shapes checked.
+    pub(crate) fn expert_weights(
+        &self,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        e: usize,
+    ) -> Result<[WeightRef; 3]> {
+        let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
+        let get = |what: &str, want: [usize; 2]| {
+            let wr = w(&format!("mlp.experts.{e}.{what}.weight"))?;
+            if wr.shape != want {
+                return Err(Error::tensor(
+                    &wr.name,
+                    format!("expected shape {want:?} on the device, found {:?}", wr.shape),
+                ));
+            }
+            Ok(wr)
+        };
+        Ok([get("gate_proj", [ei, h])?, get("up_proj", [ei, h])?, get("down_proj", [h, ei])?])
+    }
+
+    /// Whether grouped experts' products run on the tensor cores: the `mma` engine, 2-byte
+    /// weights at 16-byte aligned addresses, widths multiples of 8, at most 16 rows each
+    /// (`small`).
+    fn grouped_mma(&self, dtype: super::WeightDtype, aligned: bool, small: bool) -> Result<bool> {
+        let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
+        Ok(self.gemm == GemmEngine::Mma
+            && dtype.is_half()
+            && small
+            && h % 8 == 0
+            && ei % 8 == 0
+            && aligned)
     }
 
     /// The host side of running the routed experts of sparse layer `l` together (see
@@ -336,7 +621,6 @@ impl CudaModel {
         w: &dyn Fn(&str) -> Result<WeightRef>,
         d: &Dispatch,
     ) -> Result<Option<GroupedExperts>> {
-        let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
         let min_rows = d.experts.iter().map(|&(_, _, n)| n).min().unwrap_or(0);
         let max_rows = d.experts.iter().map(|&(_, _, n)| n).max().unwrap_or(0);
         let small = max_rows <= kernels::GEMV_MAX_ROWS;
@@ -349,77 +633,156 @@ impl CudaModel {
         let mut meta = vec![0u32; 4 * g];
         let mut dtype = None;
         for (i, &(e, r0, n)) in d.experts.iter().enumerate() {
-            for (j, what) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
-                let wr = w(&format!("mlp.experts.{e}.{what}.weight"))?;
-                let want = if j == 2 { [h, ei] } else { [ei, h] };
-                if wr.shape != want {
-                    return Err(Error::tensor(
-                        &wr.name,
-                        format!("expected shape {want:?} on the device, found {:?}", wr.shape),
-                    ));
-                }
+            for (j, wr) in self.expert_weights(w, e)?.iter().enumerate() {
                 if *dtype.get_or_insert(wr.dtype) != wr.dtype {
                     return Ok(None);
                 }
                 ptrs[j * g + i] = wr.ptr;
             }
             let (ki, ko) = self.key_layout.expert(l, e);
-            let offset = |k: usize| {
-                u32::try_from(k).map_err(|_| Error::Backend(format!("spike key {k} past u32")))
-            };
             meta[i] = r0 as u32;
             meta[g + i] = n as u32;
-            (meta[2 * g + i], meta[3 * g + i]) = (offset(ki)?, offset(ko)?);
+            (meta[2 * g + i], meta[3 * g + i]) = (key_offset(ki)?, key_offset(ko)?);
         }
         let dtype = dtype.unwrap_or(super::WeightDtype::F32);
-        // The `mma` engine's tensor-core product where it applies, else swk's kernels.
         let aligned = ptrs.iter().all(|p| p % 16 == 0);
-        let mma = self.gemm == GemmEngine::Mma
-            && dtype.is_half()
-            && small
-            && h % 8 == 0
-            && ei % 8 == 0
-            && aligned;
+        let mma = self.grouped_mma(dtype, aligned, small)?;
         Ok(Some(GroupedExperts { ptrs, meta, dtype, rows: (min_rows, max_rows), mma }))
     }
 
-    /// The routed experts of a sparse layer together, as `plan` lays them out (see moe.cu;
-    /// with the `mma` engine, mma.cu's grouped product): one launch each for gate, up, the
-    /// activation (with its input keys), down and the output keys. `pp`, `mp`: the device
-    /// addresses of the plan's weight addresses and metadata; `pos`: of the rows' positions.
-    fn experts_grouped(
-        &self,
-        plan: &GroupedExperts,
-        (pp, mp): (u64, u64),
-        ma: &MoeActs,
-        pos: u64,
-        keys: u64,
-    ) -> Result<()> {
+    /// The routed experts of a sparse layer together, as `g` lays them out (see moe.cu; with
+    /// the `mma` engine, mma.cu's grouped product): one launch each for gate, up, the
+    /// activation (with its input keys), down and the output keys. `pos`: the device address
+    /// of the rows' positions.
+    fn experts_grouped(&self, g: &GroupedLaunch, ma: &MoeActs, pos: u64, keys: u64) -> Result<()> {
         let dev = &self.dev;
         let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
-        let (g, dtype) = (plan.ptrs.len() / 3, plan.dtype);
-        let (min_rows, max_rows) = plan.rows;
-        let groups =
-            RowGroups { row0: mp, rows: mp + (4 * g) as u64, count: g, min_rows, max_rows };
-        let (key_in, key_out) = ((keys, mp + (8 * g) as u64), (keys, mp + (12 * g) as u64));
+        let (n, mp, pp, dtype) = (g.count as u64, g.meta, g.ptrs, g.dtype);
+        let (min_rows, max_rows) = g.rows;
+        let groups = RowGroups { row0: mp, rows: mp + 4 * n, count: g.count, min_rows, max_rows };
+        let (key_in, key_out) = ((keys, mp + 8 * n), (keys, mp + 12 * n));
         let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
         let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
         let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
-            if plan.mma {
+            if g.mma {
                 dev.gemm_mma_grouped(x, (w, dtype), y, &groups, n, k)
             } else {
                 dev.gemm_grouped(x, w, dtype, y, &groups, n, k)
             }
         };
         product(xs, pp, gate, ei, h)?;
-        product(xs, pp + (8 * g) as u64, up, ei, h)?;
+        product(xs, pp + 8 * n, up, ei, h)?;
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        product(act, pp + (16 * g) as u64, ys, h, ei)?;
+        product(act, pp + 16 * n, ys, h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
         self.grouped_layers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Route sparse layer `l`'s `t` tokens (first at `pos0`) on the device from the router
+    /// logits in `ma`: one launch; the router counters into the pass's key buffer at `keys`
+    /// (0: none). Every expert then runs grouped, those no token chose on no rows.
+    fn route_on_device(
+        &self,
+        l: usize,
+        r: &DeviceRouter,
+        (out, work): &(CudaSlice<u32>, CudaSlice<u64>),
+        (t, pos0): (usize, usize),
+        ma: &MoeActs,
+        keys: u64,
+    ) -> Result<Routed> {
+        let dev = &self.dev;
+        let p = moe::params(&self.config)?;
+        let (h, ei, ne, k) =
+            (self.config.hidden_size, p.expert_intermediate, p.num_experts, p.top_k);
+        let (ptrs, bias) = r
+            .layers
+            .get(&l)
+            .ok_or_else(|| Error::Backend(format!("layer {l} has no router on the device")))?;
+        let at = RouteLayout { t, ne, k, groups: r.rule.n_group };
+        let first = key_offset(self.key_layout.expert(l, 0).0)?;
+        let (stride, width) = (key_offset(ei + h)?, key_offset(ei)?);
+        let tally = if keys == 0 { 0 } else { keys + (self.key_layout.tally(l) * 8) as u64 };
+        let (o, bias) = (dev.ptr(out), bias.as_ref().map_or(0, |b| dev.ptr(b)));
+        let bufs = (dev.ptr(work), o, tally);
+        dev.moe_route(
+            dev.ptr(&ma.router),
+            bias,
+            (t, ne, k, pos0),
+            &r.rule,
+            (first, stride, width),
+            bufs,
+        )?;
+        self.device_routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let grouped = GroupedLaunch {
+            count: ne,
+            ptrs: dev.ptr(ptrs),
+            meta: o + at.at(4),
+            dtype: r.dtype,
+            rows: (0, t),
+            mma: self.grouped_mma(r.dtype, r.aligned, true)?,
+        };
+        Ok(Routed {
+            token: o + at.at(0),
+            position: o + at.at(1),
+            slot: o + at.at(2),
+            weight: o + at.at(3),
+            experts: Experts::Grouped(grouped),
+            _upload: None,
+        })
+    }
+
+    /// Route sparse layer `l`'s `t` tokens (first at `pos0`) on the host, as the CPU does,
+    /// from the router logits in `ma` (downloaded: a synchronization), and upload the
+    /// dispatch (and the grouped experts' plan) in one copy; the router counters into
+    /// `ma.tally`.
+    fn route_on_host(
+        &self,
+        l: usize,
+        w: &dyn Fn(&str) -> Result<WeightRef>,
+        (t, pos0): (usize, usize),
+        ma: &MoeActs,
+    ) -> Result<Routed> {
+        let c = &self.config;
+        let p = moe::params(c)?;
+        let dev = &self.dev;
+        let (ne, k) = (p.num_experts, p.top_k);
+        let z = dev.download(&ma.router, 0, t * ne)?;
+        let routes = host_routes(c, p, &z, self.router_bias.get(&l).map(Vec::as_slice));
+        let d = Dispatch::new(&routes, ne, k, pos0)?;
+        let grouped = if self.grouped_experts { self.grouped_plan(l, w, &d)? } else { None };
+        // One upload: the dispatch's indices and weights, and the grouped experts' plan.
+        let mut up = Packed::default();
+        let (token, position) = (up.push(&d.token), up.push(&d.position));
+        let (slot, weight) = (up.push(&d.slot), up.push(&d.weight));
+        let grouped = grouped.map(|g| (up.push(&g.ptrs), up.push(&g.meta), g));
+        let packed = dev.upload(&up.bytes)?;
+        let base = dev.ptr(&packed);
+        let experts = match grouped {
+            Some((pp, mp, g)) => Experts::Grouped(GroupedLaunch {
+                count: g.ptrs.len() / 3,
+                ptrs: base + pp,
+                meta: base + mp,
+                dtype: g.dtype,
+                rows: g.rows,
+                mma: g.mma,
+            }),
+            None => Experts::OneByOne(d.experts.clone()),
+        };
+
+        if let Some(tally) = &ma.tally {
+            tally.lock().unwrap_or_else(|p| p.into_inner())[l].add(&routes, &d, ne);
+        }
+        Ok(Routed {
+            token: base + token,
+            position: base + position,
+            slot: base + slot,
+            weight: base + weight,
+            experts,
+            _upload: Some(packed),
+        })
     }
 
     /// Layer `l`'s sparse MLP on `m` (`[t, hidden]`, first token at `pos0`) into `ma.out`,
@@ -444,61 +807,48 @@ impl CudaModel {
             |b: &CudaSlice<f32>, row: usize, width: usize| dev.ptr(b) + (row * width * 4) as u64;
         let key = |i: usize| if keys == 0 { 0 } else { keys + (i * 8) as u64 };
 
-        // Route on the host, as the CPU does, from the device's router logits.
+        // The router's logits, then the routes: on the device when it can (no
+        // synchronization), else on the host.
         self.linear(m, &w("mlp.gate.weight")?, dev.ptr(&ma.router), t, h, ne, sc)?;
-        let z = dev.download(&ma.router, 0, t * ne)?;
-        let routes: Vec<moe::Route> = match &c.family.deepseek {
-            Some(ds) => {
-                let bias = self.router_bias.get(&l).map(Vec::as_slice);
-                z.chunks(ne).map(|z| deepseek::route(z, bias, ds, p)).collect()
+        let routed = match (&self.device_router, &ma.route) {
+            (Some(r), Some(bufs)) if self.routes_on_device(t) => {
+                self.route_on_device(l, r, bufs, (t, pos0), ma, keys)?
             }
-            None => z.chunks(ne).map(|z| moe::route(z, k, p.norm_topk_prob)).collect(),
+            _ => self.route_on_host(l, w, (t, pos0), ma)?,
         };
-        let d = Dispatch::new(&routes, ne, k, pos0)?;
-        let grouped = if self.grouped_experts { self.grouped_plan(l, w, &d)? } else { None };
-        // One upload: the dispatch's indices and weights, and the grouped experts' plan (with
-        // where its arrays lie in the upload).
-        let mut up = Packed::default();
-        let (token, position) = (up.push(&d.token), up.push(&d.position));
-        let (slot, weight) = (up.push(&d.slot), up.push(&d.weight));
-        let grouped = grouped.map(|g| {
-            let at = (up.push(&g.ptrs), up.push(&g.meta));
-            (g, at)
-        });
-        let packed = dev.upload(&up.bytes)?;
-        let base = dev.ptr(&packed);
-        let position = base + position;
 
         // Each expert on its tokens' rows: all at once when each has few rows, else one by one.
-        dev.embed(m, super::WeightDtype::F32, base + token, dev.ptr(&ma.xs), t * k, h, 1.0)?;
-        if let Some((g, (pp, mp))) = &grouped {
-            self.experts_grouped(g, (base + pp, base + mp), ma, position, keys)?;
-        } else {
-            for &(e, r0, n) in &d.experts {
-                let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
-                let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
-                let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
-                let at = (0, position + (r0 * 4) as u64);
-                let (ki, ko) = self.key_layout.expert(l, e);
-                self.linears(xs, &[(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)], n, h, sc)?;
-                dev.act_mul(
-                    Some(Product::Whole(g)),
-                    Product::Whole(u),
-                    (a, 0),
-                    n,
-                    ei,
-                    at,
-                    key(ki),
-                    Activation::Silu,
-                )?;
-                self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
-                if keys != 0 {
-                    dev.column_max(ys, n, h, at, key(ko))?;
+        dev.embed(m, super::WeightDtype::F32, routed.token, dev.ptr(&ma.xs), t * k, h, 1.0)?;
+        match &routed.experts {
+            Experts::Grouped(g) => self.experts_grouped(g, ma, routed.position, keys)?,
+            Experts::OneByOne(list) => {
+                for &(e, r0, n) in list {
+                    let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
+                    let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
+                    let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
+                    let at = (0, routed.position + (r0 * 4) as u64);
+                    let (ki, ko) = self.key_layout.expert(l, e);
+                    let gu = [(wt("gate_proj")?, g, ei), (wt("up_proj")?, u, ei)];
+                    self.linears(xs, &gu, n, h, sc)?;
+                    dev.act_mul(
+                        Some(Product::Whole(g)),
+                        Product::Whole(u),
+                        (a, 0),
+                        n,
+                        ei,
+                        at,
+                        key(ki),
+                        Activation::Silu,
+                    )?;
+                    self.linear(a, &wt("down_proj")?, ys, n, ei, h, sc)?;
+                    if keys != 0 {
+                        dev.column_max(ys, n, h, at, key(ko))?;
+                    }
                 }
             }
         }
         let out = dev.ptr(&ma.out);
-        dev.moe_combine(dev.ptr(&ma.ys), base + slot, base + weight, out, t, k, h)?;
+        dev.moe_combine(dev.ptr(&ma.ys), routed.slot, routed.weight, out, t, k, h)?;
 
         // The shared expert on every token: DeepSeek's added as it is, Qwen2-MoE's gated by
         // sigmoid(m·w_gateᵀ).
@@ -530,23 +880,23 @@ impl CudaModel {
                 dev.sigmoid_gate_add(out, y, z, t, h)?;
             }
         }
-
-        // The router counters, as moe::routed_experts keeps them.
-        if let Some(tally) = &ma.tally {
-            let mut all = tally.lock().unwrap_or_else(|p| p.into_inner());
-            let lt = &mut all[l];
-            if lt.selected.len() != ne {
-                (lt.selected, lt.weight_sum) = (vec![0; ne], vec![0.0; ne]);
-            }
-            lt.routed_tokens += t as u64;
-            lt.entropy_sum += routes.iter().map(|r| r.entropy).sum::<f64>();
-            for &(e, r0, n) in &d.experts {
-                lt.selected[e] += n as u64;
-                lt.weight_sum[e] += d.row_weight[r0..r0 + n].iter().map(|&w| w as f64).sum::<f64>();
-            }
-        }
         Ok(())
     }
+}
+
+/// Each token's route from router logits `z` (`[t, experts]`), as the CPU routes (`bias`:
+/// DeepSeek-V3's selection bias).
+fn host_routes(c: &ModelConfig, p: &MoeParams, z: &[f32], bias: Option<&[f32]>) -> Vec<moe::Route> {
+    let ne = p.num_experts;
+    match &c.family.deepseek {
+        Some(ds) => z.chunks(ne).map(|z| deepseek::route(z, bias, ds, p)).collect(),
+        None => z.chunks(ne).map(|z| moe::route(z, p.top_k, p.norm_topk_prob)).collect(),
+    }
+}
+
+/// A spike key's index as the u32 offset the grouped kernels take.
+fn key_offset(k: usize) -> Result<u32> {
+    u32::try_from(k).map_err(|_| Error::Backend(format!("spike key {k} past u32")))
 }
 
 #[cfg(test)]
@@ -574,6 +924,129 @@ mod tests {
         assert!(Dispatch::new(&[route(&[1], &[1.0])], 4, 2, 0).is_err());
     }
 
+    /// Roughly normal values (a sum of four uniforms) times `scale`, from an xorshift seed.
+    fn logits(mut seed: u64, n: usize, scale: f32) -> Vec<f32> {
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        (0..n).map(|_| scale * (next() + next() + next() + next())).collect()
+    }
+
+    /// `swk_moe_route` against the host's routes and `Dispatch::new` for `c`'s rule: `t`
+    /// tokens of random logits, token 0 all ties and token 1 in tied pairs; two calls into
+    /// one tally, then one without. Bit for bit on the emulator; on a GPU (whose `expf` and
+    /// `log` may round differently) the same choices and rows, weights and sums within 1e-6.
+    fn router_case(c: &ModelConfig, bias: Option<&[f32]>, t: usize, seed: u64) {
+        use super::super::driver::CudaDevice;
+        let dev = CudaDevice::new(0).unwrap();
+        let p = c.family.moe.as_ref().unwrap();
+        let (ne, k, pos0) = (p.num_experts, p.top_k, 7);
+        let rule = route_rule(c, p);
+        let at = RouteLayout { t, ne, k, groups: rule.n_group };
+        let (first, stride, width) = (1000u32, 37u32, 11u32);
+        let work = dev.alloc::<u64>(at.work_words()).unwrap();
+        let out = dev.upload(&vec![u32::MAX; at.out_words()]).unwrap();
+        let tally = dev.zeros::<u64>(2 + 2 * ne).unwrap();
+        let bias_d = bias.map(|b| dev.upload(b).unwrap());
+        let exact = super::super::EMULATED;
+        let close = |a: f64, b: f64| {
+            if exact {
+                a.to_bits() == b.to_bits()
+            } else {
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-30)
+            }
+        };
+        let mut want = LayerTally::default();
+        for call in 0..3u64 {
+            let at_ = format!("{:?} t {t} call {call}", rule);
+            let mut z = logits(seed + call, t * ne, 2.0);
+            z[..ne].fill(0.5);
+            if t > 1 {
+                (0..ne).for_each(|e| z[ne + e] = (e / 2) as f32 * 0.25);
+            }
+            let zd = dev.upload(&z).unwrap();
+            let tp = if call < 2 { dev.ptr(&tally) } else { 0 };
+            let bufs = (dev.ptr(&work), dev.ptr(&out), tp);
+            let bp = bias_d.as_ref().map_or(0, |b| dev.ptr(b));
+            dev.moe_route(dev.ptr(&zd), bp, (t, ne, k, pos0), &rule, (first, stride, width), bufs)
+                .unwrap();
+            let got = dev.download(&out, 0, at.out_words()).unwrap();
+            let routes = host_routes(c, p, &z, bias);
+            let d = Dispatch::new(&routes, ne, k, pos0).unwrap();
+            if call < 2 {
+                want.add(&routes, &d, ne);
+            }
+            let tk = t * k;
+            assert_eq!(got[..tk], d.token, "{at_}: tokens");
+            assert_eq!(got[tk..2 * tk], d.position, "{at_}: positions");
+            assert_eq!(got[2 * tk..3 * tk], d.slot, "{at_}: slots");
+            for (g, w) in got[3 * tk..4 * tk].iter().zip(&d.weight) {
+                assert!(close(f32::from_bits(*g) as f64, *w as f64), "{at_}: weight {g} vs {w}");
+            }
+            let mut rows = vec![0u32; ne];
+            d.experts.iter().for_each(|&(e, _, n)| rows[e] = n as u32);
+            let row0: Vec<u32> =
+                rows.iter().scan(0, |a, &r| Some(std::mem::replace(a, *a + r))).collect();
+            let meta = &got[4 * tk..];
+            assert_eq!(meta[..ne], row0, "{at_}: first rows");
+            assert_eq!(meta[ne..2 * ne], rows, "{at_}: row counts");
+            for e in 0..ne {
+                let ki = first + e as u32 * stride;
+                assert_eq!((meta[2 * ne + e], meta[3 * ne + e]), (ki, ki + width), "{at_}: keys");
+            }
+            let words = dev.download(&tally, 0, 2 + 2 * ne).unwrap();
+            let got = LayerTally::from_words(&words, ne);
+            assert_eq!(got.routed_tokens, want.routed_tokens, "{at_}: tokens routed");
+            assert_eq!(got.selected, want.selected, "{at_}: tokens per expert");
+            assert!(close(got.entropy_sum, want.entropy_sum), "{at_}: entropy");
+            for (a, b) in got.weight_sum.iter().zip(&want.weight_sum) {
+                assert!(close(*a, *b), "{at_}: weight sum {a} vs {b}");
+            }
+        }
+    }
+
+    /// The device router (kernels/route.cu) routes as the host does, for `moe::route`
+    /// (softmax; renormalized or not) and DeepSeek's rules (V2 greedy and group-limited with
+    /// softmax scores, V3's sigmoid scores with selection bias and top-2-sum groups, sigmoid
+    /// without groups), with more tokens than the block's warps too.
+    #[test]
+    fn device_router_routes_as_the_host() {
+        if !super::super::driver::cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        use crate::model::config::GroupScore;
+        let base = crate::Model::load(&super::super::tiny_fixture("qwen2_moe")).unwrap().config;
+        for (renorm, t) in [(false, 5), (true, 20)] {
+            let mut c = base.clone();
+            let m = c.family.moe.as_mut().unwrap();
+            (m.num_experts, m.top_k, m.norm_topk_prob) = (60, 4, renorm);
+            router_case(&c, None, t, 11);
+        }
+        let ds = crate::Model::load(&super::super::tiny_fixture("deepseek_v3")).unwrap().config;
+        let bias = logits(5, 64, 0.05);
+        let cases = [
+            // (sigmoid, groups, n_group, topk_group, experts, k, renorm, bias, tokens)
+            (false, GroupScore::None, 1, 1, 64, 6, false, false, 16),
+            (false, GroupScore::Max, 8, 3, 64, 6, true, false, 9),
+            (true, GroupScore::Top2Sum, 8, 4, 64, 8, true, true, 16),
+            (true, GroupScore::None, 1, 1, 40, 3, true, false, 3),
+        ];
+        for (sigmoid, group_score, n_group, topk_group, ne, k, renorm, with_bias, t) in cases {
+            let mut c = ds.clone();
+            let d = c.family.deepseek.as_mut().unwrap();
+            (d.sigmoid, d.group_score, d.n_group, d.topk_group) =
+                (sigmoid, group_score, n_group, topk_group);
+            d.routed_scaling_factor = 2.5;
+            let m = c.family.moe.as_mut().unwrap();
+            (m.num_experts, m.top_k, m.norm_topk_prob) = (ne, k, renorm);
+            router_case(&c, with_bias.then_some(&bias[..ne]), t, 23);
+        }
+    }
+
     #[test]
     fn key_layout_places_experts_after_the_dense_keys() {
         let c = crate::Model::load(&super::super::tiny_fixture("qwen2_moe")).unwrap().config;
@@ -581,12 +1054,14 @@ mod tests {
         let (i, h, ei, si) = (c.intermediate_size, c.hidden_size, m.expert_intermediate, 48);
         assert_eq!(m.shared_expert_intermediate, Some(si));
         let k = KeyLayout::of(&c);
-        let per = i + h + m.num_experts * (ei + h) + si + h;
+        let words = 2 + 2 * m.num_experts;
+        let per = i + h + m.num_experts * (ei + h) + si + h + words;
         assert_eq!(k.total, c.num_layers * per);
         assert_eq!(k.dense(1), (per, per + i));
         assert_eq!(k.expert(1, 0), (per + i + h, per + i + h + ei));
         assert_eq!(k.expert(1, 3).0, per + i + h + 3 * (ei + h));
-        assert_eq!(k.shared(1), (2 * per - si - h, 2 * per - h));
+        assert_eq!(k.shared(1), (2 * per - words - si - h, 2 * per - words - h));
+        assert_eq!(k.tally(1), 2 * per - words);
         // Qwen3-MoE's layer 0 is dense: its keys are the dense MLP's only.
         let c = crate::Model::load(&super::super::tiny_fixture("qwen3_moe")).unwrap().config;
         let k = KeyLayout::of(&c);
@@ -596,6 +1071,9 @@ mod tests {
             k.total,
             2 * (c.intermediate_size + c.hidden_size)
                 + m.num_experts * (m.expert_intermediate + c.hidden_size)
+                + 2
+                + 2 * m.num_experts
         );
+        assert_eq!(k.tally(1), k.total - 2 - 2 * m.num_experts);
     }
 }
