@@ -1,10 +1,10 @@
 // The routed-expert MLP of a mixture-of-experts layer, mirroring model::arch::moe on the CPU.
-// The host routes (softmax, top-k) from the router logits, gathers each expert's tokens into
-// consecutive rows (experts ascending, tokens ascending within one), runs each expert's
-// SwiGLU on its rows, and then:
+// The router (route.cu on the device for passes of at most 16 tokens, else the host) gathers
+// each expert's tokens into consecutive rows (experts ascending, tokens ascending within
+// one); each expert's SwiGLU runs on its rows, and then:
 //   swk_column_max   folds an expert's down_proj output rows into its spike keys (per row the
 //                    token position it came from), before the routing weight;
-// When every expert has at most 8 rows (detection prompts, decoding), or at any row count
+// When every expert has at most 16 rows (detection prompts, decoding), or at any row count
 // with swk's own GEMM kernels, the experts run together instead: swk_gemm_grouped_* (gemm.cu)
 // for gate, up and down, swk_act_mul_grouped (act.cu) and swk_column_max_grouped, one launch
 // each for the whole layer.

@@ -2594,11 +2594,11 @@ fn append_timing(text: &str) -> Result<()> {
 
 /// Timing of a mixture of experts at OLMoE-1B-7B shapes (16 layers, hidden 2048, 64 experts
 /// of width 1024, top-8 routing, bf16 random weights made on the device): the detection
-/// forward (9 tokens, spike statistics; routed on the host, one download per layer) against
-/// the floor of the bytes it must read (every weight but the experts no token chose, over the
-/// measured copy rate), also with the `mma` engine, and one 512-token perplexity window (also
-/// with swk's own GEMM kernels, experts grouped and one by one). Appends to
-/// `$SWK_TIMING_OUT`. Measures only.
+/// forward (9 tokens, spike statistics; routed on the device) against the floor of the bytes
+/// it must read (every weight but the experts no token chose, over the measured copy rate),
+/// also routed on the host (one download per layer), replayed from a CUDA graph, and with the
+/// `mma` engine; and one 512-token perplexity window (also with swk's own GEMM kernels,
+/// experts grouped and one by one). Appends to `$SWK_TIMING_OUT`. Measures only.
 #[test]
 #[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
 fn timing_7b_moe() -> Result<()> {
@@ -2650,9 +2650,29 @@ fn timing_7b_moe() -> Result<()> {
         g.score(&prompt, &mut CudaKvCache::new(&g))?;
         ppl = ppl.min(ms(t));
     }
+    // The same detection forward routed on the host (a download and a synchronization per
+    // sparse layer), and replayed from a CUDA graph (routed on the device), against the
+    // device-routed launches above.
+    let mut g = g;
+    g.set_device_routing(false);
+    let host_routed = best_detect(&g)?;
+    g.set_device_routing(true);
+    g.set_graphs(true);
+    let graph_det = {
+        use swk::detect::DetectBackend;
+        let mut s = new_stats();
+        g.spike_stats(&prompt[..9], &mut s)?; // capture
+        (0..5).try_fold(f64::INFINITY, |best, _| -> Result<f64> {
+            let t = Instant::now();
+            g.spike_stats(&prompt[..9], &mut s)?;
+            g.synchronize()?;
+            Ok(best.min(ms(t)))
+        })?
+    };
+    let graphed = if g.graphs_held() > 0 { "" } else { " (no graph)" };
+    g.set_graphs(false);
     // The same detection forward with each expert's steps launched one expert at a time
     // (the path for experts with more than 16 rows), against the grouped launches above.
-    let mut g = g;
     g.set_grouped_experts(false);
     let one_by_one = best_detect(&g)?;
     // The 512-token window with swk's own GEMM kernels, which group the experts at any row
@@ -2699,10 +2719,10 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped) | floor ms | × floor | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
-        "|---|---|---|---|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             mma_det / floor,
