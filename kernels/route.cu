@@ -143,16 +143,16 @@ __device__ void route_token(const float* z, const float* bias, int tok, int ne, 
             __syncwarp();
             total = w.entropy[tok];
         }
+        // The terms of p > 0 only (a NaN marks the others: p · ln p is NaN for no p > 0).
         for (int e = lane; e < ne; e += 32) {
             const double p = scoring == SWK_ROUTE_SOFTMAX ? (double)sc[e] : __ddiv_rn((double)sc[e], total);
-            terms[e] = p > 0.0 ? __dmul_rn(p, log(p)) : 0.0;
+            terms[e] = p > 0.0 ? __dmul_rn(p, log(p)) : __longlong_as_double(0x7ff8000000000000ll);
         }
         __syncwarp();
         if (lane == 0) {
             double s = -0.0;
             for (int e = 0; e < ne; ++e) {
-                const double p = scoring == SWK_ROUTE_SOFTMAX ? (double)sc[e] : __ddiv_rn((double)sc[e], total);
-                if (p > 0.0) {
+                if (terms[e] == terms[e]) {
                     s = __dadd_rn(s, terms[e]);
                 }
             }

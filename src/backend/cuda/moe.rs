@@ -936,7 +936,8 @@ mod tests {
     }
 
     /// `swk_moe_route` against the host's routes and `Dispatch::new` for `c`'s rule: `t`
-    /// tokens of random logits, token 0 all ties and token 1 in tied pairs; two calls into
+    /// tokens of random logits, token 0 all ties, token 1 in tied pairs and token 2 with
+    /// every score but one 0 (when `t` > 2); two calls into
     /// one tally, then one without. Bit for bit on the emulator; on a GPU (whose `expf` and
     /// `log` may round differently) the same choices and rows, weights and sums within 1e-6.
     fn router_case(c: &ModelConfig, bias: Option<&[f32]>, t: usize, seed: u64) {
@@ -964,8 +965,10 @@ mod tests {
             let at_ = format!("{:?} t {t} call {call}", rule);
             let mut z = logits(seed + call, t * ne, 2.0);
             z[..ne].fill(0.5);
-            if t > 1 {
+            if t > 2 {
                 (0..ne).for_each(|e| z[ne + e] = (e / 2) as f32 * 0.25);
+                // Token 2: one expert takes all; the others' scores are 0 (no entropy terms).
+                (0..ne).for_each(|e| z[2 * ne + e] = if e == 3 { 200.0 } else { -200.0 });
             }
             let zd = dev.upload(&z).unwrap();
             let tp = if call < 2 { dev.ptr(&tally) } else { 0 };
