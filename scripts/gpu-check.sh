@@ -6,7 +6,7 @@
 #          scripts/gpu-check.sh build
 #      installs the pinned nvcc (scripts/install-cuda.sh), builds with
 #      `--features cuda --release` the `swk` binary, the library's unit tests and the GPU
-#      parity tests (tests/cuda.rs), and packs them, stripped and compressed, into
+#      parity tests (tests/cuda/), and packs them, stripped and compressed, into
 #      .gpu/bin.tar.xz (gitignored; about 13 MB: the device tool carries at most 64 MiB with
 #      the working tree, so more is an error).
 #      The tiny fixtures are tracked files: they travel with the working tree, and the run
@@ -92,7 +92,7 @@ build() {
     local json
     json=$(mktemp)
     cargo test --release --features cuda --no-run --lib --test cuda --message-format=json >"$json"
-    # The executables of the library's unit tests and of tests/cuda.rs.
+    # The executables of the library's unit tests and of tests/cuda/.
     local unit cuda
     unit=$(artifact "$json" lib)
     cuda=$(artifact "$json" cuda)

@@ -1,0 +1,189 @@
+//! Streamed models (layers read from the files on every pass) against the resident upload.
+
+use super::*;
+
+/// A streamed model ([`CudaModel::streamed`]: layers read from the files for every pass,
+/// through one device slot) computes what the resident upload computes: logits and spike
+/// statistics within 1e-6 (the same kernels on the same bits; reported when bit-identical),
+/// for safetensors fixtures and a GGUF, in every dtype and with every engine (on the emulator,
+/// [`engines_brief`]).
+#[test]
+fn streamed_model_equals_resident_upload() {
+    if !gpu() {
+        return;
+    }
+    let root = fixtures_root().join("tiny");
+    let mut sources: Vec<(String, PathBuf)> =
+        // Safetensors checkpoints renamed at load (Gemma 3 multimodal, GPT-2, GPT-NeoX) are
+        // refused by LazyModel (with a clear error); their GGUF files stream below.
+        FIXTURES
+            .iter()
+            .filter(|n| !["gemma3", "gpt2", "gpt_neox", "gpt_neox_seq"].contains(n))
+            .filter(|n| !load(n).0.config.architecture.is_moe())
+            .map(|n| (n.to_string(), root.join(n)))
+            .collect();
+    sources.push(("qwen2_gguf".into(), root.join("qwen2_gguf/model.gguf")));
+    sources.push(("phi3_gguf".into(), root.join("phi3_gguf/model.gguf")));
+    sources.push(("olmo_gguf".into(), root.join("olmo_gguf/model.gguf")));
+    sources.push(("olmo2_gguf".into(), root.join("olmo2_gguf/model.gguf")));
+    sources.push(("gemma2_gguf".into(), root.join("gemma2_gguf/model.gguf")));
+    sources.push(("gemma3_gguf".into(), root.join("gemma3_gguf/model.gguf")));
+    sources.push(("gpt2_gguf".into(), root.join("gpt2_gguf/model.gguf")));
+    sources.push(("gpt_neox_gguf".into(), root.join("gpt_neox_gguf/model.gguf")));
+    // Mixtures of experts stream from GGUF (their safetensors names are rewritten at load).
+    // DeepSeek-V3's GGUF splits kv_b_proj (llama.cpp's attn_k_b/attn_v_b): it loads whole
+    // only; V2's streams.
+    for moe in
+        ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf", "deepseek_v2_gguf"]
+    {
+        sources.push((moe.into(), root.join(moe).join("model.gguf")));
+    }
+    for (name, path) in sources {
+        let path = path.to_str().expect("utf-8 path").to_string();
+        let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let lazy = std::sync::Arc::new(swk::model::LazyModel::open(&path).unwrap());
+        let tokens: Vec<u32> =
+            (0..24u32).map(|i| (i * 37 + 5) % m.config.vocab_size as u32).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            // f16: its default engine (swk's kernels); the widening path is tested resident.
+            let gemms = if dtype == WeightDtype::F16 {
+                vec![GemmEngine::Auto]
+            } else {
+                engines_brief(dtype)
+            };
+            for gemm in gemms {
+                let opts = CudaOptions { dtype, gemm, ..Default::default() };
+                let resident = CudaModel::new(&m, &opts).unwrap();
+                let streamed = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+                assert!(streamed.is_streamed() && !resident.is_streamed());
+                let (a, b) = (streamed.logits(&tokens).unwrap(), resident.logits(&tokens).unwrap());
+                let err = max_rel_err(&a, &b, 1.0);
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                eprintln!(
+                    "streamed {name} {} {}: max rel err {err:.2e}{}",
+                    dtype.name(),
+                    gemm.name(),
+                    if same { " (bit-identical)" } else { "" }
+                );
+                assert!(err <= 1e-6, "{name} {} {}: {err}", dtype.name(), gemm.name());
+                // Perplexity: the streamed model scores windows together, layer-major.
+                let long: Vec<u32> =
+                    (0..70u32).map(|i| (i * 53 + 3) % m.config.vocab_size as u32).collect();
+                let windows = swk::eval::ppl::windows(&m, &long, 9).unwrap();
+                let ps = streamed.perplexity(&windows, 9, |_, _| {}).unwrap();
+                let pr = resident.perplexity(&windows, 9, |_, _| {}).unwrap();
+                assert_eq!(ps.tokens_scored, pr.tokens_scored);
+                let rel = (ps.nll_sum / pr.nll_sum - 1.0).abs();
+                assert!(rel <= 1e-6, "{name}: streamed nll {} vs {}", ps.nll_sum, pr.nll_sum);
+                // Decode through the KV cache: each pass streams every layer again.
+                let mut cache = CudaKvCache::new(&streamed);
+                let mut last = Vec::new();
+                for &t in &tokens[..6] {
+                    last = streamed.forward(&[t], &mut cache, None, Logits::Last).unwrap();
+                }
+                let want = resident
+                    .forward(&tokens[..6], &mut CudaKvCache::new(&resident), None, Logits::Last)
+                    .unwrap();
+                assert!(max_rel_err(&last, &want, 1.0) <= 1e-4, "{name}: streamed decode");
+                let c = &m.config;
+                let new_stats =
+                    || SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+                let (mut sa, mut sb) = (new_stats(), new_stats());
+                streamed
+                    .forward(&tokens, &mut CudaKvCache::new(&streamed), Some(&mut sa), Logits::None)
+                    .unwrap();
+                resident
+                    .forward(&tokens, &mut CudaKvCache::new(&resident), Some(&mut sb), Logits::None)
+                    .unwrap();
+                assert_stats_match(&format!("streamed {name}"), &sa, &sb);
+            }
+        }
+    }
+}
+
+/// Edits of a streamed model live in the host overlay: the edited logits equal the resident
+/// model's with the same edits, reads see the stored values, and restoring empties the
+/// overlay (checksum back to the unedited one). Layers streamed from memory (converted from
+/// f32) and from a checkpoint saved in the slots' dtype (copied as stored, the edits written
+/// into the copy).
+#[test]
+fn streamed_edits_restore_bit_exactly() {
+    if !gpu() {
+        return;
+    }
+    let m = medium();
+    let tokens: Vec<u32> = (0..20u32).map(|i| (i * 101 + 7) % 1000).collect();
+    let edits = medium_edits();
+    let memory = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+        let saved = dir.path().join(dtype.name());
+        swk::synth::save_llama(&m, &saved, dtype).unwrap();
+        let file = std::sync::Arc::new(
+            swk::model::LazyModel::open(saved.to_str().expect("utf-8 path")).unwrap(),
+        );
+        // The checkpoint holds every tensor in `dtype`, norms included: its own resident
+        // upload is the reference.
+        let loaded = Model::load(saved.to_str().expect("utf-8 path")).unwrap();
+        let opts = CudaOptions { dtype, ..Default::default() };
+        for (from, lazy, model) in [("memory", &memory, &m), ("file", &file, &loaded)] {
+            let what = format!("{} from {from}", dtype.name());
+            let mut resident = CudaModel::new(model, &opts).unwrap();
+            let want = swk::edit::with_edits(&mut resident, &edits, |g| g.logits(&tokens)).unwrap();
+            let mut s = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            let before = s.checksum().unwrap();
+            let clean = s.logits(&tokens).unwrap();
+            {
+                let mut guard = EditGuard::new(&mut s);
+                guard.apply_all(&edits).unwrap();
+                assert_ne!(guard.checksum().unwrap(), before);
+                let got = guard.logits(&tokens).unwrap();
+                let err = max_rel_err(&got, &want, 1.0);
+                assert!(err <= 1e-6, "{what}: streamed edited logits vs resident: {err}");
+                let row = guard
+                    .download_range("model.layers.1.mlp.down_proj.weight", 17 * 704, 704)
+                    .unwrap();
+                assert_eq!((row[300], row[301].abs() > 0.0), (0.0, true), "{what}");
+                assert!(guard.apply(&WeightEdit::down_proj(0, 10_000, 0, EditOp::Zero)).is_err());
+            }
+            assert_eq!(s.checksum().unwrap(), before, "{what}: overlay emptied on restore");
+            assert_eq!(s.logits(&tokens).unwrap(), clean, "{what}: same logits after restore");
+        }
+    }
+}
+
+/// Detection on a streamed model finds what it finds on the resident upload.
+#[test]
+fn streamed_detection_matches_resident() {
+    if !gpu() {
+        return;
+    }
+    let spec = planted_spec();
+    let (m, truth) = planted(&spec, 3, &Plant::standard(&spec)).expect("planted");
+    let cfg = DetectConfig::default();
+    let windows = swk::eval::ppl::windows(&m, &truth.confirm, cfg.confirm_context).unwrap();
+    let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+        let opts = CudaOptions { dtype, ..Default::default() };
+        let mut r = CudaModel::new(&m, &opts).unwrap();
+        let mut s = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+        let prompts = [truth.prompt.clone()];
+        let want = detect_with(&mut r, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+        let before = s.checksum().unwrap();
+        let got = detect_with(&mut s, &prompts, &windows, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(s.checksum().unwrap(), before);
+        let key = |v: &[swk::detect::SuperWeight]| -> Vec<_> {
+            v.iter().map(|x| (x.layer, x.row, x.col, x.iteration, x.value.to_bits())).collect()
+        };
+        assert_eq!(key(&got.super_weights), key(&want.super_weights), "{}", dtype.name());
+        assert_eq!(key(&got.rejected), key(&want.rejected), "{}", dtype.name());
+        assert!(!got.super_weights.is_empty());
+        eprintln!(
+            "streamed detection {}: {} confirmed in {:.3} s (resident {:.3} s)",
+            dtype.name(),
+            got.super_weights.len(),
+            got.seconds,
+            want.seconds
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! The GPU timing tables (ignored; `--ignored` on a GPU machine): Llama-2-7B shapes,
+//! streaming, and a mixture of experts at OLMoE-1B-7B shapes.
+
+use super::*;
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Timing at Llama-2-7B shapes (random weights generated on the device; bf16, f32, then f16
+/// with swk's kernels; `cublas-split` as it runs (split and sum fused, q/k/v and gate/up
+/// grouped), then ungrouped, then unfused). Writes a Markdown table to stderr and, row by row (so a partial run
+/// still leaves its rows), to `$SWK_TIMING_OUT` when set. Accuracy between engines is reported, never asserted: this
+/// test measures; the parity tests above judge.
+#[test]
+#[ignore = "GPU timing at 7B shapes: run with --ignored on a GPU machine"]
+fn timing_7b() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let out = std::env::var_os("SWK_TIMING_OUT").map(PathBuf::from);
+    let mut table = String::new();
+    let mut emit = |line: String| -> Result<()> {
+        eprintln!("{line}");
+        table.push_str(&line);
+        table.push('\n');
+        if let Some(p) = &out {
+            std::fs::write(p, &table).map_err(|e| swk::Error::io(p.clone(), e))?;
+        }
+        Ok(())
+    };
+    let config = SynthSpec::llama2_7b().config()?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 32000).collect();
+    let dev = swk::backend::cuda::CudaDevice::new(0)?;
+    let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
+    let gemm_rate = if cublas_present() { dev.measure_bf16_gemm_rate(8192, 10)? } else { 0.0 };
+    drop(dev);
+    emit(format!("Llama-2-7B shapes, random weights; {}\n", device_info()?.replace('\n', "; ")))?;
+    emit(format!(
+        "Measured: device-to-device copy {:.0} GB/s (bytes read + written); cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s.\n",
+        copy_rate / 1e9,
+        gemm_rate / 1e12
+    ))?;
+    emit("| weights | gemm | fill s | prefill 512 ms | prefill tok/s | prefill+stats ms | decode ms/tok (ctx 512) | checksum ms | edit+restore ms | last-row logits vs first engine (max rel err) |".into())?;
+    emit("|---|---|---|---|---|---|---|---|---|---|".into())?;
+    // Linear-layer FLOPs per token (2 per weight of every matrix the tokens pass through).
+    let c = &config;
+    let per_layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size;
+    let linear_flops = 2.0 * (per_layer * c.num_layers + c.hidden_size * c.vocab_size) as f64;
+    let mut roofline = Vec::new();
+    for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::F16] {
+        let t0 = Instant::now();
+        let mut g =
+            match CudaModel::random(&config, 1, &CudaOptions { dtype, ..Default::default() }) {
+                Ok(g) => g,
+                Err(e) => {
+                    emit(format!("| {} | - | skipped: {e} | | | | | | | |", dtype.name()))?;
+                    continue;
+                }
+            };
+        let fill = t0.elapsed().as_secs_f64();
+        let floor_ms = g.weight_bytes() as f64 / copy_rate * 1e3;
+        let mut reference: Option<Vec<f32>> = None;
+        // f16: swk's kernels, its default (cuBLAS would widen every weight on every pass), and
+        // the tensor-core engine.
+        let gemms = if dtype == WeightDtype::F16 {
+            vec![GemmEngine::Kernels, GemmEngine::Mma]
+        } else {
+            engines(dtype)
+        };
+        // cublas-split also with a product per weight, and with its split and sum unfused (a
+        // launch per step): the baselines of the grouped products and the fused launches.
+        // (fused split, grouped products, label)
+        let split_runs = [(true, false, " ungrouped"), (false, false, " unfused")];
+        let runs = gemms.into_iter().flat_map(|gemm| {
+            let more = if gemm == GemmEngine::CublasSplit { &split_runs[..] } else { &[] };
+            std::iter::once((gemm, (true, true, ""))).chain(more.iter().map(move |r| (gemm, *r)))
+        });
+        for (gemm, (fused, grouped, label)) in runs {
+            g.set_gemm(gemm)?;
+            g.set_fused_launches(fused);
+            g.set_grouped_products(grouped);
+            let engine = format!("{}{label}", gemm.name());
+            let mut cache = CudaKvCache::new(&g);
+            g.forward(&prompt[..16], &mut cache, None, Logits::Last)?; // warm-up
+            cache.clear();
+            let t = Instant::now();
+            let last = g.forward(&prompt, &mut cache, None, Logits::Last)?;
+            let prefill = ms(t);
+            let agree = match &reference {
+                None => {
+                    reference = Some(last.clone());
+                    "(reference)".to_string()
+                }
+                Some(r) => format!("{:.2e}", max_rel_err(&last, r, 1.0)),
+            };
+            let n_dec = 32;
+            let t = Instant::now();
+            for k in 0..n_dec {
+                g.forward(&[(k * 13 + 5) as u32], &mut cache, None, Logits::Last)?;
+            }
+            let decode = ms(t) / n_dec as f64;
+            let mut stats =
+                SpikeStats::new(config.num_layers, config.intermediate_size, config.hidden_size);
+            let t = Instant::now();
+            g.forward(&prompt, &mut CudaKvCache::new(&g), Some(&mut stats), Logits::None)?;
+            g.synchronize()?;
+            let with_stats = ms(t);
+            // Detection forward: the paper's 9-token prompt with spike statistics, no logits;
+            // best of 5 (and without statistics, for the hook overhead).
+            let mut best = |with: bool| -> Result<f64> {
+                let mut b = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    let s = if with { Some(&mut stats) } else { None };
+                    g.forward(&prompt[..9], &mut CudaKvCache::new(&g), s, Logits::None)?;
+                    g.synchronize()?;
+                    b = b.min(ms(t));
+                }
+                Ok(b)
+            };
+            let det = best(true)?;
+            let det_plain = best(false)?;
+            // The same detection pass replayed from a CUDA graph (captured on the first call).
+            g.set_graphs(true);
+            let mut det_graph = f64::INFINITY;
+            for _ in 0..6 {
+                let t = Instant::now();
+                swk::detect::DetectBackend::spike_stats(&g, &prompt[..9], &mut stats)?;
+                g.synchronize()?;
+                det_graph = det_graph.min(ms(t));
+            }
+            let graph_note = match g.graph_error() {
+                Some(e) => format!("graph failed: {e}"),
+                None => format!("{det_graph:.2} ({:.2}×)", det_graph / floor_ms),
+            };
+            g.set_graphs(false);
+            // Perplexity throughput: one 512-token window scored on the device, best of 3.
+            let mut ppl_ms = f64::INFINITY;
+            for _ in 0..3 {
+                let t = Instant::now();
+                g.score(&prompt, &mut CudaKvCache::new(&g))?;
+                ppl_ms = ppl_ms.min(ms(t));
+            }
+            let t = Instant::now();
+            let sum = g.checksum()?;
+            let checksum = ms(t);
+            let t = Instant::now();
+            {
+                let mut guard = EditGuard::new(&mut g);
+                guard.apply(&WeightEdit::down_proj(1, 2533, 7890, EditOp::Zero))?;
+                guard.restore_all()?;
+            }
+            let edit = ms(t);
+            let restored = if g.checksum()? == sum { "" } else { " RESTORE MISMATCH" };
+            emit(format!(
+                "| {} | {engine} | {fill:.1} | {prefill:.1} | {:.0} | {with_stats:.1} | {decode:.2} | {checksum:.1} | {edit:.2}{restored} | {agree} |",
+                dtype.name(),
+                512.0 / (prefill / 1e3)
+            ))?;
+            let row = format!(
+                "| {} | {engine} | {:.2} | {det:.2} | {det_plain:.2} | {:+.1} % | {floor_ms:.2} | {:.2} | {graph_note} | {:.0} | {ppl_ms:.1} | {:.0} | {:.1} | {:.0} % |",
+                dtype.name(),
+                g.weight_bytes() as f64 / 1e9,
+                (det / det_plain - 1.0) * 100.0,
+                det / floor_ms,
+                g.weight_bytes() as f64 / (det / 1e3) / 1e9,
+                512.0 / (ppl_ms / 1e3),
+                linear_flops * 512.0 / (ppl_ms / 1e3) / 1e12,
+                if gemm_rate > 0.0 { linear_flops * 512.0 / (ppl_ms / 1e3) / gemm_rate * 100.0 } else { 0.0 },
+            );
+            // Printed now too, so a run cut off by its time limit still shows it in the log.
+            eprintln!("roofline row: {row}");
+            roofline.push(row);
+        }
+    }
+    emit(String::new())?;
+    emit("Detection forward (9-token prompt, spike statistics, no logits) against the bandwidth floor (weight bytes / measured copy rate), and perplexity throughput (one 512-token window, logits and NLL on the device) against the measured bf16 GEMM rate:\n".into())?;
+    emit("| weights | gemm | weight GB | detect fwd ms | without stats ms | stats overhead | floor ms | × floor | graph replay ms (× floor) | achieved GB/s | ppl 512 ms | ppl tok/s | linear TFLOP/s | of bf16 GEMM rate |".into())?;
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into())?;
+    for r in roofline {
+        emit(r)?;
+    }
+    Ok(())
+}
+
+/// Timing of layer streaming at Llama-2-7B layer shapes (8 of its 32 layers, random weights
+/// made on the host): a 9-token detection pass streamed vs resident, and the streamed bytes
+/// per second, with the layers read from memory (`LazyModel::from_model`: f32, converted on
+/// each read) and from a bf16 safetensors checkpoint written to a temporary directory (in the
+/// page cache: its matrices copied as stored into bf16 slots). Appends to `$SWK_TIMING_OUT`.
+/// Measures only.
+#[test]
+#[ignore = "GPU timing of streaming: run with --ignored on a GPU machine"]
+fn timing_7b_streamed() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let spec = SynthSpec { layers: 8, ..SynthSpec::llama2_7b() };
+    let t0 = Instant::now();
+    let m = random_llama(&spec, 1)?;
+    let fill = t0.elapsed().as_secs_f64();
+    let prompt: Vec<u32> = (0..9u32).map(|i| (i * 7919 + 1) % 32000).collect();
+    let c = m.config.clone();
+    let mut lines = vec![
+        String::new(),
+        format!("Streaming, Llama-2-7B layer shapes, {} layers (host fill {fill:.1} s):", c.num_layers),
+        String::new(),
+        "| weights | resident pass ms | streamed pass ms | streamed ms/layer | host staging ms/layer (of it reading the tensors) | layer bytes | streamed GB/s |".into(),
+        "|---|---|---|---|---|---|---|".into(),
+    ];
+    let memory = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
+    let dir = tempfile::tempdir().map_err(|e| swk::Error::io(std::env::temp_dir(), e))?;
+    swk::synth::save_llama(&m, dir.path(), WeightDtype::Bf16)?;
+    let file = std::sync::Arc::new(swk::model::LazyModel::open(&dir.path().to_string_lossy())?);
+    let cases = [
+        ("memory", &memory, WeightDtype::Bf16),
+        ("memory", &memory, WeightDtype::F32),
+        ("bf16 file", &file, WeightDtype::Bf16),
+    ];
+    for (from, lazy, dtype) in cases {
+        let opts = CudaOptions { dtype, ..Default::default() };
+        let best = |g: &CudaModel| -> Result<f64> {
+            g.forward(&prompt, &mut CudaKvCache::new(g), None, Logits::Last)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let t = Instant::now();
+                g.forward(&prompt, &mut CudaKvCache::new(g), None, Logits::Last)?;
+                best = best.min(ms(t));
+            }
+            Ok(best)
+        };
+        // Resident: m itself (the file's norms and embedding are m's rounded to bf16; the
+        // time does not depend on the values).
+        let resident = best(&CudaModel::new(&m, &opts)?)?;
+        let s = CudaModel::streamed(lazy.clone(), &opts)?;
+        let streamed = best(&s)?;
+        let layout = swk::backend::stream::SlotLayout::new(&c, 0, dtype);
+        let layer_bytes = layout.bytes;
+        let rate = (layer_bytes * c.num_layers) as f64 / (streamed / 1e3) / 1e9;
+        // The host's part alone (read, convert, edits): what the streaming thread does per
+        // layer while the device runs the previous one.
+        let overlay = swk::backend::stream::Overlay::default();
+        let mut staging = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let staged = swk::backend::stream::stage_layer(lazy, 0, &layout, &overlay)?;
+            staging = staging.min(ms(t));
+            assert_eq!(staged.bytes.len(), layer_bytes);
+        }
+        let t = Instant::now();
+        for e in &layout.entries {
+            lazy.tensor(&format!("model.layers.0.{}", e.suffix))?;
+        }
+        let reading = ms(t);
+        lines.push(format!(
+            "| {} from {from} | {resident:.2} | {streamed:.2} | {:.2} | {staging:.2} ({reading:.2}) | {:.1} MB | {rate:.2} |",
+            dtype.name(),
+            streamed / c.num_layers as f64,
+            layer_bytes as f64 / 1e6
+        ));
+    }
+    append_timing(&(lines.join("\n") + "\n"))
+}
+
+/// Append `text` to `$SWK_TIMING_OUT` when set (and print it).
+fn append_timing(text: &str) -> Result<()> {
+    eprint!("{text}");
+    if let Some(p) = std::env::var_os("SWK_TIMING_OUT").map(PathBuf::from) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| swk::Error::io(p.clone(), e))?;
+        f.write_all(text.as_bytes()).map_err(|e| swk::Error::io(p.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// Timing of a mixture of experts at OLMoE-1B-7B shapes (16 layers, hidden 2048, 64 experts
+/// of width 1024, top-8 routing, bf16 random weights made on the device): the detection
+/// forward (9 tokens, spike statistics; routed on the device) against the floor of the bytes
+/// it must read (every weight but the experts no token chose, over the measured copy rate),
+/// also routed on the host (one download per layer), replayed from a CUDA graph, and with the
+/// `mma` engine; and one 512-token perplexity window (also with swk's own GEMM kernels,
+/// experts grouped and one by one). Appends to `$SWK_TIMING_OUT`. Measures only.
+#[test]
+#[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
+fn timing_7b_moe() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("swk-olmoe-shapes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| swk::Error::io(dir.clone(), e))?;
+    let config = serde_json::json!({
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": false, "vocab_size": 50304, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
+    });
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).map_err(|e| swk::Error::io(path.clone(), e))?;
+    let c = swk::model::ModelConfig::from_hf_json(&path)?;
+    let dev = swk::backend::cuda::CudaDevice::new(0)?;
+    let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
+    drop(dev);
+    let g =
+        CudaModel::random(&c, 1, &CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() })?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 50304).collect();
+    let new_stats = || SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    // One detection forward (9 tokens, statistics into `stats`), and the best of five.
+    let detect = |g: &CudaModel, stats: &mut SpikeStats| -> Result<f64> {
+        let t = Instant::now();
+        g.forward(&prompt[..9], &mut CudaKvCache::new(g), Some(stats), Logits::None)?;
+        g.synchronize()?;
+        Ok(ms(t))
+    };
+    let best_detect = |g: &CudaModel| -> Result<f64> {
+        (0..5).try_fold(f64::INFINITY, |best, _| Ok(best.min(detect(g, &mut new_stats())?)))
+    };
+    let mut first = new_stats();
+    detect(&g, &mut first)?; // warm-up, and the experts the prompt reaches
+    let det = best_detect(&g)?;
+    let moe = c.family.moe.clone().ok_or_else(|| swk::Error::Invalid("not a MoE".into()))?;
+    let expert_bytes = 3 * moe.expert_intermediate * c.hidden_size * 2;
+    let chosen: usize =
+        first.layers.iter().map(|l| l.experts.iter().filter(|e| e.selected > 0).count()).sum();
+    let all = c.num_layers * moe.num_experts;
+    let needed = g.weight_bytes() - (all - chosen) * expert_bytes;
+    let floor = needed as f64 / copy_rate * 1e3;
+    let mut ppl = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        g.score(&prompt, &mut CudaKvCache::new(&g))?;
+        ppl = ppl.min(ms(t));
+    }
+    // The same detection forward routed on the host (a download and a synchronization per
+    // sparse layer), and replayed from a CUDA graph (routed on the device), against the
+    // device-routed launches above.
+    let mut g = g;
+    g.set_device_routing(false);
+    let host_routed = best_detect(&g)?;
+    g.set_device_routing(true);
+    g.set_graphs(true);
+    let graph_det = {
+        use swk::detect::DetectBackend;
+        let mut s = new_stats();
+        g.spike_stats(&prompt[..9], &mut s)?; // capture
+        (0..5).try_fold(f64::INFINITY, |best, _| -> Result<f64> {
+            let t = Instant::now();
+            g.spike_stats(&prompt[..9], &mut s)?;
+            g.synchronize()?;
+            Ok(best.min(ms(t)))
+        })?
+    };
+    let graphed = if g.graphs_held() > 0 { "" } else { " (no graph)" };
+    g.set_graphs(false);
+    // The same detection forward with each expert's steps launched one expert at a time
+    // (the path for experts with more than 16 rows), against the grouped launches above.
+    g.set_grouped_experts(false);
+    let one_by_one = best_detect(&g)?;
+    // The 512-token window with swk's own GEMM kernels, which group the experts at any row
+    // count (tiled), and one expert at a time: what grouping saves in a prefill.
+    let engine = g.gemm();
+    g.set_gemm(GemmEngine::Kernels)?;
+    let mut kernels_ppl = [f64::INFINITY; 2];
+    for (i, grouped) in [true, false].into_iter().enumerate() {
+        g.set_grouped_experts(grouped);
+        for _ in 0..2 {
+            let t = Instant::now();
+            g.score(&prompt, &mut CudaKvCache::new(&g))?;
+            kernels_ppl[i] = kernels_ppl[i].min(ms(t));
+        }
+    }
+    // The detection forward with the `mma` engine: the dense products and the experts'
+    // grouped products on the tensor cores.
+    g.set_grouped_experts(true);
+    g.set_gemm(GemmEngine::Mma)?;
+    let mma_det = best_detect(&g)?;
+    g.set_gemm(engine)?;
+    // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
+    // the restore log (one block edit: a download and an upload), then restored.
+    let before = g.checksum()?;
+    let t = Instant::now();
+    let edits = swk::analysis::experts::ablation_edits(&g, 0, 0)?;
+    let build = ms(t);
+    let (apply, restore) = {
+        let mut guard = EditGuard::new(&mut g);
+        let t = Instant::now();
+        guard.apply_all(&edits)?;
+        let apply = ms(t);
+        let t = Instant::now();
+        guard.restore_all()?;
+        (apply, ms(t))
+    };
+    let restored = if g.checksum()? == before { "" } else { " RESTORE MISMATCH" };
+    let text = [
+        String::new(),
+        format!(
+            "Mixture of experts, OLMoE-1B-7B shapes (64 experts, top-8), bf16 random weights, {:.2} GB; copy rate {:.0} GB/s; gemm {}:",
+            g.weight_bytes() as f64 / 1e9,
+            copy_rate / 1e9,
+            g.gemm().name()
+        ),
+        String::new(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
+        format!(
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            needed as f64 / 1e9,
+            det / floor,
+            mma_det / floor,
+            512.0 / (ppl / 1e3),
+            kernels_ppl[0],
+            kernels_ppl[1],
+            moe.expert_intermediate * c.hidden_size
+        ),
+    ]
+    .join("\n")
+        + "\n";
+    append_timing(&text)
+}
