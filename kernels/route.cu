@@ -8,12 +8,17 @@
 //                                 groups ranked by their best or best two, top-k, the
 //                                 renormalization (+ 1e-20) and routed_scaling_factor;
 //   Dispatch::new (moe.rs)        rows grouped by expert (experts ascending, tokens ascending
-//                                 within one), each token's k slots by ascending expert;
+//                                 within one), each token's k slots by ascending expert, and
+//                                 the grouped expert kernels' groups (the experts with rows,
+//                                 padded with empty groups to min(experts, tokens·k), so that
+//                                 the host sizes the launches without the routes);
 //   the router counters           tokens, entropy sum, per expert its tokens and the sum of
 //                                 their weights (f64, in token order), as LayerTally keeps them.
-// Sums the host does in order (the softmax's denominator, the entropy, the renormalization,
-// the weight sums) are done in the same order by one lane or thread. expf and log are the
-// device's, which may differ from the host's libm in the last bit.
+// An expert no token chose is in no group, so the grouped kernels neither read its weights
+// nor launch blocks for it. Sums the host does in order (the softmax's denominator, the
+// entropy, the renormalization, the weight sums) are done in the same order by one lane or
+// thread. expf and log are the device's, which may differ from the host's libm in the last
+// bit.
 #include "common.cuh"
 
 // How a token's scores are made (`scoring`).
@@ -66,9 +71,10 @@ __device__ __forceinline__ void add_f64_at(u64* p, double v) {
     *p = (u64)__double_as_longlong(__dadd_rn(f64_at(p), v));
 }
 
-// Where the work buffer's arrays lie (8-byte aligned throughout): per token its entropy (f64),
-// per token and expert the entropy terms (f64), scores and choice values (f32), per token and
-// group the group scores (f32), per token its k chosen experts (u32) and weights (f32).
+// Where the work buffer's arrays lie: per token its entropy (f64), per token and expert the
+// entropy terms (f64), scores and choice values (f32), per token and group the group scores
+// (f32), per token its k chosen experts (u32) and weights (f32), per expert its row count and
+// first row (u32).
 struct RouteWork {
     double* entropy;
     double* terms;
@@ -77,6 +83,8 @@ struct RouteWork {
     float* groups;
     u32* chosen;
     float* weight;
+    u32* rows;
+    u32* row0;
     __device__ RouteWork(void* work, int t, int ne, int k, int n_group) {
         entropy = (double*)work;
         terms = entropy + t;
@@ -85,6 +93,8 @@ struct RouteWork {
         groups = choice + (u64)t * ne;
         chosen = (u32*)(groups + (u64)t * n_group);
         weight = (float*)(chosen + (u64)t * k);
+        rows = (u32*)(weight + (u64)t * k);
+        row0 = rows + ne;
     }
 };
 
@@ -244,16 +254,22 @@ __device__ void route_token(const float* z, const float* bias, int tok, int ne, 
     }
 }
 
+// The groups of the grouped expert kernels: at most min(ne, tokens·k) experts have rows.
+__device__ __forceinline__ int route_groups(int tokens, int ne, int k) {
+    return (u64)tokens * k < (u64)ne ? tokens * k : ne;
+}
+
 // Route `tokens` tokens (router logits z `[tokens, ne]`, the first at position pos0) to k of
-// ne experts and lay out the layer's dispatch in `out` (u32 arrays, as moe.rs's RouteLayout):
-//   token [tokens·k]     per gathered row, its token;
-//   position [tokens·k]  per row, pos0 + its token;
-//   slot [tokens·k]      per token, its k rows by ascending expert;
+// ne experts and lay out the layer's dispatch in `out` (as moe.rs's RouteLayout):
+//   token [tokens·k]     per gathered row, its token (u32);
+//   position [tokens·k]  per row, pos0 + its token (u32);
+//   slot [tokens·k]      per token, its k rows by ascending expert (u32);
 //   weight [tokens·k]    the routing weights of slot (f32);
-//   row0 [ne], rows [ne] per expert, its first row and row count (0 for an expert no token
-//                        chose): the grouped kernels' groups;
-//   key_in [ne], key_out [ne]  per expert, its spike keys' offsets in the pass's key buffer:
-//                        key_first + e·key_stride, and key_width after that.
+//   then the G = min(ne, tokens·k) groups of the grouped expert kernels, the experts with rows
+//   ascending, then groups of no rows: first row [G], row count [G], input keys [G] and output
+//   keys [G] (u32 offsets in the pass's key buffer: key_first + e·key_stride, and key_width
+//   after that), and, 8-byte aligned, the weights' addresses [3, G] (u64: gate, up, down),
+//   taken from the layer's table `weights` [3, ne].
 // `bias`: V3's selection bias [ne] or null. `tally` (null: none) accumulates the layer's
 // router counters: [0] tokens, [1] entropy sum (f64 bits), [2 + e] expert e's tokens,
 // [2 + ne + e] the sum of their weights (f64 bits). `work`: RouteWork's arrays.
@@ -261,7 +277,7 @@ __device__ void route_token(const float* z, const float* bias, int tok, int ne, 
 extern "C" __global__ void swk_moe_route(const float* z, const float* bias, int tokens, int ne, int k, int pos0,
                                          int scoring, int n_group, int topk_group, int group_score, int renorm,
                                          float eps, float scale, u32 key_first, u32 key_stride, u32 key_width,
-                                         void* work, u32* out, u64* tally) {
+                                         const u64* weights, void* work, u32* out, u64* tally) {
     const RouteWork w(work, tokens, ne, k, n_group);
     const int warps = (int)(blockDim.x >> 5);
     for (int tok = (int)(threadIdx.x >> 5); tok < tokens; tok += warps) {
@@ -275,32 +291,56 @@ extern "C" __global__ void swk_moe_route(const float* z, const float* bias, int 
     u32* position = out + tk;
     u32* slot = out + 2 * tk;
     float* weight = (float*)(out + 3 * tk);
-    u32* row0 = out + 4 * tk;
-    u32* rows = row0 + ne;
-    u32* key_in = rows + ne;
-    u32* key_out = key_in + ne;
+    const int groups = route_groups(tokens, ne, k);
+    u32* g_row0 = out + 4 * tk;
+    u32* g_rows = g_row0 + groups;
+    u32* g_key_in = g_rows + groups;
+    u32* g_key_out = g_key_in + groups;
+    u64* g_weights = (u64*)(out + ((4 * tk + 4 * (u64)groups + 1) & ~1ull));
 
-    // Each expert's row count, then (one thread, experts ascending) its first row.
+    // Each expert's row count, then (one thread, experts ascending) its first row and, for an
+    // expert with rows, its group.
     for (int e = (int)threadIdx.x; e < ne; e += (int)blockDim.x) {
         u32 n = 0u;
         for (u64 i = 0; i < tk; ++i) {
             n += w.chosen[i] == (u32)e ? 1u : 0u;
         }
-        rows[e] = n;
+        w.rows[e] = n;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         u32 at = 0u;
+        int g = 0;
         for (int e = 0; e < ne; ++e) {
-            row0[e] = at;
-            at += rows[e];
+            const u32 n = w.rows[e];
+            w.row0[e] = at;
+            if (n != 0u) {
+                g_row0[g] = at;
+                g_rows[g] = n;
+                g_key_in[g] = key_first + (u32)e * key_stride;
+                g_key_out[g] = g_key_in[g] + key_width;
+                for (int j = 0; j < 3; ++j) {
+                    g_weights[(u64)j * groups + g] = weights[(u64)j * ne + e];
+                }
+                g += 1;
+            }
+            at += n;
+        }
+        for (; g < groups; ++g) {
+            g_row0[g] = at;
+            g_rows[g] = 0u;
+            g_key_in[g] = 0u;
+            g_key_out[g] = 0u;
+            for (int j = 0; j < 3; ++j) {
+                g_weights[(u64)j * groups + g] = 0ull;
+            }
         }
     }
     __syncthreads();
 
     // Each expert's rows, tokens ascending; the token's slot is the expert's rank among its k.
     for (int e = (int)threadIdx.x; e < ne; e += (int)blockDim.x) {
-        u32 r = row0[e];
+        u32 r = w.row0[e];
         double sum = -0.0;
         for (int tok = 0; tok < tokens; ++tok) {
             const u32* picks = w.chosen + (u64)tok * k;
@@ -322,10 +362,8 @@ extern "C" __global__ void swk_moe_route(const float* z, const float* bias, int 
                 r += 1u;
             }
         }
-        key_in[e] = key_first + (u32)e * key_stride;
-        key_out[e] = key_in[e] + key_width;
-        if (tally != nullptr && rows[e] != 0u) {
-            tally[2 + e] += rows[e];
+        if (tally != nullptr && w.rows[e] != 0u) {
+            tally[2 + e] += w.rows[e];
             add_f64_at(tally + 2 + ne + e, sum);
         }
     }

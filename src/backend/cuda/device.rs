@@ -455,9 +455,11 @@ impl CudaDevice {
 
     /// Route `tokens` tokens (router logits `z` `[tokens, ne]`, the first at position `pos0`)
     /// to `k` of `ne` experts by `rule` (`bias`: V3's selection bias `[ne]`, 0: none), on the
-    /// device (swk_moe_route, route.cu): the dispatch into `out`, the router counters added
-    /// at `tally` (0: none), `work` for the kernel's own arrays (layouts: moe.rs's
-    /// `RouteLayout`). Expert e's spike keys: `first + e·stride` and `width` after that.
+    /// device (swk_moe_route, route.cu): the dispatch into `out`, with the groups of the
+    /// grouped expert kernels (their weights' addresses from the layer's table `weights`,
+    /// u64 `[3, ne]`), the router counters added at `tally` (0: none), `work` for the
+    /// kernel's own arrays (layouts: moe.rs's `RouteLayout`). Expert e's spike keys:
+    /// `first + e·stride` and `width` after that.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe_route(
         &self,
@@ -466,7 +468,7 @@ impl CudaDevice {
         (tokens, ne, k, pos0): (usize, usize, usize, usize),
         rule: &kernels::RouteRule,
         (first, stride, width): (u32, u32, u32),
-        (work, out, tally): (u64, u64, u64),
+        (weights, work, out, tally): (u64, u64, u64, u64),
     ) -> Result<()> {
         let l = kernels::moe_route(tokens)?;
         let (t, ne_i, k_i, p) =
@@ -494,6 +496,7 @@ impl CudaDevice {
             first,
             stride,
             width,
+            weights,
             work,
             out,
             tally

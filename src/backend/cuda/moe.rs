@@ -19,10 +19,11 @@
 //! Routing, two ways with the same results:
 //! - **On the device** (`swk_moe_route`, kernels/route.cu; [`CudaModel::set_device_routing`])
 //!   for passes of at most 16 tokens (detection prompts, decoding) of a resident model: one
-//!   launch writes the dispatch (rows, slots, weights, each expert's rows and keys) and adds
-//!   the router counters to the pass's key buffer. Every expert then runs grouped, those no
-//!   token chose on no rows (their weights unread). Nothing stops the device between the
-//!   layer's kernels, so such passes can be CUDA graphs.
+//!   launch writes the dispatch (rows, slots, weights, and the grouped kernels' groups: the
+//!   experts with rows, their weights' addresses and keys, padded with empty groups to
+//!   `min(experts, t·k)`, a count the host knows without the routes) and adds the router
+//!   counters to the pass's key buffer. Nothing stops the device between the layer's
+//!   kernels, so such passes can be CUDA graphs.
 //! - **On the host** otherwise: one small download of z (a synchronization) per sparse layer,
 //!   routing as the CPU does, then one upload of the dispatch (and the grouped experts'
 //!   addresses); the counters in [`MoeActs`]'s tally.
@@ -291,34 +292,52 @@ impl LayerTally {
 }
 
 /// Where `swk_moe_route`'s arrays lie (route.cu) for `t` tokens, `ne` experts, top-`k` and
-/// `groups` expert groups.
+/// `n_group` expert groups.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct RouteLayout {
     t: usize,
     ne: usize,
     k: usize,
-    groups: usize,
+    n_group: usize,
 }
 
 impl RouteLayout {
-    /// u32 words of the dispatch: token, position, slot and weight `[t·k]` each, then the
-    /// experts' first rows, row counts, input keys and output keys `[ne]` each.
+    /// The grouped expert kernels' groups: at most this many experts have rows.
+    fn groups(&self) -> usize {
+        self.ne.min(self.t * self.k)
+    }
+
+    /// u32 words of the dispatch before the groups' weight addresses: token, position, slot
+    /// and weight `[t·k]` each, then the groups' first rows, row counts, input keys and output
+    /// keys `[groups]` each; rounded up to 8 bytes.
+    fn meta_end(&self) -> usize {
+        (4 * self.t * self.k + 4 * self.groups()).next_multiple_of(2)
+    }
+
+    /// u32 words of the dispatch: [`Self::meta_end`], then the groups' weight addresses
+    /// `[3, groups]` (u64).
     fn out_words(&self) -> usize {
-        4 * self.t * self.k + 4 * self.ne
+        self.meta_end() + 6 * self.groups()
     }
 
     /// Byte offset of the dispatch's array `i` (0 token, 1 position, 2 slot, 3 weight; 4 the
-    /// experts' metadata).
+    /// groups' metadata).
     fn at(&self, i: usize) -> u64 {
         (i * self.t * self.k * 4) as u64
     }
 
+    /// Byte offset of the groups' weight addresses.
+    fn weights(&self) -> u64 {
+        (self.meta_end() * 4) as u64
+    }
+
     /// 8-byte words of the kernel's work arrays: per token its entropy (f64); per token and
     /// expert an entropy term (f64), a score and a choice value (f32); per token and group a
-    /// group score (f32); per token its k picks (u32) and weights (f32).
+    /// group score (f32); per token its k picks (u32) and weights (f32); per expert its rows
+    /// and first row (u32).
     fn work_words(&self) -> usize {
-        let (t, ne, k, g) = (self.t, self.ne, self.k, self.groups);
-        (8 * t + 8 * t * ne + 8 * t * ne + 4 * t * g + 8 * t * k).div_ceil(8)
+        let (t, ne, k, g) = (self.t, self.ne, self.k, self.n_group);
+        (8 * t + 8 * t * ne + 8 * t * ne + 4 * t * g + 8 * t * k + 8 * ne).div_ceil(8)
     }
 }
 
@@ -449,7 +468,7 @@ impl MoeActs {
         let route = match t <= kernels::GEMV_MAX_ROWS {
             true => {
                 let groups = route_rule(c, m).n_group;
-                let at = RouteLayout { t, ne: m.num_experts, k: m.top_k, groups };
+                let at = RouteLayout { t, ne: m.num_experts, k: m.top_k, n_group: groups };
                 Some((dev.alloc::<u32>(at.out_words())?, dev.alloc::<u64>(at.work_words())?))
             }
             false => None,
@@ -683,7 +702,8 @@ impl CudaModel {
 
     /// Route sparse layer `l`'s `t` tokens (first at `pos0`) on the device from the router
     /// logits in `ma`: one launch; the router counters into the pass's key buffer at `keys`
-    /// (0: none). Every expert then runs grouped, those no token chose on no rows.
+    /// (0: none). The experts then run grouped: the groups are the experts with rows, then
+    /// empty ones up to `min(experts, t·k)`, which the host can size without the routes.
     fn route_on_device(
         &self,
         l: usize,
@@ -701,12 +721,12 @@ impl CudaModel {
             .layers
             .get(&l)
             .ok_or_else(|| Error::Backend(format!("layer {l} has no router on the device")))?;
-        let at = RouteLayout { t, ne, k, groups: r.rule.n_group };
+        let at = RouteLayout { t, ne, k, n_group: r.rule.n_group };
         let first = key_offset(self.key_layout.expert(l, 0).0)?;
         let (stride, width) = (key_offset(ei + h)?, key_offset(ei)?);
         let tally = if keys == 0 { 0 } else { keys + (self.key_layout.tally(l) * 8) as u64 };
         let (o, bias) = (dev.ptr(out), bias.as_ref().map_or(0, |b| dev.ptr(b)));
-        let bufs = (dev.ptr(work), o, tally);
+        let bufs = (dev.ptr(ptrs), dev.ptr(work), o, tally);
         dev.moe_route(
             dev.ptr(&ma.router),
             bias,
@@ -717,8 +737,8 @@ impl CudaModel {
         )?;
         self.device_routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let grouped = GroupedLaunch {
-            count: ne,
-            ptrs: dev.ptr(ptrs),
+            count: at.groups(),
+            ptrs: o + at.weights(),
             meta: o + at.at(4),
             dtype: r.dtype,
             rows: (0, t),
@@ -946,8 +966,11 @@ mod tests {
         let p = c.family.moe.as_ref().unwrap();
         let (ne, k, pos0) = (p.num_experts, p.top_k, 7);
         let rule = route_rule(c, p);
-        let at = RouteLayout { t, ne, k, groups: rule.n_group };
+        let at = RouteLayout { t, ne, k, n_group: rule.n_group };
         let (first, stride, width) = (1000u32, 37u32, 11u32);
+        // The layer's table of weight addresses (the kernel copies them into the groups).
+        let table: Vec<u64> = (0..3 * ne as u64).map(|i| 0x1000 + 16 * i).collect();
+        let table_d = dev.upload(&table).unwrap();
         let work = dev.alloc::<u64>(at.work_words()).unwrap();
         let out = dev.upload(&vec![u32::MAX; at.out_words()]).unwrap();
         let tally = dev.zeros::<u64>(2 + 2 * ne).unwrap();
@@ -972,7 +995,7 @@ mod tests {
             }
             let zd = dev.upload(&z).unwrap();
             let tp = if call < 2 { dev.ptr(&tally) } else { 0 };
-            let bufs = (dev.ptr(&work), dev.ptr(&out), tp);
+            let bufs = (dev.ptr(&table_d), dev.ptr(&work), dev.ptr(&out), tp);
             let bp = bias_d.as_ref().map_or(0, |b| dev.ptr(b));
             dev.moe_route(dev.ptr(&zd), bp, (t, ne, k, pos0), &rule, (first, stride, width), bufs)
                 .unwrap();
@@ -989,16 +1012,26 @@ mod tests {
             for (g, w) in got[3 * tk..4 * tk].iter().zip(&d.weight) {
                 assert!(close(f32::from_bits(*g) as f64, *w as f64), "{at_}: weight {g} vs {w}");
             }
-            let mut rows = vec![0u32; ne];
-            d.experts.iter().for_each(|&(e, _, n)| rows[e] = n as u32);
-            let row0: Vec<u32> =
-                rows.iter().scan(0, |a, &r| Some(std::mem::replace(a, *a + r))).collect();
-            let meta = &got[4 * tk..];
-            assert_eq!(meta[..ne], row0, "{at_}: first rows");
-            assert_eq!(meta[ne..2 * ne], rows, "{at_}: row counts");
-            for e in 0..ne {
-                let ki = first + e as u32 * stride;
-                assert_eq!((meta[2 * ne + e], meta[3 * ne + e]), (ki, ki + width), "{at_}: keys");
+            // The groups: the experts with rows (ascending), then empty ones.
+            let g = at.groups();
+            assert_eq!(g, ne.min(t * k));
+            let meta = &got[4 * tk..4 * tk + 4 * g];
+            let ptrs: Vec<u64> = got[at.meta_end()..at.out_words()]
+                .chunks(2)
+                .map(|w| w[0] as u64 | (w[1] as u64) << 32)
+                .collect();
+            for i in 0..g {
+                let (row0, rows, ki, ko, w) = match d.experts.get(i) {
+                    Some(&(e, r0, n)) => {
+                        let ki = first + e as u32 * stride;
+                        let w = [table[e], table[ne + e], table[2 * ne + e]];
+                        (r0 as u32, n as u32, ki, ki + width, w)
+                    }
+                    None => ((t * k) as u32, 0, 0, 0, [0; 3]),
+                };
+                let got = (meta[i], meta[g + i], meta[2 * g + i], meta[3 * g + i]);
+                assert_eq!(got, (row0, rows, ki, ko), "{at_}: group {i}");
+                assert_eq!([ptrs[i], ptrs[g + i], ptrs[2 * g + i]], w, "{at_}: group {i} weights");
             }
             let words = dev.download(&tally, 0, 2 + 2 * ne).unwrap();
             let got = LayerTally::from_words(&words, ne);
