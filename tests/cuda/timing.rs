@@ -285,7 +285,8 @@ fn append_timing(text: &str) -> Result<()> {
 /// forward (9 tokens, spike statistics; routed on the device) against the floor of the bytes
 /// it must read (every weight but the experts no token chose, over the measured copy rate),
 /// also routed on the host (one download per layer), replayed from a CUDA graph, and with the
-/// `mma` engine; and one 512-token perplexity window (also with swk's own GEMM kernels,
+/// `mma` engine; decoding (ms per token, routed on the device and on the host); and one
+/// 512-token perplexity window (also with swk's own GEMM kernels,
 /// experts grouped and one by one). Appends to `$SWK_TIMING_OUT`. Measures only.
 #[test]
 #[ignore = "GPU timing of a mixture of experts at OLMoE-1B-7B shapes: run with --ignored on a GPU machine"]
@@ -341,9 +342,24 @@ fn timing_7b_moe() -> Result<()> {
     // The same detection forward routed on the host (a download and a synchronization per
     // sparse layer), and replayed from a CUDA graph (routed on the device), against the
     // device-routed launches above.
+    // Decoding 32 tokens after the 9-token prompt (logits of each step downloaded, as
+    // generation does), ms per token, routed on the device and on the host.
+    let decode = |g: &CudaModel| -> Result<f64> {
+        let mut cache = CudaKvCache::new(g);
+        g.forward(&prompt[..9], &mut cache, None, Logits::Last)?;
+        g.synchronize()?;
+        let t = Instant::now();
+        for &tok in &prompt[9..41] {
+            g.forward(&[tok], &mut cache, None, Logits::Last)?;
+        }
+        g.synchronize()?;
+        Ok(ms(t) / 32.0)
+    };
     let mut g = g;
+    let decode_device = decode(&g)?;
     g.set_device_routing(false);
     let host_routed = best_detect(&g)?;
+    let decode_host = decode(&g)?;
     g.set_device_routing(true);
     g.set_graphs(true);
     let graph_det = {
@@ -407,10 +423,10 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | decode ms/token: routed on the device / on the host | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {decode_device:.2} / {decode_host:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             mma_det / floor,
