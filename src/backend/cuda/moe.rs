@@ -722,7 +722,9 @@ impl CudaModel {
             .get(&l)
             .ok_or_else(|| Error::Backend(format!("layer {l} has no router on the device")))?;
         let at = RouteLayout { t, ne, k, n_group: r.rule.n_group };
+        // The kernel adds e·stride to the first expert's keys in u32: the last must fit.
         let first = key_offset(self.key_layout.expert(l, 0).0)?;
+        key_offset(self.key_layout.expert(l, ne - 1).1)?;
         let (stride, width) = (key_offset(ei + h)?, key_offset(ei)?);
         let tally = if keys == 0 { 0 } else { keys + (self.key_layout.tally(l) * 8) as u64 };
         let (o, bias) = (dev.ptr(out), bias.as_ref().map_or(0, |b| dev.ptr(b)));
