@@ -228,6 +228,20 @@ struct ColumnWalk {
     }
 };
 
+// The grouped products (an expert per group of rows) multiply group g's rows by weight w[s],
+// s the grid index along the weights. With `pair` (not 0) each group has two weights (an
+// expert's gate and up), w holding the groups' first weights then their second ones (so the
+// grid spans 2 · groups weights, `weights` of them): weight s ≥ groups multiplies the rows
+// of group s - groups into y + pair (an offset in floats). One launch for both products,
+// each value as its own launch gives it. Returns g (and moves y for a second weight).
+__device__ __forceinline__ u32 pair_group(u32 s, u32 weights, u64 pair, float*& y) {
+    if (pair != 0ull && s >= weights / 2) {
+        y += pair;
+        return s - weights / 2;
+    }
+    return s;
+}
+
 struct SumOp {
     template <typename T>
     __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }

@@ -212,24 +212,28 @@ extern "C" __global__ void swk_gemv_f16(const float* x, const f16w* w, float* y,
 // the larger ones in 64x64 tiles (numbered column-major: tile b is columns (b % tiles_o) * 64..,
 // rows (b / tiles_o) * 64..). Apart, each keeps its own register count: one kernel holding
 // both paths took the gemv's (150 to 168 registers against the tiles' 53 to 60 on sm_90), which
-// cut the tiles' occupancy four-fold. Grid (blocks of the largest group, groups), block 256; a
-// group's surplus blocks return at once, before any barrier.
+// cut the tiles' occupancy four-fold. Grid (blocks of the largest group, weights), block 256;
+// a group's surplus blocks return at once, before any barrier.
+// `pair` (not 0): two weights per group (common.cuh's pair_group).
+
 template <typename WT>
 __device__ __forceinline__ void gemv_group(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                           float* y, int n, int k) {
-    const u32 g = blockIdx.y;
+                                           float* y, int n, int k, u64 pair) {
+    const u32 s = blockIdx.y;
+    const u32 g = pair_group(s, gridDim.y, pair, y);
     const int r = (int)rows[g];
     if (r == 0 || r > GEMV_MAX_ROWS) {
         return;  // the other kernel's group, or an expert no token chose: its weight unread
     }
     const u64 r0 = row0[g];
-    gemv_cols<WT>(x + r0 * k, (const WT*)w[g], y + r0 * n, r, n, k, blockIdx.x);
+    gemv_cols<WT>(x + r0 * k, (const WT*)w[s], y + r0 * n, r, n, k, blockIdx.x);
 }
 
 template <typename WT>
 __device__ __forceinline__ void gemm_group(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                           float* y, int n, int k) {
-    const u32 g = blockIdx.y;
+                                           float* y, int n, int k, u64 pair) {
+    const u32 s = blockIdx.y;
+    const u32 g = pair_group(s, gridDim.y, pair, y);
     const int r = (int)rows[g];
     if (r <= GEMV_MAX_ROWS) {
         return;
@@ -241,35 +245,35 @@ __device__ __forceinline__ void gemm_group(const float* x, const u64* w, const u
     if (b >= tiles_o * tiles_t) {
         return;
     }
-    gemm_tiled<WT>(x + r0 * k, (const WT*)w[g], y + r0 * n, r, n, k, b % tiles_o, b / tiles_o);
+    gemm_tiled<WT>(x + r0 * k, (const WT*)w[s], y + r0 * n, r, n, k, b % tiles_o, b / tiles_o);
 }
 
 extern "C" __global__ void swk_gemv_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                float* y, int n, int k) {
-    gemv_group<float>(x, w, row0, rows, y, n, k);
+                                                float* y, int n, int k, u64 pair) {
+    gemv_group<float>(x, w, row0, rows, y, n, k, pair);
 }
 
 extern "C" __global__ void swk_gemv_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                 float* y, int n, int k) {
-    gemv_group<u16>(x, w, row0, rows, y, n, k);
+                                                 float* y, int n, int k, u64 pair) {
+    gemv_group<u16>(x, w, row0, rows, y, n, k, pair);
 }
 
 extern "C" __global__ void swk_gemv_grouped_f16(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                float* y, int n, int k) {
-    gemv_group<f16w>(x, w, row0, rows, y, n, k);
+                                                float* y, int n, int k, u64 pair) {
+    gemv_group<f16w>(x, w, row0, rows, y, n, k, pair);
 }
 
 extern "C" __global__ void swk_gemm_grouped_f32(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                float* y, int n, int k) {
-    gemm_group<float>(x, w, row0, rows, y, n, k);
+                                                float* y, int n, int k, u64 pair) {
+    gemm_group<float>(x, w, row0, rows, y, n, k, pair);
 }
 
 extern "C" __global__ void swk_gemm_grouped_bf16(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                 float* y, int n, int k) {
-    gemm_group<u16>(x, w, row0, rows, y, n, k);
+                                                 float* y, int n, int k, u64 pair) {
+    gemm_group<u16>(x, w, row0, rows, y, n, k, pair);
 }
 
 extern "C" __global__ void swk_gemm_grouped_f16(const float* x, const u64* w, const u32* row0, const u32* rows,
-                                                float* y, int n, int k) {
-    gemm_group<f16w>(x, w, row0, rows, y, n, k);
+                                                float* y, int n, int k, u64 pair) {
+    gemm_group<f16w>(x, w, row0, rows, y, n, k, pair);
 }

@@ -400,12 +400,14 @@ extern "C" __global__ void __launch_bounds__(256, 3)
 // engine): group g = blockIdx.z multiplies its rows row0[g].. (rows[g] of them, at most 16)
 // of x by its own weight ws[g] into the same rows of y (`[.., n]`), over all of k, staged
 // `stage` k at a time (one block covers its columns' whole k range: the groups give the grid
-// its breadth, so no partial sums). Grid (ceil(n / 128), 1, groups).
+// its breadth, so no partial sums). Grid (ceil(n / 128), 1, weights); `pair` (not 0): two
+// weights per group, as swk_gemv_grouped_* takes them (gemm.cu's pair_group).
 template <bool F16>
 __device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float* y, const u32* row0,
-                                            const u32* rows, int n, int k, int stage) {
+                                            const u32* rows, int n, int k, int stage, u64 pair) {
     SWK_DYNAMIC_SHARED(u16, staged);
-    const int g = blockIdx.z;
+    const u32 s = blockIdx.z;
+    const u32 g = pair_group(s, gridDim.z, pair, y);
     const int count = (int)rows[g];
     if (count == 0) {
         return;  // the whole block: before any barrier
@@ -413,18 +415,18 @@ __device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float
     float* yg = y + (u64)row0[g] * n;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const MmaX<false> in = {x + (u64)row0[g] * k, nullptr, k, -1};
-    mma_range<F16, false>(in, (const u16*)ws[g], count, n, k, 0, k, stage, staged, nullptr, 0, acc);
+    mma_range<F16, false>(in, (const u16*)ws[s], count, n, k, 0, k, stage, staged, nullptr, 0, acc);
     mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
-                              int stage) {
-    mma_grouped<false>(x, ws, y, row0, rows, n, k, stage);
+                              int stage, u64 pair) {
+    mma_grouped<false>(x, ws, y, row0, rows, n, k, stage, pair);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_grouped_f16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
-                             int stage) {
-    mma_grouped<true>(x, ws, y, row0, rows, n, k, stage);
+                             int stage, u64 pair) {
+    mma_grouped<true>(x, ws, y, row0, rows, n, k, stage, pair);
 }

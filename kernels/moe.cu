@@ -6,8 +6,8 @@
 //                    token position it came from), before the routing weight;
 // When every expert has at most 16 rows (detection prompts, decoding), or at any row count
 // with swk's own GEMM kernels, the experts run together instead: swk_gemm_grouped_* (gemm.cu)
-// for gate, up and down, swk_act_mul_grouped (act.cu) and swk_column_max_grouped, one launch
-// each for the whole layer.
+// for gate and up (one launch for both) and down, swk_act_mul_grouped (act.cu) and
+// swk_column_max_grouped, one launch each for the whole layer.
 //   swk_moe_combine  writes each token's weighted sum of its experts' outputs, in the CPU's
 //                    order (experts ascending, `acc += y * w` from 0);
 //   swk_sigmoid_gate_add  adds Qwen2-MoE's shared expert scaled by sigmoid(its gate logit).

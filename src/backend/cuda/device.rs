@@ -398,29 +398,32 @@ impl CudaDevice {
 
     /// y = x·W_iᵀ for every group of rows i of `g` at once, W_i at the device address `w[i]`
     /// (`w`: u64 per group; every W_i `[n, k]`, stored as `dtype`); each group's
-    /// values are bit for bit those [`Self::gemm_kernel`] gives it alone.
+    /// values are bit for bit those [`Self::gemm_kernel`] gives it alone. `pair` (not 0):
+    /// two weights per group (an expert's gate and up, `w` `[2, groups]`), the second's
+    /// products at `y + pair` floats (common.cuh's `pair_group`): one launch for both.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_grouped(
         &self,
         x: u64,
         w: u64,
         dtype: WeightDtype,
-        y: u64,
+        (y, pair): (u64, u64),
         g: &RowGroups,
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let launches = kernels::gemm_grouped((g.min_rows, g.max_rows), n, g.count)?;
+        let weights = g.count * if pair == 0 { 1 } else { 2 };
+        let launches = kernels::gemm_grouped((g.min_rows, g.max_rows), n, weights)?;
         let (n_i, k_i) = (int(n, "out features")?, int(k, "in features")?);
         let (row0, rows) = (g.row0, g.rows);
         // The two kernels write the rows of disjoint groups.
         if let Some(l) = launches.gemv {
             let names = ["swk_gemv_grouped_f32", "swk_gemv_grouped_bf16", "swk_gemv_grouped_f16"];
-            launch!(self, by_dtype(dtype, names), l, x, w, row0, rows, y, n_i, k_i)?;
+            launch!(self, by_dtype(dtype, names), l, x, w, row0, rows, y, n_i, k_i, pair)?;
         }
         if let Some(l) = launches.tiles {
             let names = ["swk_gemm_grouped_f32", "swk_gemm_grouped_bf16", "swk_gemm_grouped_f16"];
-            launch!(self, by_dtype(dtype, names), l, x, w, row0, rows, y, n_i, k_i)?;
+            launch!(self, by_dtype(dtype, names), l, x, w, row0, rows, y, n_i, k_i, pair)?;
         }
         Ok(())
     }
@@ -428,13 +431,13 @@ impl CudaDevice {
     /// [`Self::gemm_grouped`] on the tensor cores (the `mma` engine): every W_i `[n, k]` bf16
     /// or f16 as `dtype` says (16-byte aligned, k a multiple of 8), every group of at most
     /// [`kernels::MMA_MAX_ROWS`] rows; each group's values within float rounding of
-    /// [`Self::gemm_mma`]'s (its sum is cut into other ranges of k).
+    /// [`Self::gemm_mma`]'s (its sum is cut into other ranges of k). `pair` as there.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_mma_grouped(
         &self,
         x: u64,
         (w, dtype): (u64, WeightDtype),
-        y: u64,
+        (y, pair): (u64, u64),
         g: &RowGroups,
         n: usize,
         k: usize,
@@ -446,11 +449,12 @@ impl CudaDevice {
                 g.max_rows
             )));
         }
-        let (l, stage) = kernels::mma_grouped(n, k, g.count)?;
+        let weights = g.count * if pair == 0 { 1 } else { 2 };
+        let (l, stage) = kernels::mma_grouped(n, k, weights)?;
         let (n_i, k_i, s) = (int(n, "out features")?, int(k, "in features")?, int(stage, "stage")?);
         let (row0, rows) = (g.row0, g.rows);
         let name = mma_kernel(dtype, ["swk_gemm_mma_grouped_bf16", "swk_gemm_mma_grouped_f16"])?;
-        launch!(self, name, l, x, w, y, row0, rows, n_i, k_i, s)
+        launch!(self, name, l, x, w, y, row0, rows, n_i, k_i, s, pair)
     }
 
     /// Route `tokens` tokens (router logits `z` `[tokens, ne]`, the first at position `pos0`)
@@ -961,7 +965,8 @@ mod tests {
     /// what its own `swk_gemv_*` / `swk_gemm_*` launch gives (groups of 1 to 16 rows next to
     /// groups of several row and column tiles), and each within 1e-5 (relative to the
     /// row's largest |y|) of the f64 product of the stored (f32, bf16 or f16) weights; rows
-    /// past the groups stay untouched.
+    /// past the groups stay untouched. Two weights per group in one launch (`pair`) give the
+    /// two launches' bits.
     #[test]
     fn grouped_gemm_equals_each_groups_own_launch() {
         if !cuda_available() {
@@ -1015,10 +1020,26 @@ mod tests {
                 min_rows: 1,
                 max_rows: 130,
             };
-            dev.gemm_grouped(dev.ptr(&xd), dev.ptr(&ad), dtype, dev.ptr(&y), &groups, n, k)
-                .unwrap();
+            let px = dev.ptr(&xd);
+            dev.gemm_grouped(px, dev.ptr(&ad), dtype, (dev.ptr(&y), 0), &groups, n, k).unwrap();
             let got = dev.download(&y, 0, (total + 2) * n).unwrap();
             assert!(got[total * n..].iter().all(|&v| v == 0.0), "rows past the groups written");
+            // Two weights per group in one launch (the second: the next group's weight) give
+            // what two launches give.
+            let g_n = rows.len();
+            let second: Vec<u64> = (0..g_n).map(|g| addrs[(g + 1) % g_n]).collect();
+            let both = dev.upload(&[addrs.clone(), second.clone()].concat()).unwrap();
+            let (sd, half) = (dev.upload(&second).unwrap(), (total + 2) * n);
+            let (y2, alone) =
+                (dev.zeros::<f32>(2 * half).unwrap(), dev.zeros::<f32>(half).unwrap());
+            let pair = (dev.ptr(&y2), half as u64);
+            dev.gemm_grouped(px, dev.ptr(&both), dtype, pair, &groups, n, k).unwrap();
+            dev.gemm_grouped(px, dev.ptr(&sd), dtype, (dev.ptr(&alone), 0), &groups, n, k).unwrap();
+            let (paired, alone) =
+                (dev.download(&y2, 0, 2 * half).unwrap(), dev.download(&alone, 0, half).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&paired[..half]), bits(&got), "paired: the first weights ({dtype:?})");
+            assert_eq!(bits(&paired[half..]), bits(&alone), "paired: the second ({dtype:?})");
             for (g, &r) in rows.iter().enumerate() {
                 let at = row0[g] as usize;
                 let alone = dev.zeros::<f32>(r * n).unwrap();
@@ -1067,7 +1088,8 @@ mod tests {
     /// (the gaps untouched). A second launch gives the same bits (the counters were left at zero);
     /// on the emulator, so does the reversed order of threads and blocks (the last block to finish
     /// adds the slabs). The grouped kernels: each group of rows (16, 3, 0, 1 and 9, each with its
-    /// own weight, k staged in two rounds) within the same bound, rows past the groups untouched.
+    /// own weight, k staged in two rounds) within the same bound, rows past the groups untouched;
+    /// two weights per group in one launch give the two launches' bits.
     #[test]
     fn mma_products_match_f64() {
         if !cuda_available() {
@@ -1296,10 +1318,27 @@ mod tests {
             min_rows: 0,
             max_rows: 16,
         };
-        let (px, pa, py) = (dev.ptr(&xd), (dev.ptr(&ad), dtype), dev.ptr(&y));
+        let (px, pa, py) = (dev.ptr(&xd), (dev.ptr(&ad), dtype), (dev.ptr(&y), 0));
         dev.gemm_mma_grouped(px, pa, py, &groups, n, k).unwrap();
         let got = dev.download(&y, 0, (total + 1) * n).unwrap();
         assert!(got[total * n..].iter().all(|v| v.is_nan()), "a row past the groups written");
+        // Two weights per group in one launch (the second: the next group's weight) give what
+        // two launches give.
+        let g_n = rows.len();
+        let second: Vec<u64> = (0..g_n).map(|g| addrs[(g + 1) % g_n]).collect();
+        let both = dev.upload(&[addrs.clone(), second.clone()].concat()).unwrap();
+        let (sd, half) = (dev.upload(&second).unwrap(), (total + 1) * n);
+        let y2 = dev.upload(&vec![f32::NAN; 2 * half]).unwrap();
+        let alone = dev.upload(&vec![f32::NAN; half]).unwrap();
+        let pair = (dev.ptr(&y2), half as u64);
+        dev.gemm_mma_grouped(px, (dev.ptr(&both), dtype), pair, &groups, n, k).unwrap();
+        dev.gemm_mma_grouped(px, (dev.ptr(&sd), dtype), (dev.ptr(&alone), 0), &groups, n, k)
+            .unwrap();
+        let (paired, alone) =
+            (dev.download(&y2, 0, 2 * half).unwrap(), dev.download(&alone, 0, half).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&paired[..half]), bits(&got), "paired: the first weights ({dtype:?})");
+        assert_eq!(bits(&paired[half..]), bits(&alone), "paired: the second ({dtype:?})");
         for (g, &r) in rows.iter().enumerate() {
             let at = row0[g] as usize;
             // Group g's rows against its own weight.

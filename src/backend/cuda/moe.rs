@@ -29,9 +29,9 @@
 //!   addresses); the counters in [`MoeActs`]'s tally.
 //!
 //! When every expert has at most 16 rows, or at any row count with swk's own GEMM kernels,
-//! the per-expert steps run for all experts at once: one launch each for gate, up, the
-//! activation, down and the output keys (`swk_gemv_grouped_*` for experts of at most 16
-//! rows, plus `swk_gemm_grouped_*` when some have more; `swk_act_mul_grouped`,
+//! the per-expert steps run for all experts at once: one launch each for gate and up
+//! together, the activation, down and the output keys (`swk_gemv_grouped_*` for experts of
+//! at most 16 rows, plus `swk_gemm_grouped_*` when some have more; `swk_act_mul_grouped`,
 //! `swk_column_max_grouped`), in place of about 4 to 10 launches per expert;
 //! [`CudaModel::set_grouped_experts`] turns it off (and routing on the device with it). With
 //! cuBLAS, experts with more rows (prefill, perplexity windows) are multiplied one at a
@@ -426,9 +426,10 @@ pub(crate) struct MoeActs {
     router: CudaSlice<f32>,
     /// Gathered expert inputs `[t·k, hidden]`.
     xs: CudaSlice<f32>,
-    /// Expert gate, up and activation `[t·k, expert_intermediate]`.
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
+    /// Expert gate then up `[2, t·k, expert_intermediate]` (one buffer: the grouped
+    /// products write both in one launch).
+    gate_up: CudaSlice<f32>,
+    /// Expert activation `[t·k, expert_intermediate]`.
     act: CudaSlice<f32>,
     /// Expert outputs `[t·k, hidden]`, before their routing weights.
     ys: CudaSlice<f32>,
@@ -445,6 +446,16 @@ pub(crate) struct MoeActs {
 }
 
 impl MoeActs {
+    /// Device address of the experts' gate products.
+    fn gate(&self, dev: &CudaDevice) -> u64 {
+        dev.ptr(&self.gate_up)
+    }
+
+    /// Device address of the experts' up products (after the gate products).
+    fn up(&self, dev: &CudaDevice) -> u64 {
+        self.gate(dev) + (self.gate_up.len() / 2 * 4) as u64
+    }
+
     /// Buffers for a mixture of experts with `m`'s shapes, up to `t` tokens; router counters
     /// when `stats`.
     pub(crate) fn alloc(
@@ -476,8 +487,7 @@ impl MoeActs {
         Ok(MoeActs {
             router: dev.alloc::<f32>(t * m.num_experts)?,
             xs: dev.alloc::<f32>(rows * h)?,
-            gate: dev.alloc::<f32>(rows * ei)?,
-            up: dev.alloc::<f32>(rows * ei)?,
+            gate_up: dev.alloc::<f32>(2 * rows * ei)?,
             act: dev.alloc::<f32>(rows * ei)?,
             ys: dev.alloc::<f32>(rows * h)?,
             out: dev.alloc::<f32>(t * h)?,
@@ -670,9 +680,9 @@ impl CudaModel {
     }
 
     /// The routed experts of a sparse layer together, as `g` lays them out (see moe.cu; with
-    /// the `mma` engine, mma.cu's grouped product): one launch each for gate, up, the
-    /// activation (with its input keys), down and the output keys. `pos`: the device address
-    /// of the rows' positions.
+    /// the `mma` engine, mma.cu's grouped product): one launch each for gate and up together,
+    /// the activation (with its input keys), down and the output keys. `pos`: the device
+    /// address of the rows' positions.
     fn experts_grouped(&self, g: &GroupedLaunch, ma: &MoeActs, pos: u64, keys: u64) -> Result<()> {
         let dev = &self.dev;
         let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
@@ -681,18 +691,18 @@ impl CudaModel {
         let groups = RowGroups { row0: mp, rows: mp + 4 * n, count: g.count, min_rows, max_rows };
         let (key_in, key_out) = ((keys, mp + 8 * n), (keys, mp + 12 * n));
         let (xs, ys) = (dev.ptr(&ma.xs), dev.ptr(&ma.ys));
-        let (gate, up, act) = (dev.ptr(&ma.gate), dev.ptr(&ma.up), dev.ptr(&ma.act));
-        let product = |x: u64, w: u64, y: u64, n: usize, k: usize| {
+        let (gate, up, act) = (ma.gate(dev), ma.up(dev), dev.ptr(&ma.act));
+        let product = |x: u64, w: u64, y: (u64, u64), n: usize, k: usize| {
             if g.mma {
                 dev.gemm_mma_grouped(x, (w, dtype), y, &groups, n, k)
             } else {
                 dev.gemm_grouped(x, w, dtype, y, &groups, n, k)
             }
         };
-        product(xs, pp, gate, ei, h)?;
-        product(xs, pp + 8 * n, up, ei, h)?;
+        // Gate and up in one launch (their weights' addresses lie side by side), then down.
+        product(xs, pp, (gate, (up - gate) / 4), ei, h)?;
         dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        product(act, pp + 16 * n, ys, h, ei)?;
+        product(act, pp + 16 * n, (ys, 0), h, ei)?;
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
@@ -846,7 +856,9 @@ impl CudaModel {
             Experts::OneByOne(list) => {
                 for &(e, r0, n) in list {
                     let wt = |what: &str| w(&format!("mlp.experts.{e}.{what}.weight"));
-                    let (g, u, a) = (f(&ma.gate, r0, ei), f(&ma.up, r0, ei), f(&ma.act, r0, ei));
+                    let at_row = (r0 * ei * 4) as u64;
+                    let (g, u) = (ma.gate(dev) + at_row, ma.up(dev) + at_row);
+                    let a = f(&ma.act, r0, ei);
                     let (xs, ys) = (f(&ma.xs, r0, h), f(&ma.ys, r0, h));
                     let at = (0, routed.position + (r0 * 4) as u64);
                     let (ki, ko) = self.key_layout.expert(l, e);
