@@ -67,7 +67,7 @@ struct GroupedExperts {
 
 /// Grouped experts as their launches read them ([`CudaModel::experts_grouped`]).
 struct GroupedLaunch {
-    /// How many experts (groups of rows; an expert no token chose has none).
+    /// How many groups of rows, an expert each (the device router pads them with empty ones).
     count: usize,
     /// Device address of the weights' addresses, `[3, count]` (gate, up, down).
     ptrs: u64,
@@ -476,13 +476,12 @@ impl MoeActs {
             ]),
             None => None,
         };
-        let route = match t <= kernels::GEMV_MAX_ROWS {
-            true => {
-                let groups = route_rule(c, m).n_group;
-                let at = RouteLayout { t, ne: m.num_experts, k: m.top_k, n_group: groups };
-                Some((dev.alloc::<u32>(at.out_words())?, dev.alloc::<u64>(at.work_words())?))
-            }
-            false => None,
+        let route = if t <= kernels::GEMV_MAX_ROWS {
+            let n_group = route_rule(c, m).n_group;
+            let at = RouteLayout { t, ne: m.num_experts, k: m.top_k, n_group };
+            Some((dev.alloc::<u32>(at.out_words())?, dev.alloc::<u64>(at.work_words())?))
+        } else {
+            None
         };
         Ok(MoeActs {
             router: dev.alloc::<f32>(t * m.num_experts)?,
@@ -734,7 +733,7 @@ impl CudaModel {
         let at = RouteLayout { t, ne, k, n_group: r.rule.n_group };
         // The kernel adds e·stride to the first expert's keys in u32: the last must fit.
         let first = key_offset(self.key_layout.expert(l, 0).0)?;
-        key_offset(self.key_layout.expert(l, ne - 1).1)?;
+        key_offset(self.key_layout.expert(l, ne.saturating_sub(1)).1)?;
         let (stride, width) = (key_offset(ei + h)?, key_offset(ei)?);
         let tally = if keys == 0 { 0 } else { keys + (self.key_layout.tally(l) * 8) as u64 };
         let (o, bias) = (dev.ptr(out), bias.as_ref().map_or(0, |b| dev.ptr(b)));
