@@ -480,6 +480,12 @@ impl CudaDevice {
         let (groups, keep) =
             (int(rule.n_group, "expert groups")?, int(rule.topk_group, "groups kept")?);
         let (scoring, renorm) = (rule.scoring as i32, rule.renorm as i32);
+        // route.cu's SWK_GROUP_MAX and SWK_GROUP_TOP2_SUM (0: no groups).
+        let group_score = match rule.group_score {
+            crate::model::config::GroupScore::None => 0i32,
+            crate::model::config::GroupScore::Max => 1,
+            crate::model::config::GroupScore::Top2Sum => 2,
+        };
         launch!(
             self,
             "swk_moe_route",
@@ -493,7 +499,7 @@ impl CudaDevice {
             scoring,
             groups,
             keep,
-            rule.group_score,
+            group_score,
             renorm,
             rule.eps,
             rule.scale,

@@ -118,8 +118,8 @@ pub struct RouteRule {
     pub n_group: usize,
     /// Groups kept per token.
     pub topk_group: usize,
-    /// How a group is scored: 0 no groups, 1 its best expert, 2 the sum of its best two.
-    pub group_score: i32,
+    /// How a group is scored (groups off when `None` or `n_group` is 1).
+    pub group_score: crate::model::config::GroupScore,
     /// Whether the k weights are renormalized to sum to one.
     pub renorm: bool,
     /// Added to the renormalization's sum (DeepSeek: 1e-20).

@@ -212,7 +212,7 @@ pub struct CudaModel {
     /// Sparse layers run with their experts grouped, since the upload.
     pub(crate) grouped_layers: std::sync::atomic::AtomicU64,
     /// A resident mixture of experts' router on the device (moe.rs, route.cu).
-    pub(crate) device_router: Option<super::moe::DeviceRouter>,
+    pub(crate) device_router: Option<DeviceRouter>,
     /// Whether short passes route on the device (on by default).
     pub(crate) device_routing: bool,
     /// Sparse layers routed on the device, since the upload.
