@@ -28,7 +28,8 @@
 // it is staged, with its spike statistics (MmaX): no activation launch, no activation buffer.
 //
 // swk_gemm_mma_grouped_*: a mixture of experts' products, one weight per group of rows
-// (grid z); a block covers its columns' whole k, stage by stage.
+// (grid z); a block covers its columns' whole k, stage by stage. swk_gemm_mma_act_grouped_*:
+// the experts' down products, their activation made as it is staged.
 //
 // Needs k % 8 == 0 and W 16-byte aligned (the host checks, and otherwise uses another path);
 // x has no alignment requirement.
@@ -160,11 +161,12 @@ __device__ __forceinline__ void mma_chunk(const v16& wa, const v16& wb, const u1
 // x's terms staged in `staged` `stage` k at a time (a multiple of 32, at most the shared
 // memory the launch gave: 2 terms × 16 rows × mma_stage_row(stage)). Each stage's sums are
 // added to acc (f16: multiplied back by the stage's row scales first). With ACT and `keys`
-// not null, each staged x's spike key (row r at position pos0 + r) is folded into keys[its
-// k] (so only one block of each k range may pass keys).
+// not null, each staged x's spike key (row r at position pos[r], or pos0 + r when pos is
+// null) is folded into keys[its k] (so only one block of each k range may pass keys).
 template <bool F16, bool ACT>
 __device__ __forceinline__ void mma_range(const MmaX<ACT>& x, const u16* w, int rows, int n, int k, int k0, int kend,
-                                          int stage, u16* staged, u64* keys, int pos0, float acc[2][4]) {
+                                          int stage, u16* staged, u64* keys, const u32* pos, int pos0,
+                                          float acc[2][4]) {
     __shared__ float scale[MMA_MAX_ROWS];
     const int srow = mma_stage_row(stage);
     u16* hi = staged;
@@ -239,8 +241,9 @@ __device__ __forceinline__ void mma_range(const MmaX<ACT>& x, const u16* w, int 
                     const float v0 = x.at(r, i);
                     const float v1 = x.at(r, i + 1);
                     if (ACT && keys != nullptr) {
-                        mma_key(keys + i, v0, (u32)(pos0 + r));
-                        mma_key(keys + i + 1, v1, (u32)(pos0 + r));
+                        const u32 p = ColumnWalk::position(pos, pos0, r);
+                        mma_key(keys + i, v0, p);
+                        mma_key(keys + i + 1, v1, p);
                     }
                     u16 h0, l0, h1, l1;
                     mma_terms<F16>(v0, inv, h0, l0);
@@ -311,7 +314,7 @@ __device__ __forceinline__ void mma_gemm(const MmaX<ACT>& x, const u16* w, float
     const int k0 = blockIdx.y * slab;
     // The first column range's blocks fold x's statistics: each k once.
     u64* my_keys = blockIdx.x == 0 ? keys : nullptr;
-    mma_range<F16, ACT>(x, w, rows, n, k, k0, min(k, k0 + slab), stage, staged, my_keys, pos0, acc);
+    mma_range<F16, ACT>(x, w, rows, n, k, k0, min(k, k0 + slab), stage, staged, my_keys, nullptr, pos0, acc);
 
     if (gridDim.y == 1) {
         mma_each(acc, rows, n, [&](int row, int o, float v) { y[(u64)row * ldy + o] = v; });
@@ -401,10 +404,14 @@ extern "C" __global__ void __launch_bounds__(256, 3)
 // of x by its own weight ws[g] into the same rows of y (`[.., n]`), over all of k, staged
 // `stage` k at a time (one block covers its columns' whole k range: the groups give the grid
 // its breadth, so no partial sums). Grid (ceil(n / 128), 1, weights); `pair` (not 0): two
-// weights per group, as swk_gemv_grouped_* takes them (gemm.cu's pair_group).
-template <bool F16>
-__device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float* y, const u32* row0,
-                                            const u32* rows, int n, int k, int stage, u64 pair) {
+// weights per group, as swk_gemv_grouped_* takes them (gemm.cu's pair_group). With ACT, x is
+// the experts' activation made as it is staged (x.x: up, x.gate: gate, rows x.ld apart), and
+// with `keys` not null the first column range's block of group g folds its spike keys into
+// keys + key_at[g] (row r's position pos[row0[g] + r]), as swk_act_mul_grouped would.
+template <bool F16, bool ACT>
+__device__ __forceinline__ void mma_grouped(MmaX<ACT> x, const u64* ws, float* y, const u32* row0, const u32* rows,
+                                            int n, int k, int stage, u64 pair, const u32* pos, u64* keys,
+                                            const u32* key_at) {
     SWK_DYNAMIC_SHARED(u16, staged);
     const u32 s = blockIdx.z;
     const u32 g = pair_group(s, gridDim.z, pair, y);
@@ -412,21 +419,46 @@ __device__ __forceinline__ void mma_grouped(const float* x, const u64* ws, float
     if (count == 0) {
         return;  // the whole block: before any barrier
     }
+    const u64 at = (u64)row0[g] * x.ld;
+    x.x += at;
+    x.gate = x.gate != nullptr ? x.gate + at : nullptr;
+    u64* my_keys = ACT && keys != nullptr && blockIdx.x == 0 ? keys + key_at[g] : nullptr;
+    const u32* my_pos = pos != nullptr ? pos + row0[g] : nullptr;
     float* yg = y + (u64)row0[g] * n;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    const MmaX<false> in = {x + (u64)row0[g] * k, nullptr, k, -1};
-    mma_range<F16, false>(in, (const u16*)ws[s], count, n, k, 0, k, stage, staged, nullptr, 0, acc);
+    mma_range<F16, ACT>(x, (const u16*)ws[s], count, n, k, 0, k, stage, staged, my_keys, my_pos, 0, acc);
     mma_each(acc, count, n, [&](int row, int o, float v) { yg[(u64)row * n + o] = v; });
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_grouped_bf16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
                               int stage, u64 pair) {
-    mma_grouped<false>(x, ws, y, row0, rows, n, k, stage, pair);
+    const MmaX<false> in = {x, nullptr, k, -1};
+    mma_grouped<false>(in, ws, y, row0, rows, n, k, stage, pair, nullptr, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3)
     swk_gemm_mma_grouped_f16(const float* x, const u64* ws, float* y, const u32* row0, const u32* rows, int n, int k,
                              int stage, u64 pair) {
-    mma_grouped<true>(x, ws, y, row0, rows, n, k, stage, pair);
+    const MmaX<false> in = {x, nullptr, k, -1};
+    mma_grouped<true>(in, ws, y, row0, rows, n, k, stage, pair, nullptr, nullptr, nullptr);
+}
+
+// swk_gemm_mma_grouped_* of the experts' activation act(gate) · up (gate null: act(up); gate
+// and up `[.., k]`), one weight per group: the down products of a sparse layer, with their
+// input spike keys (keys null: none).
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_act_grouped_bf16(const float* up, const float* gate, int act, const u64* ws, float* y,
+                                  const u32* row0, const u32* rows, int n, int k, int stage, const u32* pos,
+                                  u64* keys, const u32* key_at) {
+    const MmaX<true> in = {up, gate, k, act};
+    mma_grouped<false>(in, ws, y, row0, rows, n, k, stage, 0ull, pos, keys, key_at);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swk_gemm_mma_act_grouped_f16(const float* up, const float* gate, int act, const u64* ws, float* y,
+                                 const u32* row0, const u32* rows, int n, int k, int stage, const u32* pos,
+                                 u64* keys, const u32* key_at) {
+    const MmaX<true> in = {up, gate, k, act};
+    mma_grouped<true>(in, ws, y, row0, rows, n, k, stage, 0ull, pos, keys, key_at);
 }

@@ -397,6 +397,11 @@ fn timing_7b_moe() -> Result<()> {
     g.set_grouped_experts(true);
     g.set_gemm(GemmEngine::Mma)?;
     let mma_det = best_detect(&g)?;
+    // Unfused: among others, the experts' activation a launch of its own (fused, the grouped
+    // down product makes it).
+    g.set_fused_launches(false);
+    let mma_unfused = best_detect(&g)?;
+    g.set_fused_launches(true);
     g.set_gemm(engine)?;
     // Ablating one expert as `swk experts` does: every weight of its down_proj zeroed through
     // the restore log (one block edit: a download and an upload), then restored.
@@ -423,10 +428,10 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | decode ms/token: routed on the device / on the host | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | decode ms/token: routed on the device / on the host | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) / launches unfused | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {decode_device:.2} / {decode_host:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {decode_device:.2} / {decode_host:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) / {mma_unfused:.2} | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             mma_det / floor,

@@ -457,6 +457,37 @@ impl CudaDevice {
         launch!(self, name, l, x, w, y, row0, rows, n_i, k_i, s, pair)
     }
 
+    /// [`Self::gemm_mma_grouped`] (one weight per group) of the groups' activation
+    /// act(gate) · up (`gate` 0: act(up); both `[.., k]`), made as the product stages it
+    /// (`swk_gemm_mma_act_grouped_*`): a sparse layer's down products without an activation
+    /// launch or buffer. Spike keys as [`Self::act_mul_grouped`] folds them: positions from
+    /// `pos`, group i's at `keys + key_at[i]` (`keys` 0: none).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_mma_act_grouped(
+        &self,
+        (gate, up, act): (u64, u64, kernels::Activation),
+        (w, dtype): (u64, WeightDtype),
+        y: u64,
+        g: &RowGroups,
+        (n, k): (usize, usize),
+        pos: u64,
+        (keys, key_at): (u64, u64),
+    ) -> Result<()> {
+        if g.max_rows > kernels::MMA_MAX_ROWS {
+            return Err(Error::Backend(format!(
+                "the grouped tensor-core product takes groups of at most {} rows, not {}",
+                kernels::MMA_MAX_ROWS,
+                g.max_rows
+            )));
+        }
+        let (l, stage) = kernels::mma_grouped(n, k, g.count)?;
+        let (n_i, k_i, s) = (int(n, "out features")?, int(k, "in features")?, int(stage, "stage")?);
+        let (row0, rows, act) = (g.row0, g.rows, act as i32);
+        let name =
+            mma_kernel(dtype, ["swk_gemm_mma_act_grouped_bf16", "swk_gemm_mma_act_grouped_f16"])?;
+        launch!(self, name, l, up, gate, act, w, y, row0, rows, n_i, k_i, s, pos, keys, key_at)
+    }
+
     /// Route `tokens` tokens (router logits `z` `[tokens, ne]`, the first at position `pos0`)
     /// to `k` of `ne` experts by `rule` (`bias`: V3's selection bias `[ne]`, 0: none), on the
     /// device (swk_moe_route, route.cu): the dispatch into `out`, with the groups of the
@@ -1211,6 +1242,115 @@ mod tests {
                 assert_eq!(at, None, "{what}: spike keys differ at this column");
             }
         }
+    }
+
+    /// `swk_gemm_mma_act_grouped_*` (a sparse layer's down products making the experts'
+    /// activation as they stage it) against `swk_act_mul_grouped` then
+    /// `swk_gemm_mma_grouped_*`: the same bits in y and the same spike keys in each group's
+    /// own key range, bf16 and f16 weights, groups of 16, 3, 0, 1 and 9 rows (the empty one
+    /// launches nothing), three column ranges (only the first folds the keys), k staged in two
+    /// rounds, positions from an array (tokens repeat across groups, as routed rows do); rows
+    /// past the groups untouched.
+    #[test]
+    fn mma_grouped_activation_equals_act_then_product() {
+        use kernels::Activation;
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dev = CudaDevice::new(0).unwrap();
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
+        let (n, k) = (300usize, 1000usize);
+        let rows = [16usize, 3, 0, 1, 9];
+        let total: usize = rows.iter().sum();
+        let row0: Vec<u32> =
+            rows.iter().scan(0u32, |at, &r| Some(std::mem::replace(at, *at + r as u32))).collect();
+        let count: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        // Each group's keys at its own offset, with a gap between groups.
+        let key_at: Vec<u32> = (0..rows.len() as u32).map(|g| g * (k as u32 + 7)).collect();
+        let key_len = rows.len() * (k + 7);
+        let pos: Vec<u32> = (0..total as u32).map(|r| 3 + (r * 5) % 11).collect();
+        // Pre-activations of about 4, one outlier, and a repeated value (a tie).
+        let mut pre = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| match i % 97 {
+                    0 => 60.0,
+                    1 | 2 => 2.5,
+                    _ => next() * 4.0,
+                })
+                .collect()
+        };
+        let (gate, up) = (pre(total * k), pre(total * k));
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+            let held: Vec<_> = rows
+                .iter()
+                .map(|_| dev.upload(&mma_weights(dtype, n * k, &mut next)).unwrap())
+                .collect();
+            let addrs: Vec<u64> = held.iter().map(|b| dev.ptr(b)).collect();
+            let (gd, ud, ad) =
+                (dev.upload(&gate).unwrap(), dev.upload(&up).unwrap(), dev.upload(&addrs).unwrap());
+            let (r0d, rd) = (dev.upload(&row0).unwrap(), dev.upload(&count).unwrap());
+            let (pd, kad) = (dev.upload(&pos).unwrap(), dev.upload(&key_at).unwrap());
+            let groups = RowGroups {
+                row0: dev.ptr(&r0d),
+                rows: dev.ptr(&rd),
+                count: rows.len(),
+                min_rows: 0,
+                max_rows: 16,
+            };
+            let (keys_a, keys_b) =
+                (dev.zeros::<u64>(key_len).unwrap(), dev.zeros::<u64>(key_len).unwrap());
+            let (ya, yb) = (
+                dev.upload(&vec![f32::NAN; (total + 1) * n]).unwrap(),
+                dev.upload(&vec![f32::NAN; (total + 1) * n]).unwrap(),
+            );
+            let (g, u, w) = (dev.ptr(&gd), dev.ptr(&ud), (dev.ptr(&ad), dtype));
+            // The activation launch, then the product of what it wrote.
+            let a = dev.alloc::<f32>(total * k).unwrap();
+            let keys = (dev.ptr(&keys_a), dev.ptr(&kad));
+            let act = Activation::Silu;
+            dev.act_mul_grouped(g, u, dev.ptr(&a), &groups, k, dev.ptr(&pd), keys, act).unwrap();
+            dev.gemm_mma_grouped(dev.ptr(&a), w, (dev.ptr(&ya), 0), &groups, n, k).unwrap();
+            // The one launch.
+            let keys = (dev.ptr(&keys_b), dev.ptr(&kad));
+            dev.gemm_mma_act_grouped(
+                (g, u, act),
+                w,
+                dev.ptr(&yb),
+                &groups,
+                (n, k),
+                dev.ptr(&pd),
+                keys,
+            )
+            .unwrap();
+            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let (ya, yb) = (
+                dev.download(&ya, 0, (total + 1) * n).unwrap(),
+                dev.download(&yb, 0, (total + 1) * n).unwrap(),
+            );
+            assert!(ya[..total * n].iter().all(|v| v.is_finite()), "{dtype:?}: y not finite");
+            assert!(yb[total * n..].iter().all(|v| v.is_nan()), "{dtype:?}: a row past the groups");
+            let (ya, yb) = (bits(ya), bits(yb));
+            let at = ya.iter().zip(&yb).position(|(a, b)| a != b);
+            assert_eq!(at, None, "{dtype:?}: y differs at this index");
+            let (ka, kb) = (
+                dev.download(&keys_a, 0, key_len).unwrap(),
+                dev.download(&keys_b, 0, key_len).unwrap(),
+            );
+            for (gi, &r) in rows.iter().enumerate() {
+                let range = &ka[key_at[gi] as usize..key_at[gi] as usize + k];
+                assert!(
+                    range.iter().all(|&key| (key != 0) == (r > 0)),
+                    "{dtype:?}: group {gi}'s keys"
+                );
+            }
+            let at = ka.iter().zip(&kb).position(|(a, b)| a != b);
+            assert_eq!(at, None, "{dtype:?}: spike keys differ at this index");
+        }
+        let too_many = RowGroups { row0: 0, rows: 0, count: 1, min_rows: 17, max_rows: 17 };
+        let w = (0, WeightDtype::Bf16);
+        let acts = (0, 0, Activation::Silu);
+        assert!(dev.gemm_mma_act_grouped(acts, w, 0, &too_many, (n, k), 0, (0, 0)).is_err());
     }
 
     /// `rows` × `k` inputs of about 1, with outliers (1500, -2e5) and, in row 1, values near

@@ -235,6 +235,8 @@ pub struct CudaDevice {
     recording: Mutex<Option<Vec<Op>>>,
     /// Kernel launches and products queued so far (see [`Self::launches`]).
     launches: AtomicUsize,
+    /// Kernel launches queued so far, by kernel (see [`Self::launches_of`]).
+    by_kernel: Mutex<std::collections::HashMap<&'static str, usize>>,
 }
 
 impl CudaDevice {
@@ -248,6 +250,7 @@ impl CudaDevice {
             used: Arc::new(AtomicUsize::new(0)),
             recording: Mutex::new(None),
             launches: AtomicUsize::new(0),
+            by_kernel: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -298,10 +301,21 @@ impl CudaDevice {
         self.launches.load(Ordering::Relaxed)
     }
 
+    /// Launches of kernel `name` queued on this device so far.
+    #[cfg(test)]
+    pub(crate) fn launches_of(&self, name: &str) -> usize {
+        let by = self.by_kernel.lock().unwrap_or_else(|p| p.into_inner());
+        by.get(name).copied().unwrap_or(0)
+    }
+
     /// Queue `op`: recorded during a capture, else run now.
     fn queue(&self, op: Op) -> Result<()> {
         if matches!(op, Op::Kernel { .. } | Op::Gemm(_)) {
             self.launches.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Op::Kernel { name, .. } = op {
+            let mut by = self.by_kernel.lock().unwrap_or_else(|p| p.into_inner());
+            *by.entry(name).or_insert(0) += 1;
         }
         let mut rec = self.recording.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ops) = rec.as_mut() {

@@ -897,4 +897,70 @@ mod tests {
         assert_eq!(pass(&g, &long, true).0, 1 + 10 * layers, "a long pass with statistics");
         assert_eq!(pass(&g, &long, false).0, 2 + 9 * layers, "a long pass without");
     }
+
+    /// With the `mma` engine and fused launches, each sparse layer's grouped down product
+    /// makes the experts' activation as it stages it (`swk_gemm_mma_act_grouped_*`, one launch
+    /// fewer per layer: no `swk_act_mul_grouped`); unfused, the activation is its own launch.
+    /// Both give the same logits and spike statistics (experts' and router counters
+    /// included), bit for bit, for a prefill routed on the device and on the host, bf16 and
+    /// f16.
+    #[test]
+    fn mma_down_makes_the_experts_activation() {
+        for name in ["mixtral", "qwen2_moe", "deepseek_v3"] {
+            let m = Model::load(&super::super::tiny_fixture(name)).expect("tiny fixture");
+            let c = &m.config;
+            let sparse = (0..c.num_layers).filter(|&l| is_sparse(&m, l)).count();
+            assert!(sparse > 0, "{name}: no sparse layer");
+            for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+                let opts = CudaOptions { dtype, gemm: GemmEngine::Mma, ..Default::default() };
+                let mut g = CudaModel::new(&m, &opts).expect("upload");
+                let fused_kernel = match dtype {
+                    WeightDtype::F16 => "swk_gemm_mma_act_grouped_f16",
+                    _ => "swk_gemm_mma_act_grouped_bf16",
+                };
+                for on_device in [true, false] {
+                    g.set_device_routing(on_device);
+                    let at = format!("{name} {dtype:?}, routed on the device {on_device}");
+                    let run = |g: &CudaModel| {
+                        let (f0, a0) = (
+                            g.dev.launches_of(fused_kernel),
+                            g.dev.launches_of("swk_act_mul_grouped"),
+                        );
+                        let mut s =
+                            SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+                        let logits = g
+                            .forward(
+                                &[1, 5, 9, 2, 7],
+                                &mut CudaKvCache::new(g),
+                                Some(&mut s),
+                                Logits::All,
+                            )
+                            .expect("pass");
+                        let counts = (
+                            g.dev.launches_of(fused_kernel) - f0,
+                            g.dev.launches_of("swk_act_mul_grouped") - a0,
+                        );
+                        let bits: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
+                        (counts, bits, format!("{:?}", s.layers))
+                    };
+                    let fused = run(&g);
+                    g.set_fused_launches(false);
+                    let plain = run(&g);
+                    g.set_fused_launches(true);
+                    assert_eq!(fused.0, (sparse, 0), "{at}: fused launches");
+                    assert_eq!(plain.0, (0, sparse), "{at}: unfused launches");
+                    assert!(fused.1 == plain.1, "{at}: the fused activation changes the logits");
+                    assert!(
+                        fused.2 == plain.2,
+                        "{at}: the fused activation changes the statistics"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether layer `l` of `m` is a sparse (mixture-of-experts) layer.
+    fn is_sparse(m: &Model, l: usize) -> bool {
+        super::super::moe::KeyLayout::of(&m.config).is_sparse(l)
+    }
 }

@@ -69,6 +69,8 @@ pub const KERNELS: &[&str] = &[
     "swk_gemm_grouped_f32",
     "swk_gemm_mma_act_bf16",
     "swk_gemm_mma_act_f16",
+    "swk_gemm_mma_act_grouped_bf16",
+    "swk_gemm_mma_act_grouped_f16",
     "swk_gemm_mma_bf16",
     "swk_gemm_mma_f16",
     "swk_gemm_mma_grouped_bf16",

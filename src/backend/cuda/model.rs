@@ -693,7 +693,9 @@ impl CudaModel {
     /// `cublas-split`'s splitting of each product's input into the kernel that writes the
     /// input, and the sum of its two halves into the kernel that reads the result; q, k and
     /// v made and rotated in one launch; attention's residual add and the MLP's RMSNorm in
-    /// one. Off: a launch per step, the baseline the timing tests compare with.
+    /// one; with the `mma` engine, the MLP's activation (dense, and the grouped experts') made
+    /// by the down product as it reads it. Off: a launch per step, the baseline the timing
+    /// tests compare with.
     pub fn set_fused_launches(&mut self, on: bool) {
         self.fused_launches = on;
         self.forget_graphs();

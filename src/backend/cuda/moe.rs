@@ -676,8 +676,9 @@ impl CudaModel {
 
     /// The routed experts of a sparse layer together, as `g` lays them out (see moe.cu; with
     /// the `mma` engine, mma.cu's grouped product): one launch each for gate and up together,
-    /// the activation (with its input keys), down and the output keys. `pos`: the device
-    /// address of the rows' positions.
+    /// the activation (with its input keys), down and the output keys; with the `mma` engine
+    /// and fused launches ([`CudaModel::set_fused_launches`]) the down product makes the
+    /// activation and its keys itself. `pos`: the device address of the rows' positions.
     fn experts_grouped(&self, g: &GroupedLaunch, ma: &MoeActs, pos: u64, keys: u64) -> Result<()> {
         let dev = &self.dev;
         let (h, ei) = (self.config.hidden_size, moe::params(&self.config)?.expert_intermediate);
@@ -696,8 +697,15 @@ impl CudaModel {
         };
         // Gate and up in one launch (their weights' addresses lie side by side), then down.
         product(xs, pp, (gate, (up - gate) / 4), ei, h)?;
-        dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
-        product(act, pp + 16 * n, (ys, 0), h, ei)?;
+        let down = (pp + 16 * n, dtype);
+        if g.mma && self.fused_launches {
+            // The tensor cores' down product makes the activation as it stages it.
+            let acts = (gate, up, Activation::Silu);
+            dev.gemm_mma_act_grouped(acts, down, ys, &groups, (h, ei), pos, key_in)?;
+        } else {
+            dev.act_mul_grouped(gate, up, act, &groups, ei, pos, key_in, Activation::Silu)?;
+            product(act, down.0, (ys, 0), h, ei)?;
+        }
         if keys != 0 {
             dev.column_max_grouped(ys, &groups, h, pos, key_out)?;
         }
