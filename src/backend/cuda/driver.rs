@@ -1,7 +1,7 @@
 //! The real device, through cudarc: driver and cuBLAS presence checks, one context and
 //! stream, the embedded kernels loaded as a module, buffers, copies, graph capture, kernel
-//! launches and the cuBLAS products. `device.rs` builds the typed launchers on top;
-//! `emu.rs` is the same surface emulated on the CPU (feature `cuda-emu`).
+//! launches and the cuBLAS products. `device.rs` and `products.rs` build the typed launchers
+//! on top; `emu.rs` is the same surface emulated on the CPU (feature `cuda-emu`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};

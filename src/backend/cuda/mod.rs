@@ -53,6 +53,7 @@ mod linear;
 mod mla;
 mod model;
 mod moe;
+mod products;
 mod streamed;
 mod taps;
 
