@@ -470,14 +470,7 @@ mod tests {
         for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
             for (rows, n, k, act, gated) in cases {
                 let ld = if gated { 2 * k } else { k };
-                // Pre-activations of about 4, one outlier, and a repeated value (a tie).
-                let pre: Vec<f32> = (0..rows * ld)
-                    .map(|i| match i % 97 {
-                        0 => 60.0,
-                        1 | 2 => 2.5,
-                        _ => next() * 4.0,
-                    })
-                    .collect();
+                let pre = pre_activations(rows * ld, &mut next);
                 let w = mma_weights(dtype, n * k, &mut next);
                 let (pd, wd) = (dev.upload(&pre).unwrap(), dev.upload(&w).unwrap());
                 let (gate, up) = match gated {
@@ -508,20 +501,15 @@ mod tests {
                 dev.gemm_mma(x, wt, dev.ptr(&yb), n, (rows, n, k), &plan, ws).unwrap();
                 let what =
                     format!("{dtype:?} {act:?} gated {gated}, {rows} × {n} × {k}, {slabs} slabs");
-                let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 let (ya, yb) = (
                     dev.download(&ya, 0, rows * n).unwrap(),
                     dev.download(&yb, 0, rows * n).unwrap(),
                 );
                 assert!(ya.iter().all(|v| v.is_finite()), "{what}: y not finite");
-                let (ya, yb) = (bits(ya), bits(yb));
-                let at = ya.iter().zip(&yb).position(|(a, b)| a != b);
-                assert_eq!(at, None, "{what}: y differs at this index");
                 let (ka, kb) =
                     (dev.download(&keys_a, 0, k).unwrap(), dev.download(&keys_b, 0, k).unwrap());
                 assert!(ka.iter().all(|&key| key != 0), "{what}: a column without a key");
-                let at = ka.iter().zip(&kb).position(|(a, b)| a != b);
-                assert_eq!(at, None, "{what}: spike keys differ at this column");
+                assert_same_bits(&what, (&ya, &yb), (&ka, &kb));
             }
         }
     }
@@ -552,17 +540,8 @@ mod tests {
         let key_at: Vec<u32> = (0..rows.len() as u32).map(|g| g * (k as u32 + 7)).collect();
         let key_len = rows.len() * (k + 7);
         let pos: Vec<u32> = (0..total as u32).map(|r| 3 + (r * 5) % 11).collect();
-        // Pre-activations of about 4, one outlier, and a repeated value (a tie).
-        let mut pre = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| match i % 97 {
-                    0 => 60.0,
-                    1 | 2 => 2.5,
-                    _ => next() * 4.0,
-                })
-                .collect()
-        };
-        let (gate, up) = (pre(total * k), pre(total * k));
+        let (gate, up) =
+            (pre_activations(total * k, &mut next), pre_activations(total * k, &mut next));
         for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
             let held: Vec<_> = rows
                 .iter()
@@ -605,16 +584,12 @@ mod tests {
                 keys,
             )
             .unwrap();
-            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             let (ya, yb) = (
                 dev.download(&ya, 0, (total + 1) * n).unwrap(),
                 dev.download(&yb, 0, (total + 1) * n).unwrap(),
             );
             assert!(ya[..total * n].iter().all(|v| v.is_finite()), "{dtype:?}: y not finite");
             assert!(yb[total * n..].iter().all(|v| v.is_nan()), "{dtype:?}: a row past the groups");
-            let (ya, yb) = (bits(ya), bits(yb));
-            let at = ya.iter().zip(&yb).position(|(a, b)| a != b);
-            assert_eq!(at, None, "{dtype:?}: y differs at this index");
             let (ka, kb) = (
                 dev.download(&keys_a, 0, key_len).unwrap(),
                 dev.download(&keys_b, 0, key_len).unwrap(),
@@ -626,13 +601,32 @@ mod tests {
                     "{dtype:?}: group {gi}'s keys"
                 );
             }
-            let at = ka.iter().zip(&kb).position(|(a, b)| a != b);
-            assert_eq!(at, None, "{dtype:?}: spike keys differ at this index");
+            assert_same_bits(&format!("{dtype:?}"), (&ya, &yb), (&ka, &kb));
         }
         let too_many = RowGroups { row0: 0, rows: 0, count: 1, min_rows: 17, max_rows: 17 };
         let w = (0, WeightDtype::Bf16);
         let acts = (0, 0, Activation::Silu);
         assert!(dev.gemm_mma_act_grouped(acts, w, 0, &too_many, (n, k), 0, (0, 0)).is_err());
+    }
+
+    /// Pre-activations of about 4, one outlier (60) and a repeated value (2.5: a tie) every
+    /// 97.
+    fn pre_activations(len: usize, next: &mut impl FnMut() -> f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| match i % 97 {
+                0 => 60.0,
+                1 | 2 => 2.5,
+                _ => next() * 4.0,
+            })
+            .collect()
+    }
+
+    /// Assert two launches' outputs (`y`) and spike keys are the same bits.
+    fn assert_same_bits(what: &str, (ya, yb): (&[f32], &[f32]), (ka, kb): (&[u64], &[u64])) {
+        let at = ya.iter().zip(yb).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(at, None, "{what}: y differs at this index");
+        let at = ka.iter().zip(kb).position(|(a, b)| a != b);
+        assert_eq!(at, None, "{what}: spike keys differ at this index");
     }
 
     /// `rows` × `k` inputs of about 1, with outliers (1500, -2e5) and, in row 1, values near
