@@ -7,7 +7,7 @@
 //   model::arch::deepseek::route  softmax or sigmoid scores, V3's selection bias, expert
 //                                 groups ranked by their best or best two, top-k, the
 //                                 renormalization (+ 1e-20) and routed_scaling_factor;
-//   Dispatch::new (moe.rs)        rows grouped by expert (experts ascending, tokens ascending
+//   Dispatch::new (route.rs)      rows grouped by expert (experts ascending, tokens ascending
 //                                 within one), each token's k slots by ascending expert, and
 //                                 the grouped expert kernels' groups (the experts with rows,
 //                                 padded with empty groups to min(experts, tokens·k), so that
@@ -260,7 +260,7 @@ __device__ __forceinline__ int route_groups(int tokens, int ne, int k) {
 }
 
 // Route `tokens` tokens (router logits z `[tokens, ne]`, the first at position pos0) to k of
-// ne experts and lay out the layer's dispatch in `out` (as moe.rs's RouteLayout):
+// ne experts and lay out the layer's dispatch in `out` (as route.rs's RouteLayout):
 //   token [tokens·k]     per gathered row, its token (u32);
 //   position [tokens·k]  per row, pos0 + its token (u32);
 //   slot [tokens·k]      per token, its k rows by ascending expert (u32);

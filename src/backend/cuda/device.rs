@@ -401,7 +401,7 @@ impl CudaDevice {
     /// device (swk_moe_route, route.cu): the dispatch into `out`, with the groups of the
     /// grouped expert kernels (their weights' addresses from the layer's table `weights`,
     /// u64 `[3, ne]`), the router counters added at `tally` (0: none), `work` for the
-    /// kernel's own arrays (layouts: moe.rs's `RouteLayout`). Expert e's spike keys:
+    /// kernel's own arrays (layouts: route.rs's `RouteLayout`). Expert e's spike keys:
     /// `first + e·stride` and `width` after that.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe_route(

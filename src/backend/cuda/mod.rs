@@ -1,9 +1,8 @@
 //! The CUDA backend (feature `cuda`): the forward pass of every family (the mixtures of
-//! experts routed on the host, `moe.rs`; DeepSeek's latent attention, `mla.rs`), spike
-//! statistics,
-//! perplexity scoring and in-place weight edits on an NVIDIA GPU, with swk's own kernels
-//! (`kernels/*.cu`, compiled by build.rs into a fatbin embedded in the binary) and cuBLAS for
-//! the matrix products when it is installed.
+//! experts, `moe.rs` and `route.rs`; DeepSeek's latent attention, `mla.rs`), spike
+//! statistics, perplexity scoring and in-place weight edits on an NVIDIA GPU, with swk's own
+//! kernels (`kernels/*.cu`, compiled by build.rs into a fatbin embedded in the binary) and
+//! cuBLAS for the matrix products when it is installed.
 //!
 //! * [`cuda_available`] / [`device_info`]: probe without panicking (libcuda is loaded at run
 //!   time; a machine without it just reports no device).
@@ -54,6 +53,7 @@ mod mla;
 mod model;
 mod moe;
 mod products;
+mod route;
 mod streamed;
 mod taps;
 

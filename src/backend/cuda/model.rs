@@ -12,7 +12,8 @@ use super::driver::{cuda_available, CudaDevice, CudaSlice};
 use super::family::Block;
 use super::linear::Scratch;
 use super::mla::MlaRope;
-use super::moe::{DeviceRouter, KeyLayout};
+use super::moe::KeyLayout;
+use super::route::DeviceRouter;
 use super::streamed::Streamed;
 use crate::backend::stream::{layer_plan, split_layer_name, Overlay, SlotLayout};
 use crate::model::arch::{self, llama};
@@ -211,7 +212,7 @@ pub struct CudaModel {
     pub(crate) grouped_experts: bool,
     /// Sparse layers run with their experts grouped, since the upload.
     pub(crate) grouped_layers: std::sync::atomic::AtomicU64,
-    /// A resident mixture of experts' router on the device (moe.rs, route.cu).
+    /// A resident mixture of experts' router on the device (route.rs, route.cu).
     pub(crate) device_router: Option<DeviceRouter>,
     /// Whether short passes route on the device (on by default).
     pub(crate) device_routing: bool,
