@@ -1,5 +1,6 @@
-// The router of a mixture-of-experts layer on the device, for passes whose experts each get at
-// most 16 rows (detection prompts, decoding: CudaModel::sparse_mlp in moe.rs). One launch turns
+// The router of a mixture-of-experts layer on the device (CudaModel::sparse_mlp in moe.rs), for
+// passes of at most 16 tokens (detection prompts, decoding), or of at most 2048 with swk's own
+// GEMM kernels, which group experts of any row count (route.rs decides). One launch turns
 // the router logits into the layer's dispatch, so the pass never waits for the host between
 // its kernels (and a CUDA graph can hold it). It mirrors, bit for bit where the arithmetic is
 // the same IEEE operations:

@@ -383,15 +383,21 @@ fn timing_7b_moe() -> Result<()> {
     // count (tiled), and one expert at a time: what grouping saves in a prefill.
     let engine = g.gemm();
     g.set_gemm(GemmEngine::Kernels)?;
-    let mut kernels_ppl = [f64::INFINITY; 2];
-    for (i, grouped) in [true, false].into_iter().enumerate() {
+    // Grouped, the sparse layers route on the device (a 512-token pass: with swk's kernels
+    // only), or on the host.
+    let mut kernels_ppl = [f64::INFINITY; 3];
+    for (i, (grouped, on_device)) in
+        [(true, true), (true, false), (false, false)].into_iter().enumerate()
+    {
         g.set_grouped_experts(grouped);
+        g.set_device_routing(on_device);
         for _ in 0..2 {
             let t = Instant::now();
             g.score(&prompt, &mut CudaKvCache::new(&g))?;
             kernels_ppl[i] = kernels_ppl[i].min(ms(t));
         }
     }
+    g.set_device_routing(true);
     // The detection forward with the `mma` engine: the dense products and the experts'
     // grouped products on the tensor cores.
     g.set_grouped_experts(true);
@@ -428,16 +434,17 @@ fn timing_7b_moe() -> Result<()> {
             g.gemm().name()
         ),
         String::new(),
-        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | decode ms/token: routed on the device / on the host | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) / launches unfused | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
+        "| experts chosen (of all) | bytes needed GB | detect fwd ms (experts grouped, routed on the device) | floor ms | × floor | detect fwd ms: routed on the host / graph replay | decode ms/token: routed on the device / on the host | detect fwd ms (experts one by one) | detect fwd ms, mma engine (× floor) / launches unfused | ppl 512 ms | ppl tok/s | ppl 512 ms, swk kernels: experts grouped, routed on the device / on the host / one by one | ablate 1 expert: weights, edit list / apply / restore ms |".into(),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         format!(
-            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {decode_device:.2} / {decode_host:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) / {mma_unfused:.2} | {ppl:.1} | {:.0} | {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
+            "| {chosen} of {all} | {:.2} | {det:.2} | {floor:.2} | {:.2} | {host_routed:.2} / {graph_det:.2}{graphed} | {decode_device:.2} / {decode_host:.2} | {one_by_one:.2} | {mma_det:.2} ({:.2}×) / {mma_unfused:.2} | {ppl:.1} | {:.0} | {:.1} / {:.1} / {:.1} | {}, {build:.0} / {apply:.0} / {restore:.0}{restored} |",
             needed as f64 / 1e9,
             det / floor,
             mma_det / floor,
             512.0 / (ppl / 1e3),
             kernels_ppl[0],
             kernels_ppl[1],
+            kernels_ppl[2],
             moe.expert_intermediate * c.hidden_size
         ),
     ]

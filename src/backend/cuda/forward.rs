@@ -219,7 +219,7 @@ impl CudaModel {
             }
             xs.push(x);
         }
-        let acts = Acts::alloc(dev, c, t_max, stats.is_some())?;
+        let acts = Acts::alloc(dev, c, (t_max, self.device_route_limit()), stats.is_some())?;
         // The GEMM scratch persists across calls (one pass at a time: the device has one stream).
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -792,8 +792,15 @@ pub(crate) struct Acts {
 }
 
 impl Acts {
-    /// Buffers for up to `t` tokens; zeroed spike keys when `stats`.
-    pub(crate) fn alloc(dev: &CudaDevice, c: &ModelConfig, t: usize, stats: bool) -> Result<Self> {
+    /// Buffers for up to `t` tokens; zeroed spike keys when `stats`; a mixture of experts'
+    /// device router's arrays when `t` is at most `route_limit`
+    /// ([`CudaModel::device_route_limit`]).
+    pub(crate) fn alloc(
+        dev: &CudaDevice,
+        c: &ModelConfig,
+        (t, route_limit): (usize, usize),
+        stats: bool,
+    ) -> Result<Self> {
         let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim);
         Ok(Acts {
             xn: dev.alloc::<f32>(t * h)?,
@@ -805,7 +812,7 @@ impl Acts {
             act: dev.alloc::<f32>(t * i)?,
             keys: if stats { Some(dev.zeros::<u64>(KeyLayout::of(c).total)?) } else { None },
             moe: match &c.family.moe {
-                Some(m) => Some(MoeActs::alloc(dev, c, m, t, stats)?),
+                Some(m) => Some(MoeActs::alloc(dev, c, m, (t, route_limit), stats)?),
                 None => None,
             },
             mla: match &c.family.deepseek {

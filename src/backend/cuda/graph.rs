@@ -139,7 +139,7 @@ impl CudaModel {
         self.reserve(&mut cache, t)?;
         let tok = dev.zeros::<u32>(t)?;
         let x = dev.alloc::<f32>(t * c.hidden_size)?;
-        let mut acts = Acts::alloc(dev, c, t, stats)?;
+        let mut acts = Acts::alloc(dev, c, (t, self.device_route_limit()), stats)?;
         let rows = logit_rows(logits, t);
         let out = match &rows {
             Some(r) => Some(dev.alloc::<f32>(r.len() * c.vocab_size)?),

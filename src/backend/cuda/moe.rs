@@ -276,8 +276,8 @@ pub(crate) struct MoeActs {
     shared: Option<[CudaSlice<f32>; 5]>,
     /// Per layer, the host router's counters of the pass (when statistics are gathered).
     pub(crate) tally: Option<Mutex<Vec<LayerTally>>>,
-    /// The device router's dispatch (u32 words) and work arrays, for passes of at most
-    /// [`kernels::GEMV_MAX_ROWS`] tokens.
+    /// The device router's dispatch (u32 words) and work arrays, for passes that route on
+    /// the device ([`CudaModel::device_route_limit`]).
     route: Option<(CudaSlice<u32>, CudaSlice<u64>)>,
 }
 
@@ -293,12 +293,12 @@ impl MoeActs {
     }
 
     /// Buffers for a mixture of experts with `m`'s shapes, up to `t` tokens; router counters
-    /// when `stats`.
+    /// when `stats`; the device router's arrays when `t` is at most `route_limit`.
     pub(crate) fn alloc(
         dev: &CudaDevice,
         c: &ModelConfig,
         m: &MoeParams,
-        t: usize,
+        (t, route_limit): (usize, usize),
         stats: bool,
     ) -> Result<Self> {
         let (h, ei, rows) = (c.hidden_size, m.expert_intermediate, t * m.top_k);
@@ -312,7 +312,7 @@ impl MoeActs {
             ]),
             None => None,
         };
-        let route = if t <= kernels::GEMV_MAX_ROWS {
+        let route = if t <= route_limit {
             let at = RouteLayout::of(c, m, t);
             Some((dev.alloc::<u32>(at.out_words())?, dev.alloc::<u64>(at.work_words())?))
         } else {

@@ -3,7 +3,8 @@
 //!
 //! Routing, two ways with the same results:
 //! - **On the device** (`swk_moe_route`, kernels/route.cu; [`CudaModel::set_device_routing`])
-//!   for passes of at most 16 tokens (detection prompts, decoding) of a resident model: one
+//!   for passes of at most 16 tokens (detection prompts, decoding) of a resident model, or
+//!   of at most 2048 (prefill, perplexity windows) with swk's own GEMM kernels: one
 //!   launch writes the dispatch (rows, slots, weights, and the grouped kernels' groups: the
 //!   experts with rows, their weights' addresses and keys, padded with empty groups to
 //!   `min(experts, t·k)`, a count the host knows without the routes) and adds the router
@@ -16,7 +17,7 @@
 
 use super::driver::CudaSlice;
 use super::kernels;
-use super::model::{CudaModel, WeightRef};
+use super::model::{CudaModel, GemmEngine, WeightRef};
 use super::moe::{key_offset, Experts, GroupedLaunch, MoeActs};
 use crate::model::arch::{deepseek, moe};
 use crate::model::config::MoeParams;
@@ -244,12 +245,17 @@ impl DeviceRouter {
     }
 }
 
+/// The most tokens of a pass whose sparse layers route on the device with swk's own GEMM
+/// kernels, which group experts of any row count (the router is one block; see route.cu).
+const ROUTE_MAX_TOKENS: usize = 2048;
+
 impl CudaModel {
-    /// Route a sparse layer on the device when every expert gets at most
-    /// [`kernels::GEMV_MAX_ROWS`] rows (passes of at most that many tokens; on by default;
-    /// see route.cu), for a resident model with its experts grouped
-    /// ([`Self::set_grouped_experts`]): no download of the router logits, no synchronization
-    /// and no upload per sparse layer, so CUDA graphs can hold such passes. Off, or for longer
+    /// Route a sparse layer on the device (on by default; see route.cu) for a resident model
+    /// with its experts grouped ([`Self::set_grouped_experts`]), in passes of at most
+    /// [`kernels::GEMV_MAX_ROWS`] tokens, or of at most 2048 with [`GemmEngine::Kernels`]
+    /// (the other engines multiply an expert of more rows on its own, which needs its row
+    /// count on the host): no download of the router logits, no synchronization and no
+    /// upload per sparse layer, so CUDA graphs can hold such passes. Off, or for longer
     /// passes: the host routes from the downloaded logits, as the CPU does. Both give the same
     /// routes, values and counters (bit for bit on the emulator; a GPU's `expf` may differ
     /// from the host's in the last bit).
@@ -264,13 +270,22 @@ impl CudaModel {
         self.device_routed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The most tokens of a pass whose sparse layers may route on the device with this
+    /// engine (see [`Self::set_device_routing`]).
+    pub(crate) fn device_route_limit(&self) -> usize {
+        match self.gemm {
+            GemmEngine::Kernels => ROUTE_MAX_TOKENS,
+            _ => kernels::GEMV_MAX_ROWS,
+        }
+    }
+
     /// Whether the sparse layers of a pass of `t` tokens route on the device (see
     /// [`Self::set_device_routing`]).
     pub(crate) fn routes_on_device(&self, t: usize) -> bool {
         self.device_routing
             && self.grouped_experts
             && self.device_router.is_some()
-            && (1..=kernels::GEMV_MAX_ROWS).contains(&t)
+            && (1..=self.device_route_limit()).contains(&t)
     }
 
     /// Route sparse layer `l`'s `t` tokens (first at `pos0`) on the device from the router
@@ -317,7 +332,7 @@ impl CudaModel {
             meta: o + at.at(4),
             dtype: r.dtype,
             rows: (0, t),
-            mma: self.grouped_mma(r.dtype, r.aligned, true)?,
+            mma: self.grouped_mma(r.dtype, r.aligned, t <= kernels::GEMV_MAX_ROWS)?,
         };
         Ok(Routed {
             token: o + at.at(0),
@@ -529,7 +544,8 @@ mod tests {
         }
         use crate::model::config::GroupScore;
         let base = crate::Model::load(&super::super::tiny_fixture("qwen2_moe")).unwrap().config;
-        for (renorm, t) in [(false, 5), (true, 20)] {
+        // 20 and 100 tokens: more than the block's 16 warps (each routes every 16th token).
+        for (renorm, t) in [(false, 5), (true, 20), (false, 100)] {
             let mut c = base.clone();
             let m = c.family.moe.as_mut().unwrap();
             (m.num_experts, m.top_k, m.norm_topk_prob) = (60, 4, renorm);
