@@ -907,7 +907,9 @@ mod tests {
 
     /// With the `mma` engine and fused launches, each sparse layer's grouped down product
     /// makes the experts' activation as it stages it (`swk_gemm_mma_act_grouped_*`, one launch
-    /// fewer per layer: no `swk_act_mul_grouped`); unfused, the activation is its own launch.
+    /// fewer per layer: no `swk_act_mul_grouped`), and the shared expert's and the dense
+    /// layers' down products theirs (no `swk_act_mul` at all); unfused, each activation is
+    /// its own launch.
     /// Both give the same logits and spike statistics (experts' and router counters
     /// included), bit for bit, for a prefill routed on the device and on the host, bf16 and
     /// f16.
@@ -929,10 +931,11 @@ mod tests {
                     g.set_device_routing(on_device);
                     let at = format!("{name} {dtype:?}, routed on the device {on_device}");
                     let run = |g: &CudaModel| {
-                        let (f0, a0) = (
-                            g.dev.launches_of(fused_kernel),
-                            g.dev.launches_of("swk_act_mul_grouped"),
-                        );
+                        let count = |g: &CudaModel| {
+                            let n = |k: &str| g.dev.launches_of(k);
+                            [n(fused_kernel), n("swk_act_mul_grouped"), n("swk_act_mul")]
+                        };
+                        let before = count(g);
                         let mut s =
                             SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
                         let logits = g
@@ -943,10 +946,9 @@ mod tests {
                                 Logits::All,
                             )
                             .expect("pass");
-                        let counts = (
-                            g.dev.launches_of(fused_kernel) - f0,
-                            g.dev.launches_of("swk_act_mul_grouped") - a0,
-                        );
+                        let after = count(g);
+                        let counts: Vec<usize> =
+                            after.iter().zip(&before).map(|(a, b)| a - b).collect();
                         let bits: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
                         (counts, bits, format!("{:?}", s.layers))
                     };
@@ -954,8 +956,22 @@ mod tests {
                     g.set_fused_launches(false);
                     let plain = run(&g);
                     g.set_fused_launches(true);
-                    assert_eq!(fused.0, (sparse, 0), "{at}: fused launches");
-                    assert_eq!(plain.0, (0, sparse), "{at}: unfused launches");
+                    assert_eq!(fused.0[..2], [sparse, 0], "{at}: fused launches");
+                    assert_eq!(fused.0[2], 0, "{at}: fused, an activation launched alone");
+                    assert_eq!(plain.0[..2], [0, sparse], "{at}: unfused launches");
+                    // The dense layers' and the shared experts' activations.
+                    let shared = if c
+                        .family
+                        .moe
+                        .as_ref()
+                        .is_some_and(|m| m.shared_expert_intermediate.is_some())
+                    {
+                        sparse
+                    } else {
+                        0
+                    };
+                    let alone = c.num_layers - sparse + shared;
+                    assert_eq!(plain.0[2], alone, "{at}: unfused activations");
                     assert!(fused.1 == plain.1, "{at}: the fused activation changes the logits");
                     assert!(
                         fused.2 == plain.2,

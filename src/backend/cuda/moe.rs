@@ -542,17 +542,16 @@ impl CudaModel {
             let (g, u, a, y, z) = (dev.ptr(g), dev.ptr(u), dev.ptr(a), dev.ptr(y), dev.ptr(z));
             let (ki, ko) = self.key_layout.shared(l);
             self.linears(m, &[(wt("gate_proj")?, g, si), (wt("up_proj")?, u, si)], t, h, sc)?;
-            dev.act_mul(
-                Some(Product::Whole(g)),
-                Product::Whole(u),
-                (a, 0),
-                t,
-                si,
-                (pos0, 0),
-                key(ki),
-                Activation::Silu,
-            )?;
-            self.linear(a, &wt("down_proj")?, y, t, si, h, sc)?;
+            let (gp, up, act, down) =
+                (Product::Whole(g), Product::Whole(u), Activation::Silu, wt("down_proj")?);
+            // The tensor cores' down product makes the activation as it reads it.
+            let at = (pos0, key(ki));
+            if !(self.fused_launches
+                && self.mma_activated((gp, up), act, &down, y, t, (si, h), at, sc)?)
+            {
+                dev.act_mul(Some(gp), up, (a, 0), t, si, (pos0, 0), key(ki), act)?;
+                self.linear(a, &down, y, t, si, h, sc)?;
+            }
             if keys != 0 {
                 dev.column_max(y, t, h, (pos0, 0), key(ko))?;
             }
