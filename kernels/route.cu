@@ -1,6 +1,7 @@
 // The router of a mixture-of-experts layer on the device (CudaModel::sparse_mlp in moe.rs), for
 // passes of at most 16 tokens (detection prompts, decoding), or of at most 2048 with swk's own
-// GEMM kernels, which group experts of any row count (route.rs decides). One launch turns
+// GEMM kernels, which group experts of any row count (route.rs decides). One launch (two for
+// more than 16 tokens: swk_moe_route_tokens spreads the tokens over many blocks first) turns
 // the router logits into the layer's dispatch, so the pass never waits for the host between
 // its kernels (and a CUDA graph can hold it). It mirrors, bit for bit where the arithmetic is
 // the same IEEE operations:
@@ -274,18 +275,21 @@ __device__ __forceinline__ int route_groups(int tokens, int ne, int k) {
 // `bias`: V3's selection bias [ne] or null. `tally` (null: none) accumulates the layer's
 // router counters: [0] tokens, [1] entropy sum (f64 bits), [2 + e] expert e's tokens,
 // [2 + ne + e] the sum of their weights (f64 bits). `work`: RouteWork's arrays.
-// One block of 32 · W threads (W ≤ tokens warps, each routing tokens w, w + W, ..).
+// One block of 32 · W threads. With `routed` 0 its W warps first route the tokens (warp w
+// the tokens w, w + W, ..); with `routed` 1 swk_moe_route_tokens has routed them into `work`.
 extern "C" __global__ void swk_moe_route(const float* z, const float* bias, int tokens, int ne, int k, int pos0,
                                          int scoring, int n_group, int topk_group, int group_score, int renorm,
                                          float eps, float scale, u32 key_first, u32 key_stride, u32 key_width,
-                                         const u64* weights, void* work, u32* out, u64* tally) {
+                                         const u64* weights, void* work, u32* out, u64* tally, int routed) {
     const RouteWork w(work, tokens, ne, k, n_group);
-    const int warps = (int)(blockDim.x >> 5);
-    for (int tok = (int)(threadIdx.x >> 5); tok < tokens; tok += warps) {
-        route_token(z, bias, tok, ne, k, scoring, n_group, topk_group, group_score, renorm, eps, scale,
-                    tally != nullptr, w);
+    if (routed == 0) {
+        const int warps = (int)(blockDim.x >> 5);
+        for (int tok = (int)(threadIdx.x >> 5); tok < tokens; tok += warps) {
+            route_token(z, bias, tok, ne, k, scoring, n_group, topk_group, group_score, renorm, eps, scale,
+                        tally != nullptr, w);
+        }
+        __syncthreads();
     }
-    __syncthreads();
 
     const u64 tk = (u64)tokens * k;
     u32* token = out;
@@ -375,5 +379,20 @@ extern "C" __global__ void swk_moe_route(const float* z, const float* bias, int 
         }
         tally[0] += (u64)tokens;
         add_f64_at(tally + 1, s);
+    }
+}
+
+// The first half of swk_moe_route for a longer pass, over many blocks: each warp routes the
+// tokens (its global index), (its index + all warps), .. into `work` (with the entropy when
+// `entropy`), so that one block need not walk them all; swk_moe_route (`routed` 1) then lays
+// out the dispatch. The same parameters as swk_moe_route's.
+extern "C" __global__ void swk_moe_route_tokens(const float* z, const float* bias, int tokens, int ne, int k,
+                                                int scoring, int n_group, int topk_group, int group_score,
+                                                int renorm, float eps, float scale, void* work, int entropy) {
+    const RouteWork w(work, tokens, ne, k, n_group);
+    const int warps = (int)((gridDim.x * blockDim.x) >> 5);
+    for (int tok = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5); tok < tokens; tok += warps) {
+        route_token(z, bias, tok, ne, k, scoring, n_group, topk_group, group_score, renorm, eps, scale,
+                    entropy != 0, w);
     }
 }

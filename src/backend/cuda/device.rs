@@ -402,7 +402,8 @@ impl CudaDevice {
     /// grouped expert kernels (their weights' addresses from the layer's table `weights`,
     /// u64 `[3, ne]`), the router counters added at `tally` (0: none), `work` for the
     /// kernel's own arrays (layouts: route.rs's `RouteLayout`). Expert e's spike keys:
-    /// `first + e·stride` and `width` after that.
+    /// `first + e·stride` and `width` after that. More than [`kernels::ROUTE_MAX_WARPS`]
+    /// tokens are routed by `swk_moe_route_tokens` over many blocks first.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe_route(
         &self,
@@ -413,7 +414,7 @@ impl CudaDevice {
         (first, stride, width): (u32, u32, u32),
         (weights, work, out, tally): (u64, u64, u64, u64),
     ) -> Result<()> {
-        let l = kernels::moe_route(tokens)?;
+        let launches = kernels::moe_route(tokens)?;
         let (t, ne_i, k_i, p) =
             (int(tokens, "tokens")?, int(ne, "experts")?, int(k, "top-k")?, int(pos0, "position")?);
         let (groups, keep) =
@@ -425,10 +426,33 @@ impl CudaDevice {
             crate::model::config::GroupScore::Max => 1,
             crate::model::config::GroupScore::Top2Sum => 2,
         };
+        let entropy = i32::from(tally != 0);
+        if let Some(l) = launches.tokens {
+            launch!(
+                self,
+                "swk_moe_route_tokens",
+                l,
+                z,
+                bias,
+                t,
+                ne_i,
+                k_i,
+                scoring,
+                groups,
+                keep,
+                group_score,
+                renorm,
+                rule.eps,
+                rule.scale,
+                work,
+                entropy
+            )?;
+        }
+        let routed = i32::from(launches.tokens.is_some());
         launch!(
             self,
             "swk_moe_route",
-            l,
+            launches.dispatch,
             z,
             bias,
             t,
@@ -448,7 +472,8 @@ impl CudaDevice {
             weights,
             work,
             out,
-            tally
+            tally,
+            routed
         )
     }
 

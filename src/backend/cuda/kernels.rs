@@ -84,6 +84,7 @@ pub const KERNELS: &[&str] = &[
     "swk_layernorm",
     "swk_moe_combine",
     "swk_moe_route",
+    "swk_moe_route_tokens",
     "swk_nll",
     "swk_qkv_rope",
     "swk_rmsnorm",
@@ -96,7 +97,8 @@ pub const KERNELS: &[&str] = &[
     "swk_split_bf16",
 ];
 
-/// Warps of `swk_moe_route`'s one block: one per token, at most this many.
+/// Warps of `swk_moe_route`'s one block (and of each block of `swk_moe_route_tokens`): one
+/// per token, at most this many.
 pub const ROUTE_MAX_WARPS: usize = 16;
 
 /// How `swk_moe_route` scores a token's experts (its `scoring` parameter).
@@ -130,11 +132,30 @@ pub struct RouteRule {
     pub scale: f32,
 }
 
-/// The launch of `swk_moe_route` for `tokens` tokens: one block, a warp per token up to
-/// [`ROUTE_MAX_WARPS`] (each warp then routes every W-th token).
-pub fn moe_route(tokens: usize) -> Result<Launch> {
+/// The launches that route `tokens` tokens on the device (see kernels/route.cu).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteLaunches {
+    /// `swk_moe_route_tokens`, for more than [`ROUTE_MAX_WARPS`] tokens: a warp per token,
+    /// [`ROUTE_MAX_WARPS`] a block.
+    pub tokens: Option<Launch>,
+    /// `swk_moe_route`'s one block: a warp per token up to [`ROUTE_MAX_WARPS`] (routing them
+    /// itself when `tokens` is None).
+    pub dispatch: Launch,
+}
+
+/// How `tokens` tokens are routed on the device: up to [`ROUTE_MAX_WARPS`] by
+/// `swk_moe_route`'s one block alone; more by `swk_moe_route_tokens` over as many blocks as
+/// they need, then that block for the dispatch.
+pub fn moe_route(tokens: usize) -> Result<RouteLaunches> {
     let warps = tokens.clamp(1, ROUTE_MAX_WARPS) as u32;
-    Launch::new((1, 1, 1), 32 * warps, 0)
+    let dispatch = Launch::new((1, 1, 1), 32 * warps, 0)?;
+    let tokens = if tokens > ROUTE_MAX_WARPS {
+        let blocks = tokens.div_ceil(ROUTE_MAX_WARPS) as u64;
+        Some(Launch::new((blocks, 1, 1), 32 * ROUTE_MAX_WARPS as u32, 0)?)
+    } else {
+        None
+    };
+    Ok(RouteLaunches { tokens, dispatch })
 }
 
 /// The MLP activation of `swk_act_mul` (its `act` parameter).
