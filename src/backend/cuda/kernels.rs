@@ -606,6 +606,21 @@ mod tests {
     }
 
     #[test]
+    fn routing_spreads_long_passes_over_blocks() {
+        let block = |threads| Launch { grid: (1, 1, 1), block: (threads, 1, 1), shared_bytes: 0 };
+        // Up to 16 tokens: the dispatch's block routes them itself, a warp each.
+        assert_eq!(moe_route(1).unwrap(), RouteLaunches { tokens: None, dispatch: block(32) });
+        assert_eq!(moe_route(16).unwrap(), RouteLaunches { tokens: None, dispatch: block(512) });
+        // More: a warp per token over ceil(tokens / 16) blocks first.
+        let l = moe_route(17).unwrap();
+        assert_eq!(
+            (l.tokens.map(|t| (t.grid, t.block)), l.dispatch),
+            (Some(((2, 1, 1), (512, 1, 1))), block(512))
+        );
+        assert_eq!(moe_route(2048).unwrap().tokens.map(|t| t.grid), Some((128, 1, 1)));
+    }
+
+    #[test]
     fn column_stats_groups_rows() {
         let (l, per) = column_stats(7, 11008).unwrap();
         assert_eq!(per, STATS_ROWS_PER_BLOCK);
