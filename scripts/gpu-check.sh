@@ -229,6 +229,8 @@ run() {
         rc=$?
         tail -n 40 "$out/$name.log"
         echo "-- $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$summary"
+        # The failed tests by name, so that the summary alone says which.
+        grep -E '^test .* \.\.\. FAILED$' "$out/$name.log" | tee -a "$summary" || true
         [ "$rc" = 0 ] || failed=1
     }
     {
@@ -254,6 +256,7 @@ run() {
         '$GPU_DIR/bin/swk' --device cpu detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/phi3' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --gpu-gemm mma detect '$SWK_FIXTURES/tiny/qwen2_moe' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$SWK_FIXTURES/tiny/llama' --text '$SWK_FIXTURES/tiny/llama/config.json' --context 16"
