@@ -121,6 +121,47 @@ fn gguf_tensor_size_that_does_not_fit_its_type() {
     assert!(e.contains(&p) && e.contains("token_embd.weight") && e.contains("Q4_0"), "{e}");
 }
 
+/// A tensor whose type or offset was changed no longer follows the one before it: refused,
+/// as llama.cpp refuses it, instead of read from another tensor's bytes.
+#[test]
+fn gguf_tensors_out_of_their_packed_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = base_gguf().tensor("token_embd.weight", &[8, 32], 0, &f32_bytes(256)).tensor(
+        "output_norm.weight",
+        &[8],
+        0,
+        &f32_bytes(8),
+    );
+    let good = g.bytes();
+    let p = write(dir.path(), "good.gguf", &good);
+    let f = swk::io::gguf::GgufFile::open(Path::new(&p)).unwrap();
+    assert_eq!(f.tensors[1].offset, 1024);
+
+    // The embedding's type F32 (0) made F16 (1): it ends at 512, the next one starts at 1024.
+    let mut b = good.clone();
+    let name = b"token_embd.weight";
+    let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
+    assert_eq!(b[at], 0);
+    b[at] = 1;
+    let p = write(dir.path(), "retyped.gguf", &b);
+    let e = load_err(&p);
+    assert!(
+        e.contains(&p)
+            && e.contains("`output_norm.weight` starts at data offset 1024")
+            && e.contains("end at 512"),
+        "{e}"
+    );
+
+    // The second tensor's offset moved back onto the first one's bytes.
+    let mut b = good;
+    let name = b"output_norm.weight";
+    let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 8 + 4;
+    b[at..at + 8].copy_from_slice(&512u64.to_le_bytes());
+    let p = write(dir.path(), "moved.gguf", &b);
+    let e = load_err(&p);
+    assert!(e.contains(&p) && e.contains("starts at data offset 512"), "{e}");
+}
+
 #[test]
 fn gguf_unknown_dtype() {
     let dir = tempfile::tempdir().unwrap();

@@ -276,8 +276,23 @@ impl GgufFile {
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let this =
             GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start };
+        // As llama.cpp requires: the tensors lie in table order, each at the end of the one
+        // before, rounded up to the alignment. A changed type, dimension or offset breaks
+        // the chain instead of silently reading another tensor's bytes.
+        let mut end = 0u64;
         for t in &this.tensors {
-            this.tensor_bytes(t)?;
+            let len = this.tensor_bytes(t)?.len() as u64;
+            if t.offset != end {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{}` starts at data offset {}, but the tensors before it end at {} \
+                         (GGUF packs them in order, each aligned to {alignment} bytes): corrupt",
+                        t.name, t.offset, end
+                    ),
+                ));
+            }
+            end = (t.offset + len).div_ceil(alignment as u64) * alignment as u64;
         }
         Ok(this)
     }

@@ -63,6 +63,22 @@ pub const SUPPORTED_ARCHITECTURES: &str =
     "llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo, olmo2, gpt2, gptneox, \
      mixtral, olmoe, qwen2moe, qwen3moe, deepseek2, deepseek3";
 
+/// The most transformer blocks a config may declare (the largest published models have
+/// about 130): a larger count is a corrupt or hand-edited config, refused before anything is
+/// sized by it.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+/// `n` layers, declared by `key` in the config at `path`, if it is at most [`MAX_LAYERS`].
+pub(crate) fn check_layer_count(path: &Path, key: &str, n: usize) -> Result<usize> {
+    if n > MAX_LAYERS {
+        return Err(Error::config(
+            path,
+            format!("`{key}` = {n} layers is implausible: swk reads at most {MAX_LAYERS}"),
+        ));
+    }
+    Ok(n)
+}
+
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
     pub fn from_name(name: &str) -> Option<Self> {
@@ -310,6 +326,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     fn validate(&self, path: &Path) -> Result<()> {
+        self.validate_scalars(path)?;
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -352,6 +369,68 @@ impl ModelConfig {
                     self.architecture.name()
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// The real-valued hyper-parameters: finite, and positive where the forward pass divides
+    /// by them or takes their logarithm (a norm's epsilon may be 0). Anything else would give
+    /// NaN logits or panic later.
+    fn validate_scalars(&self, path: &Path) -> Result<()> {
+        let f = &self.family;
+        let mut positive = vec![("rope theta", Some(self.rope_theta))];
+        positive.extend([
+            ("local RoPE theta", f.rope_local_theta),
+            ("query_pre_attn_scalar", f.query_pre_attn_scalar),
+            ("attention logit softcapping", f.attn_logit_softcapping),
+            ("final logit softcapping", f.final_logit_softcapping),
+            ("clip_qkv", f.clip_qkv),
+        ]);
+        match self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) => {
+                positive.push(("RoPE scaling factor", Some(factor)))
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => positive.extend([
+                ("RoPE scaling factor", Some(factor)),
+                ("RoPE low_freq_factor", Some(low_freq_factor)),
+                ("RoPE high_freq_factor", Some(high_freq_factor)),
+                ("RoPE original_max_position_embeddings", Some(original_max_position_embeddings)),
+            ]),
+            None => {}
+        }
+        if let Some(y) = f.deepseek.as_ref().and_then(|d| d.yarn.as_ref()) {
+            positive.extend([
+                ("YaRN factor", Some(y.factor)),
+                ("YaRN original_max_position_embeddings", Some(y.original_max_position_embeddings)),
+                ("YaRN beta_fast", Some(y.beta_fast)),
+                ("YaRN beta_slow", Some(y.beta_slow)),
+            ]);
+        }
+        for (what, v) in positive {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::config(
+                    path,
+                    format!("{what} must be a positive number, not {v}"),
+                ));
+            }
+        }
+        if let Some(d) = &f.deepseek {
+            let r = d.routed_scaling_factor;
+            if !r.is_finite() {
+                return Err(Error::config(
+                    path,
+                    format!("routed_scaling_factor {r} is not finite"),
+                ));
+            }
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::config(path, format!("norm epsilon must be 0 or more, not {eps}")));
         }
         Ok(())
     }

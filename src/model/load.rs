@@ -49,12 +49,21 @@ pub fn read_config(spec: &str) -> Result<ModelConfig> {
 pub fn load(spec: &str) -> Result<Model> {
     let start = Instant::now();
     let mut model = match resolve(spec)? {
-        ModelPath::Gguf(p) => load_gguf(&p)?,
-        ModelPath::HfDir(d) => load_hf_dir(&d)?,
+        ModelPath::Gguf(p) => load_gguf(&p).map_err(naming(&p))?,
+        ModelPath::HfDir(d) => load_hf_dir(&d).map_err(naming(&d))?,
     };
     model.source.spec = spec.to_string();
     model.source.load_seconds = start.elapsed().as_secs_f64();
     Ok(model)
+}
+
+/// Tensor errors raised while loading the model at `path`, with the model named (a missing
+/// or misshapen tensor is the file's fault).
+fn naming(path: &Path) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Tensor { name, msg } => Error::format(path, format!("tensor `{name}`: {msg}")),
+        e => e,
+    }
 }
 
 /// Load a Hugging Face directory: `config.json`, safetensors, optional `tokenizer.json`.

@@ -366,8 +366,19 @@ pub(super) fn deepseek_gguf(g: &GgufFile, cfg: &mut ModelConfig) -> Result<()> {
             format!("rope.dimension_count {rope} must be even and below key_length {k_len}"),
         ));
     }
-    let sigmoid = opt("expert_gating_func")? == Some(2)
-        || (cfg.architecture == Architecture::DeepseekV3 && opt("expert_gating_func")?.is_none());
+    // llama.cpp's gating functions: 0 (unset, read as softmax), 1 softmax, 2 sigmoid.
+    let gating = opt("expert_gating_func")?.filter(|&f| f != 0);
+    if let Some(f) = gating.filter(|&f| f > 2) {
+        return Err(Error::config(
+            path,
+            format!(
+                "`{}` = {f} is not supported (1: softmax, 2: sigmoid)",
+                key("expert_gating_func")
+            ),
+        ));
+    }
+    let sigmoid =
+        gating == Some(2) || (cfg.architecture == Architecture::DeepseekV3 && gating.is_none());
     let n_group = opt("expert_group_count")?.unwrap_or(1).max(1);
     let topk_group = opt("expert_group_used_count")?.unwrap_or(n_group).max(1);
     let moe = cfg

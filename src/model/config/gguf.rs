@@ -1,7 +1,7 @@
 //! Hyper-parameters from GGUF metadata (`{arch}.block_count`, ...), with llama.cpp's
 //! defaults where it hard-codes them.
 
-use super::SUPPORTED_ARCHITECTURES;
+use super::{check_layer_count, SUPPORTED_ARCHITECTURES};
 use super::{
     deepseek_gguf, Architecture, FamilyParams, HiddenAct, ModelConfig, MoeParams, RopeScaling,
 };
@@ -56,7 +56,7 @@ impl ModelConfig {
         let num_heads = as_usize("attention.head_count")?;
         let num_kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(num_heads);
         let head_dim = opt_usize("attention.key_length")?.unwrap_or(hidden_size / num_heads);
-        let num_layers = as_usize("block_count")?;
+        let num_layers = check_layer_count(path, &k("block_count"), as_usize("block_count")?)?;
         let emb = g
             .tensor("token_embd.weight")
             .ok_or_else(|| Error::format(path, "missing tensor `token_embd.weight`"))?;
@@ -112,7 +112,14 @@ impl ModelConfig {
         let rotary_dim = opt_usize("rope.dimension_count")?.filter(|&r| r != head_dim);
         let query_pre_attn_scalar = match architecture {
             A::Gemma2 | A::Gemma3 => Some(match g.opt_f64(&k("attention.scale"))? {
-                Some(s) if s > 0.0 => 1.0 / (s * s),
+                Some(s) if s > 0.0 && s.is_finite() => 1.0 / (s * s),
+                // 0 is llama.cpp's "unset".
+                Some(s) if s != 0.0 => {
+                    return Err(Error::config(
+                        path,
+                        format!("`{}` = {s} must be a positive number", k("attention.scale")),
+                    ))
+                }
                 // llama.cpp: the 27B models scale by (hidden / heads)^-1/2, the others by
                 // head_dim^-1/2.
                 _ if (architecture == A::Gemma2 && num_layers == 46)

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::SUPPORTED_ARCHITECTURES;
+use super::{check_layer_count, SUPPORTED_ARCHITECTURES};
 use super::{
     deepseek_hf, Architecture, FamilyParams, HiddenAct, ModelConfig, MoeParams, RopeScaling,
 };
@@ -126,7 +126,12 @@ impl ModelConfig {
         };
         let intermediate_size =
             hf.usize_or(&["intermediate_size", "n_inner"], intermediate_default)?;
-        let num_layers = hf.usize_or(&["num_hidden_layers", "n_layer"], d(26))?;
+        let layer_keys = ["num_hidden_layers", "n_layer"];
+        let num_layers = check_layer_count(
+            path,
+            hf.first(&layer_keys).map_or(layer_keys[0], |(k, _)| k),
+            hf.usize_or(&layer_keys, d(26))?,
+        )?;
         let vocab_size = hf.usize_or(&["vocab_size"], d(262_208))?;
         let max_position_embeddings = hf
             .usize_opt(&["max_position_embeddings", "n_positions"])?
