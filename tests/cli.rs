@@ -153,6 +153,20 @@ fn generate_json() {
     );
 }
 
+/// GPT-2's learned positions bound generation: the CLI says so and stops there.
+#[test]
+fn generate_stops_at_learned_positions() {
+    let gpt2 = common::fixture("tiny/gpt2");
+    let args = ["generate", gpt2.to_str().unwrap(), "--prompt", "the light", "--json"];
+    let (ok, out, err) = swk(&[&args[..], &["--max-new-tokens", "100"]].concat());
+    assert!(ok, "{err}");
+    assert!(err.contains("gpt2 has 64 learned positions"), "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (p, t) =
+        (j["prompt_tokens"].as_array().unwrap().len(), j["tokens"].as_array().unwrap().len());
+    assert!(p + t <= 64 && p > 0 && t > 0, "{p} + {t}");
+}
+
 #[test]
 fn missing_model_fails_clearly() {
     let (ok, _, err) = swk(&["info", "/no/such/model.gguf"]);

@@ -265,6 +265,15 @@ fn gpt2_conv1d_learned_positions() {
     // Positions past n_positions are an error, not a panic.
     let e = m.logits(&[5; 65]).unwrap_err().to_string();
     assert!(e.contains("64"), "{e}");
+    // Generation stops when prompt and continuation fill the 64 positions: 4 tokens after 60,
+    // the last one chosen from the logits of the full 63 before it.
+    let prompt: Vec<u32> = (0..60).map(|i| (i * 7 % 50) + 1).collect();
+    let out = swk::eval::generate::greedy_with(&m, &prompt, 10, &[], |_, _| {}).unwrap();
+    assert_eq!(out.len(), 4);
+    let seq: Vec<u32> = prompt.iter().chain(&out[..3]).copied().collect();
+    let logits = m.logits(&seq).unwrap();
+    let last = &logits[logits.len() - m.config.vocab_size..];
+    assert_eq!(swk::eval::generate::argmax(last), out[3]);
 }
 
 #[test]

@@ -35,6 +35,17 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
+    if let Some(limit) = model.config.position_limit() {
+        if prompt.len() + a.max_new_tokens > limit {
+            eprintln!(
+                "swk: note: {} has {limit} learned positions: at most {} new tokens after the \
+                 prompt's {}",
+                model.config.architecture.name(),
+                limit.saturating_sub(prompt.len()),
+                prompt.len()
+            );
+        }
+    }
     let start = std::time::Instant::now();
     let mut shown = String::new();
     let mut so_far = Vec::new();

@@ -15,7 +15,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedily extend `prompt` by up to `max_new` tokens, stopping at an end-of-generation token.
+/// Greedily extend `prompt` by up to `max_new` tokens, stopping at an end-of-generation token
+/// (or when the sequence fills a GPT-2's learned positions).
 /// Returns the new token ids (the stop token included when one was produced).
 pub fn greedy(
     model: &Model,
@@ -28,8 +29,9 @@ pub fn greedy(
     greedy_with(model, prompt, max_new, &stops, |next, _| on_token(next))
 }
 
-/// [`greedy`] on any backend, stopping after any of `stops`; `on_token(next, logits)` sees
-/// each chosen token with the logits it was chosen from.
+/// [`greedy`] on any backend, stopping after any of `stops`, or when prompt and continuation
+/// fill the model's positions ([`LogitsBackend::position_limit`]); `on_token(next, logits)`
+/// sees each chosen token with the logits it was chosen from.
 pub fn greedy_with<B: LogitsBackend>(
     model: &B,
     prompt: &[u32],
@@ -37,6 +39,10 @@ pub fn greedy_with<B: LogitsBackend>(
     stops: &[u32],
     mut on_token: impl FnMut(u32, &[f32]),
 ) -> Result<Vec<u32>> {
+    let max_new = match model.position_limit() {
+        Some(limit) if prompt.len() <= limit => max_new.min(limit - prompt.len()),
+        _ => max_new,
+    };
     let mut cache = model.new_cache()?;
     let mut out = Vec::new();
     let mut input = prompt.to_vec();

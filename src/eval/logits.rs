@@ -27,6 +27,11 @@ pub trait LogitsBackend {
         cache: &mut Self::Cache,
         which: Logits,
     ) -> Result<Vec<f32>>;
+    /// The most positions a sequence may hold, if the model has a hard limit (see
+    /// [`crate::model::ModelConfig::position_limit`]).
+    fn position_limit(&self) -> Option<usize> {
+        None
+    }
     /// Logits of every position of `tokens` from an empty cache.
     fn all_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.logits_with(tokens, &mut self.new_cache()?, Logits::All)
@@ -40,6 +45,9 @@ impl LogitsBackend for Model {
     }
     fn new_cache(&self) -> Result<KvCache> {
         Ok(KvCache::new(self))
+    }
+    fn position_limit(&self) -> Option<usize> {
+        self.config.position_limit()
     }
     fn fork_cache(&self, cache: &KvCache) -> Result<KvCache> {
         Ok(cache.clone())

@@ -435,6 +435,12 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The most positions a sequence may hold, when the model has a hard limit: GPT-2's
+    /// learned position embeddings. Rotary models have none (quality fades past training).
+    pub fn position_limit(&self) -> Option<usize> {
+        (self.architecture == Architecture::Gpt2).then_some(self.max_position_embeddings)
+    }
+
     /// The sliding window of layer `layer`, if it uses one.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         let slides = self.family.sliding_layers.get(layer).copied().unwrap_or(true);

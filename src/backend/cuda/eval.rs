@@ -157,6 +157,9 @@ impl LogitsBackend for CudaModel {
     fn new_cache(&self) -> Result<CudaKvCache> {
         Ok(CudaKvCache::new(self))
     }
+    fn position_limit(&self) -> Option<usize> {
+        self.config.position_limit()
+    }
     fn fork_cache(&self, cache: &CudaKvCache) -> Result<CudaKvCache> {
         CudaModel::fork_cache(self, cache)
     }
