@@ -44,42 +44,14 @@ fn outcome(path: &Path, case: &str) -> Option<String> {
     }
 }
 
-/// Where a GGUF file's metadata and tensor table end (its data section starts after padding).
-fn gguf_header_len(b: &[u8]) -> usize {
-    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize;
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
-    fn skip_value(b: &[u8], o: &mut usize, ty: usize) {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize;
-        match ty {
-            8 => *o += 8 + u64_at(*o),
-            9 => {
-                let (at, n) =
-                    (u32::from_le_bytes(b[*o..*o + 4].try_into().unwrap()), u64_at(*o + 4));
-                *o += 12;
-                for _ in 0..n {
-                    skip_value(b, o, at as usize);
-                }
-            }
-            0 | 1 | 7 => *o += 1,
-            2 | 3 => *o += 2,
-            4..=6 => *o += 4,
-            _ => *o += 8,
-        }
+/// A copy of fixture directory `tiny/{name}`, to corrupt.
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(common::fixture(&format!("tiny/{name}"))).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
     }
-    let (tensors, kvs) = (u64_at(8), u64_at(16));
-    let mut o = 24;
-    for _ in 0..kvs {
-        o += 8 + u64_at(o);
-        let ty = u32_at(o);
-        o += 4;
-        skip_value(b, &mut o, ty);
-    }
-    for _ in 0..tensors {
-        o += 8 + u64_at(o);
-        let dims = u32_at(o);
-        o += 4 + 8 * dims + 4 + 8;
-    }
-    o
+    dir
 }
 
 /// The offset of the value of metadata key `key` in a GGUF file's bytes, after checking that
@@ -112,8 +84,9 @@ fn corrupt_gguf_bytes_never_panic() {
     let p = dir.path().join("model.gguf");
     let p_str = p.to_str().unwrap().to_string();
     for (name, seed) in [("qwen2_gguf", 1u64), ("qwen2_moe_gguf", 2), ("deepseek_v3_gguf", 3)] {
-        let b = std::fs::read(common::fixture(&format!("tiny/{name}/model.gguf"))).unwrap();
-        let header = gguf_header_len(&b);
+        let src = common::fixture(&format!("tiny/{name}/model.gguf"));
+        let b = std::fs::read(&src).unwrap();
+        let header = swk::io::gguf::GgufFile::open(&src).unwrap().data_start();
         assert!(header > 1000 && header < b.len(), "{name}: header of {header} bytes");
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
         for i in 0..600 {
@@ -157,11 +130,7 @@ fn config_values_out_of_range_are_refused_or_harmless() {
         "x".into(),
     ];
     for name in ["llama", "gemma3", "gpt2", "olmoe", "qwen2_moe", "deepseek_v3"] {
-        let dir = tempfile::tempdir().unwrap();
-        for f in std::fs::read_dir(common::fixture(&format!("tiny/{name}"))).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
-        }
+        let dir = fixture_copy(name);
         let cfg = common::json(&format!("tiny/{name}/config.json"));
         let dir_str = dir.path().to_str().unwrap().to_string();
         for (key, v0) in cfg.as_object().unwrap() {
@@ -185,10 +154,7 @@ fn config_values_out_of_range_are_refused_or_harmless() {
 /// experts used to walk every declared layer looking for fused expert tensors, for minutes).
 #[test]
 fn absurd_layer_counts_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(common::fixture("tiny/qwen2_moe").join(f), dir.path().join(f)).unwrap();
-    }
+    let dir = fixture_copy("qwen2_moe");
     let mut c = common::json("tiny/qwen2_moe/config.json");
     c["num_hidden_layers"] = 4_294_967_297u64.into();
     std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
@@ -226,11 +192,7 @@ fn bad_scalars_are_refused_by_name() {
         ("gemma2", "query_pre_attn_scalar", -1.0, "query_pre_attn_scalar must be a positive"),
         ("gemma2", "final_logit_softcapping", 0.0, "final logit softcapping must be a positive"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        for f in std::fs::read_dir(common::fixture(&format!("tiny/{name}"))).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
-        }
+        let dir = fixture_copy(name);
         let mut c = common::json(&format!("tiny/{name}/config.json"));
         c[key] = value.into();
         std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();

@@ -302,6 +302,11 @@ impl GgufFile {
         &self.path
     }
 
+    /// Where the tensor data starts: the end of the metadata and tensor table, aligned.
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
     /// A metadata value.
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)

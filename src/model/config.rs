@@ -378,14 +378,14 @@ impl ModelConfig {
     /// NaN logits or panic later.
     fn validate_scalars(&self, path: &Path) -> Result<()> {
         let f = &self.family;
-        let mut positive = vec![("rope theta", Some(self.rope_theta))];
-        positive.extend([
+        let mut positive = vec![
+            ("rope theta", Some(self.rope_theta)),
             ("local RoPE theta", f.rope_local_theta),
             ("query_pre_attn_scalar", f.query_pre_attn_scalar),
             ("attention logit softcapping", f.attn_logit_softcapping),
             ("final logit softcapping", f.final_logit_softcapping),
             ("clip_qkv", f.clip_qkv),
-        ]);
+        ];
         match self.rope_scaling {
             Some(RopeScaling::Linear { factor }) => {
                 positive.push(("RoPE scaling factor", Some(factor)))
