@@ -27,7 +27,8 @@
 #          device (screen, vocab, cascade, trace, compare-generate, quantize-study, mc,
 #          groups, research) against the CPU's,
 #        - layer streaming (`--stream`): streamed logits, statistics, edits and detection
-#          equal the resident upload's,
+#          equal the resident upload's; a streamed mixture of experts reading its routed
+#          experts once chosen equals reading whole layers,
 #        - the timing table at Llama-2-7B shapes (random weights filled on the device), with
 #          the detection forward against the bandwidth floor and perplexity throughput
 #          against the measured bf16 GEMM rate, and swk's gemv alone at those shapes for 1
@@ -36,7 +37,8 @@
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
-#          bytes its routed experts need, one 512-token perplexity window),
+#          bytes its routed experts need, one 512-token perplexity window; streamed
+#          decoding with experts read once chosen vs whole layers),
 #        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16, with the mma
 #          engine, and on cpu; detect
 #          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).

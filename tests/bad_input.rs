@@ -162,6 +162,41 @@ fn gguf_tensors_out_of_their_packed_order() {
     assert!(e.contains(&p) && e.contains("starts at data offset 512"), "{e}");
 }
 
+/// One expert of a stacked GGUF tensor dequantizes alone to its slice of the whole stack, in
+/// block formats of 32 and 256 elements; parts that split a block, or a part past the last,
+/// are refused naming the file and the tensor.
+#[test]
+fn gguf_stack_parts_dequantize_alone() {
+    use swk::io::gguf::GgufFile;
+    use swk::io::quant::GgmlType;
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
+        let raw = std::fs::read(common::fixture(&format!("quant/{}.bin", ty.name()))).unwrap();
+        let bs = ty.block_size().max(8);
+        let bytes = &raw[..ty.bytes_for(4 * bs).unwrap()];
+        // Four experts of [1, bs] each (ggml dims fastest first).
+        let g =
+            base_gguf().tensor("blk.0.ffn_down_exps.weight", &[bs as u64, 1, 4], ty.id(), bytes);
+        let p = write(dir.path(), &format!("{}.gguf", ty.name()), &g.bytes());
+        let f = GgufFile::open(&p).unwrap();
+        let t = f.tensor("blk.0.ffn_down_exps.weight").unwrap();
+        let whole = f.dequantize(t).unwrap();
+        for x in 0..4 {
+            let part = f.dequantize_part(t, x, 4).unwrap();
+            assert!(part == whole[x * bs..(x + 1) * bs], "{} expert {x}", ty.name());
+        }
+        assert_eq!(f.dequantize_part(t, 1, 2).unwrap(), whole[2 * bs..]);
+        for (part, parts) in [(4, 4), (0, 3), (0, 0), (0, 4 * bs / 4 * 8)] {
+            let e = f.dequantize_part(t, part, parts).unwrap_err().to_string();
+            assert!(
+                e.contains(&p) && e.contains("ffn_down_exps") && e.contains("parts"),
+                "{} part {part} of {parts}: {e}",
+                ty.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn gguf_unknown_dtype() {
     let dir = tempfile::tempdir().unwrap();

@@ -70,6 +70,7 @@ fn gguf_fixtures_read_lazily_equal_eager_loading() {
         "olmoe_gguf",
         "qwen3_moe_gguf",
         "deepseek_v2_gguf",
+        "deepseek_v3_gguf",
         "gemma_gguf",
         "gemma2_gguf",
         "olmo_gguf",
@@ -113,16 +114,64 @@ fn smollm2_q4_1_reads_lazily_equal_eager_loading() {
 
 #[test]
 fn families_renamed_at_load_are_refused_clearly() {
-    for name in ["gpt2", "gpt_neox", "mixtral", "deepseek_v2"] {
+    for name in ["gpt2", "gpt_neox", "gemma3"] {
         let dir = fixture(&format!("tiny/{name}"));
         let e = LazyModel::open(dir.to_str().unwrap()).err().expect("refused").to_string();
         assert!(e.contains(dir.to_str().unwrap()) && e.contains("GGUF"), "{e}");
     }
-    let ds = fixture("tiny/deepseek_v3_gguf/model.gguf");
-    let e = LazyModel::open(ds.to_str().unwrap()).err().expect("refused").to_string();
-    assert!(e.contains("model.gguf") && e.contains("attn_k_b"), "{e}");
     let e = LazyModel::open("no/such/dir/here").err().expect("missing").to_string();
     assert!(e.contains("no/such/dir/here"), "{e}");
+}
+
+/// Mixtures of experts read lazily from safetensors under the names loading gives them:
+/// Mixtral's `block_sparse_moe…w1/w3/w2` renamed, OLMoE's fused `gate_up_proj`/`down_proj`
+/// cut per expert, the others as stored; each expert's stored bytes are its run of the
+/// stored tensor, bit for bit what the f32 read gives.
+#[test]
+fn moe_safetensors_read_lazily_equal_eager_loading() {
+    for name in ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"] {
+        let dir = fixture(&format!("tiny/{name}"));
+        let path = dir.to_str().unwrap();
+        same_as_eager(path);
+        let lazy = LazyModel::open(path).unwrap();
+        let down = "model.layers.1.mlp.experts.2.down_proj.weight";
+        let stored = lazy.stored(down).unwrap().expect("a safetensors tensor");
+        let want = lazy.tensor(down).unwrap();
+        assert_eq!(stored.shape, want.shape.as_slice(), "{name}");
+        assert_eq!(stored.dtype, want.source_dtype, "{name}");
+        let got: Vec<f32> = match stored.dtype {
+            "F32" => {
+                stored.bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+            }
+            "BF16" => stored
+                .bytes
+                .chunks(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
+            other => panic!("{name}: fixture dtype {other}"),
+        };
+        assert!(got == want.data, "{name}: stored bytes of {down}");
+    }
+}
+
+/// A DeepSeek GGUF whose layer has attn_k_b twice and no attn_v_b is refused naming the
+/// file, lazily as eagerly.
+#[test]
+fn split_kv_b_with_a_part_missing_is_refused() {
+    let src = fixture("tiny/deepseek_v3_gguf/model.gguf");
+    let mut bytes = std::fs::read(&src).unwrap();
+    let (from, to) = (b"blk.1.attn_v_b.weight", b"blk.1.attn_k_b.weight");
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("attn_v_b in the fixture");
+    bytes[at..at + to.len()].copy_from_slice(to);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let path = path.to_str().unwrap();
+    let lazy = LazyModel::open(path).err().expect("refused").to_string();
+    let eager = Model::load(path).err().expect("refused").to_string();
+    for e in [lazy, eager] {
+        assert!(e.contains(path) && e.contains("layer 1 has only one of attn_k_b"), "{e}");
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! Everything here is plain host code, tested without a GPU.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -114,18 +115,14 @@ pub fn layer_plan(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>, bool)> 
 }
 
 /// The MLP tensors of a sparse layer (names as `model::arch::moe` holds them): the router,
-/// every expert's gate/up/down, and the shared expert: Qwen2-MoE's `shared_expert` and its
-/// gate, DeepSeek's `shared_experts` (`deepseek`). DeepSeek-V3's selection bias stays on the
-/// host, which routes.
+/// the shared expert: Qwen2-MoE's `shared_expert` and its gate, DeepSeek's `shared_experts`
+/// (`deepseek`), then every routed expert's gate/up/down, last, so that the routed experts
+/// follow the rest of the layer in its slot, each in one contiguous range
+/// ([`SlotLayout::expert_range`]). DeepSeek-V3's selection bias stays on the host, which
+/// routes.
 fn sparse_mlp_plan(moe: &MoeParams, h: usize, deepseek: bool) -> Vec<(String, Vec<usize>, bool)> {
     let ei = moe.expert_intermediate;
     let mut v = vec![("mlp.gate.weight".to_string(), vec![moe.num_experts, h], false)];
-    for e in 0..moe.num_experts {
-        let p = format!("mlp.experts.{e}");
-        v.push((format!("{p}.gate_proj.weight"), vec![ei, h], true));
-        v.push((format!("{p}.up_proj.weight"), vec![ei, h], true));
-        v.push((format!("{p}.down_proj.weight"), vec![h, ei], true));
-    }
     if let Some(si) = moe.shared_expert_intermediate {
         let p = if deepseek { "mlp.shared_experts" } else { "mlp.shared_expert" };
         v.push((format!("{p}.gate_proj.weight"), vec![si, h], true));
@@ -135,8 +132,17 @@ fn sparse_mlp_plan(moe: &MoeParams, h: usize, deepseek: bool) -> Vec<(String, Ve
             v.push(("mlp.shared_expert_gate.weight".to_string(), vec![1, h], false));
         }
     }
+    for e in 0..moe.num_experts {
+        let p = format!("{ROUTED}{e}");
+        v.push((format!("{p}.gate_proj.weight"), vec![ei, h], true));
+        v.push((format!("{p}.up_proj.weight"), vec![ei, h], true));
+        v.push((format!("{p}.down_proj.weight"), vec![h, ei], true));
+    }
     v
 }
+
+/// The name prefix (after `model.layers.{l}.`) of a routed expert's tensors.
+const ROUTED: &str = "mlp.experts.";
 
 /// Layer `l` of DeepSeek-V2/V3: latent attention (`q_a_proj`, `q_a_layernorm`, `q_b_proj`, or
 /// `q_proj`; `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`; `o_proj`) and a dense or
@@ -250,6 +256,50 @@ impl SlotLayout {
     pub fn entry(&self, suffix: &str) -> Option<&SlotEntry> {
         self.entries.iter().find(|e| e.suffix == suffix)
     }
+
+    /// Index of the first routed expert's entry ([`Self::entries`]'s length in a dense
+    /// layer): the routed experts' tensors come last, three (gate, up, down) per expert.
+    pub fn first_expert_entry(&self) -> usize {
+        self.entries.iter().position(|e| e.suffix.starts_with(ROUTED)).unwrap_or(self.entries.len())
+    }
+
+    /// How many routed experts the layer holds (0 in a dense layer).
+    pub fn experts(&self) -> usize {
+        (self.entries.len() - self.first_expert_entry()) / 3
+    }
+
+    /// The entries of `part` (a range of [`Self::entries`]); None for an expert the layer
+    /// does not have.
+    pub fn part_entries(&self, part: LayerPart) -> Option<Range<usize>> {
+        let first = self.first_expert_entry();
+        match part {
+            LayerPart::Whole => Some(0..self.entries.len()),
+            LayerPart::Base => Some(0..first),
+            LayerPart::Expert(e) if e < self.experts() => Some(first + 3 * e..first + 3 * e + 3),
+            LayerPart::Expert(_) => None,
+        }
+    }
+
+    /// The bytes of the slot that `part` fills: from its first tensor to the next part's
+    /// first (the whole slot for [`LayerPart::Whole`]); None for an expert the layer does not
+    /// have.
+    pub fn part_range(&self, part: LayerPart) -> Option<Range<usize>> {
+        let entries = self.part_entries(part)?;
+        let at = |k: usize| self.entries.get(k).map_or(self.bytes, |e| e.offset);
+        Some(at(entries.start)..at(entries.end))
+    }
+}
+
+/// A part of a layer that can be staged alone: a streamed mixture of experts reads its
+/// routed experts only once routing has chosen them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerPart {
+    /// Every tensor of the layer.
+    Whole,
+    /// Everything but the routed experts (attention, norms, router, shared expert).
+    Base,
+    /// Routed expert `e`'s gate, up and down weights.
+    Expert(usize),
 }
 
 /// Split `model.layers.{l}.{suffix}` into `(l, suffix)`.
@@ -349,10 +399,12 @@ fn out_of_range(tensor: &str, flat: usize) -> Error {
     Error::tensor(tensor, format!("edited element {flat} is out of range"))
 }
 
-/// One layer staged for upload: its slot bytes, and how they were made.
+/// One layer, or part of one, staged for upload: its slot bytes, and how they were made.
 #[derive(Debug)]
 pub struct StagedLayer {
-    /// The slot's bytes ([`SlotLayout::bytes`] of them).
+    /// Where [`Self::bytes`] go in the slot (0 for a whole layer).
+    pub offset: usize,
+    /// The slot's bytes from `offset` on ([`SlotLayout::part_range`]).
     pub bytes: Vec<u8>,
     /// Tensors copied as their file stores them (a safetensors checkpoint whose dtype is the
     /// slot's): no conversion through f32.
@@ -375,44 +427,56 @@ pub fn stage_layer(
     layout: &SlotLayout,
     overlay: &Overlay,
 ) -> Result<StagedLayer> {
-    let mut out = vec![0u8; layout.bytes];
-    let names: Vec<String> =
-        layout.entries.iter().map(|e| format!("model.layers.{layer}.{}", e.suffix)).collect();
-    let mut rest = Vec::new();
-    for (k, (e, name)) in layout.entries.iter().zip(&names).enumerate() {
-        let stored = lazy.stored(name)?.filter(|t| {
+    stage_part(lazy, layer, layout, LayerPart::Whole, overlay)
+}
+
+/// [`stage_layer`] for one part of the layer (its bytes only: [`SlotLayout::part_range`]).
+/// Errors for an expert the layer does not have.
+pub fn stage_part(
+    lazy: &LazyModel,
+    layer: usize,
+    layout: &SlotLayout,
+    part: LayerPart,
+    overlay: &Overlay,
+) -> Result<StagedLayer> {
+    let (Some(entries), Some(range)) = (layout.part_entries(part), layout.part_range(part)) else {
+        return Err(Error::Invalid(format!(
+            "layer {layer} has no {part:?} ({} routed experts)",
+            layout.experts()
+        )));
+    };
+    let base = range.start;
+    let mut out = vec![0u8; range.len()];
+    let mut converted = 0;
+    for e in &layout.entries[entries.clone()] {
+        let name = format!("model.layers.{layer}.{}", e.suffix);
+        let dst = &mut out[e.offset - base..e.offset - base + e.bytes()];
+        let stored = lazy.stored(&name)?.filter(|t| {
             cfg!(target_endian = "little")
                 && WeightDtype::of_stored(t.dtype) == Some(e.dtype)
                 && t.shape == e.shape.as_slice()
                 && t.bytes.len() == e.bytes()
         });
-        let Some(t) = stored else {
-            rest.push(k);
+        if let Some(t) = stored {
+            let chunk = STAGE_CHUNK * e.dtype.bytes();
+            dst.par_chunks_mut(chunk).zip(t.bytes.par_chunks(chunk)).for_each(|(d, s)| {
+                d.copy_from_slice(s);
+            });
+            overlay.apply_stored(&name, e.dtype, dst)?;
             continue;
-        };
-        let dst = &mut out[e.offset..e.offset + e.bytes()];
-        let chunk = STAGE_CHUNK * e.dtype.bytes();
-        dst.par_chunks_mut(chunk).zip(t.bytes.par_chunks(chunk)).for_each(|(d, s)| {
-            d.copy_from_slice(s);
-        });
-        overlay.apply_stored(name, e.dtype, dst)?;
-    }
-    let copied = layout.entries.len() - rest.len();
-    let rest_names: Vec<String> = rest.iter().map(|&k| names[k].clone()).collect();
-    // Grouped by GGUF source: a layer's experts come from one dequantization of each stack.
-    lazy.read_grouped(&rest_names, |j, mut t| {
-        let k = rest[j];
-        let (e, name) = (&layout.entries[k], &names[k]);
+        }
+        let mut t = lazy.tensor(&name)?;
         if t.shape != e.shape {
             return Err(Error::tensor(
-                name,
+                &name,
                 format!("expected shape {:?}, found {:?}", e.shape, t.shape),
             ));
         }
-        overlay.apply(name, &mut t.data)?;
-        e.dtype.encode_slice(&t.data, &mut out[e.offset..e.offset + e.bytes()], name)
-    })?;
-    Ok(StagedLayer { bytes: out, copied, converted: rest.len() })
+        overlay.apply(&name, &mut t.data)?;
+        e.dtype.encode_slice(&t.data, dst, &name)?;
+        converted += 1;
+    }
+    Ok(StagedLayer { offset: base, bytes: out, copied: entries.len() - converted, converted })
 }
 
 #[cfg(test)]
@@ -601,6 +665,52 @@ mod tests {
                         assert_eq!(e.dtype.decode(got), want, "{path} {} [{k}]", e.suffix);
                     }
                 }
+            }
+        }
+    }
+
+    /// A mixture of experts' layer stages in parts (the base, then each routed expert) that
+    /// cover the slot and equal the whole layer's bytes, an edited expert's edit included;
+    /// a dense layer's base is all of it.
+    #[test]
+    fn layer_parts_tile_the_whole_layer() {
+        for name in ["qwen2_moe_gguf", "deepseek_v2_gguf", "mixtral_gguf", "qwen3_moe_gguf"] {
+            let lazy = LazyModel::open(&fixture(&format!("{name}/model.gguf"))).unwrap();
+            let c = &lazy.config;
+            let moe = c.family.moe.clone().unwrap();
+            for l in 0..c.num_layers {
+                let layout = SlotLayout::new(c, l, WeightDtype::Bf16);
+                let sparse = moe.is_sparse(l);
+                assert_eq!(layout.experts(), if sparse { moe.num_experts } else { 0 }, "{name}");
+                let mut overlay = Overlay::default();
+                if sparse {
+                    let edited = format!("model.layers.{l}.mlp.experts.1.down_proj.weight");
+                    overlay.set(&edited, 3, 0x4040_0000, || Ok(0)).unwrap();
+                }
+                let whole = stage_layer(&lazy, l, &layout, &overlay).unwrap();
+                let mut parts = vec![LayerPart::Base];
+                parts.extend((0..layout.experts()).map(LayerPart::Expert));
+                let mut end = 0;
+                for part in parts {
+                    let range = layout.part_range(part).unwrap();
+                    assert_eq!(range.start, end, "{name} layer {l} {part:?}: parts are contiguous");
+                    end = range.end;
+                    let staged = stage_part(&lazy, l, &layout, part, &overlay).unwrap();
+                    assert_eq!(staged.offset, range.start);
+                    assert!(staged.bytes == whole.bytes[range], "{name} layer {l} {part:?}");
+                    let tensors = layout.part_entries(part).unwrap().len();
+                    assert_eq!(staged.copied + staged.converted, tensors);
+                    if let LayerPart::Expert(e) = part {
+                        assert_eq!(tensors, 3);
+                        let first = &layout.entries[layout.part_entries(part).unwrap().start];
+                        assert_eq!(first.suffix, format!("mlp.experts.{e}.gate_proj.weight"));
+                    }
+                }
+                assert_eq!(end, layout.bytes, "{name} layer {l}: the parts cover the slot");
+                let past = LayerPart::Expert(layout.experts());
+                assert_eq!(layout.part_range(past), None);
+                let e = stage_part(&lazy, l, &layout, past, &Overlay::default()).unwrap_err();
+                assert!(e.to_string().contains(&format!("layer {l} has no Expert")), "{e}");
             }
         }
     }

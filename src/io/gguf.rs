@@ -378,6 +378,18 @@ impl GgufFile {
 
     /// Dequantize a tensor to f32 (row-major, shape = [`GgufTensorInfo::shape`]).
     pub fn dequantize(&self, t: &GgufTensorInfo) -> Result<Vec<f32>> {
+        self.dequantize_part(t, 0, 1)
+    }
+
+    /// Dequantize part `part` of `parts` equal, contiguous parts of a tensor (elements
+    /// `part·n/parts .. (part+1)·n/parts`): one expert of a stacked `ffn_*_exps` tensor
+    /// without the others. Errors when the parts do not split into whole blocks.
+    pub fn dequantize_part(
+        &self,
+        t: &GgufTensorInfo,
+        part: usize,
+        parts: usize,
+    ) -> Result<Vec<f32>> {
         let bytes = self.tensor_bytes(t)?;
         if !t.ty.can_dequantize() {
             return Err(Error::format(
@@ -385,8 +397,24 @@ impl GgufFile {
                 format!("tensor `{}`: GGML type {} cannot be dequantized yet", t.name, t.ty.name()),
             ));
         }
-        let mut out = vec![0f32; t.n_elements() as usize];
-        dequantize(t.ty, bytes, &mut out)
+        let n = t.n_elements() as usize;
+        let per = n.checked_div(parts).filter(|p| p * parts == n);
+        let width = per.and_then(|p| t.ty.bytes_for(p));
+        let src = width
+            .and_then(|w| bytes.get(part.checked_mul(w)?..part.checked_add(1)?.checked_mul(w)?));
+        let (Some(per), Some(src)) = (per, src) else {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "tensor `{}`: {n} elements do not split into {parts} parts of whole {} blocks \
+                     (part {part} asked)",
+                    t.name,
+                    t.ty.name()
+                ),
+            ));
+        };
+        let mut out = vec![0f32; per];
+        dequantize(t.ty, src, &mut out)
             .map_err(|e| Error::format(&self.path, format!("tensor `{}`: {e}", t.name)))?;
         Ok(out)
     }

@@ -166,6 +166,60 @@ impl MappedCheckpoint {
         Ok(StoredTensor { dtype, shape: &t.shape, bytes })
     }
 
+    /// `len` elements of tensor `name` from element `offset` on, as stored (a tensor that
+    /// loading renames, or one expert of a fused stack): the dtype's name as in
+    /// [`StoredTensor::dtype`] and the bytes. Errors as [`Self::read`], and for a range past
+    /// the tensor's end or a dtype of no known width.
+    pub fn stored_part(
+        &self,
+        name: &str,
+        offset: usize,
+        len: usize,
+    ) -> Result<(&'static str, &[u8])> {
+        let (_, path, _) = self.locate(name)?;
+        let t = self.stored(name)?;
+        let width = match t.dtype {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            "F64" => 8,
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: dtype {other} is not supported"),
+                ))
+            }
+        };
+        let range = offset
+            .checked_mul(width)
+            .zip(offset.checked_add(len).and_then(|e| e.checked_mul(width)));
+        let bytes = range.and_then(|(a, b)| t.bytes.get(a..b)).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has no elements {offset}..{} ({:?})",
+                    offset.saturating_add(len),
+                    t.shape
+                ),
+            )
+        })?;
+        Ok((t.dtype, bytes))
+    }
+
+    /// [`Self::stored_part`] converted to f32, as tensor `as_name` of shape `shape`.
+    pub fn read_part(
+        &self,
+        name: &str,
+        offset: usize,
+        shape: &[usize],
+        as_name: &str,
+    ) -> Result<Tensor> {
+        let (dtype_name, bytes) = self.stored_part(name, offset, shape.iter().product())?;
+        let (t, path, _) = self.locate(name)?;
+        let data = to_f32(t.dtype, bytes)
+            .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
+        Tensor::new(as_name, shape.to_vec(), data, dtype_name)
+    }
+
     /// A tensor's entry, file and bytes in the map.
     fn locate(&self, name: &str) -> Result<(&Located, &Path, &[u8])> {
         let t =

@@ -3,8 +3,11 @@
 //! [`Model::load`](crate::Model::load) gives it. Backends that cannot hold every weight at
 //! once (the CUDA backend's layer streaming) read one layer at a time from here.
 //!
-//! Families whose safetensors checkpoints need renaming or reshaping at load (GPT-2,
-//! GPT-NeoX, multimodal Gemma 3, the MoE families' fused experts) open only from GGUF.
+//! A mixture of experts' safetensors tensors are found under the per-expert names loading
+//! gives them (Mixtral's `w1/w3/w2` renamed, transformers 5's fused stacks cut per expert,
+//! each expert a contiguous run of the stored tensor). Families whose safetensors
+//! checkpoints need transposing or other rewriting at load (GPT-2, GPT-NeoX, multimodal
+//! Gemma 3) open only from GGUF.
 //!
 //! ```no_run
 //! # fn main() -> swk::Result<()> {
@@ -37,11 +40,17 @@ enum Files {
 }
 
 /// Where one tensor comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Entry {
     shape: Vec<usize>,
     /// Index of the GGUF tensor (unused for safetensors) and the expert of a stack.
     gguf: Option<(usize, Option<usize>)>,
+    /// A safetensors tensor stored under another name, or as part of a fused one: that
+    /// name, and the index of its first element there.
+    stored_as: Option<(String, usize)>,
+    /// DeepSeek's `kv_b_proj` of a GGUF that splits it: the layer, and the GGUF indices of
+    /// its `attn_k_b` and `attn_v_b`.
+    kv_b: Option<[usize; 3]>,
 }
 
 /// A model opened without reading its weights. See the [module docs](self).
@@ -73,9 +82,7 @@ impl LazyModel {
     fn open_hf_dir(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
         let a = config.architecture;
-        if a.is_moe()
-            || matches!(a, Architecture::Gpt2 | Architecture::GptNeoX | Architecture::Gemma3)
-        {
+        if matches!(a, Architecture::Gpt2 | Architecture::GptNeoX | Architecture::Gemma3) {
             return Err(Error::Invalid(format!(
                 "{}: lazy (streamed) loading of {} safetensors checkpoints is not supported, as \
                  their tensors are renamed or reshaped at load; use a GGUF file or load the model \
@@ -90,8 +97,21 @@ impl LazyModel {
             if config.tie_word_embeddings && name == "lm_head.weight" {
                 continue;
             }
-            let shape = ckpt.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
-            entries.insert(name.to_string(), Entry { shape, gguf: None });
+            let shape = ckpt.shape(name).unwrap_or_default();
+            if !a.is_moe() {
+                entries
+                    .insert(name.to_string(), Entry { shape: shape.to_vec(), ..Entry::default() });
+                continue;
+            }
+            // A mixture of experts' tensors under their per-expert names, as loading
+            // renames and splits them.
+            let parts = crate::model::arch::moe::hf_parts(&config, name, shape)
+                .map_err(|e| Error::format(dir, e.to_string()))?;
+            for p in parts {
+                let stored_as =
+                    (p.name != name || p.shape != shape).then(|| (name.to_string(), p.offset));
+                entries.insert(p.name, Entry { shape: p.shape, stored_as, ..Entry::default() });
+            }
         }
         Ok(LazyModel {
             config,
@@ -106,18 +126,36 @@ impl LazyModel {
         let g = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&g)?;
         let mut entries = BTreeMap::new();
+        // DeepSeek's split MLA tensors: per layer, the GGUF indices of attn_k_b and attn_v_b.
+        let mut split: BTreeMap<usize, [Option<usize>; 2]> = BTreeMap::new();
         for (i, t) in g.tensors.iter().enumerate() {
-            if split_kv_b_part(&config, &t.name).is_some() {
-                return Err(Error::Invalid(format!(
-                    "{}: lazy (streamed) loading of DeepSeek GGUF files with split \
-                     `attn_k_b`/`attn_v_b` tensors is not supported; load the model whole",
-                    path.display()
-                )));
+            if let Some((l, is_k)) = split_kv_b_part(&config, &t.name) {
+                split.entry(l).or_default()[usize::from(!is_k)] = Some(i);
+                continue;
             }
             for target in gguf_targets(&g, &config, t)? {
-                let e = Entry { shape: target.shape, gguf: Some((i, target.expert)) };
-                entries.insert(target.name, e);
+                let gguf = Some((i, target.expert));
+                entries
+                    .insert(target.name, Entry { shape: target.shape, gguf, ..Entry::default() });
             }
+        }
+        // Each layer's kv_b_proj, rebuilt from its two parts on every read.
+        for (l, parts) in split {
+            let [Some(k), Some(v)] = parts else {
+                return Err(Error::format(
+                    path,
+                    format!("layer {l} has only one of attn_k_b / attn_v_b"),
+                ));
+            };
+            let d = crate::model::arch::deepseek::params(&config)?;
+            let rows = config.num_heads * (d.qk_nope_head_dim + d.v_head_dim);
+            let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
+            let e = Entry {
+                shape: vec![rows, d.kv_lora_rank],
+                kv_b: Some([l, k, v]),
+                ..Entry::default()
+            };
+            entries.insert(name, e);
         }
         Ok(LazyModel {
             config,
@@ -135,7 +173,7 @@ impl LazyModel {
         let entries = model
             .weights
             .iter()
-            .map(|(n, t)| (n.to_string(), Entry { shape: t.shape.clone(), gguf: None }))
+            .map(|(n, t)| (n.to_string(), Entry { shape: t.shape.clone(), ..Entry::default() }))
             .collect();
         LazyModel {
             config: model.config,
@@ -165,91 +203,68 @@ impl LazyModel {
     }
 
     /// Read one tensor now: converted to f32 (GGUF: dequantized, llama.cpp's layout undone),
-    /// bit-identical to the same tensor of [`Model::load`](crate::Model::load).
+    /// bit-identical to the same tensor of [`Model::load`](crate::Model::load). One expert of
+    /// a stacked GGUF tensor (llama.cpp's `ffn_*_exps`) is dequantized alone.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let e = self.entry(name)?;
         match (&self.files, e.gguf) {
-            (Files::Safetensors(ckpt), _) => ckpt.read(name),
+            (Files::Safetensors(ckpt), _) => match &e.stored_as {
+                Some((stored, offset)) => ckpt.read_part(stored, *offset, &e.shape, name),
+                None => ckpt.read(name),
+            },
             (Files::Memory(w), _) => w.get(name).cloned(),
-            (Files::Gguf(g), Some((i, _))) => {
-                self.gguf_tensor(g, name, e, g.dequantize(&g.tensors[i])?)
+            (Files::Gguf(g), Some((i, expert))) => {
+                let t = &g.tensors[i];
+                let data = match expert {
+                    Some(x) => {
+                        let per: usize = e.shape.iter().product();
+                        let parts = (t.n_elements() as usize).checked_div(per).unwrap_or(0);
+                        g.dequantize_part(t, x, parts)?
+                    }
+                    None => g.dequantize(t)?,
+                };
+                let data = gguf_layout_to_hf(&self.config, name, &e.shape, data);
+                Tensor::new(name, e.shape.clone(), data, t.ty.name())
             }
-            (Files::Gguf(g), None) => {
-                Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")))
-            }
+            (Files::Gguf(g), None) => match e.kv_b {
+                Some([l, k, v]) => {
+                    let part = |i: usize| {
+                        let t = &g.tensors[i];
+                        Tensor::new(&t.name, t.shape(), g.dequantize(t)?, t.ty.name())
+                    };
+                    let (k, v) = (part(k)?, part(v)?);
+                    crate::model::arch::deepseek::merge_kv_b_layer(
+                        &self.config,
+                        l,
+                        &k,
+                        &v,
+                        g.path(),
+                    )
+                }
+                None => Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source"))),
+            },
         }
     }
 
     /// Tensor `name`'s bytes as its file stores them, when they are exactly what
-    /// [`Self::tensor`] reads as f32 (a safetensors checkpoint's f32, f16 or bf16 tensor, which
-    /// loading neither renames nor reshapes); `None` for GGUF files and models in memory.
+    /// [`Self::tensor`] reads as f32 (a safetensors checkpoint's f32, f16 or bf16 tensor, or
+    /// its part that loading renames or cuts from a fused mixture of experts); `None` for GGUF
+    /// files and models in memory.
     pub fn stored(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
-        self.entry(name)?;
-        match &self.files {
-            Files::Safetensors(ckpt) => ckpt.stored(name).map(Some),
-            Files::Gguf(_) | Files::Memory(_) => Ok(None),
-        }
-    }
-
-    /// Read the tensors `names` (as [`Self::tensor`]), handing each to `f` with its index in
-    /// `names`, grouped by GGUF source: the experts of one stacked GGUF tensor (llama.cpp's
-    /// `ffn_*_exps`) come from one dequantization of it, not one each. Memory: one source
-    /// tensor and one output tensor at a time.
-    pub fn read_grouped(
-        &self,
-        names: &[String],
-        mut f: impl FnMut(usize, Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let Files::Gguf(g) = &self.files else {
-            return names.iter().enumerate().try_for_each(|(k, n)| f(k, self.tensor(n)?));
-        };
-        let mut order: Vec<(usize, usize)> = Vec::with_capacity(names.len());
-        for (k, n) in names.iter().enumerate() {
-            let source = self.entry(n)?.gguf.map_or(usize::MAX, |(i, _)| i);
-            order.push((source, k));
-        }
-        order.sort_unstable();
-        let mut held: Option<(usize, Vec<f32>)> = None;
-        for (source, k) in order {
-            let (name, e) = (&names[k], self.entry(&names[k])?);
-            if source == usize::MAX {
-                f(k, self.tensor(name)?)?;
-                continue;
+        let e = self.entry(name)?;
+        let Files::Safetensors(ckpt) = &self.files else { return Ok(None) };
+        match &e.stored_as {
+            Some((stored, offset)) => {
+                let len = e.shape.iter().product();
+                let (dtype, bytes) = ckpt.stored_part(stored, *offset, len)?;
+                Ok(Some(StoredTensor { dtype, shape: &e.shape, bytes }))
             }
-            let t = match e.gguf {
-                // A stack's expert: dequantize the stack once for all its experts.
-                Some((_, Some(x))) => {
-                    if held.as_ref().is_none_or(|(i, _)| *i != source) {
-                        held = Some((source, g.dequantize(&g.tensors[source])?));
-                    }
-                    let full = held.as_ref().map_or(&[][..], |(_, d)| d.as_slice());
-                    let part = expert_part(g, source, x, &e.shape, full)?;
-                    let data = gguf_layout_to_hf(&self.config, name, &e.shape, part);
-                    Tensor::new(name, e.shape.clone(), data, g.tensors[source].ty.name())?
-                }
-                _ => self.tensor(name)?,
-            };
-            f(k, t)?;
+            None => ckpt.stored(name).map(Some),
         }
-        Ok(())
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries.get(name).ok_or_else(|| Error::tensor(name, "not found in the model"))
-    }
-
-    /// Tensor `name` (entry `e`) out of its dequantized GGUF source `full`: its expert's part
-    /// of a stack, in the HF layout.
-    fn gguf_tensor(&self, g: &GgufFile, name: &str, e: &Entry, full: Vec<f32>) -> Result<Tensor> {
-        let Some((i, expert)) = e.gguf else {
-            return Err(Error::format(g.path(), format!("tensor `{name}` has no GGUF source")));
-        };
-        let data = match expert {
-            Some(x) => expert_part(g, i, x, &e.shape, &full)?,
-            None => full,
-        };
-        let data = gguf_layout_to_hf(&self.config, name, &e.shape, data);
-        Tensor::new(name, e.shape.clone(), data, g.tensors[i].ty.name())
     }
 
     /// Bytes the weights take as f32 (what [`Model::load`](crate::Model::load) holds in RAM).
@@ -282,18 +297,4 @@ impl LazyModel {
             source: self.source.clone(),
         })
     }
-}
-
-/// Expert `x`'s part (`shape`) of the dequantized GGUF stack `full` (tensor `i` of `g`).
-fn expert_part(
-    g: &GgufFile,
-    i: usize,
-    x: usize,
-    shape: &[usize],
-    full: &[f32],
-) -> Result<Vec<f32>> {
-    let per: usize = shape.iter().product();
-    full.get(x * per..(x + 1) * per).map(<[f32]>::to_vec).ok_or_else(|| {
-        Error::format(g.path(), format!("`{}` has no expert {x}", g.tensors[i].name))
-    })
 }

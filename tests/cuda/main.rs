@@ -32,6 +32,7 @@ use swk::backend::cuda::{
     cublas_present, cuda_available, device_info, CudaKvCache, CudaModel, CudaOptions, GemmEngine,
     WeightDtype,
 };
+use swk::backend::stream::LayerPart;
 use swk::detect::{detect_with, DetectConfig};
 use swk::edit::{EditGuard, EditOp, EditTarget, WeightEdit};
 use swk::hooks::{HookKind, HookPoint, SpikeStats};

@@ -14,12 +14,12 @@ fn streamed_model_equals_resident_upload() {
     }
     let root = fixtures_root().join("tiny");
     let mut sources: Vec<(String, PathBuf)> =
-        // Safetensors checkpoints renamed at load (Gemma 3 multimodal, GPT-2, GPT-NeoX) are
-        // refused by LazyModel (with a clear error); their GGUF files stream below.
+        // Safetensors checkpoints rewritten at load (Gemma 3 multimodal, GPT-2, GPT-NeoX) are
+        // refused by LazyModel (with a clear error); their GGUF files stream below. Mixtures
+        // of experts stream from both (Mixtral's renamed and OLMoE's fused experts included).
         FIXTURES
             .iter()
             .filter(|n| !["gemma3", "gpt2", "gpt_neox", "gpt_neox_seq"].contains(n))
-            .filter(|n| !load(n).0.config.architecture.is_moe())
             .map(|n| (n.to_string(), root.join(n)))
             .collect();
     sources.push(("qwen2_gguf".into(), root.join("qwen2_gguf/model.gguf")));
@@ -30,12 +30,15 @@ fn streamed_model_equals_resident_upload() {
     sources.push(("gemma3_gguf".into(), root.join("gemma3_gguf/model.gguf")));
     sources.push(("gpt2_gguf".into(), root.join("gpt2_gguf/model.gguf")));
     sources.push(("gpt_neox_gguf".into(), root.join("gpt_neox_gguf/model.gguf")));
-    // Mixtures of experts stream from GGUF (their safetensors names are rewritten at load).
-    // DeepSeek-V3's GGUF splits kv_b_proj (llama.cpp's attn_k_b/attn_v_b): it loads whole
-    // only; V2's streams.
-    for moe in
-        ["mixtral_gguf", "olmoe_gguf", "qwen2_moe_gguf", "qwen3_moe_gguf", "deepseek_v2_gguf"]
-    {
+    // DeepSeek-V3's GGUF splits kv_b_proj (llama.cpp's attn_k_b/attn_v_b), rebuilt per read.
+    for moe in [
+        "mixtral_gguf",
+        "olmoe_gguf",
+        "qwen2_moe_gguf",
+        "qwen3_moe_gguf",
+        "deepseek_v2_gguf",
+        "deepseek_v3_gguf",
+    ] {
         sources.push((moe.into(), root.join(moe).join("model.gguf")));
     }
     for (name, path) in sources {
@@ -185,5 +188,103 @@ fn streamed_detection_matches_resident() {
             got.seconds,
             want.seconds
         );
+    }
+}
+
+/// A streamed mixture of experts whose passes route fewer token-expert pairs than a layer
+/// has experts (here, decoding: top-2 of 4 or 6; GGUF and safetensors) reads each routed
+/// expert only once routing chose it: the same logits and spike statistics as reading every
+/// layer whole (bit for bit), with edits of experts applied, from exactly the bytes of each
+/// layer's rest plus the experts read; a longer pass reads the layers whole.
+#[test]
+fn streamed_experts_are_read_once_chosen() {
+    if !gpu() {
+        return;
+    }
+    let root = fixtures_root().join("tiny");
+    let sources = [
+        "mixtral_gguf/model.gguf",
+        "olmoe_gguf/model.gguf",
+        "qwen2_moe_gguf/model.gguf",
+        "qwen3_moe_gguf/model.gguf",
+        "deepseek_v2_gguf/model.gguf",
+        "deepseek_v3_gguf/model.gguf",
+        "olmoe",
+        "deepseek_v3",
+    ];
+    for name in sources {
+        let path = root.join(name);
+        let lazy =
+            std::sync::Arc::new(swk::model::LazyModel::open(path.to_str().unwrap()).unwrap());
+        let c = lazy.config.clone();
+        let moe = c.family.moe.clone().unwrap();
+        let tokens: Vec<u32> = (0..6u32).map(|i| (i * 41 + 9) % c.vocab_size as u32).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let what = format!("{name} {}", dtype.name());
+            let opts = CudaOptions { dtype, ..Default::default() };
+            // Decode one token a pass, with spike statistics; the logits of each step.
+            let decode = |g: &CudaModel| {
+                let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+                let mut cache = CudaKvCache::new(g);
+                let steps: Vec<Vec<f32>> = tokens
+                    .iter()
+                    .map(|&t| g.forward(&[t], &mut cache, Some(&mut stats), Logits::Last).unwrap())
+                    .collect();
+                (steps, stats)
+            };
+            let mut whole = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            whole.set_selective_experts(false);
+            let mut chosen = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            let (want, want_stats) = decode(&whole);
+            let (got, got_stats) = decode(&chosen);
+            assert!(got == want, "{what}: logits differ from the whole layers'");
+            assert_stats_match(&what, &got_stats, &want_stats);
+            let (whole_bytes, none) = whole.streamed_bytes();
+            let (bytes, read) = chosen.streamed_bytes();
+            // Each sparse layer's most chosen expert scaled: edits reach experts read alone.
+            let edits: Vec<WeightEdit> = (0..c.num_layers)
+                .filter(|&l| moe.is_sparse(l))
+                .map(|l| {
+                    let experts = &got_stats.layers[l].experts;
+                    let e = (0..experts.len()).max_by_key(|&e| experts[e].selected).unwrap();
+                    let t = format!("model.layers.{l}.mlp.experts.{e}.down_proj.weight");
+                    WeightEdit::block(t, &[], EditOp::Scale(40.0))
+                })
+                .collect();
+            assert_eq!(none, 0, "{what}: reading whole layers reads no expert alone");
+            // Bytes: per pass, every layer but its routed experts, plus each expert read.
+            let layouts: Vec<_> = (0..c.num_layers)
+                .map(|l| swk::backend::stream::SlotLayout::new(&c, l, dtype))
+                .collect();
+            let part = |l: usize, p| layouts[l].part_range(p).unwrap().len() as u64;
+            let rest: u64 = (0..c.num_layers).map(|l| part(l, LayerPart::Base)).sum();
+            let slots: u64 = layouts.iter().map(|s| s.bytes as u64).sum();
+            let sparse = (0..c.num_layers).find(|&l| moe.is_sparse(l)).unwrap();
+            let expert = part(sparse, LayerPart::Expert(0));
+            let passes = tokens.len() as u64;
+            assert_eq!(whole_bytes, passes * slots, "{what}");
+            assert_eq!(bytes, passes * rest + read * expert, "{what}");
+            // Each pass reads each chosen expert once: top_k per sparse layer, one token.
+            let sparse_layers = (0..c.num_layers).filter(|&l| moe.is_sparse(l)).count() as u64;
+            assert_eq!(read, passes * sparse_layers * moe.top_k as u64, "{what}");
+            assert!(bytes < whole_bytes, "{what}: {bytes} bytes vs {whole_bytes}");
+            eprintln!("{what}: decode read {bytes} bytes, {whole_bytes} whole");
+
+            // Edits of experts: the same edited logits both ways, and not the clean ones.
+            let edited =
+                |g: &mut CudaModel| swk::edit::with_edits(g, &edits, |g| Ok(decode(g).0)).unwrap();
+            let (a, b) = (edited(&mut chosen), edited(&mut whole));
+            assert!(a != want, "{what}: the edits change the logits");
+            assert!(a == b, "{what}: edited experts read alone");
+            assert!(decode(&chosen).0 == want, "{what}: restored");
+
+            // A pass of 2 tokens (4 rows; 6 for DeepSeek's 6 experts, 3 tokens) reads whole.
+            let before = chosen.streamed_bytes();
+            let long = moe.num_experts.div_ceil(moe.top_k);
+            let seq: Vec<u32> = (0..long as u32).map(|i| i % c.vocab_size as u32).collect();
+            chosen.logits(&seq).unwrap();
+            let after = chosen.streamed_bytes();
+            assert_eq!((after.0 - before.0, after.1), (slots, before.1), "{what}: whole layers");
+        }
     }
 }

@@ -265,6 +265,105 @@ fn timing_7b_streamed() -> Result<()> {
     append_timing(&(lines.join("\n") + "\n"))
 }
 
+/// Timing of a streamed mixture of experts at OLMoE-1B-7B layer shapes (2 of its 16 layers:
+/// 64 experts of width 1024, top-8; random weights made on the host, streamed from memory into
+/// bf16 slots): decoding one token a pass, each routed expert read once chosen (8 of 64 a
+/// layer) against every layer read whole; ms per token and bytes read per token. Appends to
+/// `$SWK_TIMING_OUT`. Measures only.
+#[test]
+#[ignore = "GPU timing of a streamed mixture of experts: run with --ignored on a GPU machine"]
+fn timing_7b_streamed_moe() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let c = olmoe_shapes(2)?;
+    // Random weights: N(0, 0.02), norms 1.
+    let t0 = Instant::now();
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let mut shapes = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h], true),
+        ("model.norm.weight".to_string(), vec![h], false),
+        ("lm_head.weight".to_string(), vec![v, h], true),
+    ];
+    for l in 0..c.num_layers {
+        for (suffix, shape, matrix) in swk::backend::stream::layer_plan(&c, l) {
+            let random = matrix || suffix == "mlp.gate.weight";
+            shapes.push((format!("model.layers.{l}.{suffix}"), shape, random));
+        }
+    }
+    let mut weights = swk::model::Weights::new();
+    for (name, shape, random) in shapes {
+        let mut data = vec![1f32; shape.iter().product()];
+        if random {
+            swk::synth::fill_normal(&mut data, swk::synth::tensor_seed(1, &name), 0.0, 0.02);
+        }
+        weights.insert(name.clone(), swk::model::Tensor::new(&name, shape, data, "F32")?);
+    }
+    let fill = t0.elapsed().as_secs_f64();
+    let source = swk::model::ModelSource {
+        spec: "synthetic".into(),
+        path: PathBuf::from("synthetic"),
+        format: swk::model::Format::Safetensors,
+        load_seconds: fill,
+        name: None,
+    };
+    let m = Model { config: c.clone(), weights, tokenizer: None, source };
+    let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(m));
+    let opts = CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() };
+    let prompt: Vec<u32> = (0..9u32).map(|i| (i * 7919 + 1) % 50304).collect();
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "Streamed mixture of experts, OLMoE-1B-7B layer shapes, {} layers, bf16 slots from memory (host fill {fill:.1} s):",
+            c.num_layers
+        ),
+        String::new(),
+        "| routed experts | decode ms/token | MB read/token | experts read alone/token |".into(),
+        "|---|---|---|---|".into(),
+    ];
+    for select in [true, false] {
+        let mut g = CudaModel::streamed(lazy.clone(), &opts)?;
+        g.set_selective_experts(select);
+        let mut best = f64::INFINITY;
+        let mut per_token = (0.0, 0.0);
+        for _ in 0..2 {
+            let mut cache = CudaKvCache::new(&g);
+            g.forward(&prompt, &mut cache, None, Logits::None)?;
+            let before = g.streamed_bytes();
+            let t = Instant::now();
+            for &tok in &prompt[..8] {
+                g.forward(&[tok], &mut cache, None, Logits::Last)?;
+            }
+            best = best.min(ms(t) / 8.0);
+            let after = g.streamed_bytes();
+            per_token = ((after.0 - before.0) as f64 / 8.0, (after.1 - before.1) as f64 / 8.0);
+        }
+        lines.push(format!(
+            "| {} | {best:.2} | {:.1} | {:.0} |",
+            if select { "read once chosen" } else { "read whole, ahead" },
+            per_token.0 / 1e6,
+            per_token.1
+        ));
+    }
+    append_timing(&(lines.join("\n") + "\n"))
+}
+
+/// The config of OLMoE-1B-7B's shapes with `layers` layers (hidden 2048, 64 experts of width
+/// 1024, top-8), read as `config.json` is.
+fn olmoe_shapes(layers: usize) -> Result<swk::model::ModelConfig> {
+    let dir = tempfile::tempdir().map_err(|e| swk::Error::io(std::env::temp_dir(), e))?;
+    let config = serde_json::json!({
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": false, "vocab_size": 50304, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
+    });
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, config.to_string()).map_err(|e| swk::Error::io(path.clone(), e))?;
+    swk::model::ModelConfig::from_hf_json(&path)
+}
+
 /// Append `text` to `$SWK_TIMING_OUT` when set (and print it).
 fn append_timing(text: &str) -> Result<()> {
     eprint!("{text}");
@@ -294,18 +393,7 @@ fn timing_7b_moe() -> Result<()> {
     if !gpu() || emulated() {
         return Ok(());
     }
-    let dir = std::env::temp_dir().join(format!("swk-olmoe-shapes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| swk::Error::io(dir.clone(), e))?;
-    let config = serde_json::json!({
-        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
-        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
-        "norm_topk_prob": false, "vocab_size": 50304, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
-    });
-    let path = dir.join("config.json");
-    std::fs::write(&path, config.to_string()).map_err(|e| swk::Error::io(path.clone(), e))?;
-    let c = swk::model::ModelConfig::from_hf_json(&path)?;
+    let c = olmoe_shapes(16)?;
     let dev = swk::backend::cuda::CudaDevice::new(0)?;
     let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
     drop(dev);

@@ -36,7 +36,7 @@ use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
 use super::taps::Taps;
-use crate::backend::stream::stage_layer;
+use crate::backend::stream::StagedLayer;
 use crate::hooks::{HookKind, SpikeStats};
 use crate::model::arch::Logits;
 use crate::model::ModelConfig;
@@ -379,17 +379,24 @@ impl CudaModel {
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
         // files while the device runs layer l; each is copied into the one device slot
         // (stream-ordered after the previous layer's kernels, so the slot is free by then).
-        let mut slot =
-            self.stream.as_ref().map(|st| st.slot.lock().unwrap_or_else(|p| p.into_inner()));
+        // A mixture of experts routing few rows reads a sparse layer's routed experts only
+        // once routing has chosen them (`fetch`, below).
+        let slot = std::cell::RefCell::new(
+            self.stream.as_ref().map(|st| st.slot.lock().unwrap_or_else(|p| p.into_inner())),
+        );
+        let rows = passes.iter().map(|p| p.t).sum::<usize>()
+            * c.family.moe.as_ref().map_or(0, |m| m.top_k);
+        // (Only the host router hands its choice to `fetch`; a streamed model has no other.)
+        let select = self.device_router.is_none()
+            && self.stream.as_ref().is_some_and(|st| st.selects_experts(rows));
         std::thread::scope(|scope| -> Result<()> {
             let staged = self.stream.as_ref().map(|st| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<StagedLayer>>(1);
                 scope.spawn(move || {
                     for l in 0..c.num_layers {
-                        let bytes =
-                            stage_layer(&st.lazy, l, &st.layouts[l], &st.overlay).map(|s| s.bytes);
-                        let failed = bytes.is_err();
-                        if tx.send(bytes).is_err() || failed {
+                        let staged = st.stage_ahead(l, select);
+                        let failed = staged.is_err();
+                        if tx.send(staged).is_err() || failed {
                             break;
                         }
                     }
@@ -397,17 +404,28 @@ impl CudaModel {
                 rx
             });
             for l in 0..c.num_layers {
-                let base = match (&staged, slot.as_deref_mut()) {
-                    (Some(rx), Some(buf)) => {
-                        let bytes = rx.recv().map_err(|_| {
+                let base = match (&staged, &self.stream, slot.borrow_mut().as_deref_mut()) {
+                    (Some(rx), Some(st), Some(buf)) => {
+                        let layer = rx.recv().map_err(|_| {
                             Error::Backend(format!(
                                 "the layer streaming thread stopped before layer {l}"
                             ))
                         })??;
-                        dev.upload_into(&bytes, buf)?;
+                        st.upload(dev, &layer, buf)?;
                         Some(dev.ptr(buf))
                     }
                     _ => None,
+                };
+                // Which routed experts of this layer were read alone into the slot.
+                let experts = self.stream.as_ref().map_or(0, |st| st.layouts[l].experts());
+                let read = std::cell::RefCell::new(vec![false; experts]);
+                let fetch = |experts: &[usize]| -> Result<()> {
+                    match (&self.stream, slot.borrow_mut().as_deref_mut()) {
+                        (Some(st), Some(buf)) if select => {
+                            st.fetch_experts(dev, l, experts, &mut read.borrow_mut(), buf)
+                        }
+                        _ => Ok(()),
+                    }
                 };
                 let w = |suffix: &str| self.layer_weight(l, suffix, base);
                 for p in passes.iter().filter(|p| p.t > 0) {
@@ -491,7 +509,7 @@ impl CudaModel {
                     let out = match acts.moe.as_ref().filter(|_| sparse) {
                         Some(ma) => {
                             // A mixture of experts: Σ_e w_e · expert_e(m) (+ shared expert).
-                            self.sparse_mlp(l, &w, m_in.x, (t, pos0), ma, all_keys, sc)?;
+                            self.sparse_mlp(l, &w, m_in.x, (t, pos0), ma, all_keys, &fetch, sc)?;
                             Product::Whole(dev.ptr(&ma.out))
                         }
                         None => {

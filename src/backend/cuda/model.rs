@@ -15,7 +15,7 @@ use super::mla::MlaRope;
 use super::moe::KeyLayout;
 use super::route::DeviceRouter;
 use super::streamed::Streamed;
-use crate::backend::stream::{layer_plan, split_layer_name, Overlay, SlotLayout};
+use crate::backend::stream::{layer_plan, split_layer_name, SlotLayout};
 use crate::model::arch::{self, llama};
 use crate::model::{Architecture, LazyModel, Model, ModelConfig};
 use crate::{Error, Result};
@@ -542,8 +542,7 @@ impl CudaModel {
         m.router_bias = router_biases(&m.config, |n| {
             lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
         })?;
-        m.stream =
-            Some(Streamed { lazy, layouts, overlay: Overlay::default(), slot: Mutex::new(slot) });
+        m.stream = Some(Streamed::new(lazy, layouts, slot));
         Ok(m)
     }
 

@@ -468,7 +468,8 @@ impl CudaModel {
 
     /// Layer `l`'s sparse MLP on `m` (`[t, hidden]`, first token at `pos0`) into `ma.out`,
     /// weights from `w(suffix)`; spike keys into the pass's key buffer at `keys` (0: none), laid
-    /// out per [`KeyLayout`].
+    /// out per [`KeyLayout`]. `fetch(experts)` brings routed experts into place once routing
+    /// has chosen them (a streamed layer read selectively; else it does nothing).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn sparse_mlp(
         &self,
@@ -478,6 +479,7 @@ impl CudaModel {
         (t, pos0): (usize, usize),
         ma: &MoeActs,
         keys: u64,
+        fetch: &dyn Fn(&[usize]) -> Result<()>,
         sc: &mut Scratch,
     ) -> Result<()> {
         let c = &self.config;
@@ -495,7 +497,7 @@ impl CudaModel {
             (Some(r), Some(bufs)) if self.routes_on_device(t) => {
                 self.route_on_device(l, r, bufs, (t, pos0), ma, keys)?
             }
-            _ => self.route_on_host(l, w, (t, pos0), ma)?,
+            _ => self.route_on_host(l, w, (t, pos0), ma, fetch)?,
         };
 
         // Each expert on its tokens' rows: all at once when each has few rows, else one by one.

@@ -347,13 +347,14 @@ impl CudaModel {
     /// Route sparse layer `l`'s `t` tokens (first at `pos0`) on the host, as the CPU does,
     /// from the router logits in `ma` (downloaded: a synchronization), and upload the
     /// dispatch (and the grouped experts' plan) in one copy; the router counters into
-    /// `ma.tally`.
+    /// `ma.tally`. `fetch` is handed the chosen experts before any of their products.
     pub(super) fn route_on_host(
         &self,
         l: usize,
         w: &dyn Fn(&str) -> Result<WeightRef>,
         (t, pos0): (usize, usize),
         ma: &MoeActs,
+        fetch: &dyn Fn(&[usize]) -> Result<()>,
     ) -> Result<Routed> {
         let c = &self.config;
         let p = moe::params(c)?;
@@ -362,6 +363,7 @@ impl CudaModel {
         let z = dev.download(&ma.router, 0, t * ne)?;
         let routes = host_routes(c, p, &z, self.router_bias.get(&l).map(Vec::as_slice));
         let d = Dispatch::new(&routes, ne, k, pos0)?;
+        fetch(&d.experts.iter().map(|&(e, _, _)| e).collect::<Vec<_>>())?;
         let grouped = if self.grouped_experts { self.grouped_plan(l, w, &d)? } else { None };
         // One upload: the dispatch's indices and weights, and the grouped experts' plan.
         let mut up = Packed::default();

@@ -3,11 +3,15 @@
 //! host [`Overlay`] that every upload applies. Reading and editing a streamed weight reads
 //! its tensor from the files (a full tensor; edits are rare next to passes).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::driver::CudaSlice;
+use super::driver::{CudaDevice, CudaSlice};
+use super::CudaModel;
 
-use crate::backend::stream::{split_layer_name, Overlay, SlotEntry, SlotLayout};
+use crate::backend::stream::{
+    split_layer_name, stage_part, LayerPart, Overlay, SlotEntry, SlotLayout, StagedLayer,
+};
 use crate::model::LazyModel;
 use crate::{Error, Result};
 
@@ -22,9 +26,81 @@ pub(crate) struct Streamed {
     pub(crate) overlay: Overlay,
     /// The device buffer one layer at a time passes through.
     pub(crate) slot: Mutex<CudaSlice<u8>>,
+    /// Whether a pass of a mixture of experts that routes fewer rows than a layer has
+    /// experts reads each routed expert only once routing has chosen it
+    /// ([`CudaModel::set_selective_experts`]).
+    pub(crate) select_experts: bool,
+    /// What has been copied into the slot: bytes, and routed experts read alone.
+    pub(crate) staged: [AtomicU64; 2],
 }
 
 impl Streamed {
+    /// The layers and edits of `lazy` streamed through `slot`.
+    pub(crate) fn new(lazy: Arc<LazyModel>, layouts: Vec<SlotLayout>, slot: CudaSlice<u8>) -> Self {
+        Streamed {
+            lazy,
+            layouts,
+            overlay: Overlay::default(),
+            slot: Mutex::new(slot),
+            select_experts: true,
+            staged: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// Whether a pass that routes `rows` token-expert pairs reads routed experts alone: when
+    /// on, and fewer rows than the experts of a layer (so some surely stay unread).
+    pub(crate) fn selects_experts(&self, rows: usize) -> bool {
+        let experts = self.layouts.iter().map(SlotLayout::experts).max().unwrap_or(0);
+        self.select_experts && rows < experts
+    }
+
+    /// What a pass reads of layer `l` ahead of running it: all of it, or without its routed
+    /// experts (`select`).
+    pub(crate) fn stage_ahead(&self, l: usize, select: bool) -> Result<StagedLayer> {
+        let layout = &self.layouts[l];
+        let part = if select && layout.experts() > 0 { LayerPart::Base } else { LayerPart::Whole };
+        stage_part(&self.lazy, l, layout, part, &self.overlay)
+    }
+
+    /// Copy `staged` into its place in `slot`, in stream order, and count its bytes.
+    pub(crate) fn upload(
+        &self,
+        dev: &CudaDevice,
+        staged: &StagedLayer,
+        slot: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        dev.upload_at(&staged.bytes, slot, staged.offset)?;
+        self.staged[0].fetch_add(staged.bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read routed experts `experts` of layer `l` from the files into their places in `slot`
+    /// (stream-ordered before the products that read them), skipping those already read for
+    /// this layer in this pass (`read`, one flag per expert).
+    pub(crate) fn fetch_experts(
+        &self,
+        dev: &CudaDevice,
+        l: usize,
+        experts: &[usize],
+        read: &mut [bool],
+        slot: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        for &e in experts {
+            let flag = read.get_mut(e).ok_or_else(|| {
+                Error::Backend(format!("layer {l}: routed to expert {e}, which it does not have"))
+            })?;
+            if *flag {
+                continue;
+            }
+            let staged =
+                stage_part(&self.lazy, l, &self.layouts[l], LayerPart::Expert(e), &self.overlay)?;
+            self.upload(dev, &staged, slot)?;
+            self.staged[1].fetch_add(1, Ordering::Relaxed);
+            *flag = true;
+        }
+        Ok(())
+    }
+
     /// The slot entry of a layer tensor's full name, if it names one of this model's layers.
     pub(crate) fn entry(&self, name: &str) -> Option<&SlotEntry> {
         let (l, suffix) = split_layer_name(name)?;
@@ -105,4 +181,26 @@ fn check_index(name: &str, flat: usize, len: usize) -> Result<()> {
         return Err(Error::tensor(name, format!("index {flat} out of range ({len} elements)")));
     }
     Ok(())
+}
+
+impl CudaModel {
+    /// In a streamed mixture of experts, read each routed expert from the files only once
+    /// routing has chosen it, in passes that route fewer token-expert pairs than a layer has
+    /// experts (decoding, short prompts on models with many experts); longer passes read
+    /// every layer whole, ahead, as a dense model does (on by default; no effect on a resident
+    /// model). Selected experts are read while the device waits, so this trades the overlap
+    /// of reading with computing for reading less. Results are bit-identical either way.
+    pub fn set_selective_experts(&mut self, on: bool) {
+        if let Some(st) = self.stream.as_mut() {
+            st.select_experts = on;
+        }
+    }
+
+    /// What a streamed model has copied into its slot since it was made: (bytes, routed
+    /// experts read alone); zeros for a resident model.
+    pub fn streamed_bytes(&self) -> (u64, u64) {
+        self.stream.as_ref().map_or((0, 0), |st| {
+            (st.staged[0].load(Ordering::Relaxed), st.staged[1].load(Ordering::Relaxed))
+        })
+    }
 }

@@ -99,8 +99,6 @@ pub fn merge_kv_b(
     w: &mut Weights,
     path: &std::path::Path,
 ) -> Result<()> {
-    let d = params(c)?;
-    let (nh, nope, vd, kvr) = (c.num_heads, d.qk_nope_head_dim, d.v_head_dim, d.kv_lora_rank);
     for (l, (k, v)) in parts {
         let (Some(k), Some(v)) = (k, v) else {
             return Err(Error::format(
@@ -108,31 +106,45 @@ pub fn merge_kv_b(
                 format!("layer {l} has only one of attn_k_b / attn_v_b"),
             ));
         };
-        if k.shape != [nh, kvr, nope] || v.shape != [nh, vd, kvr] {
-            return Err(Error::format(
-                path,
-                format!(
-                    "layer {l}: attn_k_b {:?} / attn_v_b {:?}, expected {:?} / {:?}",
-                    k.shape,
-                    v.shape,
-                    [nh, kvr, nope],
-                    [nh, vd, kvr]
-                ),
-            ));
-        }
-        let mut data = Vec::with_capacity(nh * (nope + vd) * kvr);
-        for n in 0..nh {
-            let kh = &k.data[n * kvr * nope..(n + 1) * kvr * nope];
-            for j in 0..nope {
-                data.extend((0..kvr).map(|r| kh[r * nope + j]));
-            }
-            data.extend_from_slice(&v.data[n * vd * kvr..(n + 1) * vd * kvr]);
-        }
-        let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
-        let t = Tensor::new(&name, vec![nh * (nope + vd), kvr], data, &k.source_dtype)?;
-        w.insert(name, t);
+        let t = merge_kv_b_layer(c, l, &k, &v, path)?;
+        w.insert(format!("model.layers.{l}.self_attn.kv_b_proj.weight"), t);
     }
     Ok(())
+}
+
+/// Layer `l`'s `kv_b_proj` from its split `k` and `v` (see [`merge_kv_b`]); errors name
+/// `path`.
+pub fn merge_kv_b_layer(
+    c: &ModelConfig,
+    l: usize,
+    k: &Tensor,
+    v: &Tensor,
+    path: &std::path::Path,
+) -> Result<Tensor> {
+    let d = params(c)?;
+    let (nh, nope, vd, kvr) = (c.num_heads, d.qk_nope_head_dim, d.v_head_dim, d.kv_lora_rank);
+    if k.shape != [nh, kvr, nope] || v.shape != [nh, vd, kvr] {
+        return Err(Error::format(
+            path,
+            format!(
+                "layer {l}: attn_k_b {:?} / attn_v_b {:?}, expected {:?} / {:?}",
+                k.shape,
+                v.shape,
+                [nh, kvr, nope],
+                [nh, vd, kvr]
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(nh * (nope + vd) * kvr);
+    for n in 0..nh {
+        let kh = &k.data[n * kvr * nope..(n + 1) * kvr * nope];
+        for j in 0..nope {
+            data.extend((0..kvr).map(|r| kh[r * nope + j]));
+        }
+        data.extend_from_slice(&v.data[n * vd * kvr..(n + 1) * vd * kvr]);
+    }
+    let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
+    Tensor::new(&name, vec![nh * (nope + vd), kvr], data, &k.source_dtype)
 }
 
 /// Check names and shapes of every tensor the forward pass reads.

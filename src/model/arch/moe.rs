@@ -87,63 +87,79 @@ pub fn params(c: &ModelConfig) -> Result<&MoeParams> {
     })
 }
 
-/// Bring MoE checkpoints to the per-expert names above: Mixtral's `block_sparse_moe.gate` and
-/// `block_sparse_moe.experts.E.w1/w3/w2` become `mlp.gate` and `mlp.experts.E.gate_proj/
-/// up_proj/down_proj`; fused `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` tensors are
-/// split per expert.
+/// One tensor swk holds, cut from a checkpoint tensor ([`hf_parts`]): its name, shape, and
+/// the element of the stored tensor it starts at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfPart {
+    /// swk's (HF per-expert) name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its first element's index in the stored tensor (its elements follow contiguously).
+    pub offset: usize,
+}
+
+/// What swk holds of a checkpoint tensor `name` of shape `shape`, in the per-expert names
+/// above: Mixtral's `block_sparse_moe.gate` and `block_sparse_moe.experts.E.w1/w3/w2` are
+/// `mlp.gate` and `mlp.experts.E.gate_proj/up_proj/down_proj`; a fused
+/// `mlp.experts.gate_up_proj` `[E, 2I, H]` is each expert's gate then up, a fused
+/// `mlp.experts.down_proj` `[E, H, I]` each expert's down, every part a contiguous run of the
+/// stored elements. Every other tensor is itself. Errors for a fused tensor of other shape.
+pub fn hf_parts(c: &ModelConfig, name: &str, shape: &[usize]) -> Result<Vec<HfPart>> {
+    let whole = |name: String| vec![HfPart { name, shape: shape.to_vec(), offset: 0 }];
+    let renamed = name
+        .replace(".block_sparse_moe.gate.", ".mlp.gate.")
+        .replace(".block_sparse_moe.experts.", ".mlp.experts.");
+    let fused = crate::backend::stream::split_layer_name(&renamed)
+        .and_then(|(l, suffix)| Some((l, suffix.strip_prefix("mlp.experts.")?)))
+        .filter(|(_, what)| matches!(*what, "gate_up_proj" | "down_proj"));
+    let (Some((l, what)), Some(moe)) = (fused, c.family.moe.as_ref()) else {
+        if !renamed.contains(".mlp.experts.") {
+            return Ok(whole(renamed));
+        }
+        let renamed = renamed
+            .replace(".w1.weight", ".gate_proj.weight")
+            .replace(".w3.weight", ".up_proj.weight")
+            .replace(".w2.weight", ".down_proj.weight");
+        return Ok(whole(renamed));
+    };
+    let (h, ei, n) = (c.hidden_size, moe.expert_intermediate, moe.num_experts);
+    let (want, parts): ([usize; 3], &[&str]) = match what {
+        "gate_up_proj" => ([n, 2 * ei, h], &["gate_proj", "up_proj"]),
+        _ => ([n, h, ei], &["down_proj"]),
+    };
+    if shape != want {
+        return Err(Error::tensor(name, format!("expected shape {want:?}, found {shape:?}")));
+    }
+    let per = ei * h;
+    let part_shape = if what == "down_proj" { vec![h, ei] } else { vec![ei, h] };
+    let mut out = Vec::with_capacity(n * parts.len());
+    for e in 0..n {
+        for (j, p) in parts.iter().enumerate() {
+            let offset = (e * parts.len() + j) * per;
+            out.push(HfPart { name: expert_name(l, e, p), shape: part_shape.clone(), offset });
+        }
+    }
+    Ok(out)
+}
+
+/// Bring MoE checkpoints to the per-expert names above ([`hf_parts`]): renamed tensors move,
+/// fused ones are split per expert.
 pub fn normalize_hf(c: &ModelConfig, w: &mut Weights) -> Result<()> {
     let names: Vec<String> = w.names().map(str::to_string).collect();
     for name in names {
-        let renamed = name
-            .replace(".block_sparse_moe.gate.", ".mlp.gate.")
-            .replace(".block_sparse_moe.experts.", ".mlp.experts.");
-        let renamed = if renamed.contains(".mlp.experts.") {
-            renamed
-                .replace(".w1.weight", ".gate_proj.weight")
-                .replace(".w3.weight", ".up_proj.weight")
-                .replace(".w2.weight", ".down_proj.weight")
-        } else {
-            renamed
-        };
-        if renamed != name {
-            if let Some(t) = w.remove(&name) {
-                w.insert(renamed, t);
-            }
+        let parts = hf_parts(c, &name, &w.get(&name)?.shape)?;
+        if parts.len() == 1 && parts[0].name == name {
+            continue;
         }
-    }
-    let Some(moe) = &c.family.moe else { return Ok(()) };
-    let (h, ei, n) = (c.hidden_size, moe.expert_intermediate, moe.num_experts);
-    for l in 0..c.num_layers {
-        let fused = format!("model.layers.{l}.mlp.experts.gate_up_proj");
-        if let Some(t) = w.remove(&fused) {
-            if t.shape != [n, 2 * ei, h] {
-                return Err(Error::tensor(
-                    fused,
-                    format!("expected shape {:?}, found {:?}", [n, 2 * ei, h], t.shape),
-                ));
-            }
-            for (e, block) in t.data.chunks(2 * ei * h).enumerate() {
-                let (g, u) = block.split_at(ei * h);
-                for (what, part) in [("gate_proj", g), ("up_proj", u)] {
-                    let name = expert_name(l, e, what);
-                    let piece = Tensor::new(&name, vec![ei, h], part.to_vec(), &t.source_dtype)?;
-                    w.insert(name, piece);
-                }
-            }
-        }
-        let fused = format!("model.layers.{l}.mlp.experts.down_proj");
-        if let Some(t) = w.remove(&fused) {
-            if t.shape != [n, h, ei] {
-                return Err(Error::tensor(
-                    fused,
-                    format!("expected shape {:?}, found {:?}", [n, h, ei], t.shape),
-                ));
-            }
-            for (e, part) in t.data.chunks(h * ei).enumerate() {
-                let name = expert_name(l, e, "down_proj");
-                let piece = Tensor::new(&name, vec![h, ei], part.to_vec(), &t.source_dtype)?;
-                w.insert(name, piece);
-            }
+        let Some(t) = w.remove(&name) else { continue };
+        for p in parts {
+            let len: usize = p.shape.iter().product();
+            let data = t.data.get(p.offset..p.offset + len).ok_or_else(|| {
+                Error::tensor(&name, format!("has no elements {}..{}", p.offset, p.offset + len))
+            })?;
+            let piece = Tensor::new(&p.name, p.shape, data.to_vec(), &t.source_dtype)?;
+            w.insert(p.name, piece);
         }
     }
     Ok(())
@@ -475,5 +491,51 @@ mod tests {
         let u = route(&[0.5; 4], 3, true);
         assert_eq!(u.experts, vec![0, 1, 2]);
         assert!((u.entropy - 4f64.ln()).abs() < 1e-6);
+    }
+
+    /// Checkpoint tensors map onto per-expert names: Mixtral's renamed, fused stacks cut into
+    /// contiguous runs (gate before up), the rest as stored; a fused stack of other shape is
+    /// refused by name.
+    #[test]
+    fn hf_parts_rename_and_cut() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/olmoe/config.json");
+        let c = ModelConfig::from_hf_json(std::path::Path::new(root)).unwrap();
+        let m = c.family.moe.clone().unwrap();
+        let (h, ei, n) = (c.hidden_size, m.expert_intermediate, m.num_experts);
+        let one = |name: &str, shape: &[usize]| {
+            let p = hf_parts(&c, name, shape).unwrap();
+            assert_eq!(p.len(), 1, "{name}");
+            (p[0].name.clone(), p[0].shape.clone(), p[0].offset)
+        };
+        let w2 = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+        assert_eq!(one(w2, &[h, ei]), (expert_name(1, 3, "down_proj"), vec![h, ei], 0));
+        let gate = "model.layers.0.block_sparse_moe.gate.weight";
+        assert_eq!(one(gate, &[n, h]).0, "model.layers.0.mlp.gate.weight");
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(one(q, &[h, h]), (q.to_string(), vec![h, h], 0));
+
+        let gu = hf_parts(&c, "model.layers.1.mlp.experts.gate_up_proj", &[n, 2 * ei, h]).unwrap();
+        assert_eq!(gu.len(), 2 * n);
+        assert_eq!(
+            (gu[2].name.as_str(), gu[2].offset),
+            (expert_name(1, 1, "gate_proj").as_str(), 2 * ei * h)
+        );
+        assert_eq!(
+            (gu[3].name.as_str(), gu[3].offset),
+            (expert_name(1, 1, "up_proj").as_str(), 3 * ei * h)
+        );
+        assert!(gu.iter().all(|p| p.shape == [ei, h]));
+        let down = hf_parts(&c, "model.layers.1.mlp.experts.down_proj", &[n, h, ei]).unwrap();
+        assert_eq!(down.len(), n);
+        assert_eq!(
+            (down[n - 1].offset, down[n - 1].shape.clone()),
+            ((n - 1) * h * ei, vec![h, ei])
+        );
+        let e = hf_parts(&c, "model.layers.1.mlp.experts.down_proj", &[n, ei, h]).unwrap_err();
+        assert!(
+            e.to_string().contains("mlp.experts.down_proj")
+                && e.to_string().contains("expected shape"),
+            "{e}"
+        );
     }
 }
