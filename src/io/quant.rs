@@ -556,6 +556,49 @@ fn block_q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
     }
 }
 
+/// The value of an FP8 E4M3 byte (`float8_e4m3fn`: sign, 4 exponent bits of bias 7, 3
+/// mantissa bits; no infinities, `S.1111.111` is NaN).
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        std::array::from_fn(|i| {
+            let (e, m) = ((i >> 3) & 0xf, (i & 7) as f32);
+            let magnitude = match (e, m) {
+                (15, 7.0) => f32::NAN,
+                (0, _) => m / 8.0 * 2f32.powi(-6),
+                _ => (1.0 + m / 8.0) * 2f32.powi(e as i32 - 7),
+            };
+            if i & 0x80 != 0 {
+                -magnitude
+            } else {
+                magnitude
+            }
+        })
+    })[b as usize]
+}
+
+/// Dequantize an FP8 E4M3 matrix `q` (`rows × cols`, row-major) with one scale per block of
+/// `[br, bc]` (`scales`: `[⌈rows/br⌉, ⌈cols/bc⌉]`, row-major): `w[r, c] = e4m3(q[r, c]) ·
+/// scales[r / br, c / bc]`. The caller checks the sizes.
+pub fn dequantize_fp8_blocks(
+    q: &[u8],
+    (rows, cols): (usize, usize),
+    scales: &[f32],
+    [br, bc]: [usize; 2],
+) -> Vec<f32> {
+    let sc = cols.div_ceil(bc);
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(cols.max(1)).zip(q.par_chunks(cols.max(1))).enumerate().for_each(
+        |(r, (o, q))| {
+            let s = &scales[(r / br) * sc..(r / br + 1) * sc];
+            for (c, (o, &q)) in o.iter_mut().zip(q).enumerate() {
+                *o = e4m3_to_f32(q) * s[c / bc];
+            }
+        },
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

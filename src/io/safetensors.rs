@@ -48,13 +48,51 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Load every tensor of the given safetensors files into `weights`, converted once to f32.
-pub fn load_into(files: &[PathBuf], weights: &mut Weights) -> Result<()> {
-    let ckpt = MappedCheckpoint::open(files)?;
+/// Load every tensor of the given safetensors files into `weights`, converted once to f32
+/// (FP8 weights dequantized with blocks of `fp8_block`, see [`MappedCheckpoint::read`]).
+pub fn load_into(
+    files: &[PathBuf],
+    fp8_block: Option<[usize; 2]>,
+    weights: &mut Weights,
+) -> Result<()> {
+    let ckpt = MappedCheckpoint::open(files)?.with_fp8_block(fp8_block);
     for name in ckpt.names() {
         weights.insert(name.to_string(), ckpt.read(name)?);
     }
     Ok(())
+}
+
+/// The `[rows, cols]` block of an FP8 checkpoint's weight scales: `config.json`'s
+/// `quantization_config.weight_block_size` when its `quant_method` is `fp8` (DeepSeek-V3,
+/// Qwen3's `-FP8` models: `[128, 128]`); None otherwise. Errors name the file.
+pub fn fp8_block_size(config: &Path) -> Result<Option<[usize; 2]>> {
+    let text = std::fs::read_to_string(config).map_err(|e| Error::io(config, e))?;
+    let j: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Json { path: config.to_path_buf(), source: e })?;
+    let Some(q) = j.get("quantization_config") else { return Ok(None) };
+    if q.get("quant_method").and_then(|m| m.as_str()) != Some("fp8") {
+        return Ok(None);
+    }
+    match q.get("weight_block_size") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(b) => {
+            let dims: Option<Vec<usize>> = b.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .filter_map(|v| usize::try_from(v).ok())
+                    .collect()
+            });
+            match dims.as_deref() {
+                Some(&[r, c]) if r > 0 && c > 0 && b.as_array().is_some_and(|a| a.len() == 2) => {
+                    Ok(Some([r, c]))
+                }
+                _ => Err(Error::format(
+                    config,
+                    format!("quantization_config.weight_block_size must be two positive integers, found {b}"),
+                )),
+            }
+        }
+    }
 }
 
 /// Where one tensor's bytes lie in a [`MappedCheckpoint`].
@@ -87,6 +125,8 @@ pub struct StoredTensor<'a> {
 pub struct MappedCheckpoint {
     files: Vec<(PathBuf, Mmap)>,
     tensors: BTreeMap<String, Located>,
+    /// The block of FP8 weights' scales ([`fp8_block_size`]).
+    fp8_block: Option<[usize; 2]>,
 }
 
 impl MappedCheckpoint {
@@ -126,12 +166,27 @@ impl MappedCheckpoint {
             }
             mapped.push((path.clone(), mmap));
         }
-        Ok(MappedCheckpoint { files: mapped, tensors })
+        Ok(MappedCheckpoint { files: mapped, tensors, fp8_block: None })
     }
 
-    /// Tensor names, sorted.
+    /// Dequantize FP8 weights with scales per block of `block` (`[rows, cols]`; see
+    /// [`fp8_block_size`]).
+    pub fn with_fp8_block(mut self, block: Option<[usize; 2]>) -> Self {
+        self.fp8_block = block;
+        self
+    }
+
+    /// Tensor names, sorted; an FP8 weight's scales (`{weight}_scale_inv`) are part of the
+    /// weight, not a tensor of their own.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.tensors.keys().map(String::as_str).filter(|n| !self.is_fp8_scale(n))
+    }
+
+    /// Whether `name` holds the scales of an FP8 weight.
+    fn is_fp8_scale(&self, name: &str) -> bool {
+        name.strip_suffix("_scale_inv")
+            .and_then(|w| self.tensors.get(w))
+            .is_some_and(|t| t.dtype == Dtype::F8_E4M3)
     }
 
     /// A tensor's shape, if the checkpoint has it.
@@ -144,9 +199,18 @@ impl MappedCheckpoint {
         self.tensors.get(name).map(|t| format!("{:?}", t.dtype))
     }
 
-    /// Read one tensor, converted to f32. Errors name the file and tensor.
+    /// Read one tensor, converted to f32. An FP8 (E4M3) weight is dequantized with its
+    /// scales `{name}_scale_inv` (`[⌈rows/br⌉, ⌈cols/bc⌉]`, f32 or bf16, one per block of
+    /// [`Self::with_fp8_block`]'s `[br, bc]`): `w[r, c] = fp8(q[r, c]) · s[r / br, c / bc]`, as
+    /// DeepSeek-V3's `weight_dequant`. Errors name the file and tensor.
     pub fn read(&self, name: &str) -> Result<Tensor> {
         let (t, path, bytes) = self.locate(name)?;
+        if t.dtype == Dtype::F8_E4M3 {
+            let data = self
+                .read_fp8(name, &t.shape, bytes)
+                .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
+            return Tensor::new(name, t.shape.clone(), data, "F8_E4M3");
+        }
         let data = to_f32(t.dtype, bytes)
             .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
         Tensor::new(name, t.shape.clone(), data, &format!("{:?}", t.dtype))
@@ -218,6 +282,36 @@ impl MappedCheckpoint {
         let data = to_f32(t.dtype, bytes)
             .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
         Tensor::new(as_name, shape.to_vec(), data, dtype_name)
+    }
+
+    /// FP8 weight `name` (`shape`, its bytes `q`) times its block scales, as f32.
+    fn read_fp8(
+        &self,
+        name: &str,
+        shape: &[usize],
+        q: &[u8],
+    ) -> std::result::Result<Vec<f32>, String> {
+        let scales = format!("{name}_scale_inv");
+        let Ok((st, _, sb)) = self.locate(&scales) else {
+            return Err(format!(
+                "an F8_E4M3 weight needs its scales `{scales}`, which the checkpoint lacks"
+            ));
+        };
+        let [br, bc] = self
+            .fp8_block
+            .ok_or("an F8_E4M3 weight needs config.json's quantization_config.weight_block_size")?;
+        let &[rows, cols] = shape else {
+            return Err(format!("an F8_E4M3 weight must be a matrix, found shape {shape:?}"));
+        };
+        let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+        if st.shape != [sr, sc] {
+            return Err(format!(
+                "`{scales}` has shape {:?}; blocks of {br}×{bc} over {rows}×{cols} need [{sr}, {sc}]",
+                st.shape
+            ));
+        }
+        let s = to_f32(st.dtype, sb).map_err(|m| format!("`{scales}`: {m}"))?;
+        Ok(crate::io::quant::dequantize_fp8_blocks(q, (rows, cols), &s, [br, bc]))
     }
 
     /// A tensor's entry, file and bytes in the map.

@@ -91,7 +91,9 @@ impl LazyModel {
                 a.name()
             )));
         }
-        let ckpt = MappedCheckpoint::open(&safetensors::checkpoint_files(dir)?)?;
+        let fp8_block = safetensors::fp8_block_size(&dir.join("config.json"))?;
+        let ckpt =
+            MappedCheckpoint::open(&safetensors::checkpoint_files(dir)?)?.with_fp8_block(fp8_block);
         let mut entries = BTreeMap::new();
         for name in ckpt.names() {
             if config.tie_word_embeddings && name == "lm_head.weight" {
@@ -209,6 +211,8 @@ impl LazyModel {
         let e = self.entry(name)?;
         match (&self.files, e.gguf) {
             (Files::Safetensors(ckpt), _) => match &e.stored_as {
+                // Renamed whole (FP8 weights included), or cut from a fused stack.
+                Some((stored, 0)) if ckpt.shape(stored) == Some(&e.shape) => ckpt.read(stored),
                 Some((stored, offset)) => ckpt.read_part(stored, *offset, &e.shape, name),
                 None => ckpt.read(name),
             },
@@ -254,6 +258,8 @@ impl LazyModel {
         let e = self.entry(name)?;
         let Files::Safetensors(ckpt) = &self.files else { return Ok(None) };
         match &e.stored_as {
+            // A dtype read only through conversion (FP8) has no stored run to copy.
+            Some((stored, _)) if ckpt.stored(stored)?.dtype == "other" => Ok(None),
             Some((stored, offset)) => {
                 let len = e.shape.iter().product();
                 let (dtype, bytes) = ckpt.stored_part(stored, *offset, len)?;

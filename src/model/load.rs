@@ -70,7 +70,8 @@ fn naming(path: &Path) -> impl FnOnce(Error) -> Error + '_ {
 pub fn load_hf_dir(dir: &Path) -> Result<Model> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
     let mut weights = Weights::new();
-    safetensors::load_into(&safetensors::checkpoint_files(dir)?, &mut weights)?;
+    let fp8_block = safetensors::fp8_block_size(&dir.join("config.json"))?;
+    safetensors::load_into(&safetensors::checkpoint_files(dir)?, fp8_block, &mut weights)?;
     normalize_hf(&config, &mut weights)?;
     // Some checkpoints prefix nothing; normalize the tied head.
     if config.tie_word_embeddings {
