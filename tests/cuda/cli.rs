@@ -92,8 +92,8 @@ fn cli_analyses_run_on_the_device() {
 }
 
 /// The `swk` binary on the device: `detect --device cuda` on a mixture of experts loads a
-/// safetensors checkpoint whole (the streaming decision needs only its config; LazyModel
-/// cannot stream these renamed checkpoints) and streams its GGUF with `--stream always`;
+/// safetensors checkpoint whole with `--stream auto` (it fits), and streams its GGUF and
+/// Mixtral's renamed safetensors checkpoint with `--stream always`;
 /// `experts --device cuda` on the streamed GGUF reports the CPU's routing and super experts;
 /// `screen --device cuda` on a streamed GGUF ranks as the CPU does, and `trace` and `cascade`
 /// there report what the CPU reports. `--gpu-dtype f16` finds the f32 run's candidates, and
@@ -104,9 +104,10 @@ fn cli_detects_on_the_device() {
         return;
     }
     let root = fixtures_root().join("tiny");
-    let runs: [(&str, PathBuf); 2] = [
+    let runs: [(&str, PathBuf); 3] = [
         ("auto", root.join("qwen2_moe")),
         ("always", root.join("mixtral_gguf").join("model.gguf")),
+        ("always", root.join("mixtral")),
     ];
     for (stream, model) in &runs {
         let r = swk_json(
