@@ -220,53 +220,35 @@ impl MappedCheckpoint {
     /// weights as they are). Errors as [`Self::read`].
     pub fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
         let (t, _, bytes) = self.locate(name)?;
-        let dtype = match t.dtype {
-            Dtype::F32 => "F32",
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::F64 => "F64",
-            _ => "other",
-        };
-        Ok(StoredTensor { dtype, shape: &t.shape, bytes })
+        Ok(StoredTensor { dtype: stored_name(t.dtype), shape: &t.shape, bytes })
     }
 
     /// `len` elements of tensor `name` from element `offset` on, as stored (a tensor that
     /// loading renames, or one expert of a fused stack): the dtype's name as in
     /// [`StoredTensor::dtype`] and the bytes. Errors as [`Self::read`], and for a range past
-    /// the tensor's end or a dtype of no known width.
+    /// the tensor's end or a dtype narrower than a byte.
     pub fn stored_part(
         &self,
         name: &str,
         offset: usize,
         len: usize,
     ) -> Result<(&'static str, &[u8])> {
-        let (_, path, _) = self.locate(name)?;
-        let t = self.stored(name)?;
-        let width = match t.dtype {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            "F64" => 8,
-            other => {
-                return Err(Error::format(
-                    path,
-                    format!("tensor `{name}`: dtype {other} is not supported"),
-                ))
-            }
-        };
-        let range = offset
-            .checked_mul(width)
-            .zip(offset.checked_add(len).and_then(|e| e.checked_mul(width)));
-        let bytes = range.and_then(|(a, b)| t.bytes.get(a..b)).ok_or_else(|| {
+        let (t, path, bytes) = self.locate(name)?;
+        let width = Some(t.dtype.bitsize()).filter(|b| b % 8 == 0).map(|b| b / 8);
+        let range = width
+            .and_then(|w| Some(offset.checked_mul(w)?..offset.checked_add(len)?.checked_mul(w)?));
+        let part = range.and_then(|r| bytes.get(r)).ok_or_else(|| {
             Error::format(
                 path,
                 format!(
-                    "tensor `{name}` has no elements {offset}..{} ({:?})",
-                    offset.saturating_add(len),
-                    t.shape
+                    "tensor `{name}` ({:?} {:?}) has no whole elements {offset}..{}",
+                    t.dtype,
+                    t.shape,
+                    offset.saturating_add(len)
                 ),
             )
         })?;
-        Ok((t.dtype, bytes))
+        Ok((stored_name(t.dtype), part))
     }
 
     /// [`Self::stored_part`] converted to f32, as tensor `as_name` of shape `shape`.
@@ -277,11 +259,11 @@ impl MappedCheckpoint {
         shape: &[usize],
         as_name: &str,
     ) -> Result<Tensor> {
-        let (dtype_name, bytes) = self.stored_part(name, offset, shape.iter().product())?;
+        let (_, bytes) = self.stored_part(name, offset, shape.iter().product())?;
         let (t, path, _) = self.locate(name)?;
         let data = to_f32(t.dtype, bytes)
             .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))?;
-        Tensor::new(as_name, shape.to_vec(), data, dtype_name)
+        Tensor::new(as_name, shape.to_vec(), data, &format!("{:?}", t.dtype))
     }
 
     /// FP8 weight `name` (`shape`, its bytes `q`) times its block scales, as f32.
@@ -323,6 +305,17 @@ impl MappedCheckpoint {
             .get(t.start..t.end)
             .ok_or_else(|| Error::format(path, format!("tensor `{name}` lies outside the file")))?;
         Ok((t, path, bytes))
+    }
+}
+
+/// A dtype's name as [`StoredTensor::dtype`] gives it.
+fn stored_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
+        Dtype::BF16 => "BF16",
+        Dtype::F64 => "F64",
+        _ => "other",
     }
 }
 

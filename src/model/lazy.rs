@@ -258,8 +258,6 @@ impl LazyModel {
         let e = self.entry(name)?;
         let Files::Safetensors(ckpt) = &self.files else { return Ok(None) };
         match &e.stored_as {
-            // A dtype read only through conversion (FP8) has no stored run to copy.
-            Some((stored, _)) if ckpt.stored(stored)?.dtype == "other" => Ok(None),
             Some((stored, offset)) => {
                 let len = e.shape.iter().product();
                 let (dtype, bytes) = ckpt.stored_part(stored, *offset, len)?;

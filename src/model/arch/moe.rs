@@ -117,11 +117,12 @@ pub fn hf_parts(c: &ModelConfig, name: &str, shape: &[usize]) -> Result<Vec<HfPa
         if !renamed.contains(".mlp.experts.") {
             return Ok(whole(renamed));
         }
-        let renamed = renamed
-            .replace(".w1.weight", ".gate_proj.weight")
-            .replace(".w3.weight", ".up_proj.weight")
-            .replace(".w2.weight", ".down_proj.weight");
-        return Ok(whole(renamed));
+        return Ok(whole(
+            renamed
+                .replace(".w1.weight", ".gate_proj.weight")
+                .replace(".w3.weight", ".up_proj.weight")
+                .replace(".w2.weight", ".down_proj.weight"),
+        ));
     };
     let (h, ei, n) = (c.hidden_size, moe.expert_intermediate, moe.num_experts);
     let (want, parts): ([usize; 3], &[&str]) = match what {
