@@ -288,3 +288,41 @@ fn streamed_experts_are_read_once_chosen() {
         }
     }
 }
+
+/// An expert that cannot be staged (a value past f16's range, streamed into f16 slots) fails
+/// the pass with an error naming its tensor, whether its experts are read alone (more than
+/// one a layer: through the staging thread) or with whole layers; no pass hangs or panics,
+/// the next one fails the same way, and the experts' files are read, not altered.
+#[test]
+fn streamed_expert_that_cannot_be_staged_fails_the_pass() {
+    if !gpu() {
+        return;
+    }
+    let (mut m, tokens) = load("mixtral");
+    let moe = m.config.family.moe.clone().unwrap();
+    assert!(moe.top_k >= 2, "one token must route to several experts");
+    for l in 0..m.config.num_layers {
+        for e in 0..moe.num_experts {
+            let t = format!("model.layers.{l}.mlp.experts.{e}.down_proj.weight");
+            m.weights.get_mut(&t).unwrap().data[3] = 98304.0; // 1.5 · 2^16: no f16
+        }
+    }
+    let lazy = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
+    let opts = CudaOptions { dtype: WeightDtype::F16, ..Default::default() };
+    for select in [true, false] {
+        let mut g = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+        g.set_selective_experts(select);
+        for pass in 0..2 {
+            let mut cache = CudaKvCache::new(&g);
+            let e = g.forward(&tokens[..1], &mut cache, None, Logits::Last).err();
+            let e = e.unwrap_or_else(|| panic!("select {select} pass {pass}: not refused"));
+            let e = e.to_string();
+            assert!(e.contains(".mlp.experts.") && e.contains("65504"), "{e}");
+        }
+        if select {
+            assert_eq!(g.streamed_bytes().1, 0, "no expert reached the slot");
+        }
+    }
+    let t = "model.layers.0.mlp.experts.1.down_proj.weight";
+    assert_eq!(lazy.tensor(t).unwrap().data[3], 98304.0);
+}

@@ -76,7 +76,9 @@ impl Streamed {
 
     /// Read routed experts `experts` of layer `l` from the files into their places in `slot`
     /// (stream-ordered before the products that read them), skipping those already read for
-    /// this layer in this pass (`read`, one flag per expert).
+    /// this layer in this pass (`read`, one flag per expert). With more than one to read, a
+    /// scoped thread stages the next expert while this one uploads the last, one staged
+    /// expert in flight, so the host's copy out of the files overlaps the copy to the device.
     pub(crate) fn fetch_experts(
         &self,
         dev: &CudaDevice,
@@ -85,20 +87,54 @@ impl Streamed {
         read: &mut [bool],
         slot: &mut CudaSlice<u8>,
     ) -> Result<()> {
+        let mut todo = Vec::with_capacity(experts.len());
         for &e in experts {
             let flag = read.get_mut(e).ok_or_else(|| {
                 Error::Backend(format!("layer {l}: routed to expert {e}, which it does not have"))
             })?;
-            if *flag {
-                continue;
+            if !*flag && !todo.contains(&e) {
+                todo.push(e);
             }
-            let staged =
-                stage_part(&self.lazy, l, &self.layouts[l], LayerPart::Expert(e), &self.overlay)?;
+        }
+        let stage = |e: usize| {
+            stage_part(&self.lazy, l, &self.layouts[l], LayerPart::Expert(e), &self.overlay)
+        };
+        let mut put = |e: usize, staged: StagedLayer| -> Result<()> {
             self.upload(dev, &staged, slot)?;
             self.staged[1].fetch_add(1, Ordering::Relaxed);
-            *flag = true;
+            read[e] = true;
+            Ok(())
+        };
+        if todo.len() < 2 {
+            return todo.iter().try_for_each(|&e| put(e, stage(e)?));
         }
-        Ok(())
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<StagedLayer>)>(1);
+            let order = &todo;
+            scope.spawn(move || {
+                for &e in order {
+                    let staged = stage(e);
+                    let failed = staged.is_err();
+                    // A closed channel means the uploads stopped on an error: stop too.
+                    if tx.send((e, staged)).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            // Every expert arrives in `todo`'s order, or an error ends the loop (dropping
+            // `rx`, which ends the stager).
+            let mut done = 0;
+            for (e, staged) in rx.iter() {
+                put(e, staged?)?;
+                done += 1;
+            }
+            match todo.get(done) {
+                Some(e) => Err(Error::Backend(format!(
+                    "layer {l}: expert {e} was never staged (the staging thread stopped)"
+                ))),
+                None => Ok(()),
+            }
+        })
     }
 
     /// The slot entry of a layer tensor's full name, if it names one of this model's layers.
