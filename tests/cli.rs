@@ -4,6 +4,9 @@ mod common;
 
 use std::process::Command;
 
+use swk::backend::memory::MemoryPlan;
+use swk::backend::WeightDtype;
+
 fn swk(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_swk")).args(args).output().expect("run swk");
     (
@@ -26,6 +29,78 @@ fn info_json() {
     assert_eq!(j["format"], "safetensors");
     assert_eq!(j["config"]["num_layers"], 2);
     assert_eq!(j["dtypes"]["mlp.down_proj.weight"], "F32");
+}
+
+/// `swk info` reads only the headers of every fixture it can open lazily (every GGUF, and
+/// safetensors but GPT-2's, GPT-NeoX's and Gemma 3's), and reports the same parameter count
+/// and stored dtypes as loading the model whole; its CUDA memory plan is the library's, with
+/// the bytes of short streamed passes.
+#[test]
+fn info_reads_headers_and_matches_loading() {
+    let root = common::fixture("tiny");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    let mut lazily = 0;
+    for dir in dirs {
+        let gguf = dir.join("model.gguf");
+        let spec = if gguf.is_file() { gguf } else { dir.clone() };
+        if !spec.join("config.json").is_file() && !spec.is_file() {
+            continue;
+        }
+        let spec = spec.to_str().unwrap();
+        let (ok, out, err) = swk(&["info", spec, "--json"]);
+        assert!(ok, "{spec}: {err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let m = swk::Model::load(spec).unwrap();
+        assert_eq!(j["parameters"], m.weights.n_elements(), "{spec}");
+        let mut dtypes = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (name, t) in m.weights.iter() {
+            let kind = match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+                Some((_, rest)) => rest.to_string(),
+                None => name.to_string(),
+            };
+            let v = dtypes.entry(kind).or_default();
+            if !v.contains(&t.source_dtype) {
+                v.push(t.source_dtype.clone());
+            }
+        }
+        let got: std::collections::BTreeMap<String, Vec<String>> = j["dtypes"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let mut d: Vec<String> =
+                    v.as_str().unwrap().split(',').map(str::to_string).collect();
+                d.sort();
+                (k.clone(), d)
+            })
+            .collect();
+        dtypes.values_mut().for_each(|v| v.sort());
+        assert_eq!(got, dtypes, "{spec}");
+        use swk::model::Architecture::{Gemma3, Gpt2, GptNeoX};
+        let whole =
+            !spec.ends_with(".gguf") && matches!(m.config.architecture, Gpt2 | GptNeoX | Gemma3);
+        assert_eq!(j["read"], if whole { "whole" } else { "headers" }, "{spec}");
+        lazily += usize::from(!whole);
+        let dtypes = [WeightDtype::Bf16, WeightDtype::F16, WeightDtype::F32];
+        for (mem, dtype) in j["memory"].as_array().unwrap().iter().zip(dtypes) {
+            let plan = MemoryPlan::new(&m.config, dtype);
+            assert_eq!(mem["dtype"], dtype.name());
+            assert_eq!(mem["resident"], plan.resident, "{spec}");
+            assert_eq!(mem["streamed"], plan.streamed, "{spec}");
+            assert_eq!(mem["slot"], plan.slot, "{spec}");
+            for t in [1, 9, 512] {
+                assert_eq!(mem["pass_bytes"][t.to_string()], plan.pass_bytes(t), "{spec} {t}");
+            }
+            assert!(plan.streamed < plan.resident || m.config.num_layers == 1, "{spec}");
+        }
+    }
+    assert!(lazily >= 30, "{lazily} fixtures opened lazily");
+    // Every weight of the Llama fixture is one the forward pass reads: f32 resident bytes
+    // are 4 per parameter.
+    let (_, out, _) = swk(&["info", &tiny(), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["memory"][2]["resident"], 4 * j["parameters"].as_u64().unwrap());
 }
 
 #[test]

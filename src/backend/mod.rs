@@ -5,6 +5,7 @@ pub mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod dtype;
+pub mod memory;
 pub mod stream;
 
 pub use dtype::WeightDtype;

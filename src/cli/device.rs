@@ -182,7 +182,6 @@ pub struct DeviceOpts {
 }
 
 /// Device memory left free for activations and the KV cache when deciding to stream.
-#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 const HEADROOM: usize = 2 << 30;
 
 /// The backend for `spec` (per the flags), and the model as that
@@ -244,6 +243,31 @@ fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype) -> Result<bool> {
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn fits(_: &swk::model::ModelConfig, _: WeightDtype) -> Result<bool> {
     Ok(true)
+}
+
+/// Whether weights of `bytes` fit device memory with `free` bytes free, leaving the headroom
+/// `--stream auto` leaves (else it streams).
+pub fn fits_whole(bytes: usize, free: usize) -> bool {
+    bytes.saturating_add(HEADROOM) <= free
+}
+
+/// The name and free memory of the CUDA device `--device` picks (quietly); `None` when it
+/// picks the CPU.
+pub fn free_memory(arg: DeviceArg) -> Result<Option<(String, usize)>> {
+    if choose(arg, true)? == Backend::Cpu {
+        return Ok(None);
+    }
+    cuda_free_memory().map(Some)
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn cuda_free_memory() -> Result<(String, usize)> {
+    swk::backend::cuda::CudaModel::free_memory(0)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn cuda_free_memory() -> Result<(String, usize)> {
+    Err(Error::Backend(cuda_usable(true).err().unwrap_or_default()))
 }
 
 /// The model on CUDA device 0: uploaded whole, or streamed when `lazy` is given.

@@ -1,9 +1,12 @@
-//! `swk info MODEL [--json]`.
+//! `swk info MODEL [--json]`: what a model is, from its headers alone where swk can open it
+//! lazily (any size, nothing read but metadata), and the device memory it takes on CUDA.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use swk::model::{Format, ModelConfig};
+use swk::backend::memory::MemoryPlan;
+use swk::backend::WeightDtype;
+use swk::model::{Format, LazyModel, ModelConfig};
 use swk::Result;
 
 /// Arguments of `swk info`.
@@ -16,6 +19,10 @@ pub struct Args {
     json: bool,
 }
 
+/// Pass lengths, in tokens, whose streamed bytes `info` reports: decoding one token, a
+/// detection prompt, a perplexity window.
+const PASS_TOKENS: [usize; 3] = [1, 9, 512];
+
 #[derive(Serialize)]
 struct Info<'a> {
     model: &'a str,
@@ -24,7 +31,31 @@ struct Info<'a> {
     config: &'a ModelConfig,
     parameters: usize,
     dtypes: BTreeMap<String, String>,
+    /// Whether only the headers were read (`headers`) or the whole model loaded (`whole`,
+    /// for checkpoints swk cannot open lazily).
+    read: &'static str,
     load_seconds: f64,
+    /// Device memory on the CUDA backend per weight dtype.
+    memory: Vec<DeviceMemory>,
+    /// The CUDA device this swk would run on, when one is usable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<Device>,
+}
+
+#[derive(Serialize)]
+struct DeviceMemory {
+    #[serde(flatten)]
+    plan: MemoryPlan,
+    /// At most the bytes a streamed pass of that many tokens copies to the device.
+    pass_bytes: BTreeMap<usize, usize>,
+}
+
+#[derive(Serialize)]
+struct Device {
+    name: String,
+    free_bytes: usize,
+    /// Per weight dtype, what `--stream auto` does: `resident` or `streamed`.
+    stream_auto: BTreeMap<&'static str, &'static str>,
 }
 
 /// The tensor kind of an HF name: `model.layers.3.mlp.down_proj.weight` -> `mlp.down_proj.weight`.
@@ -35,32 +66,115 @@ fn kind(name: &str) -> String {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let m = super::load_model(&a.model, a.json)?;
-    let mut dtypes: BTreeMap<String, String> = BTreeMap::new();
-    for (name, t) in m.weights.iter() {
-        let e = dtypes.entry(kind(name)).or_default();
-        if !e.split(',').any(|d| d == t.source_dtype) {
-            if !e.is_empty() {
-                e.push(',');
-            }
-            e.push_str(&t.source_dtype);
+/// Add `dtype` to the comma-separated dtypes of `name`'s kind.
+fn note_dtype(dtypes: &mut BTreeMap<String, String>, name: &str, dtype: &str) {
+    let e = dtypes.entry(kind(name)).or_default();
+    if !e.split(',').any(|d| d == dtype) {
+        if !e.is_empty() {
+            e.push(',');
         }
+        e.push_str(dtype);
     }
+}
+
+/// The model's description: from its headers (LazyModel), or loaded whole when it cannot be
+/// opened lazily (safetensors checkpoints that loading rewrites).
+struct Described {
+    config: ModelConfig,
+    format: Format,
+    parameters: usize,
+    dtypes: BTreeMap<String, String>,
+    read: &'static str,
+    load_seconds: f64,
+}
+
+fn describe(spec: &str, quiet: bool) -> Result<Described> {
+    let mut dtypes = BTreeMap::new();
+    if LazyModel::can_open(spec)? {
+        let lazy = LazyModel::open(spec)?;
+        let mut parameters = 0;
+        for name in lazy.names() {
+            parameters += lazy.shape(name)?.iter().product::<usize>();
+            note_dtype(&mut dtypes, name, &lazy.source_dtype(name)?);
+        }
+        return Ok(Described {
+            config: lazy.config.clone(),
+            format: lazy.source.format,
+            parameters,
+            dtypes,
+            read: "headers",
+            load_seconds: lazy.source.load_seconds,
+        });
+    }
+    let m = super::load_model(spec, quiet)?;
+    for (name, t) in m.weights.iter() {
+        note_dtype(&mut dtypes, name, &t.source_dtype);
+    }
+    Ok(Described {
+        parameters: m.weights.n_elements(),
+        format: m.source.format,
+        dtypes,
+        read: "whole",
+        load_seconds: m.source.load_seconds,
+        config: m.config,
+    })
+}
+
+const DTYPES: [WeightDtype; 3] = [WeightDtype::Bf16, WeightDtype::F16, WeightDtype::F32];
+
+pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
+    let d = describe(&a.model, a.json)?;
+    let memory: Vec<DeviceMemory> = DTYPES
+        .iter()
+        .map(|&dtype| {
+            let plan = MemoryPlan::new(&d.config, dtype);
+            let pass_bytes = PASS_TOKENS.iter().map(|&t| (t, plan.pass_bytes(t))).collect();
+            DeviceMemory { plan, pass_bytes }
+        })
+        .collect();
+    let device = super::device::free_memory(dev.device)?.map(|(name, free_bytes)| {
+        let stream_auto = memory
+            .iter()
+            .map(|m| {
+                let fits = super::device::fits_whole(m.plan.resident, free_bytes);
+                (m.plan.dtype, if fits { "resident" } else { "streamed" })
+            })
+            .collect();
+        Device { name, free_bytes, stream_auto }
+    });
     let info = Info {
         model: &a.model,
-        format: m.source.format,
-        architecture: m.config.architecture.name(),
-        config: &m.config,
-        parameters: m.weights.n_elements(),
-        dtypes,
-        load_seconds: m.source.load_seconds,
+        format: d.format,
+        architecture: d.config.architecture.name(),
+        config: &d.config,
+        parameters: d.parameters,
+        dtypes: d.dtypes,
+        read: d.read,
+        load_seconds: d.load_seconds,
+        memory,
+        device,
     };
     if a.json {
         return super::print_json(&info);
     }
-    let c = &m.config;
-    println!("model         {}", a.model);
+    print_text(&info);
+    Ok(())
+}
+
+/// Bytes in decimal units (GB = 1e9 bytes).
+fn size(bytes: usize) -> String {
+    let b = bytes as f64;
+    match bytes {
+        1_000_000_000.. => format!("{:.2} GB", b / 1e9),
+        1_000_000.. => format!("{:.2} MB", b / 1e6),
+        1_000.. => format!("{:.2} kB", b / 1e3),
+        _ => format!("{bytes} B"),
+    }
+}
+
+fn print_text(info: &Info) {
+    let c = info.config;
+    println!("model         {}", info.model);
     println!("format        {:?}", info.format);
     println!("architecture  {}", info.architecture);
     println!("layers        {}", c.num_layers);
@@ -85,10 +199,44 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     println!("parameters    {} ({:.1} M)", info.parameters, info.parameters as f64 / 1e6);
-    println!("load time     {:.2} s", info.load_seconds);
+    let read = if info.read == "headers" { "headers only" } else { "whole model" };
+    println!("read          {read} ({:.2} s)", info.load_seconds);
     println!("dtypes:");
     for (k, v) in &info.dtypes {
         println!("  {k:<36} {v}");
     }
-    Ok(())
+    println!(
+        "CUDA device memory (from the shapes; GB = 1e9 bytes; a streamed pass copies at most):"
+    );
+    let passes: Vec<String> = PASS_TOKENS.iter().map(usize::to_string).collect();
+    println!(
+        "  {:<8} {:>11} {:>11} {:>11}   streamed pass, {} tokens   KV cache / token",
+        "weights",
+        "resident",
+        "streamed",
+        "(slot)",
+        passes.join(" / ")
+    );
+    for m in &info.memory {
+        let p = &m.plan;
+        let passes: Vec<String> = m.pass_bytes.values().map(|&b| size(b)).collect();
+        println!(
+            "  {:<8} {:>11} {:>11} {:>11}   {}   {}",
+            p.dtype,
+            size(p.resident),
+            size(p.streamed),
+            size(p.slot),
+            passes.join(" / "),
+            size(p.kv_cache_per_token)
+        );
+    }
+    if let Some(d) = &info.device {
+        let auto: Vec<String> = d.stream_auto.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "device        {} ({} free); --stream auto: {}",
+            d.name,
+            size(d.free_bytes),
+            auto.join(", ")
+        );
+    }
 }

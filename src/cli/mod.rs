@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
     device::set_gemm(cli.gpu_gemm);
     let dev = device::DeviceOpts { device: cli.device, stream: cli.stream };
     match cli.command {
-        Command::Info(a) => info::run(a),
+        Command::Info(a) => info::run(a, dev),
         Command::Ppl(a) => ppl::run(a, dev),
         Command::Generate(a) => generate::run(a, dev),
         Command::Detect(a) => detect::run(a, dev),

@@ -53,6 +53,12 @@ struct Entry {
     kv_b: Option<[usize; 3]>,
 }
 
+/// Whether loading a Hugging Face checkpoint of family `a` renames or reshapes its tensors
+/// beyond what [`LazyModel`] maps (so it opens only from GGUF).
+fn rewritten_at_load(a: Architecture) -> bool {
+    matches!(a, Architecture::Gpt2 | Architecture::GptNeoX | Architecture::Gemma3)
+}
+
 /// A model opened without reading its weights. See the [module docs](self).
 pub struct LazyModel {
     /// Hyper-parameters.
@@ -79,10 +85,22 @@ impl LazyModel {
         Ok(lazy)
     }
 
+    /// Whether [`Self::open`] can open `spec` lazily: any GGUF file; a Hugging Face directory
+    /// unless its family's tensors are rewritten at load (GPT-2, GPT-NeoX, multimodal
+    /// Gemma 3), which [`Model::load`](crate::Model::load) loads whole. Reads the config only.
+    pub fn can_open(spec: &str) -> Result<bool> {
+        Ok(match crate::model::load::resolve(spec)? {
+            ModelPath::Gguf(_) => true,
+            ModelPath::HfDir(d) => {
+                !rewritten_at_load(ModelConfig::from_hf_json(&d.join("config.json"))?.architecture)
+            }
+        })
+    }
+
     fn open_hf_dir(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
         let a = config.architecture;
-        if matches!(a, Architecture::Gpt2 | Architecture::GptNeoX | Architecture::Gemma3) {
+        if rewritten_at_load(a) {
             return Err(Error::Invalid(format!(
                 "{}: lazy (streamed) loading of {} safetensors checkpoints is not supported, as \
                  their tensors are renamed or reshaped at load; use a GGUF file or load the model \
@@ -264,6 +282,24 @@ impl LazyModel {
                 Ok(Some(StoredTensor { dtype, shape: &e.shape, bytes }))
             }
             None => ckpt.stored(name).map(Some),
+        }
+    }
+
+    /// The dtype tensor `name` is stored in, as [`Tensor::source_dtype`] names it once read
+    /// (`BF16`, `F8_E4M3`, `Q4_K`, ...), without reading it.
+    pub fn source_dtype(&self, name: &str) -> Result<String> {
+        let e = self.entry(name)?;
+        let missing = || Error::tensor(name, "has no stored tensor");
+        match &self.files {
+            Files::Safetensors(ckpt) => {
+                let stored = e.stored_as.as_ref().map_or(name, |(s, _)| s.as_str());
+                ckpt.dtype_name(stored).ok_or_else(missing)
+            }
+            Files::Gguf(g) => {
+                let i = e.gguf.map(|(i, _)| i).or(e.kv_b.map(|[_, k, _]| k)).ok_or_else(missing)?;
+                Ok(g.tensors[i].ty.name().to_string())
+            }
+            Files::Memory(w) => Ok(w.get(name)?.source_dtype.clone()),
         }
     }
 

@@ -268,6 +268,10 @@ fn streamed_experts_are_read_once_chosen() {
             let sparse_layers = (0..c.num_layers).filter(|&l| moe.is_sparse(l)).count() as u64;
             assert_eq!(read, passes * sparse_layers * moe.top_k as u64, "{what}");
             assert!(bytes < whole_bytes, "{what}: {bytes} bytes vs {whole_bytes}");
+            // `swk info`'s plan says the same, from the config alone.
+            let plan = swk::backend::memory::MemoryPlan::new(&c, dtype);
+            assert_eq!(whole_bytes, passes * plan.whole_pass as u64, "{what}");
+            assert_eq!(bytes, passes * plan.pass_bytes(1) as u64, "{what}: plan");
             eprintln!("{what}: decode read {bytes} bytes, {whole_bytes} whole");
 
             // Edits of experts: the same edited logits both ways, and not the clean ones.
@@ -285,6 +289,7 @@ fn streamed_experts_are_read_once_chosen() {
             chosen.logits(&seq).unwrap();
             let after = chosen.streamed_bytes();
             assert_eq!((after.0 - before.0, after.1), (slots, before.1), "{what}: whole layers");
+            assert_eq!(plan.pass_bytes(long) as u64, slots, "{what}: plan, whole layers");
         }
     }
 }

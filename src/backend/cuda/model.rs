@@ -15,9 +15,10 @@ use super::mla::MlaRope;
 use super::moe::KeyLayout;
 use super::route::DeviceRouter;
 use super::streamed::Streamed;
-use crate::backend::stream::{layer_plan, split_layer_name, SlotLayout};
+use crate::backend::memory::{plan_shapes, resident_bytes, weight_bytes};
+use crate::backend::stream::{split_layer_name, SlotLayout};
 use crate::model::arch::{self, llama};
-use crate::model::{Architecture, LazyModel, Model, ModelConfig};
+use crate::model::{LazyModel, Model, ModelConfig};
 use crate::{Error, Result};
 
 pub use crate::backend::dtype::WeightDtype;
@@ -244,49 +245,6 @@ fn with_shapes(
             Ok((name, shape, matrix))
         })
         .collect()
-}
-
-/// Shapes of every tensor of a Llama with `c`'s shapes (no lm_head when tied).
-fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
-    let h = c.hidden_size;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true)];
-    if c.architecture != Architecture::Olmo {
-        // OLMo's final LayerNorm has no parameters.
-        v.push(("model.norm.weight".to_string(), vec![h], false));
-    }
-    if matches!(c.architecture, Architecture::Gpt2 | Architecture::GptNeoX) {
-        v.push(("model.norm.bias".to_string(), vec![h], false));
-    }
-    if c.architecture == Architecture::Gpt2 {
-        let positions = vec![c.max_position_embeddings, h];
-        v.push(("model.embed_positions.weight".to_string(), positions, false));
-    }
-    if !c.tie_word_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
-    }
-    for l in 0..c.num_layers {
-        for (suffix, shape, matrix) in layer_plan(c, l) {
-            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
-        }
-    }
-    v
-}
-
-/// Device bytes the weights of `c` take in `dtype`.
-pub(crate) fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_shapes(c)
-        .iter()
-        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
-        .sum()
-}
-
-/// Device bytes of the tensors outside the layers (embedding, final norm, LM head).
-fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_shapes(c)
-        .iter()
-        .filter(|(n, _, _)| split_layer_name(n).is_none())
-        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
-        .sum()
 }
 
 /// DeepSeek-V3's router selection biases by layer, read with `read(name)` (None: absent).
@@ -553,6 +511,13 @@ impl CudaModel {
         let dev = CudaDevice::new(opts.device)?;
         let (free, _) = dev.memory()?;
         Ok(weight_bytes(config, opts.dtype) + headroom <= free)
+    }
+
+    /// Device `device`'s name and free memory in bytes.
+    pub fn free_memory(device: usize) -> Result<(String, usize)> {
+        let dev = CudaDevice::new(device)?;
+        let (free, _) = dev.memory()?;
+        Ok((dev.name().to_string(), free))
     }
 
     /// Whether the layers are streamed from the model's files ([`CudaModel::streamed`]).
