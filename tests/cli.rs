@@ -103,6 +103,33 @@ fn info_reads_headers_and_matches_loading() {
     assert_eq!(j["memory"][2]["resident"], 4 * j["parameters"].as_u64().unwrap());
 }
 
+/// `swk info` refuses a config that does not describe its weights (read from the headers,
+/// nothing would notice otherwise), naming the file and the tensor, and sizes nothing.
+#[test]
+fn info_refuses_a_config_its_tensors_contradict() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(common::fixture("tiny/llama").join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases = [
+        ("hidden_size", serde_json::json!(1u64 << 40), "model.embed_tokens.weight"),
+        ("intermediate_size", serde_json::json!(100), "mlp.gate_proj.weight"),
+        ("num_hidden_layers", serde_json::json!(3), "model.layers.2."),
+    ];
+    for (key, value, tensor) in cases {
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(&path, c.to_string()).unwrap();
+        let (ok, out, err) = swk(&["info", dir.path().to_str().unwrap(), "--json"]);
+        assert!(!ok && out.is_empty(), "{key}: {out}");
+        assert!(err.contains("config.json") || err.contains(dir.path().to_str().unwrap()), "{err}");
+        assert!(err.contains(tensor), "{key}: {err}");
+    }
+}
+
 #[test]
 fn ppl_json_with_and_without_edits() {
     let text = common::fixture("tiny/llama/reference.json");

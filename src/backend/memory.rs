@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::stream::{layer_plan, split_layer_name, LayerPart, SlotLayout};
 use super::WeightDtype;
-use crate::model::{Architecture, ModelConfig};
+use crate::model::{Architecture, LazyModel, ModelConfig};
+use crate::{Error, Result};
 
 /// Every tensor the CUDA forward pass reads for a model of `c`'s shapes: (name, HF shape,
 /// whether it is a matrix stored in the weight dtype; norms, biases and routers stay f32).
@@ -38,13 +39,34 @@ pub fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     v
 }
 
-/// Device bytes of the tensors of [`plan_shapes`] that `keep` accepts, matrices in `dtype`.
+/// Check that `lazy` holds every tensor [`plan_shapes`] expects of its config, in that shape,
+/// so that sizes worked out from the config are the model's own: an error names the first
+/// tensor missing or misshapen (a config that does not describe its weights).
+pub fn check_shapes(lazy: &LazyModel) -> Result<()> {
+    for (name, shape, _) in plan_shapes(&lazy.config) {
+        let found = lazy.shape(&name).map_err(|_| {
+            Error::format(
+                &lazy.source.path,
+                format!("tensor `{name}` (shape {shape:?} by the config) is missing"),
+            )
+        })?;
+        if found != shape.as_slice() {
+            return Err(Error::format(
+                &lazy.source.path,
+                format!("tensor `{name}` has shape {found:?}; the config implies {shape:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Device bytes of the tensors of [`plan_shapes`] that `keep` accepts, matrices in `dtype`
+/// (saturating: a config of absurd sizes gives `usize::MAX`, which fits no device).
 fn plan_bytes(c: &ModelConfig, dtype: WeightDtype, keep: impl Fn(&str) -> bool) -> usize {
-    plan_shapes(c)
-        .iter()
-        .filter(|(n, _, _)| keep(n))
-        .map(|(_, s, m)| s.iter().product::<usize>() * if *m { dtype.bytes() } else { 4 })
-        .sum()
+    plan_shapes(c).iter().filter(|(n, _, _)| keep(n)).fold(0usize, |sum, (_, s, m)| {
+        let width = if *m { dtype.bytes() } else { 4 };
+        sum.saturating_add(s.iter().fold(width, |b, &d| b.saturating_mul(d)))
+    })
 }
 
 /// Device bytes every weight of `c` takes in `dtype` (a resident upload).
@@ -141,6 +163,14 @@ impl MemoryPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_sizes_saturate() {
+        let mut c = crate::synth::SynthSpec::llama2_7b().config().unwrap();
+        c.hidden_size = 1 << 40;
+        c.intermediate_size = 1 << 40;
+        assert_eq!(weight_bytes(&c, WeightDtype::Bf16), usize::MAX);
+    }
 
     #[test]
     fn llama2_7b_in_bf16() {

@@ -92,6 +92,7 @@ fn describe(spec: &str, quiet: bool) -> Result<Described> {
     let mut dtypes = BTreeMap::new();
     if LazyModel::can_open(spec)? {
         let lazy = LazyModel::open(spec)?;
+        swk::backend::memory::check_shapes(&lazy)?;
         let mut parameters = 0;
         for name in lazy.names() {
             parameters += lazy.shape(name)?.iter().product::<usize>();
