@@ -26,12 +26,21 @@ impl Rng {
 
 /// Load `path`; when it loads, a three-token forward pass. The error text, or None when both
 /// succeed with finite logits. Panics (failing the test) on NaN logits from an accepted model.
+///
+/// Also `swk info`'s path (headers only: open lazily, check the shapes against the config,
+/// every tensor's stored dtype, the device memory plan): it must not panic, must name `path`
+/// when it fails, and must not refuse a model that loads.
 fn outcome(path: &Path, case: &str) -> Option<String> {
     let p = path.to_str().unwrap();
+    let info = info_outcome(p);
+    if let Some(e) = &info {
+        assert!(e.contains(p), "{case}: swk info's error does not name the model: {e}");
+    }
     let m = match Model::load(p) {
         Ok(m) => m,
         Err(e) => return Some(e.to_string()),
     };
+    assert!(info.is_none(), "{case}: loads, but swk info refuses it: {info:?}");
     match m.logits(&[1, 2, 3]) {
         Ok(l) => {
             assert!(
@@ -42,6 +51,28 @@ fn outcome(path: &Path, case: &str) -> Option<String> {
         }
         Err(e) => Some(e.to_string()),
     }
+}
+
+/// What `swk info` does with `p` when it opens it lazily: the error text, or None.
+fn info_outcome(p: &str) -> Option<String> {
+    use swk::backend::memory::{check_shapes, MemoryPlan};
+    use swk::backend::WeightDtype;
+    let run = || -> swk::Result<()> {
+        if !swk::model::LazyModel::can_open(p)? {
+            return Ok(());
+        }
+        let lazy = swk::model::LazyModel::open(p)?;
+        check_shapes(&lazy)?;
+        for name in lazy.names() {
+            lazy.source_dtype(name)?;
+        }
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16, WeightDtype::F32] {
+            let plan = MemoryPlan::new(&lazy.config, dtype);
+            assert!(plan.pass_bytes(1) <= plan.whole_pass && plan.slot <= plan.resident);
+        }
+        Ok(())
+    };
+    run().err().map(|e| e.to_string())
 }
 
 /// A copy of fixture directory `tiny/{name}`, to corrupt.
@@ -180,6 +211,54 @@ fn absurd_layer_counts_are_refused() {
         e.contains(g.to_str().unwrap()) && e.contains("`qwen2moe.block_count` = 4294967295"),
         "{e}"
     );
+}
+
+/// A config declaring more routed experts than swk reads is refused naming the key, from
+/// config.json (each family's key) and GGUF; at the limit, `swk info`'s path refuses a
+/// config declaring more experts than the files hold tensors before sizing anything (it used
+/// to build a plan of every declared expert: gigabytes for a billion).
+#[test]
+fn absurd_expert_counts_are_refused() {
+    let max = swk::model::config::MAX_EXPERTS;
+    for (name, key) in [
+        ("mixtral", "num_local_experts"),
+        ("olmoe", "num_experts"),
+        ("deepseek_v3", "n_routed_experts"),
+    ] {
+        let dir = fixture_copy(name);
+        let mut c = common::json(&format!("tiny/{name}/config.json"));
+        c[key] = 1_000_000_000u64.into();
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let d = dir.path().to_str().unwrap();
+        let e = Model::load(d).err().expect("loaded").to_string();
+        assert!(e.contains("config.json") && e.contains(&format!("`{key}` = 1000000000")), "{e}");
+        assert_eq!(info_outcome(d), Some(e), "{name}");
+        if name == "deepseek_v3" {
+            continue; // its experts come in groups: `max` is not a valid count there
+        }
+        c[key] = max.into();
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        // OLMoE's fused expert stacks already disagree with the count when opened.
+        let e = info_outcome(d).expect("sized");
+        let says = if name == "olmoe" {
+            "expected shape".into()
+        } else {
+            format!("{max} experts a layer")
+        };
+        assert!(e.starts_with(d) && e.contains(&says), "{e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let g = patched_gguf(
+        dir.path(),
+        "qwen2_moe_gguf",
+        "qwen2moe.expert_count",
+        4,
+        &u32::MAX.to_le_bytes(),
+    );
+    let e = Model::load(g.to_str().unwrap()).err().expect("loaded").to_string();
+    let g = g.to_str().unwrap();
+    assert!(e.contains(g) && e.contains("`qwen2moe.expert_count` = 4294967295"), "{e}");
+    assert_eq!(info_outcome(g), Some(e));
 }
 
 /// Real-valued hyper-parameters that would give NaN or panic are refused by name.

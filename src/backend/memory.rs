@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::stream::{layer_plan, split_layer_name, LayerPart, SlotLayout};
+use super::stream::{layer_plan, LayerPart, SlotLayout};
 use super::WeightDtype;
 use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
@@ -15,6 +15,17 @@ use crate::{Error, Result};
 /// whether it is a matrix stored in the weight dtype; norms, biases and routers stay f32).
 /// No `lm_head` when the embedding is tied.
 pub fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    let mut v = outside_plan(c);
+    for l in 0..c.num_layers {
+        for (suffix, shape, matrix) in layer_plan(c, l) {
+            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
+        }
+    }
+    v
+}
+
+/// The tensors of [`plan_shapes`] outside the layers.
+fn outside_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     let h = c.hidden_size;
     let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], true)];
     if c.architecture != Architecture::Olmo {
@@ -31,11 +42,6 @@ pub fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     if !c.tie_word_embeddings {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
     }
-    for l in 0..c.num_layers {
-        for (suffix, shape, matrix) in layer_plan(c, l) {
-            v.push((format!("model.layers.{l}.{suffix}"), shape, matrix));
-        }
-    }
     v
 }
 
@@ -43,7 +49,22 @@ pub fn plan_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
 /// so that sizes worked out from the config are the model's own: an error names the first
 /// tensor missing or misshapen (a config that does not describe its weights).
 pub fn check_shapes(lazy: &LazyModel) -> Result<()> {
-    for (name, shape, _) in plan_shapes(&lazy.config) {
+    // Each layer and each routed expert has tensors of its own: a config declaring more than
+    // the files hold tensors is refused before its plan is built.
+    let c = &lazy.config;
+    let tensors = lazy.names().count();
+    let experts = c.family.moe.as_ref().map_or(0, |m| m.num_experts);
+    if c.num_layers > tensors || experts > tensors {
+        return Err(Error::format(
+            &lazy.source.path,
+            format!(
+                "the config declares {} layers and {experts} experts a layer, but the files \
+                 hold only {tensors} tensors",
+                c.num_layers
+            ),
+        ));
+    }
+    for (name, shape, _) in plan_shapes(c) {
         let found = lazy.shape(&name).map_err(|_| {
             Error::format(
                 &lazy.source.path,
@@ -60,24 +81,27 @@ pub fn check_shapes(lazy: &LazyModel) -> Result<()> {
     Ok(())
 }
 
-/// Device bytes of the tensors of [`plan_shapes`] that `keep` accepts, matrices in `dtype`
-/// (saturating: a config of absurd sizes gives `usize::MAX`, which fits no device).
-fn plan_bytes(c: &ModelConfig, dtype: WeightDtype, keep: impl Fn(&str) -> bool) -> usize {
-    plan_shapes(c).iter().filter(|(n, _, _)| keep(n)).fold(0usize, |sum, (_, s, m)| {
+/// Device bytes of `plan`'s tensors, matrices in `dtype` (saturating: a config of absurd
+/// sizes gives `usize::MAX`, which fits no device).
+fn plan_bytes(plan: &[(String, Vec<usize>, bool)], dtype: WeightDtype) -> usize {
+    plan.iter().fold(0usize, |sum, (_, s, m)| {
         let width = if *m { dtype.bytes() } else { 4 };
         sum.saturating_add(s.iter().fold(width, |b, &d| b.saturating_mul(d)))
     })
 }
 
-/// Device bytes every weight of `c` takes in `dtype` (a resident upload).
+/// Device bytes every weight of `c` takes in `dtype` (a resident upload). Works layer by
+/// layer, so a config's sizes are never all held at once.
 pub fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_bytes(c, dtype, |_| true)
+    (0..c.num_layers).fold(resident_bytes(c, dtype), |sum, l| {
+        sum.saturating_add(plan_bytes(&layer_plan(c, l), dtype))
+    })
 }
 
 /// Device bytes of the tensors outside the layers (embedding, final norm, LM head): what
 /// stays resident when the layers are streamed.
 pub fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
-    plan_bytes(c, dtype, |n| split_layer_name(n).is_none())
+    plan_bytes(&outside_plan(c), dtype)
 }
 
 /// A model's device memory on the CUDA backend in one weight dtype, in bytes. See the

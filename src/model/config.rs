@@ -79,6 +79,22 @@ pub(crate) fn check_layer_count(path: &Path, key: &str, n: usize) -> Result<usiz
     Ok(n)
 }
 
+/// The most routed experts a config may declare per layer (published mixtures have at most a
+/// few hundred): more is a corrupt or hand-edited config, refused before anything is sized
+/// by it.
+pub const MAX_EXPERTS: usize = 1 << 12;
+
+/// `n` routed experts, declared by `key` in the config at `path`, if at most [`MAX_EXPERTS`].
+pub(crate) fn check_expert_count(path: &Path, key: &str, n: usize) -> Result<usize> {
+    if n > MAX_EXPERTS {
+        return Err(Error::config(
+            path,
+            format!("`{key}` = {n} experts is implausible: swk reads at most {MAX_EXPERTS}"),
+        ));
+    }
+    Ok(n)
+}
+
 impl Architecture {
     /// Parse a `model_type` / GGUF `general.architecture` name.
     pub fn from_name(name: &str) -> Option<Self> {

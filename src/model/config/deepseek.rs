@@ -194,6 +194,7 @@ pub(super) fn deepseek_hf(
 ) -> Result<(MoeParams, DeepseekParams)> {
     let v3 = architecture == Architecture::DeepseekV3;
     let num_experts = hf.usize_or(&["n_routed_experts"], Some(if v3 { 256 } else { 64 }))?;
+    let num_experts = super::check_expert_count(hf.path, "n_routed_experts", num_experts)?;
     let top_k = hf.usize_or(&["num_experts_per_tok"], if v3 { Some(8) } else { None })?;
     let expert_intermediate =
         hf.usize_or(&["moe_intermediate_size"], Some(if v3 { 2048 } else { 1407 }))?;

@@ -1,7 +1,7 @@
 //! Hyper-parameters from GGUF metadata (`{arch}.block_count`, ...), with llama.cpp's
 //! defaults where it hard-codes them.
 
-use super::{check_layer_count, SUPPORTED_ARCHITECTURES};
+use super::{check_expert_count, check_layer_count, SUPPORTED_ARCHITECTURES};
 use super::{
     deepseek_gguf, Architecture, FamilyParams, HiddenAct, ModelConfig, MoeParams, RopeScaling,
 };
@@ -162,7 +162,11 @@ impl ModelConfig {
             moe: if architecture.is_moe() {
                 let ffn = as_usize("feed_forward_length")?;
                 Some(MoeParams {
-                    num_experts: as_usize("expert_count")?,
+                    num_experts: check_expert_count(
+                        path,
+                        &k("expert_count"),
+                        as_usize("expert_count")?,
+                    )?,
                     top_k: as_usize("expert_used_count")?,
                     expert_intermediate: opt_usize("expert_feed_forward_length")?.unwrap_or(ffn),
                     // llama.cpp renormalizes for Mixtral and Qwen3-MoE unless told otherwise.

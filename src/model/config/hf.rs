@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{check_layer_count, SUPPORTED_ARCHITECTURES};
+use super::{check_expert_count, check_layer_count, SUPPORTED_ARCHITECTURES};
 use super::{
     deepseek_hf, Architecture, FamilyParams, HiddenAct, ModelConfig, MoeParams, RopeScaling,
 };
@@ -353,7 +353,13 @@ fn moe_params(
     intermediate_size: usize,
 ) -> Result<MoeParams> {
     use Architecture as A;
-    let num_experts = hf.usize_or(&["num_local_experts", "num_experts"], None)?;
+    let key =
+        if hf.j.get("num_local_experts").is_some() { "num_local_experts" } else { "num_experts" };
+    let num_experts = check_expert_count(
+        hf.path,
+        key,
+        hf.usize_or(&["num_local_experts", "num_experts"], None)?,
+    )?;
     let top_k = hf.usize_or(&["num_experts_per_tok"], Some(2))?;
     if top_k > num_experts {
         return Err(Error::config(
