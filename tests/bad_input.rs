@@ -331,14 +331,11 @@ fn missing_model_and_bad_hub_cache() {
 #[test]
 fn hub_cache_lookup() {
     let cache_dir = tempfile::tempdir().unwrap();
-    let repo = cache_dir.path().join("models--tiny--llama");
-    let snap = repo.join("snapshots/0123456789abcdef");
-    std::fs::create_dir_all(&snap).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(common::fixture("tiny/llama").join(f), snap.join(f)).unwrap();
-    }
+    let files: Vec<_> = ["config.json", "model.safetensors", "tokenizer.json"]
+        .into_iter()
+        .map(|f| (f, std::fs::read(common::fixture("tiny/llama").join(f)).unwrap()))
+        .collect();
+    let snap = common::hub_model_cache(cache_dir.path(), "tiny/llama", &files);
     let cache = hf_hub::Cache::new(cache_dir.path().to_path_buf());
     let dir = swk::io::hub::resolve_in(&cache, "tiny/llama", false).unwrap();
     assert_eq!(dir, snap);

@@ -53,6 +53,8 @@ fn info_reads_headers_and_matches_loading() {
         let j: serde_json::Value = serde_json::from_str(&out).unwrap();
         let m = swk::Model::load(spec).unwrap();
         assert_eq!(j["parameters"], m.weights.n_elements(), "{spec}");
+        // The count from the config's shapes alone (`--config-only`) is the same.
+        assert_eq!(m.config.parameter_count(), m.weights.n_elements() as u64, "{spec}");
         let mut dtypes = std::collections::BTreeMap::<String, Vec<String>>::new();
         for (name, t) in m.weights.iter() {
             let kind = match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
@@ -128,6 +130,55 @@ fn info_refuses_a_config_its_tensors_contradict() {
         assert!(err.contains("config.json") || err.contains(dir.path().to_str().unwrap()), "{err}");
         assert!(err.contains(tensor), "{key}: {err}");
     }
+}
+
+/// `swk info --config-only` sizes a model from config.json alone: a directory without
+/// weights, and a hub id whose cache holds only config.json (offline, so nothing else could
+/// be fetched). Parameters and memory plan equal those read from the model's headers.
+#[test]
+fn info_from_the_config_alone() {
+    let json = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap() };
+    for name in ["llama", "deepseek_v3", "qwen3_moe", "mixtral", "gemma2", "phi3"] {
+        let src = common::fixture(&format!("tiny/{name}"));
+        let (ok, full, err) = swk(&["info", src.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        let full = json(&full);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        let d = dir.path().to_str().unwrap();
+        let (ok, _, err) = swk(&["info", d, "--json"]);
+        assert!(!ok && err.contains(d), "{name} without weights: {err}");
+        let (ok, out, err) = swk(&["info", d, "--config-only", "--json"]);
+        assert!(ok, "{name}: {err}");
+        let j = json(&out);
+        assert_eq!(j["read"], "config", "{name}");
+        assert_eq!(j["parameters"], full["parameters"], "{name}");
+        assert_eq!(j["memory"], full["memory"], "{name}");
+        assert_eq!(j["dtypes"], serde_json::json!({}), "{name}");
+    }
+
+    let home = tempfile::tempdir().unwrap();
+    let src = common::fixture("tiny/deepseek_v3");
+    let config = std::fs::read(src.join("config.json")).unwrap();
+    common::hub_model_cache(&home.path().join("hub"), "tiny/deepseek", &[("config.json", config)]);
+    let offline = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_swk"))
+            .args(args)
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = offline(&["info", "tiny/deepseek", "--config-only", "--json"]);
+    assert!(ok, "{err}");
+    let (_, full, _) = swk(&["info", src.to_str().unwrap(), "--json"]);
+    assert_eq!(json(&out)["memory"], json(&full)["memory"]);
+    let (ok, _, err) = offline(&["info", "tiny/deepseek", "--json"]);
+    assert!(!ok && err.contains("tiny/deepseek") && err.contains("not in the Hugging Face cache"));
+    let (ok, _, err) = offline(&["info", "nobody/nothing", "--config-only"]);
+    assert!(!ok && err.contains("nobody/nothing") && err.contains("no config.json"), "{err}");
 }
 
 #[test]

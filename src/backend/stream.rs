@@ -179,25 +179,14 @@ fn deepseek_plan(c: &ModelConfig, d: &DeepseekParams, l: usize) -> Vec<(String, 
     v
 }
 
-/// Whether q, k and v have biases: GPT-2 always, the others with `attention_bias`.
+/// Whether q, k and v have biases ([`ModelConfig::has_qkv_bias`]).
 pub fn has_qkv_bias(c: &ModelConfig) -> bool {
-    c.attention_bias || c.architecture == Architecture::Gpt2
+    c.has_qkv_bias()
 }
 
-/// Whether `o_proj` has a bias: GPT-2 always; Llama, Qwen3, OLMo and GPT-NeoX checkpoints
-/// with `attention_bias` have one on all four projections (as transformers builds them);
-/// Qwen2 only on q/k/v; Mistral none.
+/// Whether `o_proj` has a bias ([`ModelConfig::has_o_proj_bias`]).
 pub fn has_o_proj_bias(c: &ModelConfig) -> bool {
-    c.architecture == Architecture::Gpt2
-        || c.attention_bias
-            && matches!(
-                c.architecture,
-                Architecture::Llama
-                    | Architecture::Qwen3
-                    | Architecture::Olmo
-                    | Architecture::Olmo2
-                    | Architecture::GptNeoX
-            )
+    c.has_o_proj_bias()
 }
 
 /// One tensor's place in a slot.

@@ -1,5 +1,6 @@
-//! `swk info MODEL [--json]`: what a model is, from its headers alone where swk can open it
-//! lazily (any size, nothing read but metadata), and the device memory it takes on CUDA.
+//! `swk info MODEL [--json] [--config-only]`: what a model is, from its headers alone where
+//! swk can open it lazily (any size, nothing read but metadata) or from its config.json alone,
+//! and the device memory it takes on CUDA.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,11 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Read config.json alone (a Hugging Face directory, or a hub id: nothing else is
+    /// downloaded), to size a model before fetching its weights; parameters counted from the
+    /// config's shapes, dtypes unknown. A GGUF file is read as without it (its headers).
+    #[arg(long)]
+    config_only: bool,
 }
 
 /// Pass lengths, in tokens, whose streamed bytes `info` reports: decoding one token, a
@@ -31,8 +37,9 @@ struct Info<'a> {
     config: &'a ModelConfig,
     parameters: usize,
     dtypes: BTreeMap<String, String>,
-    /// Whether only the headers were read (`headers`) or the whole model loaded (`whole`,
-    /// for checkpoints swk cannot open lazily).
+    /// Whether only the headers were read (`headers`), config.json alone (`config`,
+    /// `--config-only`), or the whole model loaded (`whole`, for checkpoints swk cannot open
+    /// lazily).
     read: &'static str,
     load_seconds: f64,
     /// Device memory on the CUDA backend per weight dtype.
@@ -121,10 +128,41 @@ fn describe(spec: &str, quiet: bool) -> Result<Described> {
     })
 }
 
+/// `--config-only`: the description from config.json alone.
+fn describe_config(spec: &str, quiet: bool) -> Result<Described> {
+    let start = std::time::Instant::now();
+    let path = std::path::Path::new(spec);
+    let config_path = if path.is_file() {
+        return describe(spec, quiet);
+    } else if path.is_dir() {
+        path.join("config.json")
+    } else if swk::io::hub::looks_like_hub_id(spec) {
+        swk::io::hub::config(spec)?
+    } else {
+        return Err(swk::Error::NotFound {
+            id: spec.to_string(),
+            msg: "no such file or directory, and not a hub id of the form org/name".into(),
+        });
+    };
+    let config = ModelConfig::from_hf_json(&config_path)?;
+    Ok(Described {
+        parameters: usize::try_from(config.parameter_count()).unwrap_or(usize::MAX),
+        format: Format::Safetensors,
+        dtypes: BTreeMap::new(),
+        read: "config",
+        load_seconds: start.elapsed().as_secs_f64(),
+        config,
+    })
+}
+
 const DTYPES: [WeightDtype; 3] = [WeightDtype::Bf16, WeightDtype::F16, WeightDtype::F32];
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
-    let d = describe(&a.model, a.json)?;
+    let d = if a.config_only {
+        describe_config(&a.model, a.json)?
+    } else {
+        describe(&a.model, a.json)?
+    };
     let memory: Vec<DeviceMemory> = DTYPES
         .iter()
         .map(|&dtype| {
@@ -199,10 +237,18 @@ fn print_text(info: &Info) {
             c.num_layers
         );
     }
-    println!("parameters    {} ({:.1} M)", info.parameters, info.parameters as f64 / 1e6);
-    let read = if info.read == "headers" { "headers only" } else { "whole model" };
+    let p = info.parameters as f64;
+    let short = if p >= 1e9 { format!("{:.1} B", p / 1e9) } else { format!("{:.1} M", p / 1e6) };
+    println!("parameters    {} ({short})", info.parameters);
+    let read = match info.read {
+        "headers" => "headers only",
+        "config" => "config.json only (dtypes unknown)",
+        _ => "whole model",
+    };
     println!("read          {read} ({:.2} s)", info.load_seconds);
-    println!("dtypes:");
+    if !info.dtypes.is_empty() {
+        println!("dtypes:");
+    }
     for (k, v) in &info.dtypes {
         println!("  {k:<36} {v}");
     }

@@ -50,8 +50,42 @@ pub fn resolve_in(cache: &Cache, id: &str, allow_download: bool) -> Result<PathB
 /// Resolve through the default cache (`HF_HOME` or `~/.cache/huggingface`), downloading
 /// unless `HF_HUB_OFFLINE=1`.
 pub fn resolve(id: &str) -> Result<PathBuf> {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    resolve_in(&Cache::from_env(), id, !offline)
+    resolve_in(&Cache::from_env(), id, downloads_allowed())
+}
+
+/// Whether the environment allows downloads (`HF_HUB_OFFLINE` is not `1` or `true`).
+fn downloads_allowed() -> bool {
+    !std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// A hub id's `config.json` alone, through `cache`: the cached one, else (when
+/// `allow_download`) that one file fetched, weights untouched. For sizing a model before
+/// downloading it (`swk info --config-only`).
+pub fn config_in(cache: &Cache, id: &str, allow_download: bool) -> Result<PathBuf> {
+    if let Some(p) = cache.repo(Repo::model(id.to_string())).get("config.json") {
+        return Ok(p);
+    }
+    if !allow_download {
+        return Err(Error::NotFound {
+            id: id.into(),
+            msg: format!(
+                "no config.json in the Hugging Face cache at {} (set HF_HOME, or allow downloads)",
+                cache.path().display()
+            ),
+        });
+    }
+    let fail = |e: &dyn std::fmt::Display| Error::NotFound {
+        id: id.into(),
+        msg: format!("config.json is not in the local cache and the hub could not be reached: {e}"),
+    };
+    let api =
+        hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| fail(&e))?;
+    api.model(id.to_string()).get("config.json").map_err(|e| fail(&e))
+}
+
+/// [`config_in`] through the default cache, downloading unless `HF_HUB_OFFLINE=1`.
+pub fn config(id: &str) -> Result<PathBuf> {
+    config_in(&Cache::from_env(), id, downloads_allowed())
 }
 
 fn download(cache: &Cache, id: &str) -> Result<PathBuf> {

@@ -478,7 +478,30 @@ impl ModelConfig {
         self.family.rotary_dim.unwrap_or(self.head_dim)
     }
 
-    /// Approximate parameter count from the shapes (embedding, blocks, head).
+    /// Whether q, k and v have biases: GPT-2 always, the others with `attention_bias`.
+    pub fn has_qkv_bias(&self) -> bool {
+        self.attention_bias || self.architecture == Architecture::Gpt2
+    }
+
+    /// Whether `o_proj` has a bias: GPT-2 always; Llama, Qwen3, OLMo and GPT-NeoX checkpoints
+    /// with `attention_bias` have one on all four projections (as transformers builds them);
+    /// Qwen2 only on q/k/v; Mistral none.
+    pub fn has_o_proj_bias(&self) -> bool {
+        self.architecture == Architecture::Gpt2
+            || self.attention_bias
+                && matches!(
+                    self.architecture,
+                    Architecture::Llama
+                        | Architecture::Qwen3
+                        | Architecture::Olmo
+                        | Architecture::Olmo2
+                        | Architecture::GptNeoX
+                )
+    }
+
+    /// The parameter count, from the shapes: every tensor a checkpoint of this config holds
+    /// (embedding, blocks with their norms and biases, final norm, head; equal to a loaded
+    /// model's element count for every family fixture).
     pub fn parameter_count(&self) -> u64 {
         if let Some(d) = &self.family.deepseek {
             return self.deepseek_parameter_count(d);
@@ -491,7 +514,17 @@ impl ModelConfig {
         );
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let bias = if self.has_qkv_bias() { q + 2 * kv } else { 0 }
+            + if self.has_o_proj_bias() { h } else { 0 };
+        // LayerNorms with biases (GPT-2, GPT-NeoX), parameter-free ones (OLMo), and Gemma 2/3's
+        // four norms a block.
+        let gpt = matches!(self.architecture, Architecture::Gpt2 | Architecture::GptNeoX);
+        let (norms, final_norm) = match self.architecture {
+            Architecture::Gpt2 | Architecture::GptNeoX => (4 * h, 2 * h),
+            Architecture::Olmo => (0, 0),
+            Architecture::Gemma2 | Architecture::Gemma3 => (4 * h, h),
+            _ => (2 * h, h),
+        };
         let qk_norm = match self.architecture {
             Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 => {
                 2 * self.head_dim as u64
@@ -500,8 +533,9 @@ impl ModelConfig {
             _ => 0,
         };
         let attn = h * q + 2 * h * kv + q * h + bias + qk_norm;
-        let mlp = if self.architecture.gated_mlp() { 3 * h * i } else { 2 * h * i };
-        let block = attn + mlp + 2 * h;
+        let mlp = if self.architecture.gated_mlp() { 3 * h * i } else { 2 * h * i }
+            + if gpt { i + h } else { 0 };
+        let block = attn + mlp + norms;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         let positions = if self.architecture == Architecture::Gpt2 {
             self.max_position_embeddings as u64 * h
@@ -518,6 +552,6 @@ impl ModelConfig {
                 n * (ne * h + ne * 3 * h * ei + shared) - n * mlp
             }
         };
-        v * h + positions + l * block + sparse + h + head
+        v * h + positions + l * block + sparse + final_norm + head
     }
 }

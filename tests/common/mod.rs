@@ -70,15 +70,26 @@ pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
 /// Lay out a Hugging Face cache in `root` (as `HF_HOME/hub`) holding `files` (path in the
 /// repository, bytes) of the data set repository `repo` at a fake revision.
 pub fn hub_dataset_cache(root: &std::path::Path, repo: &str, files: &[(&str, Vec<u8>)]) {
-    let dir = root.join(format!("datasets--{}", repo.replace('/', "--")));
+    hub_cache(root, "datasets", repo, files);
+}
+
+/// The same for model repository `repo`; returns its snapshot directory.
+pub fn hub_model_cache(root: &std::path::Path, repo: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    hub_cache(root, "models", repo, files)
+}
+
+fn hub_cache(root: &std::path::Path, kind: &str, repo: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let dir = root.join(format!("{kind}--{}", repo.replace('/', "--")));
     let snap = dir.join("snapshots/0123456789abcdef");
     std::fs::create_dir_all(dir.join("refs")).expect("mkdir refs");
     std::fs::write(dir.join("refs/main"), "0123456789abcdef").expect("write ref");
+    std::fs::create_dir_all(&snap).expect("mkdir snapshot");
     for (name, bytes) in files {
         let p = snap.join(name);
         std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         std::fs::write(&p, bytes).expect("write file");
     }
+    snap
 }
 
 /// A snappy-compressed parquet file with one required UTF-8 column `column`.
