@@ -32,7 +32,8 @@ struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Backend for ppl and generate: cuda, cpu, or auto (CUDA when usable, else CPU).
+    /// Backend of every command that runs a model: cuda, cpu, or auto (CUDA when usable, else
+    /// CPU).
     #[arg(long, global = true, value_enum, default_value_t = device::DeviceArg::Auto)]
     device: device::DeviceArg,
     /// On CUDA: stream the layers from the model's files, one at a time on the device, when
@@ -48,7 +49,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Describe a model: architecture, sizes, dtypes, parameter count, format.
+    /// Describe a model: architecture, sizes, dtypes, parameter count, format, and the device
+    /// memory it needs on CUDA (resident or streamed).
     Info(info::Args),
     /// Perplexity of a text file (fixed protocol, see README).
     Ppl(ppl::Args),
