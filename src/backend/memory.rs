@@ -104,6 +104,14 @@ pub fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
     plan_bytes(&outside_plan(c), dtype)
 }
 
+/// Device bytes of the KV cache of a model of `c`'s shapes holding `positions` positions:
+/// f32 keys and values of every layer (saturating).
+pub fn kv_cache_bytes(c: &ModelConfig, positions: usize) -> usize {
+    [c.num_layers, 2, c.num_kv_heads, c.head_dim, 4, positions]
+        .iter()
+        .fold(1usize, |b, &d| b.saturating_mul(d))
+}
+
 /// A model's device memory on the CUDA backend in one weight dtype, in bytes. See the
 /// [module docs](self).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -157,7 +165,7 @@ impl MemoryPlan {
             streamed: resident_bytes(c, dtype) + slot,
             slot,
             whole_pass: layers.iter().map(|l| l.whole).sum(),
-            kv_cache_per_token: c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4,
+            kv_cache_per_token: kv_cache_bytes(c, 1),
             layers,
             top_k: c.family.moe.as_ref().map_or(0, |m| m.top_k),
         }

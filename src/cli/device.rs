@@ -179,6 +179,17 @@ pub struct DeviceOpts {
     pub device: DeviceArg,
     /// `--stream`.
     pub stream: StreamArg,
+    /// KV-cache positions the run holds at once (a perplexity window, generated tokens),
+    /// counted with the weights when `--stream auto` decides; 0 for short passes, which the
+    /// headroom covers.
+    pub positions: usize,
+}
+
+impl DeviceOpts {
+    /// These options for a run that holds `positions` KV-cache positions at once.
+    pub fn holding(self, positions: usize) -> Self {
+        DeviceOpts { positions, ..self }
+    }
 }
 
 /// Device memory left free for activations and the KV cache when deciding to stream.
@@ -194,7 +205,7 @@ pub fn load(
     dtype: GpuDtype,
 ) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
     let backend = choose(dev.device, quiet)?;
-    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.sized())? {
+    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.sized(), dev.positions)? {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
@@ -209,12 +220,13 @@ pub fn load(
     Ok((backend, outside, Some(Arc::new(lazy))))
 }
 
-/// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights do not
-/// fit, decided from the config alone; checkpoints LazyModel cannot stream still load whole).
-fn streams(spec: &str, stream: StreamArg, dtype: WeightDtype) -> Result<bool> {
+/// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights and a
+/// KV cache of `positions` do not fit, decided from the config alone; checkpoints LazyModel
+/// cannot stream still load whole).
+fn streams(spec: &str, stream: StreamArg, dtype: WeightDtype, positions: usize) -> Result<bool> {
     Ok(match stream {
         StreamArg::Never => false,
-        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, dtype)?,
+        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, dtype, positions)?,
         StreamArg::Always => true,
     })
 }
@@ -227,21 +239,24 @@ pub fn stream_files(
     stream: StreamArg,
     dtype: GpuDtype,
 ) -> Result<Option<Arc<LazyModel>>> {
-    if streams(spec, stream, dtype.sized())? {
+    if streams(spec, stream, dtype.sized(), 0)? {
         Ok(Some(Arc::new(LazyModel::open(spec)?)))
     } else {
         Ok(None)
     }
 }
 
+/// Whether `config`'s weights in `dtype` and a KV cache of `positions` fit device 0 whole,
+/// with the headroom.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype) -> Result<bool> {
+fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype, positions: usize) -> Result<bool> {
     use swk::backend::cuda::CudaModel;
-    CudaModel::fits(config, &cuda_options(dtype), HEADROOM)
+    let kv = swk::backend::memory::kv_cache_bytes(config, positions);
+    CudaModel::fits(config, &cuda_options(dtype), HEADROOM.saturating_add(kv))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn fits(_: &swk::model::ModelConfig, _: WeightDtype) -> Result<bool> {
+fn fits(_: &swk::model::ModelConfig, _: WeightDtype, _: usize) -> Result<bool> {
     Ok(true)
 }
 

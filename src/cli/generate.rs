@@ -32,6 +32,7 @@ pub struct Args {
 
 pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
     let edits = super::parse_edits(&a.edit)?;
+    let dev = dev.holding(a.max_new_tokens);
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tok = model.tokenizer()?.clone();
     let prompt = tok.encode(&a.prompt, true)?;
@@ -63,11 +64,12 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             shown = text;
         }
     };
-    let (ids, log) = match backend {
+    let (ids, log, device) = match backend {
         super::device::Backend::Cpu => {
             let mut m = EditGuard::new(&mut model);
             m.apply_all(&edits)?;
-            (generate::greedy(&m, &prompt, a.max_new_tokens, on_token)?, m.log().to_vec())
+            let ids = generate::greedy(&m, &prompt, a.max_new_tokens, on_token)?;
+            (ids, m.log().to_vec(), "cpu".to_string())
         }
         super::device::Backend::Cuda => {
             cuda_greedy(&model, lazy, a.gpu_dtype, &prompt, a.max_new_tokens, &edits, on_token)?
@@ -82,6 +84,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             "text": text,
             "seconds": start.elapsed().as_secs_f64(),
             "edits": log,
+            "device": device,
         }));
     }
     println!();
@@ -97,13 +100,12 @@ fn cuda_greedy(
     max_new: usize,
     edits: &[swk::edit::WeightEdit],
     on_token: impl FnMut(u32),
-) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
+) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>, String)> {
     let stops = model.tokenizer()?.eos_ids().to_vec();
-    let opts = super::device::cuda_options(dtype.resolve(model));
-    let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
+    let (mut gpu, device) = super::device::cuda_session(model, lazy, dtype)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
-    Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec()))
+    Ok((g.greedy(prompt, max_new, &stops, on_token)?, g.log().to_vec(), device))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
@@ -115,6 +117,6 @@ fn cuda_greedy(
     _: usize,
     _: &[swk::edit::WeightEdit],
     _: impl FnMut(u32),
-) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>)> {
+) -> Result<(Vec<u32>, Vec<swk::edit::EditRecord>, String)> {
     Err(swk::Error::Backend("built without the `cuda` feature".into()))
 }

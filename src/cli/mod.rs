@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
         device::require_no_model(cli.device)?;
     }
     device::set_gemm(cli.gpu_gemm);
-    let dev = device::DeviceOpts { device: cli.device, stream: cli.stream };
+    let dev = device::DeviceOpts { device: cli.device, stream: cli.stream, positions: 0 };
     match cli.command {
         Command::Info(a) => info::run(a, dev),
         Command::Ppl(a) => ppl::run(a, dev),

@@ -42,15 +42,17 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         (None, None) => return Err(Error::Invalid("give --text FILE or --dataset NAME".into())),
     };
     let edits = super::parse_edits(&a.edit)?;
+    let dev = dev.holding(a.context);
     let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
     let tokens = ppl::text_tokens(&model, &text)?;
     let pb = super::bar(a.json, tokens.len().div_ceil(a.context.max(1)) as u64, "perplexity");
     let progress = |done: usize, _: usize| pb.set_position(done as u64);
-    let (r, log) = match backend {
+    let (r, log, device) = match backend {
         super::device::Backend::Cpu => {
             let mut m = EditGuard::new(&mut model);
             m.apply_all(&edits)?;
-            (ppl::perplexity(&m, &tokens, a.context, progress)?, m.log().to_vec())
+            let r = ppl::perplexity(&m, &tokens, a.context, progress)?;
+            (r, m.log().to_vec(), "cpu".to_string())
         }
         super::device::Backend::Cuda => {
             cuda_perplexity(&model, lazy, a.gpu_dtype, &tokens, a.context, &edits, progress)?
@@ -67,6 +69,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             "windows": r.windows,
             "dataset": a.dataset,
             "edits": log,
+            "device": device,
         }));
     }
     for e in &log {
@@ -96,13 +99,12 @@ fn cuda_perplexity(
     context: usize,
     edits: &[swk::edit::WeightEdit],
     progress: impl FnMut(usize, usize),
-) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
-    let opts = super::device::cuda_options(dtype.resolve(model));
-    let mut gpu = super::device::cuda_model(model, lazy, &opts)?;
+) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>, String)> {
+    let (mut gpu, device) = super::device::cuda_session(model, lazy, dtype)?;
     let mut g = EditGuard::new(&mut gpu);
     g.apply_all(edits)?;
     let windows = ppl::windows(model, tokens, context)?;
-    Ok((g.perplexity(&windows, context, progress)?, g.log().to_vec()))
+    Ok((g.perplexity(&windows, context, progress)?, g.log().to_vec(), device))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
@@ -114,6 +116,6 @@ fn cuda_perplexity(
     _: usize,
     _: &[swk::edit::WeightEdit],
     _: impl FnMut(usize, usize),
-) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>)> {
+) -> Result<(ppl::Perplexity, Vec<swk::edit::EditRecord>, String)> {
     Err(Error::Backend("built without the `cuda` feature".into()))
 }

@@ -269,3 +269,38 @@ fn cli_detects_on_the_device() {
         assert_json_close(&got, &want, 1e-4, cmd);
     }
 }
+
+/// `--stream auto` counts the KV cache a run holds with the weights: `ppl` with a window
+/// whose cache cannot fit the device streams the layers (the tiny Llama's 512 bytes a
+/// position, a billion positions: 512 GB), a short window keeps them resident, and the two
+/// score the same text alike (one window each, the whole text). `generate`'s JSON names its
+/// device too.
+#[test]
+fn stream_auto_counts_the_kv_cache() {
+    if !gpu() {
+        return;
+    }
+    let model = fixtures_root().join("tiny/llama");
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The crew checked the sails, then the boat left.").unwrap();
+    let text = text.to_str().unwrap();
+    let ppl = |context: &str| {
+        let args = ["--device", "cuda", "--stream", "auto", "ppl"];
+        swk_json(&args, &model, &["--text", text, "--context", context, "--json"])
+    };
+    let (long, short) = (ppl("1000000000"), ppl("64"));
+    let streamed =
+        |j: &serde_json::Value| j["device"].as_str().unwrap().contains("layers streamed");
+    assert!(streamed(&long) && !streamed(&short), "{long} {short}");
+    assert_eq!((long["windows"].as_u64(), short["windows"].as_u64()), (Some(1), Some(1)));
+    let rel = (long["nll_sum"].as_f64().unwrap() / short["nll_sum"].as_f64().unwrap() - 1.0).abs();
+    assert!(rel < 1e-5, "streamed {long} vs resident {short}");
+
+    let generate = |n: &str| {
+        let args = ["--device", "cuda", "--stream", "auto", "generate"];
+        swk_json(&args, &model, &["--prompt", "The crew", "--max-new-tokens", n, "--json"])
+    };
+    let g = generate("3");
+    assert!(!streamed(&g) && g["device"].as_str().unwrap().starts_with("cuda:"), "{g}");
+}
