@@ -260,10 +260,11 @@ fn fits(_: &swk::model::ModelConfig, _: WeightDtype, _: usize) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether weights of `bytes` fit device memory with `free` bytes free, leaving the headroom
-/// `--stream auto` leaves (else it streams).
-pub fn fits_whole(bytes: usize, free: usize) -> bool {
-    bytes.saturating_add(HEADROOM) <= free
+/// Device bytes left for the KV cache beside resident weights of `bytes` when `free` bytes
+/// are free and `--stream auto`'s headroom is kept; `None` when the weights do not fit (it
+/// streams).
+pub fn room_beside(bytes: usize, free: usize) -> Option<usize> {
+    free.checked_sub(bytes.saturating_add(HEADROOM))
 }
 
 /// The name and free memory of the CUDA device `--device` picks (quietly); `None` when it

@@ -61,8 +61,12 @@ struct DeviceMemory {
 struct Device {
     name: String,
     free_bytes: usize,
-    /// Per weight dtype, what `--stream auto` does: `resident` or `streamed`.
+    /// Per weight dtype, what `--stream auto` does for short passes: `resident` or
+    /// `streamed`.
     stream_auto: BTreeMap<&'static str, &'static str>,
+    /// Per weight dtype kept resident, the most KV-cache positions (`ppl`'s window,
+    /// `generate`'s new tokens) with which `--stream auto` still keeps it resident.
+    resident_positions: BTreeMap<&'static str, usize>,
 }
 
 /// The tensor kind of an HF name: `model.layers.3.mlp.down_proj.weight` -> `mlp.down_proj.weight`.
@@ -172,14 +176,16 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         })
         .collect();
     let device = super::device::free_memory(dev.device)?.map(|(name, free_bytes)| {
+        let room = |m: &DeviceMemory| super::device::room_beside(m.plan.resident, free_bytes);
         let stream_auto = memory
             .iter()
-            .map(|m| {
-                let fits = super::device::fits_whole(m.plan.resident, free_bytes);
-                (m.plan.dtype, if fits { "resident" } else { "streamed" })
-            })
+            .map(|m| (m.plan.dtype, if room(m).is_some() { "resident" } else { "streamed" }))
             .collect();
-        Device { name, free_bytes, stream_auto }
+        let resident_positions = memory
+            .iter()
+            .filter_map(|m| Some((m.plan.dtype, room(m)? / m.plan.kv_cache_per_token.max(1))))
+            .collect();
+        Device { name, free_bytes, stream_auto, resident_positions }
     });
     let info = Info {
         model: &a.model,
@@ -278,7 +284,14 @@ fn print_text(info: &Info) {
         );
     }
     if let Some(d) = &info.device {
-        let auto: Vec<String> = d.stream_auto.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let auto: Vec<String> = d
+            .stream_auto
+            .iter()
+            .map(|(k, v)| match d.resident_positions.get(k) {
+                Some(n) => format!("{k} {v} up to {n} KV positions"),
+                None => format!("{k} {v}"),
+            })
+            .collect();
         println!(
             "device        {} ({} free); --stream auto: {}",
             d.name,

@@ -273,8 +273,8 @@ fn cli_detects_on_the_device() {
 /// `--stream auto` counts the KV cache a run holds with the weights: `ppl` with a window
 /// whose cache cannot fit the device streams the layers (the tiny Llama's 512 bytes a
 /// position, a billion positions: 512 GB), a short window keeps them resident, and the two
-/// score the same text alike (one window each, the whole text). `generate`'s JSON names its
-/// device too.
+/// score the same text alike (one window each, the whole text); `swk info` names the longest
+/// window that stays resident. `generate`'s JSON names its device too.
 #[test]
 fn stream_auto_counts_the_kv_cache() {
     if !gpu() {
@@ -296,6 +296,18 @@ fn stream_auto_counts_the_kv_cache() {
     assert_eq!((long["windows"].as_u64(), short["windows"].as_u64()), (Some(1), Some(1)));
     let rel = (long["nll_sum"].as_f64().unwrap() / short["nll_sum"].as_f64().unwrap() - 1.0).abs();
     assert!(rel < 1e-5, "streamed {long} vs resident {short}");
+
+    // On the emulator (whose free memory is exact), `swk info` tells the boundary: a window
+    // of `resident_positions` stays resident, one more position streams.
+    if swk::backend::cuda::EMULATED {
+        let device = short["device"].as_str().unwrap();
+        let dtype = device.split(" weights").next().unwrap().rsplit('(').next().unwrap();
+        let info = swk_json(&["--device", "cuda", "info"], &model, &["--json"]);
+        let most = info["device"]["resident_positions"][dtype].as_u64().unwrap();
+        assert_eq!(info["device"]["stream_auto"][dtype], "resident", "{info}");
+        assert!(!streamed(&ppl(&most.to_string())), "{dtype}: {most} positions");
+        assert!(streamed(&ppl(&(most + 1).to_string())), "{dtype}: {} positions", most + 1);
+    }
 
     let generate = |n: &str| {
         let args = ["--device", "cuda", "--stream", "auto", "generate"];
