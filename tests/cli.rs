@@ -53,6 +53,7 @@ fn info_reads_headers_and_matches_loading() {
         let j: serde_json::Value = serde_json::from_str(&out).unwrap();
         let m = swk::Model::load(spec).unwrap();
         assert_eq!(j["parameters"], m.weights.n_elements(), "{spec}");
+        assert_eq!(j["cpu_weight_bytes"], 4 * m.weights.n_elements(), "{spec}: f32 in RAM");
         // The count from the config's shapes alone (`--config-only`) is the same.
         assert_eq!(m.config.parameter_count(), m.weights.n_elements() as u64, "{spec}");
         let mut dtypes = std::collections::BTreeMap::<String, Vec<String>>::new();

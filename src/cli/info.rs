@@ -42,6 +42,8 @@ struct Info<'a> {
     /// lazily).
     read: &'static str,
     load_seconds: f64,
+    /// Host memory the CPU backend holds the weights in (every tensor as f32).
+    cpu_weight_bytes: usize,
     /// Device memory on the CUDA backend per weight dtype.
     memory: Vec<DeviceMemory>,
     /// The CUDA device this swk would run on, when one is usable.
@@ -196,6 +198,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
         dtypes: d.dtypes,
         read: d.read,
         load_seconds: d.load_seconds,
+        cpu_weight_bytes: d.parameters.saturating_mul(4),
         memory,
         device,
     };
@@ -258,6 +261,7 @@ fn print_text(info: &Info) {
     for (k, v) in &info.dtypes {
         println!("  {k:<36} {v}");
     }
+    println!("CPU memory    {} (every weight as f32)", size(info.cpu_weight_bytes));
     println!(
         "CUDA device memory (from the shapes; GB = 1e9 bytes; a streamed pass copies at most):"
     );
