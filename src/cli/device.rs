@@ -247,12 +247,13 @@ pub fn stream_files(
 }
 
 /// Whether `config`'s weights in `dtype` and a KV cache of `positions` fit device 0 whole,
-/// with the headroom.
+/// with the headroom ([`room_beside`], which `swk info` reports by).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn fits(config: &swk::model::ModelConfig, dtype: WeightDtype, positions: usize) -> Result<bool> {
-    use swk::backend::cuda::CudaModel;
-    let kv = swk::backend::memory::kv_cache_bytes(config, positions);
-    CudaModel::fits(config, &cuda_options(dtype), HEADROOM.saturating_add(kv))
+    use swk::backend::memory::{kv_cache_bytes, weight_bytes};
+    let (_, free) = cuda_free_memory()?;
+    let room = room_beside(weight_bytes(config, dtype), free);
+    Ok(room.is_some_and(|r| kv_cache_bytes(config, positions) <= r))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]

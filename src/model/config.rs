@@ -70,13 +70,7 @@ pub const MAX_LAYERS: usize = 1 << 12;
 
 /// `n` layers, declared by `key` in the config at `path`, if it is at most [`MAX_LAYERS`].
 pub(crate) fn check_layer_count(path: &Path, key: &str, n: usize) -> Result<usize> {
-    if n > MAX_LAYERS {
-        return Err(Error::config(
-            path,
-            format!("`{key}` = {n} layers is implausible: swk reads at most {MAX_LAYERS}"),
-        ));
-    }
-    Ok(n)
+    check_count(path, key, n, MAX_LAYERS, "layers")
 }
 
 /// The most routed experts a config may declare per layer (published mixtures have at most a
@@ -86,10 +80,15 @@ pub const MAX_EXPERTS: usize = 1 << 12;
 
 /// `n` routed experts, declared by `key` in the config at `path`, if at most [`MAX_EXPERTS`].
 pub(crate) fn check_expert_count(path: &Path, key: &str, n: usize) -> Result<usize> {
-    if n > MAX_EXPERTS {
+    check_count(path, key, n, MAX_EXPERTS, "experts")
+}
+
+/// `n` `what`s, declared by `key` in the config at `path`, if at most `max`.
+fn check_count(path: &Path, key: &str, n: usize, max: usize, what: &str) -> Result<usize> {
+    if n > max {
         return Err(Error::config(
             path,
-            format!("`{key}` = {n} experts is implausible: swk reads at most {MAX_EXPERTS}"),
+            format!("`{key}` = {n} {what} is implausible: swk reads at most {max}"),
         ));
     }
     Ok(n)
