@@ -61,10 +61,12 @@ pub fn logits(r: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-/// Largest |a - b| / max(|b|, floor) over two slices.
+/// Largest |a - b| / max(|b|, floor) over two slices; infinite where either holds a NaN.
 pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(floor)).fold(0.0, f32::max)
+    let err = |(x, y): (&f32, &f32)| (x - y).abs() / y.abs().max(floor);
+    // f32::max skips NaN: a NaN or an infinity on either side counts as an infinite error.
+    a.iter().zip(b).map(err).fold(0.0, |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) })
 }
 
 /// Lay out a Hugging Face cache in `root` (as `HF_HOME/hub`) holding `files` (path in the
