@@ -45,3 +45,119 @@ extern "C" __global__ void swk_rope_at(float* x, const float* inv_freq, int rows
     r[ia] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
     r[ib] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
 }
+
+// The absorbed form of latent attention (the device's KV cache holds, per position, only
+// [c (kv_lora_rank) | k_rope (d_rope)]): kv_b_proj's rows for head h are
+// [W_UK_h (d_nope rows) | W_UV_h (d_v rows)], each row kv_lora_rank wide, so
+//   q_nope_h · k_nope_h(s) = (q_nope_h · W_UK_h) · c(s)      (swk_mla_absorb_q_*)
+//   Σ_s p_s v_h(s) = W_UV_h · (Σ_s p_s c(s))                  (swk_mla_absorb_v_*)
+// Both walk MLA_ROWS query rows at once, so each weight is read once per MLA_ROWS rows.
+#define MLA_ROWS 16
+
+// out[r * out_stride + j] = Σ_{i < nope} q[r * q_stride + i] · W[(h·(nope + vd) + i)·kvr + j]
+// for rows r = t·heads + h (t < rows), j < kvr: each head's q_nope times its W_UK.
+// One thread per j; grid (ceil(kvr / 256), heads, ceil(rows / MLA_ROWS)), block 256.
+template <typename WT>
+__device__ __forceinline__ void mla_absorb_q(const float* q, int q_stride, const WT* w, float* out, int out_stride,
+                                             int rows, int heads, int nope, int vd, int kvr) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int h = blockIdx.y;
+    const int t0 = blockIdx.z * MLA_ROWS;
+    if (j >= kvr) {
+        return;
+    }
+    const int nr = min(MLA_ROWS, rows - t0);
+    float acc[MLA_ROWS];
+#pragma unroll
+    for (int a = 0; a < MLA_ROWS; ++a) {
+        acc[a] = 0.0f;
+    }
+    const WT* wh = w + (u64)h * (nope + vd) * kvr + j;
+    for (int i = 0; i < nope; ++i) {
+        const float wv = load_w(wh, (u64)i * kvr);
+#pragma unroll
+        for (int a = 0; a < MLA_ROWS; ++a) {
+            if (a < nr) {
+                acc[a] = fmaf(q[((u64)(t0 + a) * heads + h) * q_stride + i], wv, acc[a]);
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < MLA_ROWS; ++a) {
+        if (a < nr) {
+            out[((u64)(t0 + a) * heads + h) * out_stride + j] = acc[a];
+        }
+    }
+}
+
+// out[r · vd + d] = Σ_{j < kvr} ctx[r · ctx_stride + j] · W[(h·(nope + vd) + nope + d)·kvr + j]
+// for rows r = t·heads + h (t < rows), d < vd: each head's attended latent times its W_UV.
+// One warp per d (lanes split j, then a butterfly sum); grid (ceil(vd / 8), heads,
+// ceil(rows / MLA_ROWS)), block 256.
+template <typename WT>
+__device__ __forceinline__ void mla_absorb_v(const float* ctx, int ctx_stride, const WT* w, float* out, int rows,
+                                             int heads, int nope, int vd, int kvr) {
+    const int lane = threadIdx.x & 31;
+    const int d = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int h = blockIdx.y;
+    const int t0 = blockIdx.z * MLA_ROWS;
+    if (d >= vd) {
+        return;  // a whole warp: the shuffles below are between live lanes only
+    }
+    const int nr = min(MLA_ROWS, rows - t0);
+    float acc[MLA_ROWS];
+#pragma unroll
+    for (int a = 0; a < MLA_ROWS; ++a) {
+        acc[a] = 0.0f;
+    }
+    const WT* wr = w + ((u64)h * (nope + vd) + nope + d) * kvr;
+    for (int j = lane; j < kvr; j += 32) {
+        const float wv = load_w(wr, (u64)j);
+#pragma unroll
+        for (int a = 0; a < MLA_ROWS; ++a) {
+            if (a < nr) {
+                acc[a] = fmaf(ctx[((u64)(t0 + a) * heads + h) * ctx_stride + j], wv, acc[a]);
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < MLA_ROWS; ++a) {
+        float v = acc[a];
+        for (int o = 16; o > 0; o >>= 1) {
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        }
+        if (lane == 0 && a < nr) {
+            out[((u64)(t0 + a) * heads + h) * vd + d] = v;
+        }
+    }
+}
+
+extern "C" __global__ void swk_mla_absorb_q_f32(const float* q, int q_stride, const float* w, float* out,
+                                                int out_stride, int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_q<float>(q, q_stride, w, out, out_stride, rows, heads, nope, vd, kvr);
+}
+
+extern "C" __global__ void swk_mla_absorb_v_f32(const float* ctx, int ctx_stride, const float* w, float* out,
+                                                int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_v<float>(ctx, ctx_stride, w, out, rows, heads, nope, vd, kvr);
+}
+
+extern "C" __global__ void swk_mla_absorb_q_bf16(const float* q, int q_stride, const u16* w, float* out,
+                                                int out_stride, int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_q<u16>(q, q_stride, w, out, out_stride, rows, heads, nope, vd, kvr);
+}
+
+extern "C" __global__ void swk_mla_absorb_v_bf16(const float* ctx, int ctx_stride, const u16* w, float* out,
+                                                int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_v<u16>(ctx, ctx_stride, w, out, rows, heads, nope, vd, kvr);
+}
+
+extern "C" __global__ void swk_mla_absorb_q_f16(const float* q, int q_stride, const f16w* w, float* out,
+                                                int out_stride, int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_q<f16w>(q, q_stride, w, out, out_stride, rows, heads, nope, vd, kvr);
+}
+
+extern "C" __global__ void swk_mla_absorb_v_f16(const float* ctx, int ctx_stride, const f16w* w, float* out,
+                                                int rows, int heads, int nope, int vd, int kvr) {
+    mla_absorb_v<f16w>(ctx, ctx_stride, w, out, rows, heads, nope, vd, kvr);
+}

@@ -39,6 +39,8 @@
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
 #          bytes its routed experts need, one 512-token perplexity window; streamed
 #          decoding with experts read once chosen vs whole layers),
+#        - latent attention at DeepSeek-V3 shapes (2 dense layers: decode after 512 and
+#          4096 positions against the bytes a step reads, latent KV cache included),
 #        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16, with the mma
 #          engine, and on cpu; detect
 #          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).
@@ -263,11 +265,12 @@ run() {
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$SWK_FIXTURES/tiny/llama' --text '$SWK_FIXTURES/tiny/llama/config.json' --context 16"
     # The 7B table first (timing_7b rewrites timing.md as it goes), then the gemv table,
-    # then the mixture-of-experts and streaming tables (timing_7b_*), so that a step cut
-    # short by its cap loses the last of these first.
+    # then the mixture-of-experts and streaming tables (timing_7b_*), then latent attention
+    # (timing_mla), so that a step cut short by its cap loses the last of these first.
     wants timing && step timing "${TIMING_S:-240}" sh -c "'$GPU_DIR/bin/swk-cuda-tests' timing::timing_7b --exact --ignored --nocapture --test-threads=1 &&
         '$GPU_DIR/bin/swk-unit-tests' gemv_rates --ignored --nocapture --test-threads=1 &&
-        '$GPU_DIR/bin/swk-cuda-tests' timing_7b_ --ignored --nocapture --test-threads=1"
+        '$GPU_DIR/bin/swk-cuda-tests' timing_7b_ --ignored --nocapture --test-threads=1 &&
+        '$GPU_DIR/bin/swk-cuda-tests' timing::timing_mla --exact --ignored --nocapture --test-threads=1"
     wants bench && step bench "${BENCH_S:-90}" "$GPU_DIR/bin/swk-hook-bench" cuda_7b --bench --noplot
     if [ -f "$out/timing.md" ]; then
         echo "== timing.md"

@@ -104,10 +104,25 @@ pub fn resident_bytes(c: &ModelConfig, dtype: WeightDtype) -> usize {
     plan_bytes(&outside_plan(c), dtype)
 }
 
+/// Floats a layer's KV cache on the CUDA backend holds per position: `(keys, values)`.
+/// Ordinary attention keeps `num_kv_heads · head_dim` of each. Latent attention (DeepSeek)
+/// keeps only `[c | k_rope]` (`kv_lora_rank + qk_rope_head_dim`) as a single shared key and
+/// no values: the device runs it absorbed (see `backend::cuda::mla`).
+pub fn kv_cache_widths(c: &ModelConfig) -> (usize, usize) {
+    match &c.family.deepseek {
+        Some(d) => (d.kv_lora_rank.saturating_add(d.qk_rope_head_dim), 0),
+        None => {
+            let w = c.num_kv_heads.saturating_mul(c.head_dim);
+            (w, w)
+        }
+    }
+}
+
 /// Device bytes of the KV cache of a model of `c`'s shapes holding `positions` positions:
-/// f32 keys and values of every layer (saturating).
+/// f32 rows of [`kv_cache_widths`] in every layer (saturating).
 pub fn kv_cache_bytes(c: &ModelConfig, positions: usize) -> usize {
-    [c.num_layers, 2, c.num_kv_heads, c.head_dim, 4, positions]
+    let (k, v) = kv_cache_widths(c);
+    [c.num_layers, k.saturating_add(v), 4, positions]
         .iter()
         .fold(1usize, |b, &d| b.saturating_mul(d))
 }
@@ -126,7 +141,7 @@ pub struct MemoryPlan {
     pub slot: usize,
     /// Bytes a streamed pass copies to the device when it reads whole layers: every layer.
     pub whole_pass: usize,
-    /// The KV cache (f32 keys and values of every layer) per position.
+    /// The KV cache (f32 rows of [`kv_cache_widths`] in every layer) per position.
     pub kv_cache_per_token: usize,
     #[serde(skip)]
     layers: Vec<LayerBytes>,
@@ -286,5 +301,6 @@ mod tests {
         assert_eq!(gb(p.slot).round(), 23.0, "a 23 GB slot");
         assert_eq!((gb(p.whole_pass) / 100.0).round(), 13.0, "1.3 TB a whole-layer pass");
         assert_eq!((gb(p.pass_bytes(9)) / 100.0).round(), 4.0, "0.4 TB a 9-token pass");
+        assert_eq!(p.kv_cache_per_token, 61 * (512 + 64) * 4, "the latent cache: 141 kB");
     }
 }

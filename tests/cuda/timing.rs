@@ -1,5 +1,6 @@
 //! The GPU timing tables (ignored; `--ignored` on a GPU machine): Llama-2-7B shapes,
-//! streaming, and a mixture of experts at OLMoE-1B-7B shapes.
+//! streaming, a mixture of experts at OLMoE-1B-7B shapes, and latent attention at
+//! DeepSeek-V3 shapes.
 
 use super::*;
 
@@ -351,14 +352,18 @@ fn timing_7b_streamed_moe() -> Result<()> {
 /// The config of OLMoE-1B-7B's shapes with `layers` layers (hidden 2048, 64 experts of width
 /// 1024, top-8), read as `config.json` is.
 fn olmoe_shapes(layers: usize) -> Result<swk::model::ModelConfig> {
-    let dir = tempfile::tempdir().map_err(|e| swk::Error::io(std::env::temp_dir(), e))?;
-    let config = serde_json::json!({
+    read_config(serde_json::json!({
         "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
         "intermediate_size": 1024, "num_hidden_layers": layers, "num_attention_heads": 16,
         "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
         "norm_topk_prob": false, "vocab_size": 50304, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
-    });
+    }))
+}
+
+/// `config` read as a `config.json` holding it is.
+fn read_config(config: serde_json::Value) -> Result<swk::model::ModelConfig> {
+    let dir = tempfile::tempdir().map_err(|e| swk::Error::io(std::env::temp_dir(), e))?;
     let path = dir.path().join("config.json");
     std::fs::write(&path, config.to_string()).map_err(|e| swk::Error::io(path.clone(), e))?;
     swk::model::ModelConfig::from_hf_json(&path)
@@ -536,6 +541,91 @@ fn timing_7b_moe() -> Result<()> {
             moe.expert_intermediate * c.hidden_size
         ),
     ]
+    .join("\n")
+        + "\n";
+    append_timing(&text)
+}
+
+/// The config of DeepSeek-V3's attention and dense-MLP shapes with `layers` layers, all dense
+/// (hidden 7168, 128 heads, q_lora_rank 1536, kv_lora_rank 512, nope 128, rope 64, v 128),
+/// read as `config.json` is.
+fn deepseek_v3_shapes(layers: usize) -> Result<swk::model::ModelConfig> {
+    read_config(serde_json::json!({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+        "num_hidden_layers": layers, "first_k_dense_replace": layers,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "vocab_size": 129280, "n_group": 8, "topk_group": 4,
+        "norm_topk_prob": true, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": false
+    }))
+}
+
+/// Latent attention at DeepSeek-V3's shapes (2 dense layers, bf16 random weights made on the
+/// device; the KV cache holds the 576-wide latent rows, see `backend::cuda::mla`): decode ms
+/// per token after 512 and 4096 positions, against the floor of the bytes a step reads (every
+/// weight but the embedding, plus the cache) over the measured copy rate; and one 512-token
+/// perplexity window. Appends to `$SWK_TIMING_OUT`. Measures only.
+#[test]
+#[ignore = "GPU timing of latent attention at DeepSeek-V3 shapes: run with --ignored on a GPU machine"]
+fn timing_mla() -> Result<()> {
+    use swk::backend::memory::kv_cache_bytes;
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let c = deepseek_v3_shapes(2)?;
+    let dev = swk::backend::cuda::CudaDevice::new(0)?;
+    let copy_rate = dev.measure_copy_rate(2 << 30, 10)?;
+    drop(dev);
+    let g =
+        CudaModel::random(&c, 1, &CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() })?;
+    let prompt: Vec<u32> = (0..4096 + 16u32).map(|i| (i * 7919 + 1) % 129280).collect();
+    let embedding = c.vocab_size * c.hidden_size * 2;
+    let mut rows = Vec::new();
+    for ctx in [512usize, 4096] {
+        let mut cache = CudaKvCache::new(&g);
+        let t = Instant::now();
+        g.forward(&prompt[..ctx], &mut cache, None, Logits::Last)?;
+        g.synchronize()?;
+        let prefill = ms(t);
+        let t = Instant::now();
+        for &tok in &prompt[ctx..ctx + 16] {
+            g.forward(&[tok], &mut cache, None, Logits::Last)?;
+        }
+        g.synchronize()?;
+        let step = ms(t) / 16.0;
+        let bytes = g.weight_bytes() - embedding + kv_cache_bytes(&c, ctx + 8);
+        let floor = bytes as f64 / copy_rate * 1e3;
+        rows.push(format!(
+            "| {ctx} | {:.1} | {prefill:.1} | {step:.2} | {floor:.2} | {:.2} |",
+            kv_cache_bytes(&c, ctx) as f64 / 1e6,
+            step / floor
+        ));
+    }
+    let mut ppl = f64::INFINITY;
+    for _ in 0..2 {
+        let t = Instant::now();
+        g.score(&prompt[..512], &mut CudaKvCache::new(&g))?;
+        ppl = ppl.min(ms(t));
+    }
+    let text = [
+        String::new(),
+        format!(
+            "Latent attention, DeepSeek-V3 shapes (2 dense layers), bf16 random weights, {:.2} GB; copy rate {:.0} GB/s; gemm {}; ppl 512 window {ppl:.1} ms:",
+            g.weight_bytes() as f64 / 1e9,
+            copy_rate / 1e9,
+            g.gemm().name()
+        ),
+        String::new(),
+        "| positions | KV cache MB | prefill ms | decode ms/token | floor ms | × floor |".into(),
+        "|---|---|---|---|---|---|".into(),
+    ]
+    .into_iter()
+    .chain(rows)
+    .collect::<Vec<_>>()
     .join("\n")
         + "\n";
     append_timing(&text)

@@ -513,6 +513,45 @@ impl CudaDevice {
         launch!(self, "swk_copy_rows", l, src, ss, rep, dst, ds, r, c, w)
     }
 
+    /// Latent attention's query absorption (kernels/mla.cu): for each of `rows · heads` rows
+    /// of `q` (`q_stride` apart, `d_nope` first), `out` (`out_stride` apart) gets q_nope ·
+    /// W_UK, W_UK the head's first `d_nope` rows of `kv_b` (`[heads · (d_nope + d_v), kvr]`,
+    /// stored as `dtype`). `dims` = `(heads, d_nope, d_v, kvr)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mla_absorb_q(
+        &self,
+        (q, q_stride): (u64, usize),
+        (kv_b, dtype): (u64, WeightDtype),
+        (out, out_stride): (u64, usize),
+        rows: usize,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let (qs, os) = (int(q_stride, "query stride")?, int(out_stride, "output stride")?);
+        let [r, hs, nope, vd, kvr] = mla_dims(rows, dims)?;
+        let l = kernels::mla_absorb_q(rows, dims.0, dims.3)?;
+        let names = ["swk_mla_absorb_q_f32", "swk_mla_absorb_q_bf16", "swk_mla_absorb_q_f16"];
+        launch!(self, by_dtype(dtype, names), l, q, qs, kv_b, out, os, r, hs, nope, vd, kvr)
+    }
+
+    /// Latent attention's value absorption (kernels/mla.cu): for each of `rows · heads` rows
+    /// of the attended latents `ctx` (`ctx_stride` apart), `out` (`[rows, heads · d_v]`) gets
+    /// W_UV · ctx, W_UV the head's last `d_v` rows of `kv_b`. `dims` as for
+    /// [`Self::mla_absorb_q`].
+    pub(crate) fn mla_absorb_v(
+        &self,
+        (ctx, ctx_stride): (u64, usize),
+        (kv_b, dtype): (u64, WeightDtype),
+        out: u64,
+        rows: usize,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let cs = int(ctx_stride, "latent stride")?;
+        let [r, hs, nope, vd, kvr] = mla_dims(rows, dims)?;
+        let l = kernels::mla_absorb_v(rows, dims.0, dims.2)?;
+        let names = ["swk_mla_absorb_v_f32", "swk_mla_absorb_v_bf16", "swk_mla_absorb_v_f16"];
+        launch!(self, by_dtype(dtype, names), l, ctx, cs, kv_b, out, r, hs, nope, vd, kvr)
+    }
+
     /// RoPE of the `2 · half` dims at `at` of each `stride`-wide chunk of x (`heads` per row,
     /// row t at position pos0 + t), interleaved pairs or halves, cos/sin times `factor`.
     #[allow(clippy::too_many_arguments)]
@@ -723,6 +762,17 @@ pub(super) fn by_dtype(dtype: WeightDtype, [f32, bf16, f16]: [&'static str; 3]) 
         WeightDtype::Bf16 => bf16,
         WeightDtype::F16 => f16,
     }
+}
+
+/// The absorption kernels' `[rows, heads, d_nope, d_v, kvr]` as kernel ints.
+fn mla_dims(rows: usize, (heads, nope, vd, kvr): (usize, usize, usize, usize)) -> Result<[i32; 5]> {
+    Ok([
+        int(rows, "rows")?,
+        int(heads, "heads")?,
+        int(nope, "qk_nope_head_dim")?,
+        int(vd, "v_head_dim")?,
+        int(kvr, "kv_lora_rank")?,
+    ])
 }
 
 /// RoPE's kernel arguments `[rows, head_dim, rot_half, pos0]`; an error unless the rotated

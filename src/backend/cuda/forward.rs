@@ -36,6 +36,7 @@ use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
 use super::taps::Taps;
+use crate::backend::memory::kv_cache_widths;
 use crate::backend::stream::StagedLayer;
 use crate::hooks::{HookKind, SpikeStats};
 use crate::model::arch::Logits;
@@ -51,10 +52,11 @@ const NORM_NEXT_KEY_ROWS: usize = 64;
 /// Device logits `[rows, vocab]` and their row count, when a pass asked for any.
 pub(crate) type DeviceLogits = Option<(CudaSlice<f32>, usize)>;
 
-/// Keys and values of past positions on the device, per layer `[capacity, n_kv * head_dim]`,
-/// for one [`CudaModel`]. Grows (doubling, copying on the device) as positions are added.
+/// Keys and values of past positions on the device, for one [`CudaModel`]: per layer
+/// `[capacity, width]` keys and values, the widths of [`kv_cache_widths`] (latent attention:
+/// keys alone). Grows (doubling, copying on the device) as positions are added.
 pub struct CudaKvCache {
-    layers: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    layers: Vec<(CudaSlice<f32>, Option<CudaSlice<f32>>)>,
     len: usize,
     capacity: usize,
     model_id: u64,
@@ -118,10 +120,8 @@ impl CudaModel {
             return Ok(out);
         }
         self.reserve(&mut out, cache.len)?;
-        let kvd = self.config.num_kv_heads * self.config.head_dim;
-        for ((k, v), (ok, ov)) in out.layers.iter_mut().zip(&cache.layers) {
-            self.dev.copy(ok, k, cache.len * kvd)?;
-            self.dev.copy(ov, v, cache.len * kvd)?;
+        for (to, from) in out.layers.iter_mut().zip(&cache.layers) {
+            self.copy_cache_layer(from, to, cache.len)?;
         }
         out.len = cache.len;
         Ok(out)
@@ -132,21 +132,36 @@ impl CudaModel {
         if needed <= cache.capacity && cache.layers.len() == self.config.num_layers {
             return Ok(());
         }
-        let kvd = self.config.num_kv_heads * self.config.head_dim;
+        let (kw, vw) = kv_cache_widths(&self.config);
         let cap = needed.max(cache.capacity * 2).max(16).next_multiple_of(16);
         let mut layers = Vec::with_capacity(self.config.num_layers);
         for l in 0..self.config.num_layers {
-            let mut k = self.dev.alloc::<f32>(cap * kvd)?;
-            let mut v = self.dev.alloc::<f32>(cap * kvd)?;
-            if let Some((ok, ov)) = cache.layers.get(l) {
-                self.dev.copy(ok, &mut k, cache.len * kvd)?;
-                self.dev.copy(ov, &mut v, cache.len * kvd)?;
+            let k = self.dev.alloc::<f32>(cap * kw)?;
+            let v = if vw > 0 { Some(self.dev.alloc::<f32>(cap * vw)?) } else { None };
+            let mut layer = (k, v);
+            if let Some(old) = cache.layers.get(l) {
+                self.copy_cache_layer(old, &mut layer, cache.len)?;
             }
-            layers.push((k, v));
+            layers.push(layer);
         }
         cache.layers = layers;
         cache.capacity = cap;
         Ok(())
+    }
+
+    /// Copy the first `positions` rows of one layer's cache into another's.
+    fn copy_cache_layer(
+        &self,
+        (k, v): &(CudaSlice<f32>, Option<CudaSlice<f32>>),
+        (to_k, to_v): &mut (CudaSlice<f32>, Option<CudaSlice<f32>>),
+        positions: usize,
+    ) -> Result<()> {
+        let (kw, vw) = kv_cache_widths(&self.config);
+        self.dev.copy(k, to_k, positions * kw)?;
+        match (v, to_v) {
+            (Some(v), Some(to_v)) => self.dev.copy(v, to_v, positions * vw),
+            _ => Ok(()),
+        }
     }
 
     /// The forward pass; returns the device logits and their row count (None for
@@ -341,7 +356,7 @@ impl CudaModel {
         let c = &self.config;
         let dev = &self.dev;
         let h = c.hidden_size;
-        let kvd = c.num_kv_heads * c.head_dim;
+        let (kw, vw) = kv_cache_widths(c);
         let (xnp, projp) = (dev.ptr(&acts.xn), dev.ptr(&acts.proj));
         // Spike keys: per layer [intermediate] inputs then [hidden] outputs (then a sparse
         // layer's experts': see KeyLayout).
@@ -430,10 +445,13 @@ impl CudaModel {
                 let w = |suffix: &str| self.layer_weight(l, suffix, base);
                 for p in passes.iter().filter(|p| p.t > 0) {
                     let (t, pos0, xp) = (p.t, p.cache.len, p.x);
+                    // The layer's cache and its rows from pos0 (0 for latent attention's
+                    // values: it keeps none).
                     let (kc, vc) = &p.cache.layers[l];
-                    let (kcp, vcp) = (dev.ptr(kc), dev.ptr(vc));
-                    let (k_new, v_new) =
-                        (kcp + (pos0 * kvd * 4) as u64, vcp + (pos0 * kvd * 4) as u64);
+                    let kcp = dev.ptr(kc);
+                    let vcp = vc.as_ref().map_or(0, |v| dev.ptr(v));
+                    let k_new = kcp + (pos0 * kw * 4) as u64;
+                    let v_new = if vcp == 0 { 0 } else { vcp + (pos0 * vw * 4) as u64 };
                     let cache = [kcp, vcp, k_new, v_new];
                     // Copy out the activation `kind` (`t` rows of `width` at `at`), if tapped.
                     let tap = |kind: HookKind, at: u64, width: usize| match taps {

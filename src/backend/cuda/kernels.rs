@@ -82,6 +82,12 @@ pub const KERNELS: &[&str] = &[
     "swk_gemv_grouped_f16",
     "swk_gemv_grouped_f32",
     "swk_layernorm",
+    "swk_mla_absorb_q_bf16",
+    "swk_mla_absorb_q_f16",
+    "swk_mla_absorb_q_f32",
+    "swk_mla_absorb_v_bf16",
+    "swk_mla_absorb_v_f16",
+    "swk_mla_absorb_v_f32",
     "swk_moe_combine",
     "swk_moe_route",
     "swk_moe_route_tokens",
@@ -398,6 +404,23 @@ pub fn attention(
     Launch::new((n_heads as u64, rows as u64, 1), ATTENTION_BLOCK, bytes)
 }
 
+/// Query rows each block of `swk_mla_absorb_*` walks (kernels/mla.cu's `MLA_ROWS`).
+pub const MLA_ROWS: usize = 16;
+
+/// `swk_mla_absorb_q_*` over `rows` tokens of `heads` heads, `kvr` latent columns: a thread
+/// per column, [`MLA_ROWS`] rows a block.
+pub fn mla_absorb_q(rows: usize, heads: usize, kvr: usize) -> Result<Launch> {
+    let z = (rows as u64).div_ceil(MLA_ROWS as u64);
+    Launch::new(((kvr as u64).div_ceil(BLOCK as u64), heads as u64, z), BLOCK, 0)
+}
+
+/// `swk_mla_absorb_v_*` over `rows` tokens of `heads` heads, `vd` value dims: a warp per
+/// dim (8 a block), [`MLA_ROWS`] rows a block.
+pub fn mla_absorb_v(rows: usize, heads: usize, vd: usize) -> Result<Launch> {
+    let z = (rows as u64).div_ceil(MLA_ROWS as u64);
+    Launch::new(((vd as u64).div_ceil(BLOCK as u64 / 32), heads as u64, z), BLOCK, 0)
+}
+
 /// `swk_gemm_*`: 64×64 output tiles over `[rows, n]`.
 pub fn gemm_tiled(rows: usize, n: usize) -> Result<Launch> {
     Launch::new(
@@ -546,6 +569,21 @@ mod tests {
         assert!(l.shared_bytes as usize <= DEFAULT_SHARED_BYTES);
         assert_eq!(mma_grouped(150, 200, 3).unwrap().1, 224);
         assert!(mma_grouped(64, 60, 3).is_err());
+    }
+
+    #[test]
+    fn mla_absorption_covers_every_row_head_and_column() {
+        // DeepSeek-V3: 128 heads, kv_lora_rank 512, v_head_dim 128; a 9-token prompt and a
+        // 512-token window.
+        let q = mla_absorb_q(9, 128, 512).unwrap();
+        assert_eq!((q.grid, q.block), ((2, 128, 1), (BLOCK, 1, 1)));
+        assert_eq!(mla_absorb_q(512, 128, 512).unwrap().grid, (2, 128, 32));
+        assert_eq!(mla_absorb_q(17, 4, 24).unwrap().grid, (1, 4, 2));
+        // A warp per value dim, 8 a block.
+        assert_eq!(mla_absorb_v(9, 128, 128).unwrap().grid, (16, 128, 1));
+        assert_eq!(mla_absorb_v(26, 4, 10).unwrap().grid, (2, 4, 2));
+        assert!(mla_absorb_q(0, 4, 24).is_err() && mla_absorb_v(9, 0, 10).is_err());
+        assert!(mla_absorb_q(MLA_ROWS * (MAX_GRID_YZ as usize + 1), 1, 1).is_err());
     }
 
     #[test]

@@ -1,16 +1,22 @@
-//! DeepSeek-V2/V3's multi-head latent attention on the device, mirroring
-//! `model::arch::deepseek::mla`: the latent projections, RoPE on the rope dims only, and
-//! per-head q, k, v zero-padded to `head_dim = max(d_nope + d_rope, d_v)` so that the
-//! ordinary attention kernel and KV cache run it.
+//! DeepSeek-V2/V3's multi-head latent attention on the device, computing what
+//! `model::arch::deepseek::mla` computes in its absorbed form, so that the KV cache holds
+//! per position only the normalized latent `c` and the rotated rope key (`kv_lora_rank +
+//! d_rope` floats a layer: 576 on DeepSeek-V3, against 2 · 128 heads · 192 expanded), shared
+//! by every head. kv_b_proj's rows for head n are `[W_UK_n (d_nope) | W_UV_n (d_v)]`, so
+//! `q_nope·k_nope(s) = (q_nope·W_UK_n)·c(s)` and `Σ_s p_s v(s) = W_UV_n·(Σ_s p_s c(s))`:
 //!
 //! ```text
 //! q = q_b_proj(rmsnorm(q_a_proj(xn)))  or  q_proj(xn)            [t, heads·(d_nope + d_rope)]
 //! [c | k_rope] = kv_a_proj_with_mqa(xn)                           [t, kv_lora_rank + d_rope]
-//! [k_nope | v] per head = kv_b_proj(rmsnorm(c))                   [t, heads·(d_nope + d_v)]
 //! rope(q's rope dims), rope(k_rope)        (interleaved pairs or halves, YaRN factor)
-//! cache k = [k_nope | k_rope | 0], v = [v | 0]; query [q | 0]     (swk_copy_rows)
-//! att = attention(...); o_proj(att's first d_v dims of each head)
+//! cache row = [rmsnorm(c) | k_rope]                               (swk_copy_rows)
+//! query per head = [q_nope·W_UK_n | q_rope]                       (swk_mla_absorb_q_*)
+//! ctx = attention(query, keys = values = the cache rows)          (one kv head, swk_attention)
+//! o_proj([W_UV_n·ctx_n[..kv_lora_rank] per head])                 (swk_mla_absorb_v_*)
 //! ```
+//!
+//! The attention weights (`attn.hook_pattern`) and every output are the expanded form's up to
+//! float rounding; the CPU backend keeps the expanded form, which the parity tests compare.
 
 use super::driver::{CudaDevice, CudaSlice};
 use super::linear::Scratch;
@@ -22,7 +28,7 @@ use crate::{Error, Result};
 
 /// The activation buffers of latent attention for up to `t` tokens.
 pub(crate) struct MlaActs {
-    /// q before padding `[t, heads·(d_nope + d_rope)]`.
+    /// q `[t, heads·(d_nope + d_rope)]`.
     q: CudaSlice<f32>,
     /// q_a_proj's output `[t, q_lora_rank]`, when q is low-rank.
     qa: Option<CudaSlice<f32>>,
@@ -30,8 +36,10 @@ pub(crate) struct MlaActs {
     ckv: CudaSlice<f32>,
     /// Its latent part, normalized `[t, kv_lora_rank]`.
     latent: CudaSlice<f32>,
-    /// kv_b_proj's output `[t, heads·(d_nope + d_v)]`.
-    kv: CudaSlice<f32>,
+    /// The absorbed queries `[t, heads, kv_lora_rank + d_rope]`.
+    q_abs: CudaSlice<f32>,
+    /// The attended cache rows `[t, heads, kv_lora_rank + d_rope]`.
+    ctx: CudaSlice<f32>,
     /// o_proj's input `[t, heads·d_v]`.
     o_in: CudaSlice<f32>,
 }
@@ -55,7 +63,8 @@ impl MlaActs {
             },
             ckv: dev.alloc::<f32>(t * (kvr + rd))?,
             latent: dev.alloc::<f32>(t * kvr)?,
-            kv: dev.alloc::<f32>(t * nh * (nope + vd))?,
+            q_abs: dev.alloc::<f32>(t * nh * (kvr + rd))?,
+            ctx: dev.alloc::<f32>(t * nh * (kvr + rd))?,
             o_in: dev.alloc::<f32>(t * nh * vd)?,
         })
     }
@@ -79,10 +88,9 @@ impl MlaRope {
 
 impl CudaModel {
     /// Layer `l`'s latent attention on `xn` (`[t, hidden]`, first token at `pos0`), weights
-    /// from `w(suffix)`: writes the new keys and values into the cache (`[k, v, k_new,
-    /// v_new]`: the layer's cache and its rows at pos0), the padded queries into `q`, the
-    /// attention into `att` (its weights into `pattern` unless 0) and `o_proj`'s output into
-    /// `proj` (`[q, att, proj, pattern]`).
+    /// from `w(suffix)`: writes the new cache rows (`[k, _, k_new, _]`: the layer's cache and
+    /// its rows at pos0; latent attention keeps no values), the attention weights into
+    /// `pattern` unless 0, and `o_proj`'s output into `proj` (`[_, _, proj, pattern]`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn mla_attention(
         &self,
@@ -90,31 +98,26 @@ impl CudaModel {
         w: &dyn Fn(&str) -> Result<WeightRef>,
         xn: u64,
         (t, pos0): (usize, usize),
-        [kc, vc, k_new, v_new]: [u64; 4],
-        [q, att, proj, pattern]: [u64; 4],
+        [kc, _, k_new, _]: [u64; 4],
+        [_, _, proj, pattern]: [u64; 4],
         ma: &MlaActs,
         sc: &mut Scratch,
     ) -> Result<()> {
         let c = &self.config;
         let d = deepseek::params(c)?;
         let dev = &self.dev;
-        let (h, nh, hd) = (c.hidden_size, c.num_heads, c.head_dim);
+        let (h, nh) = (c.hidden_size, c.num_heads);
         let (nope, rd, vd, kvr) =
             (d.qk_nope_head_dim, d.qk_rope_head_dim, d.v_head_dim, d.kv_lora_rank);
-        let qk = nope + rd;
+        let (qk, row) = (nope + rd, kvr + rd);
         let wt = |name: &str| w(&format!("self_attn.{name}.weight"));
         let eps = LATENT_NORM_EPS;
         let rope = self
             .mla_rope
             .as_ref()
             .ok_or_else(|| Error::Backend("latent attention without its rope".into()))?;
-        let (qr, ckv, latent, kv, o_in) = (
-            dev.ptr(&ma.q),
-            dev.ptr(&ma.ckv),
-            dev.ptr(&ma.latent),
-            dev.ptr(&ma.kv),
-            dev.ptr(&ma.o_in),
-        );
+        let (qr, ckv, latent) = (dev.ptr(&ma.q), dev.ptr(&ma.ckv), dev.ptr(&ma.latent));
+        let (q_abs, ctx, o_in) = (dev.ptr(&ma.q_abs), dev.ptr(&ma.ctx), dev.ptr(&ma.o_in));
 
         // q, low-rank or not; the latent c and the shared rope key.
         match (d.q_lora_rank, &ma.qa) {
@@ -126,28 +129,42 @@ impl CudaModel {
             }
             _ => self.linear(xn, &wt("q_proj")?, qr, t, h, nh * qk, sc)?,
         }
-        self.linear(xn, &wt("kv_a_proj_with_mqa")?, ckv, t, h, kvr + rd, sc)?;
-        dev.copy_rows((ckv, kvr + rd, 1), (latent, kvr), t, kvr, kvr)?;
+        self.linear(xn, &wt("kv_a_proj_with_mqa")?, ckv, t, h, row, sc)?;
+        dev.copy_rows((ckv, row, 1), (latent, kvr), t, kvr, kvr)?;
         dev.rmsnorm(latent, wt("kv_a_layernorm")?.f32_ptr()?, (latent, 0), t, kvr, eps, false)?;
-        self.linear(latent, &wt("kv_b_proj")?, kv, t, kvr, nh * (nope + vd), sc)?;
 
         // RoPE on q's rope dims (per head) and on the rope key (one per token).
         let inv = dev.ptr(&rope.inv_freq);
         let (half, il) = (rd / 2, d.rope_interleave);
         dev.rope_at(qr, inv, (t, nh, qk, nope), half, pos0, il, rope.factor)?;
-        dev.rope_at(ckv, inv, (t, 1, kvr + rd, kvr), half, pos0, il, rope.factor)?;
+        dev.rope_at(ckv, inv, (t, 1, row, kvr), half, pos0, il, rope.factor)?;
 
-        // Padded per-head q, k = [k_nope | k_rope | 0] and v = [v | 0] into the cache rows.
-        let rows = t * nh;
-        dev.copy_rows((qr, qk, 1), (q, hd), rows, qk, hd)?;
-        dev.copy_rows((kv, nope + vd, 1), (k_new, hd), rows, nope, hd)?;
-        let k_rope = ckv + (kvr * 4) as u64;
-        dev.copy_rows((k_rope, kvr + rd, nh), (k_new + (nope * 4) as u64, hd), rows, rd, rd)?;
-        dev.copy_rows((kv + (nope * 4) as u64, nope + vd, 1), (v_new, hd), rows, vd, hd)?;
+        // The cache rows [rmsnorm(c) | k_rope]; the queries [q_nope·W_UK | q_rope] per head.
+        dev.copy_rows((latent, kvr, 1), (k_new, row), t, kvr, kvr)?;
+        let at = |p: u64, floats: usize| p + (floats * 4) as u64;
+        dev.copy_rows((at(ckv, kvr), row, 1), (at(k_new, kvr), row), t, rd, rd)?;
+        let kv_b = wt("kv_b_proj")?;
+        check_kv_b(&kv_b, nh * (nope + vd), kvr)?;
+        let dims = (nh, nope, vd, kvr);
+        dev.mla_absorb_q((qr, qk), (kv_b.ptr, kv_b.dtype), (q_abs, row), t, dims)?;
+        dev.copy_rows((at(qr, nope), qk, 1), (at(q_abs, kvr), row), t * nh, rd, rd)?;
 
+        // Every head attends to the one shared row: keys and values are the cache itself
+        // (the values' rope dims come along and are not read back).
         let scale = c.attention_scale(l);
-        dev.attention(q, kc, vc, (att, pattern, 0), t, pos0, nh, nh, hd, None, scale, None)?;
-        dev.copy_rows((att, hd, 1), (o_in, vd), rows, vd, vd)?;
+        dev.attention(q_abs, kc, kc, (ctx, pattern, 0), t, pos0, nh, 1, row, None, scale, None)?;
+        dev.mla_absorb_v((ctx, row), (kv_b.ptr, kv_b.dtype), o_in, t, dims)?;
         self.linear(o_in, &wt("o_proj")?, proj, t, nh * vd, h, sc)
     }
+}
+
+/// An error unless `kv_b` is the `[rows, cols]` matrix the absorption kernels index.
+fn check_kv_b(kv_b: &WeightRef, rows: usize, cols: usize) -> Result<()> {
+    if kv_b.shape[..] != [rows, cols] {
+        return Err(Error::tensor(
+            &kv_b.name,
+            format!("shape {:?}, latent attention needs [{rows}, {cols}]", kv_b.shape),
+        ));
+    }
+    Ok(())
 }
