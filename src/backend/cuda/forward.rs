@@ -837,7 +837,13 @@ impl Acts {
         (t, route_limit): (usize, usize),
         stats: bool,
     ) -> Result<Self> {
-        let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim);
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        // Attention's queries and outputs per token: per head head_dim, or latent
+        // attention's absorbed rows (see mla.rs).
+        let qd = match &c.family.deepseek {
+            Some(d) => c.num_heads * (d.kv_lora_rank + d.qk_rope_head_dim),
+            None => c.num_heads * c.head_dim,
+        };
         Ok(Acts {
             xn: dev.alloc::<f32>(t * h)?,
             q: dev.alloc::<f32>(t * qd)?,

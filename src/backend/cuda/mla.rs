@@ -36,10 +36,6 @@ pub(crate) struct MlaActs {
     ckv: CudaSlice<f32>,
     /// Its latent part, normalized `[t, kv_lora_rank]`.
     latent: CudaSlice<f32>,
-    /// The absorbed queries `[t, heads, kv_lora_rank + d_rope]`.
-    q_abs: CudaSlice<f32>,
-    /// The attended cache rows `[t, heads, kv_lora_rank + d_rope]`.
-    ctx: CudaSlice<f32>,
     /// o_proj's input `[t, heads·d_v]`.
     o_in: CudaSlice<f32>,
 }
@@ -63,8 +59,6 @@ impl MlaActs {
             },
             ckv: dev.alloc::<f32>(t * (kvr + rd))?,
             latent: dev.alloc::<f32>(t * kvr)?,
-            q_abs: dev.alloc::<f32>(t * nh * (kvr + rd))?,
-            ctx: dev.alloc::<f32>(t * nh * (kvr + rd))?,
             o_in: dev.alloc::<f32>(t * nh * vd)?,
         })
     }
@@ -89,8 +83,10 @@ impl MlaRope {
 impl CudaModel {
     /// Layer `l`'s latent attention on `xn` (`[t, hidden]`, first token at `pos0`), weights
     /// from `w(suffix)`: writes the new cache rows (`[k, _, k_new, _]`: the layer's cache and
-    /// its rows at pos0; latent attention keeps no values), the attention weights into
-    /// `pattern` unless 0, and `o_proj`'s output into `proj` (`[_, _, proj, pattern]`).
+    /// its rows at pos0; latent attention keeps no values), the absorbed queries into `q_abs`
+    /// and the attended rows into `ctx` (each `[t, heads, kv_lora_rank + d_rope]`), the
+    /// attention weights into `pattern` unless 0, and `o_proj`'s output into `proj`
+    /// (`[q_abs, ctx, proj, pattern]`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn mla_attention(
         &self,
@@ -99,7 +95,7 @@ impl CudaModel {
         xn: u64,
         (t, pos0): (usize, usize),
         [kc, _, k_new, _]: [u64; 4],
-        [_, _, proj, pattern]: [u64; 4],
+        [q_abs, ctx, proj, pattern]: [u64; 4],
         ma: &MlaActs,
         sc: &mut Scratch,
     ) -> Result<()> {
@@ -117,7 +113,7 @@ impl CudaModel {
             .as_ref()
             .ok_or_else(|| Error::Backend("latent attention without its rope".into()))?;
         let (qr, ckv, latent) = (dev.ptr(&ma.q), dev.ptr(&ma.ckv), dev.ptr(&ma.latent));
-        let (q_abs, ctx, o_in) = (dev.ptr(&ma.q_abs), dev.ptr(&ma.ctx), dev.ptr(&ma.o_in));
+        let o_in = dev.ptr(&ma.o_in);
 
         // q, low-rank or not; the latent c and the shared rope key.
         match (d.q_lora_rank, &ma.qa) {
