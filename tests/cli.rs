@@ -96,6 +96,14 @@ fn info_reads_headers_and_matches_loading() {
                 assert_eq!(mem["pass_bytes"][t.to_string()], plan.pass_bytes(t), "{spec} {t}");
             }
             assert!(plan.streamed < plan.resident || m.config.num_layers == 1, "{spec}");
+            // f32 rows per layer: latent attention's one shared [c | k_rope], else keys and
+            // values of every KV head.
+            let c = &m.config;
+            let row = match &c.family.deepseek {
+                Some(d) => d.kv_lora_rank + d.qk_rope_head_dim,
+                None => 2 * c.num_kv_heads * c.head_dim,
+            };
+            assert_eq!(mem["kv_cache_per_token"], c.num_layers * row * 4, "{spec}");
         }
     }
     assert!(lazily >= 30, "{lazily} fixtures opened lazily");
