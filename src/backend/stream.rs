@@ -13,6 +13,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::WeightDtype;
+use crate::io::quant;
+use crate::io::safetensors::Fp8Tensor;
 use crate::model::config::{DeepseekParams, MoeParams};
 use crate::model::{Architecture, LazyModel, ModelConfig};
 use crate::{Error, Result};
@@ -383,6 +385,54 @@ impl Overlay {
     }
 }
 
+/// FP8 weight `q` (tensor `name`) into `dst` as `dtype`: each value's bits are those of
+/// encoding its f32 value `e4m3(code) · scale`, as converting [`LazyModel::tensor`] gives.
+/// Per block of rows, the 256 codes' encodings under each column block's scale are worked out
+/// once, so a value costs one table lookup. Errors name the tensor for a value `dtype` cannot
+/// hold (f16 past its range) or sizes that do not match.
+fn stage_fp8(q: &Fp8Tensor<'_>, dtype: WeightDtype, dst: &mut [u8], name: &str) -> Result<()> {
+    let ([br, bc], (rows, cols), width) = (q.block, (q.rows, q.cols), dtype.bytes());
+    let sc = cols.div_ceil(bc.max(1));
+    let sizes_match = br > 0
+        && bc > 0
+        && q.q.len() == rows * cols
+        && dst.len() == rows * cols * width
+        && q.scales.len() == rows.div_ceil(br) * sc;
+    if !sizes_match || cols == 0 {
+        return Err(Error::tensor(name, "FP8 codes, scales and slot sizes do not match"));
+    }
+    let value = |code: u8, s: f32| quant::e4m3_to_f32(code) * s;
+    let blocks = dst.par_chunks_mut(br * cols * width).zip(q.q.par_chunks(br * cols));
+    blocks.zip(q.scales.par_chunks(sc)).try_for_each(|((out, codes), scales)| {
+        // Each column block's table: the encoded bits of the 256 codes, None where `dtype`
+        // cannot hold the value.
+        let tables: Vec<[Option<u32>; 256]> = scales
+            .iter()
+            .map(|&s| std::array::from_fn(|c| dtype.encode_or_err(value(c as u8, s), name).ok()))
+            .collect();
+        for (out, codes) in out.chunks_mut(cols * width).zip(codes.chunks(cols)) {
+            // The row's runs within each column block, with the block's table and scale.
+            let runs = out.chunks_mut(bc * width).zip(codes.chunks(bc));
+            for ((out, codes), (table, &s)) in runs.zip(tables.iter().zip(scales)) {
+                for (o, &code) in out.chunks_exact_mut(width).zip(codes) {
+                    let Some(bits) = table[code as usize] else {
+                        let v = value(code, s);
+                        dtype.encode_or_err(v, name)?;
+                        return Err(Error::tensor(name, format!("{v} cannot be stored")));
+                    };
+                    o.copy_from_slice(&bits.to_le_bytes()[..width]);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The error of a tensor whose shape is not the one its slot entry expects.
+fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> Error {
+    Error::tensor(name, format!("expected shape {expected:?}, found {found:?}"))
+}
+
 /// The error of an edit past the end of its tensor.
 fn out_of_range(tensor: &str, flat: usize) -> Error {
     Error::tensor(tensor, format!("edited element {flat} is out of range"))
@@ -398,7 +448,8 @@ pub struct StagedLayer {
     /// Tensors copied as their file stores them (a safetensors checkpoint whose dtype is the
     /// slot's): no conversion through f32.
     pub copied: usize,
-    /// Tensors read as f32 (GGUF dequantized) and converted to the slot's dtype.
+    /// Tensors converted to the slot's dtype: read as f32 (GGUF dequantized), or FP8
+    /// through a table of its codes' encodings.
     pub converted: usize,
 }
 
@@ -454,12 +505,20 @@ pub fn stage_part(
             overlay.apply_stored(&name, e.dtype, dst)?;
             continue;
         }
+        if let Some(q) = lazy.fp8(&name)? {
+            // FP8: straight into the slot's bytes (the bits of the f32 route, without the f32
+            // matrix), then the edits.
+            if [q.rows, q.cols] != e.shape[..] {
+                return Err(shape_error(&name, &e.shape, &[q.rows, q.cols]));
+            }
+            stage_fp8(&q, e.dtype, dst, &name)?;
+            overlay.apply_stored(&name, e.dtype, dst)?;
+            converted += 1;
+            continue;
+        }
         let mut t = lazy.tensor(&name)?;
         if t.shape != e.shape {
-            return Err(Error::tensor(
-                &name,
-                format!("expected shape {:?}, found {:?}", e.shape, t.shape),
-            ));
+            return Err(shape_error(&name, &e.shape, &t.shape));
         }
         overlay.apply(&name, &mut t.data)?;
         e.dtype.encode_slice(&t.data, dst, &name)?;

@@ -118,6 +118,22 @@ pub struct StoredTensor<'a> {
     pub bytes: &'a [u8],
 }
 
+/// An FP8 (E4M3) weight as stored, with its block scales: `w[r, c] = e4m3(q[r · cols + c]) ·
+/// scales[(r / block[0]) · ⌈cols / block[1]⌉ + c / block[1]]`.
+#[derive(Debug)]
+pub struct Fp8Tensor<'a> {
+    /// The E4M3 bytes, row-major.
+    pub q: &'a [u8],
+    /// Rows of the matrix.
+    pub rows: usize,
+    /// Columns of the matrix.
+    pub cols: usize,
+    /// One f32 scale per block, row-major.
+    pub scales: Vec<f32>,
+    /// The block: `[rows, columns]`.
+    pub block: [usize; 2],
+}
+
 /// A safetensors checkpoint (one file or shards), memory-mapped, whose tensors are converted
 /// to f32 one at a time, on demand. Opening validates every header (offsets inside the file,
 /// sizes matching shapes) without reading any tensor data.
@@ -273,6 +289,30 @@ impl MappedCheckpoint {
         shape: &[usize],
         q: &[u8],
     ) -> std::result::Result<Vec<f32>, String> {
+        let f = self.fp8_parts(name, shape, q)?;
+        Ok(crate::io::quant::dequantize_fp8_blocks(q, (f.rows, f.cols), &f.scales, f.block))
+    }
+
+    /// Tensor `name` as its FP8 bytes and block scales, when it is stored as `F8_E4M3`
+    /// (None for other dtypes), for converting it without the f32 matrix (streaming stages it
+    /// so). Errors as [`Self::read`].
+    pub fn fp8(&self, name: &str) -> Result<Option<Fp8Tensor<'_>>> {
+        let (t, path, q) = self.locate(name)?;
+        if t.dtype != Dtype::F8_E4M3 {
+            return Ok(None);
+        }
+        self.fp8_parts(name, &t.shape, q)
+            .map(Some)
+            .map_err(|msg| Error::format(path, format!("tensor `{name}`: {msg}")))
+    }
+
+    /// The scales and block of FP8 weight `name` (`shape`, bytes `q`), checked.
+    fn fp8_parts<'a>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        q: &'a [u8],
+    ) -> std::result::Result<Fp8Tensor<'a>, String> {
         let scales = format!("{name}_scale_inv");
         let Ok((st, _, sb)) = self.locate(&scales) else {
             return Err(format!(
@@ -293,7 +333,7 @@ impl MappedCheckpoint {
             ));
         }
         let s = to_f32(st.dtype, sb).map_err(|m| format!("`{scales}`: {m}"))?;
-        Ok(crate::io::quant::dequantize_fp8_blocks(q, (rows, cols), &s, [br, bc]))
+        Ok(Fp8Tensor { q, rows, cols, scales: s, block: [br, bc] })
     }
 
     /// A tensor's entry, file and bytes in the map.

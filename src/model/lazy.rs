@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::io::gguf::GgufFile;
-use crate::io::safetensors::{self, MappedCheckpoint, StoredTensor};
+use crate::io::safetensors::{self, Fp8Tensor, MappedCheckpoint, StoredTensor};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::load::{
     gguf_layout_to_hf, gguf_source, gguf_targets, hf_source, hf_tokenizer, split_kv_b_part,
@@ -282,6 +282,19 @@ impl LazyModel {
                 Ok(Some(StoredTensor { dtype, shape: &e.shape, bytes }))
             }
             None => ckpt.stored(name).map(Some),
+        }
+    }
+
+    /// Tensor `name` as its FP8 bytes and block scales, when a safetensors checkpoint stores
+    /// it whole as `F8_E4M3` (DeepSeek-V3, Qwen3-FP8); `None` otherwise. Its f32 values are
+    /// [`Self::tensor`]'s.
+    pub fn fp8(&self, name: &str) -> Result<Option<Fp8Tensor<'_>>> {
+        let e = self.entry(name)?;
+        let Files::Safetensors(ckpt) = &self.files else { return Ok(None) };
+        match &e.stored_as {
+            Some((stored, 0)) if ckpt.shape(stored) == Some(&e.shape) => ckpt.fp8(stored),
+            Some(_) => Ok(None),
+            None => ckpt.fp8(name),
         }
     }
 
