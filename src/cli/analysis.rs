@@ -1,12 +1,10 @@
 //! What the analysis subcommands share: where the studied edits come from, the text to run.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use swk::analysis::{self, AnalysisBackend};
 use swk::detect::{self, DetectBackend, DetectInputs};
 use swk::edit::WeightEdit;
-use swk::model::LazyModel;
 use swk::{Error, Model, Result};
 
 use super::device::{Backend, GpuDtype};
@@ -93,7 +91,7 @@ pub struct Target {
     /// The chosen backend.
     pub backend: Backend,
     /// Layers to stream to the device from the model's files (None: upload whole).
-    pub lazy: Option<Arc<LazyModel>>,
+    pub lazy: Option<super::device::Files>,
     /// Weight storage on the device.
     pub dtype: GpuDtype,
     /// No progress bars or notes on stderr.

@@ -154,7 +154,7 @@ fn print_table(r: &DetectReport<'_>, cfg: &DetectConfig) {
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_detect(
     model: &swk::Model,
-    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    lazy: Option<super::device::Files>,
     cfg: &DetectConfig,
     dtype: GpuDtype,
     progress: impl FnMut(usize, usize, &str),
@@ -167,7 +167,7 @@ fn cuda_detect(
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_detect(
     _: &swk::Model,
-    _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: Option<super::device::Files>,
     _: &DetectConfig,
     _: GpuDtype,
     _: impl FnMut(usize, usize, &str),

@@ -196,21 +196,62 @@ impl DeviceOpts {
 /// Device memory left free for activations and the KV cache when deciding to stream.
 const HEADROOM: usize = 2 << 30;
 
-/// The backend for `spec` (per the flags), and the model as that
-/// backend needs it: the whole [`Model`], or, when CUDA streams the layers, the model without
-/// its layer tensors (tokenizer, config, embedding, head) and the lazily read files (`Some`).
+/// A model's files as a CUDA run reads them ([`load`]): its layers streamed on every pass, or
+/// uploaded whole once, a buffer group at a time.
+#[derive(Clone)]
+// Read only by the CUDA backend's constructors (a build without it never has files).
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
+pub struct Files {
+    /// The lazily read files.
+    pub lazy: Arc<LazyModel>,
+    /// Whether the layers are streamed (else uploaded whole from the files).
+    pub streamed: bool,
+}
+
+/// The backend for `spec` (per the flags), and the model as that backend needs it: the
+/// whole [`Model`] for the CPU, or for CUDA the model without its layer tensors (tokenizer,
+/// config, embedding, head) and its files (`Some`), from which the layers are streamed or
+/// uploaded (so the host never holds every layer as f32). Checkpoints LazyModel cannot open
+/// (GPT-2, GPT-NeoX, Gemma 3 safetensors) load whole for a resident CUDA run (`None`).
 pub fn load(
     spec: &str,
     quiet: bool,
     dev: DeviceOpts,
     dtype: GpuDtype,
-) -> Result<(Backend, Model, Option<Arc<LazyModel>>)> {
+) -> Result<(Backend, Model, Option<Files>)> {
+    load_for(spec, quiet, dev, dtype, false)
+}
+
+/// [`load`] for a command that reads every layer tensor on the host when the model is
+/// resident on the device (`quantize-study` lists and rewrites them): a resident CUDA run
+/// gets the whole [`Model`].
+pub fn load_whole(
+    spec: &str,
+    quiet: bool,
+    dev: DeviceOpts,
+    dtype: GpuDtype,
+) -> Result<(Backend, Model, Option<Files>)> {
+    load_for(spec, quiet, dev, dtype, true)
+}
+
+/// [`load`], or [`load_whole`] when `whole`.
+fn load_for(
+    spec: &str,
+    quiet: bool,
+    dev: DeviceOpts,
+    dtype: GpuDtype,
+    whole: bool,
+) -> Result<(Backend, Model, Option<Files>)> {
     let backend = choose(dev.device, quiet)?;
-    if backend == Backend::Cpu || !streams(spec, dev.stream, dtype.sized(), dev.positions)? {
+    if backend == Backend::Cpu {
+        return Ok((backend, super::load_model(spec, quiet)?, None));
+    }
+    let streamed = streams(spec, dev.stream, dtype.sized(), dev.positions)?;
+    if !streamed && (whole || !LazyModel::can_open(spec)?) {
         return Ok((backend, super::load_model(spec, quiet)?, None));
     }
     let lazy = LazyModel::open(spec)?;
-    if !quiet {
+    if !quiet && streamed {
         eprintln!(
             "swk: streaming layers from {} ({:.2} GiB of f32 weights; one layer on the device at a time)",
             lazy.source.path.display(),
@@ -218,7 +259,7 @@ pub fn load(
         );
     }
     let outside = lazy.materialize(|n| swk::backend::stream::split_layer_name(n).is_none())?;
-    Ok((backend, outside, Some(Arc::new(lazy))))
+    Ok((backend, outside, Some(Files { lazy: Arc::new(lazy), streamed })))
 }
 
 /// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights and a
@@ -271,13 +312,9 @@ fn mem_available(meminfo: &str) -> Option<usize> {
 /// For a CUDA run that also keeps the whole model on the host (`swk research`, whose other
 /// analyses run on the CPU): `spec`'s files to stream the device's layers from, when
 /// `--stream` says to stream.
-pub fn stream_files(
-    spec: &str,
-    stream: StreamArg,
-    dtype: GpuDtype,
-) -> Result<Option<Arc<LazyModel>>> {
+pub fn stream_files(spec: &str, stream: StreamArg, dtype: GpuDtype) -> Result<Option<Files>> {
     if streams(spec, stream, dtype.sized(), 0)? {
-        Ok(Some(Arc::new(LazyModel::open(spec)?)))
+        Ok(Some(Files { lazy: Arc::new(LazyModel::open(spec)?), streamed: true }))
     } else {
         Ok(None)
     }
@@ -324,27 +361,29 @@ fn cuda_free_memory() -> Result<(String, usize)> {
     Err(Error::Backend(cuda_usable(true).err().unwrap_or_default()))
 }
 
-/// The model on CUDA device 0: uploaded whole, or streamed when `lazy` is given.
+/// The model on CUDA device 0: `files`' layers streamed or uploaded from them, else `model`
+/// uploaded whole.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub fn cuda_model(
     model: &Model,
-    lazy: Option<Arc<LazyModel>>,
+    files: Option<Files>,
     opts: &swk::backend::cuda::CudaOptions,
 ) -> Result<swk::backend::cuda::CudaModel> {
     use swk::backend::cuda::CudaModel;
-    match lazy {
-        Some(lazy) => CudaModel::streamed(lazy, opts),
+    match files {
+        Some(f) if f.streamed => CudaModel::streamed(f.lazy, opts),
+        Some(f) => CudaModel::from_lazy(&f.lazy, opts),
         None => CudaModel::new(model, opts),
     }
 }
 
-/// The model on CUDA device 0 with `dtype` weights (uploaded whole, or streamed when `lazy`
-/// is given), and the description reports carry: `cuda: NAME (DTYPE weights, ENGINE[, layers
+/// The model on CUDA device 0 with `dtype` weights ([`cuda_model`]: streamed or uploaded
+/// from `lazy`'s files, else uploaded from `model`), and the description reports carry: `cuda: NAME (DTYPE weights, ENGINE[, layers
 /// streamed])`.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub fn cuda_session(
     model: &Model,
-    lazy: Option<Arc<LazyModel>>,
+    lazy: Option<Files>,
     dtype: GpuDtype,
 ) -> Result<(swk::backend::cuda::CudaModel, String)> {
     let dtype = dtype.resolve(model);

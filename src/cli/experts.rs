@@ -141,7 +141,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_experts(
     model: &swk::Model,
-    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    lazy: Option<super::device::Files>,
     samples: &[Vec<u32>],
     windows: &[Vec<u32>],
     cfg: &ExpertsConfig,
@@ -155,7 +155,7 @@ fn cuda_experts(
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_experts(
     _: &swk::Model,
-    _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: Option<super::device::Files>,
     _: &[Vec<u32>],
     _: &[Vec<u32>],
     _: &ExpertsConfig,

@@ -94,7 +94,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_greedy(
     model: &swk::Model,
-    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    lazy: Option<super::device::Files>,
     dtype: GpuDtype,
     prompt: &[u32],
     max_new: usize,
@@ -111,7 +111,7 @@ fn cuda_greedy(
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_greedy(
     _: &swk::Model,
-    _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: Option<super::device::Files>,
     _: GpuDtype,
     _: &[u32],
     _: usize,

@@ -3,11 +3,9 @@
 //! `--device cuda` too: captures, writers and ablations).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use swk::analysis::groups::{self, GroupsConfig, GroupsReport, Verdict};
 use swk::eval::ppl;
-use swk::model::LazyModel;
 use swk::{Model, Result};
 
 use super::analysis::{read_text, Described};
@@ -113,12 +111,13 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     Ok(())
 }
 
-/// The groups (captures, writers and ablations) on CUDA device 0 (the layers streamed from `lazy`
-/// when given); returns the report and a description of the device.
+/// The groups (captures, writers and ablations) on CUDA device 0 (the layers streamed or
+/// uploaded from `lazy`'s files when given); returns the report and a description of the
+/// device.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_groups(
     model: &Model,
-    lazy: Option<Arc<LazyModel>>,
+    lazy: Option<super::device::Files>,
     dtype: GpuDtype,
     prompts: &[Vec<u32>],
     windows: &[Vec<u32>],
@@ -132,7 +131,7 @@ fn cuda_groups(
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_groups(
     _: &Model,
-    _: Option<Arc<LazyModel>>,
+    _: Option<super::device::Files>,
     _: GpuDtype,
     _: &[Vec<u32>],
     _: &[Vec<u32>],

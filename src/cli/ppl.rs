@@ -93,7 +93,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn cuda_perplexity(
     model: &swk::Model,
-    lazy: Option<std::sync::Arc<swk::model::LazyModel>>,
+    lazy: Option<super::device::Files>,
     dtype: GpuDtype,
     tokens: &[u32],
     context: usize,
@@ -110,7 +110,7 @@ fn cuda_perplexity(
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn cuda_perplexity(
     _: &swk::Model,
-    _: Option<std::sync::Arc<swk::model::LazyModel>>,
+    _: Option<super::device::Files>,
     _: GpuDtype,
     _: &[u32],
     _: usize,

@@ -85,7 +85,7 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
         analysis::plot::check_path(p)?;
     }
     let text = read_text(a.text.as_deref())?;
-    let (backend, mut model, lazy) = super::device::load(&a.model, a.json, dev, a.gpu_dtype)?;
+    let (backend, mut model, lazy) = super::device::load_whole(&a.model, a.json, dev, a.gpu_dtype)?;
     if lazy.is_some() {
         return Err(Error::Invalid(
             "quantize-study rewrites every linear weight, so it needs the model resident on the \

@@ -3,13 +3,11 @@
 //! weights (comparison.json, comparison.md, comparison.html).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 use swk::analysis::research::{self, ResearchConfig};
 use swk::eval::choice;
-use swk::model::LazyModel;
 use swk::{report, Error, Model, Result};
 
 use super::device::{Backend, DeviceOpts, GpuDtype};
@@ -289,7 +287,7 @@ fn finish(a: &Args, sessions: &[Value], dirs: &[PathBuf], cmp: Option<&Value>) -
 #[allow(clippy::too_many_arguments)]
 fn cuda_research(
     model: &mut Model,
-    lazy: Option<Arc<LazyModel>>,
+    lazy: Option<super::device::Files>,
     dtype: GpuDtype,
     spec: &str,
     cfg: &ResearchConfig,
@@ -297,7 +295,7 @@ fn cuda_research(
     dir: &Path,
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<Value> {
-    let streamed = lazy.is_some();
+    let streamed = lazy.as_ref().is_some_and(|f| f.streamed);
     let (mut gpu, name) = super::device::cuda_session(model, lazy, dtype)?;
     let device = research::Device { backend: &mut gpu, name: &name, streamed };
     research::research_on(model, Some(device), spec, cfg, inputs, dir, progress)
@@ -307,7 +305,7 @@ fn cuda_research(
 #[allow(clippy::too_many_arguments)]
 fn cuda_research(
     _: &mut Model,
-    _: Option<Arc<LazyModel>>,
+    _: Option<super::device::Files>,
     _: GpuDtype,
     _: &str,
     _: &ResearchConfig,

@@ -75,9 +75,9 @@ pub fn run(a: Args, dev: DeviceOpts) -> Result<()> {
     let tokens = ppl::text_tokens(&model, &text)?;
     let largest = match &lazy {
         None => screen::largest_down_proj(&model, a.top_largest)?,
-        // Layers streamed: read each down_proj from the files.
-        Some(lz) => screen::largest_down_proj_by(&model.config, a.top_largest, |l| {
-            Ok(Cow::Owned(lz.tensor(&Model::down_proj_name(l))?.data))
+        // Layers in the files (streamed or uploaded from them): read each down_proj there.
+        Some(f) => screen::largest_down_proj_by(&model.config, a.top_largest, |l| {
+            Ok(Cow::Owned(f.lazy.tensor(&Model::down_proj_name(l))?.data))
         })?,
     };
     let job = Screening {

@@ -2,16 +2,9 @@
 
 use super::*;
 
-/// A streamed model ([`CudaModel::streamed`]: layers read from the files for every pass,
-/// through one device slot) computes what the resident upload computes: logits and spike
-/// statistics within 1e-6 (the same kernels on the same bits; reported when bit-identical),
-/// for safetensors fixtures and a GGUF, in every dtype and with every engine (on the emulator,
-/// [`engines_brief`]).
-#[test]
-fn streamed_model_equals_resident_upload() {
-    if !gpu() {
-        return;
-    }
+/// Every fixture LazyModel opens (name, path): the safetensors checkpoints not rewritten at
+/// load, and the GGUF files.
+fn lazy_sources() -> Vec<(String, PathBuf)> {
     let root = fixtures_root().join("tiny");
     let mut sources: Vec<(String, PathBuf)> =
         // Safetensors checkpoints rewritten at load (Gemma 3 multimodal, GPT-2, GPT-NeoX) are
@@ -41,7 +34,47 @@ fn streamed_model_equals_resident_upload() {
     ] {
         sources.push((moe.into(), root.join(moe).join("model.gguf")));
     }
-    for (name, path) in sources {
+    sources
+}
+
+/// A model uploaded whole from its files a buffer group at a time ([`CudaModel::from_lazy`])
+/// is the upload of the loaded model ([`CudaModel::new`]): the same weight checksum and
+/// bit-identical logits, for every fixture LazyModel opens, in f32 and bf16.
+#[test]
+fn upload_from_files_equals_upload_of_the_loaded_model() {
+    if !gpu() {
+        return;
+    }
+    for (name, path) in lazy_sources() {
+        let path = path.to_str().expect("utf-8 path").to_string();
+        let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let lazy = swk::model::LazyModel::open(&path).unwrap();
+        let tokens: Vec<u32> =
+            (0..12u32).map(|i| (i * 37 + 5) % m.config.vocab_size as u32).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let opts = CudaOptions { dtype, gemm: GemmEngine::Kernels, ..Default::default() };
+            let loaded = CudaModel::new(&m, &opts).unwrap();
+            let files = CudaModel::from_lazy(&lazy, &opts).unwrap();
+            assert!(!files.is_streamed(), "{name}");
+            assert_eq!(files.checksum().unwrap(), loaded.checksum().unwrap(), "{name} {dtype:?}");
+            let (a, b) = (files.logits(&tokens).unwrap(), loaded.logits(&tokens).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&a), bits(&b), "{name} {dtype:?}: logits");
+        }
+    }
+}
+
+/// A streamed model ([`CudaModel::streamed`]: layers read from the files for every pass,
+/// through one device slot) computes what the resident upload computes: logits and spike
+/// statistics within 1e-6 (the same kernels on the same bits; reported when bit-identical),
+/// for safetensors fixtures and a GGUF, in every dtype and with every engine (on the emulator,
+/// [`engines_brief`]).
+#[test]
+fn streamed_model_equals_resident_upload() {
+    if !gpu() {
+        return;
+    }
+    for (name, path) in lazy_sources() {
         let path = path.to_str().expect("utf-8 path").to_string();
         let m = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         let lazy = std::sync::Arc::new(swk::model::LazyModel::open(&path).unwrap());

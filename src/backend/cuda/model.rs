@@ -4,6 +4,7 @@
 //! random weights made on the device for timing ([`CudaModel::random`]). The forward pass
 //! that reads them is in forward.rs.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use super::mla::MlaRope;
 use super::moe::KeyLayout;
 use super::route::DeviceRouter;
 use super::streamed::Streamed;
-use crate::backend::memory::{plan_shapes, resident_bytes, weight_bytes};
+use crate::backend::memory::{check_shapes, plan_shapes, resident_bytes, weight_bytes};
 use crate::backend::stream::{split_layer_name, SlotLayout};
 use crate::model::arch::{self, llama};
 use crate::model::{LazyModel, Model, ModelConfig};
@@ -354,19 +355,39 @@ fn upload_group(
     }
 }
 
-/// The tensors of `plan` from `host` on the device, in the buffers of [`buffer_groups`].
+/// Where a resident upload reads its tensors: a model in memory, or files read a tensor at a
+/// time.
+enum HostSource<'a> {
+    Loaded(&'a crate::model::Weights),
+    Files(&'a LazyModel),
+}
+
+impl HostSource<'_> {
+    /// Tensor `name` as f32.
+    fn get(&self, name: &str) -> Result<Cow<'_, crate::model::Tensor>> {
+        match self {
+            HostSource::Loaded(w) => w.get(name).map(Cow::Borrowed),
+            HostSource::Files(lazy) => lazy.tensor(name).map(Cow::Owned),
+        }
+    }
+}
+
+/// The tensors of `plan` from `host` on the device, in the buffers of [`buffer_groups`]; a
+/// group's tensors are read from `host` only when it is uploaded (so files are read one group
+/// at a time).
 fn upload_all(
     dev: &CudaDevice,
     plan: &[(String, Vec<usize>, bool)],
-    host: &crate::model::Weights,
+    host: &HostSource<'_>,
     dtype: WeightDtype,
 ) -> Result<(BTreeMap<String, DevTensor>, Vec<DevData>)> {
     let (mut tensors, mut buffers) = (BTreeMap::new(), Vec::new());
     for group in buffer_groups(plan) {
-        let members = group
+        let read = group
             .iter()
             .map(|&i| Ok((plan[i].0.as_str(), host.get(&plan[i].0)?, plan[i].2)))
             .collect::<Result<Vec<_>>>()?;
+        let members: Vec<_> = read.iter().map(|(n, t, m)| (*n, t.as_ref(), *m)).collect();
         buffers.push(upload_group(dev, &members, dtype)?);
         let mut offset = 0;
         for (name, t, _) in members {
@@ -384,6 +405,19 @@ fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
     let mut rc = c.clone();
     rc.head_dim = c.rotary_dim();
     llama::inv_freq(&rc, freq_factors)
+}
+
+/// Device `opts.device` and the GEMM engine `opts` resolves to there. Errors (never panics)
+/// when no CUDA device is usable, saying why (no driver, no device).
+fn open_device(opts: &CudaOptions) -> Result<(CudaDevice, GemmEngine)> {
+    if !cuda_available() {
+        // Let the device constructor say precisely why.
+        CudaDevice::new(opts.device)?;
+        return Err(Error::Backend("no CUDA device is available".into()));
+    }
+    let dev = CudaDevice::new(opts.device)?;
+    let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+    Ok((dev, gemm))
 }
 
 fn check_engine(dev: &CudaDevice, dtype: WeightDtype, gemm: GemmEngine) -> Result<GemmEngine> {
@@ -421,17 +455,12 @@ impl CudaModel {
     /// usable, the model is not a supported architecture, or the weights do not fit.
     pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
         arch::validate(model)?;
-        if !cuda_available() {
-            // Let the device constructor say precisely why (no driver, no device).
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        let (dev, gemm) = open_device(opts)?;
         Self::check_memory(&dev, &model.config, opts.dtype)?;
         dev.bind()?;
         let plan = with_shapes(upload_plan(model), &model.weights)?;
-        let (tensors, buffers) = upload_all(&dev, &plan, &model.weights, opts.dtype)?;
+        let (tensors, buffers) =
+            upload_all(&dev, &plan, &HostSource::Loaded(&model.weights), opts.dtype)?;
         let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&model.config, freqs);
         let head = if model.weights.contains("lm_head.weight") {
@@ -445,6 +474,34 @@ impl CudaModel {
         m.router_bias = router_biases(&model.config, |n| {
             w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
         })?;
+        m.device_router = DeviceRouter::build(&m)?;
+        Ok(m)
+    }
+
+    /// Upload `lazy`'s weights to the device, reading them from its files one buffer group at
+    /// a time (q/k/v together, gate/up together, else a tensor alone), so the host holds at
+    /// most one group as f32 rather than the whole model: for models that fit the device but
+    /// whose f32 weights the host could not hold. The device model is [`CudaModel::new`]'s
+    /// on the loaded model (the same bits). Errors as [`CudaModel::new`], and when a tensor
+    /// the config implies is missing or of another shape (checked before any upload).
+    pub fn from_lazy(lazy: &LazyModel, opts: &CudaOptions) -> Result<Self> {
+        let c = &lazy.config;
+        check_shapes(lazy)?;
+        let (dev, gemm) = open_device(opts)?;
+        Self::check_memory(&dev, c, opts.dtype)?;
+        dev.bind()?;
+        let head_stored = lazy.contains("lm_head.weight");
+        let plan: Vec<_> = plan_shapes(c)
+            .into_iter()
+            .filter(|(n, _, _)| n != "lm_head.weight" || head_stored)
+            .collect();
+        let stored = upload_all(&dev, &plan, &HostSource::Files(lazy), opts.dtype)?;
+        let read = |n: &str| lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose();
+        let freqs = read("rope_freqs.weight")?;
+        let inv = rope_inv_freq(c, freqs.as_deref());
+        let head = if head_stored { "lm_head.weight" } else { "model.embed_tokens.weight" };
+        let mut m = Self::finish(dev, c.clone(), stored, &inv, head, opts.dtype, gemm)?;
+        m.router_bias = router_biases(c, read)?;
         m.device_router = DeviceRouter::build(&m)?;
         Ok(m)
     }
@@ -474,12 +531,7 @@ impl CudaModel {
                 }
             }
         }
-        if !cuda_available() {
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        let (dev, gemm) = open_device(opts)?;
         let resident = lazy.materialize(|n| split_layer_name(n).is_none())?;
         let need = resident_bytes(&c, opts.dtype) + slot_bytes;
         check_fits(&dev, need, opts.dtype, "the resident weights and one streamed layer")?;
@@ -487,7 +539,7 @@ impl CudaModel {
         let plan =
             upload_plan(&resident).into_iter().filter(|(n, _)| split_layer_name(n).is_none());
         let plan = with_shapes(plan.collect(), &resident.weights)?;
-        let stored = upload_all(&dev, &plan, &resident.weights, opts.dtype)?;
+        let stored = upload_all(&dev, &plan, &HostSource::Loaded(&resident.weights), opts.dtype)?;
         let freqs = resident.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
         let inv = rope_inv_freq(&c, freqs);
         let head = if resident.weights.contains("lm_head.weight") {
@@ -530,12 +582,7 @@ impl CudaModel {
     /// `synth::random_llama` but from a device hash, so not the same bits): for timing runs
     /// at real model sizes without building the model in host memory.
     pub fn random(config: &ModelConfig, seed: u64, opts: &CudaOptions) -> Result<Self> {
-        if !cuda_available() {
-            CudaDevice::new(opts.device)?;
-            return Err(Error::Backend("no CUDA device is available".into()));
-        }
-        let dev = CudaDevice::new(opts.device)?;
-        let gemm = check_engine(&dev, opts.dtype, opts.gemm)?;
+        let (dev, gemm) = open_device(opts)?;
         Self::check_memory(&dev, config, opts.dtype)?;
         let (mut tensors, mut buffers) = (BTreeMap::new(), Vec::new());
         let plan = plan_shapes(config);
