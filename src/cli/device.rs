@@ -164,8 +164,7 @@ pub fn cuda_options(dtype: WeightDtype) -> swk::backend::cuda::CudaOptions {
 /// The `--stream` flag: whether a CUDA run keeps the model's layers in its files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StreamArg {
-    /// Stream when the weights do not fit the device's free memory (with headroom), or the
-    /// host's available memory as f32.
+    /// Stream when the weights do not fit the device's free memory (with headroom).
     Auto,
     /// Always stream (one layer on the device at a time).
     Always,
@@ -263,50 +262,14 @@ fn load_for(
 }
 
 /// Whether a CUDA run streams `spec`'s layers per `--stream` (`auto`: when the weights and a
-/// KV cache of `positions` do not fit the device, or the weights as f32 do not fit the host
-/// memory a resident run loads them into ([`host_holds`]), decided from the config alone;
-/// checkpoints LazyModel cannot stream still load whole).
+/// KV cache of `positions` do not fit, decided from the config alone; checkpoints LazyModel
+/// cannot stream still load whole).
 fn streams(spec: &str, stream: StreamArg, dtype: WeightDtype, positions: usize) -> Result<bool> {
     Ok(match stream {
         StreamArg::Never => false,
-        StreamArg::Auto => {
-            let c = swk::model::load::read_config(spec)?;
-            !fits(&c, dtype, positions)? || !host_holds(host_f32_bytes(&c), host_available()?)
-        }
+        StreamArg::Auto => !fits(&swk::model::load::read_config(spec)?, dtype, positions)?,
         StreamArg::Always => true,
     })
-}
-
-/// Host bytes of a resident run's model: every weight as f32 (`swk info`'s CPU memory).
-pub fn host_f32_bytes(c: &swk::model::ModelConfig) -> usize {
-    usize::try_from(c.parameter_count()).unwrap_or(usize::MAX).saturating_mul(4)
-}
-
-/// Whether host memory of which `available` bytes are free (None: unknown) holds `bytes` with
-/// the headroom to spare.
-pub fn host_holds(bytes: usize, available: Option<usize>) -> bool {
-    available.is_none_or(|a| bytes.checked_add(HEADROOM).is_some_and(|b| b <= a))
-}
-
-/// The host memory a run may fill, in bytes: `$SWK_HOST_MEMORY` when set, else Linux's
-/// `MemAvailable` (None when neither says).
-pub fn host_available() -> Result<Option<usize>> {
-    if let Some(v) = std::env::var_os("SWK_HOST_MEMORY") {
-        let text = v.to_string_lossy();
-        let bytes = text.trim().parse::<usize>().map_err(|_| {
-            Error::Invalid(format!("SWK_HOST_MEMORY={text}: not a number of bytes"))
-        })?;
-        return Ok(Some(bytes));
-    }
-    Ok(std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_available(&t)))
-}
-
-/// `MemAvailable` of /proc/meminfo's text, in bytes.
-fn mem_available(meminfo: &str) -> Option<usize> {
-    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    let (kb, unit) = line.trim().split_once(' ')?;
-    (unit.trim() == "kB").then_some(())?;
-    kb.parse::<usize>().ok()?.checked_mul(1024)
 }
 
 /// For a CUDA run that also keeps the whole model on the host (`swk research`, whose other
@@ -396,28 +359,4 @@ pub fn cuda_session(
         gpu.gemm().name()
     );
     Ok((gpu, what))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_memory_is_read_from_meminfo() {
-        let text =
-            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
-        assert_eq!(mem_available(text), Some(20_000_000 * 1024));
-        assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
-        assert_eq!(mem_available("MemAvailable: lots\n"), None);
-        assert_eq!(mem_available("MemAvailable: 5 MB\n"), None);
-    }
-
-    #[test]
-    fn host_holds_the_weights_with_headroom() {
-        let gib = 1usize << 30;
-        assert!(host_holds(10 * gib, None), "unknown: assumed to hold");
-        assert!(host_holds(10 * gib, Some(12 * gib)));
-        assert!(!host_holds(10 * gib + 1, Some(12 * gib)));
-        assert!(!host_holds(usize::MAX, Some(usize::MAX)));
-    }
 }

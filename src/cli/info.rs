@@ -63,9 +63,6 @@ struct DeviceMemory {
 struct Device {
     name: String,
     free_bytes: usize,
-    /// Host memory a run may fill (`$SWK_HOST_MEMORY`, else MemAvailable), when known: a
-    /// resident run first loads every weight as f32 there.
-    host_available_bytes: Option<usize>,
     /// Per weight dtype, what `--stream auto` does for short passes: `resident` or
     /// `streamed`.
     stream_auto: BTreeMap<&'static str, &'static str>,
@@ -180,15 +177,8 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             DeviceMemory { plan, pass_bytes }
         })
         .collect();
-    let host_available_bytes = super::device::host_available()?;
-    let host =
-        super::device::host_holds(super::device::host_f32_bytes(&d.config), host_available_bytes);
     let device = super::device::free_memory(dev.device)?.map(|(name, free_bytes)| {
-        // What `--stream auto` does: resident when the weights fit the device beside the
-        // headroom and the host holds them as f32.
-        let room = |m: &DeviceMemory| {
-            super::device::room_beside(m.plan.resident, free_bytes).filter(|_| host)
-        };
+        let room = |m: &DeviceMemory| super::device::room_beside(m.plan.resident, free_bytes);
         let stream_auto = memory
             .iter()
             .map(|m| (m.plan.dtype, if room(m).is_some() { "resident" } else { "streamed" }))
@@ -197,7 +187,7 @@ pub fn run(a: Args, dev: super::device::DeviceOpts) -> Result<()> {
             .iter()
             .filter_map(|m| Some((m.plan.dtype, room(m)? / m.plan.kv_cache_per_token.max(1))))
             .collect();
-        Device { name, free_bytes, host_available_bytes, stream_auto, resident_positions }
+        Device { name, free_bytes, stream_auto, resident_positions }
     });
     let info = Info {
         model: &a.model,
@@ -312,11 +302,5 @@ fn print_text(info: &Info) {
             size(d.free_bytes),
             auto.join(", ")
         );
-        if let Some(b) = d.host_available_bytes {
-            println!(
-                "host memory   {} available (a resident run loads the weights as f32)",
-                size(b)
-            );
-        }
     }
 }

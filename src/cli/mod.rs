@@ -37,8 +37,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = device::DeviceArg::Auto)]
     device: device::DeviceArg,
     /// On CUDA: stream the layers from the model's files, one at a time on the device, when
-    /// the weights do not fit the device, or the host's memory as f32 (auto), always, or
-    /// never.
+    /// the weights do not fit (auto), always, or never.
     #[arg(long, global = true, value_enum, default_value_t = device::StreamArg::Auto)]
     stream: device::StreamArg,
     /// On CUDA: who multiplies the matrices.

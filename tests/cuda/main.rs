@@ -336,18 +336,7 @@ fn swk_bin() -> PathBuf {
 }
 
 fn swk_json(args: &[&str], model: &std::path::Path, more: &[&str]) -> serde_json::Value {
-    swk_json_env(&[], args, model, more)
-}
-
-/// [`swk_json`] with environment variables `env` set for the run.
-fn swk_json_env(
-    env: &[(&str, &str)],
-    args: &[&str],
-    model: &std::path::Path,
-    more: &[&str],
-) -> serde_json::Value {
     let out = std::process::Command::new(swk_bin())
-        .envs(env.iter().copied())
         .args(args)
         .arg(model)
         .args(more)
