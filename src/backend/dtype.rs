@@ -115,10 +115,15 @@ impl WeightDtype {
     /// every matrix (2-D tensor) of `weights` was stored as F16, bf16 when every one was BF16;
     /// otherwise (f32 or quantized matrices, or a mix) bf16.
     pub fn matching(weights: &crate::model::Weights) -> WeightDtype {
-        let mut kinds = weights
-            .iter()
-            .filter(|(_, t)| t.shape.len() == 2)
-            .map(|(_, t)| WeightDtype::of_stored(&t.source_dtype).filter(|d| d.is_half()));
+        let matrices = weights.iter().filter(|(_, t)| t.shape.len() == 2);
+        Self::matching_stored(matrices.map(|(_, t)| t.source_dtype.as_str()))
+    }
+
+    /// [`Self::matching`] from the stored dtype names of a checkpoint's matrices (as
+    /// [`crate::model::LazyModel::source_dtype`] gives them from the headers).
+    pub fn matching_stored<'a>(matrices: impl IntoIterator<Item = &'a str>) -> WeightDtype {
+        let mut kinds =
+            matrices.into_iter().map(|d| WeightDtype::of_stored(d).filter(|d| d.is_half()));
         let first = kinds.next().flatten();
         match first {
             Some(d) if kinds.all(|k| k == Some(d)) => d,

@@ -96,15 +96,26 @@ pub enum GpuDtype {
 }
 
 impl GpuDtype {
-    /// The storage for `model` (see [`GpuDtype::Auto`]).
+    /// The storage for `model` (see [`GpuDtype::Auto`]), judged on every matrix of `files`
+    /// (their headers) when the layers are read from them, else of `model`.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    pub fn resolve(self, model: &Model) -> WeightDtype {
-        match self {
-            GpuDtype::Auto => WeightDtype::matching(&model.weights),
+    pub fn resolve(self, model: &Model, files: Option<&Files>) -> Result<WeightDtype> {
+        Ok(match self {
+            GpuDtype::Auto => match files {
+                Some(f) => {
+                    let lazy = &f.lazy;
+                    let mut stored = Vec::new();
+                    for name in lazy.names().filter(|n| lazy.shape(n).is_ok_and(|s| s.len() == 2)) {
+                        stored.push(lazy.source_dtype(name)?);
+                    }
+                    WeightDtype::matching_stored(stored.iter().map(String::as_str))
+                }
+                None => WeightDtype::matching(&model.weights),
+            },
             GpuDtype::Bf16 => WeightDtype::Bf16,
             GpuDtype::F16 => WeightDtype::F16,
             GpuDtype::F32 => WeightDtype::F32,
-        }
+        })
     }
 
     /// The storage whose size decides whether the weights fit (before any is read: `auto`
@@ -349,7 +360,7 @@ pub fn cuda_session(
     lazy: Option<Files>,
     dtype: GpuDtype,
 ) -> Result<(swk::backend::cuda::CudaModel, String)> {
-    let dtype = dtype.resolve(model);
+    let dtype = dtype.resolve(model, lazy.as_ref())?;
     let gpu = cuda_model(model, lazy, &cuda_options(dtype))?;
     let streamed = if gpu.is_streamed() { ", layers streamed" } else { "" };
     let what = format!(

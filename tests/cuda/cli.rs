@@ -119,6 +119,27 @@ fn cli_detects_on_the_device() {
         assert!(device.starts_with("cuda"), "{}: device {device}", model.display());
         assert_eq!(device.contains("layers streamed"), *stream == "always", "{device}");
     }
+    // `--gpu-dtype auto` keeps a checkpoint's own f16 or bf16 (judged on every matrix, from
+    // the files' headers when the layers are read from them), else bf16.
+    // A mix (llama_bf16 with its embedding stored in f16): bf16, though the tensors the host
+    // keeps (the embedding) are all f16.
+    let mixed = tempfile::tempdir().unwrap();
+    f16_embedding(&root.join("llama_bf16"), mixed.path());
+    let auto = [
+        ("llama_f16", root.join("llama_f16"), "f16"),
+        ("llama_bf16", root.join("llama_bf16"), "bf16"),
+        ("llama", root.join("llama"), "bf16"),
+        ("mixed", mixed.path().to_path_buf(), "bf16"),
+    ];
+    for (name, model, want) in auto {
+        let text = model.join("config.json");
+        for stream in ["never", "always"] {
+            let more = ["--text", text.to_str().unwrap(), "--context", "16", "--json"];
+            let r = swk_json(&["--device", "cuda", "--stream", stream, "ppl"], &model, &more);
+            let device = r["device"].as_str().unwrap_or_default();
+            assert!(device.contains(&format!("({want} weights")), "{name} {stream}: {device}");
+        }
+    }
     // f16 weights (swk's kernels), resident and streamed: the same candidates as f32 weights
     // on the device (a low threshold, so that there are some). Candidates only: confirming
     // each (one perplexity run apiece, checked above and by the library's tests) is 98 % of
@@ -267,6 +288,35 @@ fn cli_detects_on_the_device() {
         assert!(device.as_str().unwrap_or_default().contains("layers streamed"), "{device}");
         want.as_object_mut().map(|o| o.remove("device"));
         assert_json_close(&got, &want, 1e-4, cmd);
+    }
+}
+
+/// Copy the bf16 checkpoint in `src` to `dst` with its embedding stored as f16.
+fn f16_embedding(src: &std::path::Path, dst: &std::path::Path) {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            if name != "model.embed_tokens.weight" {
+                return (name, t.dtype(), t.shape().to_vec(), t.data().to_vec());
+            }
+            let data = t.data().chunks(2).flat_map(|b| {
+                let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                half::f16::from_f32(v).to_le_bytes()
+            });
+            (name, safetensors::Dtype::F16, t.shape().to_vec(), data.collect())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
 }
 
