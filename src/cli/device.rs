@@ -104,10 +104,10 @@ impl GpuDtype {
             GpuDtype::Auto => match files {
                 Some(f) => {
                     let lazy = &f.lazy;
-                    let mut stored = Vec::new();
-                    for name in lazy.names().filter(|n| lazy.shape(n).is_ok_and(|s| s.len() == 2)) {
-                        stored.push(lazy.source_dtype(name)?);
-                    }
+                    let matrices =
+                        lazy.names().filter(|n| lazy.shape(n).is_ok_and(|s| s.len() == 2));
+                    let stored =
+                        matrices.map(|n| lazy.source_dtype(n)).collect::<Result<Vec<_>>>()?;
                     WeightDtype::matching_stored(stored.iter().map(String::as_str))
                 }
                 None => WeightDtype::matching(&model.weights),

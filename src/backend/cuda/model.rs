@@ -363,6 +363,14 @@ enum HostSource<'a> {
 }
 
 impl HostSource<'_> {
+    /// Whether it holds tensor `name`.
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            HostSource::Loaded(w) => w.contains(name),
+            HostSource::Files(lazy) => lazy.contains(name),
+        }
+    }
+
     /// Tensor `name` as f32.
     fn get(&self, name: &str) -> Result<Cow<'_, crate::model::Tensor>> {
         match self {
@@ -455,27 +463,7 @@ impl CudaModel {
     /// usable, the model is not a supported architecture, or the weights do not fit.
     pub fn new(model: &Model, opts: &CudaOptions) -> Result<Self> {
         arch::validate(model)?;
-        let (dev, gemm) = open_device(opts)?;
-        Self::check_memory(&dev, &model.config, opts.dtype)?;
-        dev.bind()?;
-        let plan = with_shapes(upload_plan(model), &model.weights)?;
-        let (tensors, buffers) =
-            upload_all(&dev, &plan, &HostSource::Loaded(&model.weights), opts.dtype)?;
-        let freqs = model.weights.get("rope_freqs.weight").ok().map(|t| t.data.as_slice());
-        let inv = rope_inv_freq(&model.config, freqs);
-        let head = if model.weights.contains("lm_head.weight") {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        };
-        let stored = (tensors, buffers);
-        let mut m = Self::finish(dev, model.config.clone(), stored, &inv, head, opts.dtype, gemm)?;
-        let w = &model.weights;
-        m.router_bias = router_biases(&model.config, |n| {
-            w.contains(n).then(|| w.get(n).map(|t| t.data.clone())).transpose()
-        })?;
-        m.device_router = DeviceRouter::build(&m)?;
-        Ok(m)
+        Self::upload(&model.config, &HostSource::Loaded(&model.weights), opts)
     }
 
     /// Upload `lazy`'s weights to the device, reading them from its files one buffer group at
@@ -485,18 +473,24 @@ impl CudaModel {
     /// on the loaded model (the same bits). Errors as [`CudaModel::new`], and when a tensor
     /// the config implies is missing or of another shape (checked before any upload).
     pub fn from_lazy(lazy: &LazyModel, opts: &CudaOptions) -> Result<Self> {
-        let c = &lazy.config;
         check_shapes(lazy)?;
+        Self::upload(&lazy.config, &HostSource::Files(lazy), opts)
+    }
+
+    /// Every weight of a model of `c`'s shapes (checked) from `host` on the device.
+    fn upload(c: &ModelConfig, host: &HostSource<'_>, opts: &CudaOptions) -> Result<Self> {
         let (dev, gemm) = open_device(opts)?;
         Self::check_memory(&dev, c, opts.dtype)?;
         dev.bind()?;
-        let head_stored = lazy.contains("lm_head.weight");
+        let head_stored = host.contains("lm_head.weight");
         let plan: Vec<_> = plan_shapes(c)
             .into_iter()
             .filter(|(n, _, _)| n != "lm_head.weight" || head_stored)
             .collect();
-        let stored = upload_all(&dev, &plan, &HostSource::Files(lazy), opts.dtype)?;
-        let read = |n: &str| lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose();
+        let stored = upload_all(&dev, &plan, host, opts.dtype)?;
+        let read = |n: &str| {
+            host.contains(n).then(|| host.get(n).map(|t| t.into_owned().data)).transpose()
+        };
         let freqs = read("rope_freqs.weight")?;
         let inv = rope_inv_freq(c, freqs.as_deref());
         let head = if head_stored { "lm_head.weight" } else { "model.embed_tokens.weight" };
