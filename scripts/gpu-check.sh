@@ -34,6 +34,8 @@
 #          against the measured bf16 GEMM rate, and swk's gemv alone at those shapes for 1
 #          to 16 rows beside cuBLAS and the mma engine (GB/s, GFMA/s; mma also by blocks
 #          per multiprocessor),
+#        - device profiles at 7B shapes (cublas-split and mma): the time of a detection
+#          forward, a 512-token perplexity window and a decode step, kernel by kernel,
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
@@ -264,10 +266,12 @@ run() {
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/mixtral_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always detect '$SWK_FIXTURES/tiny/qwen2_gguf/model.gguf' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda --stream always ppl '$SWK_FIXTURES/tiny/llama' --text '$SWK_FIXTURES/tiny/llama/config.json' --context 16"
-    # The 7B table first (timing_7b rewrites timing.md as it goes), then the gemv table,
-    # then the mixture-of-experts and streaming tables (timing_7b_*), then latent attention
-    # (timing_mla), so that a step cut short by its cap loses the last of these first.
+    # The 7B table first (timing_7b rewrites timing.md as it goes), then the kernel-by-kernel
+    # profiles and the gemv table, then the mixture-of-experts and streaming tables
+    # (timing_7b_*), then latent attention (timing_mla), so that a step cut short by its cap
+    # loses the last of these first.
     wants timing && step timing "${TIMING_S:-240}" sh -c "'$GPU_DIR/bin/swk-cuda-tests' timing::timing_7b --exact --ignored --nocapture --test-threads=1 &&
+        '$GPU_DIR/bin/swk-cuda-tests' timing::timing_profile --exact --ignored --nocapture --test-threads=1 &&
         '$GPU_DIR/bin/swk-unit-tests' gemv_rates --ignored --nocapture --test-threads=1 &&
         '$GPU_DIR/bin/swk-cuda-tests' timing_7b_ --ignored --nocapture --test-threads=1 &&
         '$GPU_DIR/bin/swk-cuda-tests' timing::timing_mla --exact --ignored --nocapture --test-threads=1"

@@ -187,6 +187,104 @@ fn timing_7b() -> Result<()> {
     Ok(())
 }
 
+/// Where the device time of three passes goes, kernel by kernel ([`CudaModel`]'s device
+/// profile), with engine `gemm`: the detection forward (the first 9 tokens of `prompt`, spike
+/// statistics, no logits), a perplexity window over all of `prompt`, and one decode step
+/// after it. A Markdown section: each pass's wall time and its `top` most costly kernels.
+fn profile_section(
+    g: &mut CudaModel,
+    gemm: GemmEngine,
+    prompt: &[u32],
+    top: usize,
+) -> Result<String> {
+    g.set_gemm(gemm)?;
+    let c = g.config().clone();
+    let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+    g.forward(&prompt[..9], &mut CudaKvCache::new(g), Some(&mut stats), Logits::None)?; // warm-up
+    g.score(prompt, &mut CudaKvCache::new(g))?;
+    let mut text = format!("\nDevice profile, gemm {}:\n", gemm.name());
+    let mut cache = CudaKvCache::new(g);
+    let passes = [
+        "detection forward (9 tokens, spike statistics)".to_string(),
+        format!("perplexity window ({} tokens)", prompt.len()),
+        "decode step after the window (1 token)".to_string(),
+    ];
+    for (i, what) in passes.iter().enumerate() {
+        g.synchronize()?;
+        g.device().start_profile();
+        let t = Instant::now();
+        match i {
+            0 => drop(g.forward(
+                &prompt[..9],
+                &mut CudaKvCache::new(g),
+                Some(&mut stats),
+                Logits::None,
+            )?),
+            1 => drop(g.score(prompt, &mut cache)?),
+            _ => drop(g.forward(&prompt[..1], &mut cache, None, Logits::Last)?),
+        }
+        g.synchronize()?;
+        let wall = ms(t);
+        let p = g.device().finish_profile()?;
+        text += &format!(
+            "\n{what}: wall {wall:.2} ms, {} launches timed, {:.2} ms of them; the {top} most costly kernels:\n\n{}",
+            p.launches(),
+            p.total_ms(),
+            p.table(wall, top)
+        );
+    }
+    Ok(text)
+}
+
+/// Device profiles at Llama-2-7B shapes (bf16 random weights made on the device): for the
+/// engines `auto` chooses between (cublas-split, mma), where the time of a detection forward,
+/// a 512-token perplexity window and a decode step goes, kernel by kernel. Appends to
+/// `$SWK_TIMING_OUT`. Measures only (profiling adds two events per launch).
+#[test]
+#[ignore = "GPU profile at 7B shapes: run with --ignored on a GPU machine"]
+fn timing_profile() -> Result<()> {
+    if !gpu() || emulated() {
+        return Ok(());
+    }
+    let config = SynthSpec::llama2_7b().config()?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 32000).collect();
+    let opts = CudaOptions { dtype: WeightDtype::Bf16, ..Default::default() };
+    let mut g = CudaModel::random(&config, 1, &opts)?;
+    let mut gemms = vec![GemmEngine::Mma];
+    if cublas_present() {
+        gemms.insert(0, GemmEngine::CublasSplit);
+    }
+    for gemm in gemms {
+        append_timing(&profile_section(&mut g, gemm, &prompt, 12)?)?;
+    }
+    Ok(())
+}
+
+/// [`profile_section`] runs on every device (the emulator included) at a tiny fixture's
+/// shapes: each pass's table lists kernels, and the perplexity window launches the most.
+#[test]
+fn profile_sections_list_each_pass_kernels() {
+    if !gpu() {
+        return;
+    }
+    let (m, tokens) = load("llama");
+    let mut g = CudaModel::new(&m, &CudaOptions::default()).unwrap();
+    let text = profile_section(&mut g, GemmEngine::Mma, &tokens, 5).unwrap();
+    eprintln!("{text}");
+    let passes: Vec<&str> = text.lines().filter(|l| l.contains(" launches timed, ")).collect();
+    assert_eq!(passes.len(), 3, "{text}");
+    let launches: Vec<usize> = passes
+        .iter()
+        .map(|l| {
+            l.split(" launches timed").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(launches.iter().all(|&n| n > 0), "{text}");
+    assert!(launches[1] > launches[2], "the window launches more than a decode step: {text}");
+    assert_eq!(text.matches("| (all launches) |").count(), 3, "{text}");
+    assert!(text.contains("swk_gemm_mma"), "{text}");
+}
+
 /// Timing of layer streaming at Llama-2-7B layer shapes (8 of its 32 layers, random weights
 /// made on the host): a 9-token detection pass streamed vs resident, and the streamed bytes
 /// per second, with the layers read from memory (`LazyModel::from_model`: f32, converted on

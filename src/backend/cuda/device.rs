@@ -253,7 +253,8 @@ impl CudaDevice {
         scale: f32,
         softcap: Option<f32>,
     ) -> Result<()> {
-        let l = kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit)?;
+        let (l, kernel, tile) =
+            kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit)?;
         let (r, p, nh, nkv, d) = (
             int(rows, "rows")?,
             int(pos0, "position")?,
@@ -262,25 +263,9 @@ impl CudaDevice {
             int(hd, "head_dim")?,
         );
         let w = int(window.unwrap_or(0), "sliding window")?;
-        let cap = softcap.unwrap_or(0.0);
+        let (cap, tile) = (softcap.unwrap_or(0.0), int(tile, "attention tile")?);
         launch!(
-            self,
-            "swk_attention",
-            l,
-            q,
-            kc,
-            vc,
-            out,
-            pattern,
-            r,
-            p,
-            nh,
-            nkv,
-            d,
-            w,
-            scale,
-            cap,
-            split
+            self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap, split, tile
         )
     }
 

@@ -4,18 +4,23 @@
 //! on top; `emu.rs` is the same surface emulated on the CPU (feature `cuda-emu`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
-    self, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchArgs,
-    PushKernelArg, ValidAsZeroBits,
+    self, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, LaunchArgs, PushKernelArg, ValidAsZeroBits,
 };
 pub use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::kernels::{self, Launch, KERNELS};
+use super::profile::{gemm_name, Profile, GRAPH_REPLAY};
 use super::{be, BlasGemm, FATBIN};
 use crate::{Error, Result};
+
+/// A launch being profiled: its name and the events recorded before and after it.
+type TimedLaunch = (&'static str, CudaEvent, CudaEvent);
 
 /// Whether the CUDA driver library (libcuda) can be loaded. Never panics.
 pub fn driver_present() -> bool {
@@ -100,6 +105,10 @@ pub struct CudaDevice {
     capability: (i32, i32),
     pub(super) shared_limit: usize,
     sm_count: usize,
+    /// While profiling, each timed launch.
+    profile: Mutex<Option<Vec<TimedLaunch>>>,
+    /// Whether a graph capture is in progress (its launches are not timed).
+    capturing: AtomicBool,
 }
 
 impl CudaDevice {
@@ -177,6 +186,8 @@ impl CudaDevice {
             capability,
             shared_limit,
             sm_count,
+            profile: Mutex::new(None),
+            capturing: AtomicBool::new(false),
         })
     }
 
@@ -211,13 +222,65 @@ impl CudaDevice {
         self.stream.synchronize().map_err(be("synchronizing"))
     }
 
+    /// Start timing every kernel launch, cuBLAS product and graph replay (see profile.rs),
+    /// dropping what an earlier profile had timed.
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// Stop profiling: waits for the timed work and returns its time per kernel (empty when
+    /// no profile was started).
+    pub fn finish_profile(&self) -> Result<Profile> {
+        let timed = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.synchronize()?;
+        let mut samples = Vec::new();
+        for (name, start, end) in timed.unwrap_or_default() {
+            let ms = start.elapsed_ms(&end).map_err(be("timing a launch"))?;
+            samples.push((name, ms as f64));
+        }
+        Ok(Profile::of(samples))
+    }
+
+    /// While profiling (and not capturing), an event recorded on the stream before a launch.
+    fn profile_start(&self) -> std::result::Result<Option<CudaEvent>, DriverError> {
+        let on = self.profile.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if !on || self.capturing.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let timing = driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        self.stream.record_event(Some(timing)).map(Some)
+    }
+
+    /// After a launch that `profile_start` timed, its end event, kept under `name`.
+    fn profile_end(
+        &self,
+        name: &'static str,
+        start: Option<CudaEvent>,
+    ) -> std::result::Result<(), DriverError> {
+        let Some(start) = start else { return Ok(()) };
+        let end = self.stream.record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        if let Some(v) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            v.push((name, start, end));
+        }
+        Ok(())
+    }
+
+    /// `queue` between profile events under `name` (when profiling).
+    fn timed(&self, name: &'static str, queue: impl FnOnce() -> Result<()>) -> Result<()> {
+        let start = self.profile_start().map_err(be(name))?;
+        queue()?;
+        self.profile_end(name, start).map_err(be(name))
+    }
+
     /// Record the work `enqueue` queues on the stream into a graph, without running it.
     /// The capture always ends, also when `enqueue` fails (the stream is usable after).
     pub(crate) fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         self.stream
             .begin_capture(driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(be("beginning a graph capture"))?;
+        self.capturing.store(true, Ordering::Relaxed);
         let queued = enqueue();
+        self.capturing.store(false, Ordering::Relaxed);
         let graph = self.stream.end_capture(driver::sys::CUgraphInstantiate_flags(0));
         queued?;
         graph
@@ -227,7 +290,7 @@ impl CudaDevice {
 
     /// Replay a captured graph on the stream.
     pub(crate) fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
-        g.launch().map_err(be("launching a graph"))
+        self.timed(GRAPH_REPLAY, || g.launch().map_err(be("launching a graph")))
     }
 
     /// Zero a buffer, in stream order.
@@ -384,12 +447,17 @@ impl CudaDevice {
             .funcs
             .get(name)
             .ok_or_else(|| Error::Backend(format!("kernel {name} is not loaded")))?;
-        Ok(Launcher(self.stream.launch_builder(f)))
+        Ok(Launcher { args: self.stream.launch_builder(f), dev: self, name })
     }
 
     /// cuBLAS, column major: C (m × n, ld `ldc`) = op(A) · B with op(A) = Aᵀ for A (k × m,
     /// ld `lda`) and B (k × n, ld `ldb`); f32 or bf16 inputs, f32 output and accumulation.
     pub(crate) fn blas_gemm_tn(&self, g: &BlasGemm) -> Result<()> {
+        self.timed(gemm_name(g.bf16_inputs), || self.blas_gemm_untimed(g))
+    }
+
+    /// [`Self::blas_gemm_tn`], never profiled.
+    fn blas_gemm_untimed(&self, g: &BlasGemm) -> Result<()> {
         let blas =
             self.blas.as_ref().ok_or_else(|| Error::Backend("cuBLAS is not available".into()))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -450,12 +518,16 @@ impl CudaDevice {
 
 /// One kernel launch being assembled: parameters are pushed by reference, in the kernel's
 /// order, then [`Launcher::launch`] queues it on the stream.
-pub(crate) struct Launcher<'a>(LaunchArgs<'a>);
+pub(crate) struct Launcher<'a> {
+    args: LaunchArgs<'a>,
+    dev: &'a CudaDevice,
+    name: &'static str,
+}
 
 impl<'a> Launcher<'a> {
     /// Push the next parameter.
     pub(crate) fn arg<T: DeviceRepr>(&mut self, v: &'a T) {
-        self.0.arg(v);
+        self.args.arg(v);
     }
 
     /// Queue the launch.
@@ -463,17 +535,16 @@ impl<'a> Launcher<'a> {
     /// # Safety
     /// The pushed parameters must be exactly the kernel's parameter list, and every buffer
     /// they address must be large enough for the launch.
-    pub(crate) unsafe fn launch(
-        mut self,
-        cfg: Launch,
-    ) -> std::result::Result<(), driver::DriverError> {
+    pub(crate) unsafe fn launch(mut self, cfg: Launch) -> std::result::Result<(), DriverError> {
         let cfg = driver::LaunchConfig {
             grid_dim: cfg.grid,
             block_dim: cfg.block,
             shared_mem_bytes: cfg.shared_bytes,
         };
+        let start = self.dev.profile_start()?;
         // SAFETY: the caller's promise.
-        unsafe { self.0.launch(cfg) }.map(|_| ())
+        unsafe { self.args.launch(cfg) }?;
+        self.dev.profile_end(self.name, start)
     }
 }
 

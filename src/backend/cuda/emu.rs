@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::kernels::{self, Launch, KERNELS};
+use super::profile::{gemm_name, Profile, GRAPH_REPLAY};
 use super::BlasGemm;
 use crate::{Error, Result};
 
@@ -237,6 +238,8 @@ pub struct CudaDevice {
     launches: AtomicUsize,
     /// Kernel launches queued so far, by kernel (see [`Self::launches_of`]).
     by_kernel: Mutex<std::collections::HashMap<&'static str, usize>>,
+    /// While profiling, each timed launch: its name and host milliseconds.
+    profile: Mutex<Option<Vec<(&'static str, f64)>>>,
 }
 
 impl CudaDevice {
@@ -251,6 +254,7 @@ impl CudaDevice {
             recording: Mutex::new(None),
             launches: AtomicUsize::new(0),
             by_kernel: Mutex::new(std::collections::HashMap::new()),
+            profile: Mutex::new(None),
         })
     }
 
@@ -323,7 +327,38 @@ impl CudaDevice {
             return Ok(());
         }
         drop(rec);
-        run(&op)
+        match op {
+            Op::Kernel { name, .. } => self.timed(name, || run(&op)),
+            Op::Gemm(g) => self.timed(gemm_name(g.bf16_inputs), || run(&op)),
+            _ => run(&op),
+        }
+    }
+
+    /// Start timing every kernel launch, cuBLAS product and graph replay (see profile.rs),
+    /// dropping what an earlier profile had timed.
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// Stop profiling and return the time per kernel (empty when no profile was started).
+    pub fn finish_profile(&self) -> Result<Profile> {
+        let timed = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.synchronize()?;
+        Ok(Profile::of(timed.unwrap_or_default()))
+    }
+
+    /// Run `work` now, timed under `name` when profiling.
+    fn timed(&self, name: &'static str, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        let on = self.profile.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let start = std::time::Instant::now();
+        work()?;
+        if on {
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            if let Some(v) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                v.push((name, ms));
+            }
+        }
+        Ok(())
     }
 
     /// Nothing to wait for (work runs when queued); an error during a capture.
@@ -353,7 +388,7 @@ impl CudaDevice {
     /// Replay a captured graph.
     pub(crate) fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
         self.not_capturing("launching a graph")?;
-        g.ops.iter().try_for_each(run)
+        self.timed(GRAPH_REPLAY, || g.ops.iter().try_for_each(run))
     }
 
     /// Zero a buffer, in stream order.

@@ -1024,8 +1024,153 @@ mod tests {
         }
     }
 
+    /// A profile times every launch of a pass under its kernel's name (as many as the
+    /// emulator's counters saw), each cuBLAS product under its own, and a graph replay as one
+    /// entry (the capture itself untimed); once finished, nothing more is timed.
+    #[test]
+    fn profiles_time_every_launch_by_kernel() {
+        use super::super::kernels::KERNELS;
+        use super::super::profile::Profile;
+        let m = Model::load(&super::super::tiny_fixture("llama")).expect("tiny fixture");
+        let c = &m.config;
+        let opts = CudaOptions {
+            dtype: WeightDtype::Bf16,
+            gemm: GemmEngine::Cublas,
+            ..Default::default()
+        };
+        let mut g = CudaModel::new(&m, &opts).expect("upload");
+        let tokens = [1, 5, 9, 2, 7];
+        let counts = |g: &CudaModel| -> Vec<usize> {
+            KERNELS.iter().map(|k| g.dev.launches_of(k)).collect()
+        };
+        let launches_in = |p: &Profile, name: &str| {
+            p.kernels.iter().find(|k| k.name == name).map_or(0, |k| k.launches)
+        };
+        let (before, all_before) = (counts(&g), g.dev.launches());
+        g.dev.start_profile();
+        let mut s = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+        g.forward(&tokens, &mut CudaKvCache::new(&g), Some(&mut s), Logits::All).expect("pass");
+        let p = g.dev.finish_profile().expect("profile");
+        let mut kernels = 0;
+        for ((k, b), a) in KERNELS.iter().zip(&before).zip(counts(&g)) {
+            assert_eq!(launches_in(&p, k), a - b, "launches of {k}");
+            kernels += a - b;
+        }
+        let products = g.dev.launches() - all_before - kernels;
+        assert!(products > 0 && kernels > 0);
+        assert_eq!(launches_in(&p, "cublas_gemm_f32"), products, "the cuBLAS products");
+        assert_eq!(p.launches(), kernels + products);
+        assert!(p.kernels.iter().all(|k| k.ms >= 0.0) && p.total_ms() > 0.0);
+        assert!(p.kernels.windows(2).all(|w| w[0].ms >= w[1].ms), "most time first");
+        // Finished: the next pass is not timed.
+        g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::Last).expect("pass");
+        assert_eq!(g.dev.finish_profile().expect("empty").launches(), 0);
+        // A graph: the first call runs the pass, captures it (untimed) and replays it; the
+        // second only replays.
+        g.set_graphs(true);
+        for (call, runs_the_pass) in [(0, true), (1, false)] {
+            g.dev.start_profile();
+            let ran = g.run_graph(&tokens, None, Logits::None, |_| Ok(())).expect("graph");
+            assert!(ran.is_some(), "call {call}: no graph ({:?})", g.graph_error());
+            let p = g.dev.finish_profile().expect("profile");
+            assert_eq!(launches_in(&p, "graph_replay"), 1, "call {call}");
+            assert_eq!(p.launches() > 1, runs_the_pass, "call {call}: {:?}", p.kernels);
+        }
+    }
+
     /// Whether layer `l` of `m` is a sparse (mixture-of-experts) layer.
     fn is_sparse(m: &Model, l: usize) -> bool {
         super::super::moe::KeyLayout::of(&m.config).is_sparse(l)
+    }
+}
+
+/// Tests that run on the emulator and on a GPU alike.
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use crate::backend::cuda::driver::cuda_available;
+    use crate::backend::cuda::{CudaOptions, WeightDtype};
+    use crate::hooks::HookPoint;
+    use crate::model::Model;
+
+    /// Rows with more keys than the device's shared memory holds run `swk_attention_tiled`,
+    /// the softmax online over tiles of keys. With the limit lowered to tiles of 3 keys (and
+    /// one-pass rows of at most 3), the prefill's logits, a token-by-token decode's (its
+    /// early rows one-pass, its later ones tiled) and the attention pattern match the
+    /// one-pass kernel's within 1e-5 (f32 weights; they differ only by rounding: the tiled
+    /// kernel divides last and rescales at each tile): every attention family, with sliding
+    /// windows (Mistral, Gemma 2 and 3), soft-capping (Gemma 2) and absorbed latent
+    /// attention (DeepSeek-V3). On the emulator, threads and blocks run in reverse order give
+    /// the tiled kernel's bits (no race). The limit back, the one-pass kernel's bits come back.
+    #[test]
+    fn tiled_attention_matches_the_one_pass_kernel() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        const TILE: usize = 3;
+        let names = ["llama", "mistral", "gemma2", "gemma3", "gpt2", "phi3", "deepseek_v3"];
+        for name in names {
+            let m = Model::load(&super::super::tiny_fixture(name)).expect("tiny fixture");
+            let c = &m.config;
+            let v = c.vocab_size as u32;
+            let tokens: Vec<u32> = (0..13).map(|i| (i * 37 + 11) % v).collect();
+            let points: Vec<HookPoint> = (0..c.num_layers)
+                .map(|layer| HookPoint { layer, kind: HookKind::AttnPattern })
+                .collect();
+            let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+            let mut g = CudaModel::new(&m, &opts).expect("upload");
+            let run = |g: &CudaModel| {
+                let all = g.forward(&tokens, &mut CudaKvCache::new(g), None, Logits::All);
+                let mut cache = CudaKvCache::new(g);
+                let mut decode = g.forward(&tokens[..2], &mut cache, None, Logits::Last);
+                for &t in &tokens[2..] {
+                    let row = g.forward(&[t], &mut cache, None, Logits::Last).expect("decode");
+                    decode.as_mut().expect("decode").extend(row);
+                }
+                let pattern = g.capture(&tokens, &points).expect("capture");
+                let mut pattern: Vec<_> = pattern.into_iter().collect();
+                pattern.sort_by_key(|(p, _)| p.layer);
+                (all.expect("prefill"), decode.expect("decode"), pattern)
+            };
+            let want = run(&g);
+            #[cfg(not(feature = "cuda"))]
+            let tiled = |g: &CudaModel| g.dev.launches_of("swk_attention_tiled");
+            #[cfg(not(feature = "cuda"))]
+            assert_eq!(tiled(&g), 0, "{name}: the one-pass kernel holds these rows");
+            assert!(!want.2.is_empty(), "{name}: no pattern captured");
+            let width = c
+                .family
+                .deepseek
+                .as_ref()
+                .map_or(c.head_dim, |d| d.kv_lora_rank + d.qk_rope_head_dim);
+            let limit = g.dev.shared_limit;
+            g.dev.shared_limit = (32 + width + TILE) * 4;
+            let got = run(&g);
+            #[cfg(not(feature = "cuda"))]
+            {
+                assert!(tiled(&g) > 0, "{name}: the tiled kernel never ran");
+                super::super::emulate_in_reverse(true);
+                let reverse = run(&g);
+                super::super::emulate_in_reverse(false);
+                let same = reverse.0 == got.0 && reverse.1 == got.1 && reverse.2 == got.2;
+                assert!(same, "{name}: the tiled kernel depends on the thread order");
+            }
+            g.dev.shared_limit = limit;
+            let close = |what: &str, a: &[f32], b: &[f32]| {
+                assert_eq!(a.len(), b.len(), "{name} {what}");
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    let err = (x - y).abs() / y.abs().max(1.0);
+                    assert!(err <= 1e-5, "{name} {what} [{i}]: {x} against {y}");
+                }
+            };
+            close("prefill", &got.0, &want.0);
+            close("decode", &got.1, &want.1);
+            for ((p, a), (_, b)) in got.2.iter().zip(&want.2) {
+                close(&p.to_string(), a, b);
+            }
+            let back = run(&g);
+            assert!(back.0 == want.0 && back.1 == want.1, "{name}: the one-pass bits");
+        }
     }
 }

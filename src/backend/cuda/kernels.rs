@@ -9,8 +9,14 @@ use crate::{Error, Result};
 
 /// Threads per block of the element-wise and per-row kernels.
 pub const BLOCK: u32 = 256;
-/// Threads per block of the attention kernel.
+/// Threads per block of the attention kernels.
 pub const ATTENTION_BLOCK: u32 = 128;
+/// Most keys per tile of `swk_attention_tiled` (fewer when the device's shared memory holds
+/// fewer).
+pub const ATTENTION_TILE: usize = 1024;
+/// Output dims each thread of `swk_attention_tiled` accumulates (kernels/attention.cu's
+/// `ATTENTION_DIMS`): it takes head dims up to `ATTENTION_DIMS * ATTENTION_BLOCK`.
+pub const ATTENTION_DIMS: usize = 8;
 /// Rows one thread walks in the fused statistics kernels (`swk_act_mul`, `swk_add_residual`)
 /// before its single `atomicMax`; more when the grid's y dimension would overflow.
 pub const STATS_ROWS_PER_BLOCK: usize = 16;
@@ -41,6 +47,7 @@ pub const KERNELS: &[&str] = &[
     "swk_add_residual",
     "swk_add_rmsnorm",
     "swk_attention",
+    "swk_attention_tiled",
     "swk_bf16_to_f32",
     "swk_checksum_u16",
     "swk_checksum_u32",
@@ -377,13 +384,18 @@ pub fn attention_max_keys(rows: usize, pos0: usize, window: Option<usize>) -> us
     }
 }
 
-/// Dynamic shared memory of `swk_attention`: reduction scratch, one query head, the scores.
+/// Dynamic shared memory of `swk_attention`: reduction scratch, one query head, the scores
+/// (of `max_keys` keys; [`ATTENTION_TILE`] for `swk_attention_tiled`).
 pub fn attention_shared_bytes(head_dim: usize, max_keys: usize) -> usize {
     (32 + head_dim + max_keys) * std::mem::size_of::<f32>()
 }
 
-/// `swk_attention`: grid (heads, rows), [`ATTENTION_BLOCK`] threads, shared memory for the
-/// longest row; errors when that exceeds `shared_limit` bytes (the device's opt-in maximum).
+/// The attention kernel for `rows` queries at `pos0..` and its launch: grid (heads, rows),
+/// [`ATTENTION_BLOCK`] threads. `swk_attention` when the longest row's scores fit in
+/// `shared_limit` bytes (the device's opt-in maximum), with tile 0; else
+/// `swk_attention_tiled` (the softmax online over tiles of keys, any length), with its tile:
+/// [`ATTENTION_TILE`] keys, or as many as `shared_limit` holds. Errors when neither takes the
+/// head dim.
 pub fn attention(
     rows: usize,
     pos0: usize,
@@ -391,17 +403,25 @@ pub fn attention(
     head_dim: usize,
     window: Option<usize>,
     shared_limit: usize,
-) -> Result<Launch> {
+) -> Result<(Launch, &'static str, usize)> {
+    let grid = (n_heads as u64, rows as u64, 1);
     let keys = attention_max_keys(rows, pos0, window);
     let bytes = attention_shared_bytes(head_dim, keys);
-    if bytes > shared_limit {
-        let max_keys = (shared_limit / 4).saturating_sub(32 + head_dim);
+    if bytes <= shared_limit {
+        return Ok((Launch::new(grid, ATTENTION_BLOCK, bytes)?, "swk_attention", 0));
+    }
+    let tile = (shared_limit / 4).saturating_sub(32 + head_dim).min(ATTENTION_TILE);
+    let max_dims = ATTENTION_DIMS * ATTENTION_BLOCK as usize;
+    if head_dim > max_dims || tile == 0 {
         return Err(Error::Backend(format!(
-            "attention over {keys} positions needs {bytes} bytes of shared memory; this device allows \
-             {shared_limit} ({max_keys} positions at head_dim {head_dim}): use a shorter context"
+            "attention over {keys} positions at head_dim {head_dim}: the tiled kernel takes head \
+             dims up to {max_dims} and needs shared memory for at least one key ({} bytes; this \
+             device allows {shared_limit})",
+            attention_shared_bytes(head_dim, 1)
         )));
     }
-    Launch::new((n_heads as u64, rows as u64, 1), ATTENTION_BLOCK, bytes)
+    let l = Launch::new(grid, ATTENTION_BLOCK, attention_shared_bytes(head_dim, tile))?;
+    Ok((l, "swk_attention_tiled", tile))
 }
 
 /// Query rows each block of `swk_mla_absorb_*` walks (kernels/mla.cu's `MLA_ROWS`).
@@ -677,23 +697,41 @@ mod tests {
     #[test]
     fn attention_shapes() {
         // Prefill of 7 tokens, 4 heads of 16: grid (heads, rows), keys up to position 6.
-        let l = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES).unwrap();
-        assert_eq!(l.grid, (4, 7, 1));
+        let (l, k, _) = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!((l.grid, k), ((4, 7, 1), "swk_attention"));
         assert_eq!(l.block, (ATTENTION_BLOCK, 1, 1));
         assert_eq!(l.shared_bytes as usize, (32 + 16 + 7) * 4);
         // Decode at position 511: 512 keys.
-        let l = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
-        assert_eq!(l.grid, (32, 1, 1));
+        let (l, k, _) = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!((l.grid, k), ((32, 1, 1), "swk_attention"));
         assert_eq!(l.shared_bytes as usize, (32 + 128 + 512) * 4);
         // A sliding window bounds the keys.
         assert_eq!(attention_max_keys(1, 10_000, Some(4096)), 4096);
         assert_eq!(attention_max_keys(3, 2, Some(4096)), 5);
         assert_eq!(attention_max_keys(3, 2, Some(0)), 5, "window 0 means none");
-        // Too long for 48 KiB: a clear error naming the limit.
-        let e = attention(1, 20_000, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
-        assert!(e.contains("shared memory") && e.contains("49152"), "{e}");
-        // ... which an H100's 227 KiB opt-in allows.
-        assert!(attention(1, 20_000, 32, 128, None, 227 * 1024).is_ok());
+        // The most keys 48 KiB holds at head_dim 128 (12 128), one more, and 20 000 (which an
+        // H100's 227 KiB opt-in holds): past the limit, the tiled kernel in its fixed memory.
+        let fit = DEFAULT_SHARED_BYTES / 4 - 32 - 128;
+        let (l, k, _) = attention(1, fit - 1, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!((l.shared_bytes as usize, k), (DEFAULT_SHARED_BYTES, "swk_attention"));
+        for pos in [fit, 20_000] {
+            let (l, k, tile) = attention(1, pos, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+            assert_eq!((l.grid, k, tile), ((32, 1, 1), "swk_attention_tiled", ATTENTION_TILE));
+            assert_eq!(l.shared_bytes as usize, (32 + 128 + ATTENTION_TILE) * 4);
+        }
+        assert_eq!(attention(1, 20_000, 32, 128, None, 227 * 1024).unwrap().1, "swk_attention");
+        // DeepSeek's absorbed latent attention (one head 576 wide) tiles too.
+        let (l, k, _) = attention(1, 200_000, 128, 576, None, DEFAULT_SHARED_BYTES).unwrap();
+        assert_eq!((l.shared_bytes as usize, k), ((32 + 576 + 1024) * 4, "swk_attention_tiled"));
+        // A device holding fewer keys gets smaller tiles, down to one key; below that, or a head
+        // past ATTENTION_DIMS per thread, a clear error.
+        let (_, _, tile) = attention(9, 0, 4, 16, None, (32 + 16 + 5) * 4).unwrap();
+        assert_eq!(tile, 5);
+        assert_eq!(attention(9, 0, 4, 16, None, (32 + 16 + 1) * 4).unwrap().2, 1);
+        let e = attention(9, 0, 4, 16, None, (32 + 16) * 4).unwrap_err().to_string();
+        assert!(e.contains("at least one key (196 bytes; this device allows 192)"), "{e}");
+        let e = attention(1, 20_000, 8, 1032, None, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
+        assert!(e.contains("head dims up to 1024"), "{e}");
     }
 
     #[test]
