@@ -224,3 +224,146 @@ extern "C" __global__ void swk_attention_tiled(const float* q, const float* kc, 
         }
     }
 }
+
+// Query rows per block of swk_attention_rows (the host's kernels::ATTENTION_ROWS).
+#define ATTENTION_ROWS 16
+// Output dims per thread of swk_attention_rows: head_dim <= ATTENTION_ROW_DIMS * blockDim.x.
+#define ATTENTION_ROW_DIMS 2
+
+// Prefill (rows > 1, no pattern hook): one block per head and ATTENTION_ROWS consecutive query
+// rows, so that each tile of `tile` keys (a power of two, at most 32) and their values is
+// read once into shared memory for all the block's rows, where swk_attention reads the keys
+// again for every row. The softmax is online per row, as in swk_attention_tiled: per tile,
+//   1. the scores of every (row, key) pair, each the sequential f32 dot of swk_attention
+//      (the same bits), masked to -inf outside the row's causal (or sliding) window;
+//   2. per row, the running max m grows to m' = max(m, the tile's max); the running sum and
+//      the row's accumulators are scaled by exp(m - m') and take e_j = exp(s_j - m') (a row
+//      that has seen no key yet keeps m = -inf and adds nothing);
+//   3. each thread adds e_j * v_j[d] over the tile to its dims d of every row.
+// out = acc / sum, and its bf16 terms into `split` when not null. swk_attention's parameters
+// (pattern must be null) and `tile`; grid (n_heads, ceil(rows / ATTENTION_ROWS)), block 128;
+// hd <= ATTENTION_ROW_DIMS * 128. Shared memory, in floats: the rows' queries
+// ATTENTION_ROWS * (hd + 1), the keys tile * (hd + 1), the values tile * hd, the weights
+// ATTENTION_ROWS * tile, and per row its max, sum and rescaling (3 * ATTENTION_ROWS); the
+// +1 pads rows read across threads onto different banks.
+extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, const float* vc, float* out,
+                                              float* pattern, int rows, int pos0, int n_heads, int n_kv,
+                                              int hd, int window, float scale, float softcap, u16* split,
+                                              int tile) {
+    (void)pattern;
+    SWK_DYNAMIC_SHARED(float, smem);
+    const int lq = hd + 1;
+    float* qs = smem;                            // [ATTENTION_ROWS][lq]
+    float* ks = qs + ATTENTION_ROWS * lq;        // [tile][lq]
+    float* vs = ks + tile * lq;                  // [tile][hd]
+    float* ps = vs + tile * hd;                  // [ATTENTION_ROWS][tile]
+    float* row_max = ps + ATTENTION_ROWS * tile; // [ATTENTION_ROWS]
+    float* row_sum = row_max + ATTENTION_ROWS;
+    float* row_rescale = row_sum + ATTENTION_ROWS;
+    const int h = blockIdx.x;
+    const int r0 = blockIdx.y * ATTENTION_ROWS;
+    const int n_rows = min(ATTENTION_ROWS, rows - r0);
+    if (n_rows <= 0) {
+        return;
+    }
+    const int kvh = h / (n_heads / n_kv);
+    const int kv_w = n_kv * hd;
+    for (int i = threadIdx.x; i < ATTENTION_ROWS * hd; i += blockDim.x) {
+        const int r = i / hd, d = i % hd;
+        qs[r * lq + d] = r < n_rows ? q[((size_t)(r0 + r) * n_heads + h) * hd + d] : 0.0f;
+    }
+    if (threadIdx.x < ATTENTION_ROWS) {
+        row_max[threadIdx.x] = -INFINITY;
+        row_sum[threadIdx.x] = 0.0f;
+    }
+    // The keys any of the rows sees: from the first row's window start to the last row.
+    const int p_first = pos0 + r0;
+    const int k_begin = window > 0 ? max(0, p_first + 1 - window) : 0;
+    const int k_end = pos0 + r0 + n_rows;  // exclusive
+    float acc[ATTENTION_ROWS][ATTENTION_ROW_DIMS];
+#pragma unroll
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+#pragma unroll
+        for (int i = 0; i < ATTENTION_ROW_DIMS; ++i) {
+            acc[r][i] = 0.0f;
+        }
+    }
+    const int pairs = ATTENTION_ROWS * tile;
+    for (int k0 = k_begin; k0 < k_end; k0 += tile) {
+        const int n = min(tile, k_end - k0);
+        __syncthreads();  // the previous tile's keys, values and weights are read
+        for (int i = threadIdx.x; i < tile * hd; i += blockDim.x) {
+            const int j = i / hd, d = i % hd;
+            const size_t at = (size_t)(k0 + j) * kv_w + (size_t)kvh * hd + d;
+            ks[j * lq + d] = j < n ? kc[at] : 0.0f;
+            vs[j * hd + d] = j < n ? vc[at] : 0.0f;
+        }
+        __syncthreads();
+        // Scores and the online softmax: the pairs of a row are `tile` adjacent lanes of one
+        // warp (tile a power of two <= 32), reduced with shuffles.
+        for (int i0 = 0; i0 < pairs; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x;
+            const int r = i / tile, j = i % tile;
+            const int p = pos0 + r0 + r;
+            const int kp = k0 + j;
+            const bool seen = i < pairs && r < n_rows && j < n && kp <= p &&
+                              (window <= 0 || kp > p - window);
+            float s = -INFINITY;
+            if (seen) {
+                s = attention_score(qs + r * lq, ks + j * lq, hd, scale, softcap);
+            }
+            float tmax = s;
+            for (int o = tile / 2; o > 0; o >>= 1) {
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+            }
+            const float m_old = i < pairs ? row_max[r] : -INFINITY;
+            const float m_new = fmaxf(m_old, tmax);
+            const bool none = m_new == -INFINITY;  // the row has seen no key yet
+            const float e = (seen && !none) ? expf(s - m_new) : 0.0f;
+            float tsum = e;
+            for (int o = tile / 2; o > 0; o >>= 1) {
+                tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
+            }
+            if (i < pairs) {
+                ps[r * tile + j] = e;
+                if (j == 0) {
+                    const float rescale = none ? 1.0f : expf(m_old - m_new);
+                    row_rescale[r] = rescale;
+                    row_sum[r] = __fadd_rn(__fmul_rn(row_sum[r], rescale), tsum);
+                    row_max[r] = m_new;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int di = 0; di < ATTENTION_ROW_DIMS; ++di) {
+            const int d = threadIdx.x + di * blockDim.x;
+            if (d < hd) {
+#pragma unroll
+                for (int r = 0; r < ATTENTION_ROWS; ++r) {
+                    float a = __fmul_rn(acc[r][di], row_rescale[r]);
+                    for (int j = 0; j < n; ++j) {
+                        a = __fadd_rn(a, __fmul_rn(ps[r * tile + j], vs[j * hd + d]));
+                    }
+                    acc[r][di] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    const u64 total = (u64)rows * n_heads * hd;
+#pragma unroll
+    for (int di = 0; di < ATTENTION_ROW_DIMS; ++di) {
+        const int d = threadIdx.x + di * blockDim.x;
+        if (d < hd) {
+            for (int r = 0; r < n_rows; ++r) {
+                const float v = __fdiv_rn(acc[r][di], row_sum[r]);
+                const u64 at = ((u64)(r0 + r) * n_heads + h) * hd + d;
+                out[at] = v;
+                if (split != nullptr) {
+                    write_split(split, total, at, v);
+                }
+            }
+        }
+    }
+}

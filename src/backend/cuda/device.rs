@@ -253,8 +253,10 @@ impl CudaDevice {
         scale: f32,
         softcap: Option<f32>,
     ) -> Result<()> {
+        let row_blocks =
+            pattern == 0 && self.row_attention.load(std::sync::atomic::Ordering::Relaxed);
         let (l, kernel, tile) =
-            kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit)?;
+            kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit, row_blocks)?;
         let (r, p, nh, nkv, d) = (
             int(rows, "rows")?,
             int(pos0, "position")?,

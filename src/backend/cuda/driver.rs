@@ -104,6 +104,9 @@ pub struct CudaDevice {
     name: String,
     capability: (i32, i32),
     pub(super) shared_limit: usize,
+    /// Whether a prefill without the pattern hook may run `swk_attention_rows` (on by
+    /// default; see [`super::CudaModel::set_row_attention`]).
+    pub(super) row_attention: std::sync::atomic::AtomicBool,
     sm_count: usize,
     /// While profiling, each timed launch.
     profile: Mutex<Option<Vec<TimedLaunch>>>,
@@ -148,18 +151,19 @@ impl CudaDevice {
             .map_err(be("shared memory limit"))?;
         let shared_limit = (optin.max(0) as usize).max(kernels::DEFAULT_SHARED_BYTES);
         if shared_limit > kernels::DEFAULT_SHARED_BYTES {
-            let f = &funcs["swk_attention"];
-            // Leave room for the kernel's own (tiny) static shared memory.
+            // Leave room for the kernels' own (tiny) static shared memory.
             let dynamic = (shared_limit - 1024) as i32;
-            // SAFETY: f is a loaded function of a live module.
-            unsafe {
-                driver::result::function::set_function_attribute(
-                    f.cu_function(),
-                    driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dynamic,
-                )
+            for k in ["swk_attention", "swk_attention_rows"] {
+                // SAFETY: the function is a loaded function of a live module.
+                unsafe {
+                    driver::result::function::set_function_attribute(
+                        funcs[k].cu_function(),
+                        driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dynamic,
+                    )
+                }
+                .map_err(be(&format!("raising the shared memory limit of {k}")))?;
             }
-            .map_err(be("raising the attention kernel's shared memory limit"))?;
         }
         let shared_limit = if shared_limit > kernels::DEFAULT_SHARED_BYTES {
             shared_limit - 1024
@@ -188,6 +192,7 @@ impl CudaDevice {
             sm_count,
             profile: Mutex::new(None),
             capturing: AtomicBool::new(false),
+            row_attention: std::sync::atomic::AtomicBool::new(true),
         })
     }
 

@@ -231,6 +231,9 @@ pub struct CudaGraph {
 /// The emulated device.
 pub struct CudaDevice {
     pub(super) shared_limit: usize,
+    /// Whether a prefill without the pattern hook may run `swk_attention_rows` (on by
+    /// default; see [`super::CudaModel::set_row_attention`]).
+    pub(super) row_attention: std::sync::atomic::AtomicBool,
     used: Arc<AtomicUsize>,
     /// The operations of a capture in progress.
     recording: Mutex<Option<Vec<Op>>>,
@@ -255,6 +258,7 @@ impl CudaDevice {
             launches: AtomicUsize::new(0),
             by_kernel: Mutex::new(std::collections::HashMap::new()),
             profile: Mutex::new(None),
+            row_attention: std::sync::atomic::AtomicBool::new(true),
         })
     }
 

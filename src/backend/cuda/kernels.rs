@@ -14,6 +14,13 @@ pub const ATTENTION_BLOCK: u32 = 128;
 /// Most keys per tile of `swk_attention_tiled` (fewer when the device's shared memory holds
 /// fewer).
 pub const ATTENTION_TILE: usize = 1024;
+/// Query rows per block of `swk_attention_rows` (kernels/attention.cu's `ATTENTION_ROWS`).
+pub const ATTENTION_ROWS: usize = 16;
+/// Output dims each thread of `swk_attention_rows` accumulates (`ATTENTION_ROW_DIMS`): it
+/// takes head dims up to `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`.
+pub const ATTENTION_ROW_DIMS: usize = 2;
+/// Keys per tile of `swk_attention_rows`, largest first: the first whose shared memory fits.
+pub const ATTENTION_ROW_TILES: [usize; 3] = [32, 16, 8];
 /// Output dims each thread of `swk_attention_tiled` accumulates (kernels/attention.cu's
 /// `ATTENTION_DIMS`): it takes head dims up to `ATTENTION_DIMS * ATTENTION_BLOCK`.
 pub const ATTENTION_DIMS: usize = 8;
@@ -47,6 +54,7 @@ pub const KERNELS: &[&str] = &[
     "swk_add_residual",
     "swk_add_rmsnorm",
     "swk_attention",
+    "swk_attention_rows",
     "swk_attention_tiled",
     "swk_bf16_to_f32",
     "swk_checksum_u16",
@@ -390,12 +398,26 @@ pub fn attention_shared_bytes(head_dim: usize, max_keys: usize) -> usize {
     (32 + head_dim + max_keys) * std::mem::size_of::<f32>()
 }
 
-/// The attention kernel for `rows` queries at `pos0..` and its launch: grid (heads, rows),
-/// [`ATTENTION_BLOCK`] threads. `swk_attention` when the longest row's scores fit in
-/// `shared_limit` bytes (the device's opt-in maximum), with tile 0; else
-/// `swk_attention_tiled` (the softmax online over tiles of keys, any length), with its tile:
-/// [`ATTENTION_TILE`] keys, or as many as `shared_limit` holds. Errors when neither takes the
-/// head dim.
+/// Dynamic shared memory of `swk_attention_rows` with tiles of `tile` keys: the block's
+/// queries, a tile of keys (rows padded by one float) and of values, the weights, and three
+/// floats per row.
+pub fn attention_rows_shared_bytes(head_dim: usize, tile: usize) -> usize {
+    let (r, lq) = (ATTENTION_ROWS, head_dim + 1);
+    (r * lq + tile * lq + tile * head_dim + r * tile + 3 * r) * std::mem::size_of::<f32>()
+}
+
+/// The attention kernel for `rows` queries at `pos0..` and its launch, [`ATTENTION_BLOCK`]
+/// threads, with its tile of keys:
+/// * with `row_blocks` (no pattern hook asked for, which only the kernels below write), a
+///   prefill (rows > 1) of head dims up to
+///   `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`: `swk_attention_rows`, grid (heads,
+///   ⌈rows / [`ATTENTION_ROWS`]⌉), the largest of [`ATTENTION_ROW_TILES`] that fits
+///   `shared_limit` bytes (the device's opt-in maximum);
+/// * else `swk_attention`, grid (heads, rows), when the longest row's scores fit (tile 0);
+/// * else `swk_attention_tiled` (the softmax online over tiles of keys, any length), tiles of
+///   [`ATTENTION_TILE`] keys or as many as `shared_limit` holds.
+///
+/// Errors when none takes the head dim.
 pub fn attention(
     rows: usize,
     pos0: usize,
@@ -403,7 +425,18 @@ pub fn attention(
     head_dim: usize,
     window: Option<usize>,
     shared_limit: usize,
+    row_blocks: bool,
 ) -> Result<(Launch, &'static str, usize)> {
+    if rows > 1 && row_blocks && head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize {
+        let fits = ATTENTION_ROW_TILES
+            .into_iter()
+            .map(|tile| (tile, attention_rows_shared_bytes(head_dim, tile)))
+            .find(|&(_, bytes)| bytes <= shared_limit);
+        if let Some((tile, bytes)) = fits {
+            let grid = (n_heads as u64, rows.div_ceil(ATTENTION_ROWS) as u64, 1);
+            return Ok((Launch::new(grid, ATTENTION_BLOCK, bytes)?, "swk_attention_rows", tile));
+        }
+    }
     let grid = (n_heads as u64, rows as u64, 1);
     let keys = attention_max_keys(rows, pos0, window);
     let bytes = attention_shared_bytes(head_dim, keys);
@@ -696,13 +729,14 @@ mod tests {
 
     #[test]
     fn attention_shapes() {
-        // Prefill of 7 tokens, 4 heads of 16: grid (heads, rows), keys up to position 6.
-        let (l, k, _) = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES).unwrap();
+        // Prefill of 7 tokens, 4 heads of 16, row blocks off (the pattern hook): grid (heads,
+        // rows), keys up to position 6.
+        let (l, k, _) = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES, false).unwrap();
         assert_eq!((l.grid, k), ((4, 7, 1), "swk_attention"));
         assert_eq!(l.block, (ATTENTION_BLOCK, 1, 1));
         assert_eq!(l.shared_bytes as usize, (32 + 16 + 7) * 4);
         // Decode at position 511: 512 keys.
-        let (l, k, _) = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+        let (l, k, _) = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
         assert_eq!((l.grid, k), ((32, 1, 1), "swk_attention"));
         assert_eq!(l.shared_bytes as usize, (32 + 128 + 512) * 4);
         // A sliding window bounds the keys.
@@ -712,26 +746,52 @@ mod tests {
         // The most keys 48 KiB holds at head_dim 128 (12 128), one more, and 20 000 (which an
         // H100's 227 KiB opt-in holds): past the limit, the tiled kernel in its fixed memory.
         let fit = DEFAULT_SHARED_BYTES / 4 - 32 - 128;
-        let (l, k, _) = attention(1, fit - 1, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+        let (l, k, _) = attention(1, fit - 1, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
         assert_eq!((l.shared_bytes as usize, k), (DEFAULT_SHARED_BYTES, "swk_attention"));
         for pos in [fit, 20_000] {
-            let (l, k, tile) = attention(1, pos, 32, 128, None, DEFAULT_SHARED_BYTES).unwrap();
+            let (l, k, tile) =
+                attention(1, pos, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
             assert_eq!((l.grid, k, tile), ((32, 1, 1), "swk_attention_tiled", ATTENTION_TILE));
             assert_eq!(l.shared_bytes as usize, (32 + 128 + ATTENTION_TILE) * 4);
         }
-        assert_eq!(attention(1, 20_000, 32, 128, None, 227 * 1024).unwrap().1, "swk_attention");
+        assert_eq!(
+            attention(1, 20_000, 32, 128, None, 227 * 1024, true).unwrap().1,
+            "swk_attention"
+        );
         // DeepSeek's absorbed latent attention (one head 576 wide) tiles too.
-        let (l, k, _) = attention(1, 200_000, 128, 576, None, DEFAULT_SHARED_BYTES).unwrap();
+        let (l, k, _) = attention(1, 200_000, 128, 576, None, DEFAULT_SHARED_BYTES, true).unwrap();
         assert_eq!((l.shared_bytes as usize, k), ((32 + 576 + 1024) * 4, "swk_attention_tiled"));
         // A device holding fewer keys gets smaller tiles, down to one key; below that, or a head
         // past ATTENTION_DIMS per thread, a clear error.
-        let (_, _, tile) = attention(9, 0, 4, 16, None, (32 + 16 + 5) * 4).unwrap();
+        let (_, _, tile) = attention(9, 0, 4, 16, None, (32 + 16 + 5) * 4, false).unwrap();
         assert_eq!(tile, 5);
-        assert_eq!(attention(9, 0, 4, 16, None, (32 + 16 + 1) * 4).unwrap().2, 1);
-        let e = attention(9, 0, 4, 16, None, (32 + 16) * 4).unwrap_err().to_string();
+        assert_eq!(attention(9, 0, 4, 16, None, (32 + 16 + 1) * 4, false).unwrap().2, 1);
+        let e = attention(9, 0, 4, 16, None, (32 + 16) * 4, false).unwrap_err().to_string();
         assert!(e.contains("at least one key (196 bytes; this device allows 192)"), "{e}");
-        let e = attention(1, 20_000, 8, 1032, None, DEFAULT_SHARED_BYTES).unwrap_err().to_string();
+        let e = attention(1, 20_000, 8, 1032, None, DEFAULT_SHARED_BYTES, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("head dims up to 1024"), "{e}");
+        // A prefill without the pattern: ATTENTION_ROWS query rows a block, the largest tile
+        // of keys that fits; head dims past 256, a decode step or the pattern hook take the
+        // kernels above.
+        let (l, k, tile) = attention(512, 0, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
+        assert_eq!((l.grid, k, tile), ((32, 32, 1), "swk_attention_rows", 32));
+        assert_eq!(l.shared_bytes as usize, attention_rows_shared_bytes(128, 32));
+        assert_eq!(
+            attention_rows_shared_bytes(128, 32),
+            (16 * 129 + 32 * 129 + 32 * 128 + 16 * 32 + 48) * 4
+        );
+        assert!(attention_rows_shared_bytes(128, 32) <= DEFAULT_SHARED_BYTES);
+        let (l, k, _) = attention(17, 100, 8, 64, Some(4), DEFAULT_SHARED_BYTES, true).unwrap();
+        assert_eq!((l.grid, k), ((8, 2, 1), "swk_attention_rows"));
+        // Gemma's 256: tiles of 8 in 48 KiB, 32 with an H200's opt-in.
+        assert_eq!(attention(9, 0, 8, 256, None, DEFAULT_SHARED_BYTES, true).unwrap().2, 8);
+        assert_eq!(attention(9, 0, 8, 256, None, 227 * 1024, true).unwrap().2, 32);
+        for (rows, hd, blocks) in [(9, 257, true), (1, 128, true), (9, 128, false)] {
+            let k = attention(rows, 0, 8, hd, None, DEFAULT_SHARED_BYTES, blocks).unwrap().1;
+            assert_eq!(k, "swk_attention", "rows {rows}, head_dim {hd}, row blocks {blocks}");
+        }
     }
 
     #[test]

@@ -706,6 +706,14 @@ impl CudaModel {
         self.fused_launches = on;
         self.forget_graphs();
     }
+    /// Let a prefill without the pattern hook run attention 16 query rows a block
+    /// (`swk_attention_rows`: keys and values read once a tile for all of them; on by
+    /// default). Off: a block per query row, the baseline the timing tests compare with.
+    pub fn set_row_attention(&mut self, on: bool) {
+        self.dev.row_attention.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.forget_graphs();
+    }
+
     /// With the launches fused ([`Self::set_fused_launches`]) and `cublas-split`, run the q/k/v
     /// products of a layer as one product, and its gate/up products as one (their weights lie back
     /// to back on the device; on by default; the values are those of the separate products to
