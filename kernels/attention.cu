@@ -64,7 +64,7 @@ __device__ __forceinline__ float attention_score(const float* qs, const float* k
 }
 
 // q [rows, n_heads*hd] at positions pos0..pos0+rows; kc, vc the cache [>= pos0+rows, n_kv*hd];
-// out [rows, n_heads*hd]; pattern null or [rows, n_heads, pos0+rows]. Grid (n_heads, rows),
+// out [rows, n_heads*hd]; pattern null or [rows, n_heads, pos0+rows]. Grid (rows, n_heads),
 // block 128. The last parameter is swk_attention_tiled's tile, unused here (the two kernels
 // share one launcher).
 extern "C" __global__ void swk_attention(const float* q, const float* kc, const float* vc, float* out,
@@ -74,8 +74,8 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
     float* red = smem;            // 32 floats of reduction scratch
     float* qs = smem + 32;        // this head's query
     float* sc = smem + 32 + hd;   // scores, then weights
-    const int h = blockIdx.x;
-    const int t = blockIdx.y;
+    const int t = blockIdx.x;
+    const int h = blockIdx.y;
     if (t >= rows) {
         return;
     }
@@ -131,13 +131,92 @@ extern "C" __global__ void swk_attention(const float* q, const float* kc, const 
     }
 }
 
+// The online softmax of one block's (row, head) over the keys j_begin <= j < j_end of its
+// window (j counts from the window's first key), in tiles of `tile` keys. Over each tile: its
+// scores; the running max m grows to m' = max(m, the tile's max); the running sum and each
+// output dim's accumulator are scaled by exp(m - m') and add the tile's e_j = exp(s_j - m')
+// and e_j * v_j[d]. Thread x owns dims x, x + blockDim.x, ... (acc[i]). With prow, the raw
+// scores are also written at their key positions. sc holds `tile` floats of shared memory,
+// red 32; qs (the query) must be visible to every thread. An empty range leaves m = -inf,
+// sum = 0, acc = 0.
+struct OnlineSoftmax {
+    float m;
+    float sum;
+    float acc[ATTENTION_DIMS];
+    __device__ OnlineSoftmax() : m(-INFINITY), sum(0.0f) {
+#pragma unroll
+        for (int i = 0; i < ATTENTION_DIMS; ++i) {
+            acc[i] = 0.0f;
+        }
+    }
+    __device__ void attend(const AttentionRow& a, const float* qs, const float* kc, const float* vc, float* sc,
+                           float* red, int hd, float scale, float softcap, int j_begin, int j_end, int tile,
+                           float* prow) {
+        for (int j0 = j_begin; j0 < j_end; j0 += tile) {
+            const int n = min(tile, j_end - j0);
+            float local_max = -INFINITY;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+                const float* kj = kc + (size_t)(a.first + j0 + j) * a.kv_w + (size_t)a.kvh * hd;
+                const float s = attention_score(qs, kj, hd, scale, softcap);
+                sc[j] = s;
+                local_max = fmaxf(local_max, s);
+                if (prow != nullptr) {
+                    prow[a.first + j0 + j] = s;
+                }
+            }
+            const float m_new = fmaxf(m, block_reduce(local_max, MaxOp(), red));
+            const float rescale = expf(m - m_new);  // 0 on the first tile (m = -inf)
+            float local_sum = 0.0f;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+                const float e = expf(sc[j] - m_new);
+                sc[j] = e;
+                local_sum += e;
+            }
+            // block_reduce's second barrier comes after every e_j is written: sc is visible.
+            sum = __fadd_rn(__fmul_rn(sum, rescale), block_reduce(local_sum, SumOp(), red));
+            m = m_new;
+            const float* v0 = vc + (size_t)(a.first + j0) * a.kv_w + (size_t)a.kvh * hd;
+#pragma unroll
+            for (int i = 0; i < ATTENTION_DIMS; ++i) {
+                const int d = threadIdx.x + i * blockDim.x;
+                if (d < hd) {
+                    float x = __fmul_rn(acc[i], rescale);
+                    const float* vd = v0 + d;
+                    for (int j = 0; j < n; ++j) {
+                        x = __fadd_rn(x, __fmul_rn(sc[j], vd[(size_t)j * a.kv_w]));
+                    }
+                    acc[i] = x;
+                }
+            }
+            __syncthreads();  // the next tile overwrites sc (and, with prow, this tile's scores are written)
+        }
+    }
+};
+
+// Row t, head h of `out` (and its bf16 terms into `split` when not null): v(d) for the dims d
+// thread x owns, as OnlineSoftmax lays them out.
+template <typename F>
+__device__ __forceinline__ void write_head(float* out, u16* split, int rows, int n_heads, int hd, int t, int h,
+                                           F v) {
+    const u64 base = ((u64)t * n_heads + h) * hd;
+#pragma unroll
+    for (int i = 0; i < ATTENTION_DIMS; ++i) {
+        const int d = threadIdx.x + i * blockDim.x;
+        if (d < hd) {
+            const float x = v(i, d);
+            out[base + d] = x;
+            if (split != nullptr) {
+                write_split(split, (u64)rows * n_heads * hd, base + d, x);
+            }
+        }
+    }
+}
+
 // swk_attention for rows whose keys do not fit its shared memory: the keys in tiles of `tile`
-// and the softmax online. Over each tile: its scores; the running max m grows
-// to m' = max(m, the tile's max); the running sum and each output dim's accumulator are scaled
-// by exp(m - m') and add the tile's e_j = exp(s_j - m') and e_j * v_j[d]. At the end
-// out[d] = acc[d] / sum. Mathematically swk_attention's result; in f32 it rounds differently
-// (the division comes last, and one rescaling per tile). With `pattern`, the tiles write the
-// raw scores there and the end turns them into the weights exp(s_j - m) / sum.
+// and the softmax online (OnlineSoftmax), then out[d] = acc[d] / sum. Mathematically
+// swk_attention's result; in f32 it rounds differently (the division comes last, and one
+// rescaling per tile). With `pattern`, the tiles write the raw scores there and the end turns
+// them into the weights exp(s_j - m) / sum.
 // swk_attention's parameters and grid, and `tile`; shared memory (32 + hd + tile) floats whatever
 // the row's length; hd <= ATTENTION_DIMS * blockDim.x.
 extern "C" __global__ void swk_attention_tiled(const float* q, const float* kc, const float* vc, float* out,
@@ -148,81 +227,102 @@ extern "C" __global__ void swk_attention_tiled(const float* q, const float* kc, 
     float* red = smem;
     float* qs = smem + 32;
     float* sc = smem + 32 + hd;  // one tile's scores, then its e_j
-    const int h = blockIdx.x;
-    const int t = blockIdx.y;
+    const int t = blockIdx.x;
+    const int h = blockIdx.y;
     if (t >= rows) {
         return;
     }
     const AttentionRow a(q, qs, t, h, pos0, n_heads, n_kv, hd, window);
-    const int p = a.p, kvh = a.kvh, kv_w = a.kv_w, first = a.first, nk = a.nk;
     const int kv_total = pos0 + rows;
     float* prow = pattern != nullptr ? pattern + ((size_t)t * n_heads + h) * kv_total : nullptr;
     __syncthreads();
 
+    OnlineSoftmax o;
+    o.attend(a, qs, kc, vc, sc, red, hd, scale, softcap, 0, a.nk, tile, prow);
+    write_head(out, split, rows, n_heads, hd, t, h, [&](int i, int) { return __fdiv_rn(o.acc[i], o.sum); });
+    if (prow != nullptr) {
+        for (int j = threadIdx.x; j < kv_total; j += blockDim.x) {
+            prow[j] = (j >= a.first && j <= a.p) ? __fdiv_rn(expf(prow[j] - o.m), o.sum) : 0.0f;
+        }
+    }
+}
+
+// Decoding (a few rows, no pattern hook) with many keys, split across blocks so that a step
+// fills the device: block (t, h, s) runs OnlineSoftmax over keys s * chunk .. (s + 1) * chunk
+// of row t's window in tiles of `tile`, and writes its running max, sum and unnormalized
+// accumulators to part[((t * n_heads + h) * splits + s) * (hd + 2) + (0, 1, 2 + d)] (an empty
+// range writes -inf, 0, 0). swk_attention_merge combines them. swk_attention's q, kc, vc and
+// shape parameters; grid (rows, n_heads, splits), block 128, shared (32 + hd + tile) floats.
+extern "C" __global__ void swk_attention_split(const float* q, const float* kc, const float* vc, float* part,
+                                               int rows, int pos0, int n_heads, int n_kv, int hd, int window,
+                                               float scale, float softcap, int tile, int chunk) {
+    SWK_DYNAMIC_SHARED(float, smem);
+    float* red = smem;
+    float* qs = smem + 32;
+    float* sc = smem + 32 + hd;
+    const int t = blockIdx.x;
+    const int h = blockIdx.y;
+    const int s = blockIdx.z;
+    if (t >= rows) {
+        return;
+    }
+    const AttentionRow a(q, qs, t, h, pos0, n_heads, n_kv, hd, window);
+    __syncthreads();
+    OnlineSoftmax o;
+    const int j_begin = min(a.nk, s * chunk);
+    o.attend(a, qs, kc, vc, sc, red, hd, scale, softcap, j_begin, min(a.nk, j_begin + chunk), tile, nullptr);
+    float* pp = part + (((size_t)t * n_heads + h) * gridDim.z + s) * (hd + 2);
+    if (threadIdx.x == 0) {
+        pp[0] = o.m;
+        pp[1] = o.sum;
+    }
+#pragma unroll
+    for (int i = 0; i < ATTENTION_DIMS; ++i) {
+        const int d = threadIdx.x + i * blockDim.x;
+        if (d < hd) {
+            pp[2 + d] = o.acc[i];
+        }
+    }
+}
+
+// The rows of swk_attention_split's `splits` partial results combined, in split order:
+// M = max m_s, sum = sum of sum_s * exp(m_s - M), out[d] = (sum of acc_s[d] * exp(m_s - M)) / sum
+// (a split that saw no key has m_s = -inf and weighs 0); out's bf16 terms into `split` when not
+// null. Grid (rows, n_heads), block 128; hd <= ATTENTION_DIMS * 128.
+extern "C" __global__ void swk_attention_merge(const float* part, float* out, u16* split, int rows, int n_heads,
+                                               int hd, int splits) {
+    const int t = blockIdx.x;
+    const int h = blockIdx.y;
+    if (t >= rows) {
+        return;
+    }
+    const float* pp = part + ((size_t)t * n_heads + h) * splits * (hd + 2);
     float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) {
+        m = fmaxf(m, pp[(size_t)s * (hd + 2)]);
+    }
     float sum = 0.0f;
     float acc[ATTENTION_DIMS];
 #pragma unroll
     for (int i = 0; i < ATTENTION_DIMS; ++i) {
         acc[i] = 0.0f;
     }
-    for (int j0 = 0; j0 < nk; j0 += tile) {
-        const int n = min(tile, nk - j0);
-        float local_max = -INFINITY;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            const float* kj = kc + (size_t)(first + j0 + j) * kv_w + (size_t)kvh * hd;
-            const float s = attention_score(qs, kj, hd, scale, softcap);
-            sc[j] = s;
-            local_max = fmaxf(local_max, s);
-            if (prow != nullptr) {
-                prow[first + j0 + j] = s;
-            }
+    for (int s = 0; s < splits; ++s) {
+        const float* ps = pp + (size_t)s * (hd + 2);
+        if (ps[0] == -INFINITY) {
+            continue;
         }
-        const float m_new = fmaxf(m, block_reduce(local_max, MaxOp(), red));
-        const float rescale = expf(m - m_new);  // 0 on the first tile (m = -inf)
-        float local_sum = 0.0f;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            const float e = expf(sc[j] - m_new);
-            sc[j] = e;
-            local_sum += e;
-        }
-        // block_reduce's second barrier comes after every e_j is written: sc is visible.
-        sum = __fadd_rn(__fmul_rn(sum, rescale), block_reduce(local_sum, SumOp(), red));
-        m = m_new;
-        const float* v0 = vc + (size_t)(first + j0) * kv_w + (size_t)kvh * hd;
+        const float w = expf(ps[0] - m);
+        sum = __fadd_rn(sum, __fmul_rn(ps[1], w));
 #pragma unroll
         for (int i = 0; i < ATTENTION_DIMS; ++i) {
             const int d = threadIdx.x + i * blockDim.x;
             if (d < hd) {
-                float a = __fmul_rn(acc[i], rescale);
-                const float* vd = v0 + d;
-                for (int j = 0; j < n; ++j) {
-                    a = __fadd_rn(a, __fmul_rn(sc[j], vd[(size_t)j * kv_w]));
-                }
-                acc[i] = a;
-            }
-        }
-        __syncthreads();  // the next tile overwrites sc (and, with a pattern, this tile's scores are written)
-    }
-
-    float* o = out + ((size_t)t * n_heads + h) * hd;
-#pragma unroll
-    for (int i = 0; i < ATTENTION_DIMS; ++i) {
-        const int d = threadIdx.x + i * blockDim.x;
-        if (d < hd) {
-            const float v = __fdiv_rn(acc[i], sum);
-            o[d] = v;
-            if (split != nullptr) {
-                const u64 n = (u64)rows * n_heads * hd;
-                write_split(split, n, ((u64)t * n_heads + h) * hd + d, v);
+                acc[i] = __fadd_rn(acc[i], __fmul_rn(ps[2 + d], w));
             }
         }
     }
-    if (prow != nullptr) {
-        for (int j = threadIdx.x; j < kv_total; j += blockDim.x) {
-            prow[j] = (j >= first && j <= p) ? __fdiv_rn(expf(prow[j] - m), sum) : 0.0f;
-        }
-    }
+    write_head(out, split, rows, n_heads, hd, t, h, [&](int i, int) { return __fdiv_rn(acc[i], sum); });
 }
 
 // Query rows per block of swk_attention_rows (the host's kernels::ATTENTION_ROWS).
@@ -241,7 +341,7 @@ extern "C" __global__ void swk_attention_tiled(const float* q, const float* kc, 
 //      that has seen no key yet keeps m = -inf and adds nothing);
 //   3. each thread adds e_j * v_j[d] over the tile to its dims d of every row.
 // out = acc / sum, and its bf16 terms into `split` when not null. swk_attention's parameters
-// (pattern must be null) and `tile`; grid (n_heads, ceil(rows / ATTENTION_ROWS)), block 128;
+// (pattern must be null) and `tile`; grid (ceil(rows / ATTENTION_ROWS), n_heads), block 128;
 // hd <= ATTENTION_ROW_DIMS * 128. Shared memory, in floats: the rows' queries
 // ATTENTION_ROWS * (hd + 1), the keys tile * (hd + 1), the values tile * hd, the weights
 // ATTENTION_ROWS * tile, and per row its max, sum and rescaling (3 * ATTENTION_ROWS); the
@@ -260,8 +360,8 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
     float* row_max = ps + ATTENTION_ROWS * tile; // [ATTENTION_ROWS]
     float* row_sum = row_max + ATTENTION_ROWS;
     float* row_rescale = row_sum + ATTENTION_ROWS;
-    const int h = blockIdx.x;
-    const int r0 = blockIdx.y * ATTENTION_ROWS;
+    const int r0 = blockIdx.x * ATTENTION_ROWS;
+    const int h = blockIdx.y;
     const int n_rows = min(ATTENTION_ROWS, rows - r0);
     if (n_rows <= 0) {
         return;

@@ -239,7 +239,7 @@ fn profile_section(
 /// Device profiles at Llama-2-7B shapes (bf16 random weights made on the device): for the
 /// engines `auto` chooses between (cublas-split, mma), where the time of a detection forward,
 /// a 512-token perplexity window and a decode step goes, kernel by kernel; then the same at
-/// 4096 tokens with attention in blocks of 16 query rows and a block per row. Appends to
+/// 4096 tokens with attention in row blocks and splits, and a block per row. Appends to
 /// `$SWK_TIMING_OUT`. Measures only (profiling adds two events per launch).
 #[test]
 #[ignore = "GPU profile at 7B shapes: run with --ignored on a GPU machine"]
@@ -258,15 +258,20 @@ fn timing_profile() -> Result<()> {
     for &gemm in &gemms {
         append_timing(&profile_section(&mut g, gemm, &prompt, 12)?)?;
     }
-    // A 4096-token window, attention 16 query rows a block and then a block per row.
+    // A 4096-token window and a decode step after it, attention in row blocks and splits,
+    // then a block per query row.
     let long: Vec<u32> = (0..4096u32).map(|i| (i * 7919 + 1) % 32000).collect();
-    for rows in [true, false] {
-        g.set_row_attention(rows);
-        let how = if rows { "16 query rows a block" } else { "a block per query row" };
+    for blocks in [true, false] {
+        g.set_attention_blocks(blocks);
+        let how = if blocks {
+            "in blocks of 16 query rows (prefill) and split over blocks (decoding)"
+        } else {
+            "a block per query row"
+        };
         append_timing(&format!("\n4096-token window, attention {how}:\n"))?;
         append_timing(&profile_section(&mut g, gemms[0], &long, 8)?)?;
     }
-    g.set_row_attention(true);
+    g.set_attention_blocks(true);
     Ok(())
 }
 

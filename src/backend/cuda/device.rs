@@ -233,42 +233,48 @@ impl CudaDevice {
         )
     }
 
-    /// Causal attention of `rows` queries at `pos0..` against the cache: scores q·k · `scale`,
-    /// soft-capped when `softcap` is set, within the sliding `window` when set; the weights
-    /// also into `pattern` (`[rows, n_heads, pos0 + rows]`) unless it is 0, and out's two bf16
-    /// terms into `split` unless it is 0 (the `cublas-split` input of o_proj).
-    #[allow(clippy::too_many_arguments)]
+    /// Causal attention of `s.rows` queries at `s.pos0..` against the cache `(kc, vc)` with
+    /// `n_kv` heads: scores q·k · `scale`, soft-capped when `softcap` is set, within the
+    /// sliding window when set; the weights also into `pattern` (`[rows, heads, pos0 + rows]`)
+    /// unless it is 0, and out's two bf16 terms into `split` unless it is 0 (the
+    /// `cublas-split` input of o_proj). A split decode asks `partial` for that many f32 of
+    /// scratch ([`kernels::attention`] says which kernels run).
     pub(crate) fn attention(
         &self,
-        q: u64,
-        kc: u64,
-        vc: u64,
+        (q, kc, vc): (u64, u64, u64),
         (out, pattern, split): (u64, u64, u64),
-        rows: usize,
-        pos0: usize,
-        n_heads: usize,
+        s: &kernels::AttentionShape,
         n_kv: usize,
-        hd: usize,
-        window: Option<usize>,
-        scale: f32,
-        softcap: Option<f32>,
+        (scale, softcap): (f32, Option<f32>),
+        partial: impl FnOnce(usize) -> Result<u64>,
     ) -> Result<()> {
-        let row_blocks =
-            pattern == 0 && self.row_attention.load(std::sync::atomic::Ordering::Relaxed);
-        let (l, kernel, tile) =
-            kernels::attention(rows, pos0, n_heads, hd, window, self.shared_limit, row_blocks)?;
+        let limits = kernels::AttentionLimits {
+            shared: self.shared_limit,
+            blocks: pattern == 0
+                && self.attention_blocks.load(std::sync::atomic::Ordering::Relaxed),
+            split_keys: self.split_keys,
+        };
+        let plan = kernels::attention(s, &limits)?;
         let (r, p, nh, nkv, d) = (
-            int(rows, "rows")?,
-            int(pos0, "position")?,
-            int(n_heads, "heads")?,
+            int(s.rows, "rows")?,
+            int(s.pos0, "position")?,
+            int(s.heads, "heads")?,
             int(n_kv, "kv heads")?,
-            int(hd, "head_dim")?,
+            int(s.head_dim, "head_dim")?,
         );
-        let w = int(window.unwrap_or(0), "sliding window")?;
-        let (cap, tile) = (softcap.unwrap_or(0.0), int(tile, "attention tile")?);
-        launch!(
-            self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap, split, tile
-        )
+        let w = int(s.window.unwrap_or(0), "sliding window")?;
+        let (cap, tile) = (softcap.unwrap_or(0.0), int(plan.tile, "attention tile")?);
+        let (kernel, l) = (plan.kernel, plan.launch);
+        let Some(sp) = plan.split else {
+            return launch!(
+                self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap, split,
+                tile
+            );
+        };
+        let part = partial(sp.partial_floats(s))?;
+        let (splits, chunk) = (int(sp.splits, "splits")?, int(sp.chunk, "keys per split")?);
+        launch!(self, kernel, l, q, kc, vc, part, r, p, nh, nkv, d, w, scale, cap, tile, chunk)?;
+        launch!(self, "swk_attention_merge", sp.merge, part, out, split, r, nh, d, splits)
     }
 
     /// out = act(gate) ⊙ up, or act(up) when `gate` is None (un-gated MLPs), the products

@@ -104,9 +104,11 @@ pub struct CudaDevice {
     name: String,
     capability: (i32, i32),
     pub(super) shared_limit: usize,
-    /// Whether a prefill without the pattern hook may run `swk_attention_rows` (on by
-    /// default; see [`super::CudaModel::set_row_attention`]).
-    pub(super) row_attention: std::sync::atomic::AtomicBool,
+    /// Whether attention without the pattern hook may run in row blocks (prefill) and splits
+    /// (decoding); on by default, see [`super::CudaModel::set_attention_blocks`].
+    pub(super) attention_blocks: std::sync::atomic::AtomicBool,
+    /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
+    pub(super) split_keys: usize,
     sm_count: usize,
     /// While profiling, each timed launch.
     profile: Mutex<Option<Vec<TimedLaunch>>>,
@@ -192,7 +194,8 @@ impl CudaDevice {
             sm_count,
             profile: Mutex::new(None),
             capturing: AtomicBool::new(false),
-            row_attention: std::sync::atomic::AtomicBool::new(true),
+            attention_blocks: std::sync::atomic::AtomicBool::new(true),
+            split_keys: kernels::ATTENTION_SPLIT_KEYS,
         })
     }
 

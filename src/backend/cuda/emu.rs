@@ -231,9 +231,11 @@ pub struct CudaGraph {
 /// The emulated device.
 pub struct CudaDevice {
     pub(super) shared_limit: usize,
-    /// Whether a prefill without the pattern hook may run `swk_attention_rows` (on by
-    /// default; see [`super::CudaModel::set_row_attention`]).
-    pub(super) row_attention: std::sync::atomic::AtomicBool,
+    /// Whether attention without the pattern hook may run in row blocks (prefill) and splits
+    /// (decoding); on by default, see [`super::CudaModel::set_attention_blocks`].
+    pub(super) attention_blocks: std::sync::atomic::AtomicBool,
+    /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
+    pub(super) split_keys: usize,
     used: Arc<AtomicUsize>,
     /// The operations of a capture in progress.
     recording: Mutex<Option<Vec<Op>>>,
@@ -258,7 +260,8 @@ impl CudaDevice {
             launches: AtomicUsize::new(0),
             by_kernel: Mutex::new(std::collections::HashMap::new()),
             profile: Mutex::new(None),
-            row_attention: std::sync::atomic::AtomicBool::new(true),
+            attention_blocks: std::sync::atomic::AtomicBool::new(true),
+            split_keys: kernels::ATTENTION_SPLIT_KEYS,
         })
     }
 

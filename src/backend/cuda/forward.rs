@@ -617,7 +617,10 @@ impl CudaModel {
         }
         let (split, softcap) = (self.split_target(sc, t * qd)?, b.attn_softcap);
         let out = (att, pattern, split);
-        dev.attention(q, kc, vc, out, t, pos0, nh, nkv, hd, window, scale, softcap)?;
+        let shape =
+            super::kernels::AttentionShape { rows: t, pos0, heads: nh, head_dim: hd, window };
+        let part = |n| sc.attention(dev, n);
+        dev.attention((q, kc, vc), out, &shape, nkv, (scale, softcap), part)?;
         let o = w("self_attn.o_proj.weight")?;
         let halves = lean && !b.o_bias && !b.post_norms;
         self.product(Input::new(att, split), o, proj, t, (qd, h), sc, halves)
@@ -1181,7 +1184,7 @@ mod device_tests {
     /// within 1e-5 (f32 weights): sliding windows of 4 and 5 keys (Mistral, Gemma 2 and 3,
     /// Phi-3), soft-capping (Gemma 2), grouped KV heads, GPT-2's learned positions. On the
     /// emulator, threads and blocks in reverse order give the same bits (no race). Turned off
-    /// ([`CudaModel::set_row_attention`]), a prefill runs a block per row, within 1e-5 too.
+    /// ([`CudaModel::set_attention_blocks`]), a prefill runs a block per row, within 1e-5 too.
     #[test]
     fn row_blocks_match_decoding_row_by_row() {
         if !cuda_available() {
@@ -1217,13 +1220,13 @@ mod device_tests {
                 assert!(reverse.expect("reverse") == whole, "{name}: depends on the thread order");
             }
             // Turned off, a block per row again.
-            g.set_row_attention(false);
+            g.set_attention_blocks(false);
             #[cfg(not(feature = "cuda"))]
             let on = g.dev.launches_of("swk_attention_rows");
             let off = g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All);
             #[cfg(not(feature = "cuda"))]
             assert_eq!(g.dev.launches_of("swk_attention_rows"), on, "{name}: turned off");
-            g.set_row_attention(true);
+            g.set_attention_blocks(true);
             let off = off.expect("prefill, row blocks off");
             for (what, got) in [("one prefill", &whole), ("5 + 36", &parts), ("off", &off)] {
                 assert_eq!(got.len(), want.len(), "{name} {what}");
@@ -1231,6 +1234,56 @@ mod device_tests {
                     let err = (x - y).abs() / y.abs().max(1.0);
                     assert!(err <= 1e-5, "{name} {what} [{i}]: {x} against {y}");
                 }
+            }
+        }
+    }
+
+    /// Decoding with more keys than a split holds runs `swk_attention_split` (each row's keys
+    /// over several blocks) and `swk_attention_merge`: with splits of at least 3 keys, a
+    /// token-by-token decode of 17 tokens (up to 6 splits) gives the logits of a block per
+    /// row within 1e-5 (f32 weights): sliding windows (Mistral, Gemma 2, Phi-3), soft-capping,
+    /// grouped KV heads, and DeepSeek-V3's absorbed latent attention (576 wide). On the
+    /// emulator the split runs, and reversed thread order gives the same bits.
+    #[test]
+    fn split_decoding_matches_a_block_a_row() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        for name in ["llama", "mistral", "gemma2", "phi3", "gpt2", "deepseek_v3"] {
+            let m = Model::load(&super::super::tiny_fixture(name)).expect("tiny fixture");
+            let v = m.config.vocab_size as u32;
+            let tokens: Vec<u32> = (0..17).map(|i| (i * 37 + 11) % v).collect();
+            let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+            let mut g = CudaModel::new(&m, &opts).expect("upload");
+            let decode = |g: &CudaModel| {
+                let mut cache = CudaKvCache::new(g);
+                let mut rows = g.forward(&tokens[..2], &mut cache, None, Logits::Last);
+                for &t in &tokens[2..] {
+                    let row = g.forward(&[t], &mut cache, None, Logits::Last).expect("decode");
+                    rows.as_mut().expect("prefill").extend(row);
+                }
+                rows.expect("prefill")
+            };
+            let want = decode(&g);
+            let default_keys = g.dev.split_keys;
+            g.dev.split_keys = 3;
+            #[cfg(not(feature = "cuda"))]
+            let before = g.dev.launches_of("swk_attention_merge");
+            let got = decode(&g);
+            #[cfg(not(feature = "cuda"))]
+            {
+                assert!(g.dev.launches_of("swk_attention_merge") > before, "{name}: no split");
+                super::super::emulate_in_reverse(true);
+                let reverse = decode(&g);
+                super::super::emulate_in_reverse(false);
+                assert!(reverse == got, "{name}: the split depends on the thread order");
+            }
+            g.dev.split_keys = default_keys;
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                let err = (x - y).abs() / y.abs().max(1.0);
+                assert!(err <= 1e-5, "{name} [{i}]: {x} against {y}");
             }
         }
     }

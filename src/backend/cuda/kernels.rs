@@ -21,6 +21,12 @@ pub const ATTENTION_ROWS: usize = 16;
 pub const ATTENTION_ROW_DIMS: usize = 2;
 /// Keys per tile of `swk_attention_rows`, largest first: the first whose shared memory fits.
 pub const ATTENTION_ROW_TILES: [usize; 3] = [32, 16, 8];
+/// Keys per block of `swk_attention_split` at least (a row with fewer is not split).
+pub const ATTENTION_SPLIT_KEYS: usize = 512;
+/// Most blocks one row's keys are split over.
+pub const ATTENTION_MAX_SPLITS: usize = 64;
+/// Most query rows a split attention takes (decoding; longer passes run in row blocks).
+pub const ATTENTION_SPLIT_ROWS: usize = 16;
 /// Output dims each thread of `swk_attention_tiled` accumulates (kernels/attention.cu's
 /// `ATTENTION_DIMS`): it takes head dims up to `ATTENTION_DIMS * ATTENTION_BLOCK`.
 pub const ATTENTION_DIMS: usize = 8;
@@ -54,7 +60,9 @@ pub const KERNELS: &[&str] = &[
     "swk_add_residual",
     "swk_add_rmsnorm",
     "swk_attention",
+    "swk_attention_merge",
     "swk_attention_rows",
+    "swk_attention_split",
     "swk_attention_tiled",
     "swk_bf16_to_f32",
     "swk_checksum_u16",
@@ -406,55 +414,128 @@ pub fn attention_rows_shared_bytes(head_dim: usize, tile: usize) -> usize {
     (r * lq + tile * lq + tile * head_dim + r * tile + 3 * r) * std::mem::size_of::<f32>()
 }
 
-/// The attention kernel for `rows` queries at `pos0..` and its launch, [`ATTENTION_BLOCK`]
-/// threads, with its tile of keys:
-/// * with `row_blocks` (no pattern hook asked for, which only the kernels below write), a
-///   prefill (rows > 1) of head dims up to
-///   `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`: `swk_attention_rows`, grid (heads,
-///   ⌈rows / [`ATTENTION_ROWS`]⌉), the largest of [`ATTENTION_ROW_TILES`] that fits
-///   `shared_limit` bytes (the device's opt-in maximum);
-/// * else `swk_attention`, grid (heads, rows), when the longest row's scores fit (tile 0);
-/// * else `swk_attention_tiled` (the softmax online over tiles of keys, any length), tiles of
-///   [`ATTENTION_TILE`] keys or as many as `shared_limit` holds.
+/// The shape of one attention launch: `rows` queries at positions `pos0..` of `heads` heads
+/// of `head_dim`, within a sliding `window` when set.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query rows.
+    pub rows: usize,
+    /// Position of the first.
+    pub pos0: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Width of a head (of a key and a value row).
+    pub head_dim: usize,
+    /// Sliding window (None or Some(0): none).
+    pub window: Option<usize>,
+}
+
+/// What the device allows an attention launch: its opt-in shared memory per block, whether
+/// row blocks and splits may run (not when the pattern hook wants the weights, which only
+/// `swk_attention` and `swk_attention_tiled` write), and the least keys per split.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionLimits {
+    /// Dynamic shared memory a block may use, in bytes.
+    pub shared: usize,
+    /// Whether `swk_attention_rows` and `swk_attention_split` may run.
+    pub blocks: bool,
+    /// Keys per split at least ([`ATTENTION_SPLIT_KEYS`]).
+    pub split_keys: usize,
+}
+
+/// A split attention's second launch and its sizes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSplit {
+    /// Blocks each row's keys are split over.
+    pub splits: usize,
+    /// Keys per split.
+    pub chunk: usize,
+    /// `swk_attention_merge`'s launch.
+    pub merge: Launch,
+}
+
+impl AttentionSplit {
+    /// The partial results' floats: `splits` of (max, sum, head_dim accumulators) per row
+    /// and head.
+    pub fn partial_floats(&self, s: &AttentionShape) -> usize {
+        s.rows * s.heads * self.splits * (s.head_dim + 2)
+    }
+}
+
+/// How an attention launch runs: the kernel, its launch, its tile of keys, and for a split
+/// its merge.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionPlan {
+    /// `swk_attention`, `swk_attention_rows`, `swk_attention_tiled` or `swk_attention_split`.
+    pub kernel: &'static str,
+    /// The kernel's launch ([`ATTENTION_BLOCK`] threads).
+    pub launch: Launch,
+    /// Keys per tile (0 for `swk_attention`, which holds them all).
+    pub tile: usize,
+    /// With `swk_attention_split`, its merge.
+    pub split: Option<AttentionSplit>,
+}
+
+/// The attention kernel for a launch of shape `s` under `limits`:
+/// * with `limits.blocks`, a prefill (rows > 1) of head dims up to
+///   `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`: `swk_attention_rows`, grid
+///   (⌈rows / [`ATTENTION_ROWS`]⌉, heads), the largest of [`ATTENTION_ROW_TILES`] that fits;
+/// * with `limits.blocks`, at most [`ATTENTION_SPLIT_ROWS`] rows (decoding) whose keys pass
+///   `limits.split_keys`: `swk_attention_split` over up to [`ATTENTION_MAX_SPLITS`] blocks a
+///   row, grid (rows, heads, splits), then `swk_attention_merge`, grid (rows, heads);
+/// * else `swk_attention`, grid (rows, heads), when the longest row's scores fit;
+/// * else `swk_attention_tiled` (the softmax online over tiles of keys, any length).
 ///
-/// Errors when none takes the head dim.
-pub fn attention(
-    rows: usize,
-    pos0: usize,
-    n_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
-    shared_limit: usize,
-    row_blocks: bool,
-) -> Result<(Launch, &'static str, usize)> {
-    if rows > 1 && row_blocks && head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize {
+/// Tiles are [`ATTENTION_TILE`] keys, or as many as `limits.shared` holds. Errors when no
+/// kernel takes the head dim.
+pub fn attention(s: &AttentionShape, limits: &AttentionLimits) -> Result<AttentionPlan> {
+    let (rows, head_dim, shared) = (s.rows, s.head_dim, limits.shared);
+    let plan = |kernel, launch, tile| AttentionPlan { kernel, launch, tile, split: None };
+    if rows > 1 && limits.blocks && head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize {
         let fits = ATTENTION_ROW_TILES
             .into_iter()
             .map(|tile| (tile, attention_rows_shared_bytes(head_dim, tile)))
-            .find(|&(_, bytes)| bytes <= shared_limit);
+            .find(|&(_, bytes)| bytes <= shared);
         if let Some((tile, bytes)) = fits {
-            let grid = (n_heads as u64, rows.div_ceil(ATTENTION_ROWS) as u64, 1);
-            return Ok((Launch::new(grid, ATTENTION_BLOCK, bytes)?, "swk_attention_rows", tile));
+            let grid = (rows.div_ceil(ATTENTION_ROWS) as u64, s.heads as u64, 1);
+            return Ok(plan(
+                "swk_attention_rows",
+                Launch::new(grid, ATTENTION_BLOCK, bytes)?,
+                tile,
+            ));
         }
     }
-    let grid = (n_heads as u64, rows as u64, 1);
-    let keys = attention_max_keys(rows, pos0, window);
-    let bytes = attention_shared_bytes(head_dim, keys);
-    if bytes <= shared_limit {
-        return Ok((Launch::new(grid, ATTENTION_BLOCK, bytes)?, "swk_attention", 0));
-    }
-    let tile = (shared_limit / 4).saturating_sub(32 + head_dim).min(ATTENTION_TILE);
+    let grid = (rows as u64, s.heads as u64, 1);
+    let keys = attention_max_keys(rows, s.pos0, s.window);
+    let tile = (shared / 4).saturating_sub(32 + head_dim).min(ATTENTION_TILE);
     let max_dims = ATTENTION_DIMS * ATTENTION_BLOCK as usize;
-    if head_dim > max_dims || tile == 0 {
+    let online = head_dim <= max_dims && tile > 0;
+    let split_keys = limits.split_keys.max(1);
+    if limits.blocks && online && rows <= ATTENTION_SPLIT_ROWS && keys > split_keys {
+        let splits = keys.div_ceil(split_keys).min(ATTENTION_MAX_SPLITS);
+        let chunk = keys.div_ceil(splits);
+        let tile = tile.min(chunk);
+        let bytes = attention_shared_bytes(head_dim, tile);
+        let launch =
+            Launch::new((rows as u64, s.heads as u64, splits as u64), ATTENTION_BLOCK, bytes)?;
+        let merge = Launch::new(grid, ATTENTION_BLOCK, 0)?;
+        let split = Some(AttentionSplit { splits, chunk, merge });
+        return Ok(AttentionPlan { kernel: "swk_attention_split", launch, tile, split });
+    }
+    let bytes = attention_shared_bytes(head_dim, keys);
+    if bytes <= shared {
+        return Ok(plan("swk_attention", Launch::new(grid, ATTENTION_BLOCK, bytes)?, 0));
+    }
+    if !online {
         return Err(Error::Backend(format!(
             "attention over {keys} positions at head_dim {head_dim}: the tiled kernel takes head \
              dims up to {max_dims} and needs shared memory for at least one key ({} bytes; this \
-             device allows {shared_limit})",
+             device allows {shared})",
             attention_shared_bytes(head_dim, 1)
         )));
     }
     let l = Launch::new(grid, ATTENTION_BLOCK, attention_shared_bytes(head_dim, tile))?;
-    Ok((l, "swk_attention_tiled", tile))
+    Ok(plan("swk_attention_tiled", l, tile))
 }
 
 /// Query rows each block of `swk_mla_absorb_*` walks (kernels/mla.cu's `MLA_ROWS`).
@@ -727,69 +808,121 @@ mod tests {
         }
     }
 
+    /// [`attention`]'s plan for `rows` at `pos0`, `heads` of `hd`, no window, under
+    /// `shared` bytes, row blocks and splits allowed or not, splits of at least 512 keys.
+    fn plan(
+        rows: usize,
+        pos0: usize,
+        heads: usize,
+        hd: usize,
+        shared: usize,
+        blocks: bool,
+    ) -> AttentionPlan {
+        attention_in(rows, pos0, heads, hd, None, shared, blocks).unwrap()
+    }
+
+    fn attention_in(
+        rows: usize,
+        pos0: usize,
+        heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+        shared: usize,
+        blocks: bool,
+    ) -> Result<AttentionPlan> {
+        let s = AttentionShape { rows, pos0, heads, head_dim, window };
+        attention(&s, &AttentionLimits { shared, blocks, split_keys: ATTENTION_SPLIT_KEYS })
+    }
+
     #[test]
     fn attention_shapes() {
-        // Prefill of 7 tokens, 4 heads of 16, row blocks off (the pattern hook): grid (heads,
-        // rows), keys up to position 6.
-        let (l, k, _) = attention(7, 0, 4, 16, None, DEFAULT_SHARED_BYTES, false).unwrap();
-        assert_eq!((l.grid, k), ((4, 7, 1), "swk_attention"));
-        assert_eq!(l.block, (ATTENTION_BLOCK, 1, 1));
-        assert_eq!(l.shared_bytes as usize, (32 + 16 + 7) * 4);
-        // Decode at position 511: 512 keys.
-        let (l, k, _) = attention(1, 511, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
-        assert_eq!((l.grid, k), ((32, 1, 1), "swk_attention"));
-        assert_eq!(l.shared_bytes as usize, (32 + 128 + 512) * 4);
+        const SHARED: usize = DEFAULT_SHARED_BYTES;
+        // Prefill of 7 tokens, 4 heads of 16, without row blocks (the pattern hook): grid
+        // (rows, heads), keys up to position 6.
+        let p = plan(7, 0, 4, 16, SHARED, false);
+        assert_eq!((p.launch.grid, p.kernel, p.split), ((7, 4, 1), "swk_attention", None));
+        assert_eq!(p.launch.block, (ATTENTION_BLOCK, 1, 1));
+        assert_eq!(p.launch.shared_bytes as usize, (32 + 16 + 7) * 4);
+        // Decode at position 511: 512 keys, one block a head.
+        let p = plan(1, 511, 32, 128, SHARED, true);
+        assert_eq!((p.launch.grid, p.kernel), ((1, 32, 1), "swk_attention"));
+        assert_eq!(p.launch.shared_bytes as usize, (32 + 128 + 512) * 4);
         // A sliding window bounds the keys.
         assert_eq!(attention_max_keys(1, 10_000, Some(4096)), 4096);
         assert_eq!(attention_max_keys(3, 2, Some(4096)), 5);
         assert_eq!(attention_max_keys(3, 2, Some(0)), 5, "window 0 means none");
-        // The most keys 48 KiB holds at head_dim 128 (12 128), one more, and 20 000 (which an
-        // H100's 227 KiB opt-in holds): past the limit, the tiled kernel in its fixed memory.
-        let fit = DEFAULT_SHARED_BYTES / 4 - 32 - 128;
-        let (l, k, _) = attention(1, fit - 1, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
-        assert_eq!((l.shared_bytes as usize, k), (DEFAULT_SHARED_BYTES, "swk_attention"));
+        // Without splits (the pattern hook): the most keys 48 KiB holds at head_dim 128
+        // (12 128), one more, and 20 000 (which an H100's 227 KiB opt-in holds): past the
+        // limit, the tiled kernel in its fixed memory.
+        let fit = SHARED / 4 - 32 - 128;
+        let p = plan(1, fit - 1, 32, 128, SHARED, false);
+        assert_eq!((p.launch.shared_bytes as usize, p.kernel), (SHARED, "swk_attention"));
         for pos in [fit, 20_000] {
-            let (l, k, tile) =
-                attention(1, pos, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
-            assert_eq!((l.grid, k, tile), ((32, 1, 1), "swk_attention_tiled", ATTENTION_TILE));
-            assert_eq!(l.shared_bytes as usize, (32 + 128 + ATTENTION_TILE) * 4);
+            let p = plan(1, pos, 32, 128, SHARED, false);
+            assert_eq!((p.launch.grid, p.kernel), ((1, 32, 1), "swk_attention_tiled"), "{pos}");
+            assert_eq!((p.tile, p.split), (ATTENTION_TILE, None));
+            assert_eq!(p.launch.shared_bytes as usize, (32 + 128 + ATTENTION_TILE) * 4);
         }
-        assert_eq!(
-            attention(1, 20_000, 32, 128, None, 227 * 1024, true).unwrap().1,
-            "swk_attention"
-        );
+        assert_eq!(plan(1, 20_000, 32, 128, 227 * 1024, false).kernel, "swk_attention");
         // DeepSeek's absorbed latent attention (one head 576 wide) tiles too.
-        let (l, k, _) = attention(1, 200_000, 128, 576, None, DEFAULT_SHARED_BYTES, true).unwrap();
-        assert_eq!((l.shared_bytes as usize, k), ((32 + 576 + 1024) * 4, "swk_attention_tiled"));
-        // A device holding fewer keys gets smaller tiles, down to one key; below that, or a head
-        // past ATTENTION_DIMS per thread, a clear error.
-        let (_, _, tile) = attention(9, 0, 4, 16, None, (32 + 16 + 5) * 4, false).unwrap();
-        assert_eq!(tile, 5);
-        assert_eq!(attention(9, 0, 4, 16, None, (32 + 16 + 1) * 4, false).unwrap().2, 1);
-        let e = attention(9, 0, 4, 16, None, (32 + 16) * 4, false).unwrap_err().to_string();
-        assert!(e.contains("at least one key (196 bytes; this device allows 192)"), "{e}");
-        let e = attention(1, 20_000, 8, 1032, None, DEFAULT_SHARED_BYTES, true)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("head dims up to 1024"), "{e}");
-        // A prefill without the pattern: ATTENTION_ROWS query rows a block, the largest tile
-        // of keys that fits; head dims past 256, a decode step or the pattern hook take the
-        // kernels above.
-        let (l, k, tile) = attention(512, 0, 32, 128, None, DEFAULT_SHARED_BYTES, true).unwrap();
-        assert_eq!((l.grid, k, tile), ((32, 32, 1), "swk_attention_rows", 32));
-        assert_eq!(l.shared_bytes as usize, attention_rows_shared_bytes(128, 32));
+        let p = plan(1, 200_000, 128, 576, SHARED, false);
         assert_eq!(
-            attention_rows_shared_bytes(128, 32),
-            (16 * 129 + 32 * 129 + 32 * 128 + 16 * 32 + 48) * 4
+            (p.launch.shared_bytes as usize, p.kernel),
+            ((32 + 576 + 1024) * 4, "swk_attention_tiled")
         );
-        assert!(attention_rows_shared_bytes(128, 32) <= DEFAULT_SHARED_BYTES);
-        let (l, k, _) = attention(17, 100, 8, 64, Some(4), DEFAULT_SHARED_BYTES, true).unwrap();
-        assert_eq!((l.grid, k), ((8, 2, 1), "swk_attention_rows"));
+        // A device holding fewer keys gets smaller tiles, down to one key; below that, or a
+        // head past ATTENTION_DIMS per thread, a clear error.
+        assert_eq!(plan(9, 0, 4, 16, (32 + 16 + 5) * 4, false).tile, 5);
+        assert_eq!(plan(9, 0, 4, 16, (32 + 16 + 1) * 4, false).tile, 1);
+        let e = attention_in(9, 0, 4, 16, None, (32 + 16) * 4, false).unwrap_err().to_string();
+        assert!(e.contains("at least one key (196 bytes; this device allows 192)"), "{e}");
+        let e = attention_in(1, 20_000, 8, 1032, None, SHARED, true).unwrap_err().to_string();
+        assert!(e.contains("head dims up to 1024"), "{e}");
+        // A prefill with row blocks: ATTENTION_ROWS query rows a block, the largest tile of
+        // keys that fits.
+        let p = plan(512, 0, 32, 128, SHARED, true);
+        assert_eq!((p.launch.grid, p.kernel, p.tile), ((32, 32, 1), "swk_attention_rows", 32));
+        assert_eq!(p.launch.shared_bytes as usize, attention_rows_shared_bytes(128, 32));
+        let rows_bytes = (16 * 129 + 32 * 129 + 32 * 128 + 16 * 32 + 48) * 4;
+        assert_eq!(attention_rows_shared_bytes(128, 32), rows_bytes);
+        assert!(rows_bytes <= SHARED);
+        let p = attention_in(17, 100, 8, 64, Some(4), SHARED, true).unwrap();
+        assert_eq!((p.launch.grid, p.kernel), ((2, 8, 1), "swk_attention_rows"));
         // Gemma's 256: tiles of 8 in 48 KiB, 32 with an H200's opt-in.
-        assert_eq!(attention(9, 0, 8, 256, None, DEFAULT_SHARED_BYTES, true).unwrap().2, 8);
-        assert_eq!(attention(9, 0, 8, 256, None, 227 * 1024, true).unwrap().2, 32);
+        assert_eq!(plan(9, 0, 8, 256, SHARED, true).tile, 8);
+        assert_eq!(plan(9, 0, 8, 256, 227 * 1024, true).tile, 32);
+        // Rows along x (up to 2³¹ - 1 blocks): a pass of 100 000 tokens either way.
+        assert_eq!(plan(100_000, 0, 32, 128, SHARED, true).launch.grid, (6250, 32, 1));
+        let p = plan(100_000, 0, 32, 128, SHARED, false);
+        assert_eq!((p.launch.grid, p.kernel), ((100_000, 32, 1), "swk_attention_tiled"));
+        // Decoding past 512 keys splits each row's keys over blocks of at least 512 (at most
+        // 64 blocks), then merges: 4096 keys in 8 splits of 512, tiles of 512.
+        let p = plan(1, 4095, 32, 128, SHARED, true);
+        assert_eq!((p.launch.grid, p.kernel, p.tile), ((1, 32, 8), "swk_attention_split", 512));
+        let sp = p.split.unwrap();
+        assert_eq!((sp.splits, sp.chunk, sp.merge.grid), (8, 512, (1, 32, 1)));
+        let shape = AttentionShape { rows: 1, pos0: 4095, heads: 32, head_dim: 128, window: None };
+        assert_eq!(sp.partial_floats(&shape), 32 * 8 * 130);
+        // 513 keys: 2 splits of 257; 100 000 keys: 64 splits of 1563 in tiles of 1024.
+        let sp = plan(1, 512, 32, 128, SHARED, true).split.unwrap();
+        assert_eq!((sp.splits, sp.chunk), (2, 257));
+        let p = plan(1, 99_999, 32, 128, SHARED, true);
+        assert_eq!((p.split.unwrap().splits, p.split.unwrap().chunk, p.tile), (64, 1563, 1024));
+        // Latent attention's rows (576 wide) split too, a prefill of up to 16 rows included;
+        // a window of 4096 keys bounds the split.
+        let p = plan(9, 5000, 128, 576, SHARED, true);
+        assert_eq!((p.kernel, p.launch.grid), ("swk_attention_split", (9, 128, 10)));
+        let p = attention_in(1, 100_000, 32, 128, Some(4096), SHARED, true).unwrap();
+        assert_eq!(p.split.unwrap().splits, 8);
+        // No split: 512 keys or fewer, more than 16 rows (of a wide head), the pattern hook.
+        for (rows, pos0, hd, blocks) in
+            [(1, 511, 128, true), (17, 5000, 576, true), (1, 5000, 128, false)]
+        {
+            let p = plan(rows, pos0, 32, hd, SHARED, blocks);
+            assert!(p.split.is_none(), "rows {rows} at {pos0}, head_dim {hd}: {}", p.kernel);
+        }
         for (rows, hd, blocks) in [(9, 257, true), (1, 128, true), (9, 128, false)] {
-            let k = attention(rows, 0, 8, hd, None, DEFAULT_SHARED_BYTES, blocks).unwrap().1;
+            let k = plan(rows, 0, 8, hd, SHARED, blocks).kernel;
             assert_eq!(k, "swk_attention", "rows {rows}, head_dim {hd}, row blocks {blocks}");
         }
     }

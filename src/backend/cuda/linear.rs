@@ -394,10 +394,18 @@ pub(crate) struct Scratch {
     y2: Option<CudaSlice<f32>>,
     partial: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<u32>>,
+    attention: Option<CudaSlice<f32>>,
     pub(crate) keys: Option<PinnedHostSlice<u64>>,
 }
 
 impl Scratch {
+    /// The split attention's partial results, at least `want` f32.
+    pub(crate) fn attention(&mut self, dev: &CudaDevice, want: usize) -> Result<u64> {
+        if self.attention.as_ref().is_none_or(|b| b.len() < want) {
+            self.attention = Some(dev.alloc::<f32>(want)?);
+        }
+        Ok(self.attention.as_ref().map_or(0, |b| dev.ptr(b)))
+    }
     /// The f32 widening scratch for a `[n_out, n_in]` weight: at most [`WIDEN_SCRATCH`]
     /// elements (fewer for small weights), but always at least one row.
     fn wide(&mut self, dev: &CudaDevice, n_out: usize, n_in: usize) -> Result<u64> {

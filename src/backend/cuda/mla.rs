@@ -19,6 +19,7 @@
 //! float rounding; the CPU backend keeps the expanded form, which the parity tests compare.
 
 use super::driver::{CudaDevice, CudaSlice};
+use super::kernels::AttentionShape;
 use super::linear::Scratch;
 use super::model::{CudaModel, WeightRef};
 use crate::model::arch::deepseek::{self, LATENT_NORM_EPS};
@@ -148,7 +149,9 @@ impl CudaModel {
         // Every head attends to the one shared row: keys and values are the cache itself
         // (the values' rope dims come along and are not read back).
         let scale = c.attention_scale(l);
-        dev.attention(q_abs, kc, kc, (ctx, pattern, 0), t, pos0, nh, 1, row, None, scale, None)?;
+        let shape = AttentionShape { rows: t, pos0, heads: nh, head_dim: row, window: None };
+        let part = |n| sc.attention(dev, n);
+        dev.attention((q_abs, kc, kc), (ctx, pattern, 0), &shape, 1, (scale, None), part)?;
         dev.mla_absorb_v((ctx, row), (kv_b.ptr, kv_b.dtype), o_in, t, dims)?;
         self.linear(o_in, &wt("o_proj")?, proj, t, nh * vd, h, sc)
     }

@@ -706,11 +706,13 @@ impl CudaModel {
         self.fused_launches = on;
         self.forget_graphs();
     }
-    /// Let a prefill without the pattern hook run attention 16 query rows a block
-    /// (`swk_attention_rows`: keys and values read once a tile for all of them; on by
-    /// default). Off: a block per query row, the baseline the timing tests compare with.
-    pub fn set_row_attention(&mut self, on: bool) {
-        self.dev.row_attention.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// Let attention without the pattern hook spread its work as the pass suits (on by
+    /// default): a prefill 16 query rows a block (`swk_attention_rows`: keys and values read
+    /// once a tile for all of them), a decode step past 512 keys split over several blocks a
+    /// row (`swk_attention_split`, `swk_attention_merge`). Off: a block per query row and
+    /// head, the baseline the timing tests compare with.
+    pub fn set_attention_blocks(&mut self, on: bool) {
+        self.dev.attention_blocks.store(on, std::sync::atomic::Ordering::Relaxed);
         self.forget_graphs();
     }
 
