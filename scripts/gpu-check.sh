@@ -43,7 +43,7 @@
 #          decoding with experts read once chosen vs whole layers),
 #        - latent attention at DeepSeek-V3 shapes (2 dense layers: decode after 512 and
 #          4096 positions against the bytes a step reads, latent KV cache included),
-#        - a smoke run of the swk binary (info; detect on cuda bf16/f32/f16, with the mma
+#        - a smoke run of the swk binary (info; detect on cuda bf16 (with --profile)/f32/f16, with the mma
 #          engine, and on cpu; detect
 #          on Phi-3 and Qwen2-MoE; detect and ppl with `--stream always`, Mixtral's GGUF too).
 #      Logs and timing.md go to $OUT when it is set (else .gpu/results/). Exit status 0
@@ -255,7 +255,7 @@ run() {
     wants unit && step unit "${UNIT_S:-60}" "$GPU_DIR/bin/swk-unit-tests" backend::cuda --test-threads=1
     wants parity && step parity "${PARITY_S:-180}" "$GPU_DIR/bin/swk-cuda-tests" ${PARITY_FILTER:+"$PARITY_FILTER"} --test-threads=1 --nocapture
     wants smoke && step smoke "${SMOKE_S:-30}" sh -c "'$GPU_DIR/bin/swk' info '$SWK_FIXTURES/tiny/llama' &&
-        '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
+        '$GPU_DIR/bin/swk' --device cuda --profile detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f32 --json &&
         '$GPU_DIR/bin/swk' --device cuda detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 --gpu-dtype f16 &&
         '$GPU_DIR/bin/swk' --device cuda --gpu-gemm mma detect '$SWK_FIXTURES/tiny/llama' --threshold 1 --max-iterations 2 &&

@@ -283,6 +283,22 @@ fn detect_json_schema() {
     }
 }
 
+/// `--profile` without a CUDA run says why it has no device profile, after the command's own
+/// output, which it leaves as it is.
+#[test]
+fn profile_without_a_device_says_so() {
+    let (ok, out, err) = swk(&["--device", "cpu", "--profile", "catalog", "--json"]);
+    assert!(ok, "{err}");
+    let (_, plain, _) = swk(&["--device", "cpu", "catalog", "--json"]);
+    assert_eq!(out, plain);
+    let why = if cfg!(any(feature = "cuda", feature = "cuda-emu")) {
+        "device profile (--profile): no CUDA device ran"
+    } else {
+        "device profile (--profile): this swk has no CUDA support (build with --features cuda)"
+    };
+    assert!(err.contains(why), "{err}");
+}
+
 #[test]
 fn catalog_lists_published_weights() {
     let (ok, out, err) = swk(&["catalog", "--json"]);

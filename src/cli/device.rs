@@ -149,6 +149,34 @@ pub enum GpuGemm {
     Kernels,
 }
 
+/// `--profile`: time every kernel of every CUDA device this run opens (nothing without CUDA
+/// support).
+pub fn start_profile() {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    swk::backend::cuda::profile_process(true);
+}
+
+/// `--profile`'s report, for stderr: the device time per kernel of the run (its `top` most
+/// costly kernels) against the run's wall time `wall_ms`, or why there is none.
+pub fn profile_report(wall_ms: f64, top: usize) -> String {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if let Some(p) = swk::backend::cuda::process_profile() {
+        return format!(
+            "device profile (--profile): {} launches timed, {:.1} ms of the run's {wall_ms:.1} ms wall time\n{}",
+            p.launches(),
+            p.total_ms(),
+            p.table(wall_ms, top)
+        );
+    }
+    let _ = (wall_ms, top);
+    if cfg!(any(feature = "cuda", feature = "cuda-emu")) {
+        "device profile (--profile): no CUDA device ran".into()
+    } else {
+        "device profile (--profile): this swk has no CUDA support (build with --features cuda)"
+            .into()
+    }
+}
+
 /// `--gpu-gemm` for this run, set once by the command line (as `--threads` sets rayon's pool).
 static GEMM: std::sync::OnceLock<GpuGemm> = std::sync::OnceLock::new();
 

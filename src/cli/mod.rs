@@ -43,6 +43,10 @@ struct Cli {
     /// On CUDA: who multiplies the matrices.
     #[arg(long, global = true, value_enum, default_value_t = device::GpuGemm::Auto)]
     gpu_gemm: device::GpuGemm,
+    /// On CUDA: time every kernel launch and print, when the command ends, where the device
+    /// time went, kernel by kernel (on stderr; timing each launch slows the run a little).
+    #[arg(long, global = true)]
+    profile: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -98,8 +102,12 @@ pub fn run() -> Result<()> {
         device::require_no_model(cli.device)?;
     }
     device::set_gemm(cli.gpu_gemm);
+    if cli.profile {
+        device::start_profile();
+    }
+    let started = std::time::Instant::now();
     let dev = device::DeviceOpts { device: cli.device, stream: cli.stream, positions: 0 };
-    match cli.command {
+    let done = match cli.command {
         Command::Info(a) => info::run(a, dev),
         Command::Ppl(a) => ppl::run(a, dev),
         Command::Generate(a) => generate::run(a, dev),
@@ -116,7 +124,11 @@ pub fn run() -> Result<()> {
         Command::Mc(a) => mc::run(a, dev),
         Command::Research(a) => research::run(a, dev),
         Command::Report(a) => report::run(a),
+    };
+    if cli.profile {
+        eprintln!("{}", device::profile_report(started.elapsed().as_secs_f64() * 1e3, 20));
     }
+    done
 }
 
 /// Load a model with a spinner on stderr (hidden when `quiet`).

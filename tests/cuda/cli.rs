@@ -366,3 +366,51 @@ fn stream_auto_counts_the_kv_cache() {
     let g = generate("3");
     assert!(!streamed(&g) && g["device"].as_str().unwrap().starts_with("cuda:"), "{g}");
 }
+
+/// `--profile` prints, when the command ends, the device time of the run kernel by kernel:
+/// for a `ppl` on the device, a table whose launches include the attention and norm kernels
+/// and whose timed launches fit in the wall time; for the same run on the CPU, that no
+/// device ran. The command's own output is unchanged.
+#[test]
+fn cli_profile_reports_device_time_per_kernel() {
+    if !gpu() {
+        return;
+    }
+    let llama = fixtures_root().join("tiny").join("llama");
+    let text = llama.join("config.json");
+    let run = |device: &str, profile: bool| {
+        let mut args = vec!["--device", device, "ppl"];
+        args.extend(["--context", "16", "--json"]);
+        if profile {
+            args.push("--profile");
+        }
+        let out = std::process::Command::new(swk_bin())
+            .args(&args)
+            .arg(&llama)
+            .arg("--text")
+            .arg(&text)
+            .output()
+            .expect("run swk");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "swk {args:?}: {err}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        (json["perplexity"].as_f64().unwrap_or(f64::NAN), err)
+    };
+    let (plain, quiet) = run("cuda", false);
+    assert!(!quiet.contains("device profile"), "{quiet}");
+    let (ppl, err) = run("cuda", true);
+    assert_eq!(ppl, plain, "--profile changes the result");
+    let head = err.lines().find(|l| l.starts_with("device profile")).expect(&err);
+    let num = |after: &str| -> f64 {
+        let rest = head.split(after).nth(1).expect(head).trim_start();
+        rest.split(' ').next().unwrap_or("").parse().expect(head)
+    };
+    let (launches, timed, wall) = (num("--profile): "), num("timed, "), num("of the run's "));
+    assert!(launches > 0.0 && timed > 0.0 && timed <= wall, "{head}");
+    for kernel in ["| swk_rmsnorm |", "| swk_nll |", "| (all launches) |"] {
+        assert!(err.contains(kernel), "no {kernel} in:\n{err}");
+    }
+    let (cpu, err) = run("cpu", true);
+    assert!((cpu / ppl - 1.0).abs() < 1e-3, "cpu {cpu} vs cuda {ppl}");
+    assert!(err.contains("device profile (--profile): no CUDA device ran"), "{err}");
+}

@@ -239,7 +239,8 @@ fn profile_section(
 /// Device profiles at Llama-2-7B shapes (bf16 random weights made on the device): for the
 /// engines `auto` chooses between (cublas-split, mma), where the time of a detection forward,
 /// a 512-token perplexity window and a decode step goes, kernel by kernel; then the same at
-/// 4096 tokens with attention in row blocks and splits, and a block per row. Appends to
+/// 4096 tokens with attention in row blocks and splits, and a block per row; and the 512-token
+/// passes of a mixture of experts at OLMoE-1B-7B shapes. Appends to
 /// `$SWK_TIMING_OUT`. Measures only (profiling adds two events per launch).
 #[test]
 #[ignore = "GPU profile at 7B shapes: run with --ignored on a GPU machine"]
@@ -272,32 +273,43 @@ fn timing_profile() -> Result<()> {
         append_timing(&profile_section(&mut g, gemms[0], &long, 8)?)?;
     }
     g.set_attention_blocks(true);
+    drop(g);
+    // A mixture of experts at OLMoE-1B-7B shapes (routed on the device for the short passes).
+    let moe = olmoe_shapes(16)?;
+    let mut g = CudaModel::random(&moe, 1, &opts)?;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 1) % 50304).collect();
+    append_timing("\nOLMoE-1B-7B shapes (16 layers, 64 experts, top-8):\n")?;
+    append_timing(&profile_section(&mut g, gemms[0], &prompt, 12)?)?;
     Ok(())
 }
 
-/// [`profile_section`] runs on every device (the emulator included) at a tiny fixture's
-/// shapes: each pass's table lists kernels, and the perplexity window launches the most.
+/// [`profile_section`] runs on every device (the emulator included) at the tiny Llama's and
+/// Qwen2-MoE's shapes: each pass's table lists kernels, and the perplexity window launches
+/// more than a decode step.
 #[test]
 fn profile_sections_list_each_pass_kernels() {
     if !gpu() {
         return;
     }
-    let (m, tokens) = load("llama");
-    let mut g = CudaModel::new(&m, &CudaOptions::default()).unwrap();
-    let text = profile_section(&mut g, GemmEngine::Mma, &tokens, 5).unwrap();
-    eprintln!("{text}");
-    let passes: Vec<&str> = text.lines().filter(|l| l.contains(" launches timed, ")).collect();
-    assert_eq!(passes.len(), 3, "{text}");
-    let launches: Vec<usize> = passes
-        .iter()
-        .map(|l| {
-            l.split(" launches timed").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
-        })
-        .collect();
-    assert!(launches.iter().all(|&n| n > 0), "{text}");
-    assert!(launches[1] > launches[2], "the window launches more than a decode step: {text}");
-    assert_eq!(text.matches("| (all launches) |").count(), 3, "{text}");
-    assert!(text.contains("swk_gemm_mma"), "{text}");
+    for name in ["llama", "qwen2_moe"] {
+        let (m, tokens) = load(name);
+        let mut g = CudaModel::new(&m, &CudaOptions::default()).unwrap();
+        let text = profile_section(&mut g, GemmEngine::Mma, &tokens, 5).unwrap();
+        eprintln!("{name}:{text}");
+        let passes: Vec<&str> = text.lines().filter(|l| l.contains(" launches timed, ")).collect();
+        assert_eq!(passes.len(), 3, "{name}: {text}");
+        let launches: Vec<usize> = passes
+            .iter()
+            .map(|l| {
+                let n = l.split(" launches timed").next().unwrap().rsplit(' ').next().unwrap();
+                n.parse().unwrap()
+            })
+            .collect();
+        assert!(launches.iter().all(|&n| n > 0), "{name}: {text}");
+        assert!(launches[1] > launches[2], "{name}: the window launches more than a step: {text}");
+        assert_eq!(text.matches("| (all launches) |").count(), 3, "{name}: {text}");
+        assert!(text.contains("swk_gemm_mma"), "{name}: {text}");
+    }
 }
 
 /// Timing of layer streaming at Llama-2-7B layer shapes (8 of its 32 layers, random weights

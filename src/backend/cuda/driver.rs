@@ -15,12 +15,34 @@ use cudarc::driver::{
 pub use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::kernels::{self, Launch, KERNELS};
-use super::profile::{gemm_name, Profile, GRAPH_REPLAY};
+use super::profile::{self, gemm_name, Profile, Totals, GRAPH_REPLAY};
 use super::{be, BlasGemm, FATBIN};
 use crate::{Error, Result};
 
 /// A launch being profiled: its name and the events recorded before and after it.
 type TimedLaunch = (&'static str, CudaEvent, CudaEvent);
+
+/// Timed launches kept as events before they are read into totals (a wait for the stream):
+/// bounds the events a long profiled run holds.
+const PENDING_LAUNCHES: usize = 4096;
+
+/// A device's profile: launches whose events are still to be read, and the totals of those
+/// read.
+#[derive(Default)]
+struct Timings {
+    pending: Vec<TimedLaunch>,
+    totals: Totals,
+}
+
+impl Timings {
+    /// Read every pending launch's time into the totals (waits for each end event).
+    fn fold(&mut self) -> std::result::Result<(), DriverError> {
+        for (name, start, end) in self.pending.drain(..) {
+            self.totals.add(name, start.elapsed_ms(&end)? as f64);
+        }
+        Ok(())
+    }
+}
 
 /// Whether the CUDA driver library (libcuda) can be loaded. Never panics.
 pub fn driver_present() -> bool {
@@ -110,10 +132,23 @@ pub struct CudaDevice {
     /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
     pub(super) split_keys: usize,
     sm_count: usize,
-    /// While profiling, each timed launch.
-    profile: Mutex<Option<Vec<TimedLaunch>>>,
+    /// While profiling, what it has timed.
+    profile: Mutex<Option<Timings>>,
     /// Whether a graph capture is in progress (its launches are not timed).
     capturing: AtomicBool,
+}
+
+impl Drop for CudaDevice {
+    /// A device profiled for the whole process ([`profile::profile_process`]) adds what it
+    /// timed to the process-wide totals (launches whose time cannot be read are left out).
+    fn drop(&mut self) {
+        if let Some(mut t) = self.profile.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            if profile::profiling_process() && self.stream.synchronize().is_ok() && t.fold().is_ok()
+            {
+                profile::add_to_process(t.totals);
+            }
+        }
+    }
 }
 
 impl CudaDevice {
@@ -192,7 +227,7 @@ impl CudaDevice {
             capability,
             shared_limit,
             sm_count,
-            profile: Mutex::new(None),
+            profile: Mutex::new(profile::profiling_process().then(Timings::default)),
             capturing: AtomicBool::new(false),
             attention_blocks: std::sync::atomic::AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
@@ -233,7 +268,7 @@ impl CudaDevice {
     /// Start timing every kernel launch, cuBLAS product and graph replay (see profile.rs),
     /// dropping what an earlier profile had timed.
     pub fn start_profile(&self) {
-        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Timings::default());
     }
 
     /// Stop profiling: waits for the timed work and returns its time per kernel (empty when
@@ -241,12 +276,9 @@ impl CudaDevice {
     pub fn finish_profile(&self) -> Result<Profile> {
         let timed = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.synchronize()?;
-        let mut samples = Vec::new();
-        for (name, start, end) in timed.unwrap_or_default() {
-            let ms = start.elapsed_ms(&end).map_err(be("timing a launch"))?;
-            samples.push((name, ms as f64));
-        }
-        Ok(Profile::of(samples))
+        let mut t = timed.unwrap_or_default();
+        t.fold().map_err(be("timing a launch"))?;
+        Ok(t.totals.profile())
     }
 
     /// While profiling (and not capturing), an event recorded on the stream before a launch.
@@ -267,8 +299,11 @@ impl CudaDevice {
     ) -> std::result::Result<(), DriverError> {
         let Some(start) = start else { return Ok(()) };
         let end = self.stream.record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        if let Some(v) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            v.push((name, start, end));
+        if let Some(t) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            t.pending.push((name, start, end));
+            if t.pending.len() >= PENDING_LAUNCHES {
+                t.fold()?;
+            }
         }
         Ok(())
     }

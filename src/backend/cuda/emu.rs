@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::kernels::{self, Launch, KERNELS};
-use super::profile::{gemm_name, Profile, GRAPH_REPLAY};
+use super::profile::{self, gemm_name, Profile, Totals, GRAPH_REPLAY};
 use super::BlasGemm;
 use crate::{Error, Result};
 
@@ -243,8 +243,20 @@ pub struct CudaDevice {
     launches: AtomicUsize,
     /// Kernel launches queued so far, by kernel (see [`Self::launches_of`]).
     by_kernel: Mutex<std::collections::HashMap<&'static str, usize>>,
-    /// While profiling, each timed launch: its name and host milliseconds.
-    profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+    /// While profiling, the launches timed so far.
+    profile: Mutex<Option<Totals>>,
+}
+
+impl Drop for CudaDevice {
+    /// A device profiled for the whole process ([`profile::profile_process`]) adds what it
+    /// timed to the process-wide totals.
+    fn drop(&mut self) {
+        if let Some(t) = self.profile.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            if profile::profiling_process() {
+                profile::add_to_process(t);
+            }
+        }
+    }
 }
 
 impl CudaDevice {
@@ -259,7 +271,7 @@ impl CudaDevice {
             recording: Mutex::new(None),
             launches: AtomicUsize::new(0),
             by_kernel: Mutex::new(std::collections::HashMap::new()),
-            profile: Mutex::new(None),
+            profile: Mutex::new(profile::profiling_process().then(Totals::default)),
             attention_blocks: std::sync::atomic::AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
         })
@@ -344,14 +356,14 @@ impl CudaDevice {
     /// Start timing every kernel launch, cuBLAS product and graph replay (see profile.rs),
     /// dropping what an earlier profile had timed.
     pub fn start_profile(&self) {
-        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Totals::default());
     }
 
     /// Stop profiling and return the time per kernel (empty when no profile was started).
     pub fn finish_profile(&self) -> Result<Profile> {
         let timed = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.synchronize()?;
-        Ok(Profile::of(timed.unwrap_or_default()))
+        Ok(timed.unwrap_or_default().profile())
     }
 
     /// Run `work` now, timed under `name` when profiling.
@@ -361,8 +373,8 @@ impl CudaDevice {
         work()?;
         if on {
             let ms = start.elapsed().as_secs_f64() * 1e3;
-            if let Some(v) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                v.push((name, ms));
+            if let Some(t) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                t.add(name, ms);
             }
         }
         Ok(())

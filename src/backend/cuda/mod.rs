@@ -63,7 +63,7 @@ pub use driver::{cublas_present, cuda_available, device_info, driver_present, Cu
 pub use edit::{checksum_bits_u16, checksum_bits_u32, combine_checksums};
 pub use forward::CudaKvCache;
 pub use model::{CudaModel, CudaOptions, GemmEngine, WeightDtype};
-pub use profile::{KernelTime, Profile};
+pub use profile::{process_profile, profile_process, KernelTime, Profile};
 
 /// Whether this build runs the CUDA backend on swk's CPU emulator (feature `cuda-emu`
 /// without `cuda`) instead of a GPU: for testing the backend's code without a device.

@@ -5,11 +5,77 @@
 //! Graph replays count as one entry (their launches are not seen one by one); work queued
 //! while a graph is being captured is not timed.
 //!
+//! [`profile_process`] profiles every device opened afterwards, from its opening to its drop,
+//! into process-wide totals ([`process_profile`]): `swk --profile` prints them.
+//!
 //! [`CudaDevice::start_profile`]: super::CudaDevice::start_profile
 //! [`CudaDevice::finish_profile`]: super::CudaDevice::finish_profile
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Whether devices opened from now on profile themselves into [`PROCESS`].
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// What the profiled devices dropped so far timed.
+static PROCESS: Mutex<Option<Totals>> = Mutex::new(None);
+
+/// Profile every CUDA device opened from now on, from its opening until it is dropped, into
+/// process-wide totals ([`process_profile`]); `false` stops profiling devices opened later.
+pub fn profile_process(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`profile_process`] is on (a device being opened starts its profile).
+pub(crate) fn profiling_process() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Fold a dropped device's timings into the process-wide totals.
+pub(crate) fn add_to_process(t: Totals) {
+    let mut p = PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    p.get_or_insert_with(Totals::default).merge(t);
+}
+
+/// The time per kernel of every device profiled by [`profile_process`] and dropped so far
+/// (None when no such device was dropped).
+pub fn process_profile() -> Option<Profile> {
+    PROCESS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Totals::profile)
+}
+
+/// Launches and summed milliseconds per kernel name.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Totals(HashMap<&'static str, (usize, f64)>);
+
+impl Totals {
+    /// Count one launch of `name` that took `ms`.
+    pub(crate) fn add(&mut self, name: &'static str, ms: f64) {
+        let e = self.0.entry(name).or_default();
+        e.0 += 1;
+        e.1 += ms;
+    }
+
+    /// Add `other`'s counts to these.
+    pub(crate) fn merge(&mut self, other: Totals) {
+        for (name, (n, ms)) in other.0 {
+            let e = self.0.entry(name).or_default();
+            e.0 += n;
+            e.1 += ms;
+        }
+    }
+
+    /// As a [`Profile`], most time first.
+    pub(crate) fn profile(&self) -> Profile {
+        let mut kernels: Vec<KernelTime> = self
+            .0
+            .iter()
+            .map(|(&name, &(launches, ms))| KernelTime { name, launches, ms })
+            .collect();
+        kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms).then(a.name.cmp(b.name)));
+        Profile { kernels }
+    }
+}
 
 /// The name a cuBLAS product is profiled under: f32 (`sgemm`) or bf16 inputs (`GemmEx`).
 pub(crate) fn gemm_name(bf16_inputs: bool) -> &'static str {
@@ -44,19 +110,13 @@ pub struct Profile {
 
 impl Profile {
     /// The profile of timed launches `(name, ms)`.
+    #[cfg(test)]
     pub(crate) fn of(samples: impl IntoIterator<Item = (&'static str, f64)>) -> Self {
-        let mut by: HashMap<&'static str, (usize, f64)> = HashMap::new();
+        let mut t = Totals::default();
         for (name, ms) in samples {
-            let e = by.entry(name).or_default();
-            e.0 += 1;
-            e.1 += ms;
+            t.add(name, ms);
         }
-        let mut kernels: Vec<KernelTime> = by
-            .into_iter()
-            .map(|(name, (launches, ms))| KernelTime { name, launches, ms })
-            .collect();
-        kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms).then(a.name.cmp(b.name)));
-        Profile { kernels }
+        t.profile()
     }
 
     /// Summed time of every timed launch, in milliseconds.
