@@ -1184,7 +1184,8 @@ mod device_tests {
     /// within 1e-5 (f32 weights): sliding windows of 4 and 5 keys (Mistral, Gemma 2 and 3,
     /// Phi-3), soft-capping (Gemma 2), grouped KV heads, GPT-2's learned positions. On the
     /// emulator, threads and blocks in reverse order give the same bits (no race). Turned off
-    /// ([`CudaModel::set_attention_blocks`]), a prefill runs a block per row, within 1e-5 too.
+    /// ([`CudaModel::set_attention_blocks`]), a prefill runs a block per row, within 1e-5 too;
+    /// so do tiles of 16 and 8 keys (the shared memory of a 256-wide head).
     #[test]
     fn row_blocks_match_decoding_row_by_row() {
         if !cuda_available() {
@@ -1197,6 +1198,7 @@ mod device_tests {
             let tokens: Vec<u32> = (0..41).map(|i| (i * 37 + 11) % v).collect();
             let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
             let mut g = CudaModel::new(&m, &opts).expect("upload");
+            let hd = m.config.head_dim;
             #[cfg(not(feature = "cuda"))]
             let before = g.dev.launches_of("swk_attention_rows");
             let mut cache = CudaKvCache::new(&g);
@@ -1228,7 +1230,18 @@ mod device_tests {
             assert_eq!(g.dev.launches_of("swk_attention_rows"), on, "{name}: turned off");
             g.set_attention_blocks(true);
             let off = off.expect("prefill, row blocks off");
-            for (what, got) in [("one prefill", &whole), ("5 + 36", &parts), ("off", &off)] {
+            // Less shared memory: tiles of 16 and of 8 keys (two and four rows to a warp).
+            let limit = g.dev.shared_limit;
+            let mut smaller = Vec::new();
+            for tile in [16, 8] {
+                g.dev.shared_limit = super::super::kernels::attention_rows_shared_bytes(hd, tile);
+                smaller.push(g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All));
+            }
+            g.dev.shared_limit = limit;
+            let [t16, t8] = [0, 1].map(|i| smaller[i].as_ref().expect("smaller tiles").clone());
+            let runs = [("one prefill", &whole), ("5 + 36", &parts), ("off", &off)];
+            let runs = runs.into_iter().chain([("tiles of 16", &t16), ("tiles of 8", &t8)]);
+            for (what, got) in runs {
                 assert_eq!(got.len(), want.len(), "{name} {what}");
                 for (i, (x, y)) in got.iter().zip(&want).enumerate() {
                     let err = (x - y).abs() / y.abs().max(1.0);
