@@ -325,31 +325,36 @@ extern "C" __global__ void swk_attention_merge(const float* part, float* out, u1
     write_head(out, split, rows, n_heads, hd, t, h, [&](int i, int) { return __fdiv_rn(acc[i], sum); });
 }
 
-// Query rows per block of swk_attention_rows (the host's kernels::ATTENTION_ROWS).
+// Queries per block of swk_attention_rows (the host's kernels::ATTENTION_ROWS).
 #define ATTENTION_ROWS 16
 // Output dims per thread of swk_attention_rows: head_dim <= ATTENTION_ROW_DIMS * blockDim.x.
 #define ATTENTION_ROW_DIMS 2
 
-// Prefill (rows > 1, no pattern hook): one block per head and ATTENTION_ROWS consecutive query
-// rows, so that each tile of `tile` keys (a power of two, at most 32) and their values is
-// read once into shared memory for all the block's rows, where swk_attention reads the keys
-// again for every row. The softmax is online per row, as in swk_attention_tiled: per tile,
-//   1. the scores of every (row, key) pair, each the sequential f32 dot of swk_attention
-//      (the same bits), masked to -inf outside the row's causal (or sliding) window;
-//   2. per row, the running max m grows to m' = max(m, the tile's max); the running sum and
-//      the row's accumulators are scaled by exp(m - m') and take e_j = exp(s_j - m') (a row
-//      that has seen no key yet keeps m = -inf and adds nothing);
-//   3. each thread adds e_j * v_j[d] over the tile to its dims d of every row.
-// out = acc / sum, and its bf16 terms into `split` when not null. swk_attention's parameters
-// (pattern must be null) and `tile`; grid (ceil(rows / ATTENTION_ROWS), n_heads), block 128;
-// hd <= ATTENTION_ROW_DIMS * 128. Shared memory, in floats: the rows' queries
-// ATTENTION_ROWS * (hd + 1), the keys tile * (hd + 1), the values tile * hd, the weights
-// ATTENTION_ROWS * tile, and per row its max, sum and rescaling (3 * ATTENTION_ROWS); the
-// +1 pads rows read across threads onto different banks.
+// Attention for queries that share their keys, ATTENTION_ROWS (16) of them a block: `group`
+// heads of one KV head (grouped-query attention; `group` divides n_heads / n_kv) times
+// 16 / group consecutive rows. Each tile of `tile` keys (a power of two, at most 32) and its
+// values is read once into shared memory for all of them, where swk_attention reads them
+// again for every row and head. The softmax is online per query, as in swk_attention_tiled:
+// per tile,
+//   1. the scores of every (query, key) pair, each the sequential f32 dot of swk_attention
+//      (the same bits), masked to -inf outside the query's causal (or sliding) window;
+//   2. per query, the running max m grows to m' = max(m, the tile's max); the running sum and
+//      the query's accumulators are scaled by exp(m - m') and take e_j = exp(s_j - m') (a
+//      query that has seen no key yet keeps m = -inf and adds nothing);
+//   3. each thread adds e_j * v_j[d] over the tile to its dims d of every query.
+// Without `part`: out = acc / sum, and its bf16 terms into `split` when not null. With `part`
+// (decoding split over blocks): block z takes keys chunk * z .. chunk * (z + 1) of the block's
+// range and writes each query's m, sum and acc to part as swk_attention_split does, for
+// swk_attention_merge.
+// swk_attention's parameters (pattern must be null), `tile`, `group`, `chunk` and `part`; grid
+// (ceil(rows / (16 / group)), n_heads / group, splits), block 128; hd <= ATTENTION_ROW_DIMS * 128.
+// Shared memory, in floats: the queries ATTENTION_ROWS * (hd + 1), the keys tile * (hd + 1),
+// the values tile * hd, the weights ATTENTION_ROWS * tile, and per query its max, sum and
+// rescaling (3 * ATTENTION_ROWS); the +1 pads rows read across threads onto different banks.
 extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, const float* vc, float* out,
                                               float* pattern, int rows, int pos0, int n_heads, int n_kv,
                                               int hd, int window, float scale, float softcap, u16* split,
-                                              int tile) {
+                                              int tile, int group, int chunk, float* part) {
     (void)pattern;
     SWK_DYNAMIC_SHARED(float, smem);
     const int lq = hd + 1;
@@ -360,32 +365,42 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
     float* row_max = ps + ATTENTION_ROWS * tile; // [ATTENTION_ROWS]
     float* row_sum = row_max + ATTENTION_ROWS;
     float* row_rescale = row_sum + ATTENTION_ROWS;
-    const int r0 = blockIdx.x * ATTENTION_ROWS;
-    const int h = blockIdx.y;
-    const int n_rows = min(ATTENTION_ROWS, rows - r0);
+    // Query v of the block: row r0 + v / group, head h0 + v % group.
+    const int per_block = ATTENTION_ROWS / group;
+    const int r0 = blockIdx.x * per_block;
+    const int h0 = blockIdx.y * group;
+    const int n_rows = min(per_block, rows - r0);
     if (n_rows <= 0) {
         return;
     }
-    const int kvh = h / (n_heads / n_kv);
+    const int n_q = n_rows * group;
+    const int kvh = h0 / (n_heads / n_kv);
     const int kv_w = n_kv * hd;
     for (int i = threadIdx.x; i < ATTENTION_ROWS * hd; i += blockDim.x) {
-        const int r = i / hd, d = i % hd;
-        qs[r * lq + d] = r < n_rows ? q[((size_t)(r0 + r) * n_heads + h) * hd + d] : 0.0f;
+        const int v = i / hd, d = i % hd;
+        const size_t at = ((size_t)(r0 + v / group) * n_heads + h0 + v % group) * hd + d;
+        qs[v * lq + d] = v < n_q ? q[at] : 0.0f;
     }
     if (threadIdx.x < ATTENTION_ROWS) {
         row_max[threadIdx.x] = -INFINITY;
         row_sum[threadIdx.x] = 0.0f;
     }
-    // The keys any of the rows sees: from the first row's window start to the last row.
+    // The keys any of the queries sees: from the first row's window start to the last row;
+    // with `part`, this block's chunk of them.
     const int p_first = pos0 + r0;
-    const int k_begin = window > 0 ? max(0, p_first + 1 - window) : 0;
-    const int k_end = pos0 + r0 + n_rows;  // exclusive
+    int k_begin = window > 0 ? max(0, p_first + 1 - window) : 0;
+    int k_end = pos0 + r0 + n_rows;  // exclusive
+    if (part != nullptr) {
+        const int from = min(k_end, k_begin + (int)blockIdx.z * chunk);
+        k_end = min(k_end, from + chunk);
+        k_begin = from;
+    }
     float acc[ATTENTION_ROWS][ATTENTION_ROW_DIMS];
 #pragma unroll
-    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+    for (int v = 0; v < ATTENTION_ROWS; ++v) {
 #pragma unroll
         for (int i = 0; i < ATTENTION_ROW_DIMS; ++i) {
-            acc[r][i] = 0.0f;
+            acc[v][i] = 0.0f;
         }
     }
     const int pairs = ATTENTION_ROWS * tile;
@@ -399,38 +414,38 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
             vs[j * hd + d] = j < n ? vc[at] : 0.0f;
         }
         __syncthreads();
-        // Scores and the online softmax: the pairs of a row are `tile` adjacent lanes of one
+        // Scores and the online softmax: the pairs of a query are `tile` adjacent lanes of one
         // warp (tile a power of two <= 32), reduced with shuffles.
         for (int i0 = 0; i0 < pairs; i0 += blockDim.x) {
             const int i = i0 + threadIdx.x;
-            const int r = i / tile, j = i % tile;
-            const int p = pos0 + r0 + r;
+            const int v = i / tile, j = i % tile;
+            const int p = pos0 + r0 + v / group;
             const int kp = k0 + j;
-            const bool seen = i < pairs && r < n_rows && j < n && kp <= p &&
+            const bool seen = i < pairs && v < n_q && j < n && kp <= p &&
                               (window <= 0 || kp > p - window);
             float s = -INFINITY;
             if (seen) {
-                s = attention_score(qs + r * lq, ks + j * lq, hd, scale, softcap);
+                s = attention_score(qs + v * lq, ks + j * lq, hd, scale, softcap);
             }
             float tmax = s;
             for (int o = tile / 2; o > 0; o >>= 1) {
                 tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
             }
-            const float m_old = i < pairs ? row_max[r] : -INFINITY;
+            const float m_old = i < pairs ? row_max[v] : -INFINITY;
             const float m_new = fmaxf(m_old, tmax);
-            const bool none = m_new == -INFINITY;  // the row has seen no key yet
+            const bool none = m_new == -INFINITY;  // the query has seen no key yet
             const float e = (seen && !none) ? expf(s - m_new) : 0.0f;
             float tsum = e;
             for (int o = tile / 2; o > 0; o >>= 1) {
                 tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
             }
             if (i < pairs) {
-                ps[r * tile + j] = e;
+                ps[v * tile + j] = e;
                 if (j == 0) {
                     const float rescale = none ? 1.0f : expf(m_old - m_new);
-                    row_rescale[r] = rescale;
-                    row_sum[r] = __fadd_rn(__fmul_rn(row_sum[r], rescale), tsum);
-                    row_max[r] = m_new;
+                    row_rescale[v] = rescale;
+                    row_sum[v] = __fadd_rn(__fmul_rn(row_sum[v], rescale), tsum);
+                    row_max[v] = m_new;
                 }
             }
         }
@@ -440,12 +455,12 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
             const int d = threadIdx.x + di * blockDim.x;
             if (d < hd) {
 #pragma unroll
-                for (int r = 0; r < ATTENTION_ROWS; ++r) {
-                    float a = __fmul_rn(acc[r][di], row_rescale[r]);
+                for (int v = 0; v < ATTENTION_ROWS; ++v) {
+                    float a = __fmul_rn(acc[v][di], row_rescale[v]);
                     for (int j = 0; j < n; ++j) {
-                        a = __fadd_rn(a, __fmul_rn(ps[r * tile + j], vs[j * hd + d]));
+                        a = __fadd_rn(a, __fmul_rn(ps[v * tile + j], vs[j * hd + d]));
                     }
-                    acc[r][di] = a;
+                    acc[v][di] = a;
                 }
             }
         }
@@ -456,12 +471,25 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
     for (int di = 0; di < ATTENTION_ROW_DIMS; ++di) {
         const int d = threadIdx.x + di * blockDim.x;
         if (d < hd) {
-            for (int r = 0; r < n_rows; ++r) {
-                const float v = __fdiv_rn(acc[r][di], row_sum[r]);
-                const u64 at = ((u64)(r0 + r) * n_heads + h) * hd + d;
-                out[at] = v;
-                if (split != nullptr) {
-                    write_split(split, total, at, v);
+#pragma unroll
+            for (int v = 0; v < ATTENTION_ROWS; ++v) {  // unrolled: acc stays in registers
+                if (v >= n_q) {
+                    break;
+                }
+                const u64 th = (u64)(r0 + v / group) * n_heads + h0 + v % group;
+                if (part != nullptr) {
+                    float* pp = part + (th * gridDim.z + blockIdx.z) * (hd + 2);
+                    if (d == 0) {
+                        pp[0] = row_max[v];
+                        pp[1] = row_sum[v];
+                    }
+                    pp[2 + d] = acc[v][di];
+                } else {
+                    const float x = __fdiv_rn(acc[v][di], row_sum[v]);
+                    out[th * hd + d] = x;
+                    if (split != nullptr) {
+                        write_split(split, total, th * hd + d, x);
+                    }
                 }
             }
         }

@@ -265,15 +265,29 @@ impl CudaDevice {
         let w = int(s.window.unwrap_or(0), "sliding window")?;
         let (cap, tile) = (softcap.unwrap_or(0.0), int(plan.tile, "attention tile")?);
         let (kernel, l) = (plan.kernel, plan.launch);
-        let Some(sp) = plan.split else {
-            return launch!(
+        let part = match plan.split {
+            Some(sp) => partial(sp.partial_floats(s))?,
+            None => 0,
+        };
+        let chunk = int(plan.split.map_or(0, |sp| sp.chunk), "keys per split")?;
+        match kernel {
+            "swk_attention_rows" => {
+                let g = int(plan.group, "heads a block")?;
+                launch!(
+                    self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap,
+                    split, tile, g, chunk, part
+                )?
+            }
+            "swk_attention_split" => launch!(
+                self, kernel, l, q, kc, vc, part, r, p, nh, nkv, d, w, scale, cap, tile, chunk
+            )?,
+            _ => launch!(
                 self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap, split,
                 tile
-            );
-        };
-        let part = partial(sp.partial_floats(s))?;
-        let (splits, chunk) = (int(sp.splits, "splits")?, int(sp.chunk, "keys per split")?);
-        launch!(self, kernel, l, q, kc, vc, part, r, p, nh, nkv, d, w, scale, cap, tile, chunk)?;
+            )?,
+        }
+        let Some(sp) = plan.split else { return Ok(()) };
+        let splits = int(sp.splits, "splits")?;
         launch!(self, "swk_attention_merge", sp.merge, part, out, split, r, nh, d, splits)
     }
 

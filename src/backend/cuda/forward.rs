@@ -617,8 +617,14 @@ impl CudaModel {
         }
         let (split, softcap) = (self.split_target(sc, t * qd)?, b.attn_softcap);
         let out = (att, pattern, split);
-        let shape =
-            super::kernels::AttentionShape { rows: t, pos0, heads: nh, head_dim: hd, window };
+        let shape = super::kernels::AttentionShape {
+            rows: t,
+            pos0,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            window,
+        };
         let part = |n| sc.attention(dev, n);
         dev.attention((q, kc, vc), out, &shape, nkv, (scale, softcap), part)?;
         let o = w("self_attn.o_proj.weight")?;
@@ -1177,17 +1183,19 @@ mod device_tests {
         }
     }
 
-    /// A prefill without the pattern hook runs `swk_attention_rows` (16 query rows a block,
-    /// keys and values read once per tile for all of them): a 41-token prefill (blocks of
-    /// 16, 16 and 9 rows) and a 5-token one continued by 36 more (the rows at positions
-    /// 5..41) give the logits of decoding token by token (`swk_attention`, a row a block)
-    /// within 1e-5 (f32 weights): sliding windows of 4 and 5 keys (Mistral, Gemma 2 and 3,
-    /// Phi-3), soft-capping (Gemma 2), grouped KV heads, GPT-2's learned positions. On the
-    /// emulator, threads and blocks in reverse order give the same bits (no race). Turned off
-    /// ([`CudaModel::set_attention_blocks`]), a prefill runs a block per row, within 1e-5 too;
-    /// so do tiles of 16 and 8 keys (the shared memory of a 256-wide head).
+    /// Attention without the pattern hook runs `swk_attention_rows` wherever a block has more
+    /// than one query: a prefill (16 queries a block: the heads of a KV head times rows), and
+    /// decoding with grouped KV heads (each tile of keys and values read once for the block's
+    /// queries). A 41-token prefill (blocks of several rows, the last one partial), a 5-token
+    /// one continued by 36 more, decoding token by token, and the prefill with tiles of 16 and
+    /// 8 keys (the shared memory of a 256-wide head: two and four queries to a warp) all give
+    /// the logits of decoding with a block per row and head (`set_attention_blocks(false)`:
+    /// `swk_attention`) within 1e-5 (f32 weights): sliding windows of 4 and 5 keys (Mistral,
+    /// Gemma 2 and 3, Phi-3), soft-capping (Gemma 2), two heads a KV head, GPT-2's learned
+    /// positions and separate heads. On the emulator, threads and blocks in reverse order
+    /// give the same bits (no race).
     #[test]
-    fn row_blocks_match_decoding_row_by_row() {
+    fn row_blocks_match_a_block_a_row() {
         if !cuda_available() {
             eprintln!("skipped: no CUDA device");
             return;
@@ -1199,48 +1207,58 @@ mod device_tests {
             let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
             let mut g = CudaModel::new(&m, &opts).expect("upload");
             let hd = m.config.head_dim;
+            let decode = |g: &CudaModel| {
+                let mut cache = CudaKvCache::new(g);
+                let mut rows = Vec::new();
+                for &t in &tokens {
+                    rows.extend(g.forward(&[t], &mut cache, None, Logits::Last).expect("decode"));
+                }
+                rows
+            };
+            let prefill = |g: &CudaModel| {
+                g.forward(&tokens, &mut CudaKvCache::new(g), None, Logits::All).expect("prefill")
+            };
             #[cfg(not(feature = "cuda"))]
-            let before = g.dev.launches_of("swk_attention_rows");
-            let mut cache = CudaKvCache::new(&g);
-            let mut want = Vec::new();
-            for &t in &tokens {
-                want.extend(g.forward(&[t], &mut cache, None, Logits::Last).expect("decode"));
-            }
+            let row_blocks = |g: &CudaModel| g.dev.launches_of("swk_attention_rows");
+            g.set_attention_blocks(false);
             #[cfg(not(feature = "cuda"))]
-            assert_eq!(g.dev.launches_of("swk_attention_rows"), before, "{name}: decode");
-            let whole =
-                g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All).expect("prefill");
+            let before = row_blocks(&g);
+            let want = decode(&g);
+            let off = prefill(&g);
+            #[cfg(not(feature = "cuda"))]
+            assert_eq!(row_blocks(&g), before, "{name}: row blocks while off");
+            g.set_attention_blocks(true);
+            let whole = prefill(&g);
+            #[cfg(not(feature = "cuda"))]
+            assert!(row_blocks(&g) > before, "{name}: no row blocks");
             let mut cache = CudaKvCache::new(&g);
             let mut parts = g.forward(&tokens[..5], &mut cache, None, Logits::All).expect("5");
             parts.extend(g.forward(&tokens[5..], &mut cache, None, Logits::All).expect("36"));
+            let stepped = decode(&g);
             #[cfg(not(feature = "cuda"))]
             {
-                assert!(g.dev.launches_of("swk_attention_rows") > before, "{name}: never ran");
                 super::super::emulate_in_reverse(true);
-                let reverse = g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All);
+                let reverse = (prefill(&g), decode(&g));
                 super::super::emulate_in_reverse(false);
-                assert!(reverse.expect("reverse") == whole, "{name}: depends on the thread order");
+                let same = reverse.0 == whole && reverse.1 == stepped;
+                assert!(same, "{name}: depends on the thread order");
             }
-            // Turned off, a block per row again.
-            g.set_attention_blocks(false);
-            #[cfg(not(feature = "cuda"))]
-            let on = g.dev.launches_of("swk_attention_rows");
-            let off = g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All);
-            #[cfg(not(feature = "cuda"))]
-            assert_eq!(g.dev.launches_of("swk_attention_rows"), on, "{name}: turned off");
-            g.set_attention_blocks(true);
-            let off = off.expect("prefill, row blocks off");
-            // Less shared memory: tiles of 16 and of 8 keys (two and four rows to a warp).
+            // Less shared memory: tiles of 16 and of 8 keys.
             let limit = g.dev.shared_limit;
             let mut smaller = Vec::new();
             for tile in [16, 8] {
                 g.dev.shared_limit = super::super::kernels::attention_rows_shared_bytes(hd, tile);
-                smaller.push(g.forward(&tokens, &mut CudaKvCache::new(&g), None, Logits::All));
+                smaller.push(prefill(&g));
             }
             g.dev.shared_limit = limit;
-            let [t16, t8] = [0, 1].map(|i| smaller[i].as_ref().expect("smaller tiles").clone());
-            let runs = [("one prefill", &whole), ("5 + 36", &parts), ("off", &off)];
-            let runs = runs.into_iter().chain([("tiles of 16", &t16), ("tiles of 8", &t8)]);
+            let runs = [
+                ("one prefill", &whole),
+                ("5 + 36", &parts),
+                ("decoding", &stepped),
+                ("a block per row", &off),
+                ("tiles of 16", &smaller[0]),
+                ("tiles of 8", &smaller[1]),
+            ];
             for (what, got) in runs {
                 assert_eq!(got.len(), want.len(), "{name} {what}");
                 for (i, (x, y)) in got.iter().zip(&want).enumerate() {
@@ -1251,12 +1269,14 @@ mod device_tests {
         }
     }
 
-    /// Decoding with more keys than a split holds runs `swk_attention_split` (each row's keys
-    /// over several blocks) and `swk_attention_merge`: with splits of at least 3 keys, a
-    /// token-by-token decode of 17 tokens (up to 6 splits) gives the logits of a block per
-    /// row within 1e-5 (f32 weights): sliding windows (Mistral, Gemma 2, Phi-3), soft-capping,
-    /// grouped KV heads, and DeepSeek-V3's absorbed latent attention (576 wide). On the
-    /// emulator the split runs, and reversed thread order gives the same bits.
+    /// Decoding with more keys than a split holds splits each row's keys over blocks
+    /// (`swk_attention_split`, or `swk_attention_rows` for the heads of a KV head) and merges
+    /// them (`swk_attention_merge`): with splits of at least 3 keys, a token-by-token decode
+    /// of 17 tokens (up to 6 splits) gives the logits of a block per row and head
+    /// (`set_attention_blocks(false)`) within 1e-5 (f32 weights): sliding windows (Mistral,
+    /// Gemma 2, Phi-3), soft-capping, two heads a KV head, separate heads (GPT-2), and
+    /// DeepSeek-V3's absorbed latent attention (576 wide). On the emulator the split runs,
+    /// and reversed thread order gives the same bits.
     #[test]
     fn split_decoding_matches_a_block_a_row() {
         if !cuda_available() {
@@ -1278,7 +1298,9 @@ mod device_tests {
                 }
                 rows.expect("prefill")
             };
+            g.set_attention_blocks(false);
             let want = decode(&g);
+            g.set_attention_blocks(true);
             let default_keys = g.dev.split_keys;
             g.dev.split_keys = 3;
             #[cfg(not(feature = "cuda"))]

@@ -14,7 +14,8 @@ pub const ATTENTION_BLOCK: u32 = 128;
 /// Most keys per tile of `swk_attention_tiled` (fewer when the device's shared memory holds
 /// fewer).
 pub const ATTENTION_TILE: usize = 1024;
-/// Query rows per block of `swk_attention_rows` (kernels/attention.cu's `ATTENTION_ROWS`).
+/// Queries per block of `swk_attention_rows` (kernels/attention.cu's `ATTENTION_ROWS`): rows
+/// times the heads of a KV head it groups.
 pub const ATTENTION_ROWS: usize = 16;
 /// Output dims each thread of `swk_attention_rows` accumulates (`ATTENTION_ROW_DIMS`): it
 /// takes head dims up to `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`.
@@ -415,7 +416,7 @@ pub fn attention_rows_shared_bytes(head_dim: usize, tile: usize) -> usize {
 }
 
 /// The shape of one attention launch: `rows` queries at positions `pos0..` of `heads` heads
-/// of `head_dim`, within a sliding `window` when set.
+/// (over `kv_heads` key/value heads) of `head_dim`, within a sliding `window` when set.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     /// Query rows.
@@ -424,6 +425,8 @@ pub struct AttentionShape {
     pub pos0: usize,
     /// Query heads.
     pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
     /// Width of a head (of a key and a value row).
     pub head_dim: usize,
     /// Sliding window (None or Some(0): none).
@@ -472,55 +475,84 @@ pub struct AttentionPlan {
     pub launch: Launch,
     /// Keys per tile (0 for `swk_attention`, which holds them all).
     pub tile: usize,
+    /// Heads of one KV head a `swk_attention_rows` block takes (1 otherwise).
+    pub group: usize,
     /// With `swk_attention_split`, its merge.
     pub split: Option<AttentionSplit>,
 }
 
+/// Blocks a row's keys are split over: none (1) past [`ATTENTION_SPLIT_ROWS`] rows or up to
+/// `split_keys` keys, else one per `split_keys` keys, at most [`ATTENTION_MAX_SPLITS`].
+fn attention_splits(rows: usize, keys: usize, split_keys: usize) -> usize {
+    let split_keys = split_keys.max(1);
+    if rows > ATTENTION_SPLIT_ROWS || keys <= split_keys {
+        return 1;
+    }
+    keys.div_ceil(split_keys).min(ATTENTION_MAX_SPLITS)
+}
+
+/// The heads of one KV head a `swk_attention_rows` block takes: the largest divisor of
+/// `heads / kv_heads` up to [`ATTENTION_ROWS`].
+pub fn attention_group(heads: usize, kv_heads: usize) -> usize {
+    let g = heads / kv_heads.max(1);
+    (1..=g.min(ATTENTION_ROWS)).rev().find(|d| g % d == 0).unwrap_or(1)
+}
+
 /// The attention kernel for a launch of shape `s` under `limits`:
-/// * with `limits.blocks`, a prefill (rows > 1) of head dims up to
-///   `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`: `swk_attention_rows`, grid
-///   (⌈rows / [`ATTENTION_ROWS`]⌉, heads), the largest of [`ATTENTION_ROW_TILES`] that fits;
-/// * with `limits.blocks`, at most [`ATTENTION_SPLIT_ROWS`] rows (decoding) whose keys pass
-///   `limits.split_keys`: `swk_attention_split` over up to [`ATTENTION_MAX_SPLITS`] blocks a
-///   row, grid (rows, heads, splits), then `swk_attention_merge`, grid (rows, heads);
+/// * with `limits.blocks`, head dims up to `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`, and more
+///   than one query a block (a prefill, or heads sharing a KV head): `swk_attention_rows`,
+///   [`attention_group`] heads times 16 / group rows a block, grid (⌈rows / rows a block⌉,
+///   heads / group, splits), the largest of [`ATTENTION_ROW_TILES`] that fits; decoding past
+///   `limits.split_keys` keys splits each row's keys over blocks, merged by
+///   `swk_attention_merge`;
+/// * with `limits.blocks`, other decoding past `limits.split_keys` keys:
+///   `swk_attention_split`, grid (rows, heads, splits), then `swk_attention_merge`, grid
+///   (rows, heads);
 /// * else `swk_attention`, grid (rows, heads), when the longest row's scores fit;
 /// * else `swk_attention_tiled` (the softmax online over tiles of keys, any length).
 ///
-/// Tiles are [`ATTENTION_TILE`] keys, or as many as `limits.shared` holds. Errors when no
-/// kernel takes the head dim.
+/// Splits take at least `limits.split_keys` keys each, at most [`ATTENTION_MAX_SPLITS`] a
+/// row, for at most [`ATTENTION_SPLIT_ROWS`] rows. Tiles of the last two are
+/// [`ATTENTION_TILE`] keys, or as many as `limits.shared` holds. Errors when no kernel takes
+/// the head dim.
 pub fn attention(s: &AttentionShape, limits: &AttentionLimits) -> Result<AttentionPlan> {
     let (rows, head_dim, shared) = (s.rows, s.head_dim, limits.shared);
-    let plan = |kernel, launch, tile| AttentionPlan { kernel, launch, tile, split: None };
-    if rows > 1 && limits.blocks && head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize {
+    let plan = |kernel, launch, tile| AttentionPlan { kernel, launch, tile, group: 1, split: None };
+    let keys = attention_max_keys(rows, s.pos0, s.window);
+    let grid = (rows as u64, s.heads as u64, 1);
+    let merge = || Launch::new(grid, ATTENTION_BLOCK, 0);
+    let group = attention_group(s.heads, s.kv_heads);
+    let row_dims = head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize;
+    if limits.blocks && row_dims && (rows > 1 || group > 1) {
         let fits = ATTENTION_ROW_TILES
             .into_iter()
             .map(|tile| (tile, attention_rows_shared_bytes(head_dim, tile)))
             .find(|&(_, bytes)| bytes <= shared);
         if let Some((tile, bytes)) = fits {
-            let grid = (rows.div_ceil(ATTENTION_ROWS) as u64, s.heads as u64, 1);
-            return Ok(plan(
-                "swk_attention_rows",
-                Launch::new(grid, ATTENTION_BLOCK, bytes)?,
-                tile,
-            ));
+            let per_block = ATTENTION_ROWS / group;
+            let splits = attention_splits(rows, keys, limits.split_keys);
+            // A block's keys: its rows' windows together, up to per_block - 1 more than a row's.
+            let chunk = (keys + per_block - 1).div_ceil(splits);
+            let blocks = (rows.div_ceil(per_block) as u64, (s.heads / group) as u64, splits as u64);
+            let launch = Launch::new(blocks, ATTENTION_BLOCK, bytes)?;
+            let split =
+                (splits > 1).then(|| merge().map(|merge| AttentionSplit { splits, chunk, merge }));
+            let split = split.transpose()?;
+            return Ok(AttentionPlan { kernel: "swk_attention_rows", launch, tile, group, split });
         }
     }
-    let grid = (rows as u64, s.heads as u64, 1);
-    let keys = attention_max_keys(rows, s.pos0, s.window);
     let tile = (shared / 4).saturating_sub(32 + head_dim).min(ATTENTION_TILE);
     let max_dims = ATTENTION_DIMS * ATTENTION_BLOCK as usize;
     let online = head_dim <= max_dims && tile > 0;
-    let split_keys = limits.split_keys.max(1);
-    if limits.blocks && online && rows <= ATTENTION_SPLIT_ROWS && keys > split_keys {
-        let splits = keys.div_ceil(split_keys).min(ATTENTION_MAX_SPLITS);
+    let splits = attention_splits(rows, keys, limits.split_keys);
+    if limits.blocks && online && splits > 1 {
         let chunk = keys.div_ceil(splits);
         let tile = tile.min(chunk);
         let bytes = attention_shared_bytes(head_dim, tile);
         let launch =
             Launch::new((rows as u64, s.heads as u64, splits as u64), ATTENTION_BLOCK, bytes)?;
-        let merge = Launch::new(grid, ATTENTION_BLOCK, 0)?;
-        let split = Some(AttentionSplit { splits, chunk, merge });
-        return Ok(AttentionPlan { kernel: "swk_attention_split", launch, tile, split });
+        let split = Some(AttentionSplit { splits, chunk, merge: merge()? });
+        return Ok(AttentionPlan { kernel: "swk_attention_split", launch, tile, group: 1, split });
     }
     let bytes = attention_shared_bytes(head_dim, keys);
     if bytes <= shared {
@@ -808,8 +840,9 @@ mod tests {
         }
     }
 
-    /// [`attention`]'s plan for `rows` at `pos0`, `heads` of `hd`, no window, under
-    /// `shared` bytes, row blocks and splits allowed or not, splits of at least 512 keys.
+    /// [`attention`]'s plan for `rows` at `pos0`, `heads` of `hd` (each its own KV head), no
+    /// window, under `shared` bytes, row blocks and splits allowed or not, splits of at least
+    /// 512 keys.
     fn plan(
         rows: usize,
         pos0: usize,
@@ -830,7 +863,7 @@ mod tests {
         shared: usize,
         blocks: bool,
     ) -> Result<AttentionPlan> {
-        let s = AttentionShape { rows, pos0, heads, head_dim, window };
+        let s = AttentionShape { rows, pos0, heads, kv_heads: heads, head_dim, window };
         attention(&s, &AttentionLimits { shared, blocks, split_keys: ATTENTION_SPLIT_KEYS })
     }
 
@@ -901,7 +934,14 @@ mod tests {
         assert_eq!((p.launch.grid, p.kernel, p.tile), ((1, 32, 8), "swk_attention_split", 512));
         let sp = p.split.unwrap();
         assert_eq!((sp.splits, sp.chunk, sp.merge.grid), (8, 512, (1, 32, 1)));
-        let shape = AttentionShape { rows: 1, pos0: 4095, heads: 32, head_dim: 128, window: None };
+        let shape = AttentionShape {
+            rows: 1,
+            pos0: 4095,
+            heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            window: None,
+        };
         assert_eq!(sp.partial_floats(&shape), 32 * 8 * 130);
         // 513 keys: 2 splits of 257; 100 000 keys: 64 splits of 1563 in tiles of 1024.
         let sp = plan(1, 512, 32, 128, SHARED, true).split.unwrap();
@@ -925,6 +965,52 @@ mod tests {
             let k = plan(rows, 0, 8, hd, SHARED, blocks).kernel;
             assert_eq!(k, "swk_attention", "rows {rows}, head_dim {hd}, row blocks {blocks}");
         }
+    }
+
+    /// Grouped-query attention: a row-block takes the heads of one KV head (the largest
+    /// divisor of their count up to 16) times 16 / group rows, decoding included, and splits
+    /// a decode step's keys over blocks as the split kernel does.
+    #[test]
+    fn attention_groups_heads_of_a_kv_head() {
+        for ((heads, kv), group) in
+            [((32, 8), 4), ((28, 4), 7), ((64, 8), 8), ((128, 1), 16), ((40, 40), 1), ((48, 2), 12)]
+        {
+            assert_eq!(attention_group(heads, kv), group, "{heads} heads over {kv}");
+        }
+        let limits = AttentionLimits {
+            shared: DEFAULT_SHARED_BYTES,
+            blocks: true,
+            split_keys: ATTENTION_SPLIT_KEYS,
+        };
+        let shape = |rows, pos0, heads, kv_heads, head_dim| AttentionShape {
+            rows,
+            pos0,
+            heads,
+            kv_heads,
+            head_dim,
+            window: None,
+        };
+        // Llama-3-8B (32 heads over 8), decoding after 4095 tokens: 4 heads a block, the 4096
+        // keys (and up to 3 more for a block's other rows) in 8 splits of 513.
+        let p = attention(&shape(1, 4095, 32, 8, 128), &limits).unwrap();
+        assert_eq!((p.kernel, p.group, p.launch.grid), ("swk_attention_rows", 4, (1, 8, 8)));
+        let sp = p.split.unwrap();
+        assert_eq!((sp.splits, sp.chunk, sp.merge.grid), (8, 513, (1, 32, 1)));
+        // ... a short decode context: one block a KV head, no split.
+        let p = attention(&shape(1, 100, 32, 8, 128), &limits).unwrap();
+        assert_eq!((p.kernel, p.launch.grid, p.split), ("swk_attention_rows", (1, 8, 1), None));
+        // A 512-token prefill: 4 rows of 4 heads a block.
+        let p = attention(&shape(512, 0, 32, 8, 128), &limits).unwrap();
+        assert_eq!((p.group, p.launch.grid), (4, (128, 8, 1)));
+        // Qwen2-7B's 28 heads over 4: 7 heads times 2 rows.
+        let p = attention(&shape(9, 0, 28, 4, 128), &limits).unwrap();
+        assert_eq!((p.group, p.launch.grid), (7, (5, 4, 1)));
+        // Without row blocks (the pattern hook) a block per row and head; a 576-wide latent
+        // row takes the split kernel.
+        let off = AttentionLimits { blocks: false, ..limits };
+        assert_eq!(attention(&shape(1, 4095, 32, 8, 128), &off).unwrap().kernel, "swk_attention");
+        let p = attention(&shape(1, 4095, 128, 1, 576), &limits).unwrap();
+        assert_eq!((p.kernel, p.group), ("swk_attention_split", 1));
     }
 
     #[test]
