@@ -22,6 +22,9 @@ use crate::{Error, Result};
 /// A launch being profiled: its name and the events recorded before and after it.
 type TimedLaunch = (&'static str, CudaEvent, CudaEvent);
 
+/// Events that record time (the default flags; cudarc's own default disables timing).
+const TIMING_EVENT: driver::sys::CUevent_flags = driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+
 /// Timed launches kept as events before they are read into totals (a wait for the stream):
 /// bounds the events a long profiled run holds.
 const PENDING_LAUNCHES: usize = 4096;
@@ -128,7 +131,7 @@ pub struct CudaDevice {
     pub(super) shared_limit: usize,
     /// Whether attention without the pattern hook may run in row blocks (prefill) and splits
     /// (decoding); on by default, see [`super::CudaModel::set_attention_blocks`].
-    pub(super) attention_blocks: std::sync::atomic::AtomicBool,
+    pub(super) attention_blocks: AtomicBool,
     /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
     pub(super) split_keys: usize,
     sm_count: usize,
@@ -229,7 +232,7 @@ impl CudaDevice {
             sm_count,
             profile: Mutex::new(profile::profiling_process().then(Timings::default)),
             capturing: AtomicBool::new(false),
-            attention_blocks: std::sync::atomic::AtomicBool::new(true),
+            attention_blocks: AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
         })
     }
@@ -287,8 +290,7 @@ impl CudaDevice {
         if !on || self.capturing.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let timing = driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        self.stream.record_event(Some(timing)).map(Some)
+        self.stream.record_event(Some(TIMING_EVENT)).map(Some)
     }
 
     /// After a launch that `profile_start` timed, its end event, kept under `name`.
@@ -298,7 +300,7 @@ impl CudaDevice {
         start: Option<CudaEvent>,
     ) -> std::result::Result<(), DriverError> {
         let Some(start) = start else { return Ok(()) };
-        let end = self.stream.record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = self.stream.record_event(Some(TIMING_EVENT))?;
         if let Some(t) = self.profile.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             t.pending.push((name, start, end));
             if t.pending.len() >= PENDING_LAUNCHES {

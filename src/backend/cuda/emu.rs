@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -233,7 +233,7 @@ pub struct CudaDevice {
     pub(super) shared_limit: usize,
     /// Whether attention without the pattern hook may run in row blocks (prefill) and splits
     /// (decoding); on by default, see [`super::CudaModel::set_attention_blocks`].
-    pub(super) attention_blocks: std::sync::atomic::AtomicBool,
+    pub(super) attention_blocks: AtomicBool,
     /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
     pub(super) split_keys: usize,
     used: Arc<AtomicUsize>,
@@ -272,7 +272,7 @@ impl CudaDevice {
             launches: AtomicUsize::new(0),
             by_kernel: Mutex::new(std::collections::HashMap::new()),
             profile: Mutex::new(profile::profiling_process().then(Totals::default)),
-            attention_blocks: std::sync::atomic::AtomicBool::new(true),
+            attention_blocks: AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
         })
     }

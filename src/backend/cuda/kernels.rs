@@ -402,7 +402,7 @@ pub fn attention_max_keys(rows: usize, pos0: usize, window: Option<usize>) -> us
 }
 
 /// Dynamic shared memory of `swk_attention`: reduction scratch, one query head, the scores
-/// (of `max_keys` keys; [`ATTENTION_TILE`] for `swk_attention_tiled`).
+/// of `max_keys` keys (of one tile for `swk_attention_tiled` and `swk_attention_split`).
 pub fn attention_shared_bytes(head_dim: usize, max_keys: usize) -> usize {
     (32 + head_dim + max_keys) * std::mem::size_of::<f32>()
 }
@@ -477,7 +477,8 @@ pub struct AttentionPlan {
     pub tile: usize,
     /// Heads of one KV head a `swk_attention_rows` block takes (1 otherwise).
     pub group: usize,
-    /// With `swk_attention_split`, its merge.
+    /// When each row's keys are split over blocks (`swk_attention_split`, or
+    /// `swk_attention_rows` decoding), the merge of their partial results.
     pub split: Option<AttentionSplit>,
 }
 
