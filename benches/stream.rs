@@ -8,6 +8,10 @@
 //! - `fp8_file_to_bf16_slots`: an FP8 checkpoint (DeepSeek-V3's format: E4M3 matrices with
 //!   128 × 128 block scales) into bf16 slots, each matrix dequantized a row at a time.
 //!
+//! Each case twice: into a fresh buffer (`stage_layer`, whose zeroed pages the first write
+//! faults in) and, `…_reused`, into one buffer kept from the last layer (`stage_part_into`),
+//! as the CUDA backend's page-locked staging buffers are.
+//!
 //! The checkpoint (one layer, 405 MB; tiny shapes under `cargo test`) is written to a temporary directory first; its pages
 //! stay in the page cache, so this times copying and converting, not the disk.
 
@@ -16,7 +20,7 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, Criterion};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use swk::backend::stream::{stage_layer, Overlay, SlotLayout};
+use swk::backend::stream::{stage_layer, stage_part_into, LayerPart, Overlay, SlotLayout};
 use swk::backend::WeightDtype;
 use swk::model::LazyModel;
 use swk::synth::{random_llama, save_llama, SynthSpec};
@@ -79,6 +83,10 @@ fn bench(c: &mut Criterion) {
         let layout = SlotLayout::new(&lazy.config, 0, dtype);
         g.bench_function(name, |b| {
             b.iter(|| stage_layer(lazy, 0, &layout, &overlay).map(|s| s.bytes.len()))
+        });
+        let mut buf = vec![0u8; layout.bytes];
+        g.bench_function(format!("{name}_reused"), |b| {
+            b.iter(|| stage_part_into(lazy, 0, &layout, LayerPart::Whole, &overlay, &mut buf))
         });
     }
     g.finish();

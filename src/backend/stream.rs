@@ -479,18 +479,51 @@ pub fn stage_part(
     part: LayerPart,
     overlay: &Overlay,
 ) -> Result<StagedLayer> {
-    let (Some(entries), Some(range)) = (layout.part_entries(part), layout.part_range(part)) else {
-        return Err(Error::Invalid(format!(
+    let range = part_range(layer, layout, part)?;
+    let mut bytes = vec![0u8; range.len()];
+    let (copied, converted) = stage_part_into(lazy, layer, layout, part, overlay, &mut bytes)?;
+    Ok(StagedLayer { offset: range.start, bytes, copied, converted })
+}
+
+/// The slot bytes of `part` of layer `layer`, or an error for an expert it does not have.
+fn part_range(layer: usize, layout: &SlotLayout, part: LayerPart) -> Result<Range<usize>> {
+    layout.part_range(part).ok_or_else(|| {
+        Error::Invalid(format!(
             "layer {layer} has no {part:?} ({} routed experts)",
             layout.experts()
+        ))
+    })
+}
+
+/// [`stage_part`] into `out`, which must be exactly the part's bytes long (a reused buffer,
+/// such as a page-locked staging buffer: every byte is written, the alignment gaps between
+/// tensors with zeros, so the result is [`stage_part`]'s whatever `out` held). Returns the
+/// tensors (copied as stored, converted): [`StagedLayer::copied`], [`StagedLayer::converted`].
+pub fn stage_part_into(
+    lazy: &LazyModel,
+    layer: usize,
+    layout: &SlotLayout,
+    part: LayerPart,
+    overlay: &Overlay,
+    out: &mut [u8],
+) -> Result<(usize, usize)> {
+    let range = part_range(layer, layout, part)?;
+    let entries = layout.part_entries(part).unwrap_or(0..0);
+    if out.len() != range.len() {
+        return Err(Error::Invalid(format!(
+            "layer {layer}: staging {part:?} ({} bytes) into a buffer of {}",
+            range.len(),
+            out.len()
         )));
-    };
+    }
     let base = range.start;
-    let mut out = vec![0u8; range.len()];
     let mut converted = 0;
+    let mut written = 0; // bytes of `out` written so far, gaps included
     for e in &layout.entries[entries.clone()] {
         let name = format!("model.layers.{layer}.{}", e.suffix);
-        let dst = &mut out[e.offset - base..e.offset - base + e.bytes()];
+        out[written..e.offset - base].fill(0);
+        written = e.offset - base + e.bytes();
+        let dst = &mut out[e.offset - base..written];
         let stored = lazy.stored(&name)?.filter(|t| {
             cfg!(target_endian = "little")
                 && WeightDtype::of_stored(t.dtype) == Some(e.dtype)
@@ -524,7 +557,8 @@ pub fn stage_part(
         e.dtype.encode_slice(&t.data, dst, &name)?;
         converted += 1;
     }
-    Ok(StagedLayer { offset: base, bytes: out, copied: entries.len() - converted, converted })
+    out[written..].fill(0);
+    Ok((entries.len() - converted, converted))
 }
 
 #[cfg(test)]
@@ -761,6 +795,53 @@ mod tests {
                 assert!(e.to_string().contains(&format!("layer {l} has no Expert")), "{e}");
             }
         }
+    }
+
+    /// Staging into a buffer that held other bytes (a reused page-locked buffer) writes
+    /// every byte: the result is a fresh buffer's, alignment gaps zero (between tensors and
+    /// at a part's end: the synthetic model's odd widths leave one there); a buffer of
+    /// another length is an error naming the layer.
+    #[test]
+    fn staging_into_a_used_buffer_writes_every_byte() {
+        let odd = crate::synth::SynthSpec {
+            hidden: 36,
+            intermediate: 50,
+            layers: 2,
+            heads: 2,
+            kv_heads: 2,
+            vocab: 64,
+            tie_embeddings: false,
+        };
+        let mut models = vec![(
+            "synthetic".to_string(),
+            LazyModel::from_model(crate::synth::random_llama(&odd, 3).unwrap()),
+        )];
+        for name in ["qwen2", "qwen2_moe_gguf/model.gguf", "deepseek_v2_gguf/model.gguf"] {
+            models.push((name.to_string(), LazyModel::open(&fixture(name)).unwrap()));
+        }
+        let (mut inner, mut tail) = (0, 0);
+        for (name, lazy) in &models {
+            let layout = SlotLayout::new(&lazy.config, 1, WeightDtype::Bf16);
+            let overlay = Overlay::default();
+            let mut parts = vec![LayerPart::Whole, LayerPart::Base];
+            parts.extend((0..layout.experts()).map(LayerPart::Expert));
+            for part in parts {
+                let entries = &layout.entries[layout.part_entries(part).unwrap()];
+                let range = layout.part_range(part).unwrap();
+                let gap = |w: &[SlotEntry]| w[1].offset > w[0].offset + w[0].bytes();
+                inner += entries.windows(2).filter(|w| gap(w)).count();
+                tail += entries.last().is_some_and(|e| e.offset + e.bytes() < range.end) as usize;
+                let fresh = stage_part(lazy, 1, &layout, part, &overlay).unwrap();
+                let mut used = vec![0xA5u8; fresh.bytes.len()];
+                let counts = stage_part_into(lazy, 1, &layout, part, &overlay, &mut used).unwrap();
+                assert!(used == fresh.bytes, "{name} {part:?}");
+                assert_eq!(counts, (fresh.copied, fresh.converted), "{name} {part:?}");
+                let mut short = vec![0u8; fresh.bytes.len() - 1];
+                let e = stage_part_into(lazy, 1, &layout, part, &overlay, &mut short).unwrap_err();
+                assert!(e.to_string().contains("layer 1: staging"), "{e}");
+            }
+        }
+        assert!(inner > 0 && tail > 0, "gaps checked: {inner} between tensors, {tail} at the end");
     }
 
     #[test]

@@ -327,6 +327,72 @@ fn streamed_experts_are_read_once_chosen() {
     }
 }
 
+/// Layers staged in page-locked buffers (the default) and in pageable memory
+/// (`set_pinned_staging(0)`) give bit-identical logits and spike statistics: decoding (a
+/// mixture of experts reads its routed experts alone, through the same pool) and a longer
+/// pass (whole layers), in f32 and bf16, the buffers reused across layers and parts of
+/// other sizes. Every byte goes through the pool by default (which holds at most five slots'
+/// worth: its buffers are reused) and none with a budget of 0. A budget one byte short of a
+/// slot stages no whole layer in page-locked memory, but a mixture of experts' first part
+/// (a pass's layer without its experts) fits, and the pool never holds more than that.
+#[test]
+fn pinned_staging_equals_pageable_staging() {
+    if !gpu() {
+        return;
+    }
+    let root = fixtures_root().join("tiny");
+    for name in ["llama", "qwen2_gguf/model.gguf", "mixtral_gguf/model.gguf", "deepseek_v3"] {
+        let lazy = std::sync::Arc::new(
+            swk::model::LazyModel::open(root.join(name).to_str().unwrap()).unwrap(),
+        );
+        let c = lazy.config.clone();
+        let tokens: Vec<u32> = (0..7u32).map(|i| (i * 41 + 9) % c.vocab_size as u32).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let what = format!("{name} {}", dtype.name());
+            let opts = CudaOptions { dtype, ..Default::default() };
+            let run = |g: &CudaModel| {
+                let mut stats = SpikeStats::new(c.num_layers, c.intermediate_size, c.hidden_size);
+                let mut cache = CudaKvCache::new(g);
+                let mut out: Vec<Vec<f32>> = tokens[..3]
+                    .iter()
+                    .map(|&t| g.forward(&[t], &mut cache, Some(&mut stats), Logits::Last).unwrap())
+                    .collect();
+                out.push(g.logits(&tokens).unwrap());
+                (out, stats)
+            };
+            let slot = (0..c.num_layers)
+                .map(|l| swk::backend::stream::SlotLayout::new(&c, l, dtype).bytes)
+                .max()
+                .unwrap();
+            let pinned = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            let pageable = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            pageable.set_pinned_staging(0);
+            let tight = CudaModel::streamed(lazy.clone(), &opts).unwrap();
+            tight.set_pinned_staging(slot - 1);
+            let (want, want_stats) = run(&pageable);
+            for (how, g) in [("pinned", &pinned), ("tight", &tight)] {
+                let (got, got_stats) = run(g);
+                assert!(got == want, "{what} {how}: logits differ from pageable staging's");
+                assert_stats_match(&format!("{what} {how}"), &got_stats, &want_stats);
+                assert_eq!(g.streamed_bytes(), pageable.streamed_bytes(), "{what} {how}");
+            }
+            let total = pinned.streamed_bytes().0;
+            assert_eq!(pinned.streamed_pinned_bytes(), total, "{what}: all through the pool");
+            // Buffers in use at once: the streaming thread's, the one in its channel, the one
+            // uploading, and the expert thread's two; each goes back to the pool after.
+            let held = pinned.pinned_staging_bytes();
+            assert!(held >= slot && held <= 5 * slot, "{what}: the pool holds {held} bytes");
+            assert_eq!(pageable.streamed_pinned_bytes(), 0, "{what}");
+            assert_eq!(pageable.pinned_staging_bytes(), 0, "{what}");
+            let part = tight.streamed_pinned_bytes();
+            let fits = if c.family.moe.is_some() { part > 0 && part < total } else { part == 0 };
+            assert!(fits, "{what}: a budget under a slot staged {part} of {total} bytes");
+            assert!(tight.pinned_staging_bytes() < slot, "{what}: over the budget");
+            eprintln!("{what}: {total} bytes streamed; {part} pinned under a slot's budget");
+        }
+    }
+}
+
 /// An expert that cannot be staged (a value past f16's range, streamed into f16 slots) fails
 /// the pass with an error naming its tensor, whether its experts are read alone (more than
 /// one a layer: through the staging thread) or with whole layers; no pass hangs or panics,

@@ -316,8 +316,8 @@ fn profile_sections_list_each_pass_kernels() {
 /// made on the host): a 9-token detection pass streamed vs resident, and the streamed bytes
 /// per second, with the layers read from memory (`LazyModel::from_model`: f32, converted on
 /// each read) and from a bf16 safetensors checkpoint written to a temporary directory (in the
-/// page cache: its matrices copied as stored into bf16 slots). Appends to `$SWK_TIMING_OUT`.
-/// Measures only.
+/// page cache: its matrices copied as stored into bf16 slots); each staged in page-locked
+/// buffers (the default) and in pageable memory. Appends to `$SWK_TIMING_OUT`. Measures only.
 #[test]
 #[ignore = "GPU timing of streaming: run with --ignored on a GPU machine"]
 fn timing_7b_streamed() -> Result<()> {
@@ -334,8 +334,8 @@ fn timing_7b_streamed() -> Result<()> {
         String::new(),
         format!("Streaming, Llama-2-7B layer shapes, {} layers (host fill {fill:.1} s):", c.num_layers),
         String::new(),
-        "| weights | resident pass ms | streamed pass ms | streamed ms/layer | host staging ms/layer (of it reading the tensors) | layer bytes | streamed GB/s |".into(),
-        "|---|---|---|---|---|---|---|".into(),
+        "| weights | resident pass ms | streamed pass ms | streamed ms/layer | host staging ms/layer (of it reading the tensors) | layer bytes | streamed GB/s | staged in pageable memory: pass ms (GB/s) |".into(),
+        "|---|---|---|---|---|---|---|---|".into(),
     ];
     let memory = std::sync::Arc::new(swk::model::LazyModel::from_model(copy(&m)));
     let dir = tempfile::tempdir().map_err(|e| swk::Error::io(std::env::temp_dir(), e))?;
@@ -363,6 +363,12 @@ fn timing_7b_streamed() -> Result<()> {
         let resident = best(&CudaModel::new(&m, &opts)?)?;
         let s = CudaModel::streamed(lazy.clone(), &opts)?;
         let streamed = best(&s)?;
+        // The same passes with every layer staged in pageable memory (the driver's own
+        // copy through its buffers, where page-locked staging is one DMA).
+        let p = CudaModel::streamed(lazy.clone(), &opts)?;
+        p.set_pinned_staging(0);
+        let pageable = best(&p)?;
+        let pinned_share = s.streamed_pinned_bytes() as f64 / s.streamed_bytes().0.max(1) as f64;
         let layout = swk::backend::stream::SlotLayout::new(&c, 0, dtype);
         let layer_bytes = layout.bytes;
         let rate = (layer_bytes * c.num_layers) as f64 / (streamed / 1e3) / 1e9;
@@ -381,9 +387,11 @@ fn timing_7b_streamed() -> Result<()> {
             lazy.tensor(&format!("model.layers.0.{}", e.suffix))?;
         }
         let reading = ms(t);
+        let pageable_rate = (layer_bytes * c.num_layers) as f64 / (pageable / 1e3) / 1e9;
         lines.push(format!(
-            "| {} from {from} | {resident:.2} | {streamed:.2} | {:.2} | {staging:.2} ({reading:.2}) | {:.1} MB | {rate:.2} |",
+            "| {} from {from} | {resident:.2} | {streamed:.2}{} | {:.2} | {staging:.2} ({reading:.2}) | {:.1} MB | {rate:.2} | {pageable:.2} ({pageable_rate:.2}) |",
             dtype.name(),
+            if pinned_share < 1.0 { format!(" ({:.0} % pinned)", pinned_share * 100.0) } else { String::new() },
             streamed / c.num_layers as f64,
             layer_bytes as f64 / 1e6
         ));

@@ -47,6 +47,57 @@ impl Timings {
     }
 }
 
+/// Page-locked host memory that a streamed layer is staged in, so that its upload is one
+/// DMA (from pageable memory the driver first copies it through buffers of its own). Its
+/// last upload's end is recorded: the next write waits for it, and so does dropping it.
+pub struct StagingBuffer {
+    host: PinnedHostSlice<u8>,
+    uploaded: Option<CudaEvent>,
+}
+
+impl StagingBuffer {
+    /// Its size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// Its bytes, once the last upload from them has finished.
+    pub(crate) fn writable(&mut self) -> Result<&mut [u8]> {
+        if let Some(done) = self.uploaded.take() {
+            done.synchronize().map_err(be("waiting for a staging buffer"))?;
+        }
+        self.host.as_mut_slice().map_err(be("pinned host memory"))
+    }
+}
+
+impl Drop for StagingBuffer {
+    /// Waits for the last upload before the memory is freed.
+    fn drop(&mut self) {
+        if let Some(done) = self.uploaded.take() {
+            // Nothing to report to: a failed wait means the context is already broken.
+            let _ = done.synchronize();
+        }
+    }
+}
+
+/// Allocates [`StagingBuffer`]s in a device's context, from any thread.
+#[derive(Clone)]
+pub struct HostAllocator {
+    ctx: Arc<CudaContext>,
+}
+
+impl HostAllocator {
+    /// A page-locked buffer of `len` bytes (zeroed).
+    pub(crate) fn staging(&self, len: usize) -> Result<StagingBuffer> {
+        // SAFETY: flags 0 = plain page-locked memory (not write-combined, so host reads of
+        // it stay fast); it is zeroed before use below.
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len.max(1), 0) }
+            .map_err(be("allocating pinned host memory"))?;
+        host.as_mut_slice().map_err(be("pinned host memory"))?.fill(0);
+        Ok(StagingBuffer { host, uploaded: None })
+    }
+}
+
 /// Whether the CUDA driver library (libcuda) can be loaded. Never panics.
 pub fn driver_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
@@ -442,6 +493,37 @@ impl CudaDevice {
             unsafe { std::mem::zeroed() }
         });
         Ok(p)
+    }
+
+    /// What allocates page-locked staging buffers for this device, from any thread.
+    pub(crate) fn host_allocator(&self) -> HostAllocator {
+        HostAllocator { ctx: self.ctx.clone() }
+    }
+
+    /// Copy the first `len` bytes of `buf` into `d` from byte `start` on (checked), in stream
+    /// order. The copy is asynchronous (a DMA from page-locked memory): the buffer records
+    /// its end, and [`StagingBuffer::writable`] waits for it.
+    pub(crate) fn upload_staged(
+        &self,
+        buf: &mut StagingBuffer,
+        len: usize,
+        d: &mut CudaSlice<u8>,
+        start: usize,
+    ) -> Result<()> {
+        if len > buf.len() {
+            return Err(Error::Backend(format!(
+                "upload of {len} staged bytes from a buffer of {}",
+                buf.len()
+            )));
+        }
+        if let Some(done) = buf.uploaded.take() {
+            done.synchronize().map_err(be("waiting for a staging buffer"))?;
+        }
+        let host = buf.host.as_slice().map_err(be("pinned host memory"))?;
+        // A plain slice: cudarc neither waits nor records for it; the event below does.
+        self.upload_at(&host[..len], d, start)?;
+        buf.uploaded = Some(self.stream.record_event(None).map_err(be("recording an event"))?);
+        Ok(())
     }
 
     /// Download `len` elements of `d` into pinned host memory and wait for them.

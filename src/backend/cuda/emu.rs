@@ -215,6 +215,33 @@ impl<T> PinnedHostSlice<T> {
     }
 }
 
+/// A page-locked staging buffer stands in as host memory; uploads from it finish when
+/// they are queued, as every emulated copy does.
+pub struct StagingBuffer(Vec<u8>);
+
+impl StagingBuffer {
+    /// Its size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Its bytes (no upload from them is ever in flight).
+    pub(crate) fn writable(&mut self) -> Result<&mut [u8]> {
+        Ok(&mut self.0)
+    }
+}
+
+/// Allocates [`StagingBuffer`]s, from any thread.
+#[derive(Clone)]
+pub struct HostAllocator;
+
+impl HostAllocator {
+    /// A zeroed buffer of `len` bytes.
+    pub(crate) fn staging(&self, len: usize) -> Result<StagingBuffer> {
+        Ok(StagingBuffer(vec![0; len.max(1)]))
+    }
+}
+
 /// One recorded operation of a graph, its parameters held by value.
 enum Op {
     Kernel { name: &'static str, launch: Launch, params: Vec<(u64, usize)> },
@@ -485,6 +512,26 @@ impl CudaDevice {
     pub(crate) fn pinned<T>(&self, len: usize) -> Result<PinnedHostSlice<T>> {
         self.not_capturing("allocating pinned host memory")?;
         Ok(PinnedHostSlice(CudaSlice::new(len, 0, &Arc::new(AtomicUsize::new(0)))?))
+    }
+
+    /// What allocates staging buffers, from any thread.
+    pub(crate) fn host_allocator(&self) -> HostAllocator {
+        HostAllocator
+    }
+
+    /// Copy the first `len` bytes of `buf` into `d` from byte `start` on (checked), in
+    /// stream order.
+    pub(crate) fn upload_staged(
+        &self,
+        buf: &mut StagingBuffer,
+        len: usize,
+        d: &mut CudaSlice<u8>,
+        start: usize,
+    ) -> Result<()> {
+        let host = buf.0.get(..len).ok_or_else(|| {
+            Error::Backend(format!("upload of {len} staged bytes from a buffer of {}", buf.len()))
+        })?;
+        self.upload_at(host, d, start)
     }
 
     /// Download `len` elements of `d` into `host`.

@@ -35,9 +35,9 @@ use super::linear::{Input, Product, Scratch};
 use super::mla::MlaActs;
 use super::model::{CudaModel, WeightRef};
 use super::moe::{KeyLayout, MoeActs};
+use super::streamed::Staged;
 use super::taps::Taps;
 use crate::backend::memory::kv_cache_widths;
-use crate::backend::stream::StagedLayer;
 use crate::hooks::{HookKind, SpikeStats};
 use crate::model::arch::Logits;
 use crate::model::ModelConfig;
@@ -392,8 +392,9 @@ impl CudaModel {
         let mut normed: Option<Input> = None;
 
         // Streamed layers: a host thread reads and converts layer l + 1 from the model's
-        // files while the device runs layer l; each is copied into the one device slot
-        // (stream-ordered after the previous layer's kernels, so the slot is free by then).
+        // files (into a page-locked buffer when the pool has room) while the device runs
+        // layer l; each is copied into the one device slot (stream-ordered after the previous
+        // layer's kernels, so the slot is free by then).
         // A mixture of experts routing few rows reads a sparse layer's routed experts only
         // once routing has chosen them (`fetch`, below).
         let slot = std::cell::RefCell::new(
@@ -406,7 +407,7 @@ impl CudaModel {
             && self.stream.as_ref().is_some_and(|st| st.selects_experts(rows));
         std::thread::scope(|scope| -> Result<()> {
             let staged = self.stream.as_ref().map(|st| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<StagedLayer>>(1);
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Staged<'_>>>(1);
                 scope.spawn(move || {
                     for l in 0..c.num_layers {
                         let staged = st.stage_ahead(l, select);
@@ -426,7 +427,7 @@ impl CudaModel {
                                 "the layer streaming thread stopped before layer {l}"
                             ))
                         })??;
-                        st.upload(dev, &layer, buf)?;
+                        st.upload(dev, layer, buf)?;
                         Some(dev.ptr(buf))
                     }
                     _ => None,

@@ -546,7 +546,8 @@ impl CudaModel {
         m.router_bias = router_biases(&m.config, |n| {
             lazy.contains(n).then(|| lazy.tensor(n).map(|t| t.data)).transpose()
         })?;
-        m.stream = Some(Streamed::new(lazy, layouts, slot));
+        let alloc = m.dev.host_allocator();
+        m.stream = Some(Streamed::new(lazy, layouts, slot, alloc));
         Ok(m)
     }
 

@@ -1,16 +1,19 @@
 //! The streamed mode of a [`CudaModel`](super::CudaModel): layers stay in the model's files
 //! and pass through one device slot on every forward pass; edits of layer weights live in a
 //! host [`Overlay`] that every upload applies. Reading and editing a streamed weight reads
-//! its tensor from the files (a full tensor; edits are rare next to passes).
+//! its tensor from the files (a full tensor; edits are rare next to passes). Layers are
+//! staged in page-locked buffers ([`StagingPool`]) when host memory allows, so that their
+//! uploads run at the bus's rate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::driver::{CudaDevice, CudaSlice};
+use super::driver::{CudaDevice, CudaSlice, HostAllocator, StagingBuffer};
 use super::CudaModel;
 
 use crate::backend::stream::{
-    split_layer_name, stage_part, LayerPart, Overlay, SlotEntry, SlotLayout, StagedLayer,
+    split_layer_name, stage_part, stage_part_into, LayerPart, Overlay, SlotEntry, SlotLayout,
+    StagedLayer,
 };
 use crate::model::LazyModel;
 use crate::{Error, Result};
@@ -30,20 +33,140 @@ pub(crate) struct Streamed {
     /// experts reads each routed expert only once routing has chosen it
     /// ([`CudaModel::set_selective_experts`]).
     pub(crate) select_experts: bool,
-    /// What has been copied into the slot: bytes, and routed experts read alone.
-    pub(crate) staged: [AtomicU64; 2],
+    /// What has been copied into the slot: bytes, routed experts read alone, and the bytes
+    /// uploaded from page-locked staging buffers.
+    pub(crate) staged: [AtomicU64; 3],
+    /// The page-locked buffers layers are staged in.
+    pub(crate) pool: StagingPool,
+}
+
+/// A layer part read for the slot: in a page-locked buffer of the pool, or in pageable
+/// memory when the pool's budget has no room for it.
+pub(crate) enum Staged<'a> {
+    /// `len` bytes for the slot from byte `offset` on, at the start of `buf`.
+    Pinned { offset: usize, len: usize, buf: Pooled<'a> },
+    /// In pageable memory.
+    Pageable(StagedLayer),
+}
+
+/// Page-locked host buffers for staging layers, reused from pass to pass, holding at most
+/// `budget` bytes in all. A streamed pass has at most five in use: the one the streaming
+/// thread fills, the one waiting in its channel, the one being uploaded (each upload is
+/// asynchronous; the next write to its buffer waits for it), and, while routed experts are
+/// read once chosen, two more for the expert thread (the one it fills, the one waiting). A request that the budget has no room for gets `None`: that part
+/// is staged in pageable memory, as every part was before (never a wait, never an error).
+pub(crate) struct StagingPool {
+    alloc: HostAllocator,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    free: Vec<StagingBuffer>,
+    /// Bytes allocated, free or in use.
+    live: usize,
+    budget: usize,
+}
+
+/// A buffer taken from a [`StagingPool`]; it goes back when dropped.
+pub(crate) struct Pooled<'a> {
+    buf: Option<StagingBuffer>,
+    pool: &'a StagingPool,
+}
+
+impl Pooled<'_> {
+    fn get(&mut self) -> Result<&mut StagingBuffer> {
+        self.buf.as_mut().ok_or_else(|| Error::Backend("a staging buffer given back".into()))
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.lock().free.push(b);
+        }
+    }
+}
+
+impl StagingPool {
+    /// A pool of at most `budget` bytes.
+    pub(crate) fn new(alloc: HostAllocator, budget: usize) -> Self {
+        StagingPool { alloc, state: Mutex::new(PoolState { free: Vec::new(), live: 0, budget }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set the budget, freeing the free buffers (those in use go back to the pool and are
+    /// kept while they fit).
+    pub(crate) fn set_budget(&self, budget: usize) {
+        let mut s = self.lock();
+        s.budget = budget;
+        let freed: usize = s.free.drain(..).map(|b| b.len()).sum();
+        s.live -= freed;
+    }
+
+    /// A free buffer of at least `len` bytes, or a new one in place of a smaller free one
+    /// (so the pool has no more buffers than were ever in use at once) if the budget allows,
+    /// freeing more of the smaller ones to make room; `None` when it does not, or
+    /// allocation fails.
+    pub(crate) fn take(&self, len: usize) -> Option<Pooled<'_>> {
+        let mut s = self.lock();
+        if let Some(i) = s.free.iter().position(|b| b.len() >= len) {
+            let buf = s.free.swap_remove(i);
+            return Some(Pooled { buf: Some(buf), pool: self });
+        }
+        if let Some(small) = s.free.pop() {
+            s.live -= small.len();
+        }
+        while s.live + len > s.budget {
+            let b = s.free.pop()?;
+            s.live -= b.len();
+        }
+        s.live += len;
+        drop(s);
+        match self.alloc.staging(len) {
+            Ok(buf) => Some(Pooled { buf: Some(buf), pool: self }),
+            Err(_) => {
+                self.lock().live -= len;
+                None
+            }
+        }
+    }
+
+    /// Bytes of page-locked memory the pool holds.
+    pub(crate) fn live(&self) -> usize {
+        self.lock().live
+    }
+}
+
+/// The page-locked staging a streamed model may hold by default: a quarter of the host's
+/// memory (`/proc/meminfo`), or 2 GiB where that cannot be read.
+pub(crate) fn default_staging_budget() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<usize>().ok()
+    });
+    total.map_or(2 << 30, |kib| kib.saturating_mul(1024) / 4)
 }
 
 impl Streamed {
-    /// The layers and edits of `lazy` streamed through `slot`.
-    pub(crate) fn new(lazy: Arc<LazyModel>, layouts: Vec<SlotLayout>, slot: CudaSlice<u8>) -> Self {
+    /// The layers and edits of `lazy` streamed through `slot`, staged in page-locked
+    /// memory of `alloc` up to the default budget.
+    pub(crate) fn new(
+        lazy: Arc<LazyModel>,
+        layouts: Vec<SlotLayout>,
+        slot: CudaSlice<u8>,
+        alloc: HostAllocator,
+    ) -> Self {
         Streamed {
             lazy,
             layouts,
             overlay: Overlay::default(),
             slot: Mutex::new(slot),
             select_experts: true,
-            staged: [AtomicU64::new(0), AtomicU64::new(0)],
+            staged: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            pool: StagingPool::new(alloc, default_staging_budget()),
         }
     }
 
@@ -56,21 +179,48 @@ impl Streamed {
 
     /// What a pass reads of layer `l` ahead of running it: all of it, or without its routed
     /// experts (`select`).
-    pub(crate) fn stage_ahead(&self, l: usize, select: bool) -> Result<StagedLayer> {
+    pub(crate) fn stage_ahead(&self, l: usize, select: bool) -> Result<Staged<'_>> {
         let layout = &self.layouts[l];
         let part = if select && layout.experts() > 0 { LayerPart::Base } else { LayerPart::Whole };
-        stage_part(&self.lazy, l, layout, part, &self.overlay)
+        self.stage(l, part)
     }
 
-    /// Copy `staged` into its place in `slot`, in stream order, and count its bytes.
+    /// Part `part` of layer `l`, read from the files with the edits applied: into a
+    /// page-locked buffer when the pool has room, else into pageable memory.
+    pub(crate) fn stage(&self, l: usize, part: LayerPart) -> Result<Staged<'_>> {
+        let layout = &self.layouts[l];
+        let len = layout.part_range(part).map_or(0, |r| r.len());
+        match self.pool.take(len) {
+            Some(mut buf) => {
+                let offset = layout.part_range(part).map_or(0, |r| r.start);
+                let out = buf.get()?.writable()?;
+                stage_part_into(&self.lazy, l, layout, part, &self.overlay, &mut out[..len])?;
+                Ok(Staged::Pinned { offset, len, buf })
+            }
+            None => Ok(Staged::Pageable(stage_part(&self.lazy, l, layout, part, &self.overlay)?)),
+        }
+    }
+
+    /// Copy `staged` into its place in `slot`, in stream order, and count its bytes (a
+    /// page-locked buffer goes back to the pool, its upload still in flight).
     pub(crate) fn upload(
         &self,
         dev: &CudaDevice,
-        staged: &StagedLayer,
+        staged: Staged<'_>,
         slot: &mut CudaSlice<u8>,
     ) -> Result<()> {
-        dev.upload_at(&staged.bytes, slot, staged.offset)?;
-        self.staged[0].fetch_add(staged.bytes.len() as u64, Ordering::Relaxed);
+        let len = match staged {
+            Staged::Pinned { offset, len, mut buf } => {
+                dev.upload_staged(buf.get()?, len, slot, offset)?;
+                self.staged[2].fetch_add(len as u64, Ordering::Relaxed);
+                len
+            }
+            Staged::Pageable(s) => {
+                dev.upload_at(&s.bytes, slot, s.offset)?;
+                s.bytes.len()
+            }
+        };
+        self.staged[0].fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -96,11 +246,9 @@ impl Streamed {
                 todo.push(e);
             }
         }
-        let stage = |e: usize| {
-            stage_part(&self.lazy, l, &self.layouts[l], LayerPart::Expert(e), &self.overlay)
-        };
-        let mut put = |e: usize, staged: StagedLayer| -> Result<()> {
-            self.upload(dev, &staged, slot)?;
+        let stage = |e: usize| self.stage(l, LayerPart::Expert(e));
+        let mut put = |e: usize, staged: Staged<'_>| -> Result<()> {
+            self.upload(dev, staged, slot)?;
             self.staged[1].fetch_add(1, Ordering::Relaxed);
             read[e] = true;
             Ok(())
@@ -109,7 +257,7 @@ impl Streamed {
             return todo.iter().try_for_each(|&e| put(e, stage(e)?));
         }
         std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<StagedLayer>)>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<Staged<'_>>)>(1);
             let order = &todo;
             scope.spawn(move || {
                 for &e in order {
@@ -238,5 +386,26 @@ impl CudaModel {
         self.stream.as_ref().map_or((0, 0), |st| {
             (st.staged[0].load(Ordering::Relaxed), st.staged[1].load(Ordering::Relaxed))
         })
+    }
+
+    /// Of [`Self::streamed_bytes`]' bytes, those uploaded from page-locked staging buffers.
+    pub fn streamed_pinned_bytes(&self) -> u64 {
+        self.stream.as_ref().map_or(0, |st| st.staged[2].load(Ordering::Relaxed))
+    }
+
+    /// The page-locked host memory a streamed model may hold for staging its layers (by
+    /// default a quarter of the host's memory; 0: none, every layer is staged in pageable
+    /// memory). A layer staged in page-locked memory is uploaded by one DMA, which the
+    /// driver cannot do from pageable memory; results are bit-identical either way. A part
+    /// that does not fit is staged in pageable memory. No effect on a resident model.
+    pub fn set_pinned_staging(&self, bytes: usize) {
+        if let Some(st) = self.stream.as_ref() {
+            st.pool.set_budget(bytes);
+        }
+    }
+
+    /// The page-locked staging memory a streamed model holds now (0 for a resident model).
+    pub fn pinned_staging_bytes(&self) -> usize {
+        self.stream.as_ref().map_or(0, |st| st.pool.live())
     }
 }
