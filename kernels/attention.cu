@@ -327,8 +327,10 @@ extern "C" __global__ void swk_attention_merge(const float* part, float* out, u1
 
 // Queries per block of swk_attention_rows (the host's kernels::ATTENTION_ROWS).
 #define ATTENTION_ROWS 16
-// Output dims per thread of swk_attention_rows: head_dim <= ATTENTION_ROW_DIMS * blockDim.x.
+// Output dims per thread of swk_attention_rows: head_dim <= ATTENTION_ROW_DIMS * blockDim.x;
+// of swk_attention_rows_wide, ATTENTION_WIDE_DIMS (DeepSeek's 576-wide latent rows).
 #define ATTENTION_ROW_DIMS 2
+#define ATTENTION_WIDE_DIMS 5
 
 // Attention for queries that share their keys, ATTENTION_ROWS (16) of them a block: `group`
 // heads of one KV head (grouped-query attention; `group` divides n_heads / n_kv) times
@@ -346,22 +348,27 @@ extern "C" __global__ void swk_attention_merge(const float* part, float* out, u1
 // (decoding split over blocks): block z takes keys chunk * z .. chunk * (z + 1) of the block's
 // range and writes each query's m, sum and acc to part as swk_attention_split does, for
 // swk_attention_merge.
+// When vc == kc (latent attention: the values are the cache rows the keys are), a tile's rows
+// are read once and serve as both.
 // swk_attention's parameters (pattern must be null), `tile`, `group`, `chunk` and `part`; grid
-// (ceil(rows / (16 / group)), n_heads / group, splits), block 128; hd <= ATTENTION_ROW_DIMS * 128.
+// (ceil(rows / (16 / group)), n_heads / group, splits), block 128; hd <= DIMS * 128.
 // Shared memory, in floats: the queries ATTENTION_ROWS * (hd + 1), the keys tile * (hd + 1),
-// the values tile * hd, the weights ATTENTION_ROWS * tile, and per query its max, sum and
-// rescaling (3 * ATTENTION_ROWS); the +1 pads rows read across threads onto different banks.
-extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, const float* vc, float* out,
-                                              float* pattern, int rows, int pos0, int n_heads, int n_kv,
-                                              int hd, int window, float scale, float softcap, u16* split,
-                                              int tile, int group, int chunk, float* part) {
-    (void)pattern;
-    SWK_DYNAMIC_SHARED(float, smem);
+// the values tile * hd (none when vc == kc), the weights ATTENTION_ROWS * tile, and per query
+// its max, sum and rescaling (3 * ATTENTION_ROWS); the +1 pads rows read across threads onto
+// different banks.
+// `smem` is the launch's dynamic shared memory (declared by the kernels that call this).
+template <int DIMS>
+__device__ __forceinline__ void attention_rows(float* smem, const float* q, const float* kc, const float* vc,
+                                               float* out, int rows, int pos0, int n_heads, int n_kv, int hd,
+                                               int window, float scale, float softcap, u16* split, int tile,
+                                               int group, int chunk, float* part) {
     const int lq = hd + 1;
-    float* qs = smem;                            // [ATTENTION_ROWS][lq]
-    float* ks = qs + ATTENTION_ROWS * lq;        // [tile][lq]
-    float* vs = ks + tile * lq;                  // [tile][hd]
-    float* ps = vs + tile * hd;                  // [ATTENTION_ROWS][tile]
+    const bool same = vc == kc;                   // the values are the keys' rows
+    const int lv = same ? lq : hd;                // a value row's stride in shared memory
+    float* qs = smem;                             // [ATTENTION_ROWS][lq]
+    float* ks = qs + ATTENTION_ROWS * lq;         // [tile][lq]
+    float* vs = same ? ks : ks + tile * lq;       // [tile][lv]
+    float* ps = same ? vs + tile * lq : vs + tile * hd;  // [ATTENTION_ROWS][tile]
     float* row_max = ps + ATTENTION_ROWS * tile; // [ATTENTION_ROWS]
     float* row_sum = row_max + ATTENTION_ROWS;
     float* row_rescale = row_sum + ATTENTION_ROWS;
@@ -395,11 +402,11 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
         k_end = min(k_end, from + chunk);
         k_begin = from;
     }
-    float acc[ATTENTION_ROWS][ATTENTION_ROW_DIMS];
+    float acc[ATTENTION_ROWS][DIMS];
 #pragma unroll
     for (int v = 0; v < ATTENTION_ROWS; ++v) {
 #pragma unroll
-        for (int i = 0; i < ATTENTION_ROW_DIMS; ++i) {
+        for (int i = 0; i < DIMS; ++i) {
             acc[v][i] = 0.0f;
         }
     }
@@ -411,7 +418,9 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
             const int j = i / hd, d = i % hd;
             const size_t at = (size_t)(k0 + j) * kv_w + (size_t)kvh * hd + d;
             ks[j * lq + d] = j < n ? kc[at] : 0.0f;
-            vs[j * hd + d] = j < n ? vc[at] : 0.0f;
+            if (!same) {
+                vs[j * hd + d] = j < n ? vc[at] : 0.0f;
+            }
         }
         __syncthreads();
         // Scores and the online softmax: the pairs of a query are `tile` adjacent lanes of one
@@ -451,14 +460,14 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
         }
         __syncthreads();
 #pragma unroll
-        for (int di = 0; di < ATTENTION_ROW_DIMS; ++di) {
+        for (int di = 0; di < DIMS; ++di) {
             const int d = threadIdx.x + di * blockDim.x;
             if (d < hd) {
 #pragma unroll
                 for (int v = 0; v < ATTENTION_ROWS; ++v) {
                     float a = __fmul_rn(acc[v][di], row_rescale[v]);
                     for (int j = 0; j < n; ++j) {
-                        a = __fadd_rn(a, __fmul_rn(ps[v * tile + j], vs[j * hd + d]));
+                        a = __fadd_rn(a, __fmul_rn(ps[v * tile + j], vs[j * lv + d]));
                     }
                     acc[v][di] = a;
                 }
@@ -468,7 +477,7 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
     __syncthreads();
     const u64 total = (u64)rows * n_heads * hd;
 #pragma unroll
-    for (int di = 0; di < ATTENTION_ROW_DIMS; ++di) {
+    for (int di = 0; di < DIMS; ++di) {
         const int d = threadIdx.x + di * blockDim.x;
         if (d < hd) {
 #pragma unroll
@@ -494,4 +503,26 @@ extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, c
             }
         }
     }
+}
+
+extern "C" __global__ void swk_attention_rows(const float* q, const float* kc, const float* vc, float* out,
+                                              float* pattern, int rows, int pos0, int n_heads, int n_kv,
+                                              int hd, int window, float scale, float softcap, u16* split,
+                                              int tile, int group, int chunk, float* part) {
+    (void)pattern;
+    SWK_DYNAMIC_SHARED(float, smem);
+    attention_rows<ATTENTION_ROW_DIMS>(smem, q, kc, vc, out, rows, pos0, n_heads, n_kv, hd, window, scale,
+                                       softcap, split, tile, group, chunk, part);
+}
+
+// swk_attention_rows for head dims past ATTENTION_ROW_DIMS * 128, up to ATTENTION_WIDE_DIMS * 128
+// (its accumulators take more registers, so the narrow kernel stays separate).
+extern "C" __global__ void swk_attention_rows_wide(const float* q, const float* kc, const float* vc, float* out,
+                                                   float* pattern, int rows, int pos0, int n_heads, int n_kv,
+                                                   int hd, int window, float scale, float softcap, u16* split,
+                                                   int tile, int group, int chunk, float* part) {
+    (void)pattern;
+    SWK_DYNAMIC_SHARED(float, smem);
+    attention_rows<ATTENTION_WIDE_DIMS>(smem, q, kc, vc, out, rows, pos0, n_heads, n_kv, hd, window, scale,
+                                        softcap, split, tile, group, chunk, part);
 }

@@ -248,11 +248,19 @@ impl CudaDevice {
         (scale, softcap): (f32, Option<f32>),
         partial: impl FnOnce(usize) -> Result<u64>,
     ) -> Result<()> {
+        if (kc == vc) != s.values_are_keys {
+            return Err(Error::Backend(format!(
+                "attention: values_are_keys is {} but the key and value caches are {}",
+                s.values_are_keys,
+                if kc == vc { "one buffer" } else { "two buffers" }
+            )));
+        }
         let limits = kernels::AttentionLimits {
             shared: self.shared_limit,
             blocks: pattern == 0
                 && self.attention_blocks.load(std::sync::atomic::Ordering::Relaxed),
             split_keys: self.split_keys,
+            narrow_rows: self.narrow_rows,
         };
         let plan = kernels::attention(s, &limits)?;
         let (r, p, nh, nkv, d) = (
@@ -271,7 +279,7 @@ impl CudaDevice {
         };
         let chunk = int(plan.split.map_or(0, |sp| sp.chunk), "keys per split")?;
         match kernel {
-            "swk_attention_rows" => {
+            "swk_attention_rows" | "swk_attention_rows_wide" => {
                 let g = int(plan.group, "heads a block")?;
                 launch!(
                     self, kernel, l, q, kc, vc, out, pattern, r, p, nh, nkv, d, w, scale, cap,

@@ -185,6 +185,9 @@ pub struct CudaDevice {
     pub(super) attention_blocks: AtomicBool,
     /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
     pub(super) split_keys: usize,
+    /// Whether small heads take `swk_attention_rows` (tests turn it off to run
+    /// `swk_attention_rows_wide` on them).
+    pub(super) narrow_rows: bool,
     sm_count: usize,
     /// While profiling, what it has timed.
     profile: Mutex<Option<Timings>>,
@@ -244,7 +247,7 @@ impl CudaDevice {
         if shared_limit > kernels::DEFAULT_SHARED_BYTES {
             // Leave room for the kernels' own (tiny) static shared memory.
             let dynamic = (shared_limit - 1024) as i32;
-            for k in ["swk_attention", "swk_attention_rows"] {
+            for k in ["swk_attention", "swk_attention_rows", "swk_attention_rows_wide"] {
                 // SAFETY: the function is a loaded function of a live module.
                 unsafe {
                     driver::result::function::set_function_attribute(
@@ -285,6 +288,7 @@ impl CudaDevice {
             capturing: AtomicBool::new(false),
             attention_blocks: AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
+            narrow_rows: true,
         })
     }
 

@@ -263,6 +263,9 @@ pub struct CudaDevice {
     pub(super) attention_blocks: AtomicBool,
     /// Keys per block of a split decode at least ([`kernels::ATTENTION_SPLIT_KEYS`]).
     pub(super) split_keys: usize,
+    /// Whether small heads take `swk_attention_rows` (tests turn it off to run
+    /// `swk_attention_rows_wide` on them).
+    pub(super) narrow_rows: bool,
     used: Arc<AtomicUsize>,
     /// The operations of a capture in progress.
     recording: Mutex<Option<Vec<Op>>>,
@@ -301,6 +304,7 @@ impl CudaDevice {
             profile: Mutex::new(profile::profiling_process().then(Totals::default)),
             attention_blocks: AtomicBool::new(true),
             split_keys: kernels::ATTENTION_SPLIT_KEYS,
+            narrow_rows: true,
         })
     }
 

@@ -625,6 +625,7 @@ impl CudaModel {
             kv_heads: nkv,
             head_dim: hd,
             window,
+            values_are_keys: false,
         };
         let part = |n| sc.attention(dev, n);
         dev.attention((q, kc, vc), out, &shape, nkv, (scale, softcap), part)?;
@@ -1193,21 +1194,38 @@ mod device_tests {
     /// the logits of decoding with a block per row and head (`set_attention_blocks(false)`:
     /// `swk_attention`) within 1e-5 (f32 weights): sliding windows of 4 and 5 keys (Mistral,
     /// Gemma 2 and 3, Phi-3), soft-capping (Gemma 2), two heads a KV head, GPT-2's learned
-    /// positions and separate heads. On the emulator, threads and blocks in reverse order
-    /// give the same bits (no race).
+    /// positions and separate heads, DeepSeek's latent rows (four heads sharing one row that
+    /// is also the value, read once). So do prefill and decoding in `swk_attention_rows_wide`
+    /// (the kernel of heads past 256 wide, run here on small ones). On the emulator, threads
+    /// and blocks in reverse order give the same bits (no race).
     #[test]
     fn row_blocks_match_a_block_a_row() {
         if !cuda_available() {
             eprintln!("skipped: no CUDA device");
             return;
         }
-        for name in ["llama", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "qwen2", "olmo2"] {
+        let families = [
+            "llama",
+            "mistral",
+            "gemma2",
+            "gemma3",
+            "phi3",
+            "gpt2",
+            "qwen2",
+            "olmo2",
+            "deepseek_v3",
+        ];
+        for name in families {
             let m = Model::load(&super::super::tiny_fixture(name)).expect("tiny fixture");
             let v = m.config.vocab_size as u32;
             let tokens: Vec<u32> = (0..41).map(|i| (i * 37 + 11) % v).collect();
             let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
             let mut g = CudaModel::new(&m, &opts).expect("upload");
-            let hd = m.config.head_dim;
+            // A head's width in the cache, and whether its values are its keys (latent rows).
+            let (hd, values_are_keys) = match kv_cache_widths(&m.config) {
+                (k, 0) => (k, true),
+                _ => (m.config.head_dim, false),
+            };
             let decode = |g: &CudaModel| {
                 let mut cache = CudaKvCache::new(g);
                 let mut rows = Vec::new();
@@ -1248,10 +1266,26 @@ mod device_tests {
             let limit = g.dev.shared_limit;
             let mut smaller = Vec::new();
             for tile in [16, 8] {
-                g.dev.shared_limit = super::super::kernels::attention_rows_shared_bytes(hd, tile);
+                g.dev.shared_limit =
+                    super::super::kernels::attention_rows_shared_bytes(hd, tile, values_are_keys);
                 smaller.push(prefill(&g));
             }
             g.dev.shared_limit = limit;
+            // The wide kernel.
+            g.dev.narrow_rows = false;
+            #[cfg(not(feature = "cuda"))]
+            let before = g.dev.launches_of("swk_attention_rows_wide");
+            let wide = (prefill(&g), decode(&g));
+            #[cfg(not(feature = "cuda"))]
+            {
+                let launched = g.dev.launches_of("swk_attention_rows_wide") > before;
+                assert!(launched, "{name}: the wide kernel did not run");
+                super::super::emulate_in_reverse(true);
+                let reverse = (prefill(&g), decode(&g));
+                super::super::emulate_in_reverse(false);
+                assert!(reverse == wide, "{name}: the wide kernel depends on the thread order");
+            }
+            g.dev.narrow_rows = true;
             let runs = [
                 ("one prefill", &whole),
                 ("5 + 36", &parts),
@@ -1259,6 +1293,8 @@ mod device_tests {
                 ("a block per row", &off),
                 ("tiles of 16", &smaller[0]),
                 ("tiles of 8", &smaller[1]),
+                ("wide kernel prefill", &wide.0),
+                ("wide kernel decoding", &wide.1),
             ];
             for (what, got) in runs {
                 assert_eq!(got.len(), want.len(), "{name} {what}");
@@ -1270,14 +1306,72 @@ mod device_tests {
         }
     }
 
+    /// DeepSeek's real latent rows: 576 wide (kv_lora_rank 512 + rope 64), past
+    /// `swk_attention_rows`' 256, so `swk_attention_rows_wide` runs them, the four heads of
+    /// the one shared row in a block, each tile read once for keys and values. A random
+    /// model of those widths (hidden 64, 2 layers, f32): a 20-token prefill, then decoding
+    /// with splits of at least 3 keys, give the logits of a block per row and head
+    /// (`set_attention_blocks(false)`) within 1e-4 of the largest logit; on the emulator
+    /// the wide kernel runs and reversed thread order gives the same bits.
+    #[test]
+    fn wide_latent_rows_match_a_block_a_row() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let tiny = super::super::tiny_fixture("deepseek_v3");
+        let text = std::fs::read_to_string(format!("{tiny}/config.json")).expect("config");
+        let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        json["kv_lora_rank"] = 512.into();
+        json["qk_rope_head_dim"] = 64.into();
+        json["qk_head_dim"] = (json["qk_nope_head_dim"].as_u64().expect("nope") + 64).into();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json.to_string()).expect("config written");
+        let c = crate::model::ModelConfig::from_hf_json(&path).expect("config");
+        assert_eq!(kv_cache_widths(&c), (576, 0));
+        let opts = CudaOptions { dtype: WeightDtype::F32, ..Default::default() };
+        let mut g = CudaModel::random(&c, 7, &opts).expect("random model");
+        let v = c.vocab_size as u32;
+        let tokens: Vec<u32> = (0..26).map(|i| (i * 37 + 11) % v).collect();
+        let run = |g: &CudaModel| {
+            let mut cache = CudaKvCache::new(g);
+            let mut rows = g.forward(&tokens[..20], &mut cache, None, Logits::All).expect("20");
+            for &t in &tokens[20..] {
+                rows.extend(g.forward(&[t], &mut cache, None, Logits::Last).expect("decode"));
+            }
+            rows
+        };
+        g.set_attention_blocks(false);
+        let want = run(&g);
+        g.set_attention_blocks(true);
+        g.dev.split_keys = 3;
+        #[cfg(not(feature = "cuda"))]
+        let before = g.dev.launches_of("swk_attention_rows_wide");
+        let got = run(&g);
+        #[cfg(not(feature = "cuda"))]
+        {
+            assert!(g.dev.launches_of("swk_attention_rows_wide") > before, "no wide row blocks");
+            super::super::emulate_in_reverse(true);
+            let reverse = run(&g);
+            super::super::emulate_in_reverse(false);
+            assert!(reverse == got, "the wide kernel depends on the thread order");
+        }
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(scale > 0.0 && err <= 1e-4, "max error {err:.2e} of the largest logit {scale}");
+    }
+
     /// Decoding with more keys than a split holds splits each row's keys over blocks
     /// (`swk_attention_split`, or `swk_attention_rows` for the heads of a KV head) and merges
     /// them (`swk_attention_merge`): with splits of at least 3 keys, a token-by-token decode
     /// of 17 tokens (up to 6 splits) gives the logits of a block per row and head
     /// (`set_attention_blocks(false)`) within 1e-5 (f32 weights): sliding windows (Mistral,
     /// Gemma 2, Phi-3), soft-capping, two heads a KV head, separate heads (GPT-2), and
-    /// DeepSeek-V3's absorbed latent attention (576 wide). On the emulator the split runs,
-    /// and reversed thread order gives the same bits.
+    /// DeepSeek-V3's absorbed latent attention (its heads grouped on their one shared row),
+    /// in `swk_attention_rows` and in `swk_attention_rows_wide`. On the emulator the split
+    /// runs, and reversed thread order gives the same bits.
     #[test]
     fn split_decoding_matches_a_block_a_row() {
         if !cuda_available() {
@@ -1315,11 +1409,16 @@ mod device_tests {
                 super::super::emulate_in_reverse(false);
                 assert!(reverse == got, "{name}: the split depends on the thread order");
             }
+            g.dev.narrow_rows = false;
+            let wide = decode(&g);
+            g.dev.narrow_rows = true;
             g.dev.split_keys = default_keys;
-            assert_eq!(got.len(), want.len(), "{name}");
-            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
-                let err = (x - y).abs() / y.abs().max(1.0);
-                assert!(err <= 1e-5, "{name} [{i}]: {x} against {y}");
+            for (what, got) in [("split", &got), ("wide kernel split", &wide)] {
+                assert_eq!(got.len(), want.len(), "{name} {what}");
+                for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                    let err = (x - y).abs() / y.abs().max(1.0);
+                    assert!(err <= 1e-5, "{name} {what} [{i}]: {x} against {y}");
+                }
             }
         }
     }

@@ -20,8 +20,12 @@ pub const ATTENTION_ROWS: usize = 16;
 /// Output dims each thread of `swk_attention_rows` accumulates (`ATTENTION_ROW_DIMS`): it
 /// takes head dims up to `ATTENTION_ROW_DIMS * ATTENTION_BLOCK`.
 pub const ATTENTION_ROW_DIMS: usize = 2;
-/// Keys per tile of `swk_attention_rows`, largest first: the first whose shared memory fits.
-pub const ATTENTION_ROW_TILES: [usize; 3] = [32, 16, 8];
+/// Output dims each thread of `swk_attention_rows_wide` accumulates
+/// (`ATTENTION_WIDE_DIMS`): head dims up to `ATTENTION_WIDE_DIMS * ATTENTION_BLOCK` (640:
+/// DeepSeek's 576-wide latent rows).
+pub const ATTENTION_WIDE_DIMS: usize = 5;
+/// Keys per tile of the row-block kernels, largest first: the first whose shared memory fits.
+pub const ATTENTION_ROW_TILES: [usize; 5] = [32, 16, 8, 4, 2];
 /// Keys per block of `swk_attention_split` at least (a row with fewer is not split).
 pub const ATTENTION_SPLIT_KEYS: usize = 512;
 /// Most blocks one row's keys are split over.
@@ -63,6 +67,7 @@ pub const KERNELS: &[&str] = &[
     "swk_attention",
     "swk_attention_merge",
     "swk_attention_rows",
+    "swk_attention_rows_wide",
     "swk_attention_split",
     "swk_attention_tiled",
     "swk_bf16_to_f32",
@@ -407,12 +412,13 @@ pub fn attention_shared_bytes(head_dim: usize, max_keys: usize) -> usize {
     (32 + head_dim + max_keys) * std::mem::size_of::<f32>()
 }
 
-/// Dynamic shared memory of `swk_attention_rows` with tiles of `tile` keys: the block's
-/// queries, a tile of keys (rows padded by one float) and of values, the weights, and three
-/// floats per row.
-pub fn attention_rows_shared_bytes(head_dim: usize, tile: usize) -> usize {
+/// Dynamic shared memory of the row-block kernels with tiles of `tile` keys: the block's
+/// queries, a tile of keys (rows padded by one float) and of values (none when
+/// `values_are_keys`), the weights, and three floats per row.
+pub fn attention_rows_shared_bytes(head_dim: usize, tile: usize, values_are_keys: bool) -> usize {
     let (r, lq) = (ATTENTION_ROWS, head_dim + 1);
-    (r * lq + tile * lq + tile * head_dim + r * tile + 3 * r) * std::mem::size_of::<f32>()
+    let values = if values_are_keys { 0 } else { tile * head_dim };
+    (r * lq + tile * lq + values + r * tile + 3 * r) * std::mem::size_of::<f32>()
 }
 
 /// The shape of one attention launch: `rows` queries at positions `pos0..` of `heads` heads
@@ -431,6 +437,10 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Sliding window (None or Some(0): none).
     pub window: Option<usize>,
+    /// Whether the values are the keys' own rows (latent attention's cache): the row-block
+    /// kernels then read a tile once for both. The launch's key and value pointers must
+    /// then be equal, and differ otherwise.
+    pub values_are_keys: bool,
 }
 
 /// What the device allows an attention launch: its opt-in shared memory per block, whether
@@ -444,6 +454,10 @@ pub struct AttentionLimits {
     pub blocks: bool,
     /// Keys per split at least ([`ATTENTION_SPLIT_KEYS`]).
     pub split_keys: usize,
+    /// Whether head dims up to `ATTENTION_ROW_DIMS * ATTENTION_BLOCK` take
+    /// `swk_attention_rows` (always, but in tests that run `swk_attention_rows_wide` on
+    /// small heads).
+    pub narrow_rows: bool,
 }
 
 /// A split attention's second launch and its sizes.
@@ -469,7 +483,8 @@ impl AttentionSplit {
 /// its merge.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionPlan {
-    /// `swk_attention`, `swk_attention_rows`, `swk_attention_tiled` or `swk_attention_split`.
+    /// `swk_attention`, `swk_attention_rows`, `swk_attention_rows_wide`,
+    /// `swk_attention_tiled` or `swk_attention_split`.
     pub kernel: &'static str,
     /// The kernel's launch ([`ATTENTION_BLOCK`] threads).
     pub launch: Launch,
@@ -505,7 +520,8 @@ pub fn attention_group(heads: usize, kv_heads: usize) -> usize {
 ///   [`attention_group`] heads times 16 / group rows a block, grid (⌈rows / rows a block⌉,
 ///   heads / group, splits), the largest of [`ATTENTION_ROW_TILES`] that fits; decoding past
 ///   `limits.split_keys` keys splits each row's keys over blocks, merged by
-///   `swk_attention_merge`;
+///   `swk_attention_merge`; head dims up to `ATTENTION_WIDE_DIMS * ATTENTION_BLOCK` the same
+///   way in `swk_attention_rows_wide`;
 /// * with `limits.blocks`, other decoding past `limits.split_keys` keys:
 ///   `swk_attention_split`, grid (rows, heads, splits), then `swk_attention_merge`, grid
 ///   (rows, heads);
@@ -523,11 +539,16 @@ pub fn attention(s: &AttentionShape, limits: &AttentionLimits) -> Result<Attenti
     let grid = (rows as u64, s.heads as u64, 1);
     let merge = || Launch::new(grid, ATTENTION_BLOCK, 0);
     let group = attention_group(s.heads, s.kv_heads);
-    let row_dims = head_dim <= ATTENTION_ROW_DIMS * ATTENTION_BLOCK as usize;
-    if limits.blocks && row_dims && (rows > 1 || group > 1) {
+    let dims = |per_thread: usize| head_dim <= per_thread * ATTENTION_BLOCK as usize;
+    let rows_kernel = if limits.narrow_rows && dims(ATTENTION_ROW_DIMS) {
+        Some("swk_attention_rows")
+    } else {
+        dims(ATTENTION_WIDE_DIMS).then_some("swk_attention_rows_wide")
+    };
+    if let (true, Some(kernel), true) = (limits.blocks, rows_kernel, rows > 1 || group > 1) {
         let fits = ATTENTION_ROW_TILES
             .into_iter()
-            .map(|tile| (tile, attention_rows_shared_bytes(head_dim, tile)))
+            .map(|tile| (tile, attention_rows_shared_bytes(head_dim, tile, s.values_are_keys)))
             .find(|&(_, bytes)| bytes <= shared);
         if let Some((tile, bytes)) = fits {
             let per_block = ATTENTION_ROWS / group;
@@ -539,7 +560,7 @@ pub fn attention(s: &AttentionShape, limits: &AttentionLimits) -> Result<Attenti
             let split =
                 (splits > 1).then(|| merge().map(|merge| AttentionSplit { splits, chunk, merge }));
             let split = split.transpose()?;
-            return Ok(AttentionPlan { kernel: "swk_attention_rows", launch, tile, group, split });
+            return Ok(AttentionPlan { kernel, launch, tile, group, split });
         }
     }
     let tile = (shared / 4).saturating_sub(32 + head_dim).min(ATTENTION_TILE);
@@ -864,8 +885,17 @@ mod tests {
         shared: usize,
         blocks: bool,
     ) -> Result<AttentionPlan> {
-        let s = AttentionShape { rows, pos0, heads, kv_heads: heads, head_dim, window };
-        attention(&s, &AttentionLimits { shared, blocks, split_keys: ATTENTION_SPLIT_KEYS })
+        let s = AttentionShape {
+            rows,
+            pos0,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            window,
+            values_are_keys: false,
+        };
+        let split_keys = ATTENTION_SPLIT_KEYS;
+        attention(&s, &AttentionLimits { shared, blocks, split_keys, narrow_rows: true })
     }
 
     #[test]
@@ -916,9 +946,11 @@ mod tests {
         // keys that fits.
         let p = plan(512, 0, 32, 128, SHARED, true);
         assert_eq!((p.launch.grid, p.kernel, p.tile), ((32, 32, 1), "swk_attention_rows", 32));
-        assert_eq!(p.launch.shared_bytes as usize, attention_rows_shared_bytes(128, 32));
+        assert_eq!(p.launch.shared_bytes as usize, attention_rows_shared_bytes(128, 32, false));
         let rows_bytes = (16 * 129 + 32 * 129 + 32 * 128 + 16 * 32 + 48) * 4;
-        assert_eq!(attention_rows_shared_bytes(128, 32), rows_bytes);
+        assert_eq!(attention_rows_shared_bytes(128, 32, false), rows_bytes);
+        // Values that are the keys' rows take no shared memory of their own.
+        assert_eq!(attention_rows_shared_bytes(128, 32, true), rows_bytes - 32 * 128 * 4);
         assert!(rows_bytes <= SHARED);
         let p = attention_in(17, 100, 8, 64, Some(4), SHARED, true).unwrap();
         assert_eq!((p.launch.grid, p.kernel), ((2, 8, 1), "swk_attention_rows"));
@@ -942,6 +974,7 @@ mod tests {
             kv_heads: 32,
             head_dim: 128,
             window: None,
+            values_are_keys: false,
         };
         assert_eq!(sp.partial_floats(&shape), 32 * 8 * 130);
         // 513 keys: 2 splits of 257; 100 000 keys: 64 splits of 1563 in tiles of 1024.
@@ -949,10 +982,12 @@ mod tests {
         assert_eq!((sp.splits, sp.chunk), (2, 257));
         let p = plan(1, 99_999, 32, 128, SHARED, true);
         assert_eq!((p.split.unwrap().splits, p.split.unwrap().chunk, p.tile), (64, 1563, 1024));
-        // Latent attention's rows (576 wide) split too, a prefill of up to 16 rows included;
-        // a window of 4096 keys bounds the split.
+        // Heads 576 wide (as latent attention's rows) take the wide row kernel, split when
+        // decoding up to 16 rows (in 48 KiB, tiles of 2 keys with separate values); a window
+        // of 4096 keys bounds the split.
         let p = plan(9, 5000, 128, 576, SHARED, true);
-        assert_eq!((p.kernel, p.launch.grid), ("swk_attention_split", (9, 128, 10)));
+        assert_eq!((p.kernel, p.launch.grid), ("swk_attention_rows_wide", (1, 128, 10)));
+        assert_eq!(p.tile, 2);
         let p = attention_in(1, 100_000, 32, 128, Some(4096), SHARED, true).unwrap();
         assert_eq!(p.split.unwrap().splits, 8);
         // No split: 512 keys or fewer, more than 16 rows (of a wide head), the pattern hook.
@@ -962,7 +997,7 @@ mod tests {
             let p = plan(rows, pos0, 32, hd, SHARED, blocks);
             assert!(p.split.is_none(), "rows {rows} at {pos0}, head_dim {hd}: {}", p.kernel);
         }
-        for (rows, hd, blocks) in [(9, 257, true), (1, 128, true), (9, 128, false)] {
+        for (rows, hd, blocks) in [(9, 641, true), (1, 128, true), (9, 128, false)] {
             let k = plan(rows, 0, 8, hd, SHARED, blocks).kernel;
             assert_eq!(k, "swk_attention", "rows {rows}, head_dim {hd}, row blocks {blocks}");
         }
@@ -982,6 +1017,7 @@ mod tests {
             shared: DEFAULT_SHARED_BYTES,
             blocks: true,
             split_keys: ATTENTION_SPLIT_KEYS,
+            narrow_rows: true,
         };
         let shape = |rows, pos0, heads, kv_heads, head_dim| AttentionShape {
             rows,
@@ -990,6 +1026,7 @@ mod tests {
             kv_heads,
             head_dim,
             window: None,
+            values_are_keys: false,
         };
         // Llama-3-8B (32 heads over 8), decoding after 4095 tokens: 4 heads a block, the 4096
         // keys (and up to 3 more for a block's other rows) in 8 splits of 513.
@@ -1006,12 +1043,22 @@ mod tests {
         // Qwen2-7B's 28 heads over 4: 7 heads times 2 rows.
         let p = attention(&shape(9, 0, 28, 4, 128), &limits).unwrap();
         assert_eq!((p.group, p.launch.grid), (7, (5, 4, 1)));
-        // Without row blocks (the pattern hook) a block per row and head; a 576-wide latent
-        // row takes the split kernel.
+        // Without row blocks (the pattern hook) a block per row and head.
         let off = AttentionLimits { blocks: false, ..limits };
         assert_eq!(attention(&shape(1, 4095, 32, 8, 128), &off).unwrap().kernel, "swk_attention");
-        let p = attention(&shape(1, 4095, 128, 1, 576), &limits).unwrap();
-        assert_eq!((p.kernel, p.group), ("swk_attention_split", 1));
+        // DeepSeek-V3's latent rows (128 heads sharing one 576-wide row, which is also the
+        // value): 16 heads a block of the wide kernel, each tile read once for keys and
+        // values; tiles of 4 keys in 48 KiB, 32 with an H200's opt-in.
+        let latent = AttentionShape { values_are_keys: true, ..shape(1, 4095, 128, 1, 576) };
+        let p = attention(&latent, &limits).unwrap();
+        assert_eq!((p.kernel, p.group, p.tile), ("swk_attention_rows_wide", 16, 4));
+        assert_eq!((p.launch.grid, p.split.unwrap().splits), ((1, 8, 8), 8));
+        let h200 = AttentionLimits { shared: 227 * 1024, ..limits };
+        assert_eq!(attention(&latent, &h200).unwrap().tile, 32);
+        // Small heads run the wide kernel when the narrow one is off (tests).
+        let wide = AttentionLimits { narrow_rows: false, ..limits };
+        let p = attention(&shape(9, 0, 32, 8, 128), &wide).unwrap();
+        assert_eq!((p.kernel, p.group), ("swk_attention_rows_wide", 4));
     }
 
     #[test]

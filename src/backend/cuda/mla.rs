@@ -149,8 +149,15 @@ impl CudaModel {
         // Every head attends to the one shared row: keys and values are the cache itself
         // (the values' rope dims come along and are not read back).
         let scale = c.attention_scale(l);
-        let shape =
-            AttentionShape { rows: t, pos0, heads: nh, kv_heads: 1, head_dim: row, window: None };
+        let shape = AttentionShape {
+            rows: t,
+            pos0,
+            heads: nh,
+            kv_heads: 1,
+            head_dim: row,
+            window: None,
+            values_are_keys: true,
+        };
         let part = |n| sc.attention(dev, n);
         dev.attention((q_abs, kc, kc), (ctx, pattern, 0), &shape, 1, (scale, None), part)?;
         dev.mla_absorb_v((ctx, row), (kv_b.ptr, kv_b.dtype), o_in, t, dims)?;
