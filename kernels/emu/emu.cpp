@@ -17,7 +17,9 @@
 // shuffle that reads a lane which has already returned is reported too.
 //
 // What is checked beyond the kernel's arithmetic: the parameter count and each parameter's
-// size against the kernel's C++ signature, block shape and dynamic shared memory limits.
+// size against the kernel's C++ signature, block shape and dynamic shared memory limits,
+// and writes past the launch's dynamic shared memory (a red zone of 64 KiB after it, checked
+// when the launch ends: a GPU faults on such an access).
 //
 // Order: threads run in index order between barriers, and blocks in grid order, unless
 // swk_emu_set_reverse(1) reverses both. A kernel whose result depends on that order has a
@@ -56,6 +58,10 @@ enum class State { Runnable, AtBlock, AtWarp, Done };
 constexpr std::size_t kStackBytes = 128 * 1024;
 constexpr unsigned kMaxThreads = 1024;
 constexpr std::size_t kMaxDynamicShared = 227 * 1024;
+// The dynamic shared memory buffer: the launch's bytes, then a red zone of kRedZone bytes
+// of kRedZoneByte.
+constexpr std::size_t kRedZone = 64 * 1024;
+constexpr unsigned char kRedZoneByte = 0xa5;
 
 void fiber_main();
 
@@ -383,8 +389,12 @@ extern "C" int swk_emu_launch(const char* name, const unsigned* grid, const unsi
                    err, err_len);
         return 1;
     }
-    // Poisoned (NaN as f32): a kernel that reads shared memory it never wrote shows it.
-    g_dynamic.assign(shared_bytes + 16, 0xff);
+    // Poisoned (NaN as f32): a kernel that reads shared memory it never wrote shows it. The
+    // red zone follows.
+    static const std::vector<unsigned char> zone(kRedZone, kRedZoneByte);
+    g_dynamic.resize(kMaxDynamicShared + kRedZone);
+    std::memset(g_dynamic.data(), 0xff, shared_bytes);
+    std::memcpy(g_dynamic.data() + shared_bytes, zone.data(), kRedZone);
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
     g_threads = static_cast<unsigned>(threads);
@@ -406,6 +416,16 @@ extern "C" int swk_emu_launch(const char* name, const unsigned* grid, const unsi
         }
     }
     g_body = nullptr;
+    if (std::memcmp(g_dynamic.data() + shared_bytes, zone.data(), kRedZone) != 0) {
+        std::size_t i = shared_bytes;
+        while (g_dynamic[i] == kRedZoneByte) {
+            ++i;
+        }
+        copy_error(std::string(name) + ": wrote past its " + std::to_string(shared_bytes) +
+                       " bytes of dynamic shared memory (byte " + std::to_string(i) + ")",
+                   err, err_len);
+        return 1;
+    }
     return 0;
 }
 

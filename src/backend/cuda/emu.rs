@@ -8,7 +8,10 @@
 //!   followed by a red zone of signaling NaNs (f32 bits 0x7fa5a5a5), checked after every
 //!   operation: a kernel (or copy, or product) that writes past a buffer's end fails with an
 //!   error naming it, where a GPU would silently corrupt a neighbour. (Arithmetic on a
-//!   signaling NaN yields a quiet one, so even `zone += x` changes the bits.)
+//!   signaling NaN yields a quiet one, so even `zone += x` changes the bits.) A launch's
+//!   dynamic shared memory starts as 0xff bytes too, followed by a red zone reaching past
+//!   the device's limit: a kernel that writes beyond its launch's bytes fails (a GPU faults
+//!   there).
 //! * Kernels are `kernels/*.cu` themselves, compiled as C++ by build.rs and run by the
 //!   emulator in `kernels/emu/emu.cpp`, which checks every launch's parameter count and sizes
 //!   against the kernel's signature.
@@ -796,6 +799,41 @@ mod tests {
         );
         // Reported once; an in-bounds launch after it is fine.
         add_bias(&dev, &y, &b, 1, 4).unwrap();
+    }
+
+    /// A kernel writing past the dynamic shared memory of its launch is an error naming it
+    /// (a GPU faults there): `swk_attention` over 8 keys keeps their scores after the query,
+    /// (32 + 4 + 8) floats, launched with room for 32 + 4; with its room, it runs.
+    #[test]
+    fn writes_past_dynamic_shared_memory_are_reported() {
+        let dev = CudaDevice::new(0).unwrap();
+        let q = dev.upload(&[0.5f32; 4]).unwrap();
+        let kv = dev.upload(&[0.25f32; 32]).unwrap();
+        let out = dev.zeros::<f32>(4).unwrap();
+        let (qp, kp, op, null) = (dev.ptr(&q), dev.ptr(&kv), dev.ptr(&out), 0u64);
+        let (rows, pos0, heads, hd, window) = (1i32, 7i32, 1i32, 4i32, 0i32);
+        let (scale, softcap, tile) = (0.5f32, 0.0f32, 0i32);
+        let run = |floats: u32| {
+            let mut l = dev.launcher("swk_attention").unwrap();
+            for p in [&qp, &kp, &kp, &op, &null] {
+                l.arg(p);
+            }
+            for v in [&rows, &pos0, &heads, &heads, &hd, &window] {
+                l.arg(v);
+            }
+            l.arg(&scale);
+            l.arg(&softcap);
+            l.arg(&null);
+            l.arg(&tile);
+            let cfg = Launch { grid: (1, 1, 1), block: (128, 1, 1), shared_bytes: floats * 4 };
+            // SAFETY: every pointer addresses a live buffer of the sizes the kernel reads.
+            unsafe { l.launch(cfg) }
+        };
+        let e = run(32 + 4).unwrap_err();
+        assert!(e.contains("swk_attention: wrote past its 144 bytes of dynamic shared"), "{e}");
+        run(32 + 4 + 8).unwrap();
+        // Equal keys and values: the output is the value.
+        assert_eq!(dev.download(&out, 0, 4).unwrap(), [0.25; 4]);
     }
 
     #[test]

@@ -53,8 +53,9 @@ pub(crate) enum Staged<'a> {
 /// `budget` bytes in all. A streamed pass has at most five in use: the one the streaming
 /// thread fills, the one waiting in its channel, the one being uploaded (each upload is
 /// asynchronous; the next write to its buffer waits for it), and, while routed experts are
-/// read once chosen, two more for the expert thread (the one it fills, the one waiting). A request that the budget has no room for gets `None`: that part
-/// is staged in pageable memory, as every part was before (never a wait, never an error).
+/// read once chosen, two more for the expert thread (the one it fills, the one waiting). A
+/// request that the budget has no room for gets `None`: that part is staged in pageable
+/// memory, as every part was before (never a wait, never an error).
 pub(crate) struct StagingPool {
     alloc: HostAllocator,
     state: Mutex<PoolState>,
@@ -67,7 +68,8 @@ struct PoolState {
     budget: usize,
 }
 
-/// A buffer taken from a [`StagingPool`]; it goes back when dropped.
+/// A buffer taken from a [`StagingPool`]; it goes back when dropped (or is freed, if the
+/// budget has shrunk below what the pool holds).
 pub(crate) struct Pooled<'a> {
     buf: Option<StagingBuffer>,
     pool: &'a StagingPool,
@@ -82,7 +84,12 @@ impl Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.lock().free.push(b);
+            let mut s = self.pool.lock();
+            if s.live <= s.budget {
+                s.free.push(b);
+            } else {
+                s.live -= b.len();
+            }
         }
     }
 }
@@ -97,8 +104,8 @@ impl StagingPool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Set the budget, freeing the free buffers (those in use go back to the pool and are
-    /// kept while they fit).
+    /// Set the budget, freeing the free buffers (those in use are freed as they come back
+    /// while the pool holds more than the budget).
     pub(crate) fn set_budget(&self, budget: usize) {
         let mut s = self.lock();
         s.budget = budget;
