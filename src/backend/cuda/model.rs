@@ -382,7 +382,8 @@ impl HostSource<'_> {
 
 /// The tensors of `plan` from `host` on the device, in the buffers of [`buffer_groups`]; a
 /// group's tensors are read from `host` only when it is uploaded (so files are read one group
-/// at a time).
+/// at a time). A group of matrices that the files store in `dtype` (a bf16 checkpoint
+/// uploaded as bf16) is copied as stored ([`stored_group`]), else read as f32 and encoded.
 fn upload_all(
     dev: &CudaDevice,
     plan: &[(String, Vec<usize>, bool)],
@@ -390,21 +391,78 @@ fn upload_all(
     dtype: WeightDtype,
 ) -> Result<(BTreeMap<String, DevTensor>, Vec<DevData>)> {
     let (mut tensors, mut buffers) = (BTreeMap::new(), Vec::new());
+    // Reused from group to group: a fresh buffer's pages fault in on their first write.
+    let mut staging = Vec::new();
     for group in buffer_groups(plan) {
-        let read = group
-            .iter()
-            .map(|&i| Ok((plan[i].0.as_str(), host.get(&plan[i].0)?, plan[i].2)))
-            .collect::<Result<Vec<_>>>()?;
-        let members: Vec<_> = read.iter().map(|(n, t, m)| (*n, t.as_ref(), *m)).collect();
-        buffers.push(upload_group(dev, &members, dtype)?);
-        let mut offset = 0;
-        for (name, t, _) in members {
-            let buffer = buffers.len() - 1;
-            tensors.insert(name.to_string(), DevTensor { shape: t.shape.clone(), buffer, offset });
-            offset += t.data.len();
+        let shapes = match stored_group(host, plan, &group, dtype, &mut staging)? {
+            Some(n) => {
+                buffers.push(DevData::Half(dev.upload(&staging[..n])?, dtype));
+                group.iter().map(|&i| (plan[i].0.as_str(), plan[i].1.clone())).collect()
+            }
+            None => {
+                let read = group
+                    .iter()
+                    .map(|&i| Ok((plan[i].0.as_str(), host.get(&plan[i].0)?, plan[i].2)))
+                    .collect::<Result<Vec<_>>>()?;
+                let members: Vec<_> = read.iter().map(|(n, t, m)| (*n, t.as_ref(), *m)).collect();
+                buffers.push(upload_group(dev, &members, dtype)?);
+                members.iter().map(|(n, t, _)| (*n, t.shape.clone())).collect::<Vec<_>>()
+            }
+        };
+        let (buffer, mut offset) = (buffers.len() - 1, 0);
+        for (name, shape) in shapes {
+            let len = shape.iter().product::<usize>();
+            tensors.insert(name.to_string(), DevTensor { shape, buffer, offset });
+            offset += len;
         }
     }
     Ok((tensors, buffers))
+}
+
+/// The bits of buffer group `group` of `plan` in `staging` (its first n elements, n
+/// returned), copied as the files store them, when `host` is files (safetensors) that store
+/// every member as a matrix of its planned shape in `dtype`, a half type: the bits the f32
+/// round trip gives, but for NaN payloads, which the copy keeps. None otherwise.
+fn stored_group(
+    host: &HostSource<'_>,
+    plan: &[(String, Vec<usize>, bool)],
+    group: &[usize],
+    dtype: WeightDtype,
+    staging: &mut Vec<u16>,
+) -> Result<Option<usize>> {
+    use rayon::prelude::*;
+    let HostSource::Files(lazy) = host else { return Ok(None) };
+    if !dtype.is_half() || cfg!(target_endian = "big") {
+        return Ok(None);
+    }
+    let mut stored = Vec::with_capacity(group.len());
+    for &i in group {
+        let (name, shape, matrix) = &plan[i];
+        let t = lazy.stored(name)?.filter(|t| {
+            *matrix
+                && WeightDtype::of_stored(t.dtype) == Some(dtype)
+                && t.shape == shape.as_slice()
+                && t.bytes.len() == 2 * shape.iter().product::<usize>()
+        });
+        match t {
+            Some(t) => stored.push(t.bytes),
+            None => return Ok(None),
+        }
+    }
+    let n = stored.iter().map(|b| b.len() / 2).sum::<usize>();
+    if staging.len() < n {
+        staging.resize(n, 0);
+    }
+    let mut rest = bytemuck::cast_slice_mut::<u16, u8>(&mut staging[..n]);
+    for bytes in stored {
+        let (part, tail) = rest.split_at_mut(bytes.len());
+        const CHUNK: usize = 1 << 17;
+        part.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK)).for_each(|(d, s)| {
+            d.copy_from_slice(s);
+        });
+        rest = tail;
+    }
+    Ok(Some(n))
 }
 
 /// RoPE inverse frequencies over the rotated dims of a head (all of them unless RoPE is
@@ -888,6 +946,49 @@ mod tests {
         let groups = buffer_groups(&odd);
         assert_eq!(groups.len(), plan.len() - 3 * layers + 2 + 1);
         assert!(groups.iter().any(|g| g == &[k]) && groups.iter().any(|g| g == &[u]));
+    }
+
+    /// A bf16 checkpoint's matrix groups uploaded as bf16 are copied as stored: the bits of
+    /// reading them as f32 and encoding them, group by group into one reused buffer (that
+    /// held other bits before). Norms, other dtypes, a model in memory and an f32
+    /// checkpoint take the f32 route.
+    #[test]
+    fn stored_groups_are_the_f32_routes_bits() {
+        let lazy = LazyModel::open(&super::super::tiny_fixture("llama_bf16")).expect("fixture");
+        let plan = plan_shapes(&lazy.config);
+        let host = HostSource::Files(&lazy);
+        let mut staging = vec![0xabcd_u16; 7];
+        let (mut copied, mut other) = (0, 0);
+        for group in buffer_groups(&plan) {
+            let matrices = group.iter().all(|&i| plan[i].2);
+            let Some(n) =
+                stored_group(&host, &plan, &group, WeightDtype::Bf16, &mut staging).expect("read")
+            else {
+                assert!(!matrices, "{}: not copied", plan[group[0]].0);
+                other += 1;
+                continue;
+            };
+            assert!(matrices, "{}", plan[group[0]].0);
+            let want: Vec<u16> = group
+                .iter()
+                .flat_map(|&i| lazy.tensor(&plan[i].0).expect("tensor").data)
+                .map(|v| WeightDtype::Bf16.encode_or_err(v, "t").expect("bf16") as u16)
+                .collect();
+            assert!(staging[..n] == want[..], "{}", plan[group[0]].0);
+            copied += 1;
+        }
+        assert!(copied >= 2 * lazy.config.num_layers && other > 0, "{copied} copied, {other} not");
+        let group = buffer_groups(&plan).into_iter().find(|g| plan[g[0]].2).expect("a matrix");
+        let f16 = stored_group(&host, &plan, &group, WeightDtype::F16, &mut staging).unwrap();
+        assert_eq!(f16, None, "bf16 stored, f16 wanted");
+        let f32_files = LazyModel::open(&super::super::tiny_fixture("llama")).expect("fixture");
+        let host = HostSource::Files(&f32_files);
+        let none = stored_group(&host, &plan, &group, WeightDtype::Bf16, &mut staging).unwrap();
+        assert_eq!(none, None, "f32 stored");
+        let m = tiny();
+        let host = HostSource::Loaded(&m.weights);
+        let none = stored_group(&host, &plan, &group, WeightDtype::Bf16, &mut staging).unwrap();
+        assert_eq!(none, None, "a model in memory");
     }
 
     #[test]
