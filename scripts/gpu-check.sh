@@ -38,7 +38,7 @@
 #          forward, a 512-token perplexity window and a decode step, kernel by kernel,
 #        - the criterion hook-overhead bench on the device (benches/hook_overhead.rs),
 #        - the streaming timing (8 layers at 7B shapes, streamed vs resident pass; layers
-#          staged in page-locked vs pageable memory),
+#          staged in page-locked vs pageable memory; the bf16 checkpoint's resident upload),
 #        - the mixture-of-experts timing (OLMoE-1B-7B shapes: detection forward against the
 #          bytes its routed experts need, one 512-token perplexity window; streamed
 #          decoding with experts read once chosen vs whole layers),
