@@ -453,8 +453,34 @@ pub struct StagedLayer {
     pub converted: usize,
 }
 
-/// Chunk of elements per rayon task when staging a tensor.
-const STAGE_CHUNK: usize = 1 << 16;
+/// Bytes per rayon task when copying a stored tensor.
+const COPY_CHUNK: usize = 1 << 17;
+
+/// Tensor `name`'s bytes as its safetensors file stores them, when that is `dtype` in
+/// `shape` on a little-endian host: bytes a buffer of `dtype` can take as they are (the bits
+/// the f32 round trip gives, but for NaN payloads, which they keep). None otherwise.
+pub fn stored_bytes<'a>(
+    lazy: &'a LazyModel,
+    name: &str,
+    dtype: WeightDtype,
+    shape: &[usize],
+) -> Result<Option<&'a [u8]>> {
+    let len = shape.iter().product::<usize>() * dtype.bytes();
+    Ok(lazy.stored(name)?.and_then(|t| {
+        let fits = cfg!(target_endian = "little")
+            && WeightDtype::of_stored(t.dtype) == Some(dtype)
+            && t.shape == shape
+            && t.bytes.len() == len;
+        fits.then_some(t.bytes)
+    }))
+}
+
+/// `dst.copy_from_slice(src)`, in parallel chunks.
+pub fn copy_parallel(dst: &mut [u8], src: &[u8]) {
+    dst.par_chunks_mut(COPY_CHUNK).zip(src.par_chunks(COPY_CHUNK)).for_each(|(d, s)| {
+        d.copy_from_slice(s);
+    });
+}
 
 /// Layer `layer`'s bytes as the slot holds them (`layout`), read from `lazy`, with the
 /// overlay's edits applied. A tensor that its safetensors file stores in the slot's dtype is
@@ -524,17 +550,8 @@ pub fn stage_part_into(
         out[written..e.offset - base].fill(0);
         written = e.offset - base + e.bytes();
         let dst = &mut out[e.offset - base..written];
-        let stored = lazy.stored(&name)?.filter(|t| {
-            cfg!(target_endian = "little")
-                && WeightDtype::of_stored(t.dtype) == Some(e.dtype)
-                && t.shape == e.shape.as_slice()
-                && t.bytes.len() == e.bytes()
-        });
-        if let Some(t) = stored {
-            let chunk = STAGE_CHUNK * e.dtype.bytes();
-            dst.par_chunks_mut(chunk).zip(t.bytes.par_chunks(chunk)).for_each(|(d, s)| {
-                d.copy_from_slice(s);
-            });
+        if let Some(bytes) = stored_bytes(lazy, &name, e.dtype, &e.shape)? {
+            copy_parallel(dst, bytes);
             overlay.apply_stored(&name, e.dtype, dst)?;
             continue;
         }

@@ -520,11 +520,9 @@ impl CudaDevice {
                 buf.len()
             )));
         }
-        if let Some(done) = buf.uploaded.take() {
-            done.synchronize().map_err(be("waiting for a staging buffer"))?;
-        }
         let host = buf.host.as_slice().map_err(be("pinned host memory"))?;
-        // A plain slice: cudarc neither waits nor records for it; the event below does.
+        // A plain slice: cudarc neither waits nor records for it; the event below does (it
+        // replaces an earlier upload's, which ends before it in stream order).
         self.upload_at(&host[..len], d, start)?;
         buf.uploaded = Some(self.stream.record_event(None).map_err(be("recording an event"))?);
         Ok(())

@@ -17,7 +17,7 @@ use super::moe::KeyLayout;
 use super::route::DeviceRouter;
 use super::streamed::Streamed;
 use crate::backend::memory::{check_shapes, plan_shapes, resident_bytes, weight_bytes};
-use crate::backend::stream::{split_layer_name, SlotLayout};
+use crate::backend::stream::{copy_parallel, split_layer_name, stored_bytes, SlotLayout};
 use crate::model::arch::{self, llama};
 use crate::model::{LazyModel, Model, ModelConfig};
 use crate::{Error, Result};
@@ -420,9 +420,8 @@ fn upload_all(
 }
 
 /// The bits of buffer group `group` of `plan` in `staging` (its first n elements, n
-/// returned), copied as the files store them, when `host` is files (safetensors) that store
-/// every member as a matrix of its planned shape in `dtype`, a half type: the bits the f32
-/// round trip gives, but for NaN payloads, which the copy keeps. None otherwise.
+/// returned), copied as the files store them, when `host` is files that store every member
+/// as a matrix in `dtype`, a half type ([`stored_bytes`]). None otherwise.
 fn stored_group(
     host: &HostSource<'_>,
     plan: &[(String, Vec<usize>, bool)],
@@ -430,23 +429,16 @@ fn stored_group(
     dtype: WeightDtype,
     staging: &mut Vec<u16>,
 ) -> Result<Option<usize>> {
-    use rayon::prelude::*;
     let HostSource::Files(lazy) = host else { return Ok(None) };
-    if !dtype.is_half() || cfg!(target_endian = "big") {
+    if !dtype.is_half() {
         return Ok(None);
     }
     let mut stored = Vec::with_capacity(group.len());
     for &i in group {
         let (name, shape, matrix) = &plan[i];
-        let t = lazy.stored(name)?.filter(|t| {
-            *matrix
-                && WeightDtype::of_stored(t.dtype) == Some(dtype)
-                && t.shape == shape.as_slice()
-                && t.bytes.len() == 2 * shape.iter().product::<usize>()
-        });
-        match t {
-            Some(t) => stored.push(t.bytes),
-            None => return Ok(None),
+        match stored_bytes(lazy, name, dtype, shape)? {
+            Some(bytes) if *matrix => stored.push(bytes),
+            _ => return Ok(None),
         }
     }
     let n = stored.iter().map(|b| b.len() / 2).sum::<usize>();
@@ -456,10 +448,7 @@ fn stored_group(
     let mut rest = bytemuck::cast_slice_mut::<u16, u8>(&mut staging[..n]);
     for bytes in stored {
         let (part, tail) = rest.split_at_mut(bytes.len());
-        const CHUNK: usize = 1 << 17;
-        part.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK)).for_each(|(d, s)| {
-            d.copy_from_slice(s);
-        });
+        copy_parallel(part, bytes);
         rest = tail;
     }
     Ok(Some(n))

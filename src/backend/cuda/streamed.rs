@@ -196,10 +196,10 @@ impl Streamed {
     /// page-locked buffer when the pool has room, else into pageable memory.
     pub(crate) fn stage(&self, l: usize, part: LayerPart) -> Result<Staged<'_>> {
         let layout = &self.layouts[l];
-        let len = layout.part_range(part).map_or(0, |r| r.len());
-        match self.pool.take(len) {
+        let range = layout.part_range(part).unwrap_or(0..0);
+        match self.pool.take(range.len()) {
             Some(mut buf) => {
-                let offset = layout.part_range(part).map_or(0, |r| r.start);
+                let (offset, len) = (range.start, range.len());
                 let out = buf.get()?.writable()?;
                 stage_part_into(&self.lazy, l, layout, part, &self.overlay, &mut out[..len])?;
                 Ok(Staged::Pinned { offset, len, buf })
